@@ -1,0 +1,1 @@
+"""RL core: future_kl, policy losses, advantages, rewards, train steps, trainer loop."""

@@ -1,0 +1,1 @@
+"""See fipo_jax/__init__.py for the package map."""

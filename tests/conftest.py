@@ -1,0 +1,40 @@
+"""Test setup: an 8-device CPU mesh, set once before jax is imported.
+
+Different device counts in different files silently break each other, so this
+is the only place that sets XLA_FLAGS for the test suite.
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Golden files from the official implementation live in ../shared/golden (also in CI).
+GOLDEN_DIR = ROOT.parent / "shared" / "golden"
+TESTDATA = ROOT / "tests" / "testdata"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+  if not GOLDEN_DIR.exists():
+    pytest.fail(f"golden files not found at {GOLDEN_DIR}; expected ../shared/golden")
+  return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def testdata() -> pathlib.Path:
+  return TESTDATA
