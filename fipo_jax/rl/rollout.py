@@ -1,0 +1,244 @@
+"""Rollouts on the host: sample, score, group advantages, dynamic sampling, pack into a batch.
+
+FIPO_SPEC §4: every round samples `gen_batch_size` prompts x `n` responses, scores them with the
+math verifier plus overlong shaping, keeps the groups whose `acc` is not all-equal, and repeats
+(up to `max_num_gen_batches` rounds) until `train_batch_size` prompts are kept; the kept groups
+are truncated to exactly `train_batch_size` x `n` responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from fipo_jax.rl import advantages as adv_lib
+from fipo_jax.rl import rewards as rewards_lib
+
+ScoreFn = Callable[[str, str], dict]
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """Host-side rollouts, one entry per response (R responses in total, groups of n)."""
+
+  prompt_ids: list[np.ndarray]  # R x int32[P_i]
+  response_ids: list[np.ndarray]  # R x int32[T_i]
+  response_logprobs: list[np.ndarray]  # R x f32[T_i], from the sampler
+  finish_reasons: list[str]
+  group_ids: np.ndarray  # int64[R], one id per prompt
+  scores: np.ndarray  # f32[R], verifier score + overlong penalty
+  acc: np.ndarray  # bool[R]
+  preds: list[str]
+  overlong: np.ndarray  # bool[R], penalty < 0
+  reward_errors: int = 0
+
+  def __len__(self) -> int:
+    return len(self.response_ids)
+
+  def select(self, idx: Sequence[int]) -> Rollouts:
+    idx = list(idx)
+    pick = lambda xs: [xs[i] for i in idx]
+    return Rollouts(
+      prompt_ids=pick(self.prompt_ids),
+      response_ids=pick(self.response_ids),
+      response_logprobs=pick(self.response_logprobs),
+      finish_reasons=pick(self.finish_reasons),
+      group_ids=self.group_ids[idx],
+      scores=self.scores[idx],
+      acc=self.acc[idx],
+      preds=pick(self.preds),
+      overlong=self.overlong[idx],
+      reward_errors=self.reward_errors,
+    )
+
+  @staticmethod
+  def concat(parts: Sequence[Rollouts]) -> Rollouts:
+    cat = lambda name: [x for p in parts for x in getattr(p, name)]
+    return Rollouts(
+      prompt_ids=cat("prompt_ids"),
+      response_ids=cat("response_ids"),
+      response_logprobs=cat("response_logprobs"),
+      finish_reasons=cat("finish_reasons"),
+      group_ids=np.concatenate([p.group_ids for p in parts]),
+      scores=np.concatenate([p.scores for p in parts]).astype(np.float32),
+      acc=np.concatenate([p.acc for p in parts]).astype(bool),
+      preds=cat("preds"),
+      overlong=np.concatenate([p.overlong for p in parts]).astype(bool),
+      reward_errors=sum(p.reward_errors for p in parts),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  max_response_length: int
+  overlong_buffer_enable: bool = True
+  overlong_buffer_len: int = 4096
+  overlong_penalty_factor: float = 1.0
+
+
+def score_responses(
+  texts: Sequence[str],
+  lengths: Sequence[int],
+  ground_truths: Sequence[str],
+  cfg: RewardConfig,
+  score_fn: ScoreFn = rewards_lib.math_dapo_score,
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int]:
+  """Verifier score plus DAPO overlong shaping, per response.
+
+  A verifier that raises scores the sample as wrong (-1) and is counted, never kills the run.
+  Returns (scores f32[R], acc bool[R], preds, overlong bool[R], num_errors).
+  """
+  scores, accs, preds, overlong, errors = [], [], [], [], 0
+  for text, length, gt in zip(texts, lengths, ground_truths, strict=True):
+    try:
+      res = score_fn(text, gt)
+      score, acc, pred = float(res["score"]), bool(res["acc"]), str(res.get("pred", ""))
+    except Exception as e:  # noqa: BLE001 -- any verifier failure is a wrong answer
+      logging.warning("reward function failed (%s: %s); scoring as wrong", type(e).__name__, e)
+      score, acc, pred, errors = -1.0, False, "[ERROR]", errors + 1
+    penalty = 0.0
+    if cfg.overlong_buffer_enable:
+      penalty = rewards_lib.overlong_penalty(
+        length, cfg.max_response_length, cfg.overlong_buffer_len, cfg.overlong_penalty_factor
+      )
+    scores.append(score + penalty)
+    accs.append(acc)
+    preds.append(pred)
+    overlong.append(penalty < 0)
+  return (
+    np.asarray(scores, np.float32),
+    np.asarray(accs, bool),
+    preds,
+    np.asarray(overlong, bool),
+    errors,
+  )
+
+
+@dataclasses.dataclass
+class DynamicSamplingResult:
+  rollouts: Rollouts
+  num_gen_batches: int
+  num_prompts_kept: int
+  round_stats: list[dict[str, float]]
+
+
+def collect_with_dynamic_sampling(
+  sample_round: Callable[[int], Rollouts],
+  *,
+  train_batch_size: int,
+  n: int,
+  filter_groups: bool,
+  max_num_gen_batches: int,
+  min_prompts: int,
+) -> DynamicSamplingResult:
+  """DAPO dynamic sampling over rounds of `sample_round(round_index) -> Rollouts`.
+
+  Keeps the groups whose `acc` is not all-equal until `train_batch_size` prompts are kept, then
+  truncates to exactly `train_batch_size` groups. If `max_num_gen_batches` rounds (0 = no limit)
+  do not fill the batch, the kept groups are truncated to a multiple of `min_prompts` (the
+  mini-batch size) instead of verl's hard error, so a long run does not die on one hard batch;
+  fewer than `min_prompts` kept prompts yield an empty result (the caller skips the step).
+  """
+  kept: list[Rollouts] = []
+  num_kept, rounds, stats = 0, 0, []
+  while True:
+    part = sample_round(rounds)
+    rounds += 1
+    if filter_groups:
+      keep = adv_lib.filter_groups(part.acc.astype(np.float32), part.group_ids)
+      part_kept = part.select(np.flatnonzero(keep))
+    else:
+      part_kept = part
+    groups = len(np.unique(part_kept.group_ids))
+    stats.append({"round": rounds, "prompts": len(np.unique(part.group_ids)), "kept": groups})
+    if len(part_kept):
+      kept.append(part_kept)
+    num_kept += groups
+    if num_kept >= train_batch_size:
+      break
+    if max_num_gen_batches > 0 and rounds >= max_num_gen_batches:
+      logging.warning(
+        "dynamic sampling: %d prompts kept after %d rounds (< train_batch_size %d)",
+        num_kept, rounds, train_batch_size,
+      )
+      break
+  if not kept:
+    empty = Rollouts([], [], [], [], np.zeros(0, np.int64), np.zeros(0, np.float32),
+                     np.zeros(0, bool), [], np.zeros(0, bool))
+    return DynamicSamplingResult(empty, rounds, 0, stats)
+  allr = Rollouts.concat(kept)
+  target = train_batch_size if num_kept >= train_batch_size else (num_kept // min_prompts) * min_prompts
+  # Groups are kept whole and in order; responses of a group are contiguous in each round.
+  order = list(dict.fromkeys(allr.group_ids.tolist()))[:target]
+  chosen = set(order)
+  idx = [i for i, g in enumerate(allr.group_ids.tolist()) if g in chosen]
+  result = allr.select(idx)
+  assert len(result) == target * n, (len(result), target, n)
+  return DynamicSamplingResult(result, rounds, target, stats)
+
+
+def pack_batch(
+  rollouts: Rollouts,
+  advantages: np.ndarray,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  pad_id: int,
+) -> dict[str, np.ndarray]:
+  """Left-pad prompts to P, right-pad responses to T, and lay out the arrays of a PolicyBatch.
+
+  Returns numpy arrays: input_ids/attention_mask/positions int32[R, P+T], response_mask,
+  old_log_probs (the sampler's, replaced by the actor's recomputation later) and advantages
+  f32[R, T] (the per-sequence advantage broadcast and multiplied by the mask).
+  """
+  r, p, t = len(rollouts), max_prompt_length, max_response_length
+  ids = np.full((r, p + t), pad_id, np.int32)
+  attn = np.zeros((r, p + t), np.int32)
+  resp_mask = np.zeros((r, t), np.float32)
+  sampler_lp = np.zeros((r, t), np.float32)
+  for i, (pid, rid, lp) in enumerate(
+    zip(rollouts.prompt_ids, rollouts.response_ids, rollouts.response_logprobs, strict=True)
+  ):
+    pid = np.asarray(pid, np.int32)[-p:]
+    rid = np.asarray(rid, np.int32)[:t]
+    ids[i, p - len(pid) : p] = pid
+    attn[i, p - len(pid) : p] = 1
+    ids[i, p : p + len(rid)] = rid
+    attn[i, p : p + len(rid)] = 1
+    resp_mask[i, : len(rid)] = 1.0
+    sampler_lp[i, : len(rid)] = np.asarray(lp, np.float32)[: len(rid)]
+  positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
+  adv = (np.asarray(advantages, np.float32)[:, None] * resp_mask).astype(np.float32)
+  return {
+    "input_ids": ids,
+    "attention_mask": attn,
+    "positions": positions,
+    "response_mask": resp_mask,
+    "old_log_probs": sampler_lp,
+    "advantages": adv,
+  }
+
+
+def response_length_metrics(lengths: np.ndarray, max_response_length: int) -> dict[str, float]:
+  """verl's response_length/* metrics (FIPO_SPEC §6)."""
+  lengths = np.asarray(lengths, np.float64)
+  if lengths.size == 0:
+    return {}
+  return {
+    "response_length/mean": float(lengths.mean()),
+    "response_length/max": float(lengths.max()),
+    "response_length/min": float(lengths.min()),
+    "response_length/median": float(np.median(lengths)),
+    "response_length/q25": float(np.quantile(lengths, 0.25)),
+    "response_length/q75": float(np.quantile(lengths, 0.75)),
+    "response_length/clip_ratio": float(np.mean(lengths >= max_response_length)),
+  }
+
+
+def take(iterator: Iterator[Any], k: int) -> list[Any]:
+  """The next k items of an (infinite, epoch-cycling) iterator."""
+  return [next(iterator) for _ in range(k)]

@@ -1,0 +1,243 @@
+"""The jitted steps of the trainer: old log-probs, one mini-batch policy update, SFT.
+
+Every step is a pure module-level function of plain pytrees:
+
+  log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob[B, T], entropy[B, T])
+  train_step(graphdef, params, opt_state, batch, *, cfg, tx)  -> (params, opt_state, metrics)
+  sft_step(graphdef, params, opt_state, batch, *, tx, ...)    -> (params, opt_state, metrics)
+
+and `jit_steps` compiles them once at the entry point with explicit shardings and donation.
+
+Micro-batching follows verl without dynamic batch size: a mini-batch of M sequences is split into
+`num_micro_batches` equal micro-batches, each micro-batch loss is the loss function's own
+aggregation (token-mean over the micro-batch for FIPO/DAPO) scaled by 1/num_micro_batches, and the
+gradients are summed before one optimizer step (FIPO_SPEC §2.9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fipo_jax import models
+from fipo_jax.rl import losses as losses_lib
+
+
+@flax.struct.dataclass
+class PolicyBatch:
+  """One batch of rollouts, prompt and response concatenated (L = P + T).
+
+  Prompts are left-padded to P, responses right-padded to T.
+  """
+
+  input_ids: jax.Array  # int32[B, L]
+  attention_mask: jax.Array  # int32[B, L], 1 = real token
+  positions: jax.Array  # int32[B, L]
+  response_mask: jax.Array  # f32[B, T], 1 = response token
+  old_log_probs: jax.Array  # f32[B, T]
+  advantages: jax.Array  # f32[B, T], per-sequence advantage broadcast and masked
+  ref_log_probs: jax.Array | None = None  # f32[B, T], only with a KL term
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """Static hyper-parameters of the jitted update (hashable, so jit can key on it)."""
+
+  loss_mode: str = "fipo"
+  loss_cfg: tuple[tuple[str, Any], ...] = ()  # flat official keys, see rl.losses
+  num_micro_batches: int = 1
+  temperature: float = 1.0  # verl's actor divides logits by the rollout temperature
+  logprob_chunk_size: int = 512  # response tokens per log-softmax chunk
+  entropy_coeff: float = 0.0
+  use_kl_loss: bool = False
+  kl_loss_coef: float = 0.0
+
+  @property
+  def loss_dict(self) -> dict[str, Any]:
+    return dict(self.loss_cfg)
+
+
+def make_optimizer(
+  *,
+  lr: float,
+  warmup_steps: int,
+  weight_decay: float,
+  grad_clip: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  schedule: str = "constant",
+  total_steps: int | None = None,
+) -> optax.GradientTransformation:
+  """AdamW with verl's constant-with-warmup schedule (lr 0 at step 0) and global-norm clipping."""
+  if schedule == "constant":
+    lr_fn = optax.linear_schedule(0.0, lr, max(warmup_steps, 1)) if warmup_steps else lr
+  elif schedule == "cosine":
+    lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps or 1)
+  else:
+    raise ValueError(f"optim.schedule: unknown schedule {schedule!r} (constant|cosine)")
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
+  parts.append(optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def split_micro_batches(tree: Any, num_micro: int) -> Any:
+  """[M, ...] -> [num_micro, M // num_micro, ...], micro-batch j = rows j, j+n, j+2n, ...
+
+  Strided rather than contiguous, so that every device's shard of a batch-sharded array
+  contributes equally to every micro-batch.
+  """
+
+  def split(x):
+    if x is None:
+      return None
+    m = x.shape[0] // num_micro
+    return jnp.swapaxes(x.reshape((m, num_micro) + x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, tree)
+
+
+def _response_log_probs(graphdef, params, micro: PolicyBatch, *, cfg: UpdateConfig, entropy: bool):
+  model = nnx.merge(graphdef, params)
+  return models.sequence_log_probs(
+    model,
+    micro.input_ids,
+    micro.attention_mask,
+    micro.positions,
+    num_response_tokens=micro.response_mask.shape[1],
+    temperature=cfg.temperature,
+    chunk_size=cfg.logprob_chunk_size,
+    return_entropy=entropy,
+  )
+
+
+def _masked_token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(x * mask) / (jnp.sum(mask) + 1e-8)
+
+
+def low_var_kl(log_prob: jax.Array, ref_log_prob: jax.Array) -> jax.Array:
+  """verl's 'low_var_kl' (k3) estimator of KL(pi || ref), clamped to [-10, 10]. [B, T]."""
+  d = jnp.clip(ref_log_prob - log_prob, -20.0, 20.0)
+  return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+
+
+def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig):
+  """Policy loss of one micro-batch, already scaled by 1/num_micro_batches. -> (loss, metrics)."""
+  need_entropy = cfg.entropy_coeff != 0.0
+  out = _response_log_probs(graphdef, params, micro, cfg=cfg, entropy=need_entropy)
+  log_prob, ent = out if need_entropy else (out, None)
+  loss, metrics = losses_lib.compute_policy_loss(
+    cfg.loss_mode,
+    log_prob,
+    micro.old_log_probs,
+    micro.advantages,
+    micro.response_mask,
+    cfg.loss_dict,
+  )
+  if need_entropy:
+    ent_mean = _masked_token_mean(ent, micro.response_mask)
+    loss = loss - cfg.entropy_coeff * ent_mean
+  if cfg.use_kl_loss:
+    kl = _masked_token_mean(low_var_kl(log_prob, micro.ref_log_probs), micro.response_mask)
+    loss = loss + cfg.kl_loss_coef * kl
+    metrics = {**metrics, "actor/kl_loss": kl}
+  return loss / cfg.num_micro_batches, metrics
+
+
+def train_step(graphdef, params, opt_state, batch: PolicyBatch, *, cfg: UpdateConfig, tx):
+  """One optimizer step on one mini-batch [M, ...] with gradient accumulation over micro-batches.
+
+  A non-finite loss or gradient skips the update: params and optimizer state are returned
+  unchanged and `train/skipped_step` is 1.
+  """
+  micro_batches = split_micro_batches(batch, cfg.num_micro_batches)
+  grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+
+  def accumulate(grads, micro):
+    (loss, metrics), g = grad_fn(params, graphdef, micro, cfg=cfg)
+    return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro_batches)
+  # verl averages each metric over micro-batches; the loss is the sum of the scaled parts.
+  metrics = jax.tree.map(jnp.mean, metrics)
+  loss = jnp.sum(losses)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  new_params = jax.tree.map(keep, new_params, params)
+  new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+  metrics = {
+    **metrics,
+    "actor/loss": loss,
+    "actor/grad_norm": grad_norm,
+    "train/skipped_step": 1.0 - finite.astype(jnp.float32),
+  }
+  return new_params, new_opt_state, metrics
+
+
+def log_prob_step(graphdef, params, batch: PolicyBatch, *, cfg: UpdateConfig):
+  """Old (or reference) log-probs and entropy of the responses, micro-batch by micro-batch.
+
+  Returns (log_prob f32[B, T], entropy f32[B, T]).
+  """
+  micro_batches = split_micro_batches(batch, cfg.num_micro_batches)
+  fn = functools.partial(_response_log_probs, graphdef, params, cfg=cfg, entropy=True)
+  log_prob, ent = jax.lax.map(fn, micro_batches)
+  unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+  return unsplit(log_prob), unsplit(ent)
+
+
+def sft_step(graphdef, params, opt_state, batch: PolicyBatch, *, cfg: UpdateConfig, tx):
+  """Supervised warm start: token-mean negative log-likelihood of the response tokens."""
+
+  def loss_fn(p):
+    log_prob = _response_log_probs(graphdef, p, batch, cfg=cfg, entropy=False)
+    return -_masked_token_mean(log_prob, batch.response_mask)
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+  """The jitted entry points, bound to one model graph, optimizer and update config."""
+
+  train: Any
+  log_prob: Any
+  sft: Any
+
+
+def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_sharding=None
+              ) -> CompiledSteps:
+  """jit the steps once, donating params and optimizer state.
+
+  Input shardings come from the arguments (params are created in their shards, batches are put
+  with `sharding.batch_sharding`); the updated state is pinned to its input sharding so that
+  step t+1 sees exactly the layout of step t and never recompiles. None leaves stay unspecified.
+  """
+  state_outs = (param_sharding, opt_sharding, None)
+  train = jax.jit(
+    functools.partial(train_step, graphdef, cfg=cfg, tx=tx),
+    out_shardings=state_outs,
+    donate_argnums=(0, 1),
+  )
+  log_prob = jax.jit(functools.partial(log_prob_step, graphdef, cfg=cfg))
+  sft = jax.jit(
+    functools.partial(sft_step, graphdef, cfg=cfg, tx=tx),
+    out_shardings=state_outs,
+    donate_argnums=(0, 1),
+  )
+  return CompiledSteps(train=train, log_prob=log_prob, sft=sft)
