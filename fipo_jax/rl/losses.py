@@ -1,0 +1,285 @@
+"""Policy losses chosen by name: 'fipo' (alias 'future_kl'), 'dapo', 'grpo'.
+
+Every loss takes [B, T] float32 `log_prob` (differentiated), `old_log_prob`, `advantages`
+(per-sequence value broadcast over tokens and masked) and `response_mask`, plus a frozen
+`PolicyLossConfig`, and returns `(loss f32[], metrics {name: f32[]})`. Metric names are the
+official logged ones (`actor/...`). Semantics follow the official verl/FIPO code
+(FIPO_SPEC §2, §6; ../shared/golden/README.md), including its float32 corner cases.
+
+`PolicyLossConfig` holds python scalars, so the losses jit with the config closed over or
+passed as a static (hashable) argument. The registered loss functions only read attributes of
+`cfg`, and every numeric knob except `decay_rate`, `chunk_size` and `loss_agg_mode` may also be
+a traced jax scalar (pass any object with those attributes), so a sweep over clip ratios,
+safety thresholds or weight-clip modes compiles once.
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fipo_jax.rl import aggregation
+
+# The package re-exports the function `future_kl` under the module's own name, which shadows
+# the submodule attribute; import_module returns the module itself.
+future_kl_lib = importlib.import_module("fipo_jax.rl.future_kl")
+
+_LOG_RATIO_CLAMP = 20.0  # official: d = clamp(lp - old, -20, 20) before exp
+_SAFETY_RANGE = (0.8, 1.0)  # official safety clamp for A < 0 and r > safety_thresh
+_NO_CLIP_WEIGHT_MAX = 10.0  # official weight cap when future_kl_clip_ratio == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+  """Flat policy-loss config with the official key names; defaults are the official 32B run."""
+
+  clip_ratio: float = 0.2  # symmetric PPO clip; fallback for low/high; the 'grpo' clip
+  clip_ratio_low: float = 0.2  # eps_low
+  clip_ratio_high: float = 0.28  # eps_high (clip-higher)
+  clip_ratio_c: float = 10.0  # dual-clip constant c, also the Future-KL filter r <= c
+  loss_agg_mode: str = "token-mean"
+  decay_rate: float = 32.0  # tau, half-life in tokens: gamma = 2^(-1/tau)
+  chunk_size: int = 128  # Future-KL chunk K (does not change results)
+  future_kl_clip_ratio: float = 0.2  # eps_f; 0 means f = min(exp F, 10)
+  future_kl_clip_high_only: bool = True  # f in [1, 1+eps_f] instead of [1-eps_f, 1+eps_f]
+  safety_thresh: float = 10.0  # S: A<0 and r>S clamps f to [0.8, 1]
+
+  def __post_init__(self):
+    if self.clip_ratio_c <= 1.0:
+      raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {self.clip_ratio_c}")
+    for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "future_kl_clip_ratio"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.decay_rate <= 0:
+      raise ValueError(f"decay_rate must be > 0, got {self.decay_rate}")
+    if self.chunk_size < 1:
+      raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+    if self.loss_agg_mode not in aggregation.AGG_MODES:
+      raise ValueError(f"loss_agg_mode {self.loss_agg_mode!r} not in {aggregation.AGG_MODES}")
+
+  @classmethod
+  def from_config(cls, cfg: Any = None) -> "PolicyLossConfig":
+    """From a dict / ConfigDict with flat official keys (a nested `policy_loss` section, as in
+    verl's actor config, is read too). Missing keys keep the official 32B values, unknown keys
+    are ignored, and `clip_ratio_low/high` set to None fall back to `clip_ratio`."""
+    if cfg is None:
+      return cls()
+    if isinstance(cfg, cls):
+      return cfg
+    flat = dict(cfg.items())
+    nested = flat.pop("policy_loss", None)
+    if nested is not None and hasattr(nested, "items"):
+      flat.update({k: v for k, v in nested.items() if k not in flat})
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in flat.items() if k in names and v is not None}
+    if "clip_ratio" in kw:
+      for side in ("clip_ratio_low", "clip_ratio_high"):
+        if flat.get(side, None) is None:
+          kw[side] = kw["clip_ratio"]
+    typed = {f.name: f.type for f in dataclasses.fields(cls)}
+    kw = {k: (str(v) if typed[k] is str else typed[k](v)) for k, v in kw.items()}
+    return cls(**kw)
+
+
+PolicyLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+_REGISTRY: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(*names: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+  """Decorator: registers `fn(log_prob, old_log_prob, advantages, mask, cfg)` under names."""
+
+  def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+    for name in names:
+      _REGISTRY[name] = fn
+    return fn
+
+  return decorator
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown policy loss {name!r}; registered: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def compute_policy_loss(loss_mode, log_prob, old_log_prob, advantages, response_mask, cfg=None):
+  """Runs the registered loss `loss_mode` on [B, T] inputs; returns (loss f32[], metrics).
+
+  `cfg`: dict, ConfigDict or PolicyLossConfig with the official flat keys (missing keys take
+  the official 32B values). The loss is the unscaled per-micro-batch aggregate; see
+  `aggregation.microbatch_scale` for verl's micro-batch scaling.
+  """
+  shape = log_prob.shape
+  if len(shape) != 2 or any(a.shape != shape for a in (old_log_prob, advantages, response_mask)):
+    raise ValueError("log_prob, old_log_prob, advantages, response_mask must all be [B, T]")
+  fn = get_policy_loss(loss_mode)
+  return fn(
+    log_prob.astype(jnp.float32),
+    old_log_prob.astype(jnp.float32),
+    advantages.astype(jnp.float32),
+    response_mask,
+    PolicyLossConfig.from_config(cfg),
+  )
+
+
+def _clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
+  """torch.clamp with torch's gradient: 1 inside [lo, hi] including the ends, 0 outside."""
+  return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
+
+
+def _log_ratio(log_prob, old_log_prob):
+  d = _clamp(log_prob - old_log_prob, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+  return d, jnp.exp(d)
+
+
+def _dual_clip_terms(adv_w, ratio, low, high, c=None):
+  """verl's PPO surrogate on weighted advantages [B, T]: clip to [1-low, 1+high], then (if c
+  is given) the dual clip min(., -A c) on negative advantages."""
+  t = {"pg_losses1": -adv_w * ratio, "pg_losses2": -adv_w * _clamp(ratio, 1.0 - low, 1.0 + high)}
+  t["clip_pg_losses1"] = jnp.maximum(t["pg_losses1"], t["pg_losses2"])
+  if c is None:
+    t["pg_losses"] = t["clip_pg_losses1"]
+    return t
+  t["pg_losses3"] = -adv_w * c
+  t["clip_pg_losses2"] = jnp.minimum(t["pg_losses3"], t["clip_pg_losses1"])
+  t["pg_losses"] = jnp.where(adv_w < 0, t["clip_pg_losses2"], t["clip_pg_losses1"])
+  return t
+
+
+def _standard_metrics(t, d, advantages, mask) -> dict[str, jax.Array]:
+  m = {
+    "actor/pg_clipfrac": aggregation.masked_mean(t["pg_losses2"] > t["pg_losses1"], mask),
+    "actor/ppo_kl": aggregation.masked_mean(-d, mask),
+  }
+  if "pg_losses3" in t:
+    low = (t["clip_pg_losses1"] > t["pg_losses3"]) & (advantages < 0)
+    m["actor/pg_clipfrac_lower"] = aggregation.masked_mean(low, mask)
+  else:
+    m["actor/pg_clipfrac_lower"] = jnp.zeros((), jnp.float32)
+  return m
+
+
+@register_policy_loss("dapo", "vanilla")
+def dapo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
+  """DAPO / verl 'vanilla': clip-higher [1-eps_low, 1+eps_high] plus dual clip c."""
+  d, ratio = _log_ratio(log_prob, old_log_prob)
+  t = _dual_clip_terms(advantages, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
+  loss = aggregation.agg_loss(t["pg_losses"], response_mask, cfg.loss_agg_mode)
+  return loss, {"actor/pg_loss": loss, **_standard_metrics(t, d, advantages, response_mask)}
+
+
+@register_policy_loss("grpo")
+def grpo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
+  """GRPO / PPO: symmetric clip [1-clip_ratio, 1+clip_ratio], no dual clip."""
+  d, ratio = _log_ratio(log_prob, old_log_prob)
+  t = _dual_clip_terms(advantages, ratio, cfg.clip_ratio, cfg.clip_ratio)
+  loss = aggregation.agg_loss(t["pg_losses"], response_mask, cfg.loss_agg_mode)
+  return loss, {"actor/pg_loss": loss, **_standard_metrics(t, d, advantages, response_mask)}
+
+
+def influence_weight_bounds(cfg) -> tuple[jax.Array, jax.Array]:
+  """(lo, hi) of the influence-weight clip: [1, 1+e] high-only, [1-e, 1+e] symmetric, and
+  [0, 10] when e == 0 (official `min(exp F, 10)`; exp F >= 0 so the 0 floor changes nothing)."""
+  e = jnp.float32(cfg.future_kl_clip_ratio)
+  no_clip = e == 0
+  lo = jnp.where(no_clip, 0.0, jnp.where(cfg.future_kl_clip_high_only, 1.0, 1.0 - e))
+  return lo, jnp.where(no_clip, _NO_CLIP_WEIGHT_MAX, 1.0 + e)
+
+
+def fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
+  """Every per-token FIPO intermediate, named as in the golden files ([B, T], [B] for rows)."""
+  mask = response_mask.astype(bool)
+  d, ratio = _log_ratio(log_prob, old_log_prob)
+  t = {"negative_approx_kl": d, "ratio": ratio}
+  # Filter tokens with r > c out of the Future-KL sum, for either advantage sign.
+  t["participation_mask"] = d <= jnp.log(jnp.float32(cfg.clip_ratio_c))
+  d_sg = jax.lax.stop_gradient(d)  # f is detached, so F needs no gradient at all
+  t["kl_response"] = jnp.where(mask & t["participation_mask"], d_sg, 0.0)
+  t["future_kl"] = future_kl_lib.future_kl(
+    t["kl_response"], mask, decay_rate=cfg.decay_rate, chunk_size=cfg.chunk_size
+  )
+  t["raw_influence_weights"] = jnp.exp(t["future_kl"])
+  t["influence_weights_pre_safety"] = jnp.clip(
+    t["raw_influence_weights"], *influence_weight_bounds(cfg)
+  )
+  f = t["influence_weights_pre_safety"]
+  t["safety_mask"] = (advantages < 0) & (ratio > cfg.safety_thresh)
+  f = jnp.where(t["safety_mask"], jnp.clip(f, *_SAFETY_RANGE), f)
+  t["influence_weights"] = jax.lax.stop_gradient(f)
+  t["weighted_advantages"] = advantages * t["influence_weights"]
+  t.update(
+    _dual_clip_terms(
+      t["weighted_advantages"],
+      ratio,
+      cfg.clip_ratio_low,
+      cfg.clip_ratio_high,
+      cfg.clip_ratio_c,
+    )
+  )
+  # Drop a whole sequence with more than one dual-clipped negative token.
+  t["lower_clip_mask"] = (advantages < 0) & (t["clip_pg_losses1"] > t["pg_losses3"]) & mask
+  t["seq_valid_mask"] = jnp.sum(t["lower_clip_mask"].astype(jnp.int32), axis=-1) <= 1
+  t["final_mask"] = mask & t["seq_valid_mask"][:, None]
+  return t
+
+
+_NEG, _POS = 0, 1
+_NEG_QS = {"max": 1.0, "p995": 0.995, "p999": 0.999, "p75": 0.75}
+_POS_QS = {
+  "max": 1.0,
+  "median": 0.5,
+  "p75": 0.75,
+  "p995": 0.995,
+  "p999": 0.999,
+  "p25": 0.25,
+  "min": 0.0,
+}
+
+
+def _fipo_metrics(t, advantages, response_mask, cfg: PolicyLossConfig) -> dict[str, jax.Array]:
+  """Official FIPO metrics; all over `response_mask`, dropped sequences included."""
+  mask = response_mask.astype(bool)
+  mm = aggregation.masked_mean
+  f, raw, ratio = t["influence_weights"], t["raw_influence_weights"], t["ratio"]
+  lo, hi = influence_weight_bounds(cfg)
+  upper = mm(f >= hi - np.float32(1e-7), mask)
+  lower = mm(f <= lo + np.float32(1e-7), mask)
+  neg = (advantages < 0) & mask
+  pos = (advantages > 0) & mask
+  m = {
+    "actor/influence_weights_mean": mm(f, mask),
+    "actor/influence_weights_min": aggregation.masked_min(f, mask),
+    "actor/influence_weights_max": aggregation.masked_max(f, mask),
+    "actor/IW_overall_clip_ratio": upper + lower,
+    "actor/IW_upper_clip_ratio": upper,
+    "actor/IW_lower_clip_ratio": lower,
+    "actor/influence_weights_mean_raw": mm(raw, mask),
+    "actor/raw_influence_weights_min": aggregation.masked_min(raw, mask),
+    "actor/raw_influence_weights_max": aggregation.masked_max(raw, mask),
+    "actor/neg_ratio_2_3": mm(neg & (ratio >= 2.0) & (ratio < 3.0), mask),
+    "actor/neg_ratio_3_4": mm(neg & (ratio >= 3.0) & (ratio < 4.0), mask),
+    "actor/neg_ratio_4_10": mm(neg & (ratio >= 4.0) & (ratio < cfg.clip_ratio_c), mask),
+    "actor/pos_mini_frac": mm(pos & (ratio < 1e-3), mask),
+  }
+  group = jnp.where(neg, _NEG, jnp.where(pos, _POS, 2)).astype(jnp.int32).reshape(-1)
+  qs = aggregation.grouped_quantiles(
+    ratio.reshape(-1), group, {_NEG: tuple(_NEG_QS.values()), _POS: tuple(_POS_QS.values())}
+  )
+  m.update({f"actor/neg_is_{k}": v for k, v in zip(_NEG_QS, qs[_NEG], strict=True)})
+  m.update({f"actor/pos_is_{k}": v for k, v in zip(_POS_QS, qs[_POS], strict=True)})
+  return m
+
+
+@register_policy_loss("fipo", "future_kl")
+def fipo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
+  """FIPO: DAPO surrogate on A * f, f = clip(exp(Future-KL)) detached, with sequence drop."""
+  t = fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg)
+  loss = aggregation.agg_loss(t["pg_losses"], t["final_mask"], cfg.loss_agg_mode)
+  metrics = {"actor/pg_loss": loss}
+  metrics.update(_standard_metrics(t, t["negative_approx_kl"], advantages, response_mask))
+  metrics.update(_fipo_metrics(t, advantages, response_mask, cfg))
+  return loss, metrics
