@@ -4,6 +4,7 @@ Note: `fipo_jax.rl.future_kl` is the function (the public API); the module of th
 is `importlib.import_module("fipo_jax.rl.future_kl")`.
 """
 
+from fipo_jax.rl.advantages import filter_groups, grpo_outcome_advantages
 from fipo_jax.rl.aggregation import agg_loss, microbatch_scale
 from fipo_jax.rl.future_kl import future_kl
 from fipo_jax.rl.losses import (
@@ -12,13 +13,18 @@ from fipo_jax.rl.losses import (
   get_policy_loss,
   register_policy_loss,
 )
+from fipo_jax.rl.rewards import math_dapo_score, overlong_penalty
 
 __all__ = [
   "PolicyLossConfig",
   "agg_loss",
   "compute_policy_loss",
+  "filter_groups",
   "future_kl",
   "get_policy_loss",
+  "grpo_outcome_advantages",
+  "math_dapo_score",
   "microbatch_scale",
+  "overlong_penalty",
   "register_policy_loss",
 ]

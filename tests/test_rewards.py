@@ -1,0 +1,158 @@
+"""math_dapo_score and overlong_penalty: golden cases exactly, regex equivalence, hostile text."""
+
+import json
+import math
+import re
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+
+import fipo_jax.rl as rl
+from fipo_jax.rl import rewards
+
+
+def _regex_normalize(answer: str) -> str:
+  """The official normaliser's regex steps, verbatim semantics (quadratic; small inputs only)."""
+  answer = answer.split("=")[-1]
+  for before, after in rewards._SUBSTITUTIONS:
+    answer = answer.replace(before, after)
+  for expr in rewards._REMOVED_EXPRESSIONS:
+    answer = answer.replace(expr, "")
+  answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
+  answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
+  answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
+  answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
+  answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
+  answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
+  answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
+  answer = answer.replace("$", "")
+  if answer.replace(",", "").isdigit():
+    answer = answer.replace(",", "")
+  return answer.strip()
+
+
+def _jsonl(path):
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_golden_reward_cases_exact(golden_dir):
+  cases = _jsonl(golden_dir / "math_dapo_reward_cases.jsonl")
+  assert cases
+  for c in cases:
+    got = rl.math_dapo_score(c["response"], c["ground_truth"])
+    want = {"score": c["score"], "acc": c["acc"], "pred": c["pred"]}
+    assert got == want, (c["case_id"], c["note"])
+    assert type(got["score"]) is float and type(got["acc"]) is bool
+
+
+def test_golden_overlong_penalties_exact(golden_dir):
+  cases = _jsonl(golden_dir / "overlong_penalty_cases.jsonl")
+  assert cases
+  for c in cases:
+    got = rl.overlong_penalty(
+      c["response_length"],
+      c["max_resp_len"],
+      c["overlong_buffer_len"],
+      c["overlong_penalty_factor"],
+    )
+    want = c["overlong_penalty"]
+    assert got == want and math.copysign(1, got) == math.copysign(1, want), c["case_id"]
+    assert (got < 0) == c["overlong_flag"]
+
+
+def test_overlong_penalty_shape():
+  assert rl.overlong_penalty(16384, 20480, 4096, 1.0) == 0.0
+  assert rl.overlong_penalty(20480, 20480, 4096, 1.0) == -1.0
+  assert rl.overlong_penalty(18432, 20480, 4096, 1.0) == -0.5
+  assert rl.overlong_penalty(0, 20480, 4096, 1.0) == 0.0
+  with pytest.raises(ValueError):
+    rl.overlong_penalty(1, 10, 0, 1.0)
+
+
+_TOKENS = [
+  "$",
+  "\\text{",
+  "\\textbf{",
+  "\\overline{",
+  "\\boxed{",
+  "}",
+  "{",
+  "\n",
+  "a ",
+  "an ",
+  " ",
+  "=",
+  ",",
+  "frac",
+  "sqrt",
+  "1",
+  "23",
+  "x",
+  "\\",
+  ".",
+  "\\!",
+  "{,}",
+  "^\\circ",
+  "é",
+  "٣",
+]
+
+
+@hypothesis.settings(max_examples=400, deadline=None, derandomize=True)
+@hypothesis.given(st.lists(st.sampled_from(_TOKENS), max_size=30).map("".join))
+def test_linear_normaliser_equals_regex_form(text):
+  assert rewards.normalize_final_answer(text) == _regex_normalize(text)
+
+
+@pytest.mark.parametrize(
+  "ground_truth",
+  [
+    "1" * 1_000_000,
+    "\\text{" * 200_000,
+    "\\boxed{" * 150_000,
+    "a$" * 500_000,
+    ("x" * 1000 + "\n") * 1000,
+    "{" * 1_000_000,
+    "\\frac" * 200_000,
+  ],
+  ids=["digits", "text", "boxed", "dollars", "lines", "braces", "frac"],
+)
+def test_huge_ground_truth_is_scored(ground_truth):
+  # The official regex normaliser is quadratic on these (minutes at 1M chars); this must finish.
+  out = rl.math_dapo_score("Answer: 1", ground_truth)
+  assert out["score"] == -1.0 and out["acc"] is False and out["pred"] == "1"
+
+
+@pytest.mark.parametrize(
+  "response",
+  [
+    "Answer: " + "{" * 10_000 + "}" * 10_000,
+    "Answer: " + "\\boxed{" * 5_000,
+    "x" * 10_000 + "Answer: 42",
+    "Answer: ４２ 😀 \u202e \ud800",
+    "\x00" * 20_000,
+    "Answer:" * 5_000,
+  ],
+)
+def test_hostile_responses_do_not_crash(response):
+  out = rl.math_dapo_score(response, "42")
+  assert set(out) == {"score", "acc", "pred"} and out["score"] in (1.0, -1.0)
+  assert isinstance(out["pred"], str)
+
+
+@pytest.mark.parametrize(
+  "response, ground_truth",
+  [(None, "1"), (b"Answer: 1", "1"), ("Answer: 1", 1), ("Answer: 1", None)],
+)
+def test_non_string_inputs_are_wrong_answers(response, ground_truth):
+  assert rl.math_dapo_score(response, ground_truth) == {
+    "score": -1.0,
+    "acc": False,
+    "pred": "[INVALID]",
+  }
+
+
+def test_long_response_uses_last_300_chars():
+  assert rl.math_dapo_score("Answer: 7\n" + "x" * 400, "7")["pred"] == "[INVALID]"
+  assert rl.math_dapo_score("x" * 10_000 + "\nAnswer: 7", "7")["acc"] is True
