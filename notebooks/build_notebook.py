@@ -428,7 +428,8 @@ CELLS = [
           norm = colors.TwoSlopeNorm(vcenter=1.0, vmin=1.0 - span, vmax=1.0 + span)
           cmap = plt.get_cmap("RdBu_r").copy()
           cmap.set_bad("0.85")
-          fig, axes = plt.subplots(n_mb, 2, figsize=(14, 1.0 + 1.6 * n_mb), squeeze=False)
+          fig, axes = plt.subplots(n_mb, 2, figsize=(14, 1.2 + 1.7 * n_mb), squeeze=False,
+                                   sharex=True, layout="constrained")
           for j in range(n_mb):
             for col, (name, w) in enumerate((("raw exp(F)", raw), ("clipped f", clipped))):
               im = axes[j, col].imshow(w[j], aspect="auto", cmap=cmap, norm=norm,
@@ -436,8 +437,11 @@ CELLS = [
               axes[j, col].set_title(f"mini-batch {j}: {name}, max |w - 1| = "
                                      f"{np.nanmax(np.abs(w[j] - 1.0)):.2e}", fontsize=9)
             signs = np.sign(np.where(mask[j], z["advantages"][j], 0.0).sum(-1))
-            axes[j, 0].set_yticks(range(len(signs)), [f"{s:+.0f}" for s in signs], fontsize=6)
-            axes[j, 0].set_ylabel("sign(A)")
+            if len(signs) <= 16:  # label rows with their advantage sign while it stays legible
+              axes[j, 0].set_yticks(range(len(signs)), [f"{s:+.0f}" for s in signs], fontsize=6)
+              axes[j, 0].set_ylabel("sign(A)")
+            else:
+              axes[j, 0].set_ylabel("response")
           axes[-1, 0].set_xlabel("response token t")
           axes[-1, 1].set_xlabel("response token t")
           fig.colorbar(im, ax=axes, shrink=0.6, label="influence weight")
