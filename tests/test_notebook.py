@@ -75,6 +75,7 @@ def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
   env.update(
       JAX_PLATFORMS="cpu",
       FIPO_NOTEBOOK_STATIC="1",
+      TMPDIR=str(tmp_path),  # section 4's training workdir lands in pytest's tmp_path
       JUPYTER_PATH=str(prefix / "share" / "jupyter"),
       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
   )
