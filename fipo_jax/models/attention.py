@@ -1,0 +1,172 @@
+"""Attention kernels behind one signature, chosen by `ModelConfig.attention_impl`.
+
+Every implementation computes, for query i of row b, softmax attention over key slots j with
+`kv_valid[b, j] and j <= q_slot[b, i]`. Without a cache q_slot = i (causal self attention with
+padding); with a KV cache q_slot = index_old[b] + i.
+
+- 'plain': reference; materialises [B, N, T, S] scores.
+- 'blockwise': online-softmax over (q block, kv block) tiles in plain JAX; memory O(T * block);
+  causally dead kv blocks are skipped. Portable fallback and the CPU test path.
+- 'splash': Pallas splash attention (TPU only; see splash.py).
+- 'cudnn': jax.nn.dot_product_attention(implementation='cudnn') (GPU only).
+Masked scores use a large finite negative, so rows with no valid key give a uniform average
+instead of NaN (those rows are padding and their outputs are never used).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+def resolve_impl(impl: str) -> str:
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu":
+    return "cudnn"
+  return "blockwise"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slot: jax.Array,
+              kv_valid: jax.Array, impl: str, block_size: int = 512,
+              self_attention: bool = False) -> jax.Array:
+  """q [B, T, N, H], k/v [B, S, K, H], q_slot int32[B, T], kv_valid bool[B, S] -> [B, T, N, H].
+
+  `self_attention` says q_slot == arange(T) and S == T (no cache), which the fused kernels need.
+  """
+  impl = resolve_impl(impl)
+  if impl == "plain":
+    return plain_attention(q, k, v, q_slot=q_slot, kv_valid=kv_valid)
+  if impl == "blockwise":
+    return blockwise_attention(q, k, v, q_slot=q_slot, kv_valid=kv_valid, block_size=block_size)
+  if not self_attention:
+    # Decode/prefill against a cache: short queries; the blockwise path bounds memory.
+    return blockwise_attention(q, k, v, q_slot=q_slot, kv_valid=kv_valid, block_size=block_size)
+  if impl == "cudnn":
+    return cudnn_attention(q, k, v, kv_valid=kv_valid)
+  if impl == "splash":
+    from fipo_jax.models import splash  # TPU-only imports stay lazy.
+
+    return splash.splash_attention(q, k, v, kv_valid=kv_valid, block_size=block_size)
+  raise ValueError(f"unknown attention_impl {impl!r}")
+
+
+def _group(q: jax.Array, num_kv: int) -> jax.Array:
+  b, t, n, h = q.shape
+  return q.reshape(b, t, num_kv, n // num_kv, h)
+
+
+def plain_attention(q, k, v, *, q_slot, kv_valid):
+  """Reference attention with explicit [B, K, G, T, S] scores."""
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  qg = _group(q, k.shape[2])
+  scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  slots = jnp.arange(s, dtype=jnp.int32)
+  mask = kv_valid[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])  # [B, T, S]
+  scores = jnp.where(mask[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
+  size = x.shape[axis]
+  pad = (-size) % multiple
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def blockwise_attention(q, k, v, *, q_slot, kv_valid, block_size: int = 512):
+  """Online-softmax attention over tiles; never holds more than [B, N, bq, bk] scores.
+
+  Each kv step is rematerialised in the backward pass, so autodiff saves only the running
+  (out, max, denominator) per step instead of the probabilities.
+  """
+  b, t, n, h = q.shape
+  s, num_kv = k.shape[1], k.shape[2]
+  g = n // num_kv
+  bq = min(block_size, t)
+  bk = min(block_size, s)
+  scale = h ** -0.5
+  qg = _pad_to(_group(q, num_kv), 1, bq)
+  q_slot_p = _pad_to(q_slot, 1, bq, value=-1)
+  k_p, v_p = _pad_to(k, 1, bk), _pad_to(v, 1, bk)
+  kv_valid_p = _pad_to(kv_valid, 1, bk, value=False)
+  nq, nk = qg.shape[1] // bq, k_p.shape[1] // bk
+  # [nq, B, bq, K, G, H] and [nk, B, bk, K, H] so scans run over the leading axis.
+  q_blocks = qg.reshape(b, nq, bq, num_kv, g, h).swapaxes(0, 1)
+  slot_blocks = q_slot_p.reshape(b, nq, bq).swapaxes(0, 1)
+  k_blocks = k_p.reshape(b, nk, bk, num_kv, h).swapaxes(0, 1)
+  v_blocks = v_p.reshape(b, nk, bk, num_kv, h).swapaxes(0, 1)
+  valid_blocks = kv_valid_p.reshape(b, nk, bk).swapaxes(0, 1)
+  kv_starts = jnp.arange(nk, dtype=jnp.int32) * bk
+
+  def q_step(_, q_in):
+    qb, slots = q_in  # [B, bq, K, G, H], [B, bq]
+    last_slot = jnp.max(slots)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def kv_step(carry, kv_in):
+      kb, vb, valid, start = kv_in
+
+      def update(carry):
+        o, m, l = carry
+        sc = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+        sc = sc * scale
+        slots_k = start + jnp.arange(bk, dtype=jnp.int32)
+        mask = valid[:, None, :] & (slots_k[None, None, :] <= slots[:, :, None])  # [B, bq, bk]
+        sc = jnp.where(mask[:, None, None], sc, _NEG)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        p = jnp.exp(sc - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l_new = l * corr + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(vb.dtype), vb,
+                        preferred_element_type=jnp.float32)
+        return o * corr[..., None] + pv, m_new, l_new
+
+      # Skip kv blocks entirely in the causal future of this q block.
+      return jax.lax.cond(start <= last_slot, update, lambda c: c, carry), None
+
+    init = (jnp.zeros((b, num_kv, g, bq, h), jnp.float32),
+            jnp.full((b, num_kv, g, bq), _NEG, jnp.float32),
+            jnp.zeros((b, num_kv, g, bq), jnp.float32))
+    (o, _, l), _ = jax.lax.scan(kv_step, init, (k_blocks, v_blocks, valid_blocks, kv_starts))
+    out = o / jnp.maximum(l, 1e-30)[..., None]  # [B, K, G, bq, H]
+    return None, out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [B, bq, K, G, H]
+
+  _, out = jax.lax.scan(jax.checkpoint(q_step, prevent_cse=False), None,
+                        (q_blocks, slot_blocks))
+  out = out.swapaxes(0, 1).reshape(b, nq * bq, n, h)
+  return out[:, :t]
+
+
+def cudnn_attention(q, k, v, *, kv_valid):
+  """cuDNN flash attention for self attention over [pads][real tokens][pads] rows.
+
+  Rows are rolled so real tokens start at slot 0; causal order among real tokens is kept, so
+  `is_causal` plus key_value_seq_lengths reproduces the padding mask without a [T, T] mask.
+  Assumes each row's real tokens are contiguous (left-padded prompt + right-padded response).
+  """
+  t = q.shape[1]
+  valid = kv_valid.astype(jnp.int32)
+  left = jnp.argmax(valid, axis=1).astype(jnp.int32)  # leading pads per row
+  lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+  idx = (jnp.arange(t, dtype=jnp.int32)[None, :] + left[:, None]) % t  # rolled -> original
+  take = lambda x: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
+  out = jax.nn.dot_product_attention(
+    take(q), take(k), take(v), is_causal=True,
+    query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn")
+  inv = (jnp.arange(t, dtype=jnp.int32)[None, :] - left[:, None]) % t  # original -> rolled
+  return jnp.take_along_axis(out, inv[:, :, None, None], axis=1)

@@ -1,0 +1,71 @@
+"""Memory-frugal per-token log-probs (and entropies) of given response tokens.
+
+Only one [B, C, V] chunk of float32 logits exists at a time: a `lax.scan` over sequence chunks
+whose body is rematerialised in the backward pass (vocab 152k x 20k tokens would otherwise be
+12 GB per row).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def token_log_probs_from_hidden(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
+                                temperature: float = 1.0, chunk_size: int = 1024,
+                                return_entropy: bool = False):
+  """hidden [B, T, D], unembedding w [D, V], targets int32[B, T] -> f32[B, T] (, entropy).
+
+  log_prob[b, t] = log_softmax(hidden[b, t] @ w / temperature)[targets[b, t]], in float32.
+  """
+  b, t, _ = hidden.shape
+  c = max(1, min(chunk_size, t))
+  pad = (-t) % c
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  n = (t + pad) // c
+  h_chunks = hidden.reshape(b, n, c, -1).swapaxes(0, 1)  # [n, B, C, D]
+  t_chunks = targets.reshape(b, n, c).swapaxes(0, 1)
+  w = w.astype(hidden.dtype)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk(_, inputs):
+    h, tgt = inputs
+    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    logits = logits / jnp.float32(temperature)
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
+    picked = jnp.take_along_axis(logits, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp = picked - logz
+    if not return_entropy:
+      return None, (logp, jnp.zeros_like(logp))
+    probs = jnp.exp(logits - logz[..., None])
+    entropy = logz - jnp.sum(probs * logits, axis=-1)
+    return None, (logp, entropy)
+
+  _, (logp, ent) = jax.lax.scan(chunk, None, (h_chunks, t_chunks))
+  logp = logp.swapaxes(0, 1).reshape(b, -1)[:, :t]
+  ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :t]
+  return (logp, ent) if return_entropy else logp
+
+
+def sequence_log_probs(model, input_ids: jax.Array, attention_mask: jax.Array,
+                       positions: jax.Array, *, num_response_tokens: int,
+                       temperature: float = 1.0, chunk_size: int = 1024,
+                       return_entropy: bool = False):
+  """Log-probs f32[B, T] of the last T tokens of input_ids [B, L] given their prefixes.
+
+  out[b, t] = log_softmax(logits / temperature)[input_ids[b, L - T + t]] where the logits come
+  from position L - T + t - 1 (verl's actor convention). With return_entropy, also returns the
+  entropy f32[B, T] of the same tempered distributions.
+  """
+  length = input_ids.shape[1]
+  t = num_response_tokens
+  if not 0 < t < length:
+    raise ValueError(f"num_response_tokens={t} must be in [1, {length - 1}] for L={length}")
+  hidden = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask)
+  return token_log_probs_from_hidden(
+    hidden[:, length - t - 1:length - 1], model.unembedding(), input_ids[:, length - t:],
+    temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)

@@ -1,0 +1,179 @@
+"""The decoder: embedding, L scanned pre-norm blocks (GQA attention + SwiGLU), final norm.
+
+Layer params are stacked with a leading 'layers' axis and the forward runs `lax.scan` over
+them (or a Python loop when scan_layers=False), so compile time does not grow with depth.
+One forward serves training/log-probs (no cache) and prefill/decode (KV cache).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from fipo_jax.models import attention as attention_lib
+from fipo_jax.models import config as config_lib
+from fipo_jax.models import kv_cache as kv_cache_lib
+from fipo_jax.models import layers
+
+_REMAT = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def layer_param_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple, tuple]]:
+  """name -> (per-layer shape, logical axes) of every stacked layer parameter."""
+  d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                   cfg.head_dim)
+  out = {
+    "input_norm": ((d,), ("norm",)),
+    "q_proj": ((d, n, h), ("embed", "heads", "head_dim")),
+    "k_proj": ((d, k, h), ("embed", "kv_heads", "head_dim")),
+    "v_proj": ((d, k, h), ("embed", "kv_heads", "head_dim")),
+    "o_proj": ((n, h, d), ("heads", "head_dim", "embed")),
+    "post_norm": ((d,), ("norm",)),
+    "gate_proj": ((d, f), ("embed", "mlp")),
+    "up_proj": ((d, f), ("embed", "mlp")),
+    "down_proj": ((f, d), ("mlp", "embed")),
+  }
+  if cfg.qkv_bias:
+    out["q_bias"] = ((n, h), ("heads", "head_dim"))
+    out["k_bias"] = ((k, h), ("kv_heads", "head_dim"))
+    out["v_bias"] = ((k, h), ("kv_heads", "head_dim"))
+  if cfg.qk_norm:
+    out["q_norm"] = ((h,), ("head_dim",))
+    out["k_norm"] = ((h,), ("head_dim",))
+  return out
+
+
+def _init_value(name: str, shape: tuple, key: jax.Array, dtype) -> jax.Array:
+  if name.endswith("norm"):
+    return jnp.ones(shape, dtype)
+  if name.endswith("bias"):
+    return jnp.zeros(shape, dtype)
+  return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+  """All L blocks' parameters, stacked on a leading 'layers' axis."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.param_dtype)
+    self.names = tuple(layer_param_shapes(cfg))
+    for name, (shape, axes) in layer_param_shapes(cfg).items():
+      value = _init_value(name, (cfg.num_layers,) + shape, rngs.params(), dtype)
+      setattr(self, name, nnx.Param(value, axes=("layers",) + axes))
+
+  def values(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name)[...] for name in self.names}
+
+
+def _block(cfg, p, x, cos, sin, q_slot, kv_valid, k_cache=None, v_cache=None, cache_index=None):
+  """One pre-norm block. Returns (x, k_full, v_full) where k/v are what attention read."""
+  dtype = x.dtype
+  hn = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+  q, k, v = layers.qkv_proj(hn, p, cfg, cos, sin)
+  if k_cache is not None:
+    k = kv_cache_lib.write_rows(k_cache, k, cache_index)
+    v = kv_cache_lib.write_rows(v_cache, v, cache_index)
+  attn = attention_lib.attention(
+    q, k.astype(dtype), v.astype(dtype), q_slot=q_slot, kv_valid=kv_valid,
+    impl=cfg.attention_impl, block_size=cfg.attention_block_size,
+    self_attention=k_cache is None)
+  attn = checkpoint_name(attn, "attn_out")
+  x = x + layers.dense(attn, p["o_proj"], "btnh,nhd->btd", dtype)
+  hn = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
+  x = x + layers.swiglu_mlp(hn, p, dtype)
+  return x, k, v
+
+
+class Transformer(nnx.Module):
+  """Qwen2 / Llama / Qwen3 causal decoder (flags in ModelConfig)."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dtype = jnp.dtype(cfg.param_dtype)
+    v, d = cfg.vocab_size, cfg.hidden_size
+    self.embed = nnx.Param(_init_value("embed", (v, d), rngs.params(), dtype),
+                           axes=("vocab", "embed"))
+    self.layers = DecoderLayers(cfg, rngs=rngs)
+    self.final_norm = nnx.Param(jnp.ones((d,), dtype), axes=("norm",))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nnx.Param(_init_value("lm_head", (d, v), rngs.params(), dtype),
+                               axes=("embed", "vocab"))
+
+  def unembedding(self) -> jax.Array:
+    """The output projection W [D, V] (the transposed embedding when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> float32 logits [..., V]."""
+    w = self.unembedding().astype(hidden.dtype)
+    return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids, *, positions=None, attention_mask=None, cache=None):
+    """input_ids int32[B, T] -> logits f32[B, T, V] (and the new cache when one is given)."""
+    out = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
+                             cache=cache)
+    if cache is None:
+      return self.logits_from_hidden(out)
+    hidden, new_cache = out
+    return self.logits_from_hidden(hidden), new_cache
+
+  def hidden_states(self, input_ids, *, positions=None, attention_mask=None, cache=None):
+    """Final-normed hidden states [B, T, D] in the compute dtype (and the new cache)."""
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    attention_mask = attention_mask.astype(bool)
+    steps = jnp.arange(t, dtype=jnp.int32)[None, :]
+    if cache is None:
+      q_slot = jnp.broadcast_to(steps, (b, t))
+      kv_valid = attention_mask
+      if positions is None:
+        positions = q_slot
+    else:
+      q_slot = cache.index[:, None] + steps
+      kv_valid, new_index = kv_cache_lib.update_mask(cache, attention_mask)
+      if positions is None:
+        positions = q_slot
+    cos, sin = layers.rope_cos_sin(positions.astype(jnp.int32), cfg.head_dim, cfg.rope_theta)
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+    params = self.layers.values()
+
+    def body(x, p, kc=None, vc=None):
+      idx = None if cache is None else cache.index
+      return _block(cfg, p, x, cos, sin, q_slot, kv_valid, kc, vc, idx)
+
+    if cfg.remat_policy != "none":
+      body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+
+    if cache is None:
+      x = self._run_layers(lambda x, p: (body(x, p)[0], None), x, params)[0]
+    else:
+      def cached(x, inputs):
+        p, kc, vc = inputs
+        x, k, v = body(x, p, kc, vc)
+        return x, (k, v)
+
+      x, (ks, vs) = self._run_layers(cached, x, (params, cache.k, cache.v))
+      cache = kv_cache_lib.KVCache(k=ks, v=vs, mask=kv_valid, index=new_index)
+    hidden = layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    return hidden if cache is None else (hidden, cache)
+
+  def _run_layers(self, fn, x, xs):
+    if self.cfg.scan_layers:
+      return jax.lax.scan(fn, x, xs)
+    ys = []
+    for i in range(self.cfg.num_layers):
+      x, y = fn(x, jax.tree.map(lambda a, i=i: a[i], xs))
+      ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys[0] is not None else None
