@@ -1,1 +1,2 @@
-"""See fipo_jax/__init__.py for the package map."""
+"""Data: verl-schema rows (`verl`), tokenizers (`tokenizer`), grain pipelines with resumable
+state (`pipeline`), and the synthetic arithmetic task of the embedded default (`synthetic`)."""

@@ -1,0 +1,181 @@
+"""Shared pieces of the recipes: the full config schema with its defaults, and `runlocal`.
+
+`base()` lists every key the trainer reads (the schema is checked by `fipo_jax.config.validate`:
+an unknown key is an error). Its values are the official FIPO Qwen2.5-32B run
+(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, FIPO_SPEC §4-§5); each recipe restates the values that
+define it. Units: "prompts" counts prompts, "responses" = prompts x rl.n.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every config key with the official FIPO 32B value (FIPO_SPEC §5.1)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # root PRNG seed (sampling, init); split by name in the trainer
+  c.total_steps = 600  # RL steps (rollout batches); the paper's curves run to ~500-600
+  c.eval_every = 5  # eval on data.val_files every k steps, and at step 0 (verl test_freq=5)
+  c.checkpoint_every = 5  # orbax save every k steps (verl save_freq=5); 0 = never
+  c.log_every = 1  # write metrics every k steps
+  c.keep_checkpoints = 3  # keep the last k checkpoints (plus the best by eval/acc_mean)
+  c.max_consecutive_bad_steps = 3  # stop after k steps in a row with NaN/inf loss or grad norm
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "qwen2.5-32b"  # architecture name in fipo_jax.models.PRESETS
+  c.model.hf_dir = ml_collections.config_dict.placeholder(str)  # HF dir to load weights from
+  c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides (e.g. hidden_size)
+  c.model.param_dtype = "float32"  # storage dtype of params and optimizer state
+  c.model.dtype = "bfloat16"  # compute dtype (log-softmax, ratios, losses stay float32)
+  c.model.attention_impl = "auto"  # 'auto' | 'plain' | 'blockwise' | 'splash' | 'cudnn'
+  c.model.remat_policy = "full"  # gradient checkpointing (official: enabled)
+  c.model.tokenizer_dir = ml_collections.config_dict.placeholder(str)  # default: model.hf_dir
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "verl"  # 'verl' (parquet/jsonl files) | 'synthetic' (arithmetic, tiny_cpu)
+  c.data.train_files = ["data/dapo-math-17k.parquet"]  # BytedTsinghua-SIA/DAPO-Math-17k
+  c.data.val_files = ["data/aime-2024.parquet"]  # BytedTsinghua-SIA/AIME-2024
+  c.data.prompt_key = "prompt"  # column holding the chat message list
+  c.data.max_prompt_length = 2048  # tokens, after the chat template
+  c.data.shuffle = True  # reshuffle the train set every epoch
+  c.data.shuffle_seed = 1  # seed of the epoch shuffles
+  c.data.apply_chat_template = True  # tokenizer.apply_chat_template(add_generation_prompt=True)
+  c.data.truncation = "left"  # longer prompts: 'left' (keep the end) | 'error' | 'drop'
+  c.data.synthetic = synthetic_task()  # only read when task == 'synthetic'
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.loss_mode = "fipo"  # policy loss: 'fipo' (future_kl) | 'dapo' (vanilla) | 'grpo'
+  c.rl.clip_ratio_low = 0.2  # PPO eps_low
+  c.rl.clip_ratio_high = 0.28  # PPO eps_high (clip-higher)
+  c.rl.clip_ratio_c = 10.0  # dual-clip c; also the Future-KL filter threshold
+  c.rl.loss_agg_mode = "token-mean"  # per micro-batch token mean (verl)
+  c.rl.decay_rate = 32.0  # tau, Future-KL half-life in tokens (gamma = 2^(-1/tau))
+  c.rl.chunk_size = 128  # Future-KL chunk K
+  c.rl.future_kl_clip_ratio = 0.2  # eps_f: influence weights clipped to [1(-eps_f), 1+eps_f]
+  c.rl.future_kl_clip_high_only = True  # True: [1, 1+eps_f] (32B); False: [1-eps_f, 1+eps_f]
+  c.rl.safety_thresh = 10.0  # S: A<0 tokens with ratio > S get weight clamped to [0.8, 1]
+  c.rl.n = 16  # G, responses per prompt
+  c.rl.train_batch_size = 512  # prompts per RL step (after dynamic sampling)
+  c.rl.gen_batch_size = 2048  # prompts per generation round (4 x 512)
+  c.rl.ppo_mini_batch_size = 64  # prompts per optimizer step -> 8 updates per RL step
+  c.rl.ppo_epochs = 1  # passes over the rollout batch
+  c.rl.use_dynamic_bsz = True  # pack micro-batches by token budget
+  c.rl.ppo_max_token_len_per_device = 22528  # token budget per micro-batch (2048 + 20480)
+  c.rl.ppo_micro_batch_size_per_device = 8  # responses per micro-batch when not dynamic
+  c.rl.max_response_length = 20480  # T, tokens
+  c.rl.filter_groups_enable = True  # dynamic sampling: drop groups with all-equal metric
+  c.rl.filter_groups_metric = "acc"  # metric compared within a group (accuracy, not score)
+  c.rl.max_num_gen_batches = 10  # generation rounds per step before giving up (0 = no cap)
+  c.rl.norm_adv_by_std_in_grpo = True  # (R - mean) / (std + 1e-6), unbiased std
+  c.rl.use_kl_loss = False  # KL-to-reference term (needs a reference model)
+  c.rl.kl_loss_coef = 0.0  # its coefficient
+  c.rl.kl_loss_type = "low_var_kl"  # 'kl' | 'abs' | 'mse' | 'low_var_kl' (verl names)
+  c.rl.entropy_coeff = 0.0  # entropy bonus coefficient
+  c.rl.reward_fn = "math_dapo"  # +1/-1 on the last "Answer: ..." (fipo_jax.rl.math_dapo_score)
+  c.rl.overlong_buffer_enable = True  # soft overlong penalty
+  c.rl.overlong_buffer_len = 4096  # tokens: penalty ramps 0 -> -factor over the last len tokens
+  c.rl.overlong_penalty_factor = 1.0  # penalty at max_response_length
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0  # rollout temperature
+  c.sampling.top_p = 1.0  # rollout nucleus
+  c.sampling.top_k = -1  # rollout top-k (-1 = off)
+  c.sampling.num_slots = 256  # concurrent decode slots of the engine
+  c.sampling.decode_steps_per_call = 64  # decode steps per jitted generate call
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.n = 32  # samples per val prompt: avg@32/pass@32/cons@32 (see recipe docstrings)
+  c.eval.temperature = 1.0  # val_kwargs.temperature
+  c.eval.top_p = 0.7  # val_kwargs.top_p
+  c.eval.top_k = -1  # val_kwargs.top_k (-1 = off)
+  c.eval.max_prompts = -1  # evaluate at most this many val prompts (-1 = all)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6  # AdamW learning rate
+  c.optim.warmup_steps = 10  # linear warmup from 0, in optimizer steps
+  c.optim.schedule = "constant"  # 'constant' (after warmup) | 'cosine'
+  c.optim.weight_decay = 0.1  # decoupled weight decay
+  c.optim.grad_clip = 1.0  # global-norm clip (0 = off)
+  c.optim.b1 = 0.9  # Adam beta1 (torch AdamW default, as in verl)
+  c.optim.b2 = 0.999  # Adam beta2
+  c.optim.eps = 1e-8  # Adam epsilon
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # data-parallel axis size
+  c.mesh.fsdp = -1  # fully sharded axis (-1 = all remaining devices)
+  c.mesh.tensor = 1  # tensor-parallel axis size
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0  # supervised warm-start steps before RL (tiny_cpu only; 0 = none)
+  c.sft.lr = 1e-3  # its AdamW learning rate
+  c.sft.batch_size = 32  # its examples per step
+  return c
+
+
+def synthetic_task() -> ml_collections.ConfigDict:
+  """Arithmetic prompts "Q: 37+45=" answered "Answer: 82" (fipo_jax.data.synthetic)."""
+  s = ml_collections.ConfigDict()
+  s.num_train = 2000  # train prompts
+  s.num_val = 64  # held-out prompts (disjoint from train)
+  s.min_digits = 1  # digits per operand, lower bound
+  s.max_digits = 2  # digits per operand, upper bound (difficulty)
+  s.num_operands = 2  # operands per prompt (difficulty)
+  s.ops = "+"  # operators drawn from this string, over '+-*'
+  s.seed = 0  # generation seed
+  return s
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a recipe in place to run on a laptop CPU: the same loss, clip and FIPO settings,
+
+  a tiny model on the synthetic task, small batches keeping >= 2 mini-batches per step so that
+  the Future-KL weights are active.
+  """
+  c.total_steps = 2
+  c.eval_every = 1
+  c.checkpoint_every = 1
+  c.model.hf_dir = None
+  c.model.tokenizer_dir = None
+  c.model.preset = "qwen2.5-0.5b"
+  c.model.overrides = tiny_model()
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+  c.model.remat_policy = "none"
+  c.data.task = "synthetic"
+  c.data.train_files = []
+  c.data.val_files = []
+  c.data.max_prompt_length = 32
+  c.data.synthetic.num_train = 256
+  c.data.synthetic.num_val = 16
+  c.rl.n = 4
+  c.rl.train_batch_size = 8
+  c.rl.gen_batch_size = 16
+  c.rl.ppo_mini_batch_size = 2
+  c.rl.max_response_length = 16
+  c.rl.overlong_buffer_len = 4
+  c.rl.ppo_max_token_len_per_device = 256
+  c.rl.chunk_size = 8
+  c.sampling.num_slots = 16
+  c.sampling.decode_steps_per_call = 8
+  c.eval.n = 2
+  c.eval.max_prompts = 8
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 0
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+  """ModelConfig overrides of a ~0.1M-parameter Qwen2-architecture model."""
+  o = ml_collections.ConfigDict()
+  o.vocab_size = 128  # >= the synthetic tokenizer's vocabulary (fipo_jax.data.tokenizer)
+  o.hidden_size = 64  # D
+  o.intermediate_size = 128  # F
+  o.num_layers = 2  # L
+  o.num_heads = 4  # N
+  o.num_kv_heads = 2  # K
+  o.head_dim = 16  # H
+  o.max_position_embeddings = 256
+  o.tie_word_embeddings = True
+  return o

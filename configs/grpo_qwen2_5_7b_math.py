@@ -1,0 +1,54 @@
+r"""GRPO baseline on Qwen2.5-Math-7B (the "GRPO" row of FIPO_SPEC §7, Table 4).
+
+The paper gives no hyperparameter table for GRPO. This recipe is verl's standard GRPO setup
+[INFERRED]: symmetric PPO clip 0.2, a low-variance KL-to-reference loss with coefficient 0.001
+(needs a reference model), no dynamic sampling, no overlong shaping, otherwise the DAPO 7B
+values (G 16, 512 prompts, mini-batch 32, lr 1e-6, max response 8192).
+
+  python -m fipo_jax.main --config configs/grpo_qwen2_5_7b_math.py --workdir gs://BUCKET/grpo7b \
+    --config.model.hf_dir=/models/Qwen2.5-Math-7B \
+    --config.data.train_files="['data/dapo-math-17k.parquet']" \
+    --config.data.val_files="['data/aime-2024.parquet']"
+
+  python -m fipo_jax.main --config configs/grpo_qwen2_5_7b_math.py:runlocal --workdir /tmp/grpo7b
+"""
+
+import pathlib
+import sys
+
+try:
+  from configs import common
+except ImportError:  # launched from outside the repository root
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from configs import common
+
+
+def get_config(arg=None):
+  c = common.base()
+  c.model.preset = "qwen2.5-math-7b"
+  c.model.overrides.max_position_embeddings = 32768  # extended context
+  c.data.max_prompt_length = 2048
+  c.rl.loss_mode = "grpo"
+  c.rl.n = 16  # G
+  c.rl.train_batch_size = 512  # prompts per step
+  c.rl.gen_batch_size = 512  # one generation round, no filtering
+  c.rl.ppo_mini_batch_size = 32  # -> 16 updates per step
+  c.rl.max_response_length = 8192
+  c.rl.clip_ratio_low, c.rl.clip_ratio_high = 0.2, 0.2  # symmetric PPO clip
+  c.rl.clip_ratio_c = 10.0  # dual clip (verl applies it in the vanilla loss too)
+  c.rl.filter_groups_enable = False  # no dynamic sampling
+  c.rl.overlong_buffer_enable = False  # no overlong shaping (truncated answers score -1)
+  c.rl.use_kl_loss = True  # KL to the reference policy ...
+  c.rl.kl_loss_coef = 0.001  # ... verl GRPO example value
+  c.rl.kl_loss_type = "low_var_kl"
+  c.rl.use_dynamic_bsz = True
+  c.rl.ppo_max_token_len_per_device = 2048 + 8192  # one full sequence
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip = 1.0
+  if arg == "runlocal":
+    common.runlocal(c)
+  elif arg:
+    raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
+  return c

@@ -1,0 +1,99 @@
+r"""The embedded default: FIPO on a tiny Qwen2-architecture model and a synthetic arithmetic task.
+
+Runs on 2 CPU cores with no download. Prompts "Q: 37+45=" (chat template applied) are answered
+"Answer: 82<|im_end|>" and scored by the same math_dapo "Answer: ..." verifier as real math data.
+A random model cannot learn by RL alone, so a short supervised warm start (sft.*, cached in the
+workdir) plays the base model's part; FIPO then runs with 4 mini-batches per step so that the
+Future-KL influence weights are active on mini-batches 2-4.
+
+  python -m fipo_jax.main --config configs/tiny_cpu.py --workdir /tmp/fipo_tiny
+
+Smaller still (a smoke test of the whole loop, seconds):
+
+  python -m fipo_jax.main --config configs/tiny_cpu.py:runlocal --workdir /tmp/fipo_tiny_smoke
+"""
+
+import pathlib
+import sys
+
+try:
+  from configs import common
+except ImportError:  # launched from outside the repository root
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from configs import common
+
+
+def get_config(arg=None):
+  c = common.base()
+  c.total_steps = 40  # RL steps
+  c.eval_every = 5  # eval on the held-out synthetic prompts (and at step 0)
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+
+  c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
+  c.model.overrides = common.tiny_model()  # ... shrunk to ~0.1M parameters
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
+  c.model.remat_policy = "none"
+  c.model.tokenizer_dir = None  # None: the synthetic tokenizer is built into WORKDIR/tokenizer
+
+  c.data.task = "synthetic"  # rows written in the verl schema to WORKDIR/data, read as real data
+  c.data.train_files = []
+  c.data.val_files = []
+  c.data.max_prompt_length = 48  # tokens incl. the chat template (~28 used)
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_val = 64
+  c.data.synthetic.min_digits = 1
+  c.data.synthetic.max_digits = 2
+  c.data.synthetic.num_operands = 2
+  c.data.synthetic.ops = "+"
+
+  c.rl.loss_mode = "fipo"
+  c.rl.n = 8  # G
+  c.rl.train_batch_size = 16  # prompts per step
+  c.rl.gen_batch_size = 32  # prompts per generation round
+  c.rl.ppo_mini_batch_size = 4  # -> 4 updates per step: FIPO active on mini-batches 2-4
+  c.rl.max_response_length = 16  # "Answer: 198" + EOS is 12 tokens
+  c.rl.overlong_buffer_len = 4
+  c.rl.decay_rate = 32.0
+  c.rl.chunk_size = 16
+  c.rl.future_kl_clip_ratio = 0.2
+  c.rl.future_kl_clip_high_only = False  # small model: symmetric [0.8, 1.2] as at 7B
+  c.rl.safety_thresh = 3.0
+  c.rl.use_dynamic_bsz = False
+  c.rl.ppo_micro_batch_size_per_device = 32  # responses per micro-batch (one per mini-batch)
+  c.rl.ppo_max_token_len_per_device = 64
+
+  c.sampling.num_slots = 64
+  c.sampling.decode_steps_per_call = 16
+
+  c.eval.n = 4  # eval/acc_mean = avg@4 over the held-out prompts
+  c.eval.max_prompts = -1
+
+  c.optim.lr = 3e-4
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  c.sft.steps = 150  # supervised warm start (cached in WORKDIR/sft)
+  c.sft.lr = 3e-3
+  c.sft.batch_size = 64
+  if arg == "runlocal":
+    c.total_steps = 2
+    c.eval_every = 1
+    c.checkpoint_every = 1
+    c.sft.steps = 5
+    c.data.synthetic.num_train = 128
+    c.data.synthetic.num_val = 8
+    c.rl.n = 4
+    c.rl.train_batch_size = 4
+    c.rl.gen_batch_size = 8
+    c.rl.ppo_mini_batch_size = 2
+    c.rl.ppo_micro_batch_size_per_device = 8
+    c.eval.n = 2
+  elif arg:
+    raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
+  return c

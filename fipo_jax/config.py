@@ -1,0 +1,475 @@
+"""Validate a run's ConfigDict once, at the boundary, into frozen dataclasses.
+
+`validate(config)` is called by the trainer before anything is compiled. It turns every config
+section into a frozen dataclass whose `__post_init__` checks its values, and raises `ConfigError`
+with one line naming the field, e.g.
+
+  rl.clip_ratio_low: must be <= rl.clip_ratio_high (0.28), got 0.3
+
+The dataclass fields ARE the schema: a key in the ConfigDict that is not a field is an error
+(a typo such as `rl.decay_rat` must not be silently ignored), a key that is missing takes the
+field's default. The recipes in `configs/` list every field with a comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+LOSS_MODES = ("fipo", "dapo", "grpo")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                  "seq-mean-token-sum-norm")
+FILTER_METRICS = ("acc", "score", "seq_reward", "seq_final_reward")
+REWARD_FNS = ("math_dapo",)
+KL_LOSS_TYPES = ("kl", "abs", "mse", "low_var_kl")
+TRUNCATIONS = ("left", "error", "drop")
+TASKS = ("verl", "synthetic")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A bad config value; `str(err)` is one line `section.field: reason`."""
+
+  def __init__(self, field: str, reason: str):
+    super().__init__(f"{field}: {reason}")
+    self.field = field
+    self.reason = reason
+
+
+class _Section:
+  """Mixin: `self._fail(name, reason)` raises ConfigError for `<section>.<name>`."""
+
+  SECTION: ClassVar[str] = ""
+
+  def _fail(self, name: str, reason: str):
+    raise ConfigError(f"{self.SECTION}.{name}" if self.SECTION else name, reason)
+
+  def _require(self, ok: bool, name: str, reason: str):
+    if not ok:
+      self._fail(name, f"{reason}, got {getattr(self, name)!r}")
+
+  def _one_of(self, name: str, allowed: tuple[str, ...]):
+    self._require(getattr(self, name) in allowed, name, f"must be one of {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(_Section):
+  SECTION: ClassVar[str] = "model"
+  preset: str | None = None
+  hf_dir: str | None = None
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"
+  attention_impl: str = "auto"
+  remat_policy: str = "none"
+  tokenizer_dir: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "overrides", types.MappingProxyType(dict(self.overrides)))
+    if not self.preset and not self.hf_dir:
+      self._fail("preset", "set model.preset or model.hf_dir")
+    self._one_of("param_dtype", DTYPES)
+    self._one_of("dtype", DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSection(_Section):
+  SECTION: ClassVar[str] = "data.synthetic"
+  num_train: int = 2000
+  num_val: int = 64
+  min_digits: int = 1
+  max_digits: int = 2
+  num_operands: int = 2
+  ops: str = "+"
+  seed: int = 0
+
+  def __post_init__(self):
+    self._require(self.num_train > 0, "num_train", "must be > 0")
+    self._require(self.num_val > 0, "num_val", "must be > 0")
+    self._require(self.min_digits >= 1, "min_digits", "must be >= 1")
+    self._require(self.max_digits >= self.min_digits, "max_digits",
+                  f"must be >= data.synthetic.min_digits ({self.min_digits})")
+    self._require(self.num_operands >= 2, "num_operands", "must be >= 2")
+    self._require(bool(self.ops) and set(self.ops) <= set("+-*"), "ops",
+                  "must be a non-empty string over '+-*'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(_Section):
+  SECTION: ClassVar[str] = "data"
+  task: str = "verl"
+  train_files: tuple[str, ...] = ()
+  val_files: tuple[str, ...] = ()
+  prompt_key: str = "prompt"
+  max_prompt_length: int = 2048
+  shuffle: bool = True
+  shuffle_seed: int = 1
+  apply_chat_template: bool = True
+  truncation: str = "left"
+  synthetic: SyntheticSection = dataclasses.field(default_factory=SyntheticSection)
+
+  def __post_init__(self):
+    self._one_of("task", TASKS)
+    self._one_of("truncation", TRUNCATIONS)
+    self._require(self.max_prompt_length > 0, "max_prompt_length", "must be > 0")
+    self._require(bool(self.prompt_key), "prompt_key", "must be non-empty")
+    if self.task == "verl":
+      self._require(len(self.train_files) > 0, "train_files", "must list >= 1 file for task 'verl'")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSection(_Section):
+  SECTION: ClassVar[str] = "rl"
+  loss_mode: str = "fipo"
+  clip_ratio_low: float = 0.2
+  clip_ratio_high: float = 0.28
+  clip_ratio_c: float = 10.0
+  loss_agg_mode: str = "token-mean"
+  decay_rate: float = 32.0
+  chunk_size: int = 128
+  future_kl_clip_ratio: float = 0.2
+  future_kl_clip_high_only: bool = True
+  safety_thresh: float = 10.0
+  n: int = 16
+  train_batch_size: int = 512
+  gen_batch_size: int = 2048
+  ppo_mini_batch_size: int = 64
+  ppo_epochs: int = 1
+  use_dynamic_bsz: bool = True
+  ppo_max_token_len_per_device: int = 22528
+  ppo_micro_batch_size_per_device: int = 8
+  max_response_length: int = 20480
+  filter_groups_enable: bool = True
+  filter_groups_metric: str = "acc"
+  max_num_gen_batches: int = 10
+  norm_adv_by_std_in_grpo: bool = True
+  use_kl_loss: bool = False
+  kl_loss_coef: float = 0.0
+  kl_loss_type: str = "low_var_kl"
+  entropy_coeff: float = 0.0
+  reward_fn: str = "math_dapo"
+  overlong_buffer_enable: bool = True
+  overlong_buffer_len: int = 4096
+  overlong_penalty_factor: float = 1.0
+
+  def __post_init__(self):
+    self._one_of("loss_mode", LOSS_MODES)
+    self._one_of("loss_agg_mode", LOSS_AGG_MODES)
+    self._one_of("filter_groups_metric", FILTER_METRICS)
+    self._one_of("reward_fn", REWARD_FNS)
+    self._one_of("kl_loss_type", KL_LOSS_TYPES)
+    self._require(0.0 <= self.clip_ratio_low < 1.0, "clip_ratio_low", "must be in [0, 1)")
+    self._require(self.clip_ratio_high >= 0.0, "clip_ratio_high", "must be >= 0")
+    self._require(self.clip_ratio_low <= self.clip_ratio_high, "clip_ratio_low",
+                  f"must be <= rl.clip_ratio_high ({self.clip_ratio_high})")
+    # verl asserts c > 1: the dual clip bounds the loss of ratios far above 1.
+    self._require(self.clip_ratio_c > 1.0, "clip_ratio_c", "must be > 1.0")
+    self._require(self.decay_rate > 0.0, "decay_rate", "must be > 0 (a half-life in tokens)")
+    self._require(self.chunk_size > 0, "chunk_size", "must be > 0")
+    self._require(self.future_kl_clip_ratio >= 0.0, "future_kl_clip_ratio", "must be >= 0")
+    if not self.future_kl_clip_high_only:
+      self._require(self.future_kl_clip_ratio < 1.0, "future_kl_clip_ratio",
+                    "must be < 1 with symmetric clipping (lower bound 1 - ratio must be > 0)")
+    self._require(self.safety_thresh > 0.0, "safety_thresh", "must be > 0")
+    self._require(self.n >= 2, "n", "must be >= 2 (group-normalised advantages need a group)")
+    self._require(self.train_batch_size > 0, "train_batch_size", "must be > 0")
+    self._require(self.ppo_mini_batch_size > 0, "ppo_mini_batch_size", "must be > 0")
+    self._require(self.train_batch_size % self.ppo_mini_batch_size == 0, "train_batch_size",
+                  f"must be divisible by rl.ppo_mini_batch_size ({self.ppo_mini_batch_size})")
+    self._require(self.gen_batch_size >= self.train_batch_size, "gen_batch_size",
+                  f"must be >= rl.train_batch_size ({self.train_batch_size})")
+    self._require(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+    self._require(self.max_response_length > 0, "max_response_length", "must be > 0")
+    self._require(self.ppo_max_token_len_per_device > 0, "ppo_max_token_len_per_device",
+                  "must be > 0")
+    self._require(self.ppo_micro_batch_size_per_device > 0, "ppo_micro_batch_size_per_device",
+                  "must be > 0")
+    self._require(self.max_num_gen_batches >= 0, "max_num_gen_batches", "must be >= 0 (0 = no cap)")
+    self._require(self.kl_loss_coef >= 0.0, "kl_loss_coef", "must be >= 0")
+    if self.overlong_buffer_enable:
+      self._require(0 < self.overlong_buffer_len < self.max_response_length, "overlong_buffer_len",
+                    f"must be in (0, rl.max_response_length={self.max_response_length})")
+      self._require(self.overlong_penalty_factor >= 0.0, "overlong_penalty_factor",
+                    "must be >= 0")
+
+  @property
+  def num_mini_batches(self) -> int:
+    """Optimizer steps per rollout batch and epoch (8 in the 32B FIPO recipe)."""
+    return self.train_batch_size // self.ppo_mini_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSection(_Section):
+  SECTION: ClassVar[str] = "sampling"
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = -1
+  num_slots: int = 256
+  decode_steps_per_call: int = 64
+
+  def __post_init__(self):
+    _check_sampling(self)
+    self._require(self.num_slots > 0, "num_slots", "must be > 0")
+    self._require(self.decode_steps_per_call > 0, "decode_steps_per_call", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection(_Section):
+  SECTION: ClassVar[str] = "eval"
+  n: int = 32
+  temperature: float = 1.0
+  top_p: float = 0.7
+  top_k: int = -1
+  max_prompts: int = -1
+
+  def __post_init__(self):
+    _check_sampling(self)
+    self._require(self.n >= 1, "n", "must be >= 1")
+    self._require(self.max_prompts == -1 or self.max_prompts > 0, "max_prompts",
+                  "must be -1 (all) or > 0")
+
+
+def _check_sampling(s) -> None:
+  s._require(s.temperature > 0.0, "temperature", "must be > 0")
+  s._require(0.0 < s.top_p <= 1.0, "top_p", "must be in (0, 1]")
+  s._require(s.top_k == -1 or s.top_k > 0, "top_k", "must be -1 (off) or > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection(_Section):
+  SECTION: ClassVar[str] = "optim"
+  lr: float = 1e-6
+  warmup_steps: int = 10
+  schedule: str = "constant"
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def __post_init__(self):
+    self._one_of("schedule", SCHEDULES)
+    self._require(self.lr > 0.0, "lr", "must be > 0")
+    self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    self._require(self.weight_decay >= 0.0, "weight_decay", "must be >= 0")
+    self._require(self.grad_clip >= 0.0, "grad_clip", "must be >= 0 (0 = off)")
+    self._require(0.0 <= self.b1 < 1.0, "b1", "must be in [0, 1)")
+    self._require(0.0 <= self.b2 < 1.0, "b2", "must be in [0, 1)")
+    self._require(self.eps > 0.0, "eps", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection(_Section):
+  SECTION: ClassVar[str] = "mesh"
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def __post_init__(self):
+    for name in ("data", "fsdp", "tensor"):
+      self._require(getattr(self, name) == -1 or getattr(self, name) >= 1, name,
+                    "must be -1 (the rest) or >= 1")
+    if sum(v == -1 for v in self.as_tuple()) > 1:
+      self._fail("fsdp", f"at most one mesh axis may be -1, got {self.as_tuple()}")
+
+  def as_tuple(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with -1 filled in; raises ConfigError if they do not fit."""
+    sizes = self.as_tuple()
+    fixed = math.prod(v for v in sizes if v != -1)
+    if -1 in sizes:
+      if num_devices % fixed:
+        self._fail("fsdp", f"fixed mesh axes {sizes} (product {fixed}) do not divide the "
+                   f"{num_devices} devices")
+      sizes = tuple(num_devices // fixed if v == -1 else v for v in sizes)
+    elif fixed != num_devices:
+      self._fail("data", f"mesh {sizes} has {fixed} devices but {num_devices} are available")
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSection(_Section):
+  SECTION: ClassVar[str] = "sft"
+  steps: int = 0
+  lr: float = 1e-3
+  batch_size: int = 32
+
+  def __post_init__(self):
+    self._require(self.steps >= 0, "steps", "must be >= 0 (0 = no warm start)")
+    self._require(self.lr > 0.0, "lr", "must be > 0")
+    self._require(self.batch_size > 0, "batch_size", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(_Section):
+  """The whole validated run config; sections are attributes (`cfg.rl.n`)."""
+
+  SECTION: ClassVar[str] = ""
+  seed: int = 0
+  total_steps: int = 600
+  eval_every: int = 5
+  checkpoint_every: int = 5
+  log_every: int = 1
+  keep_checkpoints: int = 3
+  max_consecutive_bad_steps: int = 3
+  model: ModelSection = dataclasses.field(default_factory=lambda: ModelSection(preset="?"))
+  data: DataSection = dataclasses.field(default_factory=DataSection)
+  rl: RLSection = dataclasses.field(default_factory=RLSection)
+  sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+  eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+  optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+  mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+  sft: SFTSection = dataclasses.field(default_factory=SFTSection)
+
+  def __post_init__(self):
+    self._require(self.total_steps >= 0, "total_steps", "must be >= 0")
+    self._require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = never)")
+    self._require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
+    self._require(self.log_every >= 1, "log_every", "must be >= 1")
+    self._require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    self._require(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
+                  "must be >= 1")
+    # Cross-section checks.
+    if self.rl.use_dynamic_bsz:
+      need = self.data.max_prompt_length + self.rl.max_response_length
+      if self.rl.ppo_max_token_len_per_device < need:
+        raise ConfigError("rl.ppo_max_token_len_per_device",
+                          f"must be >= data.max_prompt_length + rl.max_response_length ({need}) "
+                          f"so one sequence fits a micro-batch, got "
+                          f"{self.rl.ppo_max_token_len_per_device}")
+    if self.model.preset:
+      presets = _model_presets()
+      if presets is not None and self.model.preset not in presets:
+        raise ConfigError("model.preset",
+                          f"unknown preset {self.model.preset!r}; known: {sorted(presets)}")
+
+
+def _model_presets() -> Mapping[str, Any] | None:
+  """fipo_jax.models.PRESETS if the model package provides it (imported lazily)."""
+  try:
+    from fipo_jax.models import presets  # noqa: PLC0415 (lazy: keeps validate() import-light)
+  except ImportError:
+    return None
+  return getattr(presets, "PRESETS", None)
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "rl": RLSection,
+             "sampling": SamplingSection, "eval": EvalSection, "optim": OptimSection,
+             "mesh": MeshSection, "sft": SFTSection}
+
+
+def schema() -> dict[str, Any]:
+  """The accepted keys: {'seed': default, ..., 'rl': {'n': default, ...}, ...}."""
+  return _schema_of(RunConfig)
+
+
+def _schema_of(cls) -> dict[str, Any]:
+  out = {}
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(hints[f.name]):
+      out[f.name] = _schema_of(hints[f.name])
+    else:
+      out[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+  return out
+
+
+def validate(config: Any, *, num_devices: int | None = None,
+             check_paths: bool = True) -> RunConfig:
+  """ConfigDict (or nested dict) -> RunConfig, raising ConfigError on the first bad field.
+
+  Args:
+    config: the run config (`ml_collections.ConfigDict` or a plain nested dict).
+    num_devices: if given, the mesh sizes must multiply to it (-1 filled in).
+    check_paths: check that model/tokenizer dirs and data files exist (off for recipe tests on
+      machines without the data).
+  """
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  cfg = _build(RunConfig, raw, "")
+  if num_devices is not None:
+    cfg.mesh.resolve(num_devices)
+  if check_paths:
+    _check_paths(cfg)
+  return cfg
+
+
+def _check_paths(cfg: RunConfig) -> None:
+  if cfg.data.task == "verl" and not (cfg.model.tokenizer_dir or cfg.model.hf_dir):
+    raise ConfigError("model.tokenizer_dir",
+                      "task 'verl' needs a tokenizer: set model.tokenizer_dir or model.hf_dir")
+  for name in ("hf_dir", "tokenizer_dir"):
+    path = getattr(cfg.model, name)
+    if path and not os.path.isdir(path):
+      raise ConfigError(f"model.{name}", f"directory not found: {path}")
+  if cfg.model.hf_dir and not os.path.isfile(os.path.join(cfg.model.hf_dir, "config.json")):
+    raise ConfigError("model.hf_dir", f"no config.json in {cfg.model.hf_dir}")
+  if cfg.data.task == "verl":
+    for name in ("train_files", "val_files"):
+      for path in getattr(cfg.data, name):
+        if not os.path.isfile(path):
+          raise ConfigError(f"data.{name}", f"file not found: {path}")
+
+
+def _build(cls, raw: Mapping[str, Any], prefix: str):
+  """Instantiates dataclass `cls` from `raw`, rejecting unknown keys and wrong types."""
+  if not isinstance(raw, Mapping):
+    raise ConfigError(prefix.rstrip("."), f"must be a section (dict), got {type(raw).__name__}")
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - names)
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {sorted(names)}"
+    raise ConfigError(prefix + unknown[0], f"unknown key (not in the schema); {hint}")
+  kwargs = {}
+  for key in names - set(raw):  # a missing section is built from its defaults (and checked)
+    if dataclasses.is_dataclass(hints[key]):
+      kwargs[key] = _build(hints[key], {}, f"{prefix}{key}.")
+  for key, value in raw.items():
+    hint = hints[key]
+    if dataclasses.is_dataclass(hint):
+      kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
+    else:
+      kwargs[key] = _coerce(value, hint, prefix + key)
+  return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, field: str) -> Any:
+  """Checks `value` against a field type; int -> float and list -> tuple are allowed."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (types.UnionType, typing.Union):
+    if value is None and type(None) in args:
+      return None
+    (hint,) = [a for a in args if a is not type(None)]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if hint is bool:
+    ok = isinstance(value, bool)
+  elif hint is int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif hint is float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif hint is str:
+    ok = isinstance(value, str)
+  elif origin is tuple:
+    if isinstance(value, str):  # a single path given on the command line
+      value = (value,)
+    ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    value = tuple(value) if ok else value
+  elif origin is Mapping or hint is Mapping:
+    ok = isinstance(value, Mapping)
+  else:  # pragma: no cover - a schema type this function does not know
+    raise TypeError(f"{field}: unsupported schema type {hint}")
+  if not ok:
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(field, f"expected {name}, got {type(value).__name__} {value!r}")
+  return value

@@ -1,0 +1,244 @@
+"""Prompt pipelines with grain: verl rows -> tokenized prompts -> batches with resumable state.
+
+  tokenizer = pipeline.resolve_tokenizer(cfg, workdir)
+  train, val = pipeline.make_datasets(cfg.data, tokenizer, workdir)
+  it = pipeline.PromptIterator(train, batch_size=cfg.rl.gen_batch_size,
+                               shuffle=cfg.data.shuffle, seed=cfg.data.shuffle_seed)
+  batch = next(it)            # list of examples (dicts, see PromptDataset.get)
+  state = it.get_state()      # JSON-able; goes into the checkpoint's `extra`
+  it.set_state(state)         # resumes exactly
+
+Each epoch is a fresh permutation (grain's `MapDataset.shuffle` reseeds every epoch). Malformed
+rows and rows dropped by `truncation='drop'` are skipped, logged once with their index and file,
+and counted in `skipped_rows` (reported as `data/skipped_rows`); they never stop a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from fipo_jax.data import synthetic, verl
+from fipo_jax.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+
+class PromptDataset:
+  """Tokenized prompts of verl-schema files; `get(i)` is None for a row that is skipped."""
+
+  def __init__(self, files: Sequence[str], tokenizer: Any, *, max_prompt_length: int,
+               prompt_key: str = "prompt", apply_chat_template: bool = True,
+               truncation: str = "left"):
+    if truncation not in ("left", "error", "drop"):
+      raise ValueError(f"truncation must be 'left', 'error' or 'drop', got {truncation!r}")
+    self.rows = verl.RowSource(files)
+    self.tokenizer = tokenizer
+    self.max_prompt_length = max_prompt_length
+    self.prompt_key = prompt_key
+    self.apply_chat_template = apply_chat_template
+    self.truncation = truncation
+    self._logged: set[int] = set()
+    # Random access through grain: source -> parse+tokenize by index.
+    self.source = grain.MapDataset.source(self.rows).map_with_index(self._example)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def get(self, index: int) -> dict[str, Any] | None:
+    """Row `index` as {prompt_ids int32[P], ground_truth, data_source, index}, or None."""
+    return self.source[index]
+
+  def _example(self, index: int, raw: Any) -> dict[str, Any] | None:
+    rec = verl.parse_row(raw, self.prompt_key)
+    if isinstance(rec, verl.BadRow):
+      return self._skip(index, rec.reason)
+    try:
+      ids = tokenizer_lib.encode_prompt(self.tokenizer, rec.messages, self.apply_chat_template)
+    except Exception as e:  # a template or tokenizer failure on odd content is a bad row
+      return self._skip(index, f"tokenization failed ({type(e).__name__}: {e})")
+    if len(ids) > self.max_prompt_length:
+      if self.truncation == "error":
+        path, row = self.rows.locate(index)
+        raise ValueError(f"prompt of row {row} in {path} has {len(ids)} tokens > "
+                         f"data.max_prompt_length={self.max_prompt_length} "
+                         "(data.truncation='error')")
+      if self.truncation == "drop":
+        return self._skip(index, f"{len(ids)} tokens > max_prompt_length")
+      ids = ids[-self.max_prompt_length:]  # left truncation keeps the generation prompt
+    if not ids:
+      return self._skip(index, "prompt tokenizes to nothing")
+    return {"prompt_ids": np.asarray(ids, np.int32), "ground_truth": rec.ground_truth,
+            "data_source": rec.data_source, "index": int(index)}
+
+  def _skip(self, index: int, reason: str) -> None:
+    if index not in self._logged:
+      self._logged.add(index)
+      path, row = self.rows.locate(index)
+      log.warning("skipping row %d of %s (global index %d): %s", row, path, index, reason)
+    return None
+
+  def examples(self, max_examples: int = -1) -> tuple[list[dict[str, Any]], int]:
+    """All valid examples in file order (for eval) and the number of skipped rows."""
+    out, skipped = [], 0
+    for i in range(len(self)):
+      if 0 <= max_examples <= len(out):
+        break
+      ex = self.get(i)
+      if ex is None:
+        skipped += 1
+      else:
+        out.append(ex)
+    return out, skipped
+
+
+class PromptIterator(Iterator):
+  """Endless batches of `batch_size` valid examples, epoch after epoch, with exact resume.
+
+  State: {'epoch', 'position' (next row within the epoch's order), 'seed', 'shuffle',
+  'skipped_rows', 'num_rows'}. Rows skipped in an epoch are counted each time they are met.
+  """
+
+  def __init__(self, dataset: PromptDataset, *, batch_size: int, shuffle: bool = True,
+               seed: int = 0):
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    self.dataset = dataset
+    self.batch_size = batch_size
+    self.shuffle = shuffle
+    self.seed = int(seed)
+    self.epoch = 0
+    self.position = 0
+    self.skipped_rows = 0
+    order = grain.MapDataset.range(len(dataset))
+    # Indexing past len(order) continues into the next epoch with seed + epoch.
+    self._order = order.shuffle(seed=self.seed % 2**32) if shuffle else order
+
+  def _row_index(self) -> int:
+    n = len(self.dataset)
+    return int(self._order[self.epoch * n + self.position]) % n
+
+  def __next__(self) -> list[dict[str, Any]]:
+    return self.next_batch(self.batch_size)
+
+  def next_batch(self, size: int) -> list[dict[str, Any]]:
+    """The next `size` valid examples (crossing epoch boundaries as needed)."""
+    n = len(self.dataset)
+    batch = []
+    misses = 0  # consecutive skipped rows; a full epoch of them means no usable data
+    while len(batch) < size:
+      ex = self.dataset.get(self._row_index())
+      self.position += 1
+      if self.position == n:
+        self.epoch, self.position = self.epoch + 1, 0
+      if ex is None:
+        self.skipped_rows += 1
+        misses += 1
+        if misses >= n:
+          raise ValueError(f"no valid rows in {self.dataset.rows.paths} (all {n} skipped; "
+                           "see the warnings above)")
+      else:
+        misses = 0
+        batch.append(ex)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+            "shuffle": self.shuffle, "skipped_rows": self.skipped_rows,
+            "num_rows": len(self.dataset)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if int(state["num_rows"]) != len(self.dataset):
+      raise ValueError(f"data iterator state is for {state['num_rows']} rows but the data files "
+                       f"now have {len(self.dataset)}; the train files changed since the "
+                       "checkpoint")
+    if int(state["seed"]) != self.seed or bool(state["shuffle"]) != self.shuffle:
+      raise ValueError(f"data iterator state has seed={state['seed']} shuffle={state['shuffle']}"
+                       f" but the config has seed={self.seed} shuffle={self.shuffle}")
+    self.epoch = int(state["epoch"])
+    self.position = int(state["position"])
+    self.skipped_rows = int(state["skipped_rows"])
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads prompts: ids int32[B, P] and mask int32[B, P] (1 = token)."""
+  length = max(len(s) for s in seqs) if length is None else length
+  ids = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), np.int32)
+  for b, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"sequence {b} has {len(s)} tokens > pad length {length}")
+    if len(s):
+      ids[b, length - len(s):] = s
+      mask[b, length - len(s):] = 1
+  return ids, mask
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int,
+              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads responses: ids int32[B, T] and mask int32[B, T] (1 = token)."""
+  length = max(len(s) for s in seqs) if length is None else length
+  ids = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), np.int32)
+  for b, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"sequence {b} has {len(s)} tokens > pad length {length}")
+    ids[b, :len(s)] = s
+    mask[b, :len(s)] = 1
+  return ids, mask
+
+
+def resolve_tokenizer(cfg: Any, workdir: str) -> Any:
+  """The run's tokenizer: model.tokenizer_dir, else model.hf_dir, else (synthetic task) the
+  character-level tokenizer built into WORKDIR/tokenizer."""
+  path = cfg.model.tokenizer_dir or cfg.model.hf_dir
+  if not path:
+    if cfg.data.task != "synthetic":
+      raise ValueError("model.tokenizer_dir: task 'verl' needs model.tokenizer_dir or "
+                       "model.hf_dir")
+    path = os.path.join(workdir, "tokenizer")
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+      tokenizer_lib.build_tokenizer(path)
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def data_files(data_cfg: Any, workdir: str) -> tuple[list[str], list[str]]:
+  """(train_files, val_files); for the synthetic task they are written to WORKDIR/data."""
+  if data_cfg.task == "synthetic":
+    train, val = synthetic.write_dataset(os.path.join(workdir, "data"), data_cfg.synthetic)
+    return [train], [val]
+  return list(data_cfg.train_files), list(data_cfg.val_files)
+
+
+def make_datasets(data_cfg: Any, tokenizer: Any,
+                  workdir: str) -> tuple[PromptDataset, PromptDataset | None]:
+  """Train and val PromptDatasets of the `data` config section (val None without files)."""
+  train_files, val_files = data_files(data_cfg, workdir)
+  kw = dict(max_prompt_length=data_cfg.max_prompt_length, prompt_key=data_cfg.prompt_key,
+            apply_chat_template=data_cfg.apply_chat_template, truncation=data_cfg.truncation)
+  train = PromptDataset(train_files, tokenizer, **kw)
+  val = PromptDataset(val_files, tokenizer, **kw) if val_files else None
+  return train, val
+
+
+def build_datasets(rc: Any, tokenizer: Any, *,
+                   workdir: str) -> tuple[PromptIterator, list[dict[str, Any]]]:
+  """The trainer's data: a train PromptIterator of rl.gen_batch_size prompts per batch, and the
+  held-out examples (at most eval.max_prompts; [] without val files)."""
+  train, val = make_datasets(rc.data, tokenizer, workdir)
+  it = PromptIterator(train, batch_size=rc.rl.gen_batch_size, shuffle=rc.data.shuffle,
+                      seed=rc.data.shuffle_seed)
+  val_examples: list[dict[str, Any]] = []
+  if val is not None:
+    val_examples, skipped = val.examples(rc.eval.max_prompts)
+    if skipped:
+      log.warning("skipped %d malformed val rows in %s", skipped, val.rows.paths)
+    if not val_examples:
+      raise ValueError(f"no valid val rows in {val.rows.paths}")
+  return it, val_examples

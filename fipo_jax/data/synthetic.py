@@ -1,0 +1,97 @@
+"""The synthetic task of the embedded default: arithmetic with a verifiable multi-token answer.
+
+A prompt "Q: 37+45=" is answered "Answer: 82" followed by EOS. The answer goes through the same
+"Answer: ..." extraction and exact-match reward as DAPO-Math (fipo_jax.rl.math_dapo_score), and
+the rows are written in the verl schema, so the data pipeline, tokenizer and chat template are
+exactly those of real data. Difficulty: digits per operand and number of operands; operators
+'+', '-' and '*' (evaluated left to right by Python precedence; answers may be negative).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fipo_jax.data import tokenizer as tokenizer_lib
+from fipo_jax.data import verl
+
+DATA_SOURCE = "synthetic_arith"
+TRAIN_FILE = "synthetic_train.jsonl"
+VAL_FILE = "synthetic_val.jsonl"
+
+
+def make_problem(rng: random.Random, *, min_digits: int, max_digits: int, num_operands: int,
+                 ops: str) -> tuple[str, str]:
+  """One (question, answer) pair, e.g. ("Q: 37+45=", "82")."""
+  terms = []
+  for _ in range(num_operands):
+    digits = rng.randint(min_digits, max_digits)
+    lo = 0 if digits == 1 else 10 ** (digits - 1)
+    terms.append(str(rng.randint(lo, 10**digits - 1)))
+  expr = terms[0]
+  for term in terms[1:]:
+    expr += rng.choice(ops) + term
+  # eval is safe here: the expression is built only from digits and '+-*'.
+  return f"Q: {expr}=", str(eval(expr))  # noqa: S307
+
+
+def make_rows(num: int, *, seed: int, min_digits: int = 1, max_digits: int = 2,
+              num_operands: int = 2, ops: str = "+", exclude: Sequence[str] = (),
+              split: str = "train") -> list[dict[str, Any]]:
+  """`num` distinct verl-schema rows whose questions are not in `exclude`.
+
+  Raises ValueError if the problem space is too small to draw `num` distinct questions.
+  """
+  rng = random.Random(seed)
+  seen = set(exclude)
+  rows = []
+  tries = 0
+  while len(rows) < num:
+    tries += 1
+    if tries > 50 * num + 1000:
+      raise ValueError(f"cannot draw {num} distinct problems with digits {min_digits}-"
+                       f"{max_digits}, {num_operands} operands, ops {ops!r}; make it harder")
+    question, answer = make_problem(rng, min_digits=min_digits, max_digits=max_digits,
+                                    num_operands=num_operands, ops=ops)
+    if question in seen:
+      continue
+    seen.add(question)
+    rows.append(verl.make_row(question, answer, data_source=DATA_SOURCE, index=len(rows),
+                              split=split))
+  return rows
+
+
+def write_dataset(out_dir: str, task_cfg: Any) -> tuple[str, str]:
+  """Writes disjoint train/val jsonl files for `task_cfg` (data.synthetic); returns their paths.
+
+  Deterministic in the config, so a resumed run reads the same files.
+  """
+  kw = dict(min_digits=task_cfg.min_digits, max_digits=task_cfg.max_digits,
+            num_operands=task_cfg.num_operands, ops=task_cfg.ops)
+  val = make_rows(task_cfg.num_val, seed=task_cfg.seed + 1, split="test", **kw)
+  held_out = [r["prompt"][0]["content"] for r in val]
+  train = make_rows(task_cfg.num_train, seed=task_cfg.seed, exclude=held_out, split="train", **kw)
+  return (verl.write_jsonl(os.path.join(out_dir, TRAIN_FILE), train),
+          verl.write_jsonl(os.path.join(out_dir, VAL_FILE), val))
+
+
+def gold_response(answer: str) -> str:
+  """The target completion of a problem (EOS not included)."""
+  return f"Answer: {answer}"
+
+
+def sft_examples(tokenizer: Any, rows: Sequence[dict[str, Any]], *,
+                 apply_chat_template: bool = True) -> list[dict[str, np.ndarray]]:
+  """Supervised warm-start pairs: prompt_ids int32[P] and response_ids int32[T] (gold + EOS)."""
+  out = []
+  for row in rows:
+    prompt = tokenizer_lib.encode_prompt(tokenizer, row["prompt"], apply_chat_template)
+    answer = row["reward_model"]["ground_truth"]
+    response = tokenizer(gold_response(answer), add_special_tokens=False)["input_ids"]
+    out.append({"prompt_ids": np.asarray(prompt, np.int32),
+                "response_ids": np.asarray([*response, tokenizer.eos_token_id], np.int32)})
+  return out

@@ -1,0 +1,101 @@
+"""Tokenizers: load an HF tokenizer directory, or build the tiny character-level one locally.
+
+The synthetic task runs through exactly the path real data takes: a `PreTrainedTokenizerFast`
+directory with a Qwen-style jinja chat template, loaded with `transformers.AutoTokenizer`, and
+prompts encoded by `encode_prompt` (chat template with `add_generation_prompt=True`, or the plain
+message content).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Sequence
+from typing import Any
+
+PAD = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"  # end of a chat turn; the EOS of generation
+SPECIAL_TOKENS = (PAD, IM_START, IM_END)
+# Characters of the synthetic task and of ordinary English/maths prompts; anything else -> <unk>.
+ALPHABET = string.printable.replace("\x0b", "").replace("\x0c", "").replace("\r", "")
+UNK = "<unk>"
+
+# Qwen2.5's template without the system-prompt and tool branches.
+CHAT_TEMPLATE = (
+  "{% for message in messages %}"
+  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(out_dir: str) -> str:
+  """Writes a character-level PreTrainedTokenizerFast to `out_dir` and returns the path.
+
+  Vocabulary: ids 0-2 the specials (<|endoftext|> = pad, <|im_start|>, <|im_end|> = eos),
+  3 <unk>, then one id per character of ALPHABET (97 printable ASCII characters): 101 in all.
+  Deterministic: the same call always writes the same files.
+  """
+  import tokenizers  # noqa: PLC0415 (only needed when building)
+  import transformers  # noqa: PLC0415
+
+  vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, UNK, *ALPHABET))}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=UNK))
+  # Every character is its own token; specials are matched before this split.
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+    tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+  tok.decoder = tokenizers.decoders.Fuse()
+  tok.add_special_tokens(list(SPECIAL_TOKENS))
+  fast = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=IM_END,
+    chat_template=CHAT_TEMPLATE, model_max_length=1 << 20, clean_up_tokenization_spaces=False)
+  fast.padding_side = "left"
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(out_dir)
+  return out_dir
+
+
+def load_tokenizer(path: str) -> Any:
+  """`transformers.AutoTokenizer.from_pretrained(path)` with a clear error if it is missing."""
+  import transformers  # noqa: PLC0415 (slow import, only when a tokenizer is needed)
+
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory not found: {path}")
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
+    raise OSError(f"could not load a tokenizer from {path}: {e}") from e
+  if tok.pad_token_id is None:  # base-model tokenizers may lack one; pad is never attended
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]],
+                  apply_chat_template: bool) -> list[int]:
+  """Chat messages -> token ids [P], with the generation prompt appended when templated."""
+  if apply_chat_template:
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                         tokenize=False)
+  else:
+    text = "".join(m["content"] for m in messages)
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def eos_token_ids(tokenizer: Any) -> list[int]:
+  """Ids that end a response: the tokenizer's EOS plus <|im_end|>/<|endoftext|> if present."""
+  ids = {tokenizer.eos_token_id}
+  for tok in (IM_END, PAD):
+    tid = tokenizer.convert_tokens_to_ids(tok)
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+      ids.add(tid)
+  return sorted(i for i in ids if i is not None)
+
+
+def vocab_size(path: str) -> int:
+  """Vocabulary size of a tokenizer directory written by `build_tokenizer` (no transformers)."""
+  with open(os.path.join(path, "tokenizer.json")) as f:
+    spec = json.load(f)
+  ids = set(spec["model"]["vocab"].values()) | {t["id"] for t in spec["added_tokens"]}
+  return max(ids) + 1
