@@ -1,1 +1,35 @@
-"""See fipo_jax/__init__.py for the package map."""
+"""JetStream-style sampling engine and the offline continuous-batching driver.
+
+Public API:
+  Greedy, Sampling, from_flags                   params.py (sampling methods)
+  Engine, EngineConfig, DecodeState, Prefix      engine.py (prefill / insert / generate)
+  generate_samples, run, Sample, SamplerStats    driver.py (prompts x n -> samples)
+
+Typical use (rollouts, eval, the generate CLI):
+
+  engine, params = Engine.from_model(model, EngineConfig(num_slots=64, max_prompt_len=1024,
+                                                         max_new_tokens=4096))
+  samples = generate_samples(engine, params, prompt_ids, n=16, max_new_tokens=4096,
+                             sampling=Sampling(temperature=1.0), eos_ids=(eos,), seed=step)
+"""
+
+from fipo_jax.sampling.driver import Result, Sample, SamplerStats, generate_samples, run
+from fipo_jax.sampling.engine import DecodeState, Engine, EngineConfig, Prefix, ResultTokens
+from fipo_jax.sampling.params import Greedy, Sampling, SamplingMethod, from_flags
+
+__all__ = [
+  "DecodeState",
+  "Engine",
+  "EngineConfig",
+  "Greedy",
+  "Prefix",
+  "Result",
+  "ResultTokens",
+  "Sample",
+  "SamplerStats",
+  "Sampling",
+  "SamplingMethod",
+  "from_flags",
+  "generate_samples",
+  "run",
+]
