@@ -1,1 +1,1 @@
-"""See fipo_jax/__init__.py for the package map."""
+"""Evaluation: estimators (avg@k, pass@k, cons@k, response lengths) and result printing (cli)."""
