@@ -1,0 +1,242 @@
+"""Metric writers: WORKDIR/metrics.jsonl, TensorBoard event files and PNG plots.
+
+  writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0)
+  writer.write(step, {"train/acc_mean": 0.4, "actor/pg_clipfrac": 0.01, ...})
+  writer.close()
+
+- metrics.jsonl: one JSON object per `write`, `{"step": step, ...}`; non-finite values are
+  written as null (strict JSON); non-scalar values are dropped (logged once).
+- TensorBoard: scalars under WORKDIR/tensorboard (tensorboardX), non-finite values skipped.
+- Plots (matplotlib, Agg backend) in WORKDIR/plots, redrawn every `plot_every` writes and on
+  close: accuracy, response length, influence weights, clip fractions, and an overview of all
+  four. A panel plots every key equal to one of its names or under it (`name/...`), so
+  per-mini-batch keys such as `actor/influence_weights_mean_raw/mb3` are drawn too.
+Only the primary process writes; on the others every method is a no-op. Resuming appends to
+the existing metrics.jsonl; `truncate_after(step)` drops entries newer than the restored step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fipo_jax.eval import estimators
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+# (file stem, title, y label, metric names). The FIPO_SPEC §6 names, plus train/eval accuracy.
+PANELS = (
+  ("accuracy", "Accuracy", "accuracy", ("train/acc_mean", "eval/acc_mean")),
+  ("response_length", "Response length", "tokens",
+   ("response_length/mean", "response_length/median", "response_length/q25",
+    "response_length/q75", "response_length/min", "response_length/max")),
+  ("influence_weights", "FIPO influence weights", "weight",
+   ("actor/influence_weights_mean", "actor/influence_weights_mean_raw")),
+  ("clip_fractions", "Clip fractions", "fraction",
+   ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/IW_upper_clip_ratio",
+    "actor/IW_lower_clip_ratio", "actor/IW_overall_clip_ratio", "response_length/clip_ratio")),
+)
+
+
+def response_length_metrics(lengths: Any, max_response_length: int,
+                            prefix: str = "response_length/") -> dict[str, float]:
+  """verl's `response_length/{mean,min,max,median,q25,q75,clip_ratio}` of response lengths."""
+  stats = estimators.length_stats(lengths, max_response_length)
+  return {prefix + k: v for k, v in stats.items()}
+
+
+def to_scalar(value: Any) -> float | int | bool | str | None:
+  """A JSON-able scalar for `value` (numpy/jax 0-d or size-1 arrays included); None if the
+  value is not a scalar."""
+  if isinstance(value, (bool, int, str)):
+    return value
+  if isinstance(value, float):
+    return value
+  try:
+    arr = np.asarray(value)
+  except Exception:  # noqa: BLE001 - anything unconvertible is simply not a scalar
+    return None
+  if arr.size != 1 or arr.dtype.kind not in "biuf":
+    return None
+  return arr.reshape(()).item()
+
+
+class MetricsWriter:
+  """Writes one row of metrics per step to jsonl, TensorBoard and periodic PNG plots."""
+
+  def __init__(self, workdir: str, *, is_primary: bool = True, plot_every: int = 5,
+               tensorboard: bool = True, plots: bool = True):
+    self.workdir = workdir
+    self.is_primary = is_primary
+    self.plot_every = max(1, plot_every)
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.plot_dir = os.path.join(workdir, "plots")
+    self.history: list[dict[str, Any]] = []
+    self._writes = 0
+    self._dropped: set[str] = set()
+    self._tb = None
+    self._plots = plots
+    if not is_primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.history = read_metrics(self.path) if os.path.exists(self.path) else []
+    if tensorboard:
+      import tensorboardX  # noqa: PLC0415 (optional at import time of this module)
+
+      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Records `metrics` at `step`; returns the row written (empty on non-primary processes)."""
+    if not self.is_primary:
+      return {}
+    row: dict[str, Any] = {"step": int(step)}
+    for key, value in metrics.items():
+      if key == "step":
+        continue
+      scalar = to_scalar(value)
+      if scalar is None:
+        if key not in self._dropped:
+          self._dropped.add(key)
+          log.warning("metric %r is not a scalar (%s); not written", key, type(value).__name__)
+        continue
+      row[key] = scalar
+    with open(self.path, "a") as f:
+      f.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
+    self.history.append(row)
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != "step" and _is_number(value) and math.isfinite(value):
+          self._tb.add_scalar(key, value, global_step=row["step"])
+    self._writes += 1
+    if self._plots and self._writes % self.plot_every == 0:
+      self.plot()
+    return row
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows with step > `step` (after resuming from an older checkpoint)."""
+    if not self.is_primary:
+      return
+    keep = [r for r in self.history if r["step"] <= step]
+    if len(keep) != len(self.history):
+      self.history = keep
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        for row in keep:
+          f.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
+      os.replace(tmp, self.path)
+
+  def plot(self) -> list[str]:
+    """Redraws the PNGs from the history; returns the files written."""
+    if not self.is_primary or not self.history:
+      return []
+    try:
+      return plot_history(self.history, self.plot_dir)
+    except Exception as e:  # noqa: BLE001 - a plotting failure must never stop training
+      log.warning("plotting failed: %s", e)
+      return []
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if not self.is_primary:
+      return
+    if self._plots:
+      self.plot()
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """Rows of a metrics.jsonl (null read back as NaN); a torn last line is ignored."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # an interrupted write
+      if isinstance(row, dict) and "step" in row:
+        rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
+  return rows
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
+  """One PNG per panel plus overview.png; panels without data say so instead of failing."""
+  import matplotlib  # noqa: PLC0415 (heavy; only when plotting)
+
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  fig_all, axes = plt.subplots(2, 2, figsize=(13, 8))
+  for (stem, title, ylabel, names), ax_all in zip(PANELS, axes.flat, strict=True):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for target in (ax, ax_all):
+      _draw_panel(target, history, title, ylabel, names)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{stem}.png")
+    _save(fig, path)
+    plt.close(fig)
+    written.append(path)
+  fig_all.tight_layout()
+  path = os.path.join(out_dir, "overview.png")
+  _save(fig_all, path)
+  plt.close(fig_all)
+  return [*written, path]
+
+
+def panel_series(history: Sequence[Mapping[str, Any]],
+                 names: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
+  """{key: (steps, values)} for every key equal to or under one of `names`, finite values only."""
+  keys = sorted({k for row in history for k in row
+                 if any(k == n or k.startswith(n + "/") for n in names)},
+                key=lambda k: (next(i for i, n in enumerate(names)
+                                    if k == n or k.startswith(n + "/")), k))
+  series = {}
+  for key in keys:
+    pts = [(int(r["step"]), float(r[key])) for r in history
+           if _is_number(r.get(key)) and math.isfinite(r[key])]
+    if pts:
+      series[key] = ([s for s, _ in pts], [v for _, v in pts])
+  return series
+
+
+def _draw_panel(ax, history, title, ylabel, names) -> None:
+  series = panel_series(history, names)
+  for key, (steps, values) in series.items():
+    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+  ax.set_title(title)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if series:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(fig, path: str) -> None:
+  tmp = path + ".tmp.png"  # atomic: a viewer never sees a half-written PNG
+  fig.savefig(tmp, dpi=90)
+  os.replace(tmp, path)
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite_or_none(row: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+          for k, v in row.items()}

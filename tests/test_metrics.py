@@ -1,0 +1,114 @@
+"""MetricsWriter: jsonl rows, TensorBoard events, PNG plots; NaN, missing keys, non-primary."""
+
+import json
+import math
+import os
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fipo_jax import metrics
+
+
+def _read_tb_scalars(logdir):
+  """{tag: [(step, value)]} from TFRecord event files (tensorboardX's own protos)."""
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+
+  out = {}
+  for name in sorted(os.listdir(logdir)):
+    data = (logdir / name).read_bytes()
+    pos = 0
+    while pos < len(data):  # record: u64 length, u32 crc, payload, u32 crc
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 16 + length
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def _rows(path):
+  return [json.loads(line) for line in open(path)]
+
+
+def test_jsonl_tensorboard_and_plots(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path), plot_every=100)  # plots on close
+  w.write(0, {"eval/acc_mean": 0.25})  # eval-only row: other keys missing
+  for step in range(1, 5):
+    w.write(step, {
+      "train/acc_mean": np.float32(0.1 * step), "actor/pg_clipfrac": jnp.asarray(0.01 * step),
+      "actor/influence_weights_mean_raw": 1.0 + 0.01 * step,
+      "actor/influence_weights_mean_raw/mb2": 1.0 + 0.02 * step,
+      "actor/grad_norm": float("nan") if step == 2 else 1.5, "train/num_gen_batches": 2,
+      "timing_s/gen": 0.5, "histogram": np.arange(3), "note": "ok",
+    })
+  assert not (tmp_path / "plots").exists()  # not yet due (plot_every=100) ...
+  w.close()  # ... but always drawn on close
+  rows = _rows(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+  assert rows[0] == {"step": 0, "eval/acc_mean": 0.25}
+  assert rows[2]["actor/grad_norm"] is None  # NaN -> null (strict JSON)
+  assert rows[3]["train/acc_mean"] == pytest.approx(0.3) and rows[3]["train/num_gen_batches"] == 2
+  assert "histogram" not in rows[1] and rows[1]["note"] == "ok"
+  assert os.listdir(tmp_path / "tensorboard")
+  scalars = _read_tb_scalars(tmp_path / "tensorboard")
+  assert [s for s, _ in scalars["actor/grad_norm"]] == [1, 3, 4]  # NaN skipped
+  assert scalars["eval/acc_mean"] == [(0, pytest.approx(0.25))]
+  assert [v for _, v in scalars["train/acc_mean"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+  for stem in ("accuracy", "response_length", "influence_weights", "clip_fractions",
+               "overview"):
+    png = tmp_path / "plots" / f"{stem}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
+  assert not [p for p in os.listdir(tmp_path / "plots") if ".tmp" in p]
+
+
+def test_panel_series_picks_prefixed_keys_and_skips_nan():
+  history = [{"step": 1, "actor/influence_weights_mean_raw": 1.0,
+              "actor/influence_weights_mean_raw/mb2": 1.1, "actor/influence_weights_mean": 1.0},
+             {"step": 2, "actor/influence_weights_mean_raw": math.nan},
+             {"step": 3, "actor/influence_weights_mean_raw": 1.2,
+              "actor/influence_weights_mean_rawish": 5.0}]
+  s = metrics.panel_series(history, ("actor/influence_weights_mean",
+                                     "actor/influence_weights_mean_raw"))
+  assert list(s) == ["actor/influence_weights_mean", "actor/influence_weights_mean_raw",
+                     "actor/influence_weights_mean_raw/mb2"]
+  assert s["actor/influence_weights_mean_raw"] == ([1, 3], [1.0, 1.2])
+
+
+def test_resume_appends_and_truncates(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=False, plots=False)
+  for step in range(1, 6):
+    w.write(step, {"train/acc_mean": step / 10})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "train/acc')  # a write torn by a crash
+  w2 = metrics.MetricsWriter(str(tmp_path), tensorboard=False, plots=False)
+  assert [r["step"] for r in w2.history] == [1, 2, 3, 4, 5]
+  w2.truncate_after(3)  # resumed from the step-3 checkpoint
+  w2.write(4, {"train/acc_mean": 0.9})
+  assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+  assert w2.history[-1]["train/acc_mean"] == 0.9
+
+
+def test_non_primary_writes_nothing(tmp_path):
+  w = metrics.MetricsWriter(str(tmp_path / "w"), is_primary=False)
+  assert w.write(1, {"train/acc_mean": 1.0}) == {}
+  w.truncate_after(0)
+  assert w.plot() == []
+  w.close()
+  assert not (tmp_path / "w").exists()
+
+
+def test_plot_with_no_matching_metrics(tmp_path):
+  files = metrics.plot_history([{"step": 1, "other": 1.0}], str(tmp_path))
+  assert len(files) == 5 and all(os.path.getsize(f) > 0 for f in files)
+
+
+def test_response_length_metrics_names():
+  m = metrics.response_length_metrics([3, 8, 8, 1], max_response_length=8)
+  assert m == {"response_length/mean": 5.0, "response_length/min": 1.0,
+               "response_length/max": 8.0, "response_length/median": 5.5,
+               "response_length/q25": 2.5, "response_length/q75": 8.0,
+               "response_length/clip_ratio": 0.5}
