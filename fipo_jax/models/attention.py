@@ -152,7 +152,7 @@ def blockwise_attention(q, k, v, *, q_slot, kv_valid, block_size: int = 512):
   return out[:, :t]
 
 
-def cudnn_attention(q, k, v, *, kv_valid):
+def cudnn_attention(q, k, v, *, kv_valid, implementation: str = "cudnn"):
   """cuDNN flash attention for self attention over [pads][real tokens][pads] rows.
 
   Rows are rolled so real tokens start at slot 0; causal order among real tokens is kept, so
@@ -167,6 +167,6 @@ def cudnn_attention(q, k, v, *, kv_valid):
   take = lambda x: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
   out = jax.nn.dot_product_attention(
     take(q), take(k), take(v), is_causal=True,
-    query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn")
+    query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
   inv = (jnp.arange(t, dtype=jnp.int32)[None, :] - left[:, None]) % t  # original -> rolled
   return jnp.take_along_axis(out, inv[:, :, None, None], axis=1)
