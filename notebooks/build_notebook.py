@@ -460,6 +460,43 @@ CELLS = [
         else:
           print("SECTION 4 SKIPPED: trainer not available (see the cell above).")
         """, "plot", "trainer"),
+    _code("""
+        def draw_tokens(path, rows=8):
+          \"\"\"The first responses of the last mini-batch, tokens coloured by raw weight.\"\"\"
+          z = np.load(path)
+          mask = z["response_mask"][-1, :rows] > 0
+          raw = np.where(mask, z["raw_influence_weights"][-1, :rows], np.nan)
+          ids = z["response_ids"][-1, :rows]
+          tok_file = pathlib.Path(WORKDIR) / "tokenizer" / "tokenizer.json"
+          if tok_file.exists():  # tiny_cpu writes its character tokenizer into the workdir
+            import tokenizers
+            tok = tokenizers.Tokenizer.from_file(str(tok_file))
+            text = lambda i: (tok.id_to_token(int(i)) or "?").replace("<|im_end|>", "EOS")
+          else:
+            text = str
+          span = max(float(np.nanmax(np.abs(raw - 1.0))), 1e-6)
+          cmap = plt.get_cmap("RdBu_r").copy()
+          cmap.set_bad("0.85")
+          fig, ax = plt.subplots(figsize=(14, 0.5 + 0.45 * len(raw)))
+          ax.imshow(raw, aspect="auto", cmap=cmap, vmin=1.0 - span, vmax=1.0 + span,
+                    interpolation="nearest")
+          for (r, c), m in np.ndenumerate(mask):
+            if m:
+              ax.text(c, r, text(ids[r, c]), ha="center", va="center", fontsize=7)
+          adv = np.where(mask, z["advantages"][-1, :rows], 0.0).sum(-1)
+          adv = adv / np.maximum(mask.sum(-1), 1)  # per-sequence A
+          ax.set_yticks(range(len(raw)), [f"A={a:+.2f}" for a in adv], fontsize=7)
+          ax.set(xlabel="response token t",
+                 title=f"last mini-batch of {os.path.basename(path)}: tokens coloured by exp(F) "
+                       f"(max |exp(F) - 1| = {span:.1e})")
+          plt.show()
+
+
+        if dumps:
+          draw_tokens(dumps[-1])
+        else:
+          print("SECTION 4 SKIPPED: trainer not available (see above).")
+        """, "plot", "trainer"),
     _md("""
         ## Takeaways
 
