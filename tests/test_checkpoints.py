@@ -66,8 +66,8 @@ def test_round_trip_sharded_with_extra(tmp_path, mesh):
   assert got.extra["best"] is None
   key = jax.random.wrap_key_data(jnp.asarray(got.extra["rng"], jnp.uint32))
   np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(rng))
-  sh = got.params["layers"][0]["kernel"].value.sharding
-  assert sh.spec == P("fsdp", "data") and got.params["layers"][1]["kernel"].value.dtype == jnp.bfloat16
+  assert got.params["layers"][0]["kernel"].value.sharding.spec == P("fsdp", "data")
+  assert got.params["layers"][1]["kernel"].value.dtype == jnp.bfloat16
 
 
 def test_restore_into_abstract_targets_with_new_shardings(tmp_path, mesh):
