@@ -138,6 +138,17 @@ class CheckpointManager:
     return Restored(step=int(step), params=out["params"], opt_state=out["opt_state"],
                     extra=dict(out["extra"] or {}))
 
+  def restore_params(self, *, params: Any, step: int | None = None) -> tuple[int, Any]:
+    """(step, params) of `step` (default: the latest) without reading the optimizer state,
+    e.g. for eval or export. Raises FileNotFoundError if there is no checkpoint."""
+    self._mgr.reload()
+    step = self._mgr.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_tree(params))))
+    return step, out["params"]
+
   def restore_latest(self, *, params: Any, opt_state: Any) -> Restored | None:
     """The latest complete checkpoint, or None when the directory has none."""
     self._mgr.reload()  # pick up steps written by an earlier process

@@ -81,7 +81,12 @@ def test_restore_into_abstract_targets_with_new_shardings(tmp_path, mesh):
   for x, y in zip(jax.tree.leaves(got.params), jax.tree.leaves(params), strict=True):
     assert x.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+  step, only = mgr.restore_params(params=abstract)  # eval/export: no optimizer state read
+  assert step == 1
+  _assert_same(only, got.params)
   mgr.close()
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    checkpoints.CheckpointManager(str(tmp_path / "empty")).restore_params(params=abstract)
 
 
 def test_keep_last_k_plus_best_and_restore_latest(tmp_path, mesh):

@@ -96,6 +96,10 @@ def test_table_and_json(tmp_path):
   assert lines[2].split() == ["aime24", "30", "0.5625", "0.7300", "0.7000", "0.8333",
                               "10240.5000"]
   assert lines[3].split() == ["aime25", "30", "nan", "-", "-", "-", "-"]
+  flat = cli.format_table({"eval/pass@32": 0.5, "eval/avg@32": np.float32(0.25),
+                           "eval/num_prompts": 30})
+  assert [ln.split() for ln in flat.splitlines()[2:]] == [
+    ["eval/avg@32", "0.2500"], ["eval/num_prompts", "30"], ["eval/pass@32", "0.5000"]]
   path = cli.write_json(str(tmp_path / "out" / "eval.json"),
                         {"results": results, "n": np.int64(32)})
   back = json.loads(open(path).read())

@@ -33,6 +33,8 @@ def _columns(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | 
 def _fmt(v: Any) -> str:
   if v is None:
     return "-"
+  if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # numpy / jax scalars
+    v = v.item()
   if isinstance(v, float):
     if math.isnan(v):
       return "nan"
@@ -42,12 +44,21 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
-def format_table(results: Mapping[str, Mapping[str, Any]],
-                 columns: Sequence[str] | None = None) -> str:
-  """Results as an aligned text table (missing values shown as '-')."""
+def format_table(results: Mapping[str, Any], columns: Sequence[str] | None = None) -> str:
+  """Results as an aligned text table (missing values shown as '-').
+
+  `results` is either {set name: {metric: value}} (one row per set, one column per metric) or
+  a flat {metric: value} dict (two columns: metric, value).
+  """
+  if not any(isinstance(v, Mapping) for v in results.values()):
+    keys = list(columns) if columns is not None else _columns({"": results}, None)
+    return _render(["metric", "value"], [[k, _fmt(results.get(k))] for k in keys])
   cols = _columns(results, columns)
-  header = ["set", *cols]
   rows = [[name, *(_fmt(m.get(c)) for c in cols)] for name, m in results.items()]
+  return _render(["set", *cols], rows)
+
+
+def _render(header: list[str], rows: list[list[str]]) -> str:
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   line = lambda r: "  ".join(s.rjust(w) if i else s.ljust(w)
                              for i, (s, w) in enumerate(zip(r, widths, strict=True)))
