@@ -154,6 +154,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.rl.overlong_buffer_len = 4
   c.rl.ppo_max_token_len_per_device = 256
   c.rl.chunk_size = 8
+  c.rl.max_num_gen_batches = 2  # an untrained model gets few mixed groups; keep smoke runs short
   c.sampling.num_slots = 16
   c.sampling.decode_steps_per_call = 8
   c.eval.n = 2

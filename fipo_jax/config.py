@@ -314,6 +314,15 @@ class RunConfig(_Section):
   """The whole validated run config; sections are attributes (`cfg.rl.n`)."""
 
   SECTION: ClassVar[str] = ""
+  # Sections have no defaults: validate() builds a missing one from its own field defaults.
+  model: ModelSection
+  data: DataSection
+  rl: RLSection
+  sampling: SamplingSection
+  eval: EvalSection
+  optim: OptimSection
+  mesh: MeshSection
+  sft: SFTSection
   seed: int = 0
   total_steps: int = 600
   eval_every: int = 5
@@ -321,14 +330,6 @@ class RunConfig(_Section):
   log_every: int = 1
   keep_checkpoints: int = 3
   max_consecutive_bad_steps: int = 3
-  model: ModelSection = dataclasses.field(default_factory=lambda: ModelSection(preset="?"))
-  data: DataSection = dataclasses.field(default_factory=DataSection)
-  rl: RLSection = dataclasses.field(default_factory=RLSection)
-  sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
-  eval: EvalSection = dataclasses.field(default_factory=EvalSection)
-  optim: OptimSection = dataclasses.field(default_factory=OptimSection)
-  mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-  sft: SFTSection = dataclasses.field(default_factory=SFTSection)
 
   def __post_init__(self):
     self._require(self.total_steps >= 0, "total_steps", "must be >= 0")
