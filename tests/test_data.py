@@ -122,6 +122,7 @@ def test_iterator_epochs_cover_valid_rows_once_and_reshuffle(testdata, tok, expe
   assert sorted(epoch0) == good and sorted(epoch1) == good
   assert epoch0 != epoch1  # a fresh permutation per epoch
   assert it.skipped_rows == 2 * len(exp["bad"])
+  assert it.metrics() == {"data/skipped_rows": 2 * len(exp["bad"]), "data/epoch": 2}
   ordered = pipeline.PromptIterator(ds, batch_size=len(good), shuffle=False)
   assert _ids(next(ordered)) == good
   other_seed = pipeline.PromptIterator(ds, batch_size=len(good), shuffle=True, seed=8)

@@ -147,6 +147,10 @@ class PromptIterator(Iterator):
         batch.append(ex)
     return batch
 
+  def metrics(self) -> dict[str, int]:
+    """`data/skipped_rows` (malformed or dropped rows met so far) and `data/epoch`."""
+    return {"data/skipped_rows": self.skipped_rows, "data/epoch": self.epoch}
+
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
             "shuffle": self.shuffle, "skipped_rows": self.skipped_rows,
