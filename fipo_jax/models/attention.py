@@ -23,13 +23,14 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, dtype=None) -> str:
+  """'auto' -> splash on TPU, cuDNN on GPU (16-bit compute only), blockwise otherwise."""
   if impl != "auto":
     return impl
   backend = jax.default_backend()
   if backend == "tpu":
     return "splash"
-  if backend == "gpu":
+  if backend == "gpu" and dtype is not None and jnp.dtype(dtype).itemsize == 2:
     return "cudnn"
   return "blockwise"
 
@@ -41,7 +42,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slot: jax.Array,
 
   `self_attention` says q_slot == arange(T) and S == T (no cache), which the fused kernels need.
   """
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, q.dtype)
   if impl == "plain":
     return plain_attention(q, k, v, q_slot=q_slot, kv_valid=kv_valid)
   if impl == "blockwise":
@@ -158,7 +159,11 @@ def cudnn_attention(q, k, v, *, kv_valid, implementation: str = "cudnn"):
   Rows are rolled so real tokens start at slot 0; causal order among real tokens is kept, so
   `is_causal` plus key_value_seq_lengths reproduces the padding mask without a [T, T] mask.
   Assumes each row's real tokens are contiguous (left-padded prompt + right-padded response).
+  cuDNN flash attention takes bfloat16/float16 only.
   """
+  if implementation == "cudnn" and jnp.dtype(q.dtype).itemsize != 2:
+    raise ValueError(f"attention_impl='cudnn' needs a 16-bit compute dtype, got {q.dtype}; "
+                     "use dtype='bfloat16' or attention_impl='blockwise'")
   t = q.shape[1]
   valid = kv_valid.astype(jnp.int32)
   left = jnp.argmax(valid, axis=1).astype(jnp.int32)  # leading pads per row
