@@ -13,10 +13,11 @@ from fipo_jax.sampling import engine as engine_lib
 from fipo_jax.sampling import params as params_lib
 
 _VOCAB = 96
-_PROMPT_LENS = (3, 11, 6, 1, 17, 8)
+_PROMPT_LENS = (3, 11, 6, 1, 16, 8)  # one prefill length bucket: fewer compiles
 _ENGINE_CFG = engine_lib.EngineConfig(
-  num_slots=4, max_prompt_len=24, max_new_tokens=16, steps_per_call=4
+  num_slots=4, max_prompt_len=16, max_new_tokens=16, steps_per_call=4
 )
+_SAMPLING = params_lib.Sampling(temperature=0.7, top_p=0.9, top_k=20)
 
 
 def _hf_config(model_type: str):
@@ -43,11 +44,8 @@ def hf_pair(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny():
-  """A small random qwen2 model and its engine (shared jit caches across tests)."""
-  cfg = models.ModelConfig(
-    vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=8,
-  )  # fmt: skip
+  """A random qwen2 model (the HF test's config, so compiles are shared) and its engine."""
+  cfg = models.ModelConfig.from_hf_config(_hf_config("qwen2").to_dict())
   model = models.init_model(cfg, seed=1)
   engine, params = engine_lib.Engine.from_model(model, _ENGINE_CFG)
   return model, engine, params
@@ -118,11 +116,7 @@ def _trainer_log_probs(model, samples, temperature):
   return np.asarray(out), mask[:, p_max:].astype(bool)
 
 
-@pytest.mark.parametrize(
-  "method",
-  [params_lib.Sampling(temperature=0.7, top_p=0.9, top_k=20), params_lib.Greedy()],
-  ids=str,
-)
+@pytest.mark.parametrize("method", [_SAMPLING, params_lib.Greedy()], ids=str)
 def test_sampler_log_probs_equal_trainer_log_probs(tiny, method):
   model, engine, params = tiny
   samples = driver.generate_samples(
@@ -136,7 +130,7 @@ def test_sampler_log_probs_equal_trainer_log_probs(tiny, method):
 
 def test_seed_reproducible_and_independent_of_batching(tiny):
   _, engine, params = tiny
-  kw = dict(n=3, max_new_tokens=10, sampling=params_lib.Sampling(temperature=1.0), seed=5)
+  kw = dict(n=3, max_new_tokens=10, sampling=_SAMPLING, seed=5)
   a = driver.generate_samples(engine, params, _prompts(), **kw)
   b = driver.generate_samples(engine, params, _prompts(), **kw, mode="static")
   c = driver.generate_samples(engine, params, _prompts(), **{**kw, "seed": 6})
@@ -150,7 +144,7 @@ def test_continuous_batching_fills_freed_slots(tiny):
   _, engine, params = tiny
   rng = np.random.default_rng(0)
   budgets = np.minimum(rng.pareto(1.0, 14) * 2 + 1, 16).astype(int).tolist()
-  prompts = _prompts([int(n) for n in rng.integers(1, 20, size=14)])
+  prompts = _prompts([int(n) for n in rng.integers(1, 17, size=14)])
   res = driver.run(engine, params, prompts, max_new_tokens=budgets)
   assert [s.length for s in res.samples] == budgets
   assert res.stats.idle_slot_steps_while_waiting == 0
@@ -165,12 +159,12 @@ def test_no_recompiles_across_buckets_and_new_params(tiny):
   _, engine, params = tiny
   kw = dict(max_new_tokens=6, sampling=params_lib.Greedy())
   driver.generate_samples(engine, params, _prompts([5, 9]), **kw)
-  sizes = (engine_lib._prefill._cache_size(), engine_lib._generate._cache_size())
+  sizes = (engine._prefill._cache_size(), engine._generate._cache_size())
   out = driver.generate_samples(engine, params, _prompts([3, 14], seed=1), **kw)
   # New weights (an optimizer step): same shapes, so nothing recompiles, and they are used.
   new_params = jax.tree.map(lambda x: x * 1.5, params)
   out_new = driver.generate_samples(engine, new_params, _prompts([3, 14], seed=1), **kw)
-  assert (engine_lib._prefill._cache_size(), engine_lib._generate._cache_size()) == sizes
+  assert (engine._prefill._cache_size(), engine._generate._cache_size()) == sizes
   assert [s.response_ids.tolist() for s in out] != [s.response_ids.tolist() for s in out_new]
 
 
@@ -190,7 +184,7 @@ def test_sharded_engine_matches_unsharded(tiny):
   sharded_params = sharded.load_params(params)
   kv_spec = sharded.init_decode_state().cache.k.sharding.spec
   assert kv_spec[1] == ("data", "fsdp") and kv_spec[3] == "tensor"
-  kw = dict(n=2, max_new_tokens=8, sampling=params_lib.Sampling(0.8), seed=2)
+  kw = dict(n=2, max_new_tokens=8, sampling=_SAMPLING, seed=2)
   want = driver.generate_samples(engine, params, _prompts(), **kw)
   got = driver.generate_samples(sharded, sharded_params, _prompts(), **kw)
   assert [x.response_ids.tolist() for x in got] == [x.response_ids.tolist() for x in want]

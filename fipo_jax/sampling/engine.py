@@ -19,7 +19,6 @@ can refill a freed slot).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import flax.struct
@@ -131,7 +130,6 @@ def _token_keys(key_data: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda kd, t: jax.random.fold_in(jax.random.wrap_key_data(kd), t))(key_data, step)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "sampling"))
 def _prefill(graphdef, params, tokens, lengths, request_ids, seed, *, cfg, sampling) -> Prefix:
   """tokens int32[Bp, P] right-padded, lengths int32[Bp] -> Prefix."""
   batch, length = tokens.shape
@@ -150,7 +148,6 @@ def _prefill(graphdef, params, tokens, lengths, request_ids, seed, *, cfg, sampl
   return Prefix(cache=cache, lengths=lengths, tokens=first, log_probs=log_probs, key_data=key_data)
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
 def _insert(prefix: Prefix, state: DecodeState, slots, max_new, stop_ids) -> DecodeState:
   """Copies prefix rows into `slots` int32[Bp] (out-of-range slots are padding, dropped)."""
   cache = state.cache
@@ -178,9 +175,6 @@ def _insert(prefix: Prefix, state: DecodeState, slots, max_new, stop_ids) -> Dec
   )
 
 
-@functools.partial(
-  jax.jit, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",)
-)
 def _generate(graphdef, params, state: DecodeState, stop_ids, min_free, *, sampling, steps):
   """Up to `steps` decode steps; stops early once `min_free` slots finished or none is active.
 
@@ -255,13 +249,28 @@ class Engine:
     self.model_cfg = model_cfg
     self.graphdef = graphdef
     self.cfg = cfg
-    self.mesh = mesh
+    # Without a mesh: the one-device mesh that models.init_model / from_pretrained use.
+    self.mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    abstract = jax.eval_shape(self._zero_state)
+    # Fixed output shardings: the state fed back into the next call never changes type (a
+    # state whose sharding drifted between calls would recompile), and donation applies.
+    self.state_shardings = decode_state_shardings(abstract, self.mesh)
+    replicated = sharding.replicated(self.mesh)
+    self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
+    self._prefill = jax.jit(_prefill, static_argnames=("graphdef", "cfg", "sampling"))
+    self._insert = jax.jit(_insert, donate_argnames=("state",),
+                           out_shardings=self.state_shardings)  # fmt: skip
+    self._generate = jax.jit(
+      _generate, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",),
+      out_shardings=(self.state_shardings, replicated),
+    )  # fmt: skip
 
   @classmethod
   def from_model(cls, model: nnx.Module, cfg: EngineConfig = EngineConfig(), **kwargs):
-    """Splits `model` once; returns (engine, params state)."""
+    """Splits `model` once; returns (engine, params state placed on the engine's mesh)."""
     graphdef, state = nnx.split(model)
-    return cls(model.cfg, graphdef, cfg, **kwargs), state
+    engine = cls(model.cfg, graphdef, cfg, **kwargs)
+    return engine, engine.load_params(state)
 
   # JetStream API --------------------------------------------------------------
 
@@ -278,14 +287,16 @@ class Engine:
     return 1
 
   def load_params(self, params: nnx.State) -> nnx.State:
-    """Places params on the engine's mesh (no-op without one)."""
-    if self.mesh is None:
-      return params
+    """Places params on the engine's mesh with the training rules table's shardings."""
     return sharding.shard_params(params, self.mesh)
 
   def init_decode_state(self) -> DecodeState:
+    """All slots empty; placed with `state_shardings`."""
+    return self._init()
+
+  def _zero_state(self) -> DecodeState:
     b = self.cfg.num_slots
-    state = DecodeState(
+    return DecodeState(
       cache=models.init_cache(self.model_cfg, b, self.cfg.cache_len),
       tokens=jnp.zeros((b,), jnp.int32),
       positions=jnp.zeros((b,), jnp.int32),
@@ -294,9 +305,6 @@ class Engine:
       active=jnp.zeros((b,), bool),
       key_data=jnp.zeros((b, 2), jnp.uint32),
     )
-    if self.mesh is None:
-      return state
-    return jax.device_put(state, decode_state_shardings(state, self.mesh))
 
   def prefill(
     self,
@@ -323,7 +331,7 @@ class Engine:
     lens[:n] = lengths
     ids = np.zeros((bsz, 2), np.int32)
     ids[:n] = np.asarray(request_ids, np.int32).reshape(n, 2)
-    return _prefill(
+    return self._prefill(
       self.graphdef,
       params,
       tokens,
@@ -350,7 +358,7 @@ class Engine:
     budget[: len(slots)] = max_new_tokens
     if budget.max() > self.cfg.max_new_tokens:
       raise ValueError(f"max_new_tokens {budget.max()} > engine max {self.cfg.max_new_tokens}")
-    return _insert(prefix, state, slot_arr, budget, _stop_array(stop_ids))
+    return self._insert(prefix, state, slot_arr, budget, _stop_array(stop_ids))
 
   def generate(
     self,
@@ -364,7 +372,7 @@ class Engine:
     """Runs up to steps_per_call decode steps; returns early once `min_free` slots finish."""
     if min_free is None:
       min_free = self.cfg.num_slots + 1
-    return _generate(
+    return self._generate(
       self.graphdef,
       params,
       state,
