@@ -19,6 +19,7 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 1  # write metrics every k steps
   c.keep_checkpoints = 3  # keep the last k checkpoints (plus the best by eval/acc_mean)
   c.max_consecutive_bad_steps = 3  # stop after k steps in a row with NaN/inf loss or grad norm
+  c.dump_influence = False  # write WORKDIR/influence/step_k.npz (per-token weights per mini-batch)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "qwen2.5-32b"  # architecture name in fipo_jax.models.PRESETS
@@ -108,6 +109,7 @@ def base() -> ml_collections.ConfigDict:
   c.sft.steps = 0  # supervised warm-start steps before RL (tiny_cpu only; 0 = none)
   c.sft.lr = 1e-3  # its AdamW learning rate
   c.sft.batch_size = 32  # its examples per step
+  c.sft.wrong_fraction = 0.0  # share of carrying SFT answers given the no-carry slip (tiny_cpu)
   return c
 
 

@@ -302,9 +302,11 @@ class SFTSection(_Section):
   steps: int = 0
   lr: float = 1e-3
   batch_size: int = 32
+  wrong_fraction: float = 0.0
 
   def __post_init__(self):
     self._require(self.steps >= 0, "steps", "must be >= 0 (0 = no warm start)")
+    self._require(0.0 <= self.wrong_fraction <= 1.0, "wrong_fraction", "must be in [0, 1]")
     self._require(self.lr > 0.0, "lr", "must be > 0")
     self._require(self.batch_size > 0, "batch_size", "must be > 0")
 
@@ -328,6 +330,7 @@ class RunConfig(_Section):
   eval_every: int = 5
   checkpoint_every: int = 5
   log_every: int = 1
+  dump_influence: bool = False
   keep_checkpoints: int = 3
   max_consecutive_bad_steps: int = 3
 

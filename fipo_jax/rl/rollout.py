@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -118,6 +117,28 @@ def score_responses(
   )
 
 
+def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict], samples, *,
+                  group_offset: int = 0, score_fn: ScoreFn = rewards_lib.math_dapo_score
+                  ) -> Rollouts:
+  """Scores the sampler's output (samples of examples[s.prompt_index]) into Rollouts.
+
+  The response is decoded without special tokens, as verl's DAPO reward manager does.
+  """
+  texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+  gts = [examples[s.prompt_index]["ground_truth"] for s in samples]
+  scores, acc, preds, overlong, errors = score_responses(
+    texts, [s.length for s in samples], gts, reward_cfg, score_fn
+  )
+  return Rollouts(
+    prompt_ids=[s.prompt_ids for s in samples],
+    response_ids=[s.response_ids for s in samples],
+    response_logprobs=[s.response_logprobs for s in samples],
+    finish_reasons=[s.finish_reason for s in samples],
+    group_ids=np.asarray([group_offset + s.prompt_index for s in samples], np.int64),
+    scores=scores, acc=acc, preds=preds, overlong=overlong, reward_errors=errors,
+  )
+
+
 @dataclasses.dataclass
 class DynamicSamplingResult:
   rollouts: Rollouts
@@ -171,7 +192,8 @@ def collect_with_dynamic_sampling(
                      np.zeros(0, bool), [], np.zeros(0, bool))
     return DynamicSamplingResult(empty, rounds, 0, stats)
   allr = Rollouts.concat(kept)
-  target = train_batch_size if num_kept >= train_batch_size else (num_kept // min_prompts) * min_prompts
+  full = num_kept >= train_batch_size
+  target = train_batch_size if full else (num_kept // min_prompts) * min_prompts
   # Groups are kept whole and in order; responses of a group are contiguous in each round.
   order = list(dict.fromkeys(allr.group_ids.tolist()))[:target]
   chosen = set(order)
@@ -221,24 +243,3 @@ def pack_batch(
     "old_log_probs": sampler_lp,
     "advantages": adv,
   }
-
-
-def response_length_metrics(lengths: np.ndarray, max_response_length: int) -> dict[str, float]:
-  """verl's response_length/* metrics (FIPO_SPEC §6)."""
-  lengths = np.asarray(lengths, np.float64)
-  if lengths.size == 0:
-    return {}
-  return {
-    "response_length/mean": float(lengths.mean()),
-    "response_length/max": float(lengths.max()),
-    "response_length/min": float(lengths.min()),
-    "response_length/median": float(np.median(lengths)),
-    "response_length/q25": float(np.quantile(lengths, 0.25)),
-    "response_length/q75": float(np.quantile(lengths, 0.75)),
-    "response_length/clip_ratio": float(np.mean(lengths >= max_response_length)),
-  }
-
-
-def take(iterator: Iterator[Any], k: int) -> list[Any]:
-  """The next k items of an (infinite, epoch-cycling) iterator."""
-  return [next(iterator) for _ in range(k)]

@@ -217,7 +217,6 @@ class CompiledSteps:
 
   train: Any
   log_prob: Any
-  sft: Any
 
 
 def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_sharding=None
@@ -235,9 +234,4 @@ def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_shard
     donate_argnums=(0, 1),
   )
   log_prob = jax.jit(functools.partial(log_prob_step, graphdef, cfg=cfg))
-  sft = jax.jit(
-    functools.partial(sft_step, graphdef, cfg=cfg, tx=tx),
-    out_shardings=state_outs,
-    donate_argnums=(0, 1),
-  )
-  return CompiledSteps(train=train, log_prob=log_prob, sft=sft)
+  return CompiledSteps(train=train, log_prob=log_prob)

@@ -1,0 +1,215 @@
+"""Everything the trainer needs, built once from a validated RunConfig.
+
+Abstract init -> shardings -> materialise: the model is created (or loaded) straight into its
+shards on the mesh; the optimizer state follows the params' shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from fipo_jax import config as config_lib
+from fipo_jax import models, sharding
+from fipo_jax.data import pipeline as pipeline_lib
+from fipo_jax.data import tokenizer as tok_lib
+from fipo_jax.models import build as build_lib
+from fipo_jax.rl import losses as losses_lib
+from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import train_step as ts
+from fipo_jax.sampling import engine as engine_lib
+from fipo_jax.sampling import params as sampling_params
+
+# Official FIPO loss keys, read from the rl section and passed flat to the loss registry.
+LOSS_KEYS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "loss_agg_mode", "decay_rate",
+             "chunk_size", "future_kl_clip_ratio", "future_kl_clip_high_only", "safety_thresh")
+
+
+@dataclasses.dataclass
+class Env:
+  """The trainer's fixed environment (built once; params/opt_state evolve outside it)."""
+
+  workdir: str
+  mesh: jax.sharding.Mesh
+  model_cfg: models.ModelConfig
+  graphdef: Any
+  params: Any
+  param_sharding: Any
+  tx: optax.GradientTransformation
+  opt_state: Any
+  lr_at: Callable[[int], float]
+  update_cfg: ts.UpdateConfig
+  tokenizer: Any
+  pad_id: int
+  eos_ids: list[int]
+  max_prompt_length: int
+  train_data: Any  # pipeline_lib iterator with next_batch / get_state / set_state
+  val_examples: list[dict]
+  engine: engine_lib.Engine
+  train_sampling: Any
+  eval_sampling: Any
+  reward_cfg: rollout_lib.RewardConfig
+  dump_influence: bool = False
+  influence_fn: Callable | None = None
+
+  def make_rollouts(self, examples: Sequence[dict], samples, *, group_offset: int = 0
+                    ) -> rollout_lib.Rollouts:
+    return rollout_lib.make_rollouts(self.tokenizer, self.reward_cfg, examples, samples,
+                                     group_offset=group_offset)
+
+
+def model_config(rc: config_lib.RunConfig) -> models.ModelConfig:
+  m = rc.model
+  exec_opts = dict(param_dtype=m.param_dtype, dtype=m.dtype, attention_impl=m.attention_impl,
+                   remat_policy=m.remat_policy)
+  if m.hf_dir:
+    with open(os.path.join(m.hf_dir, "config.json")) as f:
+      return models.ModelConfig.from_hf_config(json.load(f), **exec_opts, **dict(m.overrides))
+  return models.get_preset(m.preset, **exec_opts, **dict(m.overrides))
+
+
+def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConfig:
+  """Static update settings, incl. how many micro-batches a mini-batch is split into."""
+  mini = rc.rl.ppo_mini_batch_size * rc.rl.n
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rc.rl.use_dynamic_bsz:  # token budget per device, as verl's ppo_max_token_len_per_gpu
+    per_device = max(1, rc.rl.ppo_max_token_len_per_device // seq_len)
+  else:
+    per_device = rc.rl.ppo_micro_batch_size_per_device
+  micro = min(mini, per_device * batch_devices)
+  while mini % micro:  # equal micro-batches: the largest divisor of the mini-batch that fits
+    micro -= 1
+  return ts.UpdateConfig(
+    loss_mode=rc.rl.loss_mode,
+    loss_cfg=tuple((k, getattr(rc.rl, k)) for k in LOSS_KEYS),
+    num_micro_batches=mini // micro,
+    temperature=rc.sampling.temperature,
+    entropy_coeff=rc.rl.entropy_coeff,
+    use_kl_loss=rc.rl.use_kl_loss,
+    kl_loss_coef=rc.rl.kl_loss_coef,
+  )
+
+
+def sampling_method(temperature: float, top_p: float, top_k: int):
+  return sampling_params.from_flags(temperature, top_p, max(top_k, 0))
+
+
+def build(rc: config_lib.RunConfig, workdir: str) -> Env:
+  mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+  tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
+  train_data, val_examples = pipeline_lib.build_datasets(rc, tokenizer, workdir=workdir)
+
+  cfg = model_config(rc)
+  if rc.model.hf_dir:
+    model = models.from_pretrained(rc.model.hf_dir, mesh=mesh, param_dtype=cfg.param_dtype,
+                                   dtype=cfg.dtype, attention_impl=cfg.attention_impl,
+                                   remat_policy=cfg.remat_policy)
+  else:
+    model = models.init_model(cfg, seed=rc.seed, mesh=mesh)
+  graphdef, params = nnx.split(model)
+  param_sharding = jax.tree.map(lambda x: x.sharding, params)
+  logging.info("model: %s, %.2fM params", cfg.model_type, models.count_params(params) / 1e6)
+
+  o = rc.optim
+  lr_at = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps
+           else (lambda _: o.lr))
+  tx = ts.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
+                         grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps, schedule=o.schedule,
+                         total_steps=rc.total_steps)
+  opt_state = jax.jit(tx.init)(params)
+
+  p, t = rc.data.max_prompt_length, rc.rl.max_response_length
+  upd = update_config(rc, mesh, p + t)
+  engine = engine_lib.Engine(
+    cfg, graphdef,
+    engine_lib.EngineConfig(num_slots=rc.sampling.num_slots, max_prompt_len=p, max_new_tokens=t,
+                            steps_per_call=rc.sampling.decode_steps_per_call),
+  )
+  dump = rc.dump_influence
+  return Env(
+    workdir=workdir, mesh=mesh, model_cfg=cfg, graphdef=graphdef, params=params,
+    param_sharding=param_sharding, tx=tx, opt_state=opt_state, lr_at=lr_at, update_cfg=upd,
+    tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
+    eos_ids=tok_lib.eos_token_ids(tokenizer), max_prompt_length=p,
+    train_data=train_data, val_examples=val_examples, engine=engine,
+    train_sampling=sampling_method(rc.sampling.temperature, rc.sampling.top_p,
+                                   rc.sampling.top_k),
+    eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
+    reward_cfg=rollout_lib.RewardConfig(
+      max_response_length=t, overlong_buffer_enable=rc.rl.overlong_buffer_enable,
+      overlong_buffer_len=rc.rl.overlong_buffer_len,
+      overlong_penalty_factor=rc.rl.overlong_penalty_factor,
+    ),
+    dump_influence=dump,
+    influence_fn=jax.jit(functools.partial(influence_step, graphdef, cfg=upd)) if dump else None,
+  )
+
+
+def influence_step(graphdef, params, batch: ts.PolicyBatch, *, cfg: ts.UpdateConfig):
+  """Per-token FIPO weights [M, T] with the current params (for dumps and the notebook)."""
+  model = nnx.merge(graphdef, params)
+  log_prob = models.sequence_log_probs(
+    model, batch.input_ids, batch.attention_mask, batch.positions,
+    num_response_tokens=batch.response_mask.shape[1], temperature=cfg.temperature,
+  )
+  loss_cfg = losses_lib.PolicyLossConfig.from_config(cfg.loss_dict)
+  terms = losses_lib.fipo_terms(log_prob, batch.old_log_probs, batch.advantages,
+                                batch.response_mask, loss_cfg)
+  return {k: terms[k] for k in ("influence_weights", "raw_influence_weights")}
+
+
+RUN_CONFIG_FILE = "config.json"
+
+
+def save_run_config(config, workdir: str) -> None:
+  """WORKDIR/config.json: what `load_policy` (eval, generate, export) rebuilds the model from."""
+  if jax.process_index() != 0:
+    return
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
+    json.dump(raw, f, indent=2, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class Policy:
+  """A model ready to sample from: config, graph, params and its tokenizer."""
+
+  model_cfg: models.ModelConfig
+  graphdef: Any
+  params: Any
+  tokenizer_dir: str
+  max_response_length: int | None = None
+
+
+def load_policy(*, checkpoint_dir: str | None = None, hf_dir: str | None = None,
+                step: int | None = None) -> Policy:
+  """The policy of a trainer workdir (its latest or given checkpoint) or of an HF directory."""
+  from fipo_jax import checkpoints as ckpt_lib  # noqa: PLC0415
+
+  if hf_dir:
+    model = models.from_pretrained(hf_dir)
+    graphdef, params = nnx.split(model)
+    return Policy(model.cfg, graphdef, params, hf_dir)
+  cfg_path = os.path.join(checkpoint_dir, RUN_CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{cfg_path} not found: is {checkpoint_dir} a fipo_jax workdir?")
+  with open(cfg_path) as f:
+    rc = config_lib.validate(json.load(f), check_paths=False)
+  cfg = model_config(rc)
+  graphdef, abstract, shardings = build_lib.param_shardings(cfg, None)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  manager = ckpt_lib.CheckpointManager(os.path.join(checkpoint_dir, "checkpoints"),
+                                       keep=rc.keep_checkpoints)
+  _, params = manager.restore_params(params=target, step=step)
+  tok_dir = rc.model.tokenizer_dir or rc.model.hf_dir or os.path.join(checkpoint_dir, "tokenizer")
+  return Policy(cfg, graphdef, params, tok_dir, rc.rl.max_response_length)

@@ -1,0 +1,283 @@
+"""The FIPO trainer loop (FIPO_SPEC §4): rollouts, rewards, advantages, updates, checkpoints.
+
+`run(config, workdir)` is what `python -m fipo_jax.main` calls. Per RL step:
+
+  sample gen_batch_size prompts x n -> rewards -> dynamic sampling (more rounds until
+  train_batch_size prompts are kept) -> group advantages -> old log-probs (actor, jit)
+  -> train_batch_size / ppo_mini_batch_size optimizer steps (jit, micro-batch accumulation)
+  -> metrics (jsonl, TensorBoard, plots) -> checkpoint / eval.
+
+The sampler reads the newest params after every optimizer step (no recompiles).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from fipo_jax import checkpoints as ckpt_lib
+from fipo_jax import config as config_lib
+from fipo_jax import metrics as metrics_lib
+from fipo_jax import sharding
+from fipo_jax.rl import advantages as adv_lib
+from fipo_jax.rl import evaluation, warmstart
+from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import setup as setup_lib
+from fipo_jax.rl import train_step as ts
+from fipo_jax.sampling import driver as driver_lib
+
+
+class _StopRequested:
+  """SIGTERM/SIGINT flag: the loop finishes the current step, checkpoints and exits cleanly."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+  def __call__(self, signum, frame):  # noqa: ARG002
+    logging.warning("signal %d received: finishing this step, then checkpoint and exit", signum)
+    self.signum = signum
+
+  def install(self) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        signal.signal(sig, self)
+      except ValueError:  # not the main thread (e.g. a notebook worker)
+        pass
+
+
+class TrainingDiverged(RuntimeError):
+  """Raised after `max_consecutive_bad_steps` non-finite updates in a row."""
+
+
+def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None) -> dict:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics."""
+  rc = run_config or config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  stop = _StopRequested()
+  stop.install()
+  env = setup_lib.build(rc, workdir)
+  setup_lib.save_run_config(config, workdir)
+  is_primary = jax.process_index() == 0
+  writer = metrics_lib.MetricsWriter(workdir, is_primary=is_primary)
+  ckpt = ckpt_lib.CheckpointManager(
+    os.path.join(workdir, "checkpoints"), keep=rc.keep_checkpoints, best_metric="eval/acc_mean"
+  )
+
+  params, opt_state, start_step, extra = env.params, env.opt_state, 0, {}
+  restored = ckpt.restore_latest(params=params, opt_state=opt_state)
+  if restored is not None:
+    start_step, params, opt_state, extra = (
+      restored.step, restored.params, restored.opt_state, restored.extra
+    )
+    env.train_data.set_state(extra["data_state"])
+    writer.truncate_after(start_step)  # steps logged after the checkpoint are redone
+    logging.info("resumed from step %d", start_step)
+  elif rc.sft.steps > 0:
+    params = warmstart.sft_warm_start(rc, env, params, workdir)
+    opt_state = env.tx.init(params)
+
+  steps = ts.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                       param_sharding=env.param_sharding,
+                       opt_sharding=jax.tree.map(lambda x: x.sharding, opt_state))
+  bad_steps = int(extra.get("consecutive_bad_steps", 0))
+  skipped_total = int(extra.get("skipped_steps", 0))
+  last: dict[str, Any] = {}
+  if start_step == 0 and rc.eval_every > 0:
+    last = evaluation.evaluate(rc, env, params, step=0)
+    writer.write(0, last)
+
+  bar = tqdm.tqdm(range(start_step, rc.total_steps), initial=start_step, total=rc.total_steps,
+                  desc="fipo", unit="step", dynamic_ncols=True, disable=not is_primary)
+  for step in bar:
+    metrics, params, opt_state = rl_step(rc, env, steps, params, opt_state, step)
+    # Non-finite updates count towards divergence; a step with no mixed group (nothing to
+    # learn from after dynamic sampling) is only logged.
+    skipped = int(metrics.pop("train/nonfinite_updates"))
+    skipped_total += skipped
+    bad_steps = bad_steps + 1 if skipped else 0
+    metrics["train/skipped_steps"] = skipped_total
+    metrics.update(env.train_data.metrics())
+    done = step + 1
+    if rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps):
+      metrics.update(evaluation.evaluate(rc, env, params, step=done))
+    writer.write(done, metrics)
+    bar.set_postfix(acc=f"{metrics.get('train/acc_mean', float('nan')):.2f}",
+                    eval=f"{metrics.get('eval/acc_mean', float('nan')):.2f}")
+    last = metrics
+    diverged = bad_steps >= rc.max_consecutive_bad_steps > 0
+    want_ckpt = (done % rc.checkpoint_every == 0 or done == rc.total_steps
+                 or stop.signum is not None or diverged)
+    if want_ckpt:
+      ckpt.save(done, params=params, opt_state=opt_state, metrics=metrics, extra={
+        "data_state": env.train_data.get_state(),
+        "consecutive_bad_steps": bad_steps,
+        "skipped_steps": skipped_total,
+      })
+    if diverged:
+      ckpt.wait()
+      raise TrainingDiverged(
+        f"{bad_steps} consecutive steps with a non-finite loss or gradient (limit "
+        f"max_consecutive_bad_steps={rc.max_consecutive_bad_steps}); the last good state is "
+        f"checkpointed at step {done} in {workdir}/checkpoints"
+      )
+    if stop.signum is not None:
+      logging.warning("stopping after step %d on signal %d (checkpoint written)", done, stop.signum)
+      break
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return last
+
+
+def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
+  """One RL step: rollouts with dynamic sampling, old log-probs, mini-batch updates."""
+  t0 = time.perf_counter()
+  result, sampler_tokens, all_acc_mean = _rollouts(rc, env, params, step)
+  t_rollout = time.perf_counter() - t0
+  metrics: dict[str, Any] = {"train/num_gen_batches": result.num_gen_batches}
+  r = result.rollouts
+  if len(r) == 0:
+    logging.warning("step %d: no prompt group with mixed accuracy; update skipped", step)
+    metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1,
+                    "timing_s/gen": t_rollout})
+    return metrics, params, opt_state
+
+  adv = adv_lib.grpo_outcome_advantages(
+    r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
+  )
+  packed = rollout_lib.pack_batch(
+    r, adv, max_prompt_length=env.max_prompt_length,
+    max_response_length=rc.rl.max_response_length, pad_id=env.pad_id,
+  )
+  mini = rc.rl.ppo_mini_batch_size * rc.rl.n
+  num_mini = len(r) // mini
+  batches = [_device_batch(env, {k: v[i * mini:(i + 1) * mini] for k, v in packed.items()})
+             for i in range(num_mini)]
+
+  # Old log-probs: the actor recomputes them before any update of this step (verl semantics).
+  t1 = time.perf_counter()
+  entropies, masks = [], []
+  for i, b in enumerate(batches):
+    old_lp, ent = steps.log_prob(params, b)
+    batches[i] = b.replace(old_log_probs=old_lp)
+    entropies.append(ent)
+    masks.append(b.response_mask)
+  ent_mean = float(sum(jnp.sum(e * m) for e, m in zip(entropies, masks, strict=True))
+                   / max(float(sum(jnp.sum(m) for m in masks)), 1.0))
+  t_logp = time.perf_counter() - t1
+
+  t2 = time.perf_counter()
+  per_mb: list[dict[str, Any]] = []
+  dumps = []
+  for _ in range(rc.rl.ppo_epochs):
+    for b in batches:
+      if env.dump_influence:
+        dumps.append(jax.device_get(env.influence_fn(params, b)))
+      params, opt_state, m = steps.train(params, opt_state, b)
+      per_mb.append(m)
+  per_mb = jax.device_get(per_mb)
+  t_update = time.perf_counter() - t2
+  if dumps:
+    _dump_influence(env.workdir, step + 1, dumps, batches)
+
+  metrics.update(_mean_metrics(per_mb))
+  metrics["train/nonfinite_updates"] = int(sum(m["train/skipped_step"] for m in per_mb))
+  metrics["train/empty_steps"] = 0
+  # Per mini-batch: FIPO's weights are 1 on the first and move on the later ones.
+  for key in ("actor/influence_weights_mean_raw", "actor/influence_weights_mean", "actor/ppo_kl"):
+    for i, m in enumerate(per_mb):
+      if key in m:
+        metrics[f"{key}/mb{i + 1}"] = float(m[key])
+  lengths = np.asarray([len(x) for x in r.response_ids])
+  mask_np = packed["response_mask"][: num_mini * mini]
+  metrics.update({
+    "actor/entropy": ent_mean,
+    "actor/lr": float(env.lr_at(step * num_mini * rc.rl.ppo_epochs)),
+    # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.
+    "train/acc_mean": all_acc_mean,
+    "train/kept_acc_mean": float(np.mean(r.acc)),
+    "critic/score/mean": float(np.mean(r.scores)),
+    "critic/advantages/mean": float(np.sum(packed["advantages"][: len(mask_np)] * mask_np)
+                                    / max(mask_np.sum(), 1.0)),
+    "reward/errors": int(r.reward_errors),
+    "reward/overlong_frac": float(np.mean(r.overlong)),
+    "train/num_prompts_kept": result.num_prompts_kept,
+    "timing_s/gen": t_rollout,
+    "timing_s/old_log_prob": t_logp,
+    "timing_s/update_actor": t_update,
+    "timing_s/step": time.perf_counter() - t0,
+    "perf/sampler_tokens_per_s": sampler_tokens / max(t_rollout, 1e-9),
+    "perf/train_tokens_per_s": float(mask_np.sum()) * rc.rl.ppo_epochs / max(t_update, 1e-9),
+  })
+  metrics.update(metrics_lib.response_length_metrics(lengths, rc.rl.max_response_length))
+  return metrics, params, opt_state
+
+
+def _rollouts(rc, env, params, step: int):
+  """Dynamic-sampling rounds with the current params.
+
+  Returns (result, tokens sampled, accuracy over every sampled response before filtering).
+  """
+  counters = {"tokens": 0, "acc": []}
+
+  def sample_round(round_idx: int) -> rollout_lib.Rollouts:
+    examples = env.train_data.next_batch(rc.rl.gen_batch_size)
+    res = driver_lib.run(
+      env.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
+      max_new_tokens=rc.rl.max_response_length, sampling=env.train_sampling,
+      eos_ids=env.eos_ids, seed=_seed(rc.seed, step, round_idx), progress=False,
+    )
+    counters["tokens"] += res.stats.tokens_generated
+    r = env.make_rollouts(examples, res.samples, group_offset=round_idx * rc.rl.gen_batch_size)
+    counters["acc"].append(r.acc)
+    return r
+
+  res = rollout_lib.collect_with_dynamic_sampling(
+    sample_round, train_batch_size=rc.rl.train_batch_size, n=rc.rl.n,
+    filter_groups=rc.rl.filter_groups_enable, max_num_gen_batches=rc.rl.max_num_gen_batches,
+    min_prompts=rc.rl.ppo_mini_batch_size,
+  )
+  all_acc = np.concatenate(counters["acc"]) if counters["acc"] else np.zeros(1)
+  return res, counters["tokens"], float(all_acc.mean())
+
+
+def _seed(seed: int, step: int, round_idx: int) -> int:
+  """A distinct, reproducible sampler seed per (run seed, step, round)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), round_idx)
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def _device_batch(env, arrays: dict[str, np.ndarray]) -> ts.PolicyBatch:
+  put = lambda x: jax.device_put(x, sharding.batch_sharding(env.mesh, x.ndim, x.shape))
+  return ts.PolicyBatch(**{k: put(v) for k, v in arrays.items()})
+
+
+def _mean_metrics(per_mb: list[dict[str, Any]]) -> dict[str, float]:
+  """verl averages every actor metric over the micro/mini-batches of the step."""
+  keys = per_mb[0].keys() if per_mb else []
+  return {k: float(np.mean([float(m[k]) for m in per_mb])) for k in keys
+          if k != "train/skipped_step"}
+
+
+def _dump_influence(workdir: str, step: int, dumps, batches) -> None:
+  """WORKDIR/influence/step_{k}.npz: per-token weights of every mini-batch of RL step k."""
+  out = os.path.join(workdir, "influence")
+  os.makedirs(out, exist_ok=True)
+  stack = lambda key: np.stack([d[key] for d in dumps])
+  p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
+  np.savez_compressed(
+    os.path.join(out, f"step_{step}.npz"),
+    influence_weights=stack("influence_weights"),
+    raw_influence_weights=stack("raw_influence_weights"),
+    response_mask=np.stack([np.asarray(b.response_mask) for b in batches]),
+    advantages=np.stack([np.asarray(b.advantages) for b in batches]),
+    response_ids=np.stack([np.asarray(b.input_ids)[:, p:] for b in batches]),
+  )

@@ -1,0 +1,107 @@
+"""Supervised warm start for the synthetic task: the part a pretrained base model plays.
+
+A random model cannot learn by RL alone (it never samples a rewarded answer), so `tiny_cpu`
+first fits the task's format and arithmetic on the train split for `sft.steps` steps. To leave
+RL something to fix, as with a real base model, a fraction `sft.wrong_fraction` of the
+supervised answers carry a systematic slip (the carry is forgotten: digit-wise sum mod 10); the
+warm-started policy then samples both the right and the slipped answer, and RL, rewarded by the
+verifier, must move the mass. The result is cached in WORKDIR/sft so that a restart reuses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from flax import nnx
+
+from fipo_jax.data import synthetic, verl
+from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import train_step as ts
+
+
+def no_carry_sum(question: str) -> str | None:
+  """'Q: 37+45=' -> '72' (digit-wise sum mod 10), or None when it is not an a+b question."""
+  expr = question.removeprefix("Q: ").removesuffix("=")
+  parts = expr.split("+")
+  if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    return None
+  a, b = parts
+  width = max(len(a), len(b))
+  a, b = a.zfill(width), b.zfill(width)
+  digits = "".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b, strict=True))
+  return str(int(digits))
+
+
+def sft_rows(rc, workdir: str) -> list[dict]:
+  """The train rows with `wrong_fraction` of the carrying answers replaced by the slip."""
+  train_file = os.path.join(workdir, "data", synthetic.TRAIN_FILE)
+  rows = [json.loads(line) for line in open(train_file)]
+  rng = random.Random(rc.seed + 17)
+  out = []
+  for row in rows:
+    question = row["prompt"][0]["content"]
+    answer = row["reward_model"]["ground_truth"]
+    slip = no_carry_sum(question)
+    if slip is not None and slip != answer and rng.random() < rc.sft.wrong_fraction:
+      answer = slip
+    out.append(verl.make_row(question, answer, data_source=row["data_source"],
+                             index=len(out), split="sft"))
+  return out
+
+
+def _batch(examples, idx, *, max_prompt_length: int, max_response_length: int, pad_id: int):
+  r = rollout_lib.Rollouts(
+    prompt_ids=[examples[i]["prompt_ids"] for i in idx],
+    response_ids=[examples[i]["response_ids"] for i in idx],
+    response_logprobs=[np.zeros(len(examples[i]["response_ids"]), np.float32) for i in idx],
+    finish_reasons=["stop"] * len(idx), group_ids=np.arange(len(idx)),
+    scores=np.zeros(len(idx), np.float32), acc=np.zeros(len(idx), bool), preds=[""] * len(idx),
+    overlong=np.zeros(len(idx), bool),
+  )
+  arrays = rollout_lib.pack_batch(r, np.zeros(len(idx), np.float32),
+                                  max_prompt_length=max_prompt_length,
+                                  max_response_length=max_response_length, pad_id=pad_id)
+  return ts.PolicyBatch(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
+
+
+def sft_warm_start(rc, env, params, workdir: str):
+  """Returns params after `sft.steps` supervised steps (or the cached result in WORKDIR/sft)."""
+  cache = os.path.join(os.path.abspath(workdir), "sft")
+  ckptr = ocp.StandardCheckpointer()
+  if os.path.isdir(cache):
+    logging.info("warm start: reusing %s", cache)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          nnx.to_pure_dict(params))
+    restored = ckptr.restore(cache, target)
+    nnx.replace_by_pure_dict(params, restored)
+    return params
+
+  examples = synthetic.sft_examples(env.tokenizer, sft_rows(rc, workdir),
+                                    apply_chat_template=rc.data.apply_chat_template)
+  tx = optax.adamw(rc.sft.lr, weight_decay=0.0)
+  opt_state = tx.init(params)
+  # Outputs pinned to the inputs' shardings: step 2 must not recompile.
+  shardings = (env.param_sharding, jax.tree.map(lambda x: x.sharding, opt_state), None)
+  step_fn = jax.jit(functools.partial(ts.sft_step, env.graphdef, cfg=env.update_cfg, tx=tx),
+                    out_shardings=shardings, donate_argnums=(0, 1))
+  rng = np.random.default_rng(rc.seed)
+  bar = tqdm.trange(rc.sft.steps, desc="warm start (SFT)", dynamic_ncols=True,
+                    disable=jax.process_index() != 0)
+  for _ in bar:
+    idx = rng.choice(len(examples), size=rc.sft.batch_size, replace=False)
+    batch = _batch(examples, idx, max_prompt_length=env.max_prompt_length,
+                   max_response_length=rc.rl.max_response_length, pad_id=env.pad_id)
+    params, opt_state, m = step_fn(params, opt_state, batch)
+    bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
+  ckptr.save(cache, nnx.to_pure_dict(params))
+  ckptr.wait_until_finished()
+  return params
