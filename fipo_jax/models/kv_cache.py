@@ -3,8 +3,8 @@
 A call with T new tokens for row b writes them at slots [index[b], index[b] + T), sets `mask`
 there from the attention mask (pads stay False) and advances index[b] by T. New token i of row
 b attends to slots j with mask[b, j] and j <= index_old[b] + i. The caller keeps
-index[b] + T <= S (writes past the end are clamped by dynamic_update_slice and would corrupt
-the row).
+index[b] + T <= S (writes past the end are dropped, and those tokens are lost). Writes are
+scatters, so a jitted step that donates the cache updates it in place.
 """
 
 from __future__ import annotations
@@ -35,14 +35,27 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> KVCache:
                  index=jnp.zeros((batch_size,), jnp.int32))
 
 
+def _slots(index: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+  """Row ids [B, 1] and write slots [B, T] = index[b] + arange(T)."""
+  rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None]
+  return rows, index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
 def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """Writes new [B, T, ...] into buf [B, S, ...] at per-row offsets index [B]."""
+  """Writes new [B, T, ...] into buf [B, S, ...] at per-row offsets index [B].
 
-  def one(b_buf, b_new, i):
-    starts = (i,) + (0,) * (b_buf.ndim - 1)
-    return jax.lax.dynamic_update_slice(b_buf, b_new.astype(b_buf.dtype), starts)
+  A scatter (in place under donation, unlike a vmapped dynamic_update_slice); writes past S
+  are dropped.
+  """
+  rows, slots = _slots(index, new.shape[1])
+  return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
 
-  return jax.vmap(one)(buf, new, index)
+
+def write_layer_rows(buf: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array
+                     ) -> jax.Array:
+  """Writes new [B, T, K, H] into buf [L, B, S, K, H] at `layer`, row offsets index [B]."""
+  rows, slots = _slots(index, new.shape[1])
+  return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop")
 
 
 def update_mask(cache: KVCache, new_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

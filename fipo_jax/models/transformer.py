@@ -72,23 +72,28 @@ class DecoderLayers(nnx.Module):
     return {name: getattr(self, name)[...] for name in self.names}
 
 
-def _block(cfg, p, x, cos, sin, q_slot, kv_valid, k_cache=None, v_cache=None, cache_index=None):
-  """One pre-norm block. Returns (x, k_full, v_full) where k/v are what attention read."""
+def _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_index=None):
+  """One pre-norm block on x [B, T, D].
+
+  With kv = (k_all, v_all) [L, B, S, K, H], writes this layer's new k/v into the full cache in
+  place (a per-row scatter, no copy of the cache) and returns (x, (k_all, v_all)).
+  """
   dtype = x.dtype
   hn = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
   q, k, v = layers.qkv_proj(hn, p, cfg, cos, sin)
-  if k_cache is not None:
-    k = kv_cache_lib.write_rows(k_cache, k, cache_index)
-    v = kv_cache_lib.write_rows(v_cache, v, cache_index)
+  if kv is not None:
+    kv = tuple(kv_cache_lib.write_layer_rows(buf, new, layer, cache_index)
+               for buf, new in zip(kv, (k, v), strict=True))
+    k, v = (jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False) for buf in kv)
   attn = attention_lib.attention(
     q, k.astype(dtype), v.astype(dtype), q_slot=q_slot, kv_valid=kv_valid,
     impl=cfg.attention_impl, block_size=cfg.attention_block_size,
-    self_attention=k_cache is None)
+    self_attention=kv is None)
   attn = checkpoint_name(attn, "attn_out")
   x = x + layers.dense(attn, p["o_proj"], "btnh,nhd->btd", dtype)
   hn = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
   x = x + layers.swiglu_mlp(hn, p, dtype)
-  return x, k, v
+  return x, kv
 
 
 class Transformer(nnx.Module):
@@ -149,31 +154,26 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
     params = self.layers.values()
 
-    def body(x, p, kc=None, vc=None):
+    def body(carry, inputs):
+      x, kv = carry
+      p, layer = inputs
       idx = None if cache is None else cache.index
-      return _block(cfg, p, x, cos, sin, q_slot, kv_valid, kc, vc, idx)
+      return _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv, layer, idx), None
 
     if cfg.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
 
-    if cache is None:
-      x = self._run_layers(lambda x, p: (body(x, p)[0], None), x, params)[0]
-    else:
-      def cached(x, inputs):
-        p, kc, vc = inputs
-        x, k, v = body(x, p, kc, vc)
-        return x, (k, v)
-
-      x, (ks, vs) = self._run_layers(cached, x, (params, cache.k, cache.v))
-      cache = kv_cache_lib.KVCache(k=ks, v=vs, mask=kv_valid, index=new_index)
+    kv = None if cache is None else (cache.k, cache.v)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    x, kv = self._run_layers(body, (x, kv), (params, layer_ids))
+    if cache is not None:
+      cache = kv_cache_lib.KVCache(k=kv[0], v=kv[1], mask=kv_valid, index=new_index)
     hidden = layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
     return hidden if cache is None else (hidden, cache)
 
-  def _run_layers(self, fn, x, xs):
+  def _run_layers(self, fn, carry, xs):
     if self.cfg.scan_layers:
-      return jax.lax.scan(fn, x, xs)
-    ys = []
+      return jax.lax.scan(fn, carry, xs)[0]
     for i in range(self.cfg.num_layers):
-      x, y = fn(x, jax.tree.map(lambda a, i=i: a[i], xs))
-      ys.append(y)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys[0] is not None else None
+      carry, _ = fn(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+    return carry
