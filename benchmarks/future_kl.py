@@ -1,0 +1,118 @@
+"""Future-KL and FIPO-loss speed, with baselines measured in the same run.
+
+  python benchmarks/future_kl.py [--lengths 2048 8192 20480] [--batch 8] [--repeats 20]
+
+For each T (batch B = 8): median wall time of
+  * ours      - jitted `fipo_jax.rl.future_kl` (chunked reverse scan, K = 128);
+  * official  - the official algorithm (FIPO_SPEC §3) in torch float32: for each 128-column chunk
+                build the (T, K) decay block and accumulate x[:, chunk] @ W^T; O(B T^2);
+  * cumsum    - jitted `jnp.cumsum` of the same [B, T] array: a memory-bound floor;
+  * fipo/dapo - jitted value_and_grad of compute_policy_loss('fipo') and ('dapo') on the same
+                inputs (the FIPO metrics, including the ratio quantiles, are computed too).
+Targets (issue 2, T = 20480 on a 2-core CPU): official/ours >= 300, ours/cumsum <= 3,
+fipo/dapo <= 2. Timings on a shared machine are noisy; rerun when it is quiet.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fipo_jax.rl as rl  # noqa: E402
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def official_future_kl(x: torch.Tensor, decay_rate: float, chunk: int = 128) -> torch.Tensor:
+  """The official chunked Toeplitz matmul, as FIPO_SPEC §3 describes it (not their code)."""
+  _, t = x.shape
+  gamma = 2.0 ** (-1.0 / decay_rate)
+  out = torch.zeros_like(x)
+  rows = torch.arange(t, dtype=torch.float32)[:, None]
+  for j0 in range(0, t, chunk):
+    cols = torch.arange(j0, min(j0 + chunk, t), dtype=torch.float32)[None, :]
+    dist = cols - rows  # (T, Kb): distance j - i
+    w = torch.where(dist >= 0, torch.pow(gamma, dist.clamp(min=0)), torch.zeros(()))
+    out += x[:, j0 : j0 + w.shape[1]] @ w.T
+  return out
+
+
+def _inputs(b: int, t: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  old = rng.normal(-1.0, 0.5, (b, t)).astype(np.float32)
+  lp = (old + rng.normal(0.0, 0.3, (b, t))).astype(np.float32)
+  lengths = rng.integers(t // 2, t + 1, b)
+  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+  adv = (rng.choice([-1.0, 1.0], b)[:, None] * mask).astype(np.float32)
+  return lp, old, adv, mask
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 20480])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--official-repeats", type=int, default=3)
+  args = parser.parse_args()
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads), B={args.batch}, decay 32, chunk 128"
+  )
+  fkl = jax.jit(lambda d, m: rl.future_kl(d, m, decay_rate=32.0, chunk_size=128))
+  cumsum = jax.jit(lambda d: jnp.cumsum(d, axis=1))
+  cfg = {"decay_rate": 32.0}
+
+  def loss_and_grad(mode):
+    return jax.jit(
+      jax.value_and_grad(
+        lambda lp, old, adv, m: rl.compute_policy_loss(mode, lp, old, adv, m, cfg), has_aux=True
+      )
+    )
+
+  fipo, dapo = loss_and_grad("fipo"), loss_and_grad("dapo")
+  header = (
+    f"{'T':>6} {'ours ms':>9} {'official ms':>12} {'cumsum ms':>10} {'off/ours':>9} "
+    f"{'ours/cumsum':>12} {'fipo ms':>8} {'dapo ms':>8} {'fipo/dapo':>10}"
+  )
+  print(header)
+  for t in args.lengths:
+    lp, old, adv, mask = _inputs(args.batch, t)
+    delta = lp - old
+    d_j, m_j = jnp.asarray(delta), jnp.asarray(mask)
+    ours = _median_time(lambda d_j=d_j, m_j=m_j: fkl(d_j, m_j), args.repeats)
+    floor = _median_time(lambda d_j=d_j: cumsum(d_j), args.repeats)
+    x_t = torch.from_numpy(delta * mask)
+    with torch.no_grad():
+      ref = official_future_kl(x_t, 32.0)
+      official = _median_time(
+        lambda x_t=x_t: official_future_kl(x_t, 32.0), args.official_repeats, warmup=1
+      )
+    err = float(np.abs(np.asarray(fkl(d_j, m_j)) - ref.numpy()).max())
+    ins = tuple(map(jnp.asarray, (lp, old, adv, mask)))
+    t_fipo = _median_time(lambda ins=ins: fipo(*ins), args.repeats)
+    t_dapo = _median_time(lambda ins=ins: dapo(*ins), args.repeats)
+    print(
+      f"{t:>6} {ours * 1e3:>9.3f} {official * 1e3:>12.1f} {floor * 1e3:>10.3f} "
+      f"{official / ours:>9.0f} {ours / floor:>12.2f} {t_fipo * 1e3:>8.3f} "
+      f"{t_dapo * 1e3:>8.3f} {t_fipo / t_dapo:>10.2f}   (max |ours - official| {err:.1e})"
+    )
+
+
+if __name__ == "__main__":
+  main()
