@@ -2,6 +2,8 @@
 
   python benchmarks/sampling.py            # the full run (CPU, a few minutes)
   python benchmarks/sampling.py --quick    # smaller shapes, for a smoke check
+  JAX_PLATFORMS=cuda python benchmarks/sampling.py --preset qwen2.5-0.5b --dtype bfloat16
+      # accelerator: a random-weight preset, engine throughput and continuous vs static only
 
 One small random Qwen2 model is built in torch, saved with `save_pretrained` and loaded through
 `fipo_jax.models.from_pretrained`, so both sides run the same weights on the same prompts
@@ -46,8 +48,8 @@ def build_models(tmp: str):
   return hf_model, models.from_pretrained(tmp)
 
 
-def make_prompts(num: int, rng: np.random.Generator, lo: int = 8, hi: int = 32):
-  return [rng.integers(1, VOCAB, size=int(n)).tolist() for n in rng.integers(lo, hi + 1, num)]
+def make_prompts(num: int, rng: np.random.Generator, lo: int = 8, hi: int = 32, vocab=VOCAB):
+  return [rng.integers(1, vocab, size=int(n)).tolist() for n in rng.integers(lo, hi + 1, num)]
 
 
 def hf_generate(hf_model, prompts, max_new: int) -> tuple[float, int]:
@@ -95,7 +97,7 @@ def engine_vs_transformers(hf_model, model, batch: int, new: int, rng, repeats: 
 def continuous_vs_static(model, num_requests: int, slots: int, max_new: int, rng) -> float:
   """Long-tailed budgets (Pareto): most responses short, a few hit the cap."""
   budgets = np.minimum(8 + rng.pareto(1.1, num_requests) * 12, max_new).astype(int).tolist()
-  prompts = make_prompts(num_requests, rng)
+  prompts = make_prompts(num_requests, rng, vocab=model.cfg.vocab_size)
   cfg = engine_lib.EngineConfig(
     num_slots=slots, max_prompt_len=32, max_new_tokens=max_new, steps_per_call=16
   )
@@ -120,8 +122,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="Smaller shapes (smoke check).")
   parser.add_argument("--repeats", type=int, default=2, help="Timed runs per case (min taken).")
+  parser.add_argument("--preset", help="Random-weight models.PRESETS entry: engine-only run.")
+  parser.add_argument("--dtype", default="float32", help="Compute dtype for --preset.")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
+  if args.preset:
+    preset_run(args.preset, args.dtype, rng)
+    return
   with tempfile.TemporaryDirectory() as tmp:
     hf_model, model = build_models(tmp)
   cases = [(16, 64)] if args.quick else [(16, 64), (64, 256)]
@@ -134,6 +141,24 @@ def main() -> None:
     f"summary: engine/transformers {', '.join(f'{r:.2f}x' for r in ratios)}; "
     f"continuous/static {cb:.2f}x"
   )
+
+
+def preset_run(name: str, dtype: str, rng) -> None:
+  """Engine-only numbers for a full-size architecture (no transformers baseline on GPU here)."""
+  import jax  # noqa: PLC0415
+
+  model = models.init_model(models.get_preset(name, dtype=dtype), seed=0)
+  print(f"{name} ({dtype}) on {jax.devices()[0].device_kind}")
+  for batch, new in ((16, 64), (64, 256)):
+    prompts = make_prompts(batch, rng, vocab=model.cfg.vocab_size)
+    cfg = engine_lib.EngineConfig(
+      num_slots=batch, max_prompt_len=32, max_new_tokens=new, steps_per_call=32
+    )
+    engine, params = engine_lib.Engine.from_model(model, cfg)
+    ours(engine, params, prompts, new)  # compile
+    t = ours(engine, params, prompts, new)[0]
+    print(f"batch {batch:3d} x {new:3d} new: fipo_jax {batch * new / t:8.1f} tok/s")
+  continuous_vs_static(model, 128, 32, 256, rng)
 
 
 if __name__ == "__main__":
