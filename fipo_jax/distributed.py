@@ -1,0 +1,108 @@
+"""Multi-host start-up: one process per host on JAX's multi-controller runtime.
+
+`initialize()` runs before anything touches a device (first thing in `fipo_jax.main`). It calls
+`jax.distributed.initialize` when the run spans several processes and is a no-op otherwise:
+
+  explicit    --coordinator_address / --num_processes / --process_id, or the environment
+              variables FIPO_COORDINATOR, FIPO_NUM_PROCESSES, FIPO_PROCESS_ID (localhost tests,
+              hand-rolled clusters);
+  detected    a SLURM job step with several tasks, an Open MPI launch with several ranks, or a
+              multi-host Cloud TPU slice: JAX reads the coordinator from that environment;
+  forced      FIPO_DISTRIBUTED=1 calls `jax.distributed.initialize()` with no arguments (any
+              cluster JAX itself can detect); FIPO_DISTRIBUTED=0 never initializes.
+
+On CPU the cross-process collectives go through gloo. After initialization every process sees
+all devices in `jax.devices()` (its own in `jax.local_devices()`), and the trainer runs one SPMD
+program over the global mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import flags
+
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0's coordinator (env FIPO_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes in the run, one per host (env FIPO_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index in [0, num_processes) (env FIPO_PROCESS_ID).")
+
+COORDINATOR_ENV = "FIPO_COORDINATOR"
+NUM_PROCESSES_ENV = "FIPO_NUM_PROCESSES"
+PROCESS_ID_ENV = "FIPO_PROCESS_ID"
+FORCE_ENV = "FIPO_DISTRIBUTED"
+
+
+def _flag(holder, env: str, cast):
+  value = holder.value if flags.FLAGS.is_parsed() else None
+  if value is None and os.environ.get(env, "") != "":
+    value = cast(os.environ[env])
+  return value
+
+
+def _cluster_detected(environ) -> bool:
+  """True inside a launcher that started several processes JAX can find by itself."""
+  if int(environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")) or 1) > 1:
+    return "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ
+  if int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return True
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  return len(hosts) > 1
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Joins the multi-controller runtime when the run has several processes.
+
+  Arguments override the flags, which override the environment. Returns True if
+  `jax.distributed.initialize` was called (now or earlier), False for a single-process run.
+  """
+  import jax  # noqa: PLC0415 -- keep `--help` and flag parsing free of the jax import
+
+  if jax.distributed.is_initialized():
+    return True
+  force = os.environ.get(FORCE_ENV, "").strip().lower()
+  if force in ("0", "false", "off"):
+    return False
+  coordinator_address = coordinator_address or _flag(_COORDINATOR, COORDINATOR_ENV, str)
+  num_processes = num_processes if num_processes is not None else _flag(
+    _NUM_PROCESSES, NUM_PROCESSES_ENV, int)
+  process_id = process_id if process_id is not None else _flag(_PROCESS_ID, PROCESS_ID_ENV, int)
+  explicit = coordinator_address is not None
+  if explicit and (num_processes is None or process_id is None):
+    raise ValueError("multi-host: a coordinator address needs num_processes and process_id too "
+                     f"(flags or {NUM_PROCESSES_ENV} / {PROCESS_ID_ENV})")
+  if explicit and num_processes == 1:
+    return False
+  if not (explicit or force in ("1", "true", "on") or _cluster_detected(os.environ)):
+    return False
+  # CPU devices talk to other processes through gloo (TPU/GPU clients ignore this option).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes logs, plots and config.json."""
+  import jax  # noqa: PLC0415
+
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Barrier across all processes (a no-op in a single-process run)."""
+  import jax  # noqa: PLC0415
+
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
