@@ -106,3 +106,44 @@ def sync(name: str) -> None:
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     multihost_utils.sync_global_devices(name)
+
+
+def fetch(tree):
+  """jax.device_get that also works on arrays spanning other hosts' devices.
+
+  A fully addressable (e.g. replicated) array is read locally; a sharded global array is
+  all-gathered first, so every process must call this at the same point of the program.
+  """
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+
+  return jax.tree.map(one, tree)
+
+
+class primary_first:  # noqa: N801 -- used as a context manager
+  """`with primary_first('name'):` process 0 runs the block, then the others, one barrier apart.
+
+  For work on a shared filesystem that every process repeats (e.g. writing the synthetic data
+  or tokenizer into the workdir): nobody reads a file while another process rewrites it.
+  """
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __enter__(self):
+    if not is_primary():
+      sync(self.name + ":primary")
+    return self
+
+  def __exit__(self, *exc):
+    if exc[0] is not None:
+      return False  # an error on one host: do not wait at barriers the others never reach
+    if is_primary():
+      sync(self.name + ":primary")
+    sync(self.name + ":all")
+    return False

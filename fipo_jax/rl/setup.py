@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from fipo_jax import config as config_lib
+from fipo_jax import distributed
 from fipo_jax import models, sharding
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
@@ -105,8 +106,10 @@ def sampling_method(temperature: float, top_p: float, top_k: int):
 
 def build(rc: config_lib.RunConfig, workdir: str) -> Env:
   mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
-  tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
-  train_data, val_examples = pipeline_lib.build_datasets(rc, tokenizer, workdir=workdir)
+  # Every host builds the same data; files written into a shared workdir one host at a time.
+  with distributed.primary_first("setup.data"):
+    tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
+    train_data, val_examples = pipeline_lib.build_datasets(rc, tokenizer, workdir=workdir)
 
   cfg = model_config(rc)
   if rc.model.hf_dir:
@@ -133,6 +136,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
     cfg, graphdef,
     engine_lib.EngineConfig(num_slots=rc.sampling.num_slots, max_prompt_len=p, max_new_tokens=t,
                             steps_per_call=rc.sampling.decode_steps_per_call),
+    mesh=mesh,  # the sampler runs on every device (of every host), in the params' layout
   )
   dump = rc.dump_influence
   return Env(

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import tqdm
 
+from fipo_jax import distributed
 from fipo_jax.sampling import params as params_lib
 
 MODES = ("continuous", "static")
@@ -158,7 +159,8 @@ def run(
         params, [prompts[p] for p, _ in take], take, seed=seed, sampling=sampling
       )
       state = engine.insert(prefix, state, use, [budgets[p] for p, _ in take], stops)
-      first, first_lp = jax.device_get((prefix.tokens, prefix.log_probs))
+      # fetch: on several hosts the prefill's outputs may be sharded over all of them.
+      first, first_lp = distributed.fetch((prefix.tokens, prefix.log_probs))
       stats.num_prefill_calls += 1
       stats.tokens_generated += len(take)
       for i, ((p, s), slot) in enumerate(zip(take, use, strict=True)):
