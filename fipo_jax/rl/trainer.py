@@ -25,6 +25,7 @@ import tqdm
 
 from fipo_jax import checkpoints as ckpt_lib
 from fipo_jax import config as config_lib
+from fipo_jax import distributed
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import sharding
 from fipo_jax.rl import advantages as adv_lib
@@ -57,13 +58,20 @@ class TrainingDiverged(RuntimeError):
   """Raised after `max_consecutive_bad_steps` non-finite updates in a row."""
 
 
+class SetupError(RuntimeError):
+  """Missing or unreadable data/model files found while building the run (before compiling)."""
+
+
 def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics."""
   rc = run_config or config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   stop = _StopRequested()
   stop.install()
-  env = setup_lib.build(rc, workdir)
+  try:
+    env = setup_lib.build(rc, workdir)
+  except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
+    raise SetupError(f"{type(e).__name__}: {e}") from e
   setup_lib.save_run_config(config, workdir)
   is_primary = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, is_primary=is_primary)
@@ -79,7 +87,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
     )
     env.train_data.set_state(extra["data_state"])
     writer.truncate_after(start_step)  # steps logged after the checkpoint are redone
-    logging.info("resumed from step %d", start_step)
+    logging.warning("resumed from step %d", start_step)  # visible at the CLI's WARNING level
   elif rc.sft.steps > 0:
     params = warmstart.sft_warm_start(rc, env, params, workdir)
     opt_state = env.tx.init(params)
@@ -180,13 +188,15 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
   for _ in range(rc.rl.ppo_epochs):
     for b in batches:
       if env.dump_influence:
-        dumps.append(jax.device_get(env.influence_fn(params, b)))
+        dumps.append(distributed.fetch(env.influence_fn(params, b)))  # all hosts gather
       params, opt_state, m = steps.train(params, opt_state, b)
       per_mb.append(m)
   per_mb = jax.device_get(per_mb)
   t_update = time.perf_counter() - t2
   if dumps:
-    _dump_influence(env.workdir, step + 1, dumps, batches)
+    host_batches = distributed.fetch(batches)  # collective: every host calls it
+    if jax.process_index() == 0:
+      _dump_influence(env.workdir, step + 1, dumps, host_batches)
 
   metrics.update(_mean_metrics(per_mb))
   metrics["train/nonfinite_updates"] = int(sum(m["train/skipped_step"] for m in per_mb))
