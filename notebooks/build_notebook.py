@@ -376,9 +376,17 @@ CELLS = [
         FIPO only acts after the policy has moved: on the first mini-batch of an RL step
         `log pi_new == log pi_old`, so `F = 0` and `f = 1` (FIPO equals DAPO); the later
         mini-batches of the same rollout batch see the updates already made. This trains the
-        tiny CPU policy for two RL steps with `--config.dump_influence=True`, which saves each
-        step's per-token weights, and draws one step's weights mini-batch by mini-batch (rows:
-        responses, columns: tokens, gray: padding).
+        tiny CPU policy (`configs/tiny_cpu.py`) for two RL steps with
+        `--config.dump_influence=True`, which saves each step's per-token weights, and draws the
+        last step's weights mini-batch by mini-batch (rows: responses, columns: tokens, gray:
+        padding), then the tokens of a few responses.
+
+        `QUICK` (the default) shrinks the run to a few minutes on 2 CPU cores, mostly compile
+        time: a 40-step supervised warm start instead of 150, 4 prompts x 8 responses per step
+        split into 4 mini-batches, no dynamic-sampling filter (a barely warm model rarely gets a
+        group with mixed accuracy; the overlong penalty still separates scores), no eval. The
+        loss and its FIPO settings are the recipe's. `QUICK = False` runs the recipe's batch
+        sizes (about 10 minutes on 2 cores).
 
         Set `WORKDIR` (or the environment variable `FIPO_INFLUENCE_WORKDIR`) to a finished run's
         workdir to load it instead of training.
@@ -386,6 +394,13 @@ CELLS = [
     _code("""
         WORKDIR = os.environ.get("FIPO_INFLUENCE_WORKDIR", "")  # "" = train tiny_cpu here
         STEPS = 2
+        QUICK = True
+        QUICK_OVERRIDES = [
+            "--config.sft.steps=40", "--config.eval_every=0", "--config.checkpoint_every=1000",
+            "--config.rl.train_batch_size=4", "--config.rl.gen_batch_size=4",
+            "--config.rl.ppo_mini_batch_size=1", "--config.rl.ppo_micro_batch_size_per_device=8",
+            "--config.rl.filter_groups_enable=False",
+        ]
 
         repo_candidates = [pathlib.Path.cwd(), pathlib.Path(fipo_jax.__file__).resolve().parents[1]]
         REPO_ROOT = next((p for p in repo_candidates if (p / "configs" / "tiny_cpu.py").exists()),
@@ -401,7 +416,7 @@ CELLS = [
           WORKDIR = tempfile.mkdtemp(prefix="fipo_tiny_")
           cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py",
                  "--workdir", WORKDIR, f"--config.total_steps={STEPS}",
-                 "--config.dump_influence=True"]
+                 "--config.dump_influence=True"] + (QUICK_OVERRIDES if QUICK else [])
           print("running:", " ".join(cmd[1:]))
           run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
           if run.returncode != 0:
@@ -442,8 +457,9 @@ CELLS = [
               axes[j, 0].set_ylabel("sign(A)")
             else:
               axes[j, 0].set_ylabel("response")
-          axes[-1, 0].set_xlabel("response token t")
-          axes[-1, 1].set_xlabel("response token t")
+          for ax in axes[-1]:
+            ax.set_xlabel("response token t")
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
           fig.colorbar(im, ax=axes, shrink=0.6, label="influence weight")
           fig.suptitle(f"{os.path.basename(path)}: weights are 1 on mini-batch 0, move after")
           plt.show()
@@ -486,6 +502,7 @@ CELLS = [
           adv = np.where(mask, z["advantages"][-1, :rows], 0.0).sum(-1)
           adv = adv / np.maximum(mask.sum(-1), 1)  # per-sequence A
           ax.set_yticks(range(len(raw)), [f"A={a:+.2f}" for a in adv], fontsize=7)
+          ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
           ax.set(xlabel="response token t",
                  title=f"last mini-batch of {os.path.basename(path)}: tokens coloured by exp(F) "
                        f"(max |exp(F) - 1| = {span:.1e})")
