@@ -116,6 +116,7 @@ def base() -> ml_collections.ConfigDict:
 def synthetic_task() -> ml_collections.ConfigDict:
   """Arithmetic prompts "Q: 37+45=" answered "Answer: 82" (fipo_jax.data.synthetic)."""
   s = ml_collections.ConfigDict()
+  s.kind = "arith"  # 'arith' ("Q: 37+45=" -> 82) | 'copy' ("Q: copy 4831=" -> 4831)
   s.num_train = 2000  # train prompts
   s.num_val = 64  # held-out prompts (disjoint from train)
   s.min_digits = 1  # digits per operand, lower bound
@@ -180,5 +181,6 @@ def tiny_model() -> ml_collections.ConfigDict:
   o.num_kv_heads = 2  # K
   o.head_dim = 16  # H
   o.max_position_embeddings = 256
+  o.rope_theta = 10000.0  # Qwen2.5's 1e6 leaves too little positional signal at head_dim 16
   o.tie_word_embeddings = True
   return o

@@ -1,10 +1,13 @@
-r"""The embedded default: FIPO on a tiny Qwen2-architecture model and a synthetic arithmetic task.
+r"""The embedded default: FIPO on a tiny Qwen2-architecture model and a synthetic copy task.
 
-Runs on 2 CPU cores with no download. Prompts "Q: 37+45=" (chat template applied) are answered
-"Answer: 82<|im_end|>" and scored by the same math_dapo "Answer: ..." verifier as real math data.
-A random model cannot learn by RL alone, so a short supervised warm start (sft.*, cached in the
-workdir) plays the base model's part; FIPO then runs with 4 mini-batches per step so that the
-Future-KL influence weights are active on mini-batches 2-4.
+Runs on 2 CPU cores with no download. Prompts "Q: copy 4831=" are answered "Answer: 4831" + EOS
+and scored by the same math_dapo "Answer: ..." verifier as real math data. A random model cannot
+learn by RL alone, so a short supervised warm start (sft.*, cached in WORKDIR/sft) plays the base
+model's part: like a real base model it has a systematic failure mode, because
+`sft.wrong_fraction` of its supervised answers swap the middle two digits. The warm-started
+policy samples the right answer only ~45% of the time; RL rewarded by the verifier alone must
+fix it. FIPO runs with 4 mini-batches per step so that the Future-KL influence weights are
+active on mini-batches 2-4 (they are exactly 1 on the first), as in the paper.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py --workdir /tmp/fipo_tiny
 
@@ -40,21 +43,24 @@ def get_config(arg=None):
   c.data.task = "synthetic"  # rows written in the verl schema to WORKDIR/data, read as real data
   c.data.train_files = []
   c.data.val_files = []
-  c.data.max_prompt_length = 48  # tokens incl. the chat template (~28 used)
+  c.data.max_prompt_length = 16  # "Q: copy 4831=" is 13 tokens
+  c.data.apply_chat_template = False  # plain prompts: half the tokens, a warm start 2x faster
+  c.data.synthetic.kind = "copy"
   c.data.synthetic.num_train = 2000
-  c.data.synthetic.num_val = 64
-  c.data.synthetic.min_digits = 1
-  c.data.synthetic.max_digits = 2
-  c.data.synthetic.num_operands = 2
-  c.data.synthetic.ops = "+"
+  c.data.synthetic.num_val = 64  # held out: no val string appears in train
+  c.data.synthetic.min_digits = 4
+  c.data.synthetic.max_digits = 4
+  c.data.synthetic.num_operands = 2  # unused by 'copy'
+  c.data.synthetic.ops = "+"  # unused by 'copy'
+  c.data.synthetic.seed = 0
 
   c.rl.loss_mode = "fipo"
   c.rl.n = 8  # G
   c.rl.train_batch_size = 16  # prompts per step
   c.rl.gen_batch_size = 32  # prompts per generation round
   c.rl.ppo_mini_batch_size = 4  # -> 4 updates per step: FIPO active on mini-batches 2-4
-  c.rl.max_response_length = 16  # "Answer: 198" + EOS is 12 tokens
-  c.rl.overlong_buffer_len = 4
+  c.rl.max_response_length = 20  # "Answer: 4831" + EOS is 13 tokens
+  c.rl.overlong_buffer_len = 4  # penalty only past 16 tokens
   c.rl.decay_rate = 32.0
   c.rl.chunk_size = 16
   c.rl.future_kl_clip_ratio = 0.2
@@ -78,9 +84,10 @@ def get_config(arg=None):
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
 
-  c.sft.steps = 150  # supervised warm start (cached in WORKDIR/sft)
+  c.sft.steps = 400  # supervised warm start (cached in WORKDIR/sft)
   c.sft.lr = 3e-3
   c.sft.batch_size = 64
+  c.sft.wrong_fraction = 0.6  # the "base model" swaps the middle digits 60% of the time
   if arg == "runlocal":
     c.total_steps = 2
     c.eval_every = 1

@@ -30,6 +30,7 @@ REWARD_FNS = ("math_dapo",)
 KL_LOSS_TYPES = ("kl", "abs", "mse", "low_var_kl")
 TRUNCATIONS = ("left", "error", "drop")
 TASKS = ("verl", "synthetic")
+SYNTHETIC_KINDS = ("arith", "copy")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -82,6 +83,7 @@ class ModelSection(_Section):
 @dataclasses.dataclass(frozen=True)
 class SyntheticSection(_Section):
   SECTION: ClassVar[str] = "data.synthetic"
+  kind: str = "arith"
   num_train: int = 2000
   num_val: int = 64
   min_digits: int = 1
@@ -91,6 +93,7 @@ class SyntheticSection(_Section):
   seed: int = 0
 
   def __post_init__(self):
+    self._one_of("kind", SYNTHETIC_KINDS)
     self._require(self.num_train > 0, "num_train", "must be > 0")
     self._require(self.num_val > 0, "num_val", "must be > 0")
     self._require(self.min_digits >= 1, "min_digits", "must be >= 1")

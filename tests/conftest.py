@@ -23,7 +23,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Golden files from the official implementation live in ../shared/golden (also in CI).
-GOLDEN_DIR = ROOT.parent / "shared" / "golden"
+GOLDEN_DIR = pathlib.Path(os.environ.get("FIPO_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 TESTDATA = ROOT / "tests" / "testdata"
 sys.path.insert(0, str(ROOT))
 

@@ -4,6 +4,7 @@ import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,7 +103,7 @@ def test_no_quadratic_buffer():
     for eqn in jp.eqns:
       for v in eqn.outvars:
         yield int(np.prod(v.aval.shape))
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         yield from sizes(sub)
 
   assert max(sizes(jaxpr.jaxpr)) < t * t // 64

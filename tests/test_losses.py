@@ -2,7 +2,6 @@
 
 import functools
 import json
-import pathlib
 import types
 
 import chex
@@ -13,12 +12,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import GOLDEN_DIR  # noqa: E402
 
 import fipo_jax.rl as rl
 from fipo_jax.rl import aggregation, losses
 from fipo_jax.rl.future_kl import future_kl_reference
 
-_GOLDEN_JSON = pathlib.Path(__file__).resolve().parents[2] / "shared/golden/fipo_loss_cases.json"
+_GOLDEN_JSON = GOLDEN_DIR / "fipo_loss_cases.json"
 _CASE_IDS = (
   [c["case_id"] for c in json.loads(_GOLDEN_JSON.read_text())["cases"]]
   if _GOLDEN_JSON.exists()

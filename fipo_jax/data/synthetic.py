@@ -25,8 +25,11 @@ VAL_FILE = "synthetic_val.jsonl"
 
 
 def make_problem(rng: random.Random, *, min_digits: int, max_digits: int, num_operands: int,
-                 ops: str) -> tuple[str, str]:
-  """One (question, answer) pair, e.g. ("Q: 37+45=", "82")."""
+                 ops: str, kind: str = "arith") -> tuple[str, str]:
+  """One (question, answer) pair, e.g. ("Q: 37+45=", "82") or ("Q: copy 4831=", "4831")."""
+  if kind == "copy":
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits)))
+    return f"Q: copy {digits}=", digits
   terms = []
   for _ in range(num_operands):
     digits = rng.randint(min_digits, max_digits)
@@ -40,7 +43,8 @@ def make_problem(rng: random.Random, *, min_digits: int, max_digits: int, num_op
 
 
 def make_rows(num: int, *, seed: int, min_digits: int = 1, max_digits: int = 2,
-              num_operands: int = 2, ops: str = "+", exclude: Sequence[str] = (),
+              num_operands: int = 2, ops: str = "+", kind: str = "arith",
+              exclude: Sequence[str] = (),
               split: str = "train") -> list[dict[str, Any]]:
   """`num` distinct verl-schema rows whose questions are not in `exclude`.
 
@@ -56,7 +60,7 @@ def make_rows(num: int, *, seed: int, min_digits: int = 1, max_digits: int = 2,
       raise ValueError(f"cannot draw {num} distinct problems with digits {min_digits}-"
                        f"{max_digits}, {num_operands} operands, ops {ops!r}; make it harder")
     question, answer = make_problem(rng, min_digits=min_digits, max_digits=max_digits,
-                                    num_operands=num_operands, ops=ops)
+                                    num_operands=num_operands, ops=ops, kind=kind)
     if question in seen:
       continue
     seen.add(question)
@@ -71,7 +75,8 @@ def write_dataset(out_dir: str, task_cfg: Any) -> tuple[str, str]:
   Deterministic in the config, so a resumed run reads the same files.
   """
   kw = dict(min_digits=task_cfg.min_digits, max_digits=task_cfg.max_digits,
-            num_operands=task_cfg.num_operands, ops=task_cfg.ops)
+            num_operands=task_cfg.num_operands, ops=task_cfg.ops,
+            kind=getattr(task_cfg, "kind", "arith"))
   val = make_rows(task_cfg.num_val, seed=task_cfg.seed + 1, split="test", **kw)
   held_out = [r["prompt"][0]["content"] for r in val]
   train = make_rows(task_cfg.num_train, seed=task_cfg.seed, exclude=held_out, split="train", **kw)

@@ -1,11 +1,12 @@
 """Supervised warm start for the synthetic task: the part a pretrained base model plays.
 
 A random model cannot learn by RL alone (it never samples a rewarded answer), so `tiny_cpu`
-first fits the task's format and arithmetic on the train split for `sft.steps` steps. To leave
-RL something to fix, as with a real base model, a fraction `sft.wrong_fraction` of the
-supervised answers carry a systematic slip (the carry is forgotten: digit-wise sum mod 10); the
-warm-started policy then samples both the right and the slipped answer, and RL, rewarded by the
-verifier, must move the mass. The result is cached in WORKDIR/sft so that a restart reuses it.
+first fits the task on the train split for `sft.steps` steps. To leave RL something to fix, as
+with a real base model, a fraction `sft.wrong_fraction` of the supervised answers carry a
+systematic slip (copy: the middle two digits swapped; arith: the carry forgotten). The
+warm-started policy then samples both the right and the slipped answer, and RL, rewarded only by
+the verifier, must move the probability mass; the slip sits mid-answer, so the tokens before it
+carry Future-KL from the tokens after it. The result is cached in WORKDIR/sft for restarts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
+from fipo_jax import sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
@@ -41,8 +43,22 @@ def no_carry_sum(question: str) -> str | None:
   return str(int(digits))
 
 
+def swapped_middle(question: str) -> str | None:
+  """'Q: copy 4831=' -> '4381' (the two middle digits swapped), None if they are equal."""
+  digits = question.removeprefix("Q: copy ").removesuffix("=")
+  i = len(digits) // 2 - 1
+  if len(digits) < 2 or not digits.isdigit() or digits[i] == digits[i + 1]:
+    return None
+  return digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]
+
+
+def slipped_answer(kind: str, question: str) -> str | None:
+  """The systematic wrong answer of the warm start's 'base model', or None if there is none."""
+  return swapped_middle(question) if kind == "copy" else no_carry_sum(question)
+
+
 def sft_rows(rc, workdir: str) -> list[dict]:
-  """The train rows with `wrong_fraction` of the carrying answers replaced by the slip."""
+  """The train rows with `wrong_fraction` of the slippable answers replaced by the slip."""
   train_file = os.path.join(workdir, "data", synthetic.TRAIN_FILE)
   rows = [json.loads(line) for line in open(train_file)]
   rng = random.Random(rc.seed + 17)
@@ -50,7 +66,7 @@ def sft_rows(rc, workdir: str) -> list[dict]:
   for row in rows:
     question = row["prompt"][0]["content"]
     answer = row["reward_model"]["ground_truth"]
-    slip = no_carry_sum(question)
+    slip = slipped_answer(rc.data.synthetic.kind, question)
     if slip is not None and slip != answer and rng.random() < rc.sft.wrong_fraction:
       answer = slip
     out.append(verl.make_row(question, answer, data_source=row["data_source"],
@@ -88,7 +104,8 @@ def sft_warm_start(rc, env, params, workdir: str):
   examples = synthetic.sft_examples(env.tokenizer, sft_rows(rc, workdir),
                                     apply_chat_template=rc.data.apply_chat_template)
   tx = optax.adamw(rc.sft.lr, weight_decay=0.0)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, env.mesh))(
+    params)  # the moments in the params' shards (multi-host: not on one device)
   # Outputs pinned to the inputs' shardings: step 2 must not recompile.
   shardings = (env.param_sharding, jax.tree.map(lambda x: x.sharding, opt_state), None)
   step_fn = jax.jit(functools.partial(ts.sft_step, env.graphdef, cfg=env.update_cfg, tx=tx),
