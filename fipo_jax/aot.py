@@ -1,0 +1,408 @@
+r"""Ahead-of-time proof that a recipe fits a TPU topology, compiled on any machine with libtpu.
+
+  pip install -e ".[tpu]"   # libtpu from PyPI; no TPU needed
+  python -m fipo_jax.aot --config configs/fipo_qwen2_5_32b.py --topology v5p-128
+
+Builds the model abstractly (no allocation), lays it out on a mesh of the topology's devices with
+the one rules table, and compiles for that TPU, without running:
+  train_step  one mini-batch update (fipo_jax.rl.train_step: micro-batch gradient accumulation,
+              remat, AdamW), micro-batches sized by rl.ppo_max_token_len_per_device, every
+              sequence at the full P + T (the trainer pads to it, so this is the worst case);
+  prefill     the sampler's prefill of sampling.num_slots prompts of data.max_prompt_length;
+  decode      one decode step of all sampling.num_slots slots with a P + T cache.
+and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity and
+FLOPs. The last line is one JSON object; the exit code is 1 if anything does not fit.
+
+FLOPs: XLA's cost_analysis() counts the body of a loop once (scan over layers, over
+micro-batches), so `flops` is counted from the step's jaxpr with every scan multiplied by its
+length (dot products; Pallas kernels through their cost estimate when they give one), divided by
+the chips; `xla_flops` is cost_analysis() as reported. The estimate beside it is the usual 6N
+(train; 2N inference) per token plus causal attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name (see TOPOLOGIES)")
+_STEPS = flags.DEFINE_list("steps", "train_step,prefill,decode", "which steps to compile")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "override L (compile-time-vs-depth check)")
+_DECODE_MESH = flags.DEFINE_string(
+  "decode_mesh", "auto", "sampler mesh 'data,fsdp,tensor' (-1 = the rest); 'auto' = "
+  "tensor-parallel over min(8, K) chips, data-parallel over the rest; 'train' = the train mesh")
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: int  # what the TPU compiler lets one program use (its RESOURCE_EXHAUSTED limit)
+  bf16_flops: float  # peak dense bf16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+
+
+# HBM as libtpu 0.0.42 reports it when a program does not fit (95.74G / 31.25G / 15.75G GiB);
+# peaks from the Cloud TPU system-architecture pages.
+CHIPS = {
+  "v5p": Chip(int(95.74 * GiB), 459e12, 2765e9),
+  "v6e": Chip(int(31.25 * GiB), 918e12, 1640e9),
+  "v5e": Chip(int(15.75 * GiB), 197e12, 819e9),
+}
+
+# Slice name (as `gcloud --accelerator-type`, v5e as v5e-N) -> (chip, libtpu topology string).
+# v5p names count TensorCores (2 per chip): v5p-128 is 64 chips.
+TOPOLOGIES = {
+  "v5p-8": ("v5p", "v5p:2x2x1"),
+  "v5p-32": ("v5p", "v5p:2x2x4"),
+  "v5p-64": ("v5p", "v5p:2x4x4"),
+  "v5p-128": ("v5p", "v5p:4x4x4"),
+  "v6e-4": ("v6e", "v6e:2x2"),
+  "v6e-256": ("v6e", "v6e:16x16"),
+  "v5e-4": ("v5e", "v5e:2x2"),
+  "v5e-256": ("v5e", "v5e:16x16"),
+}
+
+STEPS = ("train_step", "prefill", "decode")
+
+
+def topology_devices(name: str):
+  """The compile-only devices of a TPU slice (needs libtpu, no TPU)."""
+  from jax.experimental import topologies
+
+  if name not in TOPOLOGIES:
+    raise ValueError(f"unknown topology {name!r}; known: {sorted(TOPOLOGIES)}")
+  return topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[name][1]).devices
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+
+
+def jaxpr_flops(jaxpr) -> tuple[float, int]:
+  """(FLOPs of a (closed) jaxpr with scans multiplied by their length, uncounted kernels).
+
+  Counts dot_general (2 * out size * contracted size) and Pallas kernels with a cost estimate;
+  while loops count one iteration (decode compiles one step); cond counts its costliest branch.
+  """
+  import jax
+
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total, uncounted = 0.0, 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_c, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_c)
+      continue
+    if name == "pallas_call":
+      est = eqn.params.get("cost_estimate")
+      if est is not None and getattr(est, "flops", None):
+        total += float(est.flops)
+      else:
+        uncounted += 1
+      continue
+    subs = [v for v in eqn.params.values() if isinstance(v, jax.extend.core.ClosedJaxpr | tuple)]
+    sub = [jaxpr_flops(j) for v in subs for j in (v if isinstance(v, tuple) else (v,))
+           if hasattr(j, "eqns") or hasattr(j, "jaxpr")]
+    if name == "cond":
+      f, u = max(sub, default=(0.0, 0))
+    else:
+      f, u = sum(s[0] for s in sub), sum(s[1] for s in sub)
+    if name == "scan":
+      f *= eqn.params["length"]
+    if name == "shard_map":  # the body sees one shard; FLOPs are summed over the mesh
+      f *= eqn.params["mesh"].size
+    for v in eqn.params.values():  # pjit, remat, custom_vjp carry a bare Jaxpr
+      if isinstance(v, jax.extend.core.Jaxpr):
+        f2, u2 = jaxpr_flops(v)
+        f, u = f + f2, u + u2
+    total, uncounted = total + f, uncounted + u
+  return total, uncounted
+
+
+def model_flops_per_token(mcfg, context: float, *, train: bool) -> float:
+  """6N (train) or 2N (inference) over the matmul params, plus attention at `context` keys."""
+  d, f, n, k, h, v, layers = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads,
+                              mcfg.num_kv_heads, mcfg.head_dim, mcfg.vocab_size, mcfg.num_layers)
+  matmul_params = layers * (d * (n + 2 * k) * h + n * h * d + 3 * d * f) + d * v
+  attn = 4.0 * layers * n * h * context  # q.k and p.v, 2 FLOPs per MAC
+  return (3.0 if train else 1.0) * (2.0 * matmul_params + attn)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclasses.dataclass
+class Result:
+  name: str
+  mesh: dict
+  shapes: str
+  tokens: int  # tokens processed by one call
+  est_flops_per_token: float
+  memory: dict | None = None  # per chip: argument/output/alias/temp/code/total bytes
+  flops: float | None = None  # per chip, loops unrolled in the count
+  xla_flops: float | None = None  # per chip, cost_analysis() (loop bodies once)
+  uncounted_kernels: int = 0
+  compile_seconds: float | None = None
+  error: str | None = None
+
+
+def _sds(tree, shardings):
+  import jax
+
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _compile(traced, result: Result, chips: int) -> Result:
+  """Lowers and compiles a jax.stages.Traced; fills memory, FLOPs and compile time."""
+  flops, uncounted = jaxpr_flops(traced.jaxpr)
+  result.flops, result.uncounted_kernels = flops / chips, uncounted
+  start = time.perf_counter()
+  try:
+    compiled = traced.lower().compile()
+  except Exception as e:  # noqa: BLE001 (the TPU compiler reports HBM overflow this way)
+    result.compile_seconds = time.perf_counter() - start
+    result.error = str(e).split("\n")[0][:500]
+    return result
+  result.compile_seconds = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  mem = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+             alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+             code=m.generated_code_size_in_bytes)
+  mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
+  result.memory = mem
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  result.xla_flops = float(cost.get("flops", 0.0)) if cost else None
+  return result
+
+
+def train_step_result(run, mcfg, mesh, chips: int) -> Result:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from fipo_jax import sharding
+  from fipo_jax.models import build
+  from fipo_jax.rl import setup
+  from fipo_jax.rl import train_step as ts
+
+  p, t = run.data.max_prompt_length, run.rl.max_response_length
+  seq = p + t
+  rows = run.rl.ppo_mini_batch_size * run.rl.n  # M responses per optimizer step
+  cfg = setup.update_config(run, mesh, seq)  # the trainer's micro-batching
+  micro = rows // cfg.num_micro_batches
+  o = run.optim
+  tx = ts.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
+                         grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps, schedule=o.schedule)
+  graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
+  params = _sds(abs_params, param_sh)
+  # Adam's mu and nu take their param's sharding; scalars (the step count) are replicated.
+  abs_opt = jax.eval_shape(tx.init, params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  opt_state = _sds(abs_opt, opt_sh)
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, 2))
+  batch = ts.PolicyBatch(input_ids=i32(rows, seq), attention_mask=i32(rows, seq),
+                         positions=i32(rows, seq), response_mask=f32(rows, t),
+                         old_log_probs=f32(rows, t), advantages=f32(rows, t))
+  steps = ts.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
+  res = Result("train_step", dict(mesh.shape), f"M={rows} micro={micro}x{cfg.num_micro_batches} "
+               f"L={seq} (P={p} T={t}) remat={mcfg.remat_policy}", rows * seq,
+               model_flops_per_token(mcfg, seq / 2, train=True))
+  return _compile(steps.train.trace(params, opt_state, batch), res, chips)
+
+
+def _engine(run, mcfg, mesh):
+  """(Engine on `mesh`, sampler params as sharded ShapeDtypeStructs, sampling method)."""
+  import jax
+  import jax.numpy as jnp
+
+  from fipo_jax.models import build
+  from fipo_jax.rl import setup
+  from fipo_jax.sampling import engine as engine_lib
+
+  ecfg = engine_lib.EngineConfig(
+    num_slots=run.sampling.num_slots, max_prompt_len=run.data.max_prompt_length,
+    max_new_tokens=run.rl.max_response_length, steps_per_call=1)
+  graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
+  # The sampler holds weights in the compute dtype (the trainer's float32 master copy is cast
+  # on handover), as vLLM does in the official run.
+  params = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(mcfg.dtype), sharding=s),
+    abs_params, param_sh)
+  sampling = setup.sampling_method(run.sampling.temperature, run.sampling.top_p,
+                                   run.sampling.top_k)
+  return engine_lib.Engine(mcfg, graphdef, ecfg, mesh=mesh), params, sampling
+
+
+def prefill_result(run, mcfg, mesh, chips: int) -> Result:
+  import jax
+  import jax.numpy as jnp
+
+  from fipo_jax import sharding
+
+  engine, params, sampling = _engine(run, mcfg, mesh)
+  ecfg = engine.cfg
+  bsz, plen = ecfg.batch_bucket(ecfg.num_slots), ecfg.max_prefill_len
+  arg = lambda shape, dtype: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+  seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(mesh))
+  res = Result("prefill", dict(mesh.shape), f"Bp={bsz} P={plen}", bsz * plen,
+               model_flops_per_token(mcfg, plen / 2, train=False))
+  traced = engine._prefill.trace(
+    engine.graphdef, params, arg((bsz, plen), jnp.int32), arg((bsz,), jnp.int32),
+    arg((bsz, 2), jnp.int32), seed, cfg=mcfg, sampling=sampling)
+  return _compile(traced, res, chips)
+
+
+def decode_result(run, mcfg, mesh, chips: int) -> Result:
+  import jax
+  import jax.numpy as jnp
+
+  from fipo_jax import sharding
+  from fipo_jax.sampling import engine as engine_lib
+
+  engine, params, sampling = _engine(run, mcfg, mesh)
+  state = _sds(jax.eval_shape(engine._zero_state), engine.state_shardings)
+  rep = sharding.replicated(mesh)
+  stop = jax.ShapeDtypeStruct(engine_lib._stop_array([0]).shape, jnp.int32, sharding=rep)
+  min_free = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  ecfg = engine.cfg
+  res = Result("decode", dict(mesh.shape), f"slots={ecfg.num_slots} S={ecfg.cache_len} (1 step)",
+               ecfg.num_slots, model_flops_per_token(mcfg, ecfg.cache_len, train=False))
+  traced = engine._generate.trace(engine.graphdef, params, state, stop, min_free,
+                                  sampling=sampling, steps=1)
+  return _compile(traced, res, chips)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def model_config(run, num_layers: int | None = None):
+  """The trainer's ModelConfig, compiled for TPU: 'auto' attention is splash whatever this
+  process's backend is."""
+  from fipo_jax.rl import setup
+
+  mcfg = setup.model_config(run)
+  impl = "splash" if mcfg.attention_impl == "auto" else mcfg.attention_impl
+  if impl == "splash" and importlib.util.find_spec("fipo_jax.models.splash") is None:
+    print("warning: fipo_jax.models.splash not found; compiling 'blockwise' attention",
+          file=sys.stderr)
+    impl = "blockwise"
+  return mcfg.replace(attention_impl=impl, num_layers=num_layers or mcfg.num_layers)
+
+
+def decode_mesh_sizes(spec: str, mcfg, train_sizes, chips: int) -> tuple[int, int, int]:
+  if spec == "train":
+    return tuple(train_sizes)
+  if spec == "auto":
+    tensor = math.gcd(mcfg.num_kv_heads, 8, chips)
+    return (chips // tensor, 1, tensor)
+  sizes = tuple(int(s) for s in spec.split(","))
+  if len(sizes) != 3:
+    raise ValueError(f"--decode_mesh wants 'data,fsdp,tensor', got {spec!r}")
+  return sizes
+
+
+def _gib(b) -> str:
+  return "-" if b is None else f"{b / GiB:7.2f}"
+
+
+def report(results: list[Result], chip: Chip, chips: int, mcfg) -> None:
+  print(f"{'step':<11} {'mesh (d,f,t)':<13} {'args':>7} {'out':>7} {'alias':>7} {'temp':>7} "
+        f"{'total':>7} GiB/chip of {chip.hbm_bytes / GiB:.2f}  {'compile':>8}")
+  for r in results:
+    mesh = ",".join(str(r.mesh[a]) for a in ("data", "fsdp", "tensor"))
+    m = r.memory or {}
+    print(f"{r.name:<11} {mesh:<13} {_gib(m.get('argument'))} {_gib(m.get('output'))} "
+          f"{_gib(m.get('alias'))} {_gib(m.get('temp'))} {_gib(m.get('total'))} "
+          f"{'fits' if r.memory and m['total'] <= chip.hbm_bytes else 'DOES NOT FIT':<18}"
+          f"{r.compile_seconds or 0:7.1f}s   {r.shapes}")
+    if r.error:
+      print(f"    error: {r.error}")
+  print(f"\nFLOPs per step (per chip; counted from the jaxpr, loops unrolled) vs the estimate "
+        f"(model {mcfg.num_layers} layers, {chips} chips, peak {chip.bf16_flops / 1e12:.0f} TF/s)")
+  for r in results:
+    if r.flops is None:
+      continue
+    per_tok = r.flops * chips / r.tokens
+    note = f"  ({r.uncounted_kernels} Pallas kernels without a cost estimate)" \
+      if r.uncounted_kernels else ""
+    print(f"{r.name:<11} {r.flops:10.3e}  per token {per_tok:10.3e} vs 6N/2N+attn "
+          f"{r.est_flops_per_token:10.3e} (x{per_tok / r.est_flops_per_token:.2f})  "
+          f"xla cost_analysis {r.xla_flops or 0:10.3e}  at peak {r.flops / chip.bf16_flops:8.3f}s"
+          f"{note}")
+
+
+def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="auto") -> dict:
+  """Compiles the recipe's steps for `topology`; returns the summary dict (the JSON line)."""
+  import jax
+
+  from fipo_jax import config as config_lib
+  from fipo_jax import sharding
+
+  if config.model.get("tokenizer_dir") is None and config.model.get("hf_dir") is None:
+    config.model.tokenizer_dir = "(not read by aot)"  # validate() asks for one on verl data
+  run = config_lib.validate(config, check_paths=False)
+  devices = topology_devices(topology)  # raises on an unknown name
+  chip = CHIPS[TOPOLOGIES[topology][0]]
+  chips = len(devices)
+  mcfg = model_config(run, num_layers)
+  train_sizes = run.mesh.resolve(chips)
+  train_mesh = sharding.make_mesh(*train_sizes, devices=devices)
+  dec_mesh = sharding.make_mesh(*decode_mesh_sizes(decode_mesh, mcfg, train_sizes, chips),
+                                devices=devices)
+  builders = {"train_step": (train_step_result, train_mesh), "prefill": (prefill_result, dec_mesh),
+              "decode": (decode_result, dec_mesh)}
+  results = []
+  for name in steps:
+    fn, mesh = builders[name]
+    print(f"compiling {name} on {dict(mesh.shape)} ...", file=sys.stderr, flush=True)
+    results.append(fn(run, mcfg, mesh, chips))
+  report(results, chip, chips, mcfg)
+  fits = all(r.memory is not None and r.memory["total"] <= chip.hbm_bytes for r in results)
+  import importlib.metadata as md
+
+  out = dict(topology=topology, chips=chips, hbm_per_chip_bytes=chip.hbm_bytes,
+             libtpu_version=md.version("libtpu"), jax_version=jax.__version__,
+             model=run.model.preset, num_layers=mcfg.num_layers)
+  for r in results:
+    out[r.name] = dict(total_bytes_per_chip=r.memory and r.memory["total"], flops=r.flops,
+                       xla_flops=r.xla_flops, compile_seconds=r.compile_seconds,
+                       mesh=r.mesh, shapes=r.shapes, error=r.error)
+  out["fits"] = fits
+  return out
+
+
+def main(argv) -> int:
+  del argv
+  # Compile-only: never open a TPU (none may be here) nor take libtpu's process lock.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+  steps = [s for s in _STEPS.value if s]
+  unknown = set(steps) - set(STEPS)
+  if unknown:
+    raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from {STEPS}")
+  out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _DECODE_MESH.value)
+  print(json.dumps(out), flush=True)
+  return 0 if out["fits"] else 1
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(lambda argv: sys.exit(main(argv)))
