@@ -128,3 +128,17 @@ def shard_params(state, mesh: Mesh):
   """Places every leaf of an nnx State onto `mesh` with the sharding the rules table gives."""
   shardings = state_shardings(state, mesh)
   return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+
+
+def optimizer_shardings(tx, params, mesh: Mesh):
+  """Shardings for `tx.init(params)`: each moment as its param, counters replicated.
+
+  `jax.jit(tx.init)` alone would leave the state on one device (its outputs do not depend on
+  the params' values), which no multi-host program can read; pass these as its out_shardings.
+  """
+  import optax  # noqa: PLC0415 -- the rules table itself does not need optax
+
+  abstract = jax.eval_shape(tx.init, params)
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh))

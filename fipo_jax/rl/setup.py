@@ -19,8 +19,7 @@ import optax
 from flax import nnx
 
 from fipo_jax import config as config_lib
-from fipo_jax import distributed
-from fipo_jax import models, sharding
+from fipo_jax import distributed, models, sharding
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
 from fipo_jax.models import build as build_lib
@@ -128,7 +127,8 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
   tx = ts.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
                          grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps, schedule=o.schedule,
                          total_steps=rc.total_steps)
-  opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(
+    params)
 
   p, t = rc.data.max_prompt_length, rc.rl.max_response_length
   upd = update_config(rc, mesh, p + t)

@@ -25,9 +25,8 @@ import tqdm
 
 from fipo_jax import checkpoints as ckpt_lib
 from fipo_jax import config as config_lib
-from fipo_jax import distributed
+from fipo_jax import distributed, sharding
 from fipo_jax import metrics as metrics_lib
-from fipo_jax import sharding
 from fipo_jax.rl import advantages as adv_lib
 from fipo_jax.rl import evaluation, warmstart
 from fipo_jax.rl import rollout as rollout_lib
@@ -90,7 +89,9 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
     logging.warning("resumed from step %d", start_step)  # visible at the CLI's WARNING level
   elif rc.sft.steps > 0:
     params = warmstart.sft_warm_start(rc, env, params, workdir)
-    opt_state = env.tx.init(params)
+    # jit with the state's shardings: eager init would leave it on one device (one host).
+    opt_state = jax.jit(env.tx.init, out_shardings=jax.tree.map(lambda x: x.sharding, opt_state))(
+      params)
 
   steps = ts.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
                        param_sharding=env.param_sharding,
