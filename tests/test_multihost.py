@@ -1,0 +1,113 @@
+"""Multi-host training on localhost: 2 processes x 4 CPU devices against 1 process x 8 devices.
+
+Each run is `python -m fipo_jax.main` in child processes joined by `jax.distributed` (gloo CPU
+collectives, coordinator on a free port). Same global mesh, same seeds: the two-process run must
+log the same metrics as the one-process run, through a checkpoint save and restore, and a
+checkpoint written by two processes must resume in one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Small enough for 2 shared CPU cores. A short warm start rarely samples a right answer, so group
+# filtering is off: the overlong penalty (responses past 16 tokens) still varies within groups,
+# which gives non-zero advantages and real FIPO updates on every step.
+OVERRIDES = (
+  "--config.sft.steps=20",
+  "--config.eval_every=0",
+  "--config.rl.filter_groups_enable=false",
+  "--config.mesh.data=1",
+  "--config.mesh.fsdp=-1",
+  "--config.mesh.tensor=1",
+  "--config.checkpoint_every=1",
+)
+IGNORED_PREFIXES = ("timing_s/", "perf/")
+
+
+def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
+           total_steps: int) -> None:
+  """Runs the trainer in `processes` child processes sharing `workdir`; fails on any error."""
+  port = portpicker.pick_unused_port()
+  procs = []
+  for pid in range(processes):
+    env = dict(os.environ)
+    # Only the children get their device count; the test process keeps conftest's 8 devices.
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["JAX_PLATFORMS"] = "cpu"
+    for key in ("FIPO_COORDINATOR", "FIPO_NUM_PROCESSES", "FIPO_PROCESS_ID", "FIPO_DISTRIBUTED"):
+      env.pop(key, None)
+    if processes > 1:
+      env.update(FIPO_COORDINATOR=f"localhost:{port}", FIPO_NUM_PROCESSES=str(processes),
+                 FIPO_PROCESS_ID=str(pid))
+    cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
+           "--workdir", str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outputs = [p.communicate()[0] for p in procs]
+  for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+    assert p.returncode == 0, f"process {pid}/{processes} exited {p.returncode}:\n{out[-4000:]}"
+
+
+def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  steps = [r["step"] for r in rows]
+  assert len(steps) == len(set(steps)), f"a step was logged twice (two writers?): {steps}"
+  return {r["step"]: {k: v for k, v in r.items() if not k.startswith(IGNORED_PREFIXES)}
+          for r in rows}
+
+
+def _assert_same(got: dict, want: dict, step: int) -> None:
+  assert sorted(got) == sorted(want), f"step {step}: keys differ {set(got) ^ set(want)}"
+  for key, w in want.items():
+    g = got[key]
+    if isinstance(w, float) and math.isnan(w) or w is None:
+      assert g is None or (isinstance(g, float) and math.isnan(g)), (step, key, g, w)
+      continue
+    # float32 rounding (collectives reduce in another order across processes).
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
+
+
+def _steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_path):
+  # Reference: one process with all 8 devices, two FIPO steps in one go.
+  one = tmp_path / "one_process"
+  _train(one, processes=1, devices_per_process=8, total_steps=2)
+  want = _metrics(one)
+
+  # Two processes x 4 devices: step 1, checkpoint, stop; restart (restore) and run step 2.
+  two = tmp_path / "two_processes"
+  _train(two, processes=2, devices_per_process=4, total_steps=1)
+  assert _steps(two) == [1]
+  resumed_in_one = tmp_path / "saved_by_two_resumed_by_one"
+  shutil.copytree(two, resumed_in_one)
+  _train(two, processes=2, devices_per_process=4, total_steps=2)
+  assert _steps(two) == [1, 2]
+  got = _metrics(two)
+
+  assert sorted(got) == sorted(want) == [1, 2]
+  for step in (1, 2):
+    # The comparison is only meaningful if the policy was really updated.
+    assert want[step]["train/empty_steps"] == 0, f"step {step} had no mixed group"
+    assert want[step]["actor/grad_norm"] > 0, f"step {step}: no gradient"
+    _assert_same(got[step], want[step], step)
+
+  # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
+  _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2)
+  _assert_same(_metrics(resumed_in_one)[2], want[2], 2)
