@@ -28,7 +28,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--hf_dir", help="HF directory: config.json + safetensors (+ tokenizer).")
-  src.add_argument("--checkpoint", help="fipo_jax training checkpoint directory.")
+  src.add_argument("--checkpoint", help="fipo_jax trainer workdir (its latest checkpoint).")
   p.add_argument("--tokenizer_dir", help="Tokenizer directory (default: the model directory).")
   p.add_argument("--prompts_file", required=True, help="Input jsonl: 'prompt' or 'prompt_ids'.")
   p.add_argument("--output", required=True, help="Output jsonl, one line per sample.")
@@ -48,23 +48,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace):
-  """The Transformer from --hf_dir, or a clear error for --checkpoint when unsupported."""
+  """The Transformer from --hf_dir, or the latest checkpoint of a trainer workdir."""
   from fipo_jax import models  # noqa: PLC0415 (keeps --help fast)
 
   if args.checkpoint is not None:
-    try:
-      from fipo_jax import checkpoints  # noqa: PLC0415
-    except ImportError:
-      checkpoints = None
-    if checkpoints is None or not hasattr(checkpoints, "load_model"):
-      raise SystemExit(
-        f"error: --checkpoint {args.checkpoint}: loading training checkpoints is not available "
-        "in this version (fipo_jax.checkpoints.load_model is missing); export the params with "
-        "fipo_jax.models.save_pretrained and pass --hf_dir instead"
-      )
     if not os.path.isdir(args.checkpoint):
       raise SystemExit(f"error: checkpoint directory not found: {args.checkpoint}")
-    return checkpoints.load_model(args.checkpoint, dtype=args.dtype)
+    from flax import nnx  # noqa: PLC0415
+
+    from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
+
+    try:
+      policy = setup_lib.load_policy(checkpoint_dir=args.checkpoint)
+    except FileNotFoundError as e:
+      raise SystemExit(f"error: --checkpoint {args.checkpoint}: {e}") from e
+    if args.tokenizer_dir is None and os.path.isdir(policy.tokenizer_dir):
+      args.tokenizer_dir = policy.tokenizer_dir
+    return nnx.merge(policy.graphdef, policy.params)
   if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
     raise SystemExit(f"error: {args.hf_dir} has no config.json (not an HF model directory)")
   return models.from_pretrained(args.hf_dir, dtype=args.dtype)
@@ -130,10 +130,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   sampling_method = sampling.from_flags(args.temperature, args.top_p, args.top_k)
   model_dir = args.hf_dir or args.checkpoint
+  model = load_model(args)  # first: a checkpoint names its tokenizer directory
   tokenizer = load_tokenizer(args.tokenizer_dir or args.hf_dir)
   prompts = read_prompts(args.prompts_file, tokenizer, args.chat)
   stops = stop_token_ids(model_dir if args.hf_dir else None, tokenizer, args.stop_ids)
-  model = load_model(args)
   engine_cfg = sampling.EngineConfig(
     num_slots=min(args.num_slots, len(prompts) * args.n),
     max_prompt_len=max(map(len, prompts)),

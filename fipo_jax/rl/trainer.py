@@ -122,7 +122,8 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
                     eval=f"{metrics.get('eval/acc_mean', float('nan')):.2f}")
     last = metrics
     diverged = bad_steps >= rc.max_consecutive_bad_steps > 0
-    want_ckpt = (done % rc.checkpoint_every == 0 or done == rc.total_steps
+    want_ckpt = ((rc.checkpoint_every > 0 and done % rc.checkpoint_every == 0)
+                 or done == rc.total_steps
                  or stop.signum is not None or diverged)
     if want_ckpt:
       ckpt.save(done, params=params, opt_state=opt_state, metrics=metrics, extra={
