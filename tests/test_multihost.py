@@ -37,9 +37,19 @@ OVERRIDES = (
 IGNORED_PREFIXES = ("timing_s/", "perf/")
 
 
+def _snapshot_configs(dest: pathlib.Path) -> pathlib.Path:
+  """A copy of configs/ taken once, so that every run of the test trains the same recipe."""
+  shutil.copytree(REPO / "configs", dest / "configs",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  return dest
+
+
 def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
-           total_steps: int) -> None:
-  """Runs the trainer in `processes` child processes sharing `workdir`; fails on any error."""
+           total_steps: int, cwd: pathlib.Path) -> None:
+  """Runs the trainer in `processes` child processes sharing `workdir`; fails on any error.
+
+  `cwd` holds the configs/ snapshot (`python -m` imports `configs.common` from there).
+  """
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(processes):
@@ -54,7 +64,7 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
                  FIPO_PROCESS_ID=str(pid))
     cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
            "--workdir", str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES]
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outputs = [p.communicate()[0] for p in procs]
   for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
@@ -86,18 +96,19 @@ def _steps(workdir: pathlib.Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_path):
+  cwd = _snapshot_configs(tmp_path / "recipe")
   # Reference: one process with all 8 devices, two FIPO steps in one go.
   one = tmp_path / "one_process"
-  _train(one, processes=1, devices_per_process=8, total_steps=2)
+  _train(one, processes=1, devices_per_process=8, total_steps=2, cwd=cwd)
   want = _metrics(one)
 
   # Two processes x 4 devices: step 1, checkpoint, stop; restart (restore) and run step 2.
   two = tmp_path / "two_processes"
-  _train(two, processes=2, devices_per_process=4, total_steps=1)
+  _train(two, processes=2, devices_per_process=4, total_steps=1, cwd=cwd)
   assert _steps(two) == [1]
   resumed_in_one = tmp_path / "saved_by_two_resumed_by_one"
   shutil.copytree(two, resumed_in_one)
-  _train(two, processes=2, devices_per_process=4, total_steps=2)
+  _train(two, processes=2, devices_per_process=4, total_steps=2, cwd=cwd)
   assert _steps(two) == [1, 2]
   got = _metrics(two)
 
@@ -109,5 +120,5 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
     _assert_same(got[step], want[step], step)
 
   # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
-  _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2)
+  _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2, cwd=cwd)
   _assert_same(_metrics(resumed_in_one)[2], want[2], 2)
