@@ -30,6 +30,17 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   "vocab": "tensor",  # V
   "norm": None,  # D of norm scales: small, replicated
   "cache_batch": ("data", "fsdp"),  # B of the KV cache
+  # Activations (constrained in the model under an ambient mesh, see `constrain`): the batch
+  # is split over every data-parallel axis, so with FSDP weights each chip gathers one layer's
+  # weights and keeps its own rows whole; without these XLA may shard the residual stream on D
+  # and replicate the [B, T, F] MLP temporaries instead.
+  "activation_batch": ("data", "fsdp"),
+  "activation_length": None,
+  "activation_embed": None,
+  "activation_heads": "tensor",
+  "activation_kv_heads": "tensor",
+  "activation_mlp": "tensor",
+  "activation_vocab": "tensor",
 }
 
 
@@ -97,6 +108,19 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None
                    ) -> NamedSharding:
   """Sharding for [B, ...] data: batch over ('data', 'fsdp'), the rest replicated."""
   return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), shape)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` of x through RULES under the ambient mesh.
+
+  The mesh is the one set with `jax.set_mesh` / `jax.sharding.use_abstract_mesh` (the jitted
+  steps set it from their params' shardings); without one, x is returned unchanged, so the
+  model runs as before on one device and in the tests.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

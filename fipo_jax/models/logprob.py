@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from fipo_jax import sharding
+
 
 def token_log_probs_from_hidden(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
                                 temperature: float = 1.0, chunk_size: int = 1024,
@@ -34,7 +36,10 @@ def token_log_probs_from_hidden(hidden: jax.Array, w: jax.Array, targets: jax.Ar
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def chunk(_, inputs):
     h, tgt = inputs
+    h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
     logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    logits = sharding.constrain(logits, ("activation_batch", "activation_length",
+                                         "activation_vocab"))
     logits = logits / jnp.float32(temperature)
     logz = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
     picked = jnp.take_along_axis(logits, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from fipo_jax import sharding
 from fipo_jax.models import attention as attention_lib
 from fipo_jax.models import config as config_lib
 from fipo_jax.models import kv_cache as kv_cache_lib
@@ -23,6 +24,10 @@ _REMAT = {
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
+
+
+# Logical axes of the residual stream x [B, T, D] (sharding.RULES).
+_RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 
 def layer_param_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple, tuple]]:
@@ -79,6 +84,7 @@ def _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_ind
   place (a per-row scatter, no copy of the cache) and returns (x, (k_all, v_all)).
   """
   dtype = x.dtype
+  x = sharding.constrain(x, _RESIDUAL)
   hn = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
   q, k, v = layers.qkv_proj(hn, p, cfg, cos, sin)
   if kv is not None:
@@ -93,7 +99,7 @@ def _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_ind
   x = x + layers.dense(attn, p["o_proj"], "btnh,nhd->btd", dtype)
   hn = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
   x = x + layers.swiglu_mlp(hn, p, dtype)
-  return x, kv
+  return sharding.constrain(x, _RESIDUAL), kv
 
 
 class Transformer(nnx.Module):
@@ -151,7 +157,7 @@ class Transformer(nnx.Module):
       if positions is None:
         positions = q_slot
     cos, sin = layers.rope_cos_sin(positions.astype(jnp.int32), cfg.head_dim, cfg.rope_theta)
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+    x = sharding.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dtype), _RESIDUAL)
     params = self.layers.values()
 
     def body(carry, inputs):
@@ -168,7 +174,8 @@ class Transformer(nnx.Module):
     x, kv = self._run_layers(body, (x, kv), (params, layer_ids))
     if cache is not None:
       cache = kv_cache_lib.KVCache(k=kv[0], v=kv[1], mask=kv_valid, index=new_index)
-    hidden = layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+    hidden = sharding.constrain(layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps),
+                                _RESIDUAL)
     return hidden if cache is None else (hidden, cache)
 
   def _run_layers(self, fn, carry, xs):

@@ -219,6 +219,28 @@ class CompiledSteps:
   log_prob: Any
 
 
+def _mesh_of(shardings):
+  """The mesh of the first NamedSharding in a pytree of shardings (None if there is none)."""
+  for s in jax.tree.leaves(shardings):
+    if isinstance(s, jax.sharding.NamedSharding):
+      return s.mesh
+  return None
+
+
+def _under_mesh(mesh, fn):
+  """fn traced with `mesh` as the ambient mesh, so the model's activation sharding constraints
+  (sharding.constrain) and the splash kernel's shard_map see it."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_sharding=None
               ) -> CompiledSteps:
   """jit the steps once, donating params and optimizer state.
@@ -228,10 +250,11 @@ def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_shard
   step t+1 sees exactly the layout of step t and never recompiles. None leaves stay unspecified.
   """
   state_outs = (param_sharding, opt_sharding, None)
+  mesh = _mesh_of(param_sharding)
   train = jax.jit(
-    functools.partial(train_step, graphdef, cfg=cfg, tx=tx),
+    _under_mesh(mesh, functools.partial(train_step, graphdef, cfg=cfg, tx=tx)),
     out_shardings=state_outs,
     donate_argnums=(0, 1),
   )
-  log_prob = jax.jit(functools.partial(log_prob_step, graphdef, cfg=cfg))
+  log_prob = jax.jit(_under_mesh(mesh, functools.partial(log_prob_step, graphdef, cfg=cfg)))
   return CompiledSteps(train=train, log_prob=log_prob)
