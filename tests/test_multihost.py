@@ -122,3 +122,47 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
   # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
   _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2, cwd=cwd)
   _assert_same(_metrics(resumed_in_one)[2], want[2], 2)
+
+
+def test_initialize_is_a_noop_for_one_process(monkeypatch):
+  from fipo_jax import distributed  # noqa: PLC0415
+
+  for key in ("FIPO_COORDINATOR", "FIPO_NUM_PROCESSES", "FIPO_PROCESS_ID", "FIPO_DISTRIBUTED",
+              "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(key, raising=False)
+  assert distributed.initialize() is False
+  assert distributed.initialize("localhost:1234", 1, 0) is False  # one process: nothing to join
+  monkeypatch.setenv("FIPO_COORDINATOR", "localhost:1234")
+  with pytest.raises(ValueError, match="num_processes and process_id"):
+    distributed.initialize()
+
+
+def test_cluster_detection():
+  from fipo_jax import distributed  # noqa: PLC0415
+
+  detect = distributed._cluster_detected
+  assert not detect({})
+  assert not detect({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0"})
+  assert detect({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_PROCID": "2"})
+  assert detect({"OMPI_COMM_WORLD_SIZE": "2"})
+  assert not detect({"TPU_WORKER_HOSTNAMES": "localhost"})  # a single-host TPU VM
+  assert detect({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
+
+
+def test_fetch_and_optimizer_shardings_on_the_8_device_mesh():
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  from fipo_jax import distributed, sharding  # noqa: PLC0415
+
+  mesh = sharding.make_mesh(2, -1, 1)
+  x = jax.device_put(np.arange(32.0).reshape(8, 4), sharding.batch_sharding(mesh, 2, (8, 4)))
+  np.testing.assert_array_equal(distributed.fetch({"x": x})["x"], np.arange(32.0).reshape(8, 4))
+  params = {"w": jax.device_put(np.ones((8, 4), np.float32),
+                                sharding.named_sharding(mesh, ("embed", None), (8, 4)))}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  shardings = sharding.optimizer_shardings(tx, params, mesh)
+  state = jax.jit(tx.init, out_shardings=shardings)(params)
+  adam = state[1][0]
+  assert adam.mu["w"].sharding == params["w"].sharding  # moments in the params' shards
+  assert adam.count.sharding.mesh == mesh and adam.count.sharding.is_fully_replicated
