@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "A trainer workdir (its latest checkpoint).")
 _HF = flags.DEFINE_string("hf_dir", None, "An HF model directory (config, safetensors, tokenizer).")
@@ -20,7 +20,9 @@ _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy
 _TOP_P = flags.DEFINE_float("top_p", 0.7, "Nucleus sampling mass.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: the run's max_response_length.")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 2048, "Prompt tokens (left-truncated).")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", None,
+                                   "Prompt tokens (left-truncated); default: the run's, or 2048.")
+_CHAT = flags.DEFINE_boolean("chat", None, "Apply the chat template; default: the run's, or True.")
 _SLOTS = flags.DEFINE_integer("num_slots", 64, "Concurrent decode slots.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("output", None, "JSON results path (default: stdout table only).")
@@ -29,6 +31,7 @@ _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", -1, "Evaluate only the first 
 
 def main(argv) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's INFO lines drown the table
   from fipo_jax.data import pipeline
   from fipo_jax.data import tokenizer as tok_lib
   from fipo_jax.eval import cli
@@ -48,12 +51,17 @@ def main(argv) -> None:
 
   policy = setup_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
   tokenizer = tok_lib.load_tokenizer(policy.tokenizer_dir)
-  dataset = pipeline.PromptDataset(_DATA.value, tokenizer, max_prompt_length=_MAX_PROMPT.value)
+  data_cfg = policy.run_config.data if policy.run_config else None
+  max_prompt = _MAX_PROMPT.value or (data_cfg.max_prompt_length if data_cfg else 2048)
+  chat = _CHAT.value if _CHAT.value is not None else (
+    data_cfg.apply_chat_template if data_cfg else True)
+  dataset = pipeline.PromptDataset(_DATA.value, tokenizer, max_prompt_length=max_prompt,
+                                   apply_chat_template=chat)
   examples, skipped = dataset.examples(_MAX_PROMPTS.value)
   max_new = _MAX_NEW.value or policy.max_response_length or 1024
   engine = engine_lib.Engine(
     policy.model_cfg, policy.graphdef,
-    engine_lib.EngineConfig(num_slots=_SLOTS.value, max_prompt_len=_MAX_PROMPT.value,
+    engine_lib.EngineConfig(num_slots=_SLOTS.value, max_prompt_len=max_prompt,
                             max_new_tokens=max_new),
   )
   metrics, records = evaluation.evaluate_examples(

@@ -192,6 +192,7 @@ class Policy:
   params: Any
   tokenizer_dir: str
   max_response_length: int | None = None
+  run_config: config_lib.RunConfig | None = None  # the trainer's config, for checkpoints
 
 
 def load_policy(*, checkpoint_dir: str | None = None, hf_dir: str | None = None,
@@ -216,4 +217,4 @@ def load_policy(*, checkpoint_dir: str | None = None, hf_dir: str | None = None,
                                        keep=rc.keep_checkpoints)
   _, params = manager.restore_params(params=target, step=step)
   tok_dir = rc.model.tokenizer_dir or rc.model.hf_dir or os.path.join(checkpoint_dir, "tokenizer")
-  return Policy(cfg, graphdef, params, tok_dir, rc.rl.max_response_length)
+  return Policy(cfg, graphdef, params, tok_dir, rc.rl.max_response_length, rc)
