@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,11 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 log = logging.getLogger(__name__)
+
+# Test hook (tests/test_reliability_process.py): SIGKILL this process right after the save of
+# this step has started, i.e. while orbax is still writing it, to prove a partial checkpoint is
+# never resumed from.
+KILL_IN_SAVE_ENV = "FIPO_JAX_TEST_KILL_IN_SAVE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +121,10 @@ class CheckpointManager:
       opt_state=ocp.args.StandardSave(opt_state),
       extra=ocp.args.JsonSave(_jsonable(dict(extra or {}))),
     )
-    return bool(self._mgr.save(step, args=args, metrics=best))
+    started = bool(self._mgr.save(step, args=args, metrics=best))
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+      os.kill(os.getpid(), signal.SIGKILL)
+    return started
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()

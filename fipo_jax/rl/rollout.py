@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -77,6 +78,11 @@ class RewardConfig:
   overlong_buffer_enable: bool = True
   overlong_buffer_len: int = 4096
   overlong_penalty_factor: float = 1.0
+  # Size bounds of one verifier call: with the linear-time math_dapo_score they bound its time.
+  # Only the response's tail is passed (the verifier reads its last 300 characters, so this
+  # changes no score); a longer ground truth is a data error, scored wrong and counted.
+  max_response_chars: int = 4096
+  max_ground_truth_chars: int = 1024
 
 
 def score_responses(
@@ -88,16 +94,24 @@ def score_responses(
 ) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int]:
   """Verifier score plus DAPO overlong shaping, per response.
 
-  A verifier that raises scores the sample as wrong (-1) and is counted, never kills the run.
+  A verifier that raises or returns a non-finite score scores the sample as wrong (-1) and is
+  counted, never kills the run. Inputs are size-bounded first (see RewardConfig).
   Returns (scores f32[R], acc bool[R], preds, overlong bool[R], num_errors).
   """
   scores, accs, preds, overlong, errors = [], [], [], [], 0
   for text, length, gt in zip(texts, lengths, ground_truths, strict=True):
     try:
+      if isinstance(gt, str) and len(gt) > cfg.max_ground_truth_chars:
+        raise ValueError(f"ground truth of {len(gt)} chars > {cfg.max_ground_truth_chars}")
+      if isinstance(text, str):
+        text = text[-cfg.max_response_chars:]
       res = score_fn(text, gt)
       score, acc, pred = float(res["score"]), bool(res["acc"]), str(res.get("pred", ""))
+      if not math.isfinite(score):
+        raise ValueError(f"non-finite score {score}")
     except Exception as e:  # noqa: BLE001 -- any verifier failure is a wrong answer
-      logging.warning("reward function failed (%s: %s); scoring as wrong", type(e).__name__, e)
+      logging.warning("reward function failed (%s: %.200s); scoring as wrong",
+                      type(e).__name__, e)
       score, acc, pred, errors = -1.0, False, "[ERROR]", errors + 1
     penalty = 0.0
     if cfg.overlong_buffer_enable:

@@ -1,0 +1,155 @@
+"""Crash, preemption and partial-save recovery of `python -m fipo_jax.main`, with real processes.
+
+One uninterrupted reference run (module fixture) is compared with runs that are killed (-9),
+preempted (SIGTERM) or killed inside a checkpoint save and then restarted with the same command:
+every step's metrics must equal the reference's to the last bit (timings excluded).
+
+The runs use `tiny_cpu:runlocal` with group filtering off (every step then updates: the overlong
+shaping makes advantages non-zero) and a checkpoint every step. A persistent compilation cache
+shared by the module's processes keeps the restarts cheap on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fipo_jax import checkpoints as ckpt_lib
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 10
+ARGS = ("--config", "configs/tiny_cpu.py:runlocal", f"--config.total_steps={TOTAL_STEPS}",
+        "--config.checkpoint_every=1", "--config.keep_checkpoints=3",
+        "--config.rl.filter_groups_enable=False")
+VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any two runs
+
+
+def _env(cache_dir: pathlib.Path, **extra: str) -> dict[str, str]:
+  env = dict(os.environ)
+  # One CPU device is plenty for these runs and compiles fastest: drop conftest's 8-device flag.
+  env.pop("XLA_FLAGS", None)
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", **extra)
+  return env
+
+
+def _start(workdir: pathlib.Path, cache_dir: pathlib.Path, **env: str) -> subprocess.Popen:
+  # Output goes to a file, not a pipe: a full pipe would block the child mid-run.
+  log = open(workdir.with_name(workdir.name + ".log"), "w+")  # noqa: SIM115 - closed in _finish
+  proc = subprocess.Popen([sys.executable, "-m", "fipo_jax.main", *ARGS, "--workdir", str(workdir)],
+                          cwd=ROOT, env=_env(cache_dir, **env), stdout=log, stderr=log, text=True)
+  proc.log = log
+  return proc
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+  proc.wait()
+  proc.log.seek(0)
+  out = proc.log.read()
+  proc.log.close()
+  return proc.returncode, out
+
+
+def _run(workdir: pathlib.Path, cache_dir: pathlib.Path, **env: str) -> tuple[int, str]:
+  return _finish(_start(workdir, cache_dir, **env))
+
+
+def _finalised_steps(workdir: pathlib.Path) -> list[int]:
+  """Steps whose checkpoint directory orbax has finalised (renamed from its tmp name)."""
+  d = workdir / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, workdir: pathlib.Path, step: int) -> None:
+  while step not in _finalised_steps(workdir):
+    if proc.poll() is not None:
+      pytest.fail(f"run exited (rc={proc.returncode}) before checkpoint {step}: "
+                  f"{_finish(proc)[1][-2000:]}")
+    time.sleep(0.02)
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def _assert_same_run(workdir: pathlib.Path, reference: list[dict]) -> None:
+  got = _metrics(workdir)
+  assert [r["step"] for r in got] == list(range(TOTAL_STEPS + 1))
+  for want, have in zip(reference, got, strict=True):
+    assert have == want, f"step {want['step']} differs from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir) -> list[dict]:
+  workdir = tmp_path_factory.mktemp("reference")
+  rc, err = _run(workdir, cache_dir)
+  assert rc == 0, err[-3000:]
+  rows = _metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(TOTAL_STEPS + 1))
+  # The comparison is only meaningful if the steps really update the policy.
+  assert all(r["train/num_prompts_kept"] > 0 and r["actor/grad_norm"] > 0 for r in rows[1:])
+  return rows
+
+
+def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, cache_dir, reference):
+  proc = _start(tmp_path, cache_dir)
+  _wait_for_checkpoint(proc, tmp_path, 2)
+  time.sleep(random.uniform(0.0, 0.6))
+  assert proc.poll() is None, "run finished before it could be killed; make it longer"
+  proc.send_signal(signal.SIGKILL)
+  rc, _ = _finish(proc)
+  assert rc == -signal.SIGKILL
+  killed_at = max(r["step"] for r in _metrics(tmp_path))
+  assert killed_at < TOTAL_STEPS
+
+  rc, err = _run(tmp_path, cache_dir)
+  assert rc == 0, err[-3000:]
+  assert "resumed from step" in err
+  _assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, reference):
+  proc = _start(tmp_path, cache_dir)
+  _wait_for_checkpoint(proc, tmp_path, 2)
+  assert proc.poll() is None, "run finished before the signal; make it longer"
+  proc.send_signal(signal.SIGTERM)
+  rc, err = _finish(proc)
+  assert rc == 0, err[-3000:]
+  stopped_at = max(r["step"] for r in _metrics(tmp_path))
+  assert stopped_at < TOTAL_STEPS, "the signal did not stop the run"
+  assert f"stopping after step {stopped_at}" in err
+  assert _finalised_steps(tmp_path)[-1] == stopped_at  # the checkpoint of the step it stopped at
+
+  rc, err = _run(tmp_path, cache_dir)
+  assert rc == 0, err[-3000:]
+  assert f"resumed from step {stopped_at}" in err
+  _assert_same_run(tmp_path, reference)
+
+
+def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, cache_dir, reference):
+  rc, _ = _run(tmp_path, cache_dir, **{ckpt_lib.KILL_IN_SAVE_ENV: "3"})
+  assert rc == -signal.SIGKILL
+  assert _finalised_steps(tmp_path)[-1] == 2  # step 3 was being written: never finalised
+  assert max(r["step"] for r in _metrics(tmp_path)) == 3  # its metrics row was already logged
+
+  rc, err = _run(tmp_path, cache_dir)
+  assert rc == 0, err[-3000:]
+  assert "resumed from step 2" in err
+  _assert_same_run(tmp_path, reference)
