@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -105,3 +106,32 @@ def test_verifier_sees_only_the_bounded_tail():
   rollout.score_responses(["x" * 10**6 + "Answer: 3"], [1], ["3"], cfg,
                           lambda t, g: seen.append(len(t)) or {"score": 1.0, "acc": True})
   assert seen == [cfg.max_response_chars]
+
+
+def test_consecutive_bad_steps_stop_with_checkpoint_of_last_good_state(tmp_path, monkeypatch):
+  from configs import tiny_cpu  # noqa: PLC0415
+  from fipo_jax import checkpoints as ckpt_lib  # noqa: PLC0415
+  from fipo_jax.rl import trainer  # noqa: PLC0415
+
+  config = tiny_cpu.get_config("runlocal")
+  config.sft.steps, config.eval_every, config.total_steps = 0, 0, 10
+  config.checkpoint_every, config.max_consecutive_bad_steps = 100, 2
+  # Step 1 is good, every later step has a non-finite update (params come back untouched).
+  bad = iter([0, 1, 1, 1, 1])
+  seen = {}
+
+  def fake_step(rc, env, steps, params, opt_state, step):
+    seen.setdefault("params", params)
+    return {"train/nonfinite_updates": next(bad)}, params, opt_state
+
+  monkeypatch.setattr(trainer, "rl_step", fake_step)
+  with pytest.raises(trainer.TrainingDiverged, match="2 consecutive steps.*checkpointed at step 3"):
+    trainer.run(config, str(tmp_path))
+  mgr = ckpt_lib.CheckpointManager(str(tmp_path / "checkpoints"))
+  assert mgr.latest_step() == 3
+  step, params = mgr.restore_params(params=seen["params"])
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                      params, seen["params"])
+  assert all(jax.tree.leaves(same))
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["train/skipped_steps"] for r in rows] == [0, 1, 2]
