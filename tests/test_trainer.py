@@ -174,3 +174,20 @@ def test_tiny_cpu_config_is_consistent():
   assert rc.data.synthetic.kind == "copy" and 0 < rc.sft.wrong_fraction < 1
   # The gold answer plus EOS fits before the overlong buffer starts.
   assert len("Answer: 4831") + 1 <= rc.rl.max_response_length - rc.rl.overlong_buffer_len
+
+
+def test_a_verifier_that_hangs_is_cut_off_and_scored_wrong():
+  import time  # noqa: PLC0415
+
+  def slow(text, gt):
+    time.sleep(30)
+    return {"score": 1.0, "acc": True, "pred": gt}
+
+  cfg = rollout_lib.RewardConfig(max_response_length=8, overlong_buffer_enable=False,
+                                 max_seconds=0.2)
+  scores, acc, preds, _, errors = rollout_lib.score_responses(["x", "y"], [1, 1], ["1", "2"],
+                                                              cfg, slow)
+  assert scores.tolist() == [-1.0, -1.0] and not acc.any() and errors == 2
+  # The alarm is disarmed afterwards: a normal verifier call is unaffected.
+  scores, acc, _, _, errors = rollout_lib.score_responses(["Answer: 1"], [3], ["1"], cfg)
+  assert scores.tolist() == [1.0] and acc.all() and errors == 0

@@ -8,9 +8,12 @@ are truncated to exactly `train_batch_size` x `n` responses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import signal
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -83,6 +86,34 @@ class RewardConfig:
   # changes no score); a longer ground truth is a data error, scored wrong and counted.
   max_response_chars: int = 4096
   max_ground_truth_chars: int = 1024
+  # Wall-clock bound of one verifier call (a custom verifier may not be linear-time). Enforced
+  # with SIGALRM in the main thread, where the trainer runs; elsewhere only the size bounds hold.
+  max_seconds: float = 2.0
+
+
+class VerifierTimeout(Exception):
+  """A verifier call ran past RewardConfig.max_seconds."""
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float):
+  """Raises VerifierTimeout in the block after `seconds` (main thread, POSIX); else no bound."""
+  usable = (seconds > 0 and hasattr(signal, "setitimer")
+            and threading.current_thread() is threading.main_thread())
+  if not usable:
+    yield
+    return
+
+  def on_alarm(signum, frame):  # noqa: ARG001
+    raise VerifierTimeout(f"verifier ran past {seconds}s")
+
+  previous = signal.signal(signal.SIGALRM, on_alarm)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def score_responses(
@@ -105,7 +136,8 @@ def score_responses(
         raise ValueError(f"ground truth of {len(gt)} chars > {cfg.max_ground_truth_chars}")
       if isinstance(text, str):
         text = text[-cfg.max_response_chars:]
-      res = score_fn(text, gt)
+      with _time_bound(cfg.max_seconds):
+        res = score_fn(text, gt)
       score, acc, pred = float(res["score"]), bool(res["acc"]), str(res.get("pred", ""))
       if not math.isfinite(score):
         raise ValueError(f"non-finite score {score}")
