@@ -105,6 +105,13 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.fsdp = -1  # fully sharded axis (-1 = all remaining devices)
   c.mesh.tensor = 1  # tensor-parallel axis size
 
+  # The sampler's layout over the same devices (e.g. tensor-parallel decode, FSDP training);
+  # params are resharded on device after every update. All 0 = the train mesh above.
+  c.sampler_mesh = ml_collections.ConfigDict()
+  c.sampler_mesh.data = 0  # decode slots split over data x fsdp (0 = use c.mesh)
+  c.sampler_mesh.fsdp = 0  # -1 = all remaining devices, as in c.mesh
+  c.sampler_mesh.tensor = 0  # heads / kv heads / mlp / vocab split over tensor
+
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0  # supervised warm-start steps before RL (tiny_cpu only; 0 = none)
   c.sft.lr = 1e-3  # its AdamW learning rate

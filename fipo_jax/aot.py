@@ -38,8 +38,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name (see TOPO
 _STEPS = flags.DEFINE_list("steps", "train_step,prefill,decode", "which steps to compile")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "override L (compile-time-vs-depth check)")
 _DECODE_MESH = flags.DEFINE_string(
-  "decode_mesh", "auto", "sampler mesh 'data,fsdp,tensor' (-1 = the rest); 'auto' = "
-  "tensor-parallel over min(8, K) chips, data-parallel over the rest; 'train' = the train mesh")
+  "decode_mesh", "auto", "sampler mesh 'data,fsdp,tensor' (-1 = the rest); 'auto' = the "
+  "config's sampler_mesh if set, else tensor-parallel over min(8, K) chips, data-parallel over "
+  "the rest; 'train' = the train mesh")
 
 GiB = 2**30
 
@@ -305,9 +306,13 @@ def model_config(run, num_layers: int | None = None):
   return mcfg.replace(attention_impl=impl, num_layers=num_layers or mcfg.num_layers)
 
 
-def decode_mesh_sizes(spec: str, mcfg, train_sizes, chips: int) -> tuple[int, int, int]:
+def decode_mesh_sizes(spec: str, mcfg, train_sizes, chips: int, configured=None
+                      ) -> tuple[int, int, int]:
+  """The sampler mesh to compile prefill/decode on; `configured`: the config's sampler_mesh."""
   if spec == "train":
     return tuple(train_sizes)
+  if spec == "auto" and configured is not None:  # what the trainer would run
+    return tuple(configured)
   if spec == "auto":
     tensor = math.gcd(mcfg.num_kv_heads, 8, chips)
     return (chips // tensor, 1, tensor)
@@ -363,8 +368,9 @@ def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="au
   mcfg = model_config(run, num_layers)
   train_sizes = run.mesh.resolve(chips)
   train_mesh = sharding.make_mesh(*train_sizes, devices=devices)
-  dec_mesh = sharding.make_mesh(*decode_mesh_sizes(decode_mesh, mcfg, train_sizes, chips),
-                                devices=devices)
+  dec_sizes = decode_mesh_sizes(decode_mesh, mcfg, train_sizes, chips,
+                               run.sampler_mesh.resolve(chips))
+  dec_mesh = sharding.make_mesh(*dec_sizes, devices=devices)
   builders = {"train_step": (train_step_result, train_mesh), "prefill": (prefill_result, dec_mesh),
               "decode": (decode_result, dec_mesh)}
   results = []

@@ -300,6 +300,32 @@ class MeshSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerMeshSection(MeshSection):
+  """The sampler's own mesh layout over the same devices; all 0 (the default) = `mesh`'s."""
+
+  SECTION: ClassVar[str] = "sampler_mesh"
+  data: int = 0
+  fsdp: int = 0
+  tensor: int = 0
+
+  def __post_init__(self):
+    if not self.is_set:
+      return
+    for name in ("data", "fsdp", "tensor"):
+      self._require(getattr(self, name) != 0, name,
+                    "must be set with the other axes (-1 = the rest), or all 0 = the train mesh")
+    super().__post_init__()
+
+  @property
+  def is_set(self) -> bool:
+    return self.as_tuple() != (0, 0, 0)
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int] | None:
+    """(data, fsdp, tensor) with -1 filled in, or None when the sampler uses the train mesh."""
+    return super().resolve(num_devices) if self.is_set else None
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTSection(_Section):
   SECTION: ClassVar[str] = "sft"
   steps: int = 0
@@ -327,6 +353,7 @@ class RunConfig(_Section):
   eval: EvalSection
   optim: OptimSection
   mesh: MeshSection
+  sampler_mesh: SamplerMeshSection
   sft: SFTSection
   seed: int = 0
   total_steps: int = 600
@@ -371,7 +398,7 @@ def _model_presets() -> Mapping[str, Any] | None:
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "rl": RLSection,
              "sampling": SamplingSection, "eval": EvalSection, "optim": OptimSection,
-             "mesh": MeshSection, "sft": SFTSection}
+             "mesh": MeshSection, "sampler_mesh": SamplerMeshSection, "sft": SFTSection}
 
 
 def schema() -> dict[str, Any]:
@@ -396,7 +423,8 @@ def validate(config: Any, *, num_devices: int | None = None,
 
   Args:
     config: the run config (`ml_collections.ConfigDict` or a plain nested dict).
-    num_devices: if given, the mesh sizes must multiply to it (-1 filled in).
+    num_devices: if given, the mesh sizes (and the sampler mesh's, when set) must multiply to
+      it (-1 filled in).
     check_paths: check that model/tokenizer dirs and data files exist (off for recipe tests on
       machines without the data).
   """
@@ -404,6 +432,7 @@ def validate(config: Any, *, num_devices: int | None = None,
   cfg = _build(RunConfig, raw, "")
   if num_devices is not None:
     cfg.mesh.resolve(num_devices)
+    cfg.sampler_mesh.resolve(num_devices)
   if check_paths:
     _check_paths(cfg)
   return cfg

@@ -59,7 +59,7 @@ def evaluate(rc, env, params, *, step: int) -> dict:
   if rc.eval.max_prompts > 0:
     examples = examples[: rc.eval.max_prompts]
   metrics, _ = evaluate_examples(
-    env.engine, params, examples, tokenizer=env.tokenizer, eos_ids=env.eos_ids,
+    env.engine, env.sampler_params(params), examples, tokenizer=env.tokenizer, eos_ids=env.eos_ids,
     reward_cfg=env.reward_cfg, n=rc.eval.n, sampling=env.eval_sampling,
     seed=rc.seed + 7919 * (step + 1), max_new_tokens=rc.rl.max_response_length,
   )

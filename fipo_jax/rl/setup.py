@@ -61,6 +61,10 @@ class Env:
   dump_influence: bool = False
   influence_fn: Callable | None = None
 
+  def sampler_params(self, params):
+    """The trainer's params in the sampler's layout: resharded on device if its mesh differs."""
+    return params if self.engine.mesh is self.mesh else self.engine.load_params(params)
+
   def make_rollouts(self, examples: Sequence[dict], samples, *, group_offset: int = 0
                     ) -> rollout_lib.Rollouts:
     return rollout_lib.make_rollouts(self.tokenizer, self.reward_cfg, examples, samples,
@@ -105,6 +109,8 @@ def sampling_method(temperature: float, top_p: float, top_k: int):
 
 def build(rc: config_lib.RunConfig, workdir: str) -> Env:
   mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+  sampler_mesh = (sharding.make_mesh(*rc.sampler_mesh.as_tuple()) if rc.sampler_mesh.is_set
+                  else mesh)
   # Every host builds the same data; files written into a shared workdir one host at a time.
   with distributed.primary_first("setup.data"):
     tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
@@ -136,7 +142,8 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
     cfg, graphdef,
     engine_lib.EngineConfig(num_slots=rc.sampling.num_slots, max_prompt_len=p, max_new_tokens=t,
                             steps_per_call=rc.sampling.decode_steps_per_call),
-    mesh=mesh,  # the sampler runs on every device (of every host), in the params' layout
+    # Every device (of every host); its own layout if c.sampler_mesh is set (Env.sampler_params).
+    mesh=sampler_mesh,
   )
   dump = rc.dump_influence
   return Env(

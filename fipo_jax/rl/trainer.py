@@ -239,6 +239,7 @@ def _rollouts(rc, env, params, step: int):
   Returns (result, tokens sampled, accuracy over every sampled response before filtering).
   """
   counters = {"tokens": 0, "acc": []}
+  params = env.sampler_params(params)  # once per step: the params do not change while sampling
 
   def sample_round(round_idx: int) -> rollout_lib.Rollouts:
     examples = env.train_data.next_batch(rc.rl.gen_batch_size)

@@ -256,6 +256,7 @@ class Engine:
     # state whose sharding drifted between calls would recompile), and donation applies.
     self.state_shardings = decode_state_shardings(abstract, self.mesh)
     replicated = sharding.replicated(self.mesh)
+    self._reshard = None  # built by the first load_params of on-device params
     self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
     self._prefill = jax.jit(_prefill, static_argnames=("graphdef", "cfg", "sampling"))
     self._insert = jax.jit(_insert, donate_argnames=("state",),
@@ -287,8 +288,23 @@ class Engine:
     return 1
 
   def load_params(self, params: nnx.State) -> nnx.State:
-    """Places params on the engine's mesh with the training rules table's shardings."""
-    return sharding.shard_params(params, self.mesh)
+    """Places params on the engine's mesh with the training rules table's shardings.
+
+    Params already spread over the mesh's devices (the trainer's, in another layout) are
+    resharded by one jitted identity, device to device (`jax.device_put` between two meshes of
+    the same devices trips the host-to-device transfer guard on jax 0.10 CPU: it stages through
+    the host). Anything else (one-device or host params) is placed with `device_put`.
+    """
+    targets = sharding.state_shardings(params, self.mesh)
+    devices = set(self.mesh.devices.flat)
+    pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(targets), strict=True))
+    if not all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x, _ in pairs):
+      return sharding.shard_params(params, self.mesh)
+    if all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in pairs):
+      return params  # already in the engine's layout: no copy
+    if self._reshard is None:  # jitted once: the params' structure never changes
+      self._reshard = jax.jit(lambda p: p, out_shardings=targets)
+    return self._reshard(params)
 
   def init_decode_state(self) -> DecodeState:
     """All slots empty; placed with `state_shardings`."""
