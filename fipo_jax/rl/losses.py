@@ -150,16 +150,17 @@ def _dual_clip_terms(adv_w, ratio, low, high, c=None):
   return t
 
 
-def _standard_metrics(t, d, advantages, mask) -> dict[str, jax.Array]:
-  m = {
-    "actor/pg_clipfrac": aggregation.masked_mean(t["pg_losses2"] > t["pg_losses1"], mask),
-    "actor/ppo_kl": aggregation.masked_mean(-d, mask),
-  }
+def _standard_metric_terms(t, d, advantages) -> dict[str, jax.Array]:
+  """[B, T] per-token terms whose masked means are the standard PPO metrics."""
+  m = {"actor/pg_clipfrac": t["pg_losses2"] > t["pg_losses1"], "actor/ppo_kl": -d}
   if "pg_losses3" in t:
-    low = (t["clip_pg_losses1"] > t["pg_losses3"]) & (advantages < 0)
-    m["actor/pg_clipfrac_lower"] = aggregation.masked_mean(low, mask)
-  else:
-    m["actor/pg_clipfrac_lower"] = jnp.zeros((), jnp.float32)
+    m["actor/pg_clipfrac_lower"] = (t["clip_pg_losses1"] > t["pg_losses3"]) & (advantages < 0)
+  return m
+
+
+def _standard_metrics(t, d, advantages, mask) -> dict[str, jax.Array]:
+  m = aggregation.masked_means(_standard_metric_terms(t, d, advantages), mask)
+  m.setdefault("actor/pg_clipfrac_lower", jnp.zeros((), jnp.float32))
   return m
 
 
@@ -222,7 +223,9 @@ def fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLos
   )
   # Drop a whole sequence with more than one dual-clipped negative token.
   t["lower_clip_mask"] = (advantages < 0) & (t["clip_pg_losses1"] > t["pg_losses3"]) & mask
-  t["seq_valid_mask"] = jnp.sum(t["lower_clip_mask"].astype(jnp.int32), axis=-1) <= 1
+  # float32 row count (exact below 2^24 tokens): an int32 row sum lowers to slow reduce-windows
+  # on XLA:CPU.
+  t["seq_valid_mask"] = jnp.sum(t["lower_clip_mask"].astype(jnp.float32), axis=-1) <= 1.0
   t["final_mask"] = mask & t["seq_valid_mask"][:, None]
   return t
 
@@ -241,30 +244,31 @@ _POS_QS = {
 
 
 def _fipo_metrics(t, advantages, response_mask, cfg: PolicyLossConfig) -> dict[str, jax.Array]:
-  """Official FIPO metrics; all over `response_mask`, dropped sequences included."""
+  """Official FIPO metrics plus the standard ones; all over `response_mask`, dropped sequences
+  included."""
   mask = response_mask.astype(bool)
-  mm = aggregation.masked_mean
   f, raw, ratio = t["influence_weights"], t["raw_influence_weights"], t["ratio"]
   lo, hi = influence_weight_bounds(cfg)
-  upper = mm(f >= hi - np.float32(1e-7), mask)
-  lower = mm(f <= lo + np.float32(1e-7), mask)
   neg = (advantages < 0) & mask
   pos = (advantages > 0) & mask
-  m = {
-    "actor/influence_weights_mean": mm(f, mask),
-    "actor/influence_weights_min": aggregation.masked_min(f, mask),
-    "actor/influence_weights_max": aggregation.masked_max(f, mask),
-    "actor/IW_overall_clip_ratio": upper + lower,
-    "actor/IW_upper_clip_ratio": upper,
-    "actor/IW_lower_clip_ratio": lower,
-    "actor/influence_weights_mean_raw": mm(raw, mask),
-    "actor/raw_influence_weights_min": aggregation.masked_min(raw, mask),
-    "actor/raw_influence_weights_max": aggregation.masked_max(raw, mask),
-    "actor/neg_ratio_2_3": mm(neg & (ratio >= 2.0) & (ratio < 3.0), mask),
-    "actor/neg_ratio_3_4": mm(neg & (ratio >= 3.0) & (ratio < 4.0), mask),
-    "actor/neg_ratio_4_10": mm(neg & (ratio >= 4.0) & (ratio < cfg.clip_ratio_c), mask),
-    "actor/pos_mini_frac": mm(pos & (ratio < 1e-3), mask),
-  }
+  terms = _standard_metric_terms(t, t["negative_approx_kl"], advantages)
+  terms.update(
+    {
+      "actor/influence_weights_mean": f,
+      "actor/IW_upper_clip_ratio": f >= hi - np.float32(1e-7),
+      "actor/IW_lower_clip_ratio": f <= lo + np.float32(1e-7),
+      "actor/influence_weights_mean_raw": raw,
+      "actor/neg_ratio_2_3": neg & (ratio >= 2.0) & (ratio < 3.0),
+      "actor/neg_ratio_3_4": neg & (ratio >= 3.0) & (ratio < 4.0),
+      "actor/neg_ratio_4_10": neg & (ratio >= 4.0) & (ratio < cfg.clip_ratio_c),
+      "actor/pos_mini_frac": pos & (ratio < 1e-3),
+    }
+  )
+  m = aggregation.masked_means(terms, mask)
+  m["actor/IW_overall_clip_ratio"] = m["actor/IW_upper_clip_ratio"] + m["actor/IW_lower_clip_ratio"]
+  ext = aggregation.masked_extrema({"f": f, "raw": raw}, mask)
+  m["actor/influence_weights_min"], m["actor/influence_weights_max"] = ext["f"]
+  m["actor/raw_influence_weights_min"], m["actor/raw_influence_weights_max"] = ext["raw"]
   group = jnp.where(neg, _NEG, jnp.where(pos, _POS, 2)).astype(jnp.int32).reshape(-1)
   qs = aggregation.grouped_quantiles(
     ratio.reshape(-1), group, {_NEG: tuple(_NEG_QS.values()), _POS: tuple(_POS_QS.values())}
@@ -278,8 +282,17 @@ def _fipo_metrics(t, advantages, response_mask, cfg: PolicyLossConfig) -> dict[s
 def fipo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
   """FIPO: DAPO surrogate on A * f, f = clip(exp(Future-KL)) detached, with sequence drop."""
   t = fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg)
-  loss = aggregation.agg_loss(t["pg_losses"], t["final_mask"], cfg.loss_agg_mode)
+  # agg_loss(pg_losses, final_mask) from row sums over response_mask with dropped rows zeroed:
+  # the same value, without a [B, T] final mask.
+  valid = t["seq_valid_mask"]
+  row_sum = aggregation.masked_sum(t["pg_losses"], response_mask, axis=-1)
+  row_count = jnp.sum(response_mask.astype(jnp.float32), axis=-1)
+  loss = aggregation.agg_rows(
+    jnp.where(valid, row_sum, 0.0),
+    jnp.where(valid, row_count, 0.0),
+    log_prob.shape[-1],
+    cfg.loss_agg_mode,
+  )
   metrics = {"actor/pg_loss": loss}
-  metrics.update(_standard_metrics(t, t["negative_approx_kl"], advantages, response_mask))
   metrics.update(_fipo_metrics(t, advantages, response_mask, cfg))
   return loss, metrics
