@@ -57,6 +57,22 @@ def test_matches_reverse_recursion(b, t, chunk, decay, seed):
   assert (err <= tol + 1e-7).all(), float((err - tol).max())
 
 
+@pytest.mark.parametrize("k", [2, 7, 32, 128, 200])
+@pytest.mark.parametrize("t", [1, 127, 128, 129, 4099, 20000])
+def test_suffix_sum_any_chunk(k, t):
+  """The chunked recursion itself at chunk sizes the CPU path caps away (K > 32), including
+  three recursion levels (T > K^2) and T not a multiple of K."""
+  from fipo_jax.rl.future_kl import _suffix_sum
+
+  delta, mask = _inputs(np.random.default_rng(k * 100003 + t), 2, t)
+  x = np.where(mask, delta, 0.0).astype(np.float32)
+  out = jax.jit(lambda x: _suffix_sum(x, decay_gamma(32.0), k))(jnp.asarray(x))
+  n_eff = min(t, 1.0 / (1.0 - decay_gamma(32.0)))
+  tol = 2 * np.finfo(np.float32).eps * n_eff * future_kl_reference(np.abs(delta), mask, 32.0)
+  err = np.abs(np.asarray(out) - future_kl_reference(delta, mask, 32.0))
+  assert (err <= tol + 1e-7).all(), float((err - tol).max())
+
+
 @pytest.mark.parametrize("t", [1, 127, 128, 129, 300, 2050])
 def test_matches_official_chunked_matmul(t):
   delta, mask = _inputs(np.random.default_rng(t), 2, t)
