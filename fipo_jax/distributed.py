@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 from absl import flags
 
 _COORDINATOR = flags.DEFINE_string(
@@ -147,3 +148,45 @@ class primary_first:  # noqa: N801 -- used as a context manager
       sync(self.name + ":primary")
     sync(self.name + ":all")
     return False
+
+
+def allgather_strided(local, total: int):
+  """Every process gets all `total` items when process p holds items p, p + P, p + 2P, ...
+
+  local: a pytree of numpy arrays [ceil((total - p) / P), ...], process p's items in order
+  (P = process_count). Returns the same pytree with arrays [total, ...] in item order. A
+  collective: every process calls it at the same point. One process: `local` unchanged.
+  """
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  count = jax.process_count()
+  if count == 1:
+    return local
+  per = -(-total // count)  # items per process, the last ones padded
+
+  def pad(x):
+    x = np.asarray(x)
+    return np.concatenate([x, np.zeros((per - len(x),) + x.shape[1:], x.dtype)])
+
+  def unstride(x):  # [P, per, ...] -> item i = p + P * j at [j, p]
+    x = np.asarray(x)
+    return np.swapaxes(x, 0, 1).reshape((per * count,) + x.shape[2:])[:total]
+
+  return jax.tree.map(unstride, multihost_utils.process_allgather(jax.tree.map(pad, local)))
+
+
+def allgather_strings_strided(local: list[str], total: int) -> list[str]:
+  """`allgather_strided` for strings (utf-8 bytes padded to the longest on any process)."""
+  import jax  # noqa: PLC0415
+
+  if jax.process_count() == 1:
+    return list(local)
+  encoded = [s.encode() for s in local]
+  lengths = np.asarray([len(b) for b in encoded], np.int32)
+  width = max(1, int(allgather_strided(lengths, total).max(initial=0)))
+  buf = np.zeros((len(encoded), width), np.uint8)
+  for i, b in enumerate(encoded):
+    buf[i, :len(b)] = np.frombuffer(b, np.uint8)
+  out = allgather_strided({"bytes": buf, "lengths": lengths}, total)
+  return [out["bytes"][i, :n].tobytes().decode() for i, n in enumerate(out["lengths"])]

@@ -110,6 +110,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None
   return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1), shape)
 
 
+def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> slice | None:
+  """The rows [lo, hi) of a [num_rows, ...] array that this process's devices hold.
+
+  None if they are not one contiguous block (a mesh whose devices are not grouped by process).
+  """
+  held: set[int] = set()
+  for index in sharding.addressable_devices_indices_map((num_rows,)).values():
+    held.update(range(*index[0].indices(num_rows)))
+  lo, hi = min(held), max(held) + 1
+  return slice(lo, hi) if len(held) == hi - lo else None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` of x through RULES under the ambient mesh.
 

@@ -79,6 +79,12 @@ def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
           for r in rows}
 
 
+def _scored_here(workdir: pathlib.Path) -> dict[int, int]:
+  """Responses process 0 scored per step (it alone writes metrics.jsonl)."""
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return {r["step"]: r["perf/responses_scored_here"] for r in rows}
+
+
 def _assert_same(got: dict, want: dict, step: int) -> None:
   assert sorted(got) == sorted(want), f"step {step}: keys differ {set(got) ^ set(want)}"
   for key, w in want.items():
@@ -114,6 +120,8 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
 
   assert sorted(got) == sorted(want) == [1, 2]
   for step in (1, 2):
+    # Reward scoring was split: process 0 scored half of what the single process scored.
+    assert 2 * _scored_here(two)[step] == _scored_here(one)[step] > 0
     # The comparison is only meaningful if the policy was really updated.
     assert want[step]["train/empty_steps"] == 0, f"step {step} had no mixed group"
     assert want[step]["actor/grad_norm"] > 0, f"step {step}: no gradient"
@@ -122,6 +130,61 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
   # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
   _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2, cwd=cwd)
   _assert_same(_metrics(resumed_in_one)[2], want[2], 2)
+
+
+# Each child scores its share of 7 responses (one verifier crash, multi-byte preds of different
+# lengths) and prints what every process gets back after the all-gather.
+_SCORE_CHILD = """
+import json, sys
+from fipo_jax import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from fipo_jax.rl import rollout
+
+def score(text, gt):
+  if text == "boom":
+    raise RuntimeError("verifier crash")
+  return {"score": 1.0 if text == gt else -1.0, "acc": text == gt, "pred": text * 2}
+
+texts = ["1", "22", "boom", "é", "55555", "6", "ü7"]
+cfg = rollout.RewardConfig(max_response_length=4, overlong_buffer_len=2)
+scores, acc, preds, overlong, errors, mine = rollout.score_shard(
+  texts, [1, 2, 3, 4, 5, 1, 2], ["1", "2", "3", "é", "55555", "0", "ü7"], cfg, score,
+  index=int(sys.argv[2]), count=2)
+print("RESULT " + json.dumps(dict(scores=scores.tolist(), acc=acc.tolist(), preds=preds,
+                                  overlong=overlong.tolist(), errors=errors, mine=mine)))
+"""
+
+
+def test_reward_scoring_is_split_over_processes_and_all_gathered():
+  from fipo_jax.rl import rollout  # noqa: PLC0415
+
+  port = portpicker.pick_unused_port()
+  env = {k: v for k, v in os.environ.items() if not k.startswith("FIPO_")}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", _SCORE_CHILD, f"localhost:{port}", str(i)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  results = []
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+    results.append(json.loads(next(ln[7:] for ln in out.splitlines() if ln.startswith("RESULT "))))
+  assert [r["mine"] for r in results] == [4, 3]  # responses 0, 2, 4, 6 and 1, 3, 5
+
+  def score(text, gt):
+    if text == "boom":
+      raise RuntimeError("verifier crash")
+    return {"score": 1.0 if text == gt else -1.0, "acc": text == gt, "pred": text * 2}
+
+  cfg = rollout.RewardConfig(max_response_length=4, overlong_buffer_len=2)
+  scores, acc, preds, overlong, errors = rollout.score_responses(
+    ["1", "22", "boom", "é", "55555", "6", "ü7"], [1, 2, 3, 4, 5, 1, 2],
+    ["1", "2", "3", "é", "55555", "0", "ü7"], cfg, score)
+  want = dict(scores=scores.tolist(), acc=acc.tolist(), preds=preds, overlong=overlong.tolist(),
+              errors=errors)
+  assert errors == 1 and any(overlong)
+  for r in results:  # every process has every score, bit for bit
+    assert {k: r[k] for k in want} == want
 
 
 def test_initialize_is_a_noop_for_one_process(monkeypatch):

@@ -36,10 +36,12 @@ def test_sampler_mesh_validation():
   assert rc.sampler_mesh.resolve(8) == (4, 1, 2)
   assert _err(_config(data=4, tensor=2)) == (
     "sampler_mesh.fsdp: must be set with the other axes (-1 = the rest), or all 0 = the train "
-    "mesh, got 0")
+    "mesh, got 0"
+  )
   assert _err(_config(data=-2, fsdp=1, tensor=1)).startswith("sampler_mesh.data: must be -1")
   assert _err(_config(data=2, fsdp=2, tensor=1)) == (
-    "sampler_mesh.data: mesh (2, 2, 1) has 4 devices but 8 are available")
+    "sampler_mesh.data: mesh (2, 2, 1) has 4 devices but 8 are available"
+  )
   assert "do not divide the 8 devices" in _err(_config(data=3, fsdp=-1, tensor=1))
 
 

@@ -16,8 +16,10 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
+from fipo_jax import distributed
 from fipo_jax.rl import advantages as adv_lib
 from fipo_jax.rl import rewards as rewards_lib
 
@@ -38,6 +40,7 @@ class Rollouts:
   preds: list[str]
   overlong: np.ndarray  # bool[R], penalty < 0
   reward_errors: int = 0
+  scored_here: int = 0  # responses this process scored (all of them on one process)
 
   def __len__(self) -> int:
     return len(self.response_ids)
@@ -56,6 +59,7 @@ class Rollouts:
       preds=pick(self.preds),
       overlong=self.overlong[idx],
       reward_errors=self.reward_errors,
+      scored_here=self.scored_here,
     )
 
   @staticmethod
@@ -72,6 +76,7 @@ class Rollouts:
       preds=cat("preds"),
       overlong=np.concatenate([p.overlong for p in parts]).astype(bool),
       reward_errors=sum(p.reward_errors for p in parts),
+      scored_here=sum(p.scored_here for p in parts),
     )
 
 
@@ -163,18 +168,54 @@ def score_responses(
   )
 
 
+def score_shard(
+  texts: Sequence[str],
+  lengths: Sequence[int],
+  ground_truths: Sequence[str],
+  cfg: RewardConfig,
+  score_fn: ScoreFn = rewards_lib.math_dapo_score,
+  *,
+  index: int = 0,
+  count: int = 1,
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int, int]:
+  """`score_responses` split over `count` processes, all-gathered.
+
+  Process `index` scores the responses i with i % count == index (only those entries of the
+  [R] inputs are read; every process has the same R responses), then the results are
+  all-gathered, so every process returns the scores of all R and dynamic sampling takes the
+  same decisions everywhere. A collective when count > 1.
+  Returns score_responses' tuple plus the number of responses this process scored.
+  """
+  if count == 1:
+    return (*score_responses(texts, lengths, ground_truths, cfg, score_fn), len(texts))
+  mine = range(index, len(texts), count)
+  scores, acc, preds, overlong, errors = score_responses(
+    [texts[i] for i in mine], [lengths[i] for i in mine], [ground_truths[i] for i in mine],
+    cfg, score_fn,
+  )
+  total = len(texts)
+  out = distributed.allgather_strided({"scores": scores, "acc": acc, "overlong": overlong}, total)
+  preds = distributed.allgather_strings_strided(preds, total)
+  errors = int(distributed.allgather_strided(np.asarray([errors], np.int32), count).sum())
+  return (out["scores"].astype(np.float32), out["acc"].astype(bool), preds,
+          out["overlong"].astype(bool), errors, len(mine))
+
+
 def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict], samples, *,
                   group_offset: int = 0, score_fn: ScoreFn = rewards_lib.math_dapo_score
                   ) -> Rollouts:
   """Scores the sampler's output (samples of examples[s.prompt_index]) into Rollouts.
 
-  The response is decoded without special tokens, as verl's DAPO reward manager does.
+  The response is decoded without special tokens, as verl's DAPO reward manager does. On several
+  processes each scores its share of the responses (`score_shard`; all of them call this).
   """
-  texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+  index, count = jax.process_index(), jax.process_count()
+  texts: list[str | None] = [None] * len(samples)  # only this process's share is decoded
+  texts[index::count] = tokenizer.batch_decode(
+    [s.response_ids for s in samples[index::count]], skip_special_tokens=True)
   gts = [examples[s.prompt_index]["ground_truth"] for s in samples]
-  scores, acc, preds, overlong, errors = score_responses(
-    texts, [s.length for s in samples], gts, reward_cfg, score_fn
-  )
+  scores, acc, preds, overlong, errors, scored = score_shard(
+    texts, [s.length for s in samples], gts, reward_cfg, score_fn, index=index, count=count)
   return Rollouts(
     prompt_ids=[s.prompt_ids for s in samples],
     response_ids=[s.response_ids for s in samples],
@@ -182,6 +223,7 @@ def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict],
     finish_reasons=[s.finish_reason for s in samples],
     group_ids=np.asarray([group_offset + s.prompt_index for s in samples], np.int64),
     scores=scores, acc=acc, preds=preds, overlong=overlong, reward_errors=errors,
+    scored_here=scored,
   )
 
 

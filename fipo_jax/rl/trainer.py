@@ -150,7 +150,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
 def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
   """One RL step: rollouts with dynamic sampling, old log-probs, mini-batch updates."""
   t0 = time.perf_counter()
-  result, sampler_tokens, all_acc_mean = _rollouts(rc, env, params, step)
+  result, sampler_tokens, all_acc_mean, scored_here = _rollouts(rc, env, params, step)
   t_rollout = time.perf_counter() - t0
   metrics: dict[str, Any] = {"train/num_gen_batches": result.num_gen_batches}
   r = result.rollouts
@@ -163,13 +163,19 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
   adv = adv_lib.grpo_outcome_advantages(
     r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
   )
-  packed = rollout_lib.pack_batch(
-    r, adv, max_prompt_length=env.max_prompt_length,
-    max_response_length=rc.rl.max_response_length, pad_id=env.pad_id,
-  )
   mini = rc.rl.ppo_mini_batch_size * rc.rl.n
   num_mini = len(r) // mini
-  batches = [_device_batch(env, {k: v[i * mini:(i + 1) * mini] for k, v in packed.items()})
+  # Each host packs only the rows of every mini-batch that its own devices hold (all of them
+  # on one process).
+  rows = _local_rows(env.mesh, mini)
+  local = np.concatenate([np.arange(i * mini + rows.start, i * mini + rows.stop)
+                          for i in range(num_mini)])
+  packed = rollout_lib.pack_batch(
+    r.select(local), adv[local], max_prompt_length=env.max_prompt_length,
+    max_response_length=rc.rl.max_response_length, pad_id=env.pad_id,
+  )
+  k = rows.stop - rows.start
+  batches = [_device_batch(env, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
              for i in range(num_mini)]
 
   # Old log-probs: the actor recomputes them before any update of this step (verl semantics).
@@ -209,7 +215,7 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
       if key in m:
         metrics[f"{key}/mb{i + 1}"] = float(m[key])
   lengths = np.asarray([len(x) for x in r.response_ids])
-  mask_np = packed["response_mask"][: num_mini * mini]
+  num_tokens, adv_mean = _token_stats(r, adv, packed, rc.rl.max_response_length)
   metrics.update({
     "actor/entropy": ent_mean,
     "actor/lr": float(env.lr_at(step * num_mini * rc.rl.ppo_epochs)),
@@ -217,8 +223,7 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
     "train/acc_mean": all_acc_mean,
     "train/kept_acc_mean": float(np.mean(r.acc)),
     "critic/score/mean": float(np.mean(r.scores)),
-    "critic/advantages/mean": float(np.sum(packed["advantages"][: len(mask_np)] * mask_np)
-                                    / max(mask_np.sum(), 1.0)),
+    "critic/advantages/mean": adv_mean,
     "reward/errors": int(r.reward_errors),
     "reward/overlong_frac": float(np.mean(r.overlong)),
     "train/num_prompts_kept": result.num_prompts_kept,
@@ -227,7 +232,8 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
     "timing_s/update_actor": t_update,
     "timing_s/step": time.perf_counter() - t0,
     "perf/sampler_tokens_per_s": sampler_tokens / max(t_rollout, 1e-9),
-    "perf/train_tokens_per_s": float(mask_np.sum()) * rc.rl.ppo_epochs / max(t_update, 1e-9),
+    "perf/train_tokens_per_s": num_tokens * rc.rl.ppo_epochs / max(t_update, 1e-9),
+    "perf/responses_scored_here": scored_here,  # this process's share of the reward scoring
   })
   metrics.update(metrics_lib.response_length_metrics(lengths, rc.rl.max_response_length))
   return metrics, params, opt_state
@@ -236,9 +242,10 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
 def _rollouts(rc, env, params, step: int):
   """Dynamic-sampling rounds with the current params.
 
-  Returns (result, tokens sampled, accuracy over every sampled response before filtering).
+  Returns (result, tokens sampled, accuracy over every sampled response before filtering,
+  responses scored by this process).
   """
-  counters = {"tokens": 0, "acc": []}
+  counters = {"tokens": 0, "acc": [], "scored": 0}
   params = env.sampler_params(params)  # once per step: the params do not change while sampling
 
   def sample_round(round_idx: int) -> rollout_lib.Rollouts:
@@ -251,6 +258,7 @@ def _rollouts(rc, env, params, step: int):
     counters["tokens"] += res.stats.tokens_generated
     r = env.make_rollouts(examples, res.samples, group_offset=round_idx * rc.rl.gen_batch_size)
     counters["acc"].append(r.acc)
+    counters["scored"] += r.scored_here
     return r
 
   res = rollout_lib.collect_with_dynamic_sampling(
@@ -259,7 +267,7 @@ def _rollouts(rc, env, params, step: int):
     min_prompts=rc.rl.ppo_mini_batch_size,
   )
   all_acc = np.concatenate(counters["acc"]) if counters["acc"] else np.zeros(1)
-  return res, counters["tokens"], float(all_acc.mean())
+  return res, counters["tokens"], float(all_acc.mean()), counters["scored"]
 
 
 def _seed(seed: int, step: int, round_idx: int) -> int:
@@ -268,9 +276,39 @@ def _seed(seed: int, step: int, round_idx: int) -> int:
   return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
-def _device_batch(env, arrays: dict[str, np.ndarray]) -> ts.PolicyBatch:
-  put = lambda x: jax.device_put(x, sharding.batch_sharding(env.mesh, x.ndim, x.shape))
+def _local_rows(mesh, rows: int) -> slice:
+  """Rows [lo, hi) of an [rows, ...] batch that this process's devices hold."""
+  held = sharding.process_rows(sharding.batch_sharding(mesh, 1, (rows,)), rows)
+  if held is None:  # devices not grouped by process: every host packs every row
+    logging.warning("batch rows of this host are not contiguous; packing all %d rows", rows)
+    return slice(0, rows)
+  return held
+
+
+def _device_batch(env, arrays: dict[str, np.ndarray], rows: int) -> ts.PolicyBatch:
+  """Global [rows, ...] arrays from this process's rows (all rows also work: then global)."""
+
+  def put(x):
+    shape = (rows,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(
+      sharding.batch_sharding(env.mesh, x.ndim, shape), x, shape)
+
   return ts.PolicyBatch(**{k: put(v) for k, v in arrays.items()})
+
+
+def _token_stats(r, adv: np.ndarray, packed: dict[str, np.ndarray], max_len: int
+                 ) -> tuple[float, float]:
+  """(response tokens, token-mean advantage) of the whole batch.
+
+  One process holds every row and reads its packed arrays; on several, each holds a share of
+  the rows, so the global numbers come from the [R] rollouts every host has.
+  """
+  if jax.process_count() == 1:
+    mask = packed["response_mask"]
+    return float(mask.sum()), float(np.sum(packed["advantages"] * mask) / max(mask.sum(), 1.0))
+  lengths = np.asarray([min(len(x), max_len) for x in r.response_ids], np.float64)
+  total = float(lengths.sum())
+  return total, float(np.sum(np.asarray(adv, np.float64) * lengths) / max(total, 1.0))
 
 
 def _mean_metrics(per_mb: list[dict[str, Any]]) -> dict[str, float]:
