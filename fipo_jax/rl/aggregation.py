@@ -182,8 +182,19 @@ def _radix_select(keys, slot, rank_slot, k, n_slots: int) -> jax.Array:
   return prefix
 
 
+def _sort_select(keys, slot, rank_slot, k, n_slots: int) -> jax.Array:
+  """What `_radix_select` returns, from one sort of (slot, key) pairs: the better choice where
+  sorting is fast (GPU, TPU). Unused elements (slot -1) sort last."""
+  del n_slots
+  slot_key = jnp.where(slot >= 0, slot, jnp.iinfo(jnp.int32).max)
+  _, sorted_keys = jax.lax.sort((slot_key, keys), num_keys=2)
+  rank_slot = jnp.asarray(np.asarray(rank_slot, np.int32))
+  start = jnp.sum((slot[None, :] >= 0) & (slot[None, :] < rank_slot[:, None]), axis=1)  # [R]
+  return sorted_keys[start + k]
+
+
 def grouped_quantiles(
-  values: jax.Array, group: jax.Array, qs: dict[int, tuple[float, ...]]
+  values: jax.Array, group: jax.Array, qs: dict[int, tuple[float, ...]], method: str = "auto"
 ) -> dict[int, list[jax.Array]]:
   """torch.quantile (linear interpolation) of `values` within each group, exactly, no sort.
 
@@ -197,6 +208,8 @@ def grouped_quantiles(
     values: [N] float32 (finite).
     group: [N] int32 group id; ids not in `qs` are ignored.
     qs: {group id: quantiles in [0, 1]}; 0 and 1 give the exact min and max.
+    method: 'radix' (`_radix_select`), 'sort' (`_sort_select`, one sort of N pairs) or 'auto':
+      radix on CPU, sort elsewhere. Both return the same elements.
 
   Returns:
     {group id: [f32[] per quantile]}; every quantile of an empty group is 0.0.
@@ -221,7 +234,14 @@ def grouped_quantiles(
     ]
   )
   rank_slot = [i for i, _, _ in ranks]
-  keys = _radix_select(_sortable_keys(values), slot, rank_slot, k, len(ids))
+  select = {"radix": _radix_select, "sort": _sort_select}
+  args = (_sortable_keys(values), slot, rank_slot, k, len(ids))
+  if method == "auto":
+    keys = jax.lax.platform_dependent(*args, cpu=_radix_select, default=_sort_select)
+  elif method in select:
+    keys = select[method](*args)
+  else:
+    raise ValueError(f"method must be 'auto', 'radix' or 'sort', got {method!r}")
   point = dict(zip(ranks, _from_sortable_keys(keys), strict=True))
 
   out = {}
