@@ -13,6 +13,8 @@ The logged `actor/pg_loss` in verl is the scaled value; `compute_policy_loss` re
 unscaled one (as the golden files do), so a trainer that wants verl's log multiplies too.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,7 +153,7 @@ def _locate(hist: jax.Array, ranks: jax.Array, total: int) -> tuple[jax.Array, j
   return digit, ranks - before
 
 
-def _radix_select(keys, slot, rank_slot, k, n_slots: int) -> jax.Array:
+def _radix_select(keys, slot, k, *, rank_slot, n_slots: int) -> jax.Array:
   """Key of the k-th smallest (0-based) element of each rank's slot, 8 bits per level from the
   top: each element is counted once, for the first rank whose slot and already-chosen high
   bits it shares (one scatter-add per level, no sort). Level 0 has one histogram per slot.
@@ -182,7 +184,7 @@ def _radix_select(keys, slot, rank_slot, k, n_slots: int) -> jax.Array:
   return prefix
 
 
-def _sort_select(keys, slot, rank_slot, k, n_slots: int) -> jax.Array:
+def _sort_select(keys, slot, k, *, rank_slot, n_slots: int) -> jax.Array:
   """What `_radix_select` returns, from one sort of (slot, key) pairs: the better choice where
   sorting is fast (GPU, TPU). Unused elements (slot -1) sort last."""
   del n_slots
@@ -234,12 +236,17 @@ def grouped_quantiles(
     ]
   )
   rank_slot = [i for i, _, _ in ranks]
-  select = {"radix": _radix_select, "sort": _sort_select}
-  args = (_sortable_keys(values), slot, rank_slot, k, len(ids))
+  # rank_slot and the slot count are static: bind them, pass only arrays.
+  select = {
+    name: functools.partial(fn, rank_slot=rank_slot, n_slots=len(ids))
+    for name, fn in (("radix", _radix_select), ("sort", _sort_select))
+  }
   if method == "auto":
-    keys = jax.lax.platform_dependent(*args, cpu=_radix_select, default=_sort_select)
+    keys = jax.lax.platform_dependent(
+      _sortable_keys(values), slot, k, cpu=select["radix"], default=select["sort"]
+    )
   elif method in select:
-    keys = select[method](*args)
+    keys = select[method](_sortable_keys(values), slot, k=k)
   else:
     raise ValueError(f"method must be 'auto', 'radix' or 'sort', got {method!r}")
   point = dict(zip(ranks, _from_sortable_keys(keys), strict=True))
