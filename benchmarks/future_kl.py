@@ -12,6 +12,8 @@ For each T (batch B = 8): median wall time of
                 what an update costs) and (b) with every official metric as well, the FIPO
                 ratio quantiles included (what a logged step costs).
 Both losses run with their defaults (official 32B config; chunk 128, which the CPU caps at 32).
+With --profile, also prints where the FIPO and DAPO steps spend their time: one row per XLA
+fusion (kernel), 20th-percentile duration over the traced calls (jax.profiler.ProfileData).
 Targets (issue 2, T = 20480 on a 2-core CPU): official/ours >= 300, ours/cumsum <= 3,
 fipo/dapo <= 2. Timings on a shared machine are noisy; rerun when it is quiet. Each candidate is
 timed in interleaved rounds and the smallest round median is kept, so a burst of load from
@@ -19,9 +21,12 @@ another process hurts one round, not the result.
 """
 
 import argparse
+import collections
+import glob
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -51,6 +56,27 @@ def _best_of_rounds(fns: dict, repeats: int, rounds: int) -> dict[str, float]:
     for name, fn in fns.items():
       best[name] = min(best[name], _median_time(fn, repeats, warmup=2 if r == 0 else 0))
   return best
+
+
+def profile_fusions(fn, calls: int = 200) -> list[tuple[str, float]]:
+  """[(fusion name, 20th-percentile microseconds)] of `fn`'s XLA kernels, slowest first."""
+  for _ in range(5):
+    jax.block_until_ready(fn())
+  with tempfile.TemporaryDirectory() as log_dir:
+    jax.profiler.start_trace(log_dir)
+    for _ in range(calls):
+      jax.block_until_ready(fn())
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  times = collections.defaultdict(list)
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if "fusion" in event.name and not event.name.startswith("end:"):
+          times[event.name].append(event.duration_ns / 1e3)
+  rows = [(name, float(np.percentile(t, 20))) for name, t in times.items()]
+  return sorted(rows, key=lambda r: -r[1])
 
 
 def official_future_kl(x: torch.Tensor, decay_rate: float, chunk: int = 128) -> torch.Tensor:
@@ -84,6 +110,7 @@ def main():
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--official-repeats", type=int, default=3)
+  parser.add_argument("--profile", action="store_true", help="per-kernel times of fipo and dapo")
   args = parser.parse_args()
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
@@ -134,6 +161,13 @@ def main():
       f"{tm['fipo+m'] * 1e3:>15.3f} {tm['dapo+m'] * 1e3:>6.3f} "
       f"{tm['fipo+m'] / tm['dapo+m']:>10.2f}   (max |ours - official| {err:.1e})"
     )
+    if args.profile:
+      for name in ("fipo", "dapo"):
+        rows = profile_fusions(fns[name])
+        total = sum(us for _, us in rows)
+        print(f"  {name} loss+grad at T={t}: {total:.0f} us in {len(rows)} kernels")
+        for kernel, us in rows:
+          print(f"    {us:8.1f} us  {kernel}")
 
 
 if __name__ == "__main__":

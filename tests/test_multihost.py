@@ -57,6 +57,9 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
     # Only the children get their device count; the test process keeps conftest's 8 devices.
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
     env["JAX_PLATFORMS"] = "cpu"
+    # The children import this checkout's fipo_jax even where it is not pip-installed (cwd is
+    # the configs snapshot, which `python -m` searches first).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for key in ("FIPO_COORDINATOR", "FIPO_NUM_PROCESSES", "FIPO_PROCESS_ID", "FIPO_DISTRIBUTED"):
       env.pop(key, None)
     if processes > 1:

@@ -1,0 +1,40 @@
+"""The loss benchmark runs end to end at a tiny size and prints what its docstring promises.
+
+Only the output's shape and the correctness column are checked: timings are never asserted.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_future_kl_benchmark_runs_and_profiles():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device is enough; the conftest mesh is not needed here
+  cmd = [
+    sys.executable,
+    os.path.join(_ROOT, "benchmarks", "future_kl.py"),
+    *("--lengths", "300", "--batch", "2", "--repeats", "2", "--rounds", "1"),
+    *("--official-repeats", "1", "--profile"),
+  ]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True).stdout
+  (row,) = [line for line in out.splitlines() if line.split()[:1] == ["300"]]
+  fields = row.split()
+  ratios = [float(x) for x in fields[1:12]]
+  assert all(r > 0 for r in ratios), row
+  # our future_kl agrees with the official algorithm (float32 rounding)
+  err = float(re.search(r"max \|ours - official\| ([0-9.e+-]+)", row).group(1))
+  assert err < 1e-4, row
+  for name in ("fipo", "dapo"):
+    header = re.search(rf"{name} loss\+grad at T=300: (\d+) us in (\d+) kernels", out)
+    assert header and int(header.group(2)) >= 2, out
+  # FIPO's extra kernels (the chunk matmul, the influence weights) show up in its profile
+  fipo_part = out.split("fipo loss+grad")[1].split("dapo loss+grad")[0]
+  dapo_part = out.split("dapo loss+grad")[1]
+  assert fipo_part.count(" us  ") > dapo_part.count(" us  "), out
