@@ -284,18 +284,8 @@ def fipo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLoss
   t = fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg)
   # agg_loss(pg_losses, final_mask) from row sums over response_mask with dropped rows zeroed:
   # the same value, without a [B, T] final mask.
-  # Row sums of the loss and row counts of lower-clipped tokens in one reduction: both come
-  # from the same per-token surrogate terms, which XLA then computes once.
-  rows = jnp.sum(
-    jnp.stack(
-      [
-        jnp.where(response_mask.astype(bool), t["pg_losses"], 0.0),
-        t["lower_clip_mask"].astype(jnp.float32),
-      ]
-    ),
-    axis=-1,
-  )  # [2, B]
-  row_sum, valid = rows[0], rows[1] <= 1.0  # valid == t["seq_valid_mask"]
+  valid = t["seq_valid_mask"]
+  row_sum = aggregation.masked_sum(t["pg_losses"], response_mask, axis=-1)
   row_count = jnp.sum(response_mask.astype(jnp.float32), axis=-1)
   loss = aggregation.agg_rows(
     jnp.where(valid, row_sum, 0.0),
