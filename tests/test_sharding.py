@@ -114,3 +114,24 @@ def test_shard_params_and_batch_sharding():
   assert q.sharding.spec == P(None, "fsdp", "tensor")
   x = jax.device_put(jnp.zeros((8, 5)), sharding.batch_sharding(mesh))
   assert x.sharding.spec == P(("data", "fsdp"))
+
+
+class _HeldRows:
+  """A sharding stand-in whose addressable devices hold the given row blocks."""
+
+  def __init__(self, *blocks):
+    self._blocks = blocks
+
+  def addressable_devices_indices_map(self, shape):
+    return {i: (slice(lo, hi),) for i, (lo, hi) in enumerate(self._blocks)}
+
+
+def test_process_rows_contiguous_block_or_none():
+  # One process holds every device, so every row, whatever the mesh layout.
+  mesh = sharding.make_mesh(data=2, fsdp=-1)
+  assert sharding.process_rows(sharding.batch_sharding(mesh, 2, (16, 3)), 16) == slice(0, 16)
+  # Several hosts: a host whose devices hold rows 4-11 packs exactly those (any device order);
+  # replicas of a block count once.
+  assert sharding.process_rows(_HeldRows((8, 12), (4, 8), (4, 8)), 16) == slice(4, 12)
+  # Devices not grouped by process (rows 0-3 and 8-11): no single block, caller packs all rows.
+  assert sharding.process_rows(_HeldRows((0, 4), (8, 12)), 16) is None
