@@ -14,13 +14,14 @@ field's default. The recipes in `configs/` list every field with a comment.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
-import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from fipo_jax import config_schema
+from fipo_jax.config_schema import ConfigError, Section  # noqa: F401 (ConfigError is re-exported)
 
 LOSS_MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -35,33 +36,8 @@ SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-  """A bad config value; `str(err)` is one line `section.field: reason`."""
-
-  def __init__(self, field: str, reason: str):
-    super().__init__(f"{field}: {reason}")
-    self.field = field
-    self.reason = reason
-
-
-class _Section:
-  """Mixin: `self._fail(name, reason)` raises ConfigError for `<section>.<name>`."""
-
-  SECTION: ClassVar[str] = ""
-
-  def _fail(self, name: str, reason: str):
-    raise ConfigError(f"{self.SECTION}.{name}" if self.SECTION else name, reason)
-
-  def _require(self, ok: bool, name: str, reason: str):
-    if not ok:
-      self._fail(name, f"{reason}, got {getattr(self, name)!r}")
-
-  def _one_of(self, name: str, allowed: tuple[str, ...]):
-    self._require(getattr(self, name) in allowed, name, f"must be one of {allowed}")
-
-
 @dataclasses.dataclass(frozen=True)
-class ModelSection(_Section):
+class ModelSection(Section):
   SECTION: ClassVar[str] = "model"
   preset: str | None = None
   hf_dir: str | None = None
@@ -81,7 +57,7 @@ class ModelSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticSection(_Section):
+class SyntheticSection(Section):
   SECTION: ClassVar[str] = "data.synthetic"
   kind: str = "arith"
   num_train: int = 2000
@@ -105,7 +81,7 @@ class SyntheticSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSection(_Section):
+class DataSection(Section):
   SECTION: ClassVar[str] = "data"
   task: str = "verl"
   train_files: tuple[str, ...] = ()
@@ -128,7 +104,7 @@ class DataSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class RLSection(_Section):
+class RLSection(Section):
   SECTION: ClassVar[str] = "rl"
   loss_mode: str = "fipo"
   clip_ratio_low: float = 0.2
@@ -209,7 +185,7 @@ class RLSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingSection(_Section):
+class SamplingSection(Section):
   SECTION: ClassVar[str] = "sampling"
   temperature: float = 1.0
   top_p: float = 1.0
@@ -224,7 +200,7 @@ class SamplingSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSection(_Section):
+class EvalSection(Section):
   SECTION: ClassVar[str] = "eval"
   n: int = 32
   temperature: float = 1.0
@@ -246,7 +222,7 @@ def _check_sampling(s) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimSection(_Section):
+class OptimSection(Section):
   SECTION: ClassVar[str] = "optim"
   lr: float = 1e-6
   warmup_steps: int = 10
@@ -269,7 +245,7 @@ class OptimSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSection(_Section):
+class MeshSection(Section):
   SECTION: ClassVar[str] = "mesh"
   data: int = 1
   fsdp: int = -1
@@ -326,7 +302,7 @@ class SamplerMeshSection(MeshSection):
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTSection(_Section):
+class SFTSection(Section):
   SECTION: ClassVar[str] = "sft"
   steps: int = 0
   lr: float = 1e-3
@@ -341,7 +317,7 @@ class SFTSection(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig(_Section):
+class RunConfig(Section):
   """The whole validated run config; sections are attributes (`cfg.rl.n`)."""
 
   SECTION: ClassVar[str] = ""
@@ -396,25 +372,9 @@ def _model_presets() -> Mapping[str, Any] | None:
   return getattr(presets, "PRESETS", None)
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "rl": RLSection,
-             "sampling": SamplingSection, "eval": EvalSection, "optim": OptimSection,
-             "mesh": MeshSection, "sampler_mesh": SamplerMeshSection, "sft": SFTSection}
-
-
 def schema() -> dict[str, Any]:
   """The accepted keys: {'seed': default, ..., 'rl': {'n': default, ...}, ...}."""
-  return _schema_of(RunConfig)
-
-
-def _schema_of(cls) -> dict[str, Any]:
-  out = {}
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
-    if dataclasses.is_dataclass(hints[f.name]):
-      out[f.name] = _schema_of(hints[f.name])
-    else:
-      out[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
-  return out
+  return config_schema.schema_of(RunConfig)
 
 
 def validate(config: Any, *, num_devices: int | None = None,
@@ -429,7 +389,7 @@ def validate(config: Any, *, num_devices: int | None = None,
       machines without the data).
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  cfg = _build(RunConfig, raw, "")
+  cfg = config_schema.build(RunConfig, raw)
   if num_devices is not None:
     cfg.mesh.resolve(num_devices)
     cfg.sampler_mesh.resolve(num_devices)
@@ -453,59 +413,3 @@ def _check_paths(cfg: RunConfig) -> None:
       for path in getattr(cfg.data, name):
         if not os.path.isfile(path):
           raise ConfigError(f"data.{name}", f"file not found: {path}")
-
-
-def _build(cls, raw: Mapping[str, Any], prefix: str):
-  """Instantiates dataclass `cls` from `raw`, rejecting unknown keys and wrong types."""
-  if not isinstance(raw, Mapping):
-    raise ConfigError(prefix.rstrip("."), f"must be a section (dict), got {type(raw).__name__}")
-  hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(raw) - names)
-  if unknown:
-    close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
-    hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {sorted(names)}"
-    raise ConfigError(prefix + unknown[0], f"unknown key (not in the schema); {hint}")
-  kwargs = {}
-  for key in names - set(raw):  # a missing section is built from its defaults (and checked)
-    if dataclasses.is_dataclass(hints[key]):
-      kwargs[key] = _build(hints[key], {}, f"{prefix}{key}.")
-  for key, value in raw.items():
-    hint = hints[key]
-    if dataclasses.is_dataclass(hint):
-      kwargs[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.")
-    else:
-      kwargs[key] = _coerce(value, hint, prefix + key)
-  return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, field: str) -> Any:
-  """Checks `value` against a field type; int -> float and list -> tuple are allowed."""
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin in (types.UnionType, typing.Union):
-    if value is None and type(None) in args:
-      return None
-    (hint,) = [a for a in args if a is not type(None)]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if hint is bool:
-    ok = isinstance(value, bool)
-  elif hint is int:
-    ok = isinstance(value, int) and not isinstance(value, bool)
-  elif hint is float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    value = float(value) if ok else value
-  elif hint is str:
-    ok = isinstance(value, str)
-  elif origin is tuple:
-    if isinstance(value, str):  # a single path given on the command line
-      value = (value,)
-    ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-    value = tuple(value) if ok else value
-  elif origin is Mapping or hint is Mapping:
-    ok = isinstance(value, Mapping)
-  else:  # pragma: no cover - a schema type this function does not know
-    raise TypeError(f"{field}: unsupported schema type {hint}")
-  if not ok:
-    name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(field, f"expected {name}, got {type(value).__name__} {value!r}")
-  return value
