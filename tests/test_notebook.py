@@ -110,3 +110,19 @@ def test_notebook_executes_headless(tmp_path, monkeypatch):
       assert pngs, f"plot cell {i} produced no image:\n{cell.source[:300]}\n{text[-500:]}"
       checked += 1
   assert checked >= (5 if have_trainer else 4)
+
+
+def test_builder_parses_markdown_code_and_tags_and_rejects_stray_text():
+  parse = _load_builder().parse_cells
+  cells = parse(
+    "<!-- not a cell -->\n+++\n\n# Title\n\ntext\n\n```{code-cell} python\n:tags: [plot, trainer]\n"
+    "\nx = 1\n\n+++\ny = 2\n```\n+++\nmore\n"
+  )
+  assert [c.cell_type for c in cells] == ["markdown", "code", "markdown"]
+  assert cells[0].source == "# Title\n\ntext"
+  assert cells[1].source == "x = 1\n\n+++\ny = 2"  # a "+++" inside code stays code
+  assert _tags(cells[1]) == {"plot", "trainer"}
+  with pytest.raises(ValueError, match="outside a cell"):
+    parse("stray\n+++\nok\n")
+  with pytest.raises(ValueError, match="unclosed"):
+    parse("```{code-cell} python\nx = 1\n")
