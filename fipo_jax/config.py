@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from fipo_jax import config_schema
-from fipo_jax.config_schema import ConfigError, Section  # noqa: F401 (ConfigError is re-exported)
+from fipo_jax.config_schema import ConfigError, Section
 
 LOSS_MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
