@@ -45,7 +45,7 @@ def _snapshot_configs(dest: pathlib.Path) -> pathlib.Path:
 
 
 def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
-           total_steps: int, cwd: pathlib.Path) -> None:
+           total_steps: int, cwd: pathlib.Path, extra: tuple[str, ...] = ()) -> None:
   """Runs the trainer in `processes` child processes sharing `workdir`; fails on any error.
 
   `cwd` holds the configs/ snapshot (`python -m` imports `configs.common` from there).
@@ -66,7 +66,7 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
       env.update(FIPO_COORDINATOR=f"localhost:{port}", FIPO_NUM_PROCESSES=str(processes),
                  FIPO_PROCESS_ID=str(pid))
     cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
-           "--workdir", str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES]
+           "--workdir", str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES, *extra]
     procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   outputs = [p.communicate()[0] for p in procs]
@@ -133,6 +133,24 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
   # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
   _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2, cwd=cwd)
   _assert_same(_metrics(resumed_in_one)[2], want[2], 2)
+
+
+@pytest.mark.slow
+def test_sampler_mesh_across_two_processes_matches_one_process(tmp_path):
+  """Training on fsdp=8 with the sampler on its own tensor-parallel mesh (data=4 x tensor=2):
+  the weights are resharded across both processes, each process decodes on its two data rows
+  (one tensor pair each), and the metrics are those of one process with all 8 devices."""
+  cwd = _snapshot_configs(tmp_path / "recipe")
+  sampler = ("--config.sampler_mesh.data=4", "--config.sampler_mesh.fsdp=1",
+             "--config.sampler_mesh.tensor=2")
+  one, two = tmp_path / "one_process", tmp_path / "two_processes"
+  _train(one, processes=1, devices_per_process=8, total_steps=1, cwd=cwd, extra=sampler)
+  _train(two, processes=2, devices_per_process=4, total_steps=1, cwd=cwd, extra=sampler)
+  want, got = _metrics(one), _metrics(two)
+  assert sorted(got) == sorted(want) == [1]
+  assert want[1]["train/empty_steps"] == 0 and want[1]["actor/grad_norm"] > 0
+  assert 2 * _scored_here(two)[1] == _scored_here(one)[1] > 0
+  _assert_same(got[1], want[1], 1)
 
 
 # Each child scores its share of 7 responses (one verifier crash, multi-byte preds of different
