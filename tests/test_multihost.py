@@ -99,6 +99,17 @@ def _assert_same(got: dict, want: dict, step: int) -> None:
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
 
 
+def _assert_two_processes_match_one(two: pathlib.Path, one: pathlib.Path, step: int) -> None:
+  """Step `step` of the 2-process run in `two` logged what the 1-process run in `one` did."""
+  want = _metrics(one)[step]
+  # Reward scoring was split: process 0 scored half of what the single process scored.
+  assert 2 * _scored_here(two)[step] == _scored_here(one)[step] > 0
+  # The comparison is only meaningful if the policy was really updated.
+  assert want["train/empty_steps"] == 0, f"step {step} had no mixed group"
+  assert want["actor/grad_norm"] > 0, f"step {step}: no gradient"
+  _assert_same(_metrics(two)[step], want, step)
+
+
 def _steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -123,12 +134,7 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
 
   assert sorted(got) == sorted(want) == [1, 2]
   for step in (1, 2):
-    # Reward scoring was split: process 0 scored half of what the single process scored.
-    assert 2 * _scored_here(two)[step] == _scored_here(one)[step] > 0
-    # The comparison is only meaningful if the policy was really updated.
-    assert want[step]["train/empty_steps"] == 0, f"step {step} had no mixed group"
-    assert want[step]["actor/grad_norm"] > 0, f"step {step}: no gradient"
-    _assert_same(got[step], want[step], step)
+    _assert_two_processes_match_one(two, one, step)
 
   # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
   _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=2, cwd=cwd)
@@ -146,11 +152,8 @@ def test_sampler_mesh_across_two_processes_matches_one_process(tmp_path):
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
   _train(one, processes=1, devices_per_process=8, total_steps=1, cwd=cwd, extra=sampler)
   _train(two, processes=2, devices_per_process=4, total_steps=1, cwd=cwd, extra=sampler)
-  want, got = _metrics(one), _metrics(two)
-  assert sorted(got) == sorted(want) == [1]
-  assert want[1]["train/empty_steps"] == 0 and want[1]["actor/grad_norm"] > 0
-  assert 2 * _scored_here(two)[1] == _scored_here(one)[1] > 0
-  _assert_same(got[1], want[1], 1)
+  assert sorted(_metrics(two)) == sorted(_metrics(one)) == [1]
+  _assert_two_processes_match_one(two, one, 1)
 
 
 # Each child scores its share of 7 responses (one verifier crash, multi-byte preds of different
