@@ -2,10 +2,10 @@
 # The loss-core checks on a GPU host, as one script (device time is scarce):
 #   bash benchmarks/gpu_checks.sh [golden_dir]
 # Runs the loss, future-KL, advantage and GPU-model tests with JAX on CUDA (golden files from
-# $1, default ../shared/golden), then the future_kl / loss+grad benchmark on the GPU.
+# $1, default tests/testdata/golden), then the future_kl / loss+grad benchmark on the GPU.
 set -o pipefail
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
-export FIPO_GOLDEN_DIR="${1:-${FIPO_GOLDEN_DIR:-../shared/golden}}"
+export FIPO_GOLDEN_DIR="${1:-${FIPO_GOLDEN_DIR:-tests/testdata/golden}}"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider tests/test_future_kl.py tests/test_losses.py \

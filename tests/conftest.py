@@ -9,7 +9,7 @@ import pathlib
 import sys
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,16 +22,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Golden files from the official implementation live in ../shared/golden (also in CI).
-GOLDEN_DIR = pathlib.Path(os.environ.get("FIPO_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
 TESTDATA = ROOT / "tests" / "testdata"
+# Golden files recorded from the official implementation (tests/testdata/golden/README.md);
+# FIPO_GOLDEN_DIR points the tests at another copy, e.g. the full set with held-out cases.
+GOLDEN_DIR = pathlib.Path(os.environ.get("FIPO_GOLDEN_DIR", TESTDATA / "golden"))
 sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
   if not GOLDEN_DIR.exists():
-    pytest.fail(f"golden files not found at {GOLDEN_DIR}; expected ../shared/golden")
+    pytest.fail(f"golden files not found at {GOLDEN_DIR} (see FIPO_GOLDEN_DIR)")
   return GOLDEN_DIR
 
 
