@@ -31,22 +31,39 @@ CHAT_TEMPLATE = (
 )
 
 
+def _byte_chars() -> dict[int, str]:
+  """GPT-2's byte -> printable-character table (the alphabet of byte-level BPE vocabularies)."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  table = {b: chr(b) for b in kept}
+  shifted = (b for b in range(256) if b not in table)
+  table.update({b: chr(256 + i) for i, b in enumerate(shifted)})
+  return table
+
+
 def build_tokenizer(out_dir: str) -> str:
-  """Writes a character-level PreTrainedTokenizerFast to `out_dir` and returns the path.
+  """Writes the character-level tokenizer to `out_dir` and returns the path.
 
   Vocabulary: ids 0-2 the specials (<|endoftext|> = pad, <|im_start|>, <|im_end|> = eos),
   3 <unk>, then one id per character of ALPHABET (97 printable ASCII characters): 101 in all.
-  Deterministic: the same call always writes the same files.
+  It is a byte-level BPE with no merges, i.e. exactly the pipeline transformers' Qwen2Tokenizer
+  builds from a vocabulary, so every loader agrees on the ids: AutoTokenizer on this directory,
+  and on an exported qwen2 directory (where transformers forces Qwen2Tokenizer whatever
+  tokenizer_config.json says). Characters outside ALPHABET are dropped, as Qwen2Tokenizer does
+  (<unk> keeps its id but is never produced). Deterministic: the same call writes the same files.
   """
   import tokenizers  # noqa: PLC0415 (only needed when building)
   import transformers  # noqa: PLC0415
 
-  vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, UNK, *ALPHABET))}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=UNK))
-  # Every character is its own token; specials are matched before this split.
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(
-    tokenizers.Regex(r"[\s\S]"), behavior="isolated")
-  tok.decoder = tokenizers.decoders.Fuse()
+  byte_chars = _byte_chars()
+  chars = [byte_chars[ord(c)] for c in ALPHABET]  # ' ' -> 'Ġ', '\n' -> 'Ċ', ...
+  vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, UNK, *chars))}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [], unk_token=None))
+  tok.normalizer = tokenizers.normalizers.NFC()
+  # Every character is its own word (no merges make it one token); specials match first.
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+    tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated"),
+    tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = tokenizers.decoders.ByteLevel()
   tok.add_special_tokens(list(SPECIAL_TOKENS))
   fast = transformers.PreTrainedTokenizerFast(
     tokenizer_object=tok, unk_token=UNK, pad_token=PAD, eos_token=IM_END,
@@ -54,7 +71,19 @@ def build_tokenizer(out_dir: str) -> str:
   fast.padding_side = "left"
   os.makedirs(out_dir, exist_ok=True)
   fast.save_pretrained(out_dir)
+  _set_tokenizer_class(out_dir, "Qwen2Tokenizer")
   return out_dir
+
+
+def _set_tokenizer_class(path: str, name: str) -> None:
+  """Names the class AutoTokenizer loads: the same one with or without a qwen2 config.json."""
+  cfg_path = os.path.join(path, "tokenizer_config.json")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  cfg["tokenizer_class"] = name
+  with open(cfg_path, "w") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+    f.write("\n")
 
 
 def load_tokenizer(path: str) -> Any:
