@@ -39,3 +39,101 @@ def golden_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def testdata() -> pathlib.Path:
   return TESTDATA
+
+
+# The real Qwen2.5 tokenizer (tests/testdata/qwen2_5_tokenizer/README.md), tokenizer.json xz-packed.
+QWEN_TOKENIZER = TESTDATA / "qwen2_5_tokenizer"
+QWEN_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja")
+# Special-token ids of the real Qwen2.5 vocabulary (base models: eos = pad = <|endoftext|>).
+QWEN_ENDOFTEXT, QWEN_IM_START, QWEN_IM_END = 151643, 151644, 151645
+QWEN_VOCAB_SIZE = 151936  # the embedding rows of every Qwen2.5 model (151665 tokens, padded)
+
+
+def write_qwen_tokenizer(out_dir) -> pathlib.Path:
+  """Writes the Qwen2.5 tokenizer files (tokenizer.json unpacked) into `out_dir`; returns it."""
+  import lzma  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  with lzma.open(QWEN_TOKENIZER / "tokenizer.json.xz") as src:
+    (out / "tokenizer.json").write_bytes(src.read())
+  for name in QWEN_TOKENIZER_FILES:
+    shutil.copyfile(QWEN_TOKENIZER / name, out / name)
+  return out
+
+
+def write_tiny_qwen_model(out_dir, seed: int = 0, **config_overrides) -> pathlib.Path:
+  """Writes a tiny random Qwen2.5-shaped HF model (safetensors) plus the Qwen2.5 tokenizer.
+
+  Architecture: Qwen2, vocab 151936, hidden 32, 2 layers, 4 heads / 2 kv heads (head_dim 8),
+  intermediate 64, tied embeddings, rope_theta 1e6, 32768 positions; bos = eos = pad = 151643
+  (<|endoftext|>, as in the Qwen2.5 base configs). Weights: transformers' default init under
+  `torch.manual_seed(seed)`, so the same call writes the same files. `config_overrides` go to
+  `transformers.Qwen2Config`.
+  """
+  import torch  # noqa: PLC0415 (slow imports, only for tests that need a model)
+  import transformers  # noqa: PLC0415
+
+  kw = dict(
+    vocab_size=QWEN_VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    use_sliding_window=False,
+    bos_token_id=QWEN_ENDOFTEXT,
+    eos_token_id=QWEN_ENDOFTEXT,
+    pad_token_id=QWEN_ENDOFTEXT,
+  )
+  kw.update(config_overrides)
+  torch.manual_seed(seed)
+  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).to(torch.float32)
+  out = write_qwen_tokenizer(out_dir)
+  model.save_pretrained(out, safe_serialization=True)
+  return out
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+  """A directory holding the real Qwen2.5 tokenizer, as an HF download has it.
+
+  Files: tokenizer.json, tokenizer_config.json (eos = pad = <|endoftext|> 151643, no bos) and the
+  Qwen2.5 chat_template.jinja (default system prompt "You are Qwen, ..."; <|im_start|> 151644,
+  <|im_end|> 151645). `transformers.AutoTokenizer.from_pretrained(dir)` loads it (~4 s).
+  Session-scoped and shared: do not write into it.
+  """
+  return write_qwen_tokenizer(tmp_path_factory.mktemp("qwen2_5_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory) -> pathlib.Path:
+  """A tiny random Qwen2.5-shaped HF model directory with the real Qwen2.5 tokenizer.
+
+  What `--config.model.hf_dir` expects: config.json (model_type qwen2, vocab 151936, hidden 32,
+  2 layers, 4 heads, 2 kv heads, intermediate 64, tied embeddings, 32768 positions,
+  bos = eos = pad = 151643), generation_config.json, model.safetensors (float32, ~20 MB, seeded)
+  and the tokenizer files of `qwen_tokenizer_dir`. The weights are random: greedy outputs are
+  arbitrary tokens, so tests should bound response lengths and not expect EOS. Session-scoped and
+  shared: do not write into it (call `conftest.write_tiny_qwen_model(path, ...)` for a private
+  or differently shaped copy).
+  """
+  return write_tiny_qwen_model(tmp_path_factory.mktemp("qwen2_5_tiny"))
+
+
+@pytest.fixture
+def dapo_parquet(tmp_path):
+  """A factory: `dapo_parquet(name="train", n=8, n_long=0, long_words=400)` writes DAPO-Math-17k
+  rows (tests/dapo_rows.py: verl schema, rule-lighteval/MATH_v2, uuid index) to
+  `tmp_path/<name>.parquet` and returns the path."""
+  import dapo_rows  # noqa: PLC0415 (tests/ is on sys.path under pytest)
+
+  def write(name: str = "train", n: int = 8, **kw) -> pathlib.Path:
+    return dapo_rows.write_parquet(tmp_path / f"{name}.parquet", dapo_rows.rows(n, **kw))
+
+  return write
