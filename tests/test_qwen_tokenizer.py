@@ -122,3 +122,26 @@ def test_dapo_rows_schema(dapo_parquet):
     assert content.startswith(dapo_rows.DAPO_PREFIX) and content.endswith(dapo_rows.DAPO_SUFFIX)
   lengths = [len(r["prompt"][0]["content"].split()) for r in got]
   assert min(lengths[:2]) > 300 > max(lengths[2:])
+
+
+def test_qwen_model_dir_loads_in_both(qwen_model_dir, hf_tok):
+  """The fixture model: Qwen2.5's shape in our loader, same logits as transformers."""
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from fipo_jax import models
+
+  model = models.from_pretrained(qwen_model_dir)
+  cfg = model.cfg
+  assert (cfg.model_type, cfg.vocab_size, cfg.tie_word_embeddings) == ("qwen2", 151936, True)
+  assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (2, 4, 2, 8)
+  config = json.loads((qwen_model_dir / "config.json").read_text())
+  assert config["bos_token_id"] == config["eos_token_id"] == config["pad_token_id"] == 151643
+  ids = tok_lib.encode_prompt(hf_tok, dapo_rows.rows(1)[0]["prompt"], apply_chat_template=True)
+  ours = np.asarray(model(jnp.asarray([ids], jnp.int32)))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(qwen_model_dir, dtype=torch.float32)
+  with torch.no_grad():
+    ref = hf(torch.tensor([ids])).logits.numpy()
+  assert np.std(ref) > 0.01  # not all-zero weights
+  np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
