@@ -13,13 +13,14 @@ import transformers
 from flax import nnx
 
 from fipo_jax import models
+from fipo_jax.data import tokenizer as tokenizer_lib
 from fipo_jax.models import hf_io, safetensors_io
 from tests import test_model_helpers as mh
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-  hf = mh.random_hf_model("llama", seed=21)
+  hf = mh.random_hf_model("llama", seed=21, vocab_size=128)  # >= the char tokenizer's 101
   path = tmp_path_factory.mktemp("hf_io")
   hf.save_pretrained(path)
   return path
@@ -39,17 +40,23 @@ def _single_file(path):
 def test_sharded_save_multiple_files_and_tokenizer(hf_dir, tmp_path):
   model = models.from_pretrained(hf_dir)
   tok = tmp_path / "tok"
-  tok.mkdir()
-  (tok / "tokenizer.json").write_text("{}")
-  (tok / "tokenizer_config.json").write_text("{}")
+  tokenizer_lib.build_tokenizer(str(tok))
   (tok / "config.json").write_text("{\"not\": \"copied\"}")
   out = tmp_path / "out"
   models.save_pretrained(model, out, tokenizer_dir=tok, max_shard_bytes=40_000)
   index = json.loads((out / "model.safetensors.index.json").read_text())
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 2 and all((out / s).exists() for s in shards)
-  assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
-  assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    assert (out / name).read_bytes() == (tok / name).read_bytes()
+  cfg = json.loads((out / "config.json").read_text())
+  assert cfg["model_type"] == "llama"
+  # <|endoftext|> = 0 is pad (and bos, as in Qwen2.5), <|im_end|> = 2 the EOS; both stop.
+  assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 2, 0)
+  gen = json.loads((out / "generation_config.json").read_text())
+  assert gen == {"bos_token_id": 0, "eos_token_id": [0, 2], "pad_token_id": 0}
+  hf_gen = transformers.GenerationConfig.from_pretrained(out)
+  assert hf_gen.eos_token_id == [0, 2] and hf_gen.pad_token_id == 0
   reloaded = models.from_pretrained(out)
   a = nnx.state(model, nnx.Param)
   b = nnx.state(reloaded, nnx.Param)
@@ -57,6 +64,21 @@ def test_sharded_save_multiple_files_and_tokenizer(hf_dir, tmp_path):
     np.testing.assert_array_equal(x, y)
   _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+  cfg = models.ModelConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=8)
+  tok = tokenizer_lib.build_tokenizer(str(tmp_path / "tok"))  # 101 tokens
+  with pytest.raises(ValueError, match="101 tokens but the model's vocab_size is 96"):
+    models.save_pretrained(models.init_model(cfg), tmp_path / "out", tokenizer_dir=tok)
+
+
+def test_missing_directory_is_one_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"^HF model directory \S+/nope: not found$"):
+    models.from_pretrained(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="has no config.json"):
+    models.from_pretrained(tmp_path)
 
 
 def jax_leaves(state):
@@ -75,6 +97,13 @@ def test_bfloat16_checkpoint_and_param_dtype(hf_dir, tmp_path):
     assert var.get_value().dtype == jnp.bfloat16
   logits = m16(jnp.ones((1, 4), jnp.int32))
   assert logits.dtype == jnp.float32
+  # The JAX habit: dtypes as jnp / numpy objects, kept as their names in the config.
+  m16j = models.from_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16,
+                                dtype=jnp.dtype("bfloat16"))
+  assert (m16j.cfg.param_dtype, m16j.cfg.dtype) == ("bfloat16", "bfloat16")
+  assert m16j.cfg == m16.cfg and hash(m16j.cfg) == hash(m16.cfg)
+  np.testing.assert_array_equal(np.asarray(m16j(jnp.ones((1, 4), jnp.int32))),
+                                np.asarray(logits))
   # bf16 weights widened to f32 equal the rounded originals exactly.
   m32 = models.from_pretrained(tmp_path / "bf16")
   want = np.asarray(model.layers.up_proj.get_value()).astype(ml_dtypes.bfloat16)
@@ -124,6 +153,18 @@ def test_key_map_round_trips_every_transform():
   assert hf_io.match_key("model.layers.12.self_attn.o_proj.weight") == (
     ("layers", "o_proj"), 12, "out_heads")
   assert hf_io.match_key("model.layers.1.self_attn.o_proj.weightx") is None
+
+
+def test_dtypes_are_names_or_jnp_numpy_dtypes():
+  for given, name in [(jnp.float32, "float32"), (np.float16, "float16"),
+                      (np.dtype("float32"), "float32"), (ml_dtypes.bfloat16, "bfloat16"),
+                      ("bfloat16", "bfloat16")]:
+    cfg = models.ModelConfig(param_dtype=given, dtype=given)
+    assert (cfg.param_dtype, cfg.dtype) == (name, name)
+  assert models.ModelConfig().replace(dtype=jnp.bfloat16).dtype == "bfloat16"
+  for bad in ("bf16", jnp.int32, None):
+    with pytest.raises(ValueError, match=r"ModelConfig.dtype=.* is not one of"):
+      models.ModelConfig(dtype=bad)
 
 
 def test_unsupported_hf_config_is_rejected():

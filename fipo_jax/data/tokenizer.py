@@ -122,6 +122,17 @@ def eos_token_ids(tokenizer: Any) -> list[int]:
   return sorted(i for i in ids if i is not None)
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
+  """bos/eos/pad ids for an HF config.json. Without a BOS token, bos is <|endoftext|> (as in
+  Qwen2.5's own config.json); eos is the tokenizer's single EOS (eos_token_ids lists them all)."""
+  bos = tokenizer.bos_token_id
+  if bos is None:
+    tid = tokenizer.convert_tokens_to_ids(PAD)
+    bos = tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+  return {"bos_token_id": bos, "eos_token_id": tokenizer.eos_token_id,
+          "pad_token_id": tokenizer.pad_token_id}
+
+
 def vocab_size(path: str) -> int:
   """Vocabulary size of a tokenizer directory written by `build_tokenizer` (no transformers)."""
   with open(os.path.join(path, "tokenizer.json")) as f:

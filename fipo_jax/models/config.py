@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
 MODEL_TYPES = ("qwen2", "llama", "qwen3")
 ATTENTION_IMPLS = ("auto", "plain", "blockwise", "splash", "cudnn")
 REMAT_POLICIES = (
@@ -20,6 +22,8 @@ REMAT_POLICIES = (
   "save_attn_out",
 )
 DTYPES = ("float32", "bfloat16", "float16")
+# A dtype argument: a name ('bfloat16') or anything jnp.dtype takes (jnp.bfloat16, np.float32).
+DTypeLike = Any
 
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
@@ -43,21 +47,21 @@ class ModelConfig:
   qk_norm: bool = False  # qwen3: RMSNorm over H on q and k before RoPE
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 32768
-  param_dtype: str = "float32"  # storage dtype of parameters
-  dtype: str = "float32"  # compute dtype of activations and matmuls
+  param_dtype: str = "float32"  # storage dtype of parameters (a DTypeLike, kept as its name)
+  dtype: str = "float32"  # compute dtype of activations and matmuls (likewise)
   attention_impl: str = "auto"  # 'auto' | 'plain' | 'blockwise' | 'splash' | 'cudnn'
   attention_block_size: int = 512  # q/kv block for 'blockwise' and 'splash'
   remat_policy: str = "none"  # see REMAT_POLICIES
   scan_layers: bool = True  # lax.scan over stacked layer params (compile time flat in L)
 
   def __post_init__(self):
+    for name in ("param_dtype", "dtype"):  # frozen: set the normalised name in place
+      object.__setattr__(self, name, dtype_name(getattr(self, name), f"ModelConfig.{name}"))
     _check(self.model_type in MODEL_TYPES, "model_type", self.model_type, MODEL_TYPES)
     _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl", self.attention_impl,
            ATTENTION_IMPLS)
     _check(self.remat_policy in REMAT_POLICIES, "remat_policy", self.remat_policy,
            REMAT_POLICIES)
-    _check(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, DTYPES)
-    _check(self.dtype in DTYPES, "dtype", self.dtype, DTYPES)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "attention_block_size", "max_position_embeddings"):
       if getattr(self, name) <= 0:
@@ -154,6 +158,19 @@ class ModelConfig:
     if self.model_type == "llama":
       hf.update(mlp_bias=False, pretraining_tp=1)
     return hf
+
+
+def dtype_name(dtype: DTypeLike, what: str = "dtype") -> str:
+  """'bfloat16' for 'bfloat16', jnp.bfloat16 or jnp.dtype('bfloat16'); ValueError otherwise."""
+  if isinstance(dtype, str) and dtype in DTYPES:
+    return dtype
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in DTYPES:
+    raise ValueError(f"{what}={dtype!r} is not one of {DTYPES} (a name or a jnp/numpy dtype)")
+  return name
 
 
 def _check(ok: bool, name: str, value, allowed) -> None:

@@ -94,7 +94,13 @@ def match_key(key: str) -> tuple[tuple[str, ...], int | None, str] | None:
 
 
 def read_config(hf_dir) -> dict:
-  return json.loads((pathlib.Path(hf_dir) / "config.json").read_text())
+  """config.json of an HF directory; FileNotFoundError (one line) when there is none."""
+  path = pathlib.Path(hf_dir) / "config.json"
+  if not path.is_file():
+    what = "has no config.json (not an HF model directory)" if pathlib.Path(hf_dir).is_dir() \
+      else "not found"
+    raise FileNotFoundError(f"HF model directory {hf_dir}: {what}")
+  return json.loads(path.read_text())
 
 
 def _index_checkpoint(files, cfg, flat_abs):
@@ -154,9 +160,14 @@ def _load_leaf(path, abs_var, sharding, files, entries, dtype):
   return jax.make_array_from_callback(shape, sharding, callback)
 
 
-def from_pretrained(hf_dir, *, mesh: Mesh | None = None, param_dtype: str = "float32",
-                    dtype: str = "float32", **cfg_overrides) -> transformer_lib.Transformer:
-  """Loads an HF directory (config.json + safetensors) into a Transformer, sharded on mesh."""
+def from_pretrained(hf_dir, *, mesh: Mesh | None = None,
+                    param_dtype: config_lib.DTypeLike = "float32",
+                    dtype: config_lib.DTypeLike = "float32",
+                    **cfg_overrides) -> transformer_lib.Transformer:
+  """Loads an HF directory (config.json + safetensors) into a Transformer, sharded on mesh.
+
+  Dtypes are names ('bfloat16') or dtypes (jnp.bfloat16, np.float32).
+  """
   cfg = config_lib.ModelConfig.from_hf_config(
     read_config(hf_dir), param_dtype=param_dtype, dtype=dtype, **cfg_overrides)
   graphdef, abs_state, shardings = build.param_shardings(cfg, mesh)
@@ -198,10 +209,14 @@ def hf_tensors(model: transformer_lib.Transformer, dtype=None):
 
 
 def save_pretrained(model: transformer_lib.Transformer, out_dir, *, tokenizer_dir=None,
-                    dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+                    dtype: config_lib.DTypeLike | None = None,
+                    max_shard_bytes: int = 4 << 30) -> None:
   """Writes config.json, model-XXXXX-of-YYYYY.safetensors and the index (process 0 writes).
 
-  Shards are flushed as they fill, so at most one shard (plus one leaf) is on host at a time.
+  With `tokenizer_dir`, its files are copied and its special ids go into config.json
+  (bos/eos/pad) and generation_config.json (every id the trainer stops on, pad), so
+  transformers' `generate` stops where our sampler does. Shards are flushed as they fill, so at
+  most one shard (plus one leaf) is on host at a time.
   """
   out = pathlib.Path(out_dir)
   write = jax.process_index() == 0
@@ -235,11 +250,29 @@ def save_pretrained(model: transformer_lib.Transformer, out_dir, *, tokenizer_di
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   hf_cfg = model.cfg.to_hf_config(torch_dtype=save_dtype)
-  (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   if tokenizer_dir is not None:
-    for f in pathlib.Path(tokenizer_dir).iterdir():
-      if f.is_file() and not _is_weight_file(f.name):
-        shutil.copy2(f, out / f.name)
+    hf_cfg.update(_copy_tokenizer(tokenizer_dir, out, model.cfg.vocab_size))
+  (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+
+
+def _copy_tokenizer(tokenizer_dir, out: pathlib.Path, vocab_size: int) -> dict:
+  """Copies the tokenizer files, writes generation_config.json; returns config.json's ids."""
+  from fipo_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415 (transformers: slow)
+
+  tok = tokenizer_lib.load_tokenizer(str(tokenizer_dir))
+  if len(tok) > vocab_size:
+    raise ValueError(f"tokenizer {tokenizer_dir} has {len(tok)} tokens but the model's "
+                     f"vocab_size is {vocab_size}")
+  for f in pathlib.Path(tokenizer_dir).iterdir():
+    if f.is_file() and not _is_weight_file(f.name):
+      shutil.copy2(f, out / f.name)
+  ids = tokenizer_lib.special_token_ids(tok)
+  gen_path = out / "generation_config.json"
+  # A source generation_config (e.g. Qwen's sampling defaults) is kept; the stop ids are ours.
+  gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+  gen.update(ids, eos_token_id=tokenizer_lib.eos_token_ids(tok))
+  gen_path.write_text(json.dumps(gen, indent=2))
+  return ids
 
 
 def _is_weight_file(name: str) -> bool:
