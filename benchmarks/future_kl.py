@@ -4,7 +4,7 @@
 
 For each T (batch B = 8): median wall time of
   * ours      - jitted `fipo_jax.rl.future_kl` (chunked reverse scan, K = 128);
-  * official  - the official algorithm (FIPO_SPEC §3) in torch float32: for each 128-column chunk
+  * official  - the official method (docs/fipo_spec.md §3), torch float32: for each 128-col chunk
                 build the (T, K) decay block and accumulate x[:, chunk] @ W^T; O(B T^2);
   * cumsum    - jitted `jnp.cumsum` of the same [B, T] array: a memory-bound floor;
   * fipo/dapo - jitted value_and_grad of compute_policy_loss('fipo') and ('dapo') on the same
@@ -80,7 +80,7 @@ def profile_fusions(fn, calls: int = 200) -> list[tuple[str, float]]:
 
 
 def official_future_kl(x: torch.Tensor, decay_rate: float, chunk: int = 128) -> torch.Tensor:
-  """The official chunked Toeplitz matmul, as FIPO_SPEC §3 describes it (not their code)."""
+  """The official chunked Toeplitz matmul as docs/fipo_spec.md §3 describes it (not their code)."""
   _, t = x.shape
   gamma = 2.0 ** (-1.0 / decay_rate)
   out = torch.zeros_like(x)

@@ -2,7 +2,7 @@
 
 `base()` lists every key the trainer reads (the schema is checked by `fipo_jax.config.validate`:
 an unknown key is an error). Its values are the official FIPO Qwen2.5-32B run
-(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, FIPO_SPEC §4-§5); each recipe restates the values that
+(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, docs/fipo_spec.md §4-§5); each recipe restates values that
 define it. Units: "prompts" counts prompts, "responses" = prompts x rl.n.
 """
 
@@ -10,7 +10,7 @@ import ml_collections
 
 
 def base() -> ml_collections.ConfigDict:
-  """Every config key with the official FIPO 32B value (FIPO_SPEC §5.1)."""
+  """Every config key with the official FIPO 32B value (docs/fipo_spec.md §5.1)."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # root PRNG seed (sampling, init); split by name in the trainer
   c.total_steps = 600  # RL steps (rollout batches); the paper's curves run to ~500-600

@@ -1,4 +1,4 @@
-r"""DAPO baseline on Qwen2.5-32B base (FIPO_SPEC §5.1 last line, Table 2).
+r"""DAPO baseline on Qwen2.5-32B base (docs/fipo_spec.md §5.1 last line, Table 2).
 
 `recipe/dapo/run_dapo_qwen2.5_32b.sh` differs from the FIPO run only in gen_batch_size = 3 x 512,
 ppo_mini_batch_size = 32 and the vanilla (DAPO) loss, with the same dual clip c = 10.

@@ -1,4 +1,4 @@
-r"""DAPO baseline on Qwen2.5-Math-7B (FIPO_SPEC §5.3, Table 3).
+r"""DAPO baseline on Qwen2.5-Math-7B (docs/fipo_spec.md §5.3, Table 3).
 
 G = 16, max response 8192 with a 4096 buffer, mini-batch 32 prompts. gen_batch_size 3 x 512 as
 in the DAPO 32B launcher [INFERRED]; context extended to 32768 as in the FIPO 7B recipe.

@@ -1,4 +1,4 @@
-r"""FIPO on Qwen2.5-32B base: the official run (FIPO_SPEC §4, §5.1, Table 2).
+r"""FIPO on Qwen2.5-32B base: the official run (docs/fipo_spec.md §4, §5.1, Table 2).
 
 Launch (TPU VM pod or GPU cluster; data as verl parquet files, weights as an HF directory):
 

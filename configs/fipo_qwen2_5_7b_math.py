@@ -1,4 +1,4 @@
-r"""FIPO on Qwen2.5-Math-7B (FIPO_SPEC §5.3, Table 3).
+r"""FIPO on Qwen2.5-Math-7B (docs/fipo_spec.md §5.3, Table 3).
 
 Differences from 32B: G = 32, max response 10240 with a 2048 buffer, symmetric influence-weight
 clip [0.8, 1.2] ("works better for smaller models") and safety threshold 3.0. Qwen2.5-Math-7B

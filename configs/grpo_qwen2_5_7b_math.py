@@ -1,4 +1,4 @@
-r"""GRPO baseline on Qwen2.5-Math-7B (the "GRPO" row of FIPO_SPEC §7, Table 4).
+r"""GRPO baseline on Qwen2.5-Math-7B (the "GRPO" row of docs/fipo_spec.md §7, Table 4).
 
 The paper gives no hyperparameter table for GRPO. This recipe is verl's standard GRPO setup
 [INFERRED]: symmetric PPO clip 0.2, a low-variance KL-to-reference loss with coefficient 0.001

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
-# (file stem, title, y label, metric names). The FIPO_SPEC §6 names, plus train/eval accuracy.
+# (file stem, title, y label, metric names): docs/fipo_spec.md §6 names, train/eval accuracy.
 PANELS = (
   ("accuracy", "Accuracy", "accuracy", ("train/acc_mean", "eval/acc_mean")),
   ("response_length", "Response length", "tokens",

@@ -1,4 +1,4 @@
-"""Recipes against the spec tables (FIPO_SPEC §4, §5.1, §5.3 Tables 2-3) and config validation."""
+"""Recipes against the spec tables (docs/fipo_spec.md §4, §5.1, §5.3 Tables 2-3); config checks."""
 
 import importlib
 
@@ -9,7 +9,7 @@ from fipo_jax import config as config_lib
 RECIPES = ("fipo_qwen2_5_32b", "dapo_qwen2_5_32b", "fipo_qwen2_5_7b_math",
            "dapo_qwen2_5_7b_math", "grpo_qwen2_5_7b_math", "tiny_cpu")
 
-# Written from FIPO_SPEC §5.3 (Tables 2 and 3) and §5.1 (the 32B launchers). Keys are dotted
+# Written from docs/fipo_spec.md §5.3 (Tables 2 and 3) and §5.1 (the 32B launchers). Keys: dotted
 # config paths; every recipe must match its column exactly.
 _SHARED = {  # rows identical in all four paper columns
   "rl.train_batch_size": 512, "optim.lr": 1e-6, "optim.schedule": "constant",

@@ -14,7 +14,7 @@ from fipo_jax.rl.future_kl import decay_gamma, future_kl_reference
 
 
 def _official_chunked(x: np.ndarray, decay_rate: float, chunk: int = 128) -> np.ndarray:
-  """FIPO_SPEC §3: F += x[:, j0:j1] @ W^T with W[i, j] = gamma^(j - i) for j >= i, float64."""
+  """docs/fipo_spec.md §3: F += x[:, j0:j1] @ W^T, W[i, j] = gamma^(j - i) for j >= i; float64."""
   b, t = x.shape
   gamma = decay_gamma(decay_rate)
   out = np.zeros((b, t))
@@ -92,7 +92,7 @@ def test_long_sequence_is_stable():
 
 
 def test_hand_example_from_spec():
-  # FIPO_SPEC §9 case 1, sequence 0 (all valid), tau = 32.
+  # docs/fipo_spec.md §9 case 1, sequence 0 (all valid), tau = 32.
   x = np.array([[0.10, -0.05, 0.20, 0.00, -0.30, 0.15]], np.float32)
   out = rl.future_kl(jnp.asarray(x), jnp.ones_like(x), decay_rate=32.0)
   np.testing.assert_allclose(

@@ -186,7 +186,7 @@ def test_public_api_on_golden_case(golden):
 
 
 # ----------------------------------------------------------------------------------------------
-# numpy references (float64), written from FIPO_SPEC §2 independently of the jax code.
+# numpy references (float64), written from docs/fipo_spec.md §2 independently of the jax code.
 
 
 def _np_surrogate(adv_w, adv, ratio, low, high, c):
@@ -380,7 +380,7 @@ def test_fipo_matches_numpy_reference_over_knobs(seed, decay, low, high, c, e, h
 
 
 def test_spec_worked_example():
-  """FIPO_SPEC §9: the four hand-checked cases (losses and gradients to 6 digits)."""
+  """docs/fipo_spec.md §9: the four hand-checked cases (losses and gradients to 6 digits)."""
   old = np.array([[-1.2, -0.5, -2.0, -0.1, -1.0, -0.7], [-0.8, -3.0, -1.5, -0.4, -2.0, 0.0]])
   delta = np.array([[0.1, -0.05, 0.2, 0.0, -0.3, 0.15], [0.05, 2.5, -0.1, 0.02, -0.25, 0.0]])
   mask = np.array([[1.0] * 6, [1.0] * 5 + [0.0]])

@@ -2,7 +2,7 @@
 
 avg@k, pass@k (unbiased estimator), cons@k (majority vote on the extracted answer) and
 response-length statistics on a verl-schema parquet/jsonl set, printed as a table and written as
-JSON. Official eval sampling: temperature 1.0, top-p 0.7 (FIPO_SPEC §4).
+JSON. Official eval sampling: temperature 1.0, top-p 0.7 (docs/fipo_spec.md §4).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def cons_at_k(preds: Sequence[Sequence[str]], correct: Any, k: int | None = None
 
 
 def length_stats(lengths: Any, max_length: int) -> dict[str, float]:
-  """Response-length statistics, verl names (FIPO_SPEC §6 `response_length/*` without prefix).
+  """Response-length statistics, verl names (docs/fipo_spec.md §6 `response_length/*`, no prefix).
 
   clip_ratio is the fraction of responses that reached `max_length` tokens (truncated).
   """

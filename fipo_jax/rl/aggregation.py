@@ -1,6 +1,6 @@
 """Loss aggregation and masked statistics, with verl's semantics and no NaN on empty masks.
 
-Micro-batch scaling (verl, FIPO_SPEC §2.9): a policy loss here is the aggregate over ONE
+Micro-batch scaling (verl, docs/fipo_spec.md §2.9): a policy loss here is the aggregate over ONE
 micro-batch. verl multiplies each micro-batch loss by `n_seqs_micro / n_seqs_mini` (dynamic
 batch size; `1 / grad_accum` without it) before backward and accumulates gradients over the
 mini-batch. A trainer reproduces that with `microbatch_scale` below:

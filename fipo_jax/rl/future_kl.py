@@ -1,6 +1,6 @@
 """Discounted Future-KL: F[t] = sum_{k>=t} gamma^(k-t) * mask[k] * delta[k].
 
-The official code (FIPO_SPEC §3) multiplies x by T x 128 decay blocks, O(B T^2) time. Here the
+The official code (docs/fipo_spec.md §3) multiplies x by T x 128 decay blocks, O(B T^2). Here the
 same sum is O(B T K) chunked matmuls with no sequential loop:
 
   1. inside each chunk of K tokens, a [K, K] upper-triangular decay matrix turns x into the

@@ -4,7 +4,7 @@ Every loss takes [B, T] float32 `log_prob` (differentiated), `old_log_prob`, `ad
 (per-sequence value broadcast over tokens and masked) and `response_mask`, plus a frozen
 `PolicyLossConfig`, and returns `(loss f32[], metrics {name: f32[]})`. Metric names are the
 official logged ones (`actor/...`). Semantics follow the official verl/FIPO code
-(FIPO_SPEC §2, §6; ../shared/golden/README.md), including its float32 corner cases.
+(docs/fipo_spec.md §2, §6; tests/testdata/golden/README.md), including its float32 corner cases.
 
 `PolicyLossConfig` holds python scalars, so the losses jit with the config closed over or
 passed as a static (hashable) argument. The registered loss functions only read attributes of

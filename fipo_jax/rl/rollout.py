@@ -1,6 +1,6 @@
 """Rollouts on the host: sample, score, group advantages, dynamic sampling, pack into a batch.
 
-FIPO_SPEC §4: every round samples `gen_batch_size` prompts x `n` responses, scores them with the
+docs/fipo_spec.md §4: each round samples `gen_batch_size` prompts x `n` responses, scores with the
 math verifier plus overlong shaping, keeps the groups whose `acc` is not all-equal, and repeats
 (up to `max_num_gen_batches` rounds) until `train_batch_size` prompts are kept; the kept groups
 are truncated to exactly `train_batch_size` x `n` responses.

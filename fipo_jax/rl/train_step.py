@@ -11,7 +11,7 @@ and `jit_steps` compiles them once at the entry point with explicit shardings an
 Micro-batching follows verl without dynamic batch size: a mini-batch of M sequences is split into
 `num_micro_batches` equal micro-batches, each micro-batch loss is the loss function's own
 aggregation (token-mean over the micro-batch for FIPO/DAPO) scaled by 1/num_micro_batches, and the
-gradients are summed before one optimizer step (FIPO_SPEC §2.9).
+gradients are summed before one optimizer step (docs/fipo_spec.md §2.9).
 """
 
 from __future__ import annotations

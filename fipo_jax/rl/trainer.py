@@ -1,4 +1,4 @@
-"""The FIPO trainer loop (FIPO_SPEC §4): rollouts, rewards, advantages, updates, checkpoints.
+"""The FIPO trainer loop (docs/fipo_spec.md §4): rollouts, advantages, updates, checkpoints.
 
 `run(config, workdir)` is what `python -m fipo_jax.main` calls. Per RL step:
 
