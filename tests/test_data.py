@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from fipo_jax.data import pipeline, synthetic, verl
+from fipo_jax.data import pipeline, synthetic, truncation, verl
 from fipo_jax.data import tokenizer as tokenizer_lib
 
 
@@ -60,20 +60,134 @@ def test_fields_and_chat_template(testdata, tok):
   assert tok.decode(plain.get(0)["prompt_ids"]).startswith("Find the number of ordered pairs")
 
 
+HEAD, GEN = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_truncation_modes(testdata, tok, caplog):
-  full = _dataset(testdata, tok, "verl_math.parquet").get(0)["prompt_ids"]
+  ds = _dataset(testdata, tok, "verl_math.parquet")
+  full = ds.get(0)
+  assert not full["truncated"]
+  content = verl.parse_row(ds.rows[0]).messages[0]["content"]
   n = 40
-  assert len(full) > n
-  left = _dataset(testdata, tok, "verl_math.parquet", max_prompt_length=n).get(0)["prompt_ids"]
-  np.testing.assert_array_equal(left, full[-n:])  # keeps the generation prompt at the end
-  assert tok.decode(left).endswith("<|im_start|>assistant\n")
+  assert len(full["prompt_ids"]) > n
+  left = _dataset(testdata, tok, "verl_math.parquet", max_prompt_length=n).get(0)
+  assert left["truncated"] and len(left["prompt_ids"]) == n  # char tokenizer: an exact fit
+  text = tok.decode(left["prompt_ids"])
+  # Cut inside the user message: the template's head and the generation prompt survive, and
+  # the message keeps its tail.
+  assert text.startswith(HEAD) and text.endswith(GEN)
+  kept = text.removeprefix(HEAD).removesuffix(GEN)
+  assert kept and content.endswith(kept) and len(kept) < len(content)
   drop = _dataset(testdata, tok, "verl_math.parquet", max_prompt_length=n, truncation="drop")
   with caplog.at_level(logging.WARNING):
     assert drop.get(0) is None
-  assert "tokens > max_prompt_length" in caplog.text
+  assert "prompt of " in caplog.text and "dropped (data.truncation='drop')" in caplog.text
   err = _dataset(testdata, tok, "verl_math.parquet", max_prompt_length=n, truncation="error")
-  with pytest.raises(ValueError, match=r"row 0 in .*verl_math.parquet has \d+ tokens"):
+  with pytest.raises(pipeline.PromptTooLongError, match=r"row 0 of .*verl_math.parquet .*: "
+                     r"prompt of \d+ tokens > data.max_prompt_length=40"):
     err.get(0)
+
+
+def test_truncation_without_template_and_with_a_system_prompt(tok):
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x" * 50 + "END"},
+          {"role": "assistant", "content": "ok"}]
+  ids, kept = truncation.truncate_left(tok, msgs, max_length=30, apply_chat_template=False)
+  assert tok.decode(ids) == "Be brief." + "x" * (30 - 9 - 2 - 3) + "END" + "ok"
+  assert kept == 30 - 9 - 2
+  ids, _ = truncation.truncate_left(tok, msgs, max_length=60, apply_chat_template=True)
+  text = tok.decode(ids)
+  assert len(ids) == 60 and text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n" + HEAD)
+  assert text.endswith("END<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n" + GEN[11:])
+  # The template around an empty user message does not fit: nothing to cut, the row is dropped.
+  assert truncation.truncate_left(tok, msgs, max_length=20, apply_chat_template=True) is None
+
+
+def _long_rows(path, lengths):
+  rows = [verl.make_row("y" * k + f" {i}?", str(i), data_source="math_dapo", index=i,
+                        split="train") for i, k in enumerate(lengths)]
+  return str(verl.write_jsonl(str(path), rows))
+
+
+@pytest.mark.parametrize("mode", ["left", "drop"])
+def test_truncated_and_dropped_prompts_are_counted_and_warned_once(tmp_path, tok, caplog, mode):
+  lengths = [5, 80, 5, 90, 100, 5]  # 3 of 6 prompts over the limit
+  path = _long_rows(tmp_path / "rows.jsonl", lengths)
+  ds = pipeline.PromptDataset([path], tok, max_prompt_length=64, truncation=mode)
+  it = pipeline.PromptIterator(ds, batch_size=3 if mode == "drop" else 6, shuffle=False)
+  with caplog.at_level(logging.WARNING, logger="fipo_jax.data.pipeline"):
+    batches = [next(it), next(it)]  # two epochs: each long prompt met twice
+  assert all(len(ex["prompt_ids"]) <= 64 for b in batches for ex in b)
+  m = it.metrics()
+  if mode == "left":
+    assert [ex["truncated"] for ex in batches[0]] == [k > 40 for k in lengths]
+    assert m["data/truncated_prompts"] == 6 and m["data/dropped_prompts"] == 0
+    assert m["data/skipped_rows"] == 0
+  else:
+    assert [ex["index"] for ex in batches[0]] == [0, 2, 5]
+    assert m["data/dropped_prompts"] == m["data/skipped_rows"] == 6
+    assert m["data/truncated_prompts"] == 0
+  kind = "truncated" if mode == "left" else "dropped"
+  warned = [r.getMessage() for r in caplog.records]
+  assert len(warned) == 1, warned  # one example, the rest counted
+  assert warned[0].startswith(f"row 1 of {path} (global index 1): prompt of ")
+  assert "> data.max_prompt_length=64" in warned[0] and f"data/{kind}_prompts" in warned[0]
+  state = json.loads(json.dumps(it.get_state()))
+  fresh = pipeline.PromptIterator(pipeline.PromptDataset([path], tok, max_prompt_length=64,
+                                                         truncation=mode),
+                                  batch_size=it.batch_size, shuffle=False)
+  fresh.set_state(state)
+  assert fresh.metrics() == m
+  del state["truncated_prompts"], state["dropped_prompts"]  # a checkpoint from before them
+  fresh.set_state(state)
+  assert fresh.metrics()["data/truncated_prompts"] == 0
+
+
+def test_bad_data_raises_data_error_naming_the_file(tmp_path, tok, caplog):
+  import pyarrow as pa  # noqa: PLC0415
+  import pyarrow.parquet as pq  # noqa: PLC0415
+
+  rows = [verl.make_row("Q: 1+1=", "2", data_source="math_dapo", index=i, split="train")
+          for i in range(3)]
+  empty = tmp_path / "empty.parquet"
+  pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), empty)
+  with pytest.raises(verl.DataError, match=f"no rows in {empty}"):
+    pipeline.PromptDataset([str(empty)], tok, max_prompt_length=64)
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(verl.DataError, match="no rows in"):
+    pipeline.PromptDataset([str(tmp_path / "empty.jsonl")], tok, max_prompt_length=64)
+  no_reward = tmp_path / "no_reward.parquet"
+  pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "reward_model"}
+                                       for r in rows]), no_reward)
+  with pytest.raises(verl.DataError, match=f"{no_reward} has no column 'reward_model'"):
+    pipeline.PromptDataset([str(no_reward)], tok, max_prompt_length=64)
+  # jsonl rows are free-form: the same problem is found by `check`, quietly, in one error.
+  bad = _long_rows(tmp_path / "bad.jsonl", [3, 3])
+  (tmp_path / "bad.jsonl").write_text(
+    (tmp_path / "bad.jsonl").read_text().replace('"reward_model"', '"reward"'))
+  ds = pipeline.PromptDataset([bad], tok, max_prompt_length=64)
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      verl.DataError, match=r"no usable train rows in .*bad.jsonl: all 2 skipped \(row 0 of "
+      r".*: missing 'reward_model' object\)"):
+    ds.check("train")
+  assert not caplog.records
+  # truncation='error' refuses a too-long prompt anywhere in the files, not only when met.
+  long = _long_rows(tmp_path / "long.jsonl", [5, 5, 5, 200])
+  ds = pipeline.PromptDataset([long], tok, max_prompt_length=64, truncation="error")
+  with pytest.raises(pipeline.PromptTooLongError, match="row 3 of"):
+    ds.check("train")
+  pipeline.PromptDataset([long], tok, max_prompt_length=64, truncation="left").check("train")
+
+
+def test_skipped_rows_are_logged_up_to_a_cap(tmp_path, tok, caplog):
+  path = tmp_path / "many_bad.jsonl"
+  path.write_text("[1]\n" * 25 + json.dumps(verl.make_row("Q: 1=", "1", data_source="d",
+                                                           index=0, split="train")) + "\n")
+  ds = pipeline.PromptDataset([str(path)], tok, max_prompt_length=64)
+  with caplog.at_level(logging.WARNING, logger="fipo_jax.data.pipeline"):
+    examples, skipped = ds.examples()
+  assert skipped == 25 and len(examples) == 1
+  assert len(caplog.records) == pipeline.MAX_LOGGED_ROWS
+  assert "not logged" in caplog.records[-1].getMessage()
 
 
 def test_missing_and_unreadable_files(tmp_path, tok):
@@ -95,7 +209,7 @@ def test_all_rows_bad_raises_not_hangs(tmp_path, tok):
   path.write_text('{"prompt": []}\n[1]\n')
   it = pipeline.PromptIterator(pipeline.PromptDataset([str(path)], tok, max_prompt_length=64),
                                batch_size=1)
-  with pytest.raises(ValueError, match="no valid rows"):
+  with pytest.raises(verl.DataError, match="no valid rows"):
     next(it)
 
 
@@ -122,7 +236,8 @@ def test_iterator_epochs_cover_valid_rows_once_and_reshuffle(testdata, tok, expe
   assert sorted(epoch0) == good and sorted(epoch1) == good
   assert epoch0 != epoch1  # a fresh permutation per epoch
   assert it.skipped_rows == 2 * len(exp["bad"])
-  assert it.metrics() == {"data/skipped_rows": 2 * len(exp["bad"]), "data/epoch": 2}
+  assert it.metrics() == {"data/skipped_rows": 2 * len(exp["bad"]), "data/epoch": 2,
+                          "data/truncated_prompts": 0, "data/dropped_prompts": 0}
   ordered = pipeline.PromptIterator(ds, batch_size=len(good), shuffle=False)
   assert _ids(next(ordered)) == good
   other_seed = pipeline.PromptIterator(ds, batch_size=len(good), shuffle=True, seed=8)
@@ -241,3 +356,55 @@ def test_sft_examples_score_correct_with_math_dapo(tok):
 def test_synthetic_too_small_space_raises():
   with pytest.raises(ValueError, match="make it harder"):
     synthetic.make_rows(200, seed=0, min_digits=1, max_digits=1, num_operands=2, ops="+")
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen_tokenizer_dir):
+  return tokenizer_lib.load_tokenizer(str(qwen_tokenizer_dir))
+
+
+# The real Qwen2.5 template: its default system prompt, then the user turn; the generation
+# prompt is <|im_start|> 'assistant' '\n'.
+QWEN_HEAD = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+             "assistant.<|im_end|>\n<|im_start|>user\n")
+QWEN_GEN_IDS = [151645, 198, 151644, 77091, 198]  # <|im_end|> \n <|im_start|> assistant \n
+
+
+def test_long_dapo_prompt_is_cut_inside_the_user_message_on_qwen2_5(qwen_tok, dapo_parquet,
+                                                                   caplog):
+  import dapo_rows  # noqa: PLC0415
+
+  path = str(dapo_parquet(n=6, n_long=2, long_words=400))  # rows 0-1: ~530 tokens
+  full = pipeline.PromptDataset([path], qwen_tok, max_prompt_length=4096)
+  lengths = [len(full.get(i)["prompt_ids"]) for i in range(6)]
+  assert min(lengths[:2]) > 400 and max(lengths[2:]) < 256
+  ds = pipeline.PromptDataset([path], qwen_tok, max_prompt_length=256)
+  it = pipeline.PromptIterator(ds, batch_size=6, shuffle=False)
+  with caplog.at_level(logging.WARNING, logger="fipo_jax.data.pipeline"):
+    batch = next(it)
+  head = qwen_tok(QWEN_HEAD, add_special_tokens=False)["input_ids"]
+  assert head[0] == 151644 and len(head) > 20
+  for i, ex in enumerate(batch):
+    ids = ex["prompt_ids"].tolist()
+    assert ex["truncated"] == (i < 2) and len(ids) <= 256
+    assert ids[:len(head)] == head and ids[-len(QWEN_GEN_IDS):] == QWEN_GEN_IDS
+    if i >= 2:
+      assert ids == full.get(i)["prompt_ids"].tolist()  # short prompts untouched
+  # The long prompts keep the tail of their message: the problem's end and DAPO's reminder.
+  for i in range(2):
+    ids = batch[i]["prompt_ids"].tolist()
+    assert len(ids) >= 250  # cut to the limit, not far below it
+    kept = qwen_tok.decode(ids[len(head):-len(QWEN_GEN_IDS)])
+    content = dapo_rows.rows(6, n_long=2, long_words=400)[i]["prompt"][0]["content"]
+    assert content.endswith(kept) and kept.endswith(dapo_rows.DAPO_SUFFIX)
+    assert dapo_rows.PROBLEMS[i][0] in kept and not kept.startswith("Solve the following")
+  assert it.metrics()["data/truncated_prompts"] == 2
+  assert it.metrics()["data/dropped_prompts"] == 0
+  [msg] = [r.getMessage() for r in caplog.records]
+  assert f"row 0 of {path}" in msg and f"prompt of {lengths[0]} tokens" in msg
+  assert "data.max_prompt_length=256" in msg
+  drop = pipeline.PromptIterator(
+    pipeline.PromptDataset([path], qwen_tok, max_prompt_length=256, truncation="drop"),
+    batch_size=4, shuffle=False)
+  assert [ex["index"] for ex in next(drop)] == [2, 3, 4, 5]
+  assert drop.metrics()["data/dropped_prompts"] == 2

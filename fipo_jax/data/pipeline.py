@@ -9,12 +9,17 @@
   it.set_state(state)         # resumes exactly
 
 Each epoch is a fresh permutation (grain's `MapDataset.shuffle` reseeds every epoch). Malformed
-rows and rows dropped by `truncation='drop'` are skipped, logged once with their index and file,
-and counted in `skipped_rows` (reported as `data/skipped_rows`); they never stop a run.
+rows are skipped, logged once with their index and file (the first 10), and counted in
+`skipped_rows` (reported as `data/skipped_rows`); they never stop a run. Prompts longer than
+max_prompt_length are cut inside their last user message ('left'), dropped ('drop') or refused
+('error'); the first of each is logged with its length, and all are counted
+(`data/truncated_prompts`, `data/dropped_prompts`). Data that cannot give one usable prompt (no
+rows, a missing column, no valid row) raises `DataError`, before the trainer compiles anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -23,14 +28,35 @@ from typing import Any
 import grain
 import numpy as np
 
-from fipo_jax.data import synthetic, verl
+from fipo_jax.data import synthetic, truncation, verl
 from fipo_jax.data import tokenizer as tokenizer_lib
+from fipo_jax.data.verl import DataError
 
 log = logging.getLogger(__name__)
+MAX_LOGGED_ROWS = 10  # malformed rows logged one by one; later ones are only counted
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  """A row that gives no example: malformed, or `dropped` for its length."""
+
+  reason: str
+  dropped: bool = False
+
+
+class PromptTooLongError(DataError):
+  """A prompt over data.max_prompt_length under truncation='error'."""
 
 
 class PromptDataset:
-  """Tokenized prompts of verl-schema files; `get(i)` is None for a row that is skipped."""
+  """Tokenized prompts of verl-schema files; `get(i)` is None for a row that is skipped.
+
+  Prompts over `max_prompt_length` are, per `truncation`: 'left' cut inside their last user
+  message, keeping its tail (`truncation.truncate_left`; the chat template's head and the
+  generation prompt survive); 'drop' skipped; 'error' refused with PromptTooLongError. The
+  first prompt truncated and the first dropped are logged with their length; later ones are only
+  counted (by PromptIterator: data/truncated_prompts, data/dropped_prompts).
+  """
 
   def __init__(self, files: Sequence[str], tokenizer: Any, *, max_prompt_length: int,
                prompt_key: str = "prompt", apply_chat_template: bool = True,
@@ -38,12 +64,15 @@ class PromptDataset:
     if truncation not in ("left", "error", "drop"):
       raise ValueError(f"truncation must be 'left', 'error' or 'drop', got {truncation!r}")
     self.rows = verl.RowSource(files)
+    self.rows.require_columns([prompt_key, verl.REWARD_KEY, verl.SOURCE_KEY])
     self.tokenizer = tokenizer
     self.max_prompt_length = max_prompt_length
     self.prompt_key = prompt_key
     self.apply_chat_template = apply_chat_template
     self.truncation = truncation
     self._logged: set[int] = set()
+    self._warned: set[str] = set()  # 'truncated' / 'dropped': their first example was logged
+    self._quiet = False  # set while `check` scans
     # Random access through grain: source -> parse+tokenize by index.
     self.source = grain.MapDataset.source(self.rows).map_with_index(self._example)
 
@@ -51,37 +80,90 @@ class PromptDataset:
     return len(self.rows)
 
   def get(self, index: int) -> dict[str, Any] | None:
-    """Row `index` as {prompt_ids int32[P], ground_truth, data_source, index}, or None."""
-    return self.source[index]
+    """Row `index` as {prompt_ids int32[P], ground_truth, data_source, index, truncated}, or
+    None."""
+    item = self.lookup(index)
+    return None if isinstance(item, Skipped) else item
 
-  def _example(self, index: int, raw: Any) -> dict[str, Any] | None:
+  def lookup(self, index: int) -> dict[str, Any] | Skipped:
+    """As `get`, with the reason of a skipped row; skips are logged (the first 10 rows)."""
+    item = self.source[index]
+    if isinstance(item, Skipped) and not item.dropped and index not in self._logged:
+      if len(self._logged) < MAX_LOGGED_ROWS:
+        path, row = self.rows.locate(index)
+        more = (" (later skipped rows are counted in data/skipped_rows, not logged)"
+                if len(self._logged) == MAX_LOGGED_ROWS - 1 else "")
+        log.warning("skipping row %d of %s (global index %d): %s%s", row, path, index,
+                    item.reason, more)
+      self._logged.add(index)
+    return item
+
+  def _example(self, index: int, raw: Any) -> dict[str, Any] | Skipped:
     rec = verl.parse_row(raw, self.prompt_key)
     if isinstance(rec, verl.BadRow):
-      return self._skip(index, rec.reason)
+      return Skipped(rec.reason)
     try:
       ids = tokenizer_lib.encode_prompt(self.tokenizer, rec.messages, self.apply_chat_template)
     except Exception as e:  # a template or tokenizer failure on odd content is a bad row
-      return self._skip(index, f"tokenization failed ({type(e).__name__}: {e})")
-    if len(ids) > self.max_prompt_length:
-      if self.truncation == "error":
-        path, row = self.rows.locate(index)
-        raise ValueError(f"prompt of row {row} in {path} has {len(ids)} tokens > "
-                         f"data.max_prompt_length={self.max_prompt_length} "
-                         "(data.truncation='error')")
-      if self.truncation == "drop":
-        return self._skip(index, f"{len(ids)} tokens > max_prompt_length")
-      ids = ids[-self.max_prompt_length:]  # left truncation keeps the generation prompt
+      return Skipped(f"tokenization failed ({type(e).__name__}: {e})")
     if not ids:
-      return self._skip(index, "prompt tokenizes to nothing")
+      return Skipped("prompt tokenizes to nothing")
+    n, truncated = len(ids), False
+    if n > self.max_prompt_length:
+      ids, truncated = self._fit(index, rec.messages, n)
+      if ids is None:
+        return Skipped(f"{n} tokens > max_prompt_length", dropped=True)
     return {"prompt_ids": np.asarray(ids, np.int32), "ground_truth": rec.ground_truth,
-            "data_source": rec.data_source, "index": int(index)}
+            "data_source": rec.data_source, "index": int(index), "truncated": truncated}
 
-  def _skip(self, index: int, reason: str) -> None:
-    if index not in self._logged:
-      self._logged.add(index)
-      path, row = self.rows.locate(index)
-      log.warning("skipping row %d of %s (global index %d): %s", row, path, index, reason)
-    return None
+  def _fit(self, index: int, messages, n: int) -> tuple[list[int] | None, bool]:
+    """(ids cut to fit, True), or (None, False) to drop, for a prompt of n > max tokens."""
+    path, row = self.rows.locate(index)
+    where = (f"row {row} of {path} (global index {index}): prompt of {n} tokens > "
+             f"data.max_prompt_length={self.max_prompt_length}")
+    if self.truncation == "error":
+      raise PromptTooLongError(f"{where} (data.truncation='error')")
+    cut = None
+    if self.truncation == "left":
+      cut = truncation.truncate_left(self.tokenizer, messages, max_length=self.max_prompt_length,
+                                     apply_chat_template=self.apply_chat_template)
+    if cut is None:
+      why = ("the chat template without the user message does not fit"
+             if self.truncation == "left" else "data.truncation='drop'")
+      self._warn_once("dropped", f"{where}: dropped ({why})")
+      return None, False
+    ids, kept = cut
+    total = len(messages[truncation.last_user_message(messages)]["content"])
+    self._warn_once("truncated", f"{where}: its last user message keeps its last {kept} of "
+                    f"{total} characters, {len(ids)} tokens (data.truncation='left')")
+    return ids, True
+
+  def _warn_once(self, kind: str, message: str) -> None:
+    if kind not in self._warned and not self._quiet:
+      self._warned.add(kind)
+      log.warning("%s; later %s prompts are only counted (data/%s_prompts)", message, kind, kind)
+
+  def check(self, role: str) -> None:
+    """Raises DataError unless a row gives an example (all rows, each refused if too long,
+    under truncation='error'); what the trainer runs on its train and val files before
+    compiling anything, so bad data ends the run in one line."""
+    first: tuple[int, Skipped] | None = None
+    found, self._quiet = False, True  # a scan logs nothing: its verdict is the one line
+    try:
+      for i in range(len(self)):
+        item = self.source[i]
+        if not isinstance(item, Skipped):
+          found = True
+          if self.truncation != "error":
+            return
+        elif first is None:
+          first = (i, item)
+    finally:
+      self._quiet = False
+    if not found:
+      path, row = self.rows.locate(first[0])
+      raise DataError(f"no usable {role} rows in {verl.describe_paths(self.rows.paths)}: all "
+                      f"{len(self)} skipped (row {row} of {path}: {first[1].reason})")
 
   def examples(self, max_examples: int = -1) -> tuple[list[dict[str, Any]], int]:
     """All valid examples in file order (for eval) and the number of skipped rows."""
@@ -101,7 +183,9 @@ class PromptIterator(Iterator):
   """Endless batches of `batch_size` valid examples, epoch after epoch, with exact resume.
 
   State: {'epoch', 'position' (next row within the epoch's order), 'seed', 'shuffle',
-  'skipped_rows', 'num_rows'}. Rows skipped in an epoch are counted each time they are met.
+  'skipped_rows', 'truncated_prompts', 'dropped_prompts', 'num_rows'}. Rows are counted each
+  time they are met: skipped (malformed or dropped), of which dropped for their length, and
+  prompts truncated to fit.
   """
 
   def __init__(self, dataset: PromptDataset, *, batch_size: int, shuffle: bool = True,
@@ -115,6 +199,8 @@ class PromptIterator(Iterator):
     self.epoch = 0
     self.position = 0
     self.skipped_rows = 0
+    self.truncated_prompts = 0
+    self.dropped_prompts = 0
     order = grain.MapDataset.range(len(dataset))
     # Indexing past len(order) continues into the next epoch with seed + epoch.
     self._order = order.shuffle(seed=self.seed % 2**32) if shuffle else order
@@ -132,28 +218,33 @@ class PromptIterator(Iterator):
     batch = []
     misses = 0  # consecutive skipped rows; a full epoch of them means no usable data
     while len(batch) < size:
-      ex = self.dataset.get(self._row_index())
+      item = self.dataset.lookup(self._row_index())
       self.position += 1
       if self.position == n:
         self.epoch, self.position = self.epoch + 1, 0
-      if ex is None:
+      if isinstance(item, Skipped):
         self.skipped_rows += 1
+        self.dropped_prompts += item.dropped
         misses += 1
         if misses >= n:
-          raise ValueError(f"no valid rows in {self.dataset.rows.paths} (all {n} skipped; "
-                           "see the warnings above)")
+          raise DataError(f"no valid rows in {self.dataset.rows.paths} (all {n} skipped; "
+                          "see the warnings above)")
       else:
         misses = 0
-        batch.append(ex)
+        self.truncated_prompts += item["truncated"]
+        batch.append(item)
     return batch
 
   def metrics(self) -> dict[str, int]:
-    """`data/skipped_rows` (malformed or dropped rows met so far) and `data/epoch`."""
-    return {"data/skipped_rows": self.skipped_rows, "data/epoch": self.epoch}
+    """Counts of rows met so far: `data/skipped_rows` (malformed or dropped),
+    `data/dropped_prompts` (too long, dropped), `data/truncated_prompts`; and `data/epoch`."""
+    return {"data/skipped_rows": self.skipped_rows, "data/dropped_prompts": self.dropped_prompts,
+            "data/truncated_prompts": self.truncated_prompts, "data/epoch": self.epoch}
 
   def get_state(self) -> dict[str, Any]:
     return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
             "shuffle": self.shuffle, "skipped_rows": self.skipped_rows,
+            "truncated_prompts": self.truncated_prompts, "dropped_prompts": self.dropped_prompts,
             "num_rows": len(self.dataset)}
 
   def set_state(self, state: dict[str, Any]) -> None:
@@ -167,6 +258,9 @@ class PromptIterator(Iterator):
     self.epoch = int(state["epoch"])
     self.position = int(state["position"])
     self.skipped_rows = int(state["skipped_rows"])
+    # Checkpoints from before these counters resume them from 0.
+    self.truncated_prompts = int(state.get("truncated_prompts", 0))
+    self.dropped_prompts = int(state.get("dropped_prompts", 0))
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int,
@@ -234,15 +328,22 @@ def make_datasets(data_cfg: Any, tokenizer: Any,
 def build_datasets(rc: Any, tokenizer: Any, *,
                    workdir: str) -> tuple[PromptIterator, list[dict[str, Any]]]:
   """The trainer's data: a train PromptIterator of rl.gen_batch_size prompts per batch, and the
-  held-out examples (at most eval.max_prompts; [] without val files)."""
+  held-out examples (at most eval.max_prompts; [] without val files).
+
+  Train and val files pass the same checks (`PromptDataset.check`), so data that cannot train
+  raises DataError here, before anything is compiled.
+  """
   train, val = make_datasets(rc.data, tokenizer, workdir)
+  train.check("train")
+  if val is not None:
+    val.check("val")
   it = PromptIterator(train, batch_size=rc.rl.gen_batch_size, shuffle=rc.data.shuffle,
                       seed=rc.data.shuffle_seed)
   val_examples: list[dict[str, Any]] = []
   if val is not None:
     val_examples, skipped = val.examples(rc.eval.max_prompts)
-    if skipped:
-      log.warning("skipped %d malformed val rows in %s", skipped, val.rows.paths)
-    if not val_examples:
-      raise ValueError(f"no valid val rows in {val.rows.paths}")
+    truncated = sum(ex["truncated"] for ex in val_examples)
+    if skipped or truncated:
+      log.warning("val rows in %s: %d skipped (malformed or dropped), %d prompts truncated",
+                  verl.describe_paths(val.rows.paths), skipped, truncated)
   return it, val_examples

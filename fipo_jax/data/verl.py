@@ -12,7 +12,8 @@ A row:
 needs); `parse_row` checks one row and returns a clean record or the reason it is malformed.
 Reading never fails on a bad row: a row that is not a JSON object, is not UTF-8, or misses a field
 comes back as `BadRow` and the pipeline skips and counts it. A missing or unreadable file raises
-at construction, naming the path.
+at construction, naming the path; files with no rows at all, or parquet files without a column the
+schema needs, raise `DataError` there too (the trainer and the CLIs turn it into one line).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from collections.abc import Sequence
 from typing import Any
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
+REWARD_KEY, SOURCE_KEY = "reward_model", "data_source"  # columns every verl row needs
+
+
+class DataError(ValueError):
+  """Data files that cannot give a usable prompt: no rows, a missing column, no valid row, a
+  prompt too long under truncation='error'. One clear sentence naming the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +65,10 @@ class _ParquetFile:
   def __len__(self) -> int:
     return self._table.num_rows
 
+  @property
+  def columns(self) -> list[str] | None:
+    return list(self._table.column_names)
+
   def __getitem__(self, i: int) -> Any:
     try:
       return self._table.slice(i, 1).to_pylist()[0]
@@ -79,6 +90,8 @@ class _JsonlFile:
   def __len__(self) -> int:
     return len(self._lines)
 
+  columns = None  # free-form rows: checked one by one
+
   def __getitem__(self, i: int) -> Any:
     try:
       text = self._lines[i].decode("utf-8")
@@ -97,12 +110,23 @@ class RowSource(Sequence):
     if isinstance(paths, str):
       paths = [paths]
     if not paths:
-      raise ValueError("no data files given")
+      raise DataError("no data files given")
     self.paths = list(paths)
     self._files = [_open(p) for p in self.paths]
     self._starts = [0]
     for f in self._files:
       self._starts.append(self._starts[-1] + len(f))
+    if len(self) == 0:
+      raise DataError(f"no rows in {describe_paths(self.paths)} (empty data file)")
+
+  def require_columns(self, columns: Sequence[str]) -> None:
+    """Raises DataError if a parquet file lacks one of `columns` (jsonl rows are checked one by
+    one when read)."""
+    for path, f in zip(self.paths, self._files, strict=True):
+      missing = [c for c in columns if f.columns is not None and c not in f.columns]
+      if missing:
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (it has "
+                        f"{', '.join(f.columns)}); verl-schema rows need {', '.join(columns)}")
 
   def __len__(self) -> int:
     return self._starts[-1]
@@ -117,6 +141,11 @@ class RowSource(Sequence):
     """Global row index -> (path, row within that file), for log messages."""
     k = bisect.bisect_right(self._starts, index) - 1
     return self.paths[k], index - self._starts[k]
+
+
+def describe_paths(paths: Sequence[str]) -> str:
+  """One path as itself, several as a bracketed list (for messages)."""
+  return paths[0] if len(paths) == 1 else "[" + ", ".join(paths) + "]"
 
 
 def _open(path: str):
@@ -150,17 +179,17 @@ def parse_row(raw: Any, prompt_key: str = "prompt") -> Record | BadRow:
     clean.append({"role": m["role"], "content": m["content"]})
   if not any(m["content"].strip() for m in clean):
     return BadRow("empty prompt")
-  reward = raw.get("reward_model")
+  reward = raw.get(REWARD_KEY)
   if not isinstance(reward, dict):
-    return BadRow("missing 'reward_model' object")
+    return BadRow(f"missing '{REWARD_KEY}' object")
   truth = reward.get("ground_truth")
   if isinstance(truth, (int, float)) and not isinstance(truth, bool):
     truth = str(truth)  # some sets store integer answers
   if not isinstance(truth, str) or not truth.strip() or not _is_utf8(truth):
     return BadRow("missing or empty 'reward_model.ground_truth'")
-  source = raw.get("data_source")
+  source = raw.get(SOURCE_KEY)
   if not isinstance(source, str) or not source:
-    return BadRow("missing 'data_source'")
+    return BadRow(f"missing '{SOURCE_KEY}'")
   extra = raw.get("extra_info")
   if extra is None:
     extra = {}
