@@ -126,3 +126,64 @@ def test_builder_parses_markdown_code_and_tags_and_rejects_stray_text():
     parse("stray\n+++\nok\n")
   with pytest.raises(ValueError, match="unclosed"):
     parse("```{code-cell} python\nx = 1\n")
+
+
+_INSTALL_CELL_RUNNER = r"""
+import importlib.util, json, os, sys
+from IPython.core.interactiveshell import InteractiveShell
+
+shell = InteractiveShell.instance()
+calls = []
+
+def fake_system(cmd):  # records the shell command; a clone writes a minimal checkout
+  cmd = shell.var_expand(cmd, depth=1)
+  calls.append(cmd)
+  if cmd.startswith("git clone"):
+    os.makedirs("fipo_jax_repo/fipo_jax")
+    open("fipo_jax_repo/pyproject.toml", "w").close()
+    open("fipo_jax_repo/fipo_jax/__init__.py", "w").close()
+
+shell.system = fake_system
+real_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "fipo_jax" else real_find_spec(name, *a)
+result = shell.run_cell(sys.stdin.read())
+got = {"calls": calls, "cwd": os.getcwd(), "error": str(result.error_in_exec)}
+print("RESULT", json.dumps(got))
+"""
+
+
+def _run_install_cell(tmp_path, repo_url=""):
+  """Runs the install cell as on a fresh Colab runtime: fipo_jax not importable, shell faked."""
+  import json
+
+  first = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code")
+  source = first.source.replace('REPO_URL = ""', f"REPO_URL = {repo_url!r}", 1)
+  run = subprocess.run([sys.executable, "-c", _INSTALL_CELL_RUNNER], input=source, text=True,
+                       capture_output=True, cwd=tmp_path, check=True)
+  line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):]), run.stdout + run.stderr
+
+
+def test_install_cell_without_sources_says_what_to_do(tmp_path):
+  got, out = _run_install_cell(tmp_path)
+  assert got["calls"] == [] and "set REPO_URL" in got["error"], out
+
+
+def test_install_cell_installs_an_uploaded_checkout(tmp_path):
+  root = tmp_path / "fipo_jax-main"  # a GitHub zip of the repository unpacks to this
+  (root / "fipo_jax").mkdir(parents=True)
+  (root / "pyproject.toml").touch()
+  (root / "fipo_jax" / "__init__.py").touch()
+  got, out = _run_install_cell(tmp_path)
+  assert got["error"] == "None", out
+  assert len(got["calls"]) == 1 and got["calls"][0].startswith(f'pip install -q "{root}'), out
+  assert got["cwd"] == str(root)
+
+
+def test_install_cell_clones_repo_url(tmp_path):
+  url = "https://example.invalid/fipo_jax.git"
+  got, out = _run_install_cell(tmp_path, url)
+  assert got["error"] == "None", out
+  assert got["calls"][0] == f"git clone -q --depth 1 {url} fipo_jax_repo", out
+  assert got["calls"][1].startswith(f'pip install -q "{tmp_path / "fipo_jax_repo"}'), out
+  assert got["cwd"] == str(tmp_path / "fipo_jax_repo")
