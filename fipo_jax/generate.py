@@ -2,13 +2,18 @@
 
   python -m fipo_jax.generate --hf_dir DIR --prompts_file IN.jsonl --output OUT.jsonl \
       [--n 4] [--max_new_tokens 256] [--temperature 1.0] [--top_p 1.0] [--top_k 0] [--seed 0] \
-      [--chat]
+      [--no_chat]
 
-Each input line has `prompt` (text; tokenized with the directory's tokenizer, through its chat
-template with --chat) or `prompt_ids` (a list of token ids). Each output line is one sample:
+Each input row (a jsonl line, or a parquet row) has `prompt_ids` (a list of token ids) or
+`prompt`: either text (one user message) or, as in verl-schema data files (what eval and the
+trainer read), a list of chat messages {"role", "content"}; other fields are ignored. Prompts go
+through the tokenizer's chat template, as in the trainer and eval: by default always for
+--hf_dir, and as the run did for --checkpoint; --chat / --no_chat force it on / off. Each
+output line is one sample:
 `prompt_index`, `sample_index`, `response_ids`, `response_logprobs` (float32 log-probs at the
 sampling temperature, before top-p/top-k), `finish_reason` ('stop' | 'length'), `length`, and
-`response` (decoded text) when a tokenizer exists. --temperature 0 means greedy.
+`response` (decoded text) when a tokenizer exists. --temperature 0 means greedy. Bad inputs
+(a missing directory or file, an empty or malformed prompts file) exit 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   src.add_argument("--hf_dir", help="HF directory: config.json + safetensors (+ tokenizer).")
   src.add_argument("--checkpoint", help="fipo_jax trainer workdir (its latest checkpoint).")
   p.add_argument("--tokenizer_dir", help="Tokenizer directory (default: the model directory).")
-  p.add_argument("--prompts_file", required=True, help="Input jsonl: 'prompt' or 'prompt_ids'.")
+  p.add_argument("--prompts_file", required=True,
+                 help="Input jsonl/parquet rows: 'prompt' (text or chat messages) or 'prompt_ids'.")
   p.add_argument("--output", required=True, help="Output jsonl, one line per sample.")
   p.add_argument("--n", type=int, default=4, help="Samples per prompt.")
   p.add_argument("--max_new_tokens", type=int, default=256)
@@ -38,7 +44,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0, help="0 = off.")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--chat", action="store_true", help="Apply the tokenizer's chat template.")
+  p.add_argument("--chat", dest="chat", action="store_true", default=None,
+                 help="Apply the tokenizer's chat template (default: yes; a run: as it did).")
+  p.add_argument("--no_chat", dest="chat", action="store_false", help="Plain prompt text.")
   p.add_argument("--stop_ids", default="", help="Extra comma-separated stop token ids.")
   p.add_argument("--num_slots", type=int, default=32, help="Concurrent decode slots.")
   p.add_argument("--steps_per_call", type=int, default=16, help="Decode steps per jitted call.")
@@ -47,27 +55,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def load_model(args: argparse.Namespace):
-  """The Transformer from --hf_dir, or the latest checkpoint of a trainer workdir."""
+def _fail(message: Any) -> None:
+  """One line on stderr, exit code 2 (a bad input, not a crash)."""
+  print(f"generate: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
+  """(Transformer, the run's apply_chat_template or None) of --hf_dir or of a trainer workdir's
+  latest checkpoint. A checkpoint also sets args.tokenizer_dir to its run's tokenizer."""
   from fipo_jax import models  # noqa: PLC0415 (keeps --help fast)
 
-  if args.checkpoint is not None:
-    if not os.path.isdir(args.checkpoint):
-      raise SystemExit(f"error: checkpoint directory not found: {args.checkpoint}")
-    from flax import nnx  # noqa: PLC0415
+  if args.checkpoint is None:
+    return models.from_pretrained(args.hf_dir, dtype=args.dtype), None
+  if not os.path.isdir(args.checkpoint):
+    raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
+  from flax import nnx  # noqa: PLC0415
 
-    from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
+  from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
 
-    try:
-      policy = setup_lib.load_policy(checkpoint_dir=args.checkpoint)
-    except FileNotFoundError as e:
-      raise SystemExit(f"error: --checkpoint {args.checkpoint}: {e}") from e
-    if args.tokenizer_dir is None and os.path.isdir(policy.tokenizer_dir):
-      args.tokenizer_dir = policy.tokenizer_dir
-    return nnx.merge(policy.graphdef, policy.params)
-  if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
-    raise SystemExit(f"error: {args.hf_dir} has no config.json (not an HF model directory)")
-  return models.from_pretrained(args.hf_dir, dtype=args.dtype)
+  policy = setup_lib.load_policy(checkpoint_dir=args.checkpoint)
+  if args.tokenizer_dir is None and os.path.isdir(policy.tokenizer_dir):
+    args.tokenizer_dir = policy.tokenizer_dir
+  chat = policy.run_config.data.apply_chat_template if policy.run_config else None
+  return nnx.merge(policy.graphdef, policy.params), chat
 
 
 def load_tokenizer(path: str | None) -> Any | None:
@@ -81,31 +92,53 @@ def load_tokenizer(path: str | None) -> Any | None:
   return tokenizer_lib.load_tokenizer(path)
 
 
-def read_prompts(path: str, tokenizer: Any | None, chat: bool) -> list[list[int]]:
-  """jsonl lines with 'prompt_ids' or 'prompt' -> token id lists."""
+def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
+  """`prompt` text -> one user message; a verl message list -> itself; None if neither."""
+  if isinstance(prompt, str):
+    return [{"role": "user", "content": prompt}]
+  if isinstance(prompt, list) and prompt and all(
+      isinstance(m, dict) and isinstance(m.get("role"), str)
+      and isinstance(m.get("content"), str) for m in prompt):
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+  return None
+
+
+def row_ids(row: Any, tokenizer: Any | None, chat: bool) -> list[int] | str:
+  """One input row -> its prompt token ids, or why it has none."""
   from fipo_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
 
+  if not isinstance(row, dict):
+    return getattr(row, "reason", f"a {type(row).__name__}, not an object")
+  if "prompt_ids" in row:
+    ids = row["prompt_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+      return "'prompt_ids' is not a list of integers"
+  elif "prompt" in row:
+    messages = prompt_messages(row["prompt"])
+    if messages is None:
+      return "'prompt' is neither text nor a list of {'role', 'content'} messages"
+    if tokenizer is None:
+      return "has 'prompt' text but there is no tokenizer (give --tokenizer_dir or prompt_ids)"
+    ids = tokenizer_lib.encode_prompt(tokenizer, messages, chat)
+  else:
+    return "has neither 'prompt' nor 'prompt_ids'"
+  return list(ids) if ids else "is an empty prompt"
+
+
+def read_prompts(path: str, tokenizer: Any | None, chat: bool) -> list[list[int]]:
+  """Rows of a jsonl/parquet file (see the module docstring) -> token id lists.
+
+  Raises ValueError naming the first bad row (outputs are indexed by row: none is skipped).
+  """
+  from fipo_jax.data import verl  # noqa: PLC0415
+
+  rows = verl.RowSource([path])  # DataError (a ValueError) when empty
   out = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      row = json.loads(line)
-      if "prompt_ids" in row:
-        ids = [int(i) for i in row["prompt_ids"]]
-      elif "prompt" in row:
-        if tokenizer is None:
-          raise SystemExit(f"error: {path}:{lineno} has 'prompt' text but there is no tokenizer")
-        ids = tokenizer_lib.encode_prompt(
-          tokenizer, [{"role": "user", "content": row["prompt"]}], chat
-        )
-      else:
-        raise SystemExit(f"error: {path}:{lineno} has neither 'prompt' nor 'prompt_ids'")
-      if not ids:
-        raise SystemExit(f"error: {path}:{lineno} is an empty prompt")
-      out.append(ids)
-  if not out:
-    raise SystemExit(f"error: no prompts in {path}")
+  for i in range(len(rows)):
+    ids = row_ids(rows[i], tokenizer, chat)
+    if isinstance(ids, str):
+      raise ValueError(f"{path} row {i + 1}: {ids}")
+    out.append(ids)
   return out
 
 
@@ -130,9 +163,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   sampling_method = sampling.from_flags(args.temperature, args.top_p, args.top_k)
   model_dir = args.hf_dir or args.checkpoint
-  model = load_model(args)  # first: a checkpoint names its tokenizer directory
-  tokenizer = load_tokenizer(args.tokenizer_dir or args.hf_dir)
-  prompts = read_prompts(args.prompts_file, tokenizer, args.chat)
+  try:
+    model, run_chat = load_model(args)  # first: a checkpoint names its tokenizer directory
+    tokenizer = load_tokenizer(args.tokenizer_dir or args.hf_dir)
+    chat = next(c for c in (args.chat, run_chat, True) if c is not None)
+    prompts = read_prompts(args.prompts_file, tokenizer, chat)
+  except (OSError, ValueError) as e:  # missing dirs/files, bad configs, bad rows
+    _fail(e)
   stops = stop_token_ids(model_dir if args.hf_dir else None, tokenizer, args.stop_ids)
   engine_cfg = sampling.EngineConfig(
     num_slots=min(args.num_slots, len(prompts) * args.n),

@@ -10,6 +10,7 @@ import pytest
 
 from fipo_jax import generate, models
 from fipo_jax.data import tokenizer as tokenizer_lib
+from fipo_jax.data import verl
 from fipo_jax.sampling import driver
 from fipo_jax.sampling import engine as engine_lib
 
@@ -36,14 +37,14 @@ def _read(path):
   return [json.loads(line) for line in open(path)]
 
 
-def test_cli_text_prompts_with_chat_template_greedy(model_dirs, tmp_path):
+def test_cli_text_prompts_with_chat_template_by_default_greedy(model_dirs, tmp_path):
   hf_dir, _ = model_dirs
   prompts_file = tmp_path / "in.jsonl"
   prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _PROMPTS))
   out = tmp_path / "out.jsonl"
   cmd = [sys.executable, "-m", "fipo_jax.generate", "--hf_dir", str(hf_dir), "--prompts_file",
          str(prompts_file), "--output", str(out), "--n", "2", "--max_new_tokens", "8",
-         "--temperature", "0", "--chat"]  # fmt: skip
+         "--temperature", "0"]  # fmt: skip (no flag: the chat template, as in the trainer)
   proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tok/s" in proc.stderr
@@ -87,17 +88,73 @@ def test_cli_prompt_ids_sampling_without_tokenizer(model_dirs, tmp_path, capsys)
   assert len({tuple(r["response_ids"]) for r in rows}) > 1
 
 
-def test_cli_errors_are_clear(model_dirs, tmp_path):
+def _write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def _greedy(hf_dir, prompts_file, out, *flags):
+  generate.main(["--hf_dir", str(hf_dir), "--prompts_file", str(prompts_file), "--output",
+                 str(out), "--n", "1", "--max_new_tokens", "6", "--temperature", "0",
+                 "--no_progress", *flags])  # fmt: skip
+  return [r["response_ids"] for r in _read(out)]
+
+
+def test_cli_reads_verl_rows_and_no_chat_turns_the_template_off(model_dirs, tmp_path):
+  hf_dir, _ = model_dirs
+  tok = tokenizer_lib.load_tokenizer(str(hf_dir))
+  system_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+  verl_row = verl.make_row("Name a prime.", "2", data_source="x", index=0, split="test")
+  rows = [{"prompt": "Name a prime."}, verl_row, dict(verl_row, prompt=system_user),
+          {"prompt_ids": tokenizer_lib.encode_prompt(tok, system_user, True)}]
+  got = _greedy(hf_dir, _write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+  # A verl row's message list goes through the chat template like a text prompt does.
+  assert got[0] == got[1] and got[2] == got[3]
+  plain = tokenizer_lib.encode_prompt(tok, system_user, False)
+  rows = [{"prompt": system_user}, {"prompt_ids": plain}]
+  got = _greedy(hf_dir, _write_jsonl(tmp_path / "in2.jsonl", rows), tmp_path / "out2.jsonl",
+                "--no_chat")
+  assert got[0] == got[1]
+
+
+def test_bad_rows_are_refused_by_row(model_dirs, tmp_path, capsys):
+  hf_dir, bare = model_dirs
+  out = tmp_path / "o.jsonl"
+  for rows, flags, want in [
+    ([{"prompt": "hello"}], ("--hf_dir", bare), "row 1: has 'prompt' text but there is no"),
+    ([{"prompt_ids": [1]}, {"text": "x"}], ("--hf_dir", hf_dir), "row 2: has neither"),
+    ([{"prompt": [{"role": "user"}]}], ("--hf_dir", hf_dir), "row 1: 'prompt' is neither"),
+    ([{"prompt_ids": []}], ("--hf_dir", hf_dir), "row 1: is an empty prompt"),
+  ]:
+    args = [*map(str, flags), "--prompts_file", str(_write_jsonl(tmp_path / "in.jsonl", rows)),
+            "--output", str(out)]
+    with pytest.raises(SystemExit) as e:
+      generate.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("generate: ") and want in err[0], err
+
+
+def _run_cli(*args):
+  cmd = [sys.executable, "-m", "fipo_jax.generate", *map(str, args)]
+  return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
   _, bare = model_dirs
-  ids_file = tmp_path / "ids.jsonl"
-  ids_file.write_text('{"prompt_ids": [1, 2]}\n')
-  text_file = tmp_path / "text.jsonl"
-  text_file.write_text('{"prompt": "hello"}\n')
-  out = str(tmp_path / "o.jsonl")
-  with pytest.raises(SystemExit, match="checkpoint"):
-    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts_file", str(ids_file),
-                   "--output", out])  # fmt: skip
-  with pytest.raises(SystemExit, match="no tokenizer"):
-    generate.main(["--hf_dir", str(bare), "--prompts_file", str(text_file), "--output", out])
-  with pytest.raises(SystemExit, match="config.json"):
-    generate.main(["--hf_dir", str(tmp_path), "--prompts_file", str(ids_file), "--output", out])
+  ids_file = _write_jsonl(tmp_path / "ids.jsonl", [{"prompt_ids": [1, 2]}])
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  out = tmp_path / "o.jsonl"
+  for args, want in [
+    (("--hf_dir", tmp_path / "nope", "--prompts_file", ids_file),
+     f"generate: HF model directory {tmp_path / 'nope'}: not found"),
+    (("--checkpoint", tmp_path / "ckpt", "--prompts_file", ids_file),
+     f"generate: checkpoint directory not found: {tmp_path / 'ckpt'}"),
+    (("--hf_dir", bare, "--prompts_file", empty),
+     f"generate: no rows in {empty} (empty data file)"),
+  ]:
+    proc = _run_cli(*args, "--output", out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [want]
+    assert not out.exists()

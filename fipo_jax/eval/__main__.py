@@ -2,7 +2,8 @@
 
 avg@k, pass@k (unbiased estimator), cons@k (majority vote on the extracted answer) and
 response-length statistics on a verl-schema parquet/jsonl set, printed as a table and written as
-JSON. Official eval sampling: temperature 1.0, top-p 0.7 (docs/fipo_spec.md §4).
+JSON. Official eval sampling: temperature 1.0, top-p 0.7 (docs/fipo_spec.md §4). Bad inputs (a missing
+directory or file, data with no usable row) exit 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -29,35 +30,53 @@ _OUT = flags.DEFINE_string("output", None, "JSON results path (default: stdout t
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", -1, "Evaluate only the first k prompts.")
 
 
+def _fail(message) -> None:
+  """One line on stderr, exit code 2 (a bad input, not a crash)."""
+  print(f"eval: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _load(data_files):
+  """(policy, tokenizer, examples, skipped, max_prompt) of the flags; bad inputs exit 2."""
+  from fipo_jax.data import pipeline  # noqa: PLC0415 (keeps --help fast)
+  from fipo_jax.data import tokenizer as tok_lib  # noqa: PLC0415
+  from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
+
+  if bool(_CKPT.value) == bool(_HF.value):
+    _fail("give exactly one of --checkpoint or --hf_dir")
+  if not data_files:
+    _fail("--data is required")
+  for path in data_files:
+    if not os.path.isfile(path):
+      _fail(f"data file not found: {path}")
+  try:
+    policy = setup_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
+    tokenizer = tok_lib.load_tokenizer(policy.tokenizer_dir)
+    data_cfg = policy.run_config.data if policy.run_config else None
+    max_prompt = _MAX_PROMPT.value or (data_cfg.max_prompt_length if data_cfg else 2048)
+    chat = _CHAT.value if _CHAT.value is not None else (
+      data_cfg.apply_chat_template if data_cfg else True)
+    dataset = pipeline.PromptDataset(data_files, tokenizer, max_prompt_length=max_prompt,
+                                     apply_chat_template=chat)
+    examples, skipped = dataset.examples(_MAX_PROMPTS.value)
+  except (OSError, ValueError) as e:  # missing dirs, bad configs, DataError (no rows, columns)
+    _fail(e)
+  if not examples:
+    _fail(f"no usable rows in {', '.join(data_files)} ({skipped} skipped; see the warnings)")
+  return policy, tokenizer, examples, skipped, max_prompt
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines drown the table
-  from fipo_jax.data import pipeline
   from fipo_jax.data import tokenizer as tok_lib
   from fipo_jax.eval import cli
   from fipo_jax.rl import evaluation
   from fipo_jax.rl import rollout as rollout_lib
-  from fipo_jax.rl import setup as setup_lib
   from fipo_jax.sampling import engine as engine_lib
   from fipo_jax.sampling import params as sampling_params
 
-  if bool(_CKPT.value) == bool(_HF.value):
-    sys.exit("eval: give exactly one of --checkpoint or --hf_dir")
-  for path in _DATA.value or []:
-    if not os.path.isfile(path):
-      sys.exit(f"eval: data file not found: {path}")
-  if not _DATA.value:
-    sys.exit("eval: --data is required")
-
-  policy = setup_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
-  tokenizer = tok_lib.load_tokenizer(policy.tokenizer_dir)
-  data_cfg = policy.run_config.data if policy.run_config else None
-  max_prompt = _MAX_PROMPT.value or (data_cfg.max_prompt_length if data_cfg else 2048)
-  chat = _CHAT.value if _CHAT.value is not None else (
-    data_cfg.apply_chat_template if data_cfg else True)
-  dataset = pipeline.PromptDataset(_DATA.value, tokenizer, max_prompt_length=max_prompt,
-                                   apply_chat_template=chat)
-  examples, skipped = dataset.examples(_MAX_PROMPTS.value)
+  policy, tokenizer, examples, skipped, max_prompt = _load(_DATA.value)
   max_new = _MAX_NEW.value or policy.max_response_length or 1024
   engine = engine_lib.Engine(
     policy.model_cfg, policy.graphdef,
