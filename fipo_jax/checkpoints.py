@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: params, optimizer state and a JSON `extra` blob.
 
-  ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), keep=3,
+  ckpt = CheckpointManager(paths.join(workdir, "checkpoints"), keep=3,
                            best_metric="eval/acc_mean")
   restored = ckpt.restore_latest(params=params, opt_state=opt_state)  # None if empty
   if restored is not None:
@@ -21,6 +21,8 @@
 - Restore takes the live (or abstract `jax.ShapeDtypeStruct`) params/opt_state trees as targets:
   arrays come back with the targets' shapes, dtypes and shardings, written straight into their
   shards.
+- The directory may be local or a bucket (`gs://...`: orbax's own GCS support, which needs
+  `google-cloud-storage`, in the `[tpu]` extra).
 """
 
 from __future__ import annotations
@@ -38,12 +40,26 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from fipo_jax import paths
+
 log = logging.getLogger(__name__)
 
 # Test hook (tests/test_reliability_process.py): SIGKILL this process right after the save of
 # this step has started, i.e. while orbax is still writing it, to prove a partial checkpoint is
 # never resumed from.
 KILL_IN_SAVE_ENV = "FIPO_JAX_TEST_KILL_IN_SAVE"
+
+
+class _NoTrackedMetricNotice(logging.Filter):
+  """Drops orbax's warning for a save without metrics: saves between evals carry none by
+  design (they compete only for the last-`keep` slots), so it would print at every save."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Requested `tracked_metric`; did not provide metrics")
+
+
+_NOTICE_FILTER = _NoTrackedMetricNotice()
+logging.getLogger("absl").addFilter(_NOTICE_FILTER)  # orbax logs through absl.logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +96,7 @@ class CheckpointManager:
       raise ValueError(f"keep must be >= 1, got {keep}")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode
     policies = [checkpoint_managers.LatestN(n=keep)]

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from fipo_jax import config_schema
+from fipo_jax import config_schema, paths
 from fipo_jax.config_schema import ConfigError, Section
 
 LOSS_MODES = ("fipo", "dapo", "grpo")
@@ -404,12 +403,12 @@ def _check_paths(cfg: RunConfig) -> None:
                       "task 'verl' needs a tokenizer: set model.tokenizer_dir or model.hf_dir")
   for name in ("hf_dir", "tokenizer_dir"):
     path = getattr(cfg.model, name)
-    if path and not os.path.isdir(path):
+    if path and not paths.isdir(path):  # local or gs://
       raise ConfigError(f"model.{name}", f"directory not found: {path}")
-  if cfg.model.hf_dir and not os.path.isfile(os.path.join(cfg.model.hf_dir, "config.json")):
+  if cfg.model.hf_dir and not paths.isfile(paths.join(cfg.model.hf_dir, "config.json")):
     raise ConfigError("model.hf_dir", f"no config.json in {cfg.model.hf_dir}")
   if cfg.data.task == "verl":
     for name in ("train_files", "val_files"):
       for path in getattr(cfg.data, name):
-        if not os.path.isfile(path):
+        if not paths.isfile(path):
           raise ConfigError(f"data.{name}", f"file not found: {path}")

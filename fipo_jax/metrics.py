@@ -7,25 +7,33 @@
 - metrics.jsonl: one JSON object per `write`, `{"step": step, ...}`; non-finite values are
   written as null (strict JSON); non-scalar values are dropped (logged once).
 - TensorBoard: scalars under WORKDIR/tensorboard (tensorboardX), non-finite values skipped.
+  tensorboardX can only write local files (gs:// would need google-cloud-storage and still
+  fails), so for a remote workdir the event files are written to a local temporary directory
+  and copied to WORKDIR/tensorboard at every plot and on close.
 - Plots (matplotlib, Agg backend) in WORKDIR/plots, redrawn every `plot_every` writes and on
   close: accuracy, response length, influence weights, clip fractions, and an overview of all
   four. A panel plots every key equal to one of its names or under it (`name/...`), so
   per-mini-batch keys such as `actor/influence_weights_mean_raw/mb3` are drawn too.
 Only the primary process writes; on the others every method is a no-op. Resuming appends to
 the existing metrics.jsonl; `truncate_after(step)` drops entries newer than the restored step.
+Every file goes through `fipo_jax.paths`, so WORKDIR may be `gs://bucket/run` (a bucket object
+cannot be appended to: there metrics.jsonl is rewritten whole at every write).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from fipo_jax import paths
 from fipo_jax.eval import estimators
 
 log = logging.getLogger(__name__)
@@ -77,21 +85,26 @@ class MetricsWriter:
     self.workdir = workdir
     self.is_primary = is_primary
     self.plot_every = max(1, plot_every)
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.plot_dir = os.path.join(workdir, "plots")
+    self.path = paths.join(workdir, METRICS_FILE)
+    self.plot_dir = paths.join(workdir, "plots")
+    self.tensorboard_dir = paths.join(workdir, "tensorboard") if tensorboard else None
     self.history: list[dict[str, Any]] = []
     self._writes = 0
     self._dropped: set[str] = set()
     self._tb = None
+    self._tb_local: str | None = None  # a local mirror of tensorboard_dir (remote workdirs)
     self._plots = plots
     if not is_primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.history = read_metrics(self.path) if os.path.exists(self.path) else []
+    paths.makedirs(workdir)
+    self.history = read_metrics(self.path) if paths.exists(self.path) else []
     if tensorboard:
       import tensorboardX  # noqa: PLC0415 (optional at import time of this module)
 
-      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      logdir = self.tensorboard_dir
+      if paths.is_remote(logdir):
+        logdir = self._tb_local = tempfile.mkdtemp(prefix="fipo_jax_tensorboard_")
+      self._tb = tensorboardX.SummaryWriter(logdir=logdir)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Records `metrics` at `step`; returns the row written (empty on non-primary processes)."""
@@ -108,16 +121,21 @@ class MetricsWriter:
           log.warning("metric %r is not a scalar (%s); not written", key, type(value).__name__)
         continue
       row[key] = scalar
-    with open(self.path, "a") as f:
-      f.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
     self.history.append(row)
+    if paths.is_remote(self.path):
+      paths.write_text(self.path, _jsonl(self.history))
+    else:
+      with open(self.path, "a") as f:
+        f.write(_jsonl([row]))
     if self._tb is not None:
       for key, value in row.items():
         if key != "step" and _is_number(value) and math.isfinite(value):
           self._tb.add_scalar(key, value, global_step=row["step"])
     self._writes += 1
-    if self._plots and self._writes % self.plot_every == 0:
-      self.plot()
+    if self._writes % self.plot_every == 0:
+      if self._plots:
+        self.plot()
+      self.flush()
     return row
 
   def truncate_after(self, step: int) -> None:
@@ -127,11 +145,7 @@ class MetricsWriter:
     keep = [r for r in self.history if r["step"] <= step]
     if len(keep) != len(self.history):
       self.history = keep
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        for row in keep:
-          f.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
-      os.replace(tmp, self.path)
+      paths.write_text(self.path, _jsonl(keep))  # atomic locally
 
   def plot(self) -> list[str]:
     """Redraws the PNGs from the history; returns the files written."""
@@ -144,8 +158,10 @@ class MetricsWriter:
       return []
 
   def flush(self) -> None:
+    """Flushes TensorBoard (and copies its files to a remote workdir)."""
     if self._tb is not None:
       self._tb.flush()
+      self._sync_tensorboard()
 
   def close(self) -> None:
     if not self.is_primary:
@@ -155,12 +171,51 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+      self._sync_tensorboard()
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
+        self._tb_local = None
+
+  def _sync_tensorboard(self) -> None:
+    if self._tb_local is None:
+      return
+    try:
+      paths.upload(self._tb_local, self.tensorboard_dir)
+    except OSError as e:  # a transient bucket error must not stop training; retried next time
+      log.warning("copying TensorBoard files to %s failed: %s", self.tensorboard_dir, e)
+
+
+def progress_postfix(history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+  """The progress bar's fields: the last step's train accuracy and the last eval accuracy seen
+  (evals run every `eval_every` steps; a field with no value yet is left out, never 'nan')."""
+  out = {}
+  last = history[-1] if history else {}
+  if _is_number(last.get("train/acc_mean")) and math.isfinite(last["train/acc_mean"]):
+    out["acc"] = f"{last['train/acc_mean']:.2f}"
+  for row in reversed(history):
+    value = row.get("eval/acc_mean")
+    if _is_number(value) and math.isfinite(value):
+      out["eval"] = f"{value:.2f}"
+      break
+  return out
+
+
+def outputs_summary(workdir: str, checkpoint_dir: str, *, tensorboard: bool = True) -> str:
+  """The lines a run ends with: where its metrics, plots, TensorBoard logs and checkpoints are."""
+  workdir = paths.absolute(workdir)
+  rows = [("metrics", paths.join(workdir, METRICS_FILE)),
+          ("plots", paths.join(workdir, "plots") + "/")]
+  if tensorboard:
+    rows.append(("tensorboard", paths.join(workdir, "tensorboard") + "/"))
+  rows.append(("checkpoints", checkpoint_dir.rstrip("/") + "/"))
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(["outputs:", *(f"  {name:<{width}}  {path}" for name, path in rows)])
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """Rows of a metrics.jsonl (null read back as NaN); a torn last line is ignored."""
   rows = []
-  with open(path) as f:
+  with paths.open_file(path) as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -178,7 +233,6 @@ def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  os.makedirs(out_dir, exist_ok=True)
   written = []
   fig_all, axes = plt.subplots(2, 2, figsize=(13, 8))
   for (stem, title, ylabel, names), ax_all in zip(PANELS, axes.flat, strict=True):
@@ -186,12 +240,12 @@ def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str) -> list[str
     for target in (ax, ax_all):
       _draw_panel(target, history, title, ylabel, names)
     fig.tight_layout()
-    path = os.path.join(out_dir, f"{stem}.png")
+    path = paths.join(out_dir, f"{stem}.png")
     _save(fig, path)
     plt.close(fig)
     written.append(path)
   fig_all.tight_layout()
-  path = os.path.join(out_dir, "overview.png")
+  path = paths.join(out_dir, "overview.png")
   _save(fig_all, path)
   plt.close(fig_all)
   return [*written, path]
@@ -228,13 +282,17 @@ def _draw_panel(ax, history, title, ylabel, names) -> None:
 
 
 def _save(fig, path: str) -> None:
-  tmp = path + ".tmp.png"  # atomic: a viewer never sees a half-written PNG
-  fig.savefig(tmp, dpi=90)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
+  paths.write_bytes(path, buf.getvalue())  # atomic: a viewer never sees a half-written PNG
 
 
 def _is_number(v: Any) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
+  return "".join(json.dumps(_finite_or_none(r), allow_nan=False) + "\n" for r in rows)
 
 
 def _finite_or_none(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
+from fipo_jax import paths
 from fipo_jax.data import synthetic, truncation, verl
 from fipo_jax.data import tokenizer as tokenizer_lib
 from fipo_jax.data.verl import DataError
@@ -300,16 +301,18 @@ def resolve_tokenizer(cfg: Any, workdir: str) -> Any:
     if cfg.data.task != "synthetic":
       raise ValueError("model.tokenizer_dir: task 'verl' needs model.tokenizer_dir or "
                        "model.hf_dir")
-    path = os.path.join(workdir, "tokenizer")
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-      tokenizer_lib.build_tokenizer(path)
-  return tokenizer_lib.load_tokenizer(path)
+    path = paths.join(workdir, "tokenizer")
+    if not paths.isfile(paths.join(path, "tokenizer.json")):
+      with tempfile.TemporaryDirectory() as tmp:  # transformers saves to local files only
+        paths.upload(tokenizer_lib.build_tokenizer(tmp), path)
+  # A gs:// tokenizer (or hf_dir) is read from a local cached copy.
+  return tokenizer_lib.load_tokenizer(paths.local_copy(path))
 
 
 def data_files(data_cfg: Any, workdir: str) -> tuple[list[str], list[str]]:
   """(train_files, val_files); for the synthetic task they are written to WORKDIR/data."""
   if data_cfg.task == "synthetic":
-    train, val = synthetic.write_dataset(os.path.join(workdir, "data"), data_cfg.synthetic)
+    train, val = synthetic.write_dataset(paths.join(workdir, "data"), data_cfg.synthetic)
     return [train], [val]
   return list(data_cfg.train_files), list(data_cfg.val_files)
 

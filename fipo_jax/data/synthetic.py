@@ -9,13 +9,13 @@ exactly those of real data. Difficulty: digits per operand and number of operand
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from fipo_jax import paths
 from fipo_jax.data import tokenizer as tokenizer_lib
 from fipo_jax.data import verl
 
@@ -80,8 +80,8 @@ def write_dataset(out_dir: str, task_cfg: Any) -> tuple[str, str]:
   val = make_rows(task_cfg.num_val, seed=task_cfg.seed + 1, split="test", **kw)
   held_out = [r["prompt"][0]["content"] for r in val]
   train = make_rows(task_cfg.num_train, seed=task_cfg.seed, exclude=held_out, split="train", **kw)
-  return (verl.write_jsonl(os.path.join(out_dir, TRAIN_FILE), train),
-          verl.write_jsonl(os.path.join(out_dir, VAL_FILE), val))
+  return (verl.write_jsonl(paths.join(out_dir, TRAIN_FILE), train),
+          verl.write_jsonl(paths.join(out_dir, VAL_FILE), val))
 
 
 def gold_response(answer: str) -> str:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
+
+from fipo_jax import paths as paths_lib
 
 SUFFIXES = (".parquet", ".jsonl", ".json")
 REWARD_KEY, SOURCE_KEY = "reward_model", "data_source"  # columns every verl row needs
@@ -149,12 +150,12 @@ def describe_paths(paths: Sequence[str]) -> str:
 
 
 def _open(path: str):
-  if not os.path.isfile(path):
+  if not paths_lib.isfile(path):
     raise FileNotFoundError(f"data file not found: {path}")
   if path.endswith(".parquet"):
-    return _ParquetFile(path)
+    return _ParquetFile(paths_lib.local_copy(path))  # gs://: read from a local cached copy
   if path.endswith((".jsonl", ".json")):
-    return _JsonlFile(path)
+    return _JsonlFile(paths_lib.local_copy(path))
   raise ValueError(f"unsupported data file type (expected {SUFFIXES}): {path}")
 
 
@@ -207,11 +208,8 @@ def _is_utf8(s: str) -> bool:
 
 
 def write_jsonl(path: str, rows: Sequence[dict[str, Any]]) -> str:
-  """Writes rows as JSON lines (used for the synthetic task and test data)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  """Writes rows as JSON lines (used for the synthetic task and test data); local or gs://."""
+  paths_lib.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
   return path
 
 
@@ -220,8 +218,8 @@ def write_parquet(path: str, rows: Sequence[dict[str, Any]]) -> str:
   import pyarrow as pa  # noqa: PLC0415
   import pyarrow.parquet as pq  # noqa: PLC0415
 
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  pq.write_table(pa.Table.from_pylist(list(rows)), path)
+  with paths_lib.open_file(path, "wb") as f:
+    pq.write_table(pa.Table.from_pylist(list(rows)), f)
   return path
 
 

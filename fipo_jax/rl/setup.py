@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import optax
 from flax import nnx
 
 from fipo_jax import config as config_lib
-from fipo_jax import distributed, models, sharding
+from fipo_jax import distributed, models, paths, sharding
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
 from fipo_jax.models import build as build_lib
@@ -76,8 +75,8 @@ def model_config(rc: config_lib.RunConfig) -> models.ModelConfig:
   exec_opts = dict(param_dtype=m.param_dtype, dtype=m.dtype, attention_impl=m.attention_impl,
                    remat_policy=m.remat_policy)
   if m.hf_dir:
-    with open(os.path.join(m.hf_dir, "config.json")) as f:
-      return models.ModelConfig.from_hf_config(json.load(f), **exec_opts, **dict(m.overrides))
+    hf_cfg = json.loads(paths.read_text(paths.join(m.hf_dir, "config.json")))
+    return models.ModelConfig.from_hf_config(hf_cfg, **exec_opts, **dict(m.overrides))
   return models.get_preset(m.preset, **exec_opts, **dict(m.overrides))
 
 
@@ -118,7 +117,9 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
 
   cfg = model_config(rc)
   if rc.model.hf_dir:
-    model = models.from_pretrained(rc.model.hf_dir, mesh=mesh, param_dtype=cfg.param_dtype,
+    # A gs:// directory is downloaded once into the local cache (safetensors are memory-mapped).
+    model = models.from_pretrained(paths.local_copy(rc.model.hf_dir), mesh=mesh,
+                                   param_dtype=cfg.param_dtype,
                                    dtype=cfg.dtype, attention_impl=cfg.attention_impl,
                                    remat_policy=cfg.remat_policy)
   else:
@@ -186,8 +187,8 @@ def save_run_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
-    json.dump(raw, f, indent=2, sort_keys=True, default=str)
+  paths.write_text(paths.join(workdir, RUN_CONFIG_FILE),
+                   json.dumps(raw, indent=2, sort_keys=True, default=str))
 
 
 @dataclasses.dataclass
@@ -208,20 +209,22 @@ def load_policy(*, checkpoint_dir: str | None = None, hf_dir: str | None = None,
   from fipo_jax import checkpoints as ckpt_lib  # noqa: PLC0415
 
   if hf_dir:
+    hf_dir = paths.local_copy(hf_dir)
     model = models.from_pretrained(hf_dir)
     graphdef, params = nnx.split(model)
     return Policy(model.cfg, graphdef, params, hf_dir)
-  cfg_path = os.path.join(checkpoint_dir, RUN_CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
+  cfg_path = paths.join(checkpoint_dir, RUN_CONFIG_FILE)
+  if not paths.isfile(cfg_path):
     raise FileNotFoundError(f"{cfg_path} not found: is {checkpoint_dir} a fipo_jax workdir?")
-  with open(cfg_path) as f:
-    rc = config_lib.validate(json.load(f), check_paths=False)
+  rc = config_lib.validate(json.loads(paths.read_text(cfg_path)), check_paths=False)
   cfg = model_config(rc)
   graphdef, abstract, shardings = build_lib.param_shardings(cfg, None)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-  manager = ckpt_lib.CheckpointManager(os.path.join(checkpoint_dir, "checkpoints"),
+  manager = ckpt_lib.CheckpointManager(paths.join(checkpoint_dir, "checkpoints"),
                                        keep=rc.keep_checkpoints)
   _, params = manager.restore_params(params=target, step=step)
-  tok_dir = rc.model.tokenizer_dir or rc.model.hf_dir or os.path.join(checkpoint_dir, "tokenizer")
+  tok_dir = rc.model.tokenizer_dir or rc.model.hf_dir or paths.join(checkpoint_dir, "tokenizer")
+  if paths.is_remote(tok_dir) and paths.isdir(tok_dir):
+    tok_dir = paths.local_copy(tok_dir)  # transformers reads tokenizers from local files only
   return Policy(cfg, graphdef, params, tok_dir, rc.rl.max_response_length, rc)

@@ -13,7 +13,6 @@ The sampler reads the newest params after every optimizer step (no recompiles).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -25,7 +24,7 @@ import tqdm
 
 from fipo_jax import checkpoints as ckpt_lib
 from fipo_jax import config as config_lib
-from fipo_jax import distributed, sharding
+from fipo_jax import distributed, paths, sharding
 from fipo_jax import metrics as metrics_lib
 from fipo_jax.rl import advantages as adv_lib
 from fipo_jax.rl import evaluation, warmstart
@@ -64,7 +63,7 @@ class SetupError(RuntimeError):
 def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics."""
   rc = run_config or config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)  # local or gs://: every write below goes through fipo_jax.paths
   stop = _StopRequested()
   stop.install()
   try:
@@ -75,7 +74,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   is_primary = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, is_primary=is_primary)
   ckpt = ckpt_lib.CheckpointManager(
-    os.path.join(workdir, "checkpoints"), keep=rc.keep_checkpoints, best_metric="eval/acc_mean"
+    paths.join(workdir, "checkpoints"), keep=rc.keep_checkpoints, best_metric="eval/acc_mean"
   )
 
   params, opt_state, start_step, extra = env.params, env.opt_state, 0, {}
@@ -118,8 +117,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
     if rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps):
       metrics.update(evaluation.evaluate(rc, env, params, step=done))
     writer.write(done, metrics)
-    bar.set_postfix(acc=f"{metrics.get('train/acc_mean', float('nan')):.2f}",
-                    eval=f"{metrics.get('eval/acc_mean', float('nan')):.2f}")
+    bar.set_postfix(metrics_lib.progress_postfix(writer.history))  # the last eval, not nan
     last = metrics
     diverged = bad_steps >= rc.max_consecutive_bad_steps > 0
     want_ckpt = ((rc.checkpoint_every > 0 and done % rc.checkpoint_every == 0)
@@ -144,6 +142,9 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   ckpt.wait()
   ckpt.close()
   writer.close()
+  bar.close()
+  if is_primary:
+    print(metrics_lib.outputs_summary(workdir, ckpt.directory), flush=True)
   return last
 
 
@@ -320,15 +321,14 @@ def _mean_metrics(per_mb: list[dict[str, Any]]) -> dict[str, float]:
 
 def _dump_influence(workdir: str, step: int, dumps, batches) -> None:
   """WORKDIR/influence/step_{k}.npz: per-token weights of every mini-batch of RL step k."""
-  out = os.path.join(workdir, "influence")
-  os.makedirs(out, exist_ok=True)
   stack = lambda key: np.stack([d[key] for d in dumps])
   p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
-  np.savez_compressed(
-    os.path.join(out, f"step_{step}.npz"),
-    influence_weights=stack("influence_weights"),
-    raw_influence_weights=stack("raw_influence_weights"),
-    response_mask=np.stack([np.asarray(b.response_mask) for b in batches]),
-    advantages=np.stack([np.asarray(b.advantages) for b in batches]),
-    response_ids=np.stack([np.asarray(b.input_ids)[:, p:] for b in batches]),
-  )
+  with paths.open_file(paths.join(workdir, "influence", f"step_{step}.npz"), "wb") as f:
+    np.savez_compressed(
+      f,
+      influence_weights=stack("influence_weights"),
+      raw_influence_weights=stack("raw_influence_weights"),
+      response_mask=np.stack([np.asarray(b.response_mask) for b in batches]),
+      advantages=np.stack([np.asarray(b.advantages) for b in batches]),
+      response_ids=np.stack([np.asarray(b.input_ids)[:, p:] for b in batches]),
+    )

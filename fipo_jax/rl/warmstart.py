@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import random
 
 import jax
@@ -24,7 +23,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
-from fipo_jax import sharding
+from fipo_jax import paths, sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
@@ -59,8 +58,8 @@ def slipped_answer(kind: str, question: str) -> str | None:
 
 def sft_rows(rc, workdir: str) -> list[dict]:
   """The train rows with `wrong_fraction` of the slippable answers replaced by the slip."""
-  train_file = os.path.join(workdir, "data", synthetic.TRAIN_FILE)
-  rows = [json.loads(line) for line in open(train_file)]
+  train_file = paths.join(workdir, "data", synthetic.TRAIN_FILE)
+  rows = [json.loads(line) for line in paths.read_text(train_file).splitlines() if line.strip()]
   rng = random.Random(rc.seed + 17)
   out = []
   for row in rows:
@@ -91,9 +90,9 @@ def _batch(examples, idx, *, max_prompt_length: int, max_response_length: int, p
 
 def sft_warm_start(rc, env, params, workdir: str):
   """Returns params after `sft.steps` supervised steps (or the cached result in WORKDIR/sft)."""
-  cache = os.path.join(os.path.abspath(workdir), "sft")
+  cache = paths.join(paths.absolute(workdir), "sft")  # orbax: absolute, or gs://
   ckptr = ocp.StandardCheckpointer()
-  if os.path.isdir(cache):
+  if paths.isdir(cache):
     logging.info("warm start: reusing %s", cache)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(params))
