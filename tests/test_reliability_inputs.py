@@ -1,10 +1,12 @@
-"""Bad configs, non-finite updates and crashing verifiers never corrupt or kill a run silently."""
+"""Bad configs, bad data, non-finite updates and crashing verifiers never corrupt or kill a run
+silently."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -45,6 +47,70 @@ def test_bad_config_exits_2_with_one_line_before_compiling(tmp_path, overrides, 
   lines = [ln for ln in res.stderr.splitlines() if ln.startswith("config error:")]
   assert len(lines) == 1 and field in lines[0], res.stderr[-2000:]
   assert "Compiling" not in res.stderr + res.stdout
+
+
+def _write_rows(path: pathlib.Path, *, lengths=(4,) * 6, drop: str | None = None) -> str:
+  """verl rows 'Q: copy <digits>=' (lengths: digits per row), without column `drop` if given."""
+  import pyarrow as pa  # noqa: PLC0415
+  import pyarrow.parquet as pq  # noqa: PLC0415
+
+  from fipo_jax.data import verl  # noqa: PLC0415
+
+  rows = [verl.make_row(f"Q: copy {'7' * k}=", "7" * k, data_source="math_dapo", index=i,
+                        split="train") for i, k in enumerate(lengths)]
+  table = pa.Table.from_pylist(rows)
+  pq.write_table(table.drop_columns([drop]) if drop else table, path)
+  return str(path)
+
+
+def _recipe(tmp_path: pathlib.Path, train: str, val: str) -> str:
+  """A recipe file: tiny_cpu:runlocal on verl files with the character tokenizer."""
+  path = tmp_path / "recipe.py"
+  path.write_text(
+    "from configs import tiny_cpu\n\n\ndef get_config(arg=None):\n"
+    "  c = tiny_cpu.get_config('runlocal')\n"
+    "  c.data.task = 'verl'\n"
+    f"  c.model.tokenizer_dir = {str(ROOT / 'tests/testdata/tiny_tokenizer')!r}\n"
+    f"  c.data.train_files = [{train!r}]\n"
+    f"  c.data.val_files = [{val!r}]\n"
+    "  return c\n")
+  return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,message", [
+  ("empty_train", r"setup error: DataError: no rows in \S*empty.parquet"),
+  ("train_without_reward", r"setup error: DataError: \S*bad.parquet has no column 'reward_model'"),
+  ("val_without_reward", r"setup error: DataError: \S*bad.parquet has no column 'reward_model'"),
+  ("too_long_with_error", r"setup error: PromptTooLongError: row 5 of \S*long.parquet .*prompt "
+                          r"of 49 tokens > data.max_prompt_length=16 \(data.truncation='error'\)"),
+])
+def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, message):
+  good = _write_rows(tmp_path / "good.parquet")
+  train, val, extra = good, good, []
+  if case == "empty_train":
+    train = _write_rows(tmp_path / "empty.parquet", lengths=())
+  elif case == "train_without_reward":
+    train = _write_rows(tmp_path / "bad.parquet", drop="reward_model")
+  elif case == "val_without_reward":
+    val = _write_rows(tmp_path / "bad.parquet", drop="reward_model")
+  else:  # the last row is too long: refused at setup, not when the iterator meets it
+    train = _write_rows(tmp_path / "long.parquet", lengths=(4,) * 5 + (40,))
+    extra = ["--config.data.truncation=error", "--config.data.max_prompt_length=16"]
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  res = subprocess.run(
+    [sys.executable, "-m", "fipo_jax.main", "--config", _recipe(tmp_path, train, val),
+     "--workdir", str(workdir), *extra],
+    cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+  assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+  assert re.match(message, lines[0]), lines[0]
+  assert "Traceback" not in res.stderr and "Compiling" not in res.stderr + res.stdout
+  assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
 
 
 def _tiny():
@@ -135,3 +201,29 @@ def test_consecutive_bad_steps_stop_with_checkpoint_of_last_good_state(tmp_path,
   assert all(jax.tree.leaves(same))
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["train/skipped_steps"] for r in rows] == [0, 1, 2]
+
+
+def test_truncation_counters_reach_metrics_jsonl(tmp_path, monkeypatch, caplog):
+  from configs import tiny_cpu  # noqa: PLC0415
+  from fipo_jax.rl import trainer  # noqa: PLC0415
+
+  config = tiny_cpu.get_config("runlocal")
+  config.data.task, config.model.tokenizer_dir = "verl", str(ROOT / "tests/testdata/tiny_tokenizer")
+  config.data.train_files = [_write_rows(tmp_path / "train.parquet", lengths=(4, 30, 4, 30))]
+  config.data.val_files = []
+  config.data.max_prompt_length = 16
+  config.sft.steps, config.eval_every, config.total_steps, config.checkpoint_every = 0, 0, 2, 0
+
+  def fake_step(rc, env, steps, params, opt_state, step):
+    batch = env.train_data.next_batch(4)  # one epoch: both long prompts
+    assert all(len(ex["prompt_ids"]) <= 16 for ex in batch)
+    return {"train/nonfinite_updates": 0}, params, opt_state
+
+  monkeypatch.setattr(trainer, "rl_step", fake_step)
+  with caplog.at_level("WARNING", logger="fipo_jax.data.pipeline"):
+    trainer.run(config, str(tmp_path / "w"))
+  rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["data/truncated_prompts"] for r in rows] == [2, 4]
+  assert [r["data/dropped_prompts"] for r in rows] == [0, 0]
+  assert sum("prompt of 39 tokens > data.max_prompt_length=16" in r.getMessage()
+             for r in caplog.records) == 1
