@@ -40,7 +40,8 @@ def base() -> ml_collections.ConfigDict:
   c.data.shuffle = True  # reshuffle the train set every epoch
   c.data.shuffle_seed = 1  # seed of the epoch shuffles
   c.data.apply_chat_template = True  # tokenizer.apply_chat_template(add_generation_prompt=True)
-  c.data.truncation = "left"  # longer prompts: 'left' (keep the end) | 'error' | 'drop'
+  # Not 'error': DAPO prompts (92-134 tokens) fit 2048, and one outlier must not end a run.
+  c.data.truncation = "left"  # 'left' (cuts the user text's head, counted) | 'error' | 'drop'
   c.data.synthetic = synthetic_task()  # only read when task == 'synthetic'
 
   c.rl = ml_collections.ConfigDict()
