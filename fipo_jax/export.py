@@ -1,14 +1,52 @@
 """python -m fipo_jax.export --checkpoint WORKDIR --out HF_DIR [--step K] [--dtype bfloat16]
 
-Writes a trainer checkpoint as an HF directory (config.json, sharded safetensors + index, and the
-run's tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+Writes a trainer checkpoint as an HF directory (config.json with bos/eos/pad ids,
+generation_config.json with the ids the trainer stops on, sharded safetensors + index, and the
+run's tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load. The export is checked: AutoTokenizer on the written
+directory must encode a probe prompt (spaces, digits, chat template) to the trainer's ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
+from typing import Any
+
+# Spaces, a newline, digits and punctuation: what a tokenizer that drops or merges them gets wrong.
+PROBE = "Q: copy 4831=\nWhat is 3 + 4? Answer: 7."
+
+
+def _fail(message: Any) -> None:
+  """One line on stderr, exit code 2 (a bad input, not a crash)."""
+  print(f"export: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def tokenizer_mismatch(src_dir: str, out_dir: str) -> str | None:
+  """Why the exported tokenizer encodes differently from the trainer's, or None when it agrees.
+
+  The trainer loads `src_dir`; a user of the export loads `out_dir`, where transformers also
+  reads config.json (and picks the tokenizer class from its model_type).
+  """
+  from fipo_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415 (slow import)
+
+  ours, theirs = tokenizer_lib.load_tokenizer(src_dir), tokenizer_lib.load_tokenizer(out_dir)
+  messages = [{"role": "user", "content": PROBE}]
+  for chat in (False, True) if ours.chat_template else (False,):
+    want = tokenizer_lib.encode_prompt(ours, messages, chat)
+    got = tokenizer_lib.encode_prompt(theirs, messages, chat)
+    if got != want:
+      return (f"AutoTokenizer on the export ({type(theirs).__name__}) encodes {PROBE!r} "
+              f"{'with' if chat else 'without'} the chat template to {len(got)} ids, the "
+              f"trainer's tokenizer ({type(ours).__name__}) to {len(want)}")
+  if tokenizer_lib.eos_token_ids(theirs) != tokenizer_lib.eos_token_ids(ours):
+    return (f"stop ids differ: export {tokenizer_lib.eos_token_ids(theirs)}, trainer "
+            f"{tokenizer_lib.eos_token_ids(ours)}")
+  return None
 
 
 def main(argv=None) -> None:
@@ -20,16 +58,31 @@ def main(argv=None) -> None:
   args = p.parse_args(argv)
   from flax import nnx  # noqa: PLC0415 (keeps --help fast)
 
-  from fipo_jax import models  # noqa: PLC0415
+  from fipo_jax import models, paths  # noqa: PLC0415
+  from fipo_jax.models import config as model_config  # noqa: PLC0415
   from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
 
   try:
+    dtype = args.dtype and model_config.dtype_name(args.dtype, "--dtype")
     policy = setup_lib.load_policy(checkpoint_dir=args.checkpoint, step=args.step)
-  except FileNotFoundError as e:
-    sys.exit(f"export: {e}")
+  except (FileNotFoundError, ValueError) as e:
+    _fail(e)
   tok = policy.tokenizer_dir if os.path.isdir(policy.tokenizer_dir) else None
-  models.save_pretrained(nnx.merge(policy.graphdef, policy.params), args.out, tokenizer_dir=tok,
-                         dtype=args.dtype)
+  # A gs:// destination is written locally (and checked there), then copied up.
+  out = tempfile.mkdtemp(prefix="fipo_jax_export_") if paths.is_remote(args.out) else args.out
+  try:
+    models.save_pretrained(nnx.merge(policy.graphdef, policy.params), out,
+                           tokenizer_dir=tok, dtype=dtype)
+    mismatch = tok and tokenizer_mismatch(tok, out)
+    if out != args.out:
+      paths.upload(out, args.out)
+  except (OSError, ValueError) as e:  # an unloadable tokenizer, one larger than the vocabulary
+    _fail(e)
+  finally:
+    if out != args.out:
+      shutil.rmtree(out, ignore_errors=True)
+  if mismatch:
+    _fail(f"{args.out} was written but its tokenizer is wrong: {mismatch}")
   print(f"wrote {args.out}")
 
 

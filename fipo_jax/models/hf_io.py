@@ -270,6 +270,7 @@ def _copy_tokenizer(tokenizer_dir, out: pathlib.Path, vocab_size: int) -> dict:
   gen_path = out / "generation_config.json"
   # A source generation_config (e.g. Qwen's sampling defaults) is kept; the stop ids are ours.
   gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+  gen.pop("_from_model_config", None)  # no longer derived from config.json: never regenerated
   gen.update(ids, eos_token_id=tokenizer_lib.eos_token_ids(tok))
   gen_path.write_text(json.dumps(gen, indent=2))
   return ids
