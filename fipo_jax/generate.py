@@ -159,7 +159,7 @@ def stop_token_ids(model_dir: str | None, tokenizer: Any | None, extra: str) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
-  from fipo_jax import sampling  # noqa: PLC0415
+  from fipo_jax import paths, sampling  # noqa: PLC0415
 
   sampling_method = sampling.from_flags(args.temperature, args.top_p, args.top_k)
   model_dir = args.hf_dir or args.checkpoint
@@ -182,9 +182,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine, params, prompts, n=args.n, max_new_tokens=args.max_new_tokens,
     sampling=sampling_method, eos_ids=stops, seed=args.seed, progress=not args.no_progress,
   )  # fmt: skip
-  out_path = pathlib.Path(args.output)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(out_path, "w") as f:
+  out_path = args.output  # local or gs://
+  with paths.open_file(out_path, "w") as f:
     for s in result.samples:
       row = {
         "prompt_index": s.prompt_index,

@@ -125,3 +125,17 @@ def test_checkpoints_on_a_bucket(bucket):
   assert restored.step == 2 and restored.extra == {"k": 2}
   np.testing.assert_array_equal(restored.params["w"], np.arange(4.0) + 1)
   _no_local_gs()
+
+
+def test_cli_outputs_on_a_bucket(bucket, tmp_path):
+  from fipo_jax.eval import cli  # noqa: PLC0415
+
+  cli.write_json("gs://b/eval/results.json", {"metrics": {"acc": float("nan")}})
+  assert json.loads((bucket / "b/eval/results.json").read_text()) == {"metrics": {"acc": None}}
+  with paths.open_file("gs://b/gen/out.jsonl", "w") as f:  # what generate --output writes with
+    f.write('{"a": 1}\n')
+  assert (bucket / "b/gen/out.jsonl").read_text() == '{"a": 1}\n'
+  local = tmp_path / "deep" / "results.json"
+  cli.write_json(str(local), {"x": 1})
+  assert sorted(p.name for p in local.parent.iterdir()) == ["results.json"]
+  _no_local_gs()

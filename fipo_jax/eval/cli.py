@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from fipo_jax import paths
 
 # Columns shown first, in this order, when present; the rest follow alphabetically.
 _FIRST = ("num_prompts", "num_samples")
@@ -79,11 +80,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def write_json(path: str, payload: Mapping[str, Any]) -> str:
-  """Writes `payload` (results plus any run info) as indented JSON, atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(payload), f, indent=2, sort_keys=True, allow_nan=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes `payload` (results plus any run info) as indented JSON, atomically (local or gs://)."""
+  text = json.dumps(_jsonable(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
+  paths.write_text(path, text)
   return path
