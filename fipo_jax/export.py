@@ -3,8 +3,10 @@
 Writes a trainer checkpoint as an HF directory (config.json with bos/eos/pad ids,
 generation_config.json with the ids the trainer stops on, sharded safetensors + index, and the
 run's tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load. The export is checked: AutoTokenizer on the written
-directory must encode a probe prompt (spaces, digits, chat template) to the trainer's ids.
+`AutoTokenizer.from_pretrained` load. config.json also records the run's prompt format and
+lengths (key `fipo_jax_run`), which `eval --hf_dir` and `generate --hf_dir` default to. The
+export is checked: AutoTokenizer on the written directory must encode a probe prompt (spaces,
+digits, chat template) to the trainer's ids.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def tokenizer_mismatch(src_dir: str, out_dir: str) -> str | None:
   return None
 
 
+def run_defaults(policy: Any) -> dict[str, Any]:
+  """The run's prompt format and lengths, so eval/generate of the export default to them."""
+  rc = policy.run_config
+  if rc is None:
+    return {}
+  return {"apply_chat_template": rc.data.apply_chat_template,
+          "max_prompt_length": rc.data.max_prompt_length,
+          "max_response_length": rc.rl.max_response_length}
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--checkpoint", required=True, help="Trainer workdir.")
@@ -72,7 +84,7 @@ def main(argv=None) -> None:
   out = tempfile.mkdtemp(prefix="fipo_jax_export_") if paths.is_remote(args.out) else args.out
   try:
     models.save_pretrained(nnx.merge(policy.graphdef, policy.params), out,
-                           tokenizer_dir=tok, dtype=dtype)
+                           tokenizer_dir=tok, dtype=dtype, run_defaults=run_defaults(policy))
     mismatch = tok and tokenizer_mismatch(tok, out)
     if out != args.out:
       paths.upload(out, args.out)

@@ -7,12 +7,12 @@
 Each input row (a jsonl line, or a parquet row) has `prompt_ids` (a list of token ids) or
 `prompt`: either text (one user message) or, as in verl-schema data files (what eval and the
 trainer read), a list of chat messages {"role", "content"}; other fields are ignored. Prompts go
-through the tokenizer's chat template, as in the trainer and eval: by default always for
---hf_dir, and as the run did for --checkpoint; --chat / --no_chat force it on / off. Each
-output line is one sample:
-`prompt_index`, `sample_index`, `response_ids`, `response_logprobs` (float32 log-probs at the
-sampling temperature, before top-p/top-k), `finish_reason` ('stop' | 'length'), `length`, and
-`response` (decoded text) when a tokenizer exists. --temperature 0 means greedy. Bad inputs
+through the tokenizer's chat template, as in the trainer and eval: by default as the run did
+for --checkpoint (and for --hf_dir of its export), otherwise always; --chat / --no_chat force
+it on / off. Each output line is one sample: `prompt_index`, `sample_index`, `response_ids`,
+`response_logprobs` (float32 log-probs at the sampling temperature, before top-p/top-k),
+`finish_reason` ('stop' | 'length'), `length`, and `response` (decoded text) when a tokenizer
+exists. --temperature 0 means greedy. Bad inputs
 (a missing directory or file, an empty or malformed prompts file) exit 2 with one line on stderr.
 """
 
@@ -62,12 +62,14 @@ def _fail(message: Any) -> None:
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
-  """(Transformer, the run's apply_chat_template or None) of --hf_dir or of a trainer workdir's
-  latest checkpoint. A checkpoint also sets args.tokenizer_dir to its run's tokenizer."""
+  """(Transformer, the run's apply_chat_template or None) of --hf_dir (an export records it)
+  or of a trainer workdir's latest checkpoint, which also sets args.tokenizer_dir."""
   from fipo_jax import models  # noqa: PLC0415 (keeps --help fast)
+  from fipo_jax.models import hf_io  # noqa: PLC0415
 
   if args.checkpoint is None:
-    return models.from_pretrained(args.hf_dir, dtype=args.dtype), None
+    chat = hf_io.run_defaults(args.hf_dir).get("apply_chat_template")  # an export's
+    return models.from_pretrained(args.hf_dir, dtype=args.dtype), chat
   if not os.path.isdir(args.checkpoint):
     raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
   from flax import nnx  # noqa: PLC0415

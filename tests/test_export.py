@@ -88,6 +88,9 @@ def test_export_writes_token_ids_and_generation_config(exported):
   assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 2, 0)
   gen = transformers.GenerationConfig.from_pretrained(exported)
   assert (gen.eos_token_id, gen.pad_token_id, gen.bos_token_id) == ([0, 2], 0, 0)
+  # tiny_cpu's prompt format and lengths, for eval/generate --hf_dir of the export.
+  assert cfg["fipo_jax_run"] == {"apply_chat_template": False, "max_prompt_length": 16,
+                                 "max_response_length": MAX_NEW}
 
 
 def test_transformers_on_the_export_matches_the_trainer(exported, our_greedy):
@@ -109,11 +112,13 @@ def test_transformers_on_the_export_matches_the_trainer(exported, our_greedy):
   assert hf_tok.decode(ours[0].response_ids, skip_special_tokens=True) == "Answer: 4831"
 
 
-def test_generate_checkpoint_uses_the_runs_prompt_format(workdir, our_greedy, tmp_path):
+@pytest.mark.parametrize("source", ["--checkpoint", "--hf_dir"])
+def test_generate_uses_the_runs_prompt_format(source, workdir, exported, our_greedy, tmp_path):
   _, ours = our_greedy
   prompts = tmp_path / "in.jsonl"
   prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-  generate.main(["--checkpoint", str(workdir), "--prompts_file", str(prompts), "--output",
+  model_dir = workdir if source == "--checkpoint" else exported
+  generate.main([source, str(model_dir), "--prompts_file", str(prompts), "--output",
                  str(tmp_path / "out.jsonl"), "--n", "1", "--temperature", "0",
                  "--max_new_tokens", str(MAX_NEW), "--no_progress"])
   rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -125,9 +130,9 @@ def test_generate_checkpoint_uses_the_runs_prompt_format(workdir, our_greedy, tm
 def test_eval_of_the_export_scores_like_the_checkpoint(workdir, exported, tmp_path):
   data = verl.write_jsonl(str(tmp_path / "val.jsonl"), synthetic.make_rows(
     8, seed=1, min_digits=4, max_digits=4, kind="copy", split="test"))
-  flags = ["--data", data, "--n", "1", "--temperature", "0", "--max_new_tokens", MAX_NEW]
+  flags = ["--data", data, "--n", "1", "--temperature", "0"]  # format, lengths: the run's
   results = []
-  for src in (["--checkpoint", workdir], ["--hf_dir", exported, "--nochat"]):
+  for src in (["--checkpoint", workdir], ["--hf_dir", exported]):
     proc = _cli("fipo_jax.eval", *src, *flags, "--output", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results.append(json.loads((tmp_path / "r.json").read_text()))

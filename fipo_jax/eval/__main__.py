@@ -2,7 +2,8 @@
 
 avg@k, pass@k (unbiased estimator), cons@k (majority vote on the extracted answer) and
 response-length statistics on a verl-schema parquet/jsonl set, printed as a table and written as
-JSON. Official eval sampling: temperature 1.0, top-p 0.7 (docs/fipo_spec.md §4). Bad inputs (a missing
+JSON. Official eval sampling: temperature 1.0, top-p 0.7 (docs/fipo_spec.md §4). Prompt format
+and lengths default to the run's (a workdir, or an export of one). Bad inputs (a missing
 directory or file, data with no usable row) exit 2 with one line on stderr.
 """
 
@@ -37,9 +38,12 @@ def _fail(message) -> None:
 
 
 def _load(data_files):
-  """(policy, tokenizer, examples, skipped, max_prompt) of the flags; bad inputs exit 2."""
-  from fipo_jax.data import pipeline  # noqa: PLC0415 (keeps --help fast)
+  """(policy, tokenizer, examples, skipped, max_prompt, the run's max_response_length or None)
+  of the flags; bad inputs exit 2."""
+  from fipo_jax import export  # noqa: PLC0415 (keeps --help fast)
+  from fipo_jax.data import pipeline  # noqa: PLC0415
   from fipo_jax.data import tokenizer as tok_lib  # noqa: PLC0415
+  from fipo_jax.models import hf_io  # noqa: PLC0415
   from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
 
   if bool(_CKPT.value) == bool(_HF.value):
@@ -52,10 +56,10 @@ def _load(data_files):
   try:
     policy = setup_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
     tokenizer = tok_lib.load_tokenizer(policy.tokenizer_dir)
-    data_cfg = policy.run_config.data if policy.run_config else None
-    max_prompt = _MAX_PROMPT.value or (data_cfg.max_prompt_length if data_cfg else 2048)
-    chat = _CHAT.value if _CHAT.value is not None else (
-      data_cfg.apply_chat_template if data_cfg else True)
+    # The run's prompt format and lengths: from its workdir, or as an export recorded them.
+    run = export.run_defaults(policy) if policy.run_config else hf_io.run_defaults(_HF.value)
+    max_prompt = _MAX_PROMPT.value or run.get("max_prompt_length") or 2048
+    chat = _CHAT.value if _CHAT.value is not None else run.get("apply_chat_template", True)
     dataset = pipeline.PromptDataset(data_files, tokenizer, max_prompt_length=max_prompt,
                                      apply_chat_template=chat)
     examples, skipped = dataset.examples(_MAX_PROMPTS.value)
@@ -63,7 +67,7 @@ def _load(data_files):
     _fail(e)
   if not examples:
     _fail(f"no usable rows in {', '.join(data_files)} ({skipped} skipped; see the warnings)")
-  return policy, tokenizer, examples, skipped, max_prompt
+  return policy, tokenizer, examples, skipped, max_prompt, run.get("max_response_length")
 
 
 def main(argv) -> None:
@@ -76,8 +80,8 @@ def main(argv) -> None:
   from fipo_jax.sampling import engine as engine_lib
   from fipo_jax.sampling import params as sampling_params
 
-  policy, tokenizer, examples, skipped, max_prompt = _load(_DATA.value)
-  max_new = _MAX_NEW.value or policy.max_response_length or 1024
+  policy, tokenizer, examples, skipped, max_prompt, run_max_new = _load(_DATA.value)
+  max_new = _MAX_NEW.value or run_max_new or 1024
   engine = engine_lib.Engine(
     policy.model_cfg, policy.graphdef,
     engine_lib.EngineConfig(num_slots=_SLOTS.value, max_prompt_len=max_prompt,

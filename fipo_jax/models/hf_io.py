@@ -93,6 +93,15 @@ def match_key(key: str) -> tuple[tuple[str, ...], int | None, str] | None:
   return None
 
 
+# config.json key of the exporting run's defaults (transformers keeps unknown keys, unused).
+RUN_DEFAULTS_KEY = "fipo_jax_run"
+
+
+def run_defaults(hf_dir) -> dict:
+  """The defaults an export recorded (see save_pretrained); {} for any other HF directory."""
+  return dict(read_config(hf_dir).get(RUN_DEFAULTS_KEY) or {})
+
+
 def read_config(hf_dir) -> dict:
   """config.json of an HF directory; FileNotFoundError (one line) when there is none."""
   path = pathlib.Path(hf_dir) / "config.json"
@@ -210,8 +219,11 @@ def hf_tensors(model: transformer_lib.Transformer, dtype=None):
 
 def save_pretrained(model: transformer_lib.Transformer, out_dir, *, tokenizer_dir=None,
                     dtype: config_lib.DTypeLike | None = None,
-                    max_shard_bytes: int = 4 << 30) -> None:
+                    max_shard_bytes: int = 4 << 30, run_defaults: dict | None = None) -> None:
   """Writes config.json, model-XXXXX-of-YYYYY.safetensors and the index (process 0 writes).
+
+  `run_defaults` (the trainer's prompt format and lengths, e.g. {'apply_chat_template': False})
+  go into config.json under RUN_DEFAULTS_KEY, where eval and generate of the directory read them.
 
   With `tokenizer_dir`, its files are copied and its special ids go into config.json
   (bos/eos/pad) and generation_config.json (every id the trainer stops on, pad), so
@@ -252,6 +264,8 @@ def save_pretrained(model: transformer_lib.Transformer, out_dir, *, tokenizer_di
   hf_cfg = model.cfg.to_hf_config(torch_dtype=save_dtype)
   if tokenizer_dir is not None:
     hf_cfg.update(_copy_tokenizer(tokenizer_dir, out, model.cfg.vocab_size))
+  if run_defaults:
+    hf_cfg[RUN_DEFAULTS_KEY] = dict(run_defaults)
   (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
 
 
