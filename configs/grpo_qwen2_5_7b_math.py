@@ -1,9 +1,11 @@
 r"""GRPO baseline on Qwen2.5-Math-7B (the "GRPO" row of docs/fipo_spec.md §7, Table 4).
 
 The paper gives no hyperparameter table for GRPO. This recipe is verl's standard GRPO setup
-[INFERRED]: symmetric PPO clip 0.2, a low-variance KL-to-reference loss with coefficient 0.001
-(needs a reference model), no dynamic sampling, no overlong shaping, otherwise the DAPO 7B
-values (G 16, 512 prompts, mini-batch 32, lr 1e-6, max response 8192).
+[INFERRED]: verl's 'vanilla' policy loss (loss_mode 'grpo' is that loss) with a symmetric PPO
+clip 0.2 and dual clip c, a low-variance KL-to-reference loss with coefficient 0.001, no dynamic
+sampling, no overlong shaping, otherwise the DAPO 7B values (G 16, 512 prompts, mini-batch 32,
+lr 1e-6, max response 8192). The reference policy is a frozen copy of the initial params
+(model.hf_dir, or the seed), rebuilt on resume rather than checkpointed.
 
   python -m fipo_jax.main --config configs/grpo_qwen2_5_7b_math.py --workdir gs://BUCKET/grpo7b \
     --config.model.hf_dir=/models/Qwen2.5-Math-7B \
@@ -35,12 +37,12 @@ def get_config(arg=None):
   c.rl.ppo_mini_batch_size = 32  # -> 16 updates per step
   c.rl.max_response_length = 8192
   c.rl.clip_ratio_low, c.rl.clip_ratio_high = 0.2, 0.2  # symmetric PPO clip
-  c.rl.clip_ratio_c = 10.0  # dual clip (verl applies it in the vanilla loss too)
+  c.rl.clip_ratio_c = 10.0  # dual clip on A < 0 (verl's vanilla loss always applies it)
   c.rl.filter_groups_enable = False  # no dynamic sampling
   c.rl.overlong_buffer_enable = False  # no overlong shaping (truncated answers score -1)
   c.rl.use_kl_loss = True  # KL to the reference policy ...
   c.rl.kl_loss_coef = 0.001  # ... verl GRPO example value
-  c.rl.kl_loss_type = "low_var_kl"
+  c.rl.kl_loss_type = "low_var_kl"  # k3, clamped as in verl
   c.rl.use_dynamic_bsz = True
   c.rl.ppo_max_token_len_per_device = 2048 + 8192  # one full sequence
   c.optim.lr = 1e-6

@@ -218,12 +218,28 @@ def train_step_result(run, mcfg, mesh, chips: int) -> Result:
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, 2))
   batch = ts.PolicyBatch(input_ids=i32(rows, seq), attention_mask=i32(rows, seq),
                          positions=i32(rows, seq), response_mask=f32(rows, t),
-                         old_log_probs=f32(rows, t), advantages=f32(rows, t))
+                         old_log_probs=f32(rows, t), advantages=f32(rows, t),
+                         ref_log_probs=f32(rows, t) if cfg.use_kl_loss else None)
   steps = ts.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
+  ref = " +reference params" if cfg.use_kl_loss else ""
   res = Result("train_step", dict(mesh.shape), f"M={rows} micro={micro}x{cfg.num_micro_batches} "
-               f"L={seq} (P={p} T={t}) remat={mcfg.remat_policy}", rows * seq,
+               f"L={seq} (P={p} T={t}) remat={mcfg.remat_policy}{ref}", rows * seq,
                model_flops_per_token(mcfg, seq / 2, train=True))
-  return _compile(steps.train.trace(params, opt_state, batch), res, chips)
+  res = _compile(steps.train.trace(params, opt_state, batch), res, chips)
+  if cfg.use_kl_loss and res.memory is not None:
+    # The KL term's frozen reference (a copy of the params in their shardings) is no argument
+    # of the step but stays resident in HBM beside it.
+    res.memory["reference"] = bytes_per_chip(params)
+    res.memory["total"] += res.memory["reference"]
+  return res
+
+
+def bytes_per_chip(tree) -> int:
+  """HBM one chip holds for a pytree of sharded ShapeDtypeStructs (or arrays): one shard each."""
+  import jax
+
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def _engine(run, mcfg, mesh):

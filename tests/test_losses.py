@@ -237,9 +237,8 @@ def _np_policy_loss(mode, lp, old, adv, mask, cfg: losses.PolicyLossConfig):
     lo, hi = (0.0, 10.0) if e == 0 else ((1.0 if cfg.future_kl_clip_high_only else 1 - e), 1 + e)
     f = np.clip(raw, lo, hi)
     f = np.where((adv < 0) & (ratio > cfg.safety_thresh), np.clip(f, 0.8, 1.0), f)
+  # 'grpo' is verl's 'vanilla' loss (verl has no GRPO loss of its own), the same as 'dapo'.
   low, high, c = cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c
-  if mode == "grpo":
-    low, high, c = cfg.clip_ratio, cfg.clip_ratio, None
   pg, dpg, l1, l2, lower = _np_surrogate(adv * f, adv, ratio, low, high, c)
   if mode == "fipo":
     final = mask & ((lower & mask).sum(-1) <= 1)[:, None]

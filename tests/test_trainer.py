@@ -130,7 +130,7 @@ def test_32b_recipe_batch_arithmetic():
   # v5p-128: 64 chips in one FSDP group -> 64 sequences per micro-batch, 16 micro-batches.
   upd = setup_lib.update_config(rc, _mesh_like(1, 64), seq)
   assert upd.num_micro_batches == 64 * 16 // 64
-  assert upd.loss_mode == "fipo" and dict(upd.loss_cfg)["future_kl_clip_high_only"] is True
+  assert upd.loss_mode == "fipo" and upd.policy_loss.future_kl_clip_high_only is True
   # 128 GPUs (the paper's 16 x 8): 8 micro-batches of 128 sequences.
   assert setup_lib.update_config(rc, _mesh_like(2, 64), seq).num_micro_batches == 8
 

@@ -1,4 +1,4 @@
-"""Policy losses chosen by name: 'fipo' (alias 'future_kl'), 'dapo', 'grpo'.
+"""Policy losses chosen by name: 'fipo' (alias 'future_kl'), 'dapo' (aliases 'vanilla', 'grpo').
 
 Every loss takes [B, T] float32 `log_prob` (differentiated), `old_log_prob`, `advantages`
 (per-sequence value broadcast over tokens and masked) and `response_mask`, plus a frozen
@@ -7,10 +7,15 @@ official logged ones (`actor/...`). Semantics follow the official verl/FIPO code
 (docs/fipo_spec.md §2, §6; tests/testdata/golden/README.md), including its float32 corner cases.
 
 `PolicyLossConfig` holds python scalars, so the losses jit with the config closed over or
-passed as a static (hashable) argument. The registered loss functions only read attributes of
-`cfg`, and every numeric knob except `decay_rate`, `chunk_size` and `loss_agg_mode` may also be
-a traced jax scalar (pass any object with those attributes), so a sweep over clip ratios,
-safety thresholds or weight-clip modes compiles once.
+passed as a static (hashable) argument. The trainer builds it once from the validated `rc.rl`
+(`PolicyLossConfig.from_section`); only the public `compute_policy_loss` accepts a dict, and
+converts it there. The registered loss functions only read attributes of `cfg`, and every
+numeric knob except `decay_rate`, `chunk_size` and `loss_agg_mode` may also be a traced jax
+scalar (pass any object with those attributes), so a sweep over clip ratios, safety thresholds
+or weight-clip modes compiles once.
+
+The KL-to-reference term (`kl_penalty`, `kl_loss`) is verl's actor-side `use_kl_loss`: it is
+added to the policy loss by the train step, not by the registered losses.
 """
 
 import dataclasses
@@ -37,7 +42,7 @@ _NO_CLIP_WEIGHT_MAX = 10.0  # official weight cap when future_kl_clip_ratio == 0
 class PolicyLossConfig:
   """Flat policy-loss config with the official key names; defaults are the official 32B run."""
 
-  clip_ratio: float = 0.2  # symmetric PPO clip; fallback for low/high; the 'grpo' clip
+  clip_ratio: float = 0.2  # symmetric PPO clip: what from_config gives low/high set to None
   clip_ratio_low: float = 0.2  # eps_low
   clip_ratio_high: float = 0.28  # eps_high (clip-higher)
   clip_ratio_c: float = 10.0  # dual-clip constant c, also the Future-KL filter r <= c
@@ -84,6 +89,14 @@ class PolicyLossConfig:
     kw = {k: (str(v) if typed[k] is str else typed[k](v)) for k, v in kw.items()}
     return cls(**kw)
 
+  @classmethod
+  def from_section(cls, section: Any) -> "PolicyLossConfig":
+    """From an object holding the loss fields as attributes (the validated `rc.rl`), read once
+    at setup. A field the section lacks keeps its default here (`clip_ratio`: the section
+    always sets both `clip_ratio_low` and `clip_ratio_high`)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
+
 
 PolicyLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 _REGISTRY: dict[str, PolicyLossFn] = {}
@@ -110,7 +123,8 @@ def compute_policy_loss(loss_mode, log_prob, old_log_prob, advantages, response_
   """Runs the registered loss `loss_mode` on [B, T] inputs; returns (loss f32[], metrics).
 
   `cfg`: dict, ConfigDict or PolicyLossConfig with the official flat keys (missing keys take
-  the official 32B values). The loss is the unscaled per-micro-batch aggregate; see
+  the official 32B values); a mapping is converted here, at the public boundary (the trainer
+  passes its PolicyLossConfig). The loss is the unscaled per-micro-batch aggregate; see
   `aggregation.microbatch_scale` for verl's micro-batch scaling.
   """
   shape = log_prob.shape
@@ -164,22 +178,48 @@ def _standard_metrics(t, d, advantages, mask) -> dict[str, jax.Array]:
   return m
 
 
-@register_policy_loss("dapo", "vanilla")
+@register_policy_loss("dapo", "vanilla", "grpo")
 def dapo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
-  """DAPO / verl 'vanilla': clip-higher [1-eps_low, 1+eps_high] plus dual clip c."""
+  """verl's 'vanilla' PPO loss: clip [1-eps_low, 1+eps_high] plus dual clip c on A < 0.
+
+  Also 'grpo': verl has no GRPO policy loss of its own; GRPO (and DAPO) runs use 'vanilla',
+  which reads clip_ratio_low/high and clip_ratio_c. They differ in advantages, sampling and
+  aggregation, not here.
+  """
   d, ratio = _log_ratio(log_prob, old_log_prob)
   t = _dual_clip_terms(advantages, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
   loss = aggregation.agg_loss(t["pg_losses"], response_mask, cfg.loss_agg_mode)
   return loss, {"actor/pg_loss": loss, **_standard_metrics(t, d, advantages, response_mask)}
 
 
-@register_policy_loss("grpo")
-def grpo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
-  """GRPO / PPO: symmetric clip [1-clip_ratio, 1+clip_ratio], no dual clip."""
-  d, ratio = _log_ratio(log_prob, old_log_prob)
-  t = _dual_clip_terms(advantages, ratio, cfg.clip_ratio, cfg.clip_ratio)
-  loss = aggregation.agg_loss(t["pg_losses"], response_mask, cfg.loss_agg_mode)
-  return loss, {"actor/pg_loss": loss, **_standard_metrics(t, d, advantages, response_mask)}
+KL_TYPES = ("kl", "abs", "mse", "low_var_kl")  # verl's kl_loss_type names (k1, -, k2, k3)
+_KL_LOG_RATIO_CLAMP = 20.0  # verl low_var_kl: clamp(ref - lp, -20, 20) before exp
+_KL_VALUE_CLAMP = 10.0  # ... and the estimate to [-10, 10]
+
+
+def kl_penalty(log_prob: jax.Array, ref_log_prob: jax.Array, kl_type: str) -> jax.Array:
+  """verl `kl_penalty`: per-token estimate [B, T] of KL(pi || ref) from sampled tokens.
+
+  'kl' (k1) lp - ref; 'abs' |lp - ref|; 'mse' (k2) (lp - ref)^2 / 2; 'low_var_kl' (k3)
+  exp(k) - k - 1 with k = clamp(ref - lp, -20, 20), the result clamped to [-10, 10] (torch's
+  clamp gradients).
+  """
+  if kl_type == "kl":
+    return log_prob - ref_log_prob
+  if kl_type == "abs":
+    return jnp.abs(log_prob - ref_log_prob)
+  if kl_type == "mse":
+    return 0.5 * jnp.square(log_prob - ref_log_prob)
+  if kl_type == "low_var_kl":
+    k = _clamp(ref_log_prob - log_prob, -_KL_LOG_RATIO_CLAMP, _KL_LOG_RATIO_CLAMP)
+    return _clamp(jnp.exp(k) - k - 1.0, -_KL_VALUE_CLAMP, _KL_VALUE_CLAMP)
+  raise ValueError(f"unknown kl_loss_type {kl_type!r}; expected one of {KL_TYPES}")
+
+
+def kl_loss(log_prob, ref_log_prob, response_mask, kl_type: str, loss_agg_mode: str):
+  """verl's actor KL loss: `agg_loss(kl_penalty(lp, ref), mask, loss_agg_mode)` -> f32[]."""
+  kld = kl_penalty(log_prob.astype(jnp.float32), ref_log_prob.astype(jnp.float32), kl_type)
+  return aggregation.agg_loss(kld, response_mask, loss_agg_mode)
 
 
 def influence_weight_bounds(cfg) -> tuple[jax.Array, jax.Array]:

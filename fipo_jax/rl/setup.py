@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -25,12 +26,9 @@ from fipo_jax.models import build as build_lib
 from fipo_jax.rl import losses as losses_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import warmstart
 from fipo_jax.sampling import engine as engine_lib
 from fipo_jax.sampling import params as sampling_params
-
-# Official FIPO loss keys, read from the rl section and passed flat to the loss registry.
-LOSS_KEYS = ("clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "loss_agg_mode", "decay_rate",
-             "chunk_size", "future_kl_clip_ratio", "future_kl_clip_high_only", "safety_thresh")
 
 
 @dataclasses.dataclass
@@ -59,6 +57,8 @@ class Env:
   reward_cfg: rollout_lib.RewardConfig
   dump_influence: bool = False
   influence_fn: Callable | None = None
+  # The frozen reference policy of the KL term (rl.use_kl_loss), in the params' shardings.
+  ref_params: Any = None
 
   def sampler_params(self, params):
     """The trainer's params in the sampler's layout: resharded on device if its mesh differs."""
@@ -93,12 +93,13 @@ def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConf
     micro -= 1
   return ts.UpdateConfig(
     loss_mode=rc.rl.loss_mode,
-    loss_cfg=tuple((k, getattr(rc.rl, k)) for k in LOSS_KEYS),
+    policy_loss=losses_lib.PolicyLossConfig.from_section(rc.rl),
     num_micro_batches=mini // micro,
     temperature=rc.sampling.temperature,
     entropy_coeff=rc.rl.entropy_coeff,
     use_kl_loss=rc.rl.use_kl_loss,
     kl_loss_coef=rc.rl.kl_loss_coef,
+    kl_loss_type=rc.rl.kl_loss_type,
   )
 
 
@@ -147,7 +148,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
     mesh=sampler_mesh,
   )
   dump = rc.dump_influence
-  return Env(
+  env = Env(
     workdir=workdir, mesh=mesh, model_cfg=cfg, graphdef=graphdef, params=params,
     param_sharding=param_sharding, tx=tx, opt_state=opt_state, lr_at=lr_at, update_cfg=upd,
     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
@@ -162,21 +163,28 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
       overlong_penalty_factor=rc.rl.overlong_penalty_factor,
     ),
     dump_influence=dump,
-    influence_fn=jax.jit(functools.partial(influence_step, graphdef, cfg=upd)) if dump else None,
+    influence_fn=jax.jit(functools.partial(ts.influence_step, graphdef, cfg=upd)) if dump else None,
   )
+  env.ref_params = reference_params(rc, env, workdir) if rc.rl.use_kl_loss else None
+  return env
 
 
-def influence_step(graphdef, params, batch: ts.PolicyBatch, *, cfg: ts.UpdateConfig):
-  """Per-token FIPO weights [M, T] with the current params (for dumps and the notebook)."""
-  model = nnx.merge(graphdef, params)
-  log_prob = models.sequence_log_probs(
-    model, batch.input_ids, batch.attention_mask, batch.positions,
-    num_response_tokens=batch.response_mask.shape[1], temperature=cfg.temperature,
-  )
-  loss_cfg = losses_lib.PolicyLossConfig.from_config(cfg.loss_dict)
-  terms = losses_lib.fipo_terms(log_prob, batch.old_log_probs, batch.advantages,
-                                batch.response_mask, loss_cfg)
-  return {k: terms[k] for k in ("influence_weights", "raw_influence_weights")}
+def frozen_copy(params, shardings):
+  """A copy of `params` in new buffers with the given shardings (safe from donation)."""
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
+def reference_params(rc: config_lib.RunConfig, env: Env, workdir: str):
+  """The KL term's reference policy: the params RL starts from, frozen, in their shardings.
+
+  That is the initial params (from model.hf_dir, or from the seed), after the SFT warm start
+  when sft.steps > 0 (from its WORKDIR/sft cache when there is one). Built before any update,
+  it is the same on a fresh start and on resume, so checkpoints never store it.
+  """
+  ref = frozen_copy(env.params, env.param_sharding)
+  if rc.sft.steps > 0:
+    ref = warmstart.sft_warm_start(rc, env, ref, workdir)
+  return ref
 
 
 RUN_CONFIG_FILE = "config.json"

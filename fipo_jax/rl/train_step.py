@@ -1,10 +1,11 @@
-"""The jitted steps of the trainer: old log-probs, one mini-batch policy update, SFT.
+"""The jitted steps of the trainer: old/reference log-probs, one mini-batch update, SFT.
 
 Every step is a pure module-level function of plain pytrees:
 
   log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob[B, T], entropy[B, T])
   train_step(graphdef, params, opt_state, batch, *, cfg, tx)  -> (params, opt_state, metrics)
   sft_step(graphdef, params, opt_state, batch, *, tx, ...)    -> (params, opt_state, metrics)
+  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights [B, T]}
 
 and `jit_steps` compiles them once at the entry point with explicit shardings and donation.
 
@@ -27,6 +28,7 @@ import optax
 from flax import nnx
 
 from fipo_jax import models
+from fipo_jax.rl import aggregation
 from fipo_jax.rl import losses as losses_lib
 
 
@@ -50,18 +52,20 @@ class PolicyBatch:
 class UpdateConfig:
   """Static hyper-parameters of the jitted update (hashable, so jit can key on it)."""
 
-  loss_mode: str = "fipo"
-  loss_cfg: tuple[tuple[str, Any], ...] = ()  # flat official keys, see rl.losses
+  loss_mode: str = "fipo"  # a registered policy loss (rl.losses)
+  policy_loss: losses_lib.PolicyLossConfig = losses_lib.PolicyLossConfig()
   num_micro_batches: int = 1
   temperature: float = 1.0  # verl's actor divides logits by the rollout temperature
   logprob_chunk_size: int = 512  # response tokens per log-softmax chunk
   entropy_coeff: float = 0.0
-  use_kl_loss: bool = False
+  use_kl_loss: bool = False  # KL to the reference policy: batches carry ref_log_probs
   kl_loss_coef: float = 0.0
+  kl_loss_type: str = "low_var_kl"  # one of rl.losses.KL_TYPES
 
-  @property
-  def loss_dict(self) -> dict[str, Any]:
-    return dict(self.loss_cfg)
+  def __post_init__(self):
+    losses_lib.get_policy_loss(self.loss_mode)  # raises on an unknown name
+    if self.kl_loss_type not in losses_lib.KL_TYPES:
+      raise ValueError(f"kl_loss_type {self.kl_loss_type!r} not in {losses_lib.KL_TYPES}")
 
 
 def make_optimizer(
@@ -122,32 +126,28 @@ def _masked_token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x * mask) / (jnp.sum(mask) + 1e-8)
 
 
-def low_var_kl(log_prob: jax.Array, ref_log_prob: jax.Array) -> jax.Array:
-  """verl's 'low_var_kl' (k3) estimator of KL(pi || ref), clamped to [-10, 10]. [B, T]."""
-  d = jnp.clip(ref_log_prob - log_prob, -20.0, 20.0)
-  return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
-
-
 def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig):
-  """Policy loss of one micro-batch, already scaled by 1/num_micro_batches. -> (loss, metrics)."""
+  """Actor loss of one micro-batch, already scaled by 1/num_micro_batches. -> (loss, metrics).
+
+  verl's dp_actor: policy loss - entropy_coeff * entropy + kl_loss_coef * KL(pi || ref), the
+  entropy and KL terms aggregated with the policy loss's loss_agg_mode.
+  """
+  if cfg.use_kl_loss and micro.ref_log_probs is None:
+    raise ValueError("use_kl_loss needs batch.ref_log_probs (the reference log-probs)")
   need_entropy = cfg.entropy_coeff != 0.0
   out = _response_log_probs(graphdef, params, micro, cfg=cfg, entropy=need_entropy)
   log_prob, ent = out if need_entropy else (out, None)
-  loss, metrics = losses_lib.compute_policy_loss(
-    cfg.loss_mode,
-    log_prob,
-    micro.old_log_probs,
-    micro.advantages,
-    micro.response_mask,
-    cfg.loss_dict,
-  )
+  loss_fn = losses_lib.get_policy_loss(cfg.loss_mode)
+  loss, metrics = loss_fn(log_prob, micro.old_log_probs, micro.advantages, micro.response_mask,
+                          cfg.policy_loss)
+  agg_mode = cfg.policy_loss.loss_agg_mode
   if need_entropy:
-    ent_mean = _masked_token_mean(ent, micro.response_mask)
-    loss = loss - cfg.entropy_coeff * ent_mean
+    loss = loss - cfg.entropy_coeff * aggregation.agg_loss(ent, micro.response_mask, agg_mode)
   if cfg.use_kl_loss:
-    kl = _masked_token_mean(low_var_kl(log_prob, micro.ref_log_probs), micro.response_mask)
+    kl = losses_lib.kl_loss(log_prob, micro.ref_log_probs, micro.response_mask,
+                            cfg.kl_loss_type, agg_mode)
     loss = loss + cfg.kl_loss_coef * kl
-    metrics = {**metrics, "actor/kl_loss": kl}
+    metrics = {**metrics, "actor/kl_loss": kl, "actor/kl_coef": jnp.float32(cfg.kl_loss_coef)}
   return loss / cfg.num_micro_batches, metrics
 
 
@@ -209,6 +209,14 @@ def sft_step(graphdef, params, opt_state, batch: PolicyBatch, *, cfg: UpdateConf
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+
+
+def influence_step(graphdef, params, batch: PolicyBatch, *, cfg: UpdateConfig):
+  """Per-token FIPO weights [M, T] with the current params (for dumps and the notebook)."""
+  log_prob = _response_log_probs(graphdef, params, batch, cfg=cfg, entropy=False)
+  terms = losses_lib.fipo_terms(log_prob, batch.old_log_probs, batch.advantages,
+                                batch.response_mask, cfg.policy_loss)
+  return {k: terms[k] for k in ("influence_weights", "raw_influence_weights")}
 
 
 @dataclasses.dataclass(frozen=True)

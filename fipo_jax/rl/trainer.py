@@ -190,6 +190,10 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
   ent_mean = float(sum(jnp.sum(e * m) for e, m in zip(entropies, masks, strict=True))
                    / max(float(sum(jnp.sum(m) for m in masks)), 1.0))
   t_logp = time.perf_counter() - t1
+  if env.ref_params is not None:  # the KL term: the frozen reference, same jitted pass
+    t_ref = time.perf_counter()
+    batches = [b.replace(ref_log_probs=steps.log_prob(env.ref_params, b)[0]) for b in batches]
+    metrics["timing_s/ref"] = time.perf_counter() - t_ref
 
   t2 = time.perf_counter()
   per_mb: list[dict[str, Any]] = []
