@@ -1,4 +1,4 @@
-"""The trainer and eval/generate's policy loader with a gs:// workdir (fake bucket).
+"""The trainer, eval/generate's policy loader and export with a gs:// workdir (fake bucket).
 
 tiny_cpu:runlocal shrunk to one RL step with an eval and a checkpoint runs against the fake
 bucket of tests/fake_gcs.py from an empty cwd: everything must land in the bucket and nothing in
@@ -12,6 +12,7 @@ import fake_gcs
 import pytest
 
 from configs import tiny_cpu
+from fipo_jax import export
 from fipo_jax.data import synthetic
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import trainer
@@ -46,7 +47,11 @@ def test_train_on_a_bucket(bucket, capsys):
                "tensorboard  gs://b/run/tensorboard/", "checkpoints  gs://b/run/checkpoints/"):
     assert line in printed, printed
 
-  # eval and generate load the policy from the bucket.
+  # eval and generate load the policy from the bucket; export writes to it.
   policy = setup_lib.load_policy(checkpoint_dir="gs://b/run")
   assert pathlib.Path(policy.tokenizer_dir, "tokenizer.json").exists()  # a local cached copy
-  assert policy.params is not None
+  export.main(["--checkpoint", "gs://b/run", "--out", "gs://b/export"])
+  out = bucket / "b" / "export"
+  assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+  assert list(out.glob("model-*.safetensors"))
+  assert not pathlib.Path("gs:").exists()
