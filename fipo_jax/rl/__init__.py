@@ -11,6 +11,7 @@ from fipo_jax.rl.losses import (
   PolicyLossConfig,
   compute_policy_loss,
   get_policy_loss,
+  kl_penalty,
   register_policy_loss,
 )
 from fipo_jax.rl.rewards import math_dapo_score, overlong_penalty
@@ -23,6 +24,7 @@ __all__ = [
   "future_kl",
   "get_policy_loss",
   "grpo_outcome_advantages",
+  "kl_penalty",
   "math_dapo_score",
   "microbatch_scale",
   "overlong_penalty",
