@@ -64,13 +64,13 @@ def _fail(message: Any) -> None:
 def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
   """(Transformer, the run's apply_chat_template or None) of --hf_dir (an export records it)
   or of a trainer workdir's latest checkpoint, which also sets args.tokenizer_dir."""
-  from fipo_jax import models  # noqa: PLC0415 (keeps --help fast)
+  from fipo_jax import models, paths  # noqa: PLC0415 (keeps --help fast)
   from fipo_jax.models import hf_io  # noqa: PLC0415
 
   if args.checkpoint is None:
     chat = hf_io.run_defaults(args.hf_dir).get("apply_chat_template")  # an export's
     return models.from_pretrained(args.hf_dir, dtype=args.dtype), chat
-  if not os.path.isdir(args.checkpoint):
+  if not paths.isdir(args.checkpoint):  # local or gs://
     raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
   from flax import nnx  # noqa: PLC0415
 

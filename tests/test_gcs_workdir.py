@@ -5,6 +5,7 @@ bucket of tests/fake_gcs.py from an empty cwd: everything must land in the bucke
 a local `./gs:` directory (where `os.makedirs('gs://b/run')` would put it).
 """
 
+import argparse
 import json
 import pathlib
 
@@ -12,7 +13,7 @@ import fake_gcs
 import pytest
 
 from configs import tiny_cpu
-from fipo_jax import export
+from fipo_jax import export, generate
 from fipo_jax.data import synthetic
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import trainer
@@ -50,6 +51,9 @@ def test_train_on_a_bucket(bucket, capsys):
   # eval and generate load the policy from the bucket; export writes to it.
   policy = setup_lib.load_policy(checkpoint_dir="gs://b/run")
   assert pathlib.Path(policy.tokenizer_dir, "tokenizer.json").exists()  # a local cached copy
+  args = argparse.Namespace(checkpoint="gs://b/run", hf_dir=None, tokenizer_dir=None, dtype=None)
+  model, _ = generate.load_model(args)  # generate --checkpoint gs://b/run
+  assert model.cfg == policy.model_cfg and args.tokenizer_dir == policy.tokenizer_dir
   export.main(["--checkpoint", "gs://b/run", "--out", "gs://b/export"])
   out = bucket / "b" / "export"
   assert (out / "config.json").exists() and (out / "tokenizer.json").exists()

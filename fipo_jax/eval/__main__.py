@@ -9,7 +9,6 @@ directory or file, data with no usable row) exit 2 with one line on stderr.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -40,7 +39,7 @@ def _fail(message) -> None:
 def _load(data_files):
   """(policy, tokenizer, examples, skipped, max_prompt, the run's max_response_length or None)
   of the flags; bad inputs exit 2."""
-  from fipo_jax import export  # noqa: PLC0415 (keeps --help fast)
+  from fipo_jax import export, paths  # noqa: PLC0415 (keeps --help fast)
   from fipo_jax.data import pipeline  # noqa: PLC0415
   from fipo_jax.data import tokenizer as tok_lib  # noqa: PLC0415
   from fipo_jax.models import hf_io  # noqa: PLC0415
@@ -51,7 +50,7 @@ def _load(data_files):
   if not data_files:
     _fail("--data is required")
   for path in data_files:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):  # local or gs://
       _fail(f"data file not found: {path}")
   try:
     policy = setup_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
