@@ -127,8 +127,11 @@ def local_copy(path: str | os.PathLike, cache_dir: str | None = None) -> str:
   src = epath.Path(path)
   if not src.exists():
     raise FileNotFoundError(f"not found: {path}")
-  root = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(
-    os.path.expanduser("~"), ".cache", "fipo_jax", "remote")
+  root = (
+    cache_dir
+    or os.environ.get(CACHE_ENV)
+    or os.path.join(os.path.expanduser("~"), ".cache", "fipo_jax", "remote")
+  )
   tag = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
   name = os.path.basename(path.rstrip("/"))
   out = os.path.join(root, tag, "data", name)

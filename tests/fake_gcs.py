@@ -68,9 +68,11 @@ def install(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.
   for name in ("gs", "gcs"):
     monkeypatch.setitem(fsspec_registry._registry, name, FakeGCSFileSystem)
   monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", _kvstore)
-  monkeypatch.setattr(gcs_utils, "get_bucket",
-                      lambda name: types.SimpleNamespace(name=name,
-                                                         hierarchical_namespace_enabled=False))
+  monkeypatch.setattr(
+    gcs_utils,
+    "get_bucket",
+    lambda name: types.SimpleNamespace(name=name, hierarchical_namespace_enabled=False),
+  )
   monkeypatch.setenv("FIPO_JAX_CACHE", str(tmp_path / "cache"))
   cwd = tmp_path / "cwd"
   cwd.mkdir()

@@ -44,8 +44,12 @@ def test_train_on_a_bucket(bucket, capsys):
   assert (run / "sft").is_dir()
   assert not pathlib.Path("gs:").exists(), sorted(map(str, pathlib.Path(".").rglob("*")))
   # The run ends by saying where everything went.
-  for line in ("metrics      gs://b/run/metrics.jsonl", "plots        gs://b/run/plots/",
-               "tensorboard  gs://b/run/tensorboard/", "checkpoints  gs://b/run/checkpoints/"):
+  for line in (
+    "metrics      gs://b/run/metrics.jsonl",
+    "plots        gs://b/run/plots/",
+    "tensorboard  gs://b/run/tensorboard/",
+    "checkpoints  gs://b/run/checkpoints/",
+  ):
     assert line in printed, printed
 
   # eval and generate load the policy from the bucket; export writes to it.

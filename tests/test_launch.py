@@ -14,8 +14,9 @@ SCRIPT = ROOT / "launch" / "tpu_vm.sh"
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
   full = {**os.environ, "PROJECT": "proj", **(env or {})}
-  return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full,
-                        timeout=60, cwd=ROOT)
+  return subprocess.run(
+    ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=60, cwd=ROOT
+  )
 
 
 def _fake_python(tmp_path: pathlib.Path, version: str) -> str:
@@ -34,8 +35,9 @@ def test_script_parses():
 
 def test_minimum_is_read_from_pyproject():
   want = re.search(r'requires-python = ">=([\d.]+)"', (ROOT / "pyproject.toml").read_text())[1]
-  assert f"python_check python3 {want}" in _run("run", env={"DRY_RUN": "1",
-                                                             "BUCKET": "gs://b"}).stdout
+  assert (
+    f"python_check python3 {want}" in _run("run", env={"DRY_RUN": "1", "BUCKET": "gs://b"}).stdout
+  )
 
 
 @pytest.mark.parametrize("version", ["3.9", "3.10"])
@@ -59,37 +61,53 @@ def test_missing_python_is_one_line():
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
     f"{proc.stderr.split(':')[0]}: no working 'python-does-not-exist'; fipo_jax needs Python "
-    ">= 3.11 (set PYTHON)"]
+    ">= 3.11 (set PYTHON)"
+  ]
 
 
 def test_run_checks_python_then_starts_distributed_on_every_worker():
-  proc = _run("run", "--config.total_steps=2",
-              env={"DRY_RUN": "1", "BUCKET": "gs://b", "RUN_NAME": "r1", "PYTHON": "python3.11"})
+  proc = _run(
+    "run",
+    "--config.total_steps=2",
+    env={"DRY_RUN": "1", "BUCKET": "gs://b", "RUN_NAME": "r1", "PYTHON": "python3.11"},
+  )
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert "--worker=all" in out
   check = out.index("python_check python3.11 3.11 || exit 2")
-  start = out.index("FIPO_DISTRIBUTED=1 python3.11 -m fipo_jax.main --config "
-                    "configs/fipo_qwen2_5_32b.py --workdir gs://b/runs/r1 --config.total_steps=2")
+  start = out.index(
+    "FIPO_DISTRIBUTED=1 python3.11 -m fipo_jax.main --config "
+    "configs/fipo_qwen2_5_32b.py --workdir gs://b/runs/r1 --config.total_steps=2"
+  )
   assert check < start
 
 
 def _remote_command(printed: str) -> str:
   """The --command text of a printed (DRY_RUN) gcloud line, unquoted by bash itself."""
-  show = ('gcloud() { for a; do [[ $a == --command=* ]] && printf %s "${a#--command=}"; done; '
-          'true; }; ')
-  return subprocess.run(["bash", "-c", show + printed], capture_output=True, text=True,
-                        check=True).stdout
+  show = (
+    'gcloud() { for a; do [[ $a == --command=* ]] && printf %s "${a#--command=}"; done; true; }; '
+  )
+  return subprocess.run(
+    ["bash", "-c", show + printed], capture_output=True, text=True, check=True
+  ).stdout
 
 
 def test_the_check_sent_to_workers_runs_there(tmp_path):
   printed = _run("run", env={"DRY_RUN": "1", "BUCKET": "gs://b"}).stdout.split("\nworkdir: ")[0]
   check = _remote_command(printed).split(" || exit 2")[0]  # what each worker runs first
-  old = subprocess.run(["bash", "-c", check], capture_output=True, text=True,
-                       env={**os.environ, "PATH": _fake_python(tmp_path, "3.10")})
+  old = subprocess.run(
+    ["bash", "-c", check],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PATH": _fake_python(tmp_path, "3.10")},
+  )
   assert old.returncode == 2 and "is Python 3.10; fipo_jax needs >= 3.11" in old.stderr
-  ok = subprocess.run(["bash", "-c", check], capture_output=True, text=True,
-                      env={**os.environ, "PATH": _fake_python(tmp_path, "3.12")})
+  ok = subprocess.run(
+    ["bash", "-c", check],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PATH": _fake_python(tmp_path, "3.12")},
+  )
   assert ok.returncode == 0, ok.stderr
 
 

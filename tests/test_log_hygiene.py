@@ -18,9 +18,11 @@ def test_bar_shows_the_last_eval_and_never_nan():
   post = metrics_lib.progress_postfix
   assert post([]) == {}
   assert post([{"step": 1, "train/acc_mean": 0.5}]) == {"acc": "0.50"}  # no eval yet
-  history = [{"step": 0, "eval/acc_mean": 0.25},
-             {"step": 1, "train/acc_mean": 0.5, "eval/acc_mean": NAN},
-             {"step": 2, "train/acc_mean": 0.625}]
+  history = [
+    {"step": 0, "eval/acc_mean": 0.25},
+    {"step": 1, "train/acc_mean": 0.5, "eval/acc_mean": NAN},
+    {"step": 2, "train/acc_mean": 0.625},
+  ]
   assert post(history) == {"acc": "0.62", "eval": "0.25"}  # between evals: the last one
   history.append({"step": 3, "train/acc_mean": NAN, "eval/acc_mean": 0.75})
   assert post(history) == {"eval": "0.75"}  # an empty step has no accuracy to show
@@ -67,8 +69,9 @@ def _saves_warn(tmp_path, name: str) -> bool:
   logging.getLogger("absl").addHandler(records)
   try:
     with ckpt_lib.CheckpointManager(str(tmp_path / name), keep=2) as mgr:
-      mgr.save(1, params={"w": jnp.ones(2)}, opt_state={"m": jnp.zeros(2)},
-               metrics=None)  # a save between evals
+      mgr.save(
+        1, params={"w": jnp.ones(2)}, opt_state={"m": jnp.zeros(2)}, metrics=None
+      )  # a save between evals
   finally:
     logging.getLogger("absl").removeHandler(records)
   return any("tracked_metric" in m for m in records.messages)

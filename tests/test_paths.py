@@ -74,14 +74,15 @@ def test_upload_copies_a_tree(bucket, tmp_path):
   (src / "events.1").write_bytes(b"abc")
   (src / "inner" / "events.2").write_bytes(b"de")
   written = paths.upload(str(src), "gs://b/run/tensorboard")
-  assert sorted(written) == ["gs://b/run/tensorboard/events.1",
-                             "gs://b/run/tensorboard/inner/events.2"]
+  assert sorted(written) == [
+    "gs://b/run/tensorboard/events.1",
+    "gs://b/run/tensorboard/inner/events.2",
+  ]
   assert (bucket / "b/run/tensorboard/inner/events.2").read_bytes() == b"de"
 
 
 def test_data_files_on_a_bucket(bucket):
-  rows = [verl.make_row(f"Q{i}", str(i), data_source="t", index=i, split="train")
-          for i in range(3)]
+  rows = [verl.make_row(f"Q{i}", str(i), data_source="t", index=i, split="train") for i in range(3)]
   verl.write_jsonl("gs://b/data/train.jsonl", rows)
   verl.write_parquet("gs://b/data/train.parquet", rows)
   for name in ("train.jsonl", "train.parquet"):
