@@ -51,6 +51,17 @@ def tokenizer_mismatch(src_dir: str, out_dir: str) -> str | None:
   return None
 
 
+def _rebuild_hint(tok_dir: str) -> str:
+  """How to fix a character tokenizer written before it was byte-level ('' for others)."""
+  from fipo_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+
+  if not tokenizer_lib.is_character_tokenizer(tok_dir):
+    return ""
+  return (" (a character tokenizer from before fipo_jax wrote byte-level ones: rebuild it, same "
+          "ids, with python -c \"from fipo_jax.data import tokenizer; "
+          f"tokenizer.build_tokenizer('{tok_dir}')\")")
+
+
 def run_defaults(policy: Any) -> dict[str, Any]:
   """The run's prompt format and lengths, so eval/generate of the export default to them."""
   rc = policy.run_config
@@ -94,7 +105,7 @@ def main(argv=None) -> None:
     if out != args.out:
       shutil.rmtree(out, ignore_errors=True)
   if mismatch:
-    _fail(f"{args.out} was written but its tokenizer is wrong: {mismatch}")
+    _fail(f"{args.out} was written but its tokenizer is wrong: {mismatch}{_rebuild_hint(tok)}")
   print(f"wrote {args.out}")
 
 

@@ -35,8 +35,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   src.add_argument("--hf_dir", help="HF directory: config.json + safetensors (+ tokenizer).")
   src.add_argument("--checkpoint", help="fipo_jax trainer workdir (its latest checkpoint).")
   p.add_argument("--tokenizer_dir", help="Tokenizer directory (default: the model directory).")
-  p.add_argument("--prompts_file", required=True,
-                 help="Input jsonl/parquet rows: 'prompt' (text or chat messages) or 'prompt_ids'.")
+  p.add_argument(
+    "--prompts_file",
+    required=True,
+    help="Input jsonl/parquet rows: 'prompt' (text or chat messages) or 'prompt_ids'.",
+  )
   p.add_argument("--output", required=True, help="Output jsonl, one line per sample.")
   p.add_argument("--n", type=int, default=4, help="Samples per prompt.")
   p.add_argument("--max_new_tokens", type=int, default=256)
@@ -44,8 +47,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0, help="0 = off.")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--chat", dest="chat", action="store_true", default=None,
-                 help="Apply the tokenizer's chat template (default: yes; a run: as it did).")
+  p.add_argument(
+    "--chat",
+    dest="chat",
+    action="store_true",
+    default=None,
+    help="Apply the tokenizer's chat template (default: yes; a run: as it did).",
+  )
   p.add_argument("--no_chat", dest="chat", action="store_false", help="Plain prompt text.")
   p.add_argument("--stop_ids", default="", help="Extra comma-separated stop token ids.")
   p.add_argument("--num_slots", type=int, default=32, help="Concurrent decode slots.")
@@ -98,9 +106,14 @@ def prompt_messages(prompt: Any) -> list[dict[str, str]] | None:
   """`prompt` text -> one user message; a verl message list -> itself; None if neither."""
   if isinstance(prompt, str):
     return [{"role": "user", "content": prompt}]
-  if isinstance(prompt, list) and prompt and all(
-      isinstance(m, dict) and isinstance(m.get("role"), str)
-      and isinstance(m.get("content"), str) for m in prompt):
+  if (
+    isinstance(prompt, list)
+    and prompt
+    and all(
+      isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+      for m in prompt
+    )
+  ):
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
   return None
 

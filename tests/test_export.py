@@ -165,6 +165,10 @@ def test_export_refuses_a_tokenizer_transformers_would_load_differently(workdir,
   (line,) = proc.stderr.strip().splitlines()
   assert line.startswith(f"export: {tmp_path / 'hf'} was written but its tokenizer is wrong: ")
   assert "(Qwen2Tokenizer) encodes" in line
+  # The fix the message gives: rebuild the character tokenizer (same ids); then export works.
+  fix = line.split("with python -c ")[1].removesuffix(")").strip('"')
+  assert subprocess.run([sys.executable, "-c", fix], check=False).returncode == 0
+  assert _cli("fipo_jax.export", "--checkpoint", old, "--out", tmp_path / "hf").returncode == 0
 
 
 def test_qwen2_5_export_round_trip(qwen_model_dir, tmp_path):
@@ -173,6 +177,7 @@ def test_qwen2_5_export_round_trip(qwen_model_dir, tmp_path):
   out = tmp_path / "hf"
   models.save_pretrained(model, out, tokenizer_dir=qwen_model_dir)
   assert export.tokenizer_mismatch(str(qwen_model_dir), str(out)) is None
+  assert not tokenizer_lib.is_character_tokenizer(str(out))  # (export's rebuild hint: not here)
   cfg = json.loads((out / "config.json").read_text())
   assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (QWEN_ENDOFTEXT,) * 3
   gen = json.loads((out / "generation_config.json").read_text())

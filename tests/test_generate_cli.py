@@ -42,9 +42,10 @@ def test_cli_text_prompts_with_chat_template_by_default_greedy(model_dirs, tmp_p
   prompts_file = tmp_path / "in.jsonl"
   prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _PROMPTS))
   out = tmp_path / "out.jsonl"
+  # No --chat flag: the chat template by default, as in the trainer and eval.
   cmd = [sys.executable, "-m", "fipo_jax.generate", "--hf_dir", str(hf_dir), "--prompts_file",
          str(prompts_file), "--output", str(out), "--n", "2", "--max_new_tokens", "8",
-         "--temperature", "0"]  # fmt: skip (no flag: the chat template, as in the trainer)
+         "--temperature", "0"]  # fmt: skip
   proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tok/s" in proc.stderr
@@ -105,15 +106,20 @@ def test_cli_reads_verl_rows_and_no_chat_turns_the_template_off(model_dirs, tmp_
   tok = tokenizer_lib.load_tokenizer(str(hf_dir))
   system_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
   verl_row = verl.make_row("Name a prime.", "2", data_source="x", index=0, split="test")
-  rows = [{"prompt": "Name a prime."}, verl_row, dict(verl_row, prompt=system_user),
-          {"prompt_ids": tokenizer_lib.encode_prompt(tok, system_user, True)}]
+  rows = [
+    {"prompt": "Name a prime."},
+    verl_row,
+    dict(verl_row, prompt=system_user),
+    {"prompt_ids": tokenizer_lib.encode_prompt(tok, system_user, True)},
+  ]
   got = _greedy(hf_dir, _write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
   # A verl row's message list goes through the chat template like a text prompt does.
   assert got[0] == got[1] and got[2] == got[3]
   plain = tokenizer_lib.encode_prompt(tok, system_user, False)
   rows = [{"prompt": system_user}, {"prompt_ids": plain}]
-  got = _greedy(hf_dir, _write_jsonl(tmp_path / "in2.jsonl", rows), tmp_path / "out2.jsonl",
-                "--no_chat")
+  got = _greedy(
+    hf_dir, _write_jsonl(tmp_path / "in2.jsonl", rows), tmp_path / "out2.jsonl", "--no_chat"
+  )
   assert got[0] == got[1]
 
 
@@ -126,8 +132,13 @@ def test_bad_rows_are_refused_by_row(model_dirs, tmp_path, capsys):
     ([{"prompt": [{"role": "user"}]}], ("--hf_dir", hf_dir), "row 1: 'prompt' is neither"),
     ([{"prompt_ids": []}], ("--hf_dir", hf_dir), "row 1: is an empty prompt"),
   ]:
-    args = [*map(str, flags), "--prompts_file", str(_write_jsonl(tmp_path / "in.jsonl", rows)),
-            "--output", str(out)]
+    args = [
+      *map(str, flags),
+      "--prompts_file",
+      str(_write_jsonl(tmp_path / "in.jsonl", rows)),
+      "--output",
+      str(out),
+    ]
     with pytest.raises(SystemExit) as e:
       generate.main(args)
     assert e.value.code == 2
@@ -147,12 +158,18 @@ def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
   empty.write_text("")
   out = tmp_path / "o.jsonl"
   for args, want in [
-    (("--hf_dir", tmp_path / "nope", "--prompts_file", ids_file),
-     f"generate: HF model directory {tmp_path / 'nope'}: not found"),
-    (("--checkpoint", tmp_path / "ckpt", "--prompts_file", ids_file),
-     f"generate: checkpoint directory not found: {tmp_path / 'ckpt'}"),
-    (("--hf_dir", bare, "--prompts_file", empty),
-     f"generate: no rows in {empty} (empty data file)"),
+    (
+      ("--hf_dir", tmp_path / "nope", "--prompts_file", ids_file),
+      f"generate: HF model directory {tmp_path / 'nope'}: not found",
+    ),
+    (
+      ("--checkpoint", tmp_path / "ckpt", "--prompts_file", ids_file),
+      f"generate: checkpoint directory not found: {tmp_path / 'ckpt'}",
+    ),
+    (
+      ("--hf_dir", bare, "--prompts_file", empty),
+      f"generate: no rows in {empty} (empty data file)",
+    ),
   ]:
     proc = _run_cli(*args, "--output", out)
     assert proc.returncode == 2, proc.stderr[-2000:]

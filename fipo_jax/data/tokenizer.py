@@ -133,6 +133,17 @@ def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
           "pad_token_id": tokenizer.pad_token_id}
 
 
+def is_character_tokenizer(path: str) -> bool:
+  """True if `path` holds a tokenizer with this module's vocabulary (of any fipo_jax version)."""
+  try:
+    with open(os.path.join(path, "tokenizer.json")) as f:
+      vocab = json.load(f)["model"].get("vocab")
+  except (OSError, ValueError, KeyError, AttributeError):
+    return False
+  return isinstance(vocab, dict) and len(vocab) == len(SPECIAL_TOKENS) + 1 + len(ALPHABET) \
+    and UNK in vocab
+
+
 def vocab_size(path: str) -> int:
   """Vocabulary size of a tokenizer directory written by `build_tokenizer` (no transformers)."""
   with open(os.path.join(path, "tokenizer.json")) as f:
