@@ -10,6 +10,7 @@ import os
 import pathlib
 
 import fake_gcs
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,4 +140,33 @@ def test_cli_outputs_on_a_bucket(bucket, tmp_path):
   local = tmp_path / "deep" / "results.json"
   cli.write_json(str(local), {"x": 1})
   assert sorted(p.name for p in local.parent.iterdir()) == ["results.json"]
+  _no_local_gs()
+
+
+def test_hf_directory_on_a_bucket(bucket, tmp_path):
+  from flax import nnx  # noqa: PLC0415
+
+  from fipo_jax import models  # noqa: PLC0415
+  from fipo_jax.models import hf_io  # noqa: PLC0415
+
+  cfg = models.get_preset(
+    "qwen2.5-0.5b",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+  )
+  local = tmp_path / "hf"
+  models.save_pretrained(models.init_model(cfg), local, max_shard_bytes=20_000)
+  paths.upload(str(local), "gs://b/models/tiny")
+  assert hf_io.read_config("gs://b/models/tiny") == json.loads((local / "config.json").read_text())
+  with pytest.raises(FileNotFoundError, match="not found"):
+    hf_io.read_config("gs://b/models/none")
+  got = nnx.to_pure_dict(nnx.split(models.from_pretrained("gs://b/models/tiny"))[1])
+  want = nnx.to_pure_dict(nnx.split(models.from_pretrained(str(local)))[1])
+  same = jax.tree.map(np.array_equal, got, want)
+  assert jax.tree.leaves(same) and all(jax.tree.leaves(same))
   _no_local_gs()

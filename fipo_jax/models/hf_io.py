@@ -19,6 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from fipo_jax import paths
 from fipo_jax.models import build, safetensors_io
 from fipo_jax.models import config as config_lib
 from fipo_jax.models import transformer as transformer_lib
@@ -103,13 +104,14 @@ def run_defaults(hf_dir) -> dict:
 
 
 def read_config(hf_dir) -> dict:
-  """config.json of an HF directory; FileNotFoundError (one line) when there is none."""
-  path = pathlib.Path(hf_dir) / "config.json"
-  if not path.is_file():
-    what = "has no config.json (not an HF model directory)" if pathlib.Path(hf_dir).is_dir() \
+  """config.json of an HF directory (local or gs://); FileNotFoundError (one line) when there
+  is none."""
+  path = paths.join(hf_dir, "config.json")
+  if not paths.isfile(path):
+    what = "has no config.json (not an HF model directory)" if paths.isdir(hf_dir) \
       else "not found"
     raise FileNotFoundError(f"HF model directory {hf_dir}: {what}")
-  return json.loads(path.read_text())
+  return json.loads(paths.read_text(path))
 
 
 def _index_checkpoint(files, cfg, flat_abs):
@@ -175,8 +177,10 @@ def from_pretrained(hf_dir, *, mesh: Mesh | None = None,
                     **cfg_overrides) -> transformer_lib.Transformer:
   """Loads an HF directory (config.json + safetensors) into a Transformer, sharded on mesh.
 
-  Dtypes are names ('bfloat16') or dtypes (jnp.bfloat16, np.float32).
+  Dtypes are names ('bfloat16') or dtypes (jnp.bfloat16, np.float32). A gs:// directory is
+  read from a local cached copy (safetensors are memory-mapped).
   """
+  hf_dir = paths.local_copy(hf_dir)
   cfg = config_lib.ModelConfig.from_hf_config(
     read_config(hf_dir), param_dtype=param_dtype, dtype=dtype, **cfg_overrides)
   graphdef, abs_state, shardings = build.param_shardings(cfg, mesh)
