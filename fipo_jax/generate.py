@@ -92,11 +92,14 @@ def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
 
 
 def load_tokenizer(path: str | None) -> Any | None:
-  """The directory's tokenizer, or None when it has none."""
+  """The directory's tokenizer (local or gs://), or None when it has none."""
+  from fipo_jax import paths  # noqa: PLC0415
+
   if path is None or not any(
-    os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    paths.isfile(paths.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
   ):
     return None
+  path = paths.local_copy(path)  # transformers reads local files only
   from fipo_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
 
   return tokenizer_lib.load_tokenizer(path)

@@ -146,7 +146,8 @@ def test_cli_outputs_on_a_bucket(bucket, tmp_path):
 def test_hf_directory_on_a_bucket(bucket, tmp_path):
   from flax import nnx  # noqa: PLC0415
 
-  from fipo_jax import models  # noqa: PLC0415
+  from fipo_jax import generate, models  # noqa: PLC0415
+  from fipo_jax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
   from fipo_jax.models import hf_io  # noqa: PLC0415
 
   cfg = models.get_preset(
@@ -161,6 +162,9 @@ def test_hf_directory_on_a_bucket(bucket, tmp_path):
   )
   local = tmp_path / "hf"
   models.save_pretrained(models.init_model(cfg), local, max_shard_bytes=20_000)
+  tokenizer_lib.build_tokenizer(str(local / "tok"))
+  for f in (local / "tok").iterdir():
+    f.rename(local / f.name)
   paths.upload(str(local), "gs://b/models/tiny")
   assert hf_io.read_config("gs://b/models/tiny") == json.loads((local / "config.json").read_text())
   with pytest.raises(FileNotFoundError, match="not found"):
@@ -169,4 +173,7 @@ def test_hf_directory_on_a_bucket(bucket, tmp_path):
   want = nnx.to_pure_dict(nnx.split(models.from_pretrained(str(local)))[1])
   same = jax.tree.map(np.array_equal, got, want)
   assert jax.tree.leaves(same) and all(jax.tree.leaves(same))
+  tok = generate.load_tokenizer("gs://b/models/tiny")  # generate --hf_dir gs://...
+  assert tok is not None and tok("Q: 1")["input_ids"]
+  assert generate.load_tokenizer("gs://b/models/none") is None
   _no_local_gs()
