@@ -9,8 +9,9 @@ the same layer orbax writes checkpoints through). Local paths behave exactly as 
                                                        # need one (safetensors memmap, tokenizers)
   paths.upload("/tmp/mirror/tensorboard", "gs://bucket/run/tensorboard")
 
-`gs://` needs a GCS filesystem for fsspec (`gcsfs`, in the `[tpu]` extra). Nothing here ever turns
-a URL into a local path by accident: `os.makedirs("gs://b/run")` would create `./gs:/b/run`.
+`gs://` needs fsspec's GCS filesystem, `gcsfs` (orbax's gs:// checkpoints also need
+`google-cloud-storage`): both are the `[gcs]` extra, part of `[tpu]`. Use this module rather than
+`os`/`open` for any path that may be a URL: `os.makedirs("gs://b/run")` creates `./gs:/b/run`.
 """
 
 from __future__ import annotations
