@@ -24,17 +24,23 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "qwen2.5-32b"  # architecture name in fipo_jax.models.PRESETS
   c.model.hf_dir = ml_collections.config_dict.placeholder(str)  # HF dir to load weights from
-  c.model.overrides = ml_collections.ConfigDict()  # ModelConfig field overrides (e.g. hidden_size)
-  c.model.param_dtype = "float32"  # storage dtype of params and optimizer state
-  c.model.dtype = "bfloat16"  # compute dtype (log-softmax, ratios, losses stay float32)
+  # ModelConfig field overrides, on the preset or on hf_dir's config.json; with hf_dir only those
+  # that keep its architecture (e.g. max_position_embeddings; not vocab/hidden/layers/heads).
+  c.model.overrides = ml_collections.ConfigDict()
+  c.model.preset_overrides = ml_collections.ConfigDict()  # on the preset only (runlocal's tiny)
+  c.model.param_dtype = any_type("float32")  # params and optimizer state: a name or jnp dtype
+  c.model.dtype = any_type("bfloat16")  # compute (log-softmax, ratios, losses stay float32)
   c.model.attention_impl = "auto"  # 'auto' | 'plain' | 'blockwise' | 'splash' | 'cudnn'
   c.model.remat_policy = "full"  # gradient checkpointing (official: enabled)
   c.model.tokenizer_dir = ml_collections.config_dict.placeholder(str)  # default: model.hf_dir
 
   c.data = ml_collections.ConfigDict()
-  c.data.task = "verl"  # 'verl' (parquet/jsonl files) | 'synthetic' (arithmetic, tiny_cpu)
-  c.data.train_files = ["data/dapo-math-17k.parquet"]  # BytedTsinghua-SIA/DAPO-Math-17k
-  c.data.val_files = ["data/aime-2024.parquet"]  # BytedTsinghua-SIA/AIME-2024
+  # 'verl' (parquet/jsonl files) | 'synthetic' (arithmetic, tiny_cpu) | 'auto' (runlocal:
+  # 'verl' when train_files are given, else 'synthetic')
+  c.data.task = "verl"
+  # Tuples, so that --config.data.train_files=a.parquet (or a,b or '["a", "b"]') overrides them.
+  c.data.train_files = ("data/dapo-math-17k.parquet",)  # BytedTsinghua-SIA/DAPO-Math-17k
+  c.data.val_files = ("data/aime-2024.parquet",)  # BytedTsinghua-SIA/AIME-2024
   c.data.prompt_key = "prompt"  # column holding the chat message list
   c.data.max_prompt_length = 2048  # tokens, after the chat template
   c.data.shuffle = True  # reshuffle the train set every epoch
@@ -136,10 +142,17 @@ def synthetic_task() -> ml_collections.ConfigDict:
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a recipe in place to run on a laptop CPU: the same loss, clip and FIPO settings,
+  """Shrinks a recipe in place into a laptop-sized check that its whole loop runs (data, chat
+  template, sampling, rewards, loss, checkpoints, eval) -- not a training run.
 
-  a tiny model on the synthetic task, small batches keeping >= 2 mini-batches per step so that
-  the Future-KL weights are active.
+  It keeps the recipe's loss, clip and FIPO settings, and >= 2 mini-batches per step so that
+  the Future-KL weights are active; it shrinks only lengths, batch sizes and step counts. The
+  model and the data are resolved at validation, after command-line overrides:
+    - no model.hf_dir: a tiny random Qwen2-architecture model (`preset_overrides`) on the
+      synthetic task (a random model scores 0: expect "update skipped");
+    - --config.model.hf_dir=DIR: that model with the architecture of DIR/config.json;
+    - --config.data.train_files=... (and val_files, evaluated every step): those files
+      (task 'auto'). 256 prompt tokens fit the Qwen2.5 chat template around DAPO-Math prompts.
   """
   c.total_steps = 2
   c.eval_every = 1
@@ -147,23 +160,23 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.hf_dir = None
   c.model.tokenizer_dir = None
   c.model.preset = "qwen2.5-0.5b"
-  c.model.overrides = tiny_model()
+  c.model.preset_overrides = tiny_model()  # ignored with model.hf_dir
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
-  c.data.task = "synthetic"
-  c.data.train_files = []
-  c.data.val_files = []
-  c.data.max_prompt_length = 32
+  c.data.task = "auto"
+  c.data.train_files = ()
+  c.data.val_files = ()
+  c.data.max_prompt_length = 256  # DAPO-Math prompts are 92-200 tokens with the chat template
   c.data.synthetic.num_train = 256
   c.data.synthetic.num_val = 16
   c.rl.n = 4
   c.rl.train_batch_size = 8
   c.rl.gen_batch_size = 16
   c.rl.ppo_mini_batch_size = 2
-  c.rl.max_response_length = 16
-  c.rl.overlong_buffer_len = 4
-  c.rl.ppo_max_token_len_per_device = 256
+  c.rl.max_response_length = 32
+  c.rl.overlong_buffer_len = 8
+  c.rl.ppo_max_token_len_per_device = 256 + 32
   c.rl.chunk_size = 8
   c.rl.max_num_gen_batches = 2  # an untrained model gets few mixed groups; keep smoke runs short
   c.sampling.num_slots = 16
@@ -188,7 +201,12 @@ def tiny_model() -> ml_collections.ConfigDict:
   o.num_heads = 4  # N
   o.num_kv_heads = 2  # K
   o.head_dim = 16  # H
-  o.max_position_embeddings = 256
+  o.max_position_embeddings = 512  # >= runlocal's 256 prompt + 32 response tokens
   o.rope_theta = 10000.0  # Qwen2.5's 1e6 leaves too little positional signal at head_dim 16
   o.tie_word_embeddings = True
   return o
+
+
+def any_type(value) -> ml_collections.FieldReference:
+  """A field that takes any type: a dtype as a name (the command line) or a jnp dtype (Python)."""
+  return ml_collections.FieldReference(value, field_type=object)

@@ -11,7 +11,8 @@ active on mini-batches 2-4 (they are exactly 1 on the first), as in the paper.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py --workdir /tmp/fipo_tiny
 
-Smaller still (a smoke test of the whole loop, seconds):
+Smaller still, a smoke test of the whole loop (about a minute on 2 cores): a 150-step warm
+start, just long enough to give groups of mixed accuracy, then 2 RL steps that update.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py:runlocal --workdir /tmp/fipo_tiny_smoke
 """
@@ -41,8 +42,8 @@ def get_config(arg=None):
   c.model.tokenizer_dir = None  # None: the synthetic tokenizer is built into WORKDIR/tokenizer
 
   c.data.task = "synthetic"  # rows written in the verl schema to WORKDIR/data, read as real data
-  c.data.train_files = []
-  c.data.val_files = []
+  c.data.train_files = ()
+  c.data.val_files = ()
   c.data.max_prompt_length = 16  # "Q: copy 4831=" is 13 tokens
   c.data.apply_chat_template = False  # plain prompts: half the tokens, a warm start 2x faster
   c.data.synthetic.kind = "copy"
@@ -92,7 +93,7 @@ def get_config(arg=None):
     c.total_steps = 2
     c.eval_every = 1
     c.checkpoint_every = 1
-    c.sft.steps = 5
+    c.sft.steps = 150  # the policy learns to copy at ~120 steps; before, every group scores 0
     c.data.synthetic.num_train = 128
     c.data.synthetic.num_val = 8
     c.rl.n = 4

@@ -14,10 +14,14 @@ field's default. The recipes in `configs/` list every field with a comment.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import operator
 import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import numpy as np
 
 from fipo_jax import config_schema, paths
 from fipo_jax.config_schema import ConfigError, Section
@@ -29,18 +33,30 @@ FILTER_METRICS = ("acc", "score", "seq_reward", "seq_final_reward")
 REWARD_FNS = ("math_dapo",)
 KL_LOSS_TYPES = ("kl", "abs", "mse", "low_var_kl")
 TRUNCATIONS = ("left", "error", "drop")
-TASKS = ("verl", "synthetic")
+TASKS = ("verl", "synthetic", "auto")
 SYNTHETIC_KINDS = ("arith", "copy")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# ModelConfig fields that shape the parameters: an HF directory's config.json defines them.
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+               "num_heads", "num_kv_heads", "head_dim", "qkv_bias", "qk_norm",
+               "tie_word_embeddings")
+# ModelConfig fields with their own model.* key.
+EXEC_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection(Section):
+  """The model. Validated `overrides` are the ones that apply: `preset_overrides` (on the
+  preset only, e.g. runlocal's tiny model) are merged into them when `hf_dir` is unset."""
+
   SECTION: ClassVar[str] = "model"
   preset: str | None = None
   hf_dir: str | None = None
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  preset_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   param_dtype: str = "float32"
   dtype: str = "bfloat16"
   attention_impl: str = "auto"
@@ -48,11 +64,32 @@ class ModelSection(Section):
   tokenizer_dir: str | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "overrides", types.MappingProxyType(dict(self.overrides)))
     if not self.preset and not self.hf_dir:
       self._fail("preset", "set model.preset or model.hf_dir")
     self._one_of("param_dtype", DTYPES)
     self._one_of("dtype", DTYPES)
+    for name in ("overrides", "preset_overrides"):
+      self._check_override_keys(name)
+    if self.hf_dir:  # the directory's config.json fixes the shapes its weights have
+      arch = [k for k in self.overrides if k in ARCH_FIELDS]
+      if arch:
+        self._fail("overrides", f"{arch[0]}={self.overrides[arch[0]]!r} would change the "
+                   f"architecture of model.hf_dir {self.hf_dir} (its config.json defines it); "
+                   f"drop it, or unset model.hf_dir to use model.preset")
+      merged = dict(self.overrides)
+    else:
+      merged = {**self.overrides, **self.preset_overrides}
+    object.__setattr__(self, "overrides", types.MappingProxyType(merged))
+    object.__setattr__(self, "preset_overrides",
+                       types.MappingProxyType(dict(self.preset_overrides)))
+
+  def _check_override_keys(self, name: str) -> None:
+    fields = _model_config_fields()
+    for key in getattr(self, name):
+      if key in EXEC_FIELDS:
+        self._fail(f"{name}.{key}", f"set model.{key} instead")
+      if fields is not None and key not in fields:
+        self._fail(f"{name}.{key}", f"not a ModelConfig field; known: {sorted(fields)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +132,12 @@ class DataSection(Section):
 
   def __post_init__(self):
     self._one_of("task", TASKS)
+    if self.task == "auto":  # runlocal: the given files, else the synthetic task
+      object.__setattr__(self, "task", "verl" if self.train_files else "synthetic")
+    for name in ("train_files", "val_files"):
+      if self.task == "synthetic" and getattr(self, name):
+        self._fail(name, "must be empty for task 'synthetic' (it writes its own data); "
+                   f"set data.task=verl to use {getattr(self, name)}")
     self._one_of("truncation", TRUNCATIONS)
     self._require(self.max_prompt_length > 0, "max_prompt_length", "must be > 0")
     self._require(bool(self.prompt_key), "prompt_key", "must be non-empty")
@@ -246,31 +289,41 @@ class OptimSection(Section):
 @dataclasses.dataclass(frozen=True)
 class MeshSection(Section):
   SECTION: ClassVar[str] = "mesh"
+  AXES: ClassVar[tuple[str, ...]] = ("data", "fsdp", "tensor")
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
 
   def __post_init__(self):
-    for name in ("data", "fsdp", "tensor"):
+    for name in self.AXES:
       self._require(getattr(self, name) == -1 or getattr(self, name) >= 1, name,
                     "must be -1 (the rest) or >= 1")
-    if sum(v == -1 for v in self.as_tuple()) > 1:
-      self._fail("fsdp", f"at most one mesh axis may be -1, got {self.as_tuple()}")
+    rest = [n for n in self.AXES if getattr(self, n) == -1]
+    if len(rest) > 1:  # name an axis other than fsdp, whose -1 is the usual default
+      self._fail(next(n for n in rest if n != "fsdp"),
+                 f"at most one mesh axis may be -1, got {self._axes()}")
 
   def as_tuple(self) -> tuple[int, int, int]:
     return (self.data, self.fsdp, self.tensor)
 
+  def _axes(self) -> str:
+    return ", ".join(f"{self.SECTION}.{n}={getattr(self, n)}" for n in self.AXES)
+
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with -1 filled in; raises ConfigError if they do not fit."""
+    """(data, fsdp, tensor) with -1 filled in; raises ConfigError naming the axis that does
+    not fit (the first fixed one that does not divide the device count, else the first > 1)."""
     sizes = self.as_tuple()
     fixed = math.prod(v for v in sizes if v != -1)
     if -1 in sizes:
       if num_devices % fixed:
-        self._fail("fsdp", f"fixed mesh axes {sizes} (product {fixed}) do not divide the "
-                   f"{num_devices} devices")
+        prods = itertools.accumulate((max(v, 1) for v in sizes), operator.mul)
+        bad = next(n for n, p in zip(self.AXES, prods, strict=True) if num_devices % p)
+        self._fail(bad, f"fixed mesh axes ({self._axes()}, product {fixed}) do not divide "
+                   f"the {num_devices} devices")
       sizes = tuple(num_devices // fixed if v == -1 else v for v in sizes)
     elif fixed != num_devices:
-      self._fail("data", f"mesh {sizes} has {fixed} devices but {num_devices} are available")
+      bad = next((n for n, v in zip(self.AXES, sizes, strict=True) if v > 1), "data")
+      self._fail(bad, f"mesh {sizes} has {fixed} devices but {num_devices} are available")
     return sizes
 
 
@@ -286,7 +339,7 @@ class SamplerMeshSection(MeshSection):
   def __post_init__(self):
     if not self.is_set:
       return
-    for name in ("data", "fsdp", "tensor"):
+    for name in self.AXES:
       self._require(getattr(self, name) != 0, name,
                     "must be set with the other axes (-1 = the rest), or all 0 = the train mesh")
     super().__post_init__()
@@ -348,6 +401,9 @@ class RunConfig(Section):
     self._require(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
                   "must be >= 1")
     # Cross-section checks.
+    if self.eval_every > 0 and self.data.task == "verl" and not self.data.val_files:
+      raise ConfigError("data.val_files", f"is empty but eval_every={self.eval_every} evaluates "
+                        "on it: list val files, or set eval_every=0")
     if self.rl.use_dynamic_bsz:
       need = self.data.max_prompt_length + self.rl.max_response_length
       if self.rl.ppo_max_token_len_per_device < need:
@@ -360,6 +416,15 @@ class RunConfig(Section):
       if presets is not None and self.model.preset not in presets:
         raise ConfigError("model.preset",
                           f"unknown preset {self.model.preset!r}; known: {sorted(presets)}")
+
+
+def _model_config_fields() -> frozenset[str] | None:
+  """The field names of fipo_jax.models.ModelConfig (imported lazily), or None without it."""
+  try:
+    from fipo_jax.models import config as model_config  # noqa: PLC0415
+  except ImportError:
+    return None
+  return frozenset(f.name for f in dataclasses.fields(model_config.ModelConfig))
 
 
 def _model_presets() -> Mapping[str, Any] | None:
@@ -388,13 +453,29 @@ def validate(config: Any, *, num_devices: int | None = None,
       machines without the data).
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  cfg = config_schema.build(RunConfig, raw)
+  cfg = config_schema.build(RunConfig, _dtype_names(raw))
   if num_devices is not None:
     cfg.mesh.resolve(num_devices)
     cfg.sampler_mesh.resolve(num_devices)
   if check_paths:
     _check_paths(cfg)
   return cfg
+
+
+def _dtype_names(raw: dict[str, Any]) -> dict[str, Any]:
+  """model.param_dtype / model.dtype given as jnp or numpy dtypes (the JAX habit) -> names."""
+  model = raw.get("model")
+  if not isinstance(model, Mapping):
+    return raw
+  model = dict(model)
+  for key in ("param_dtype", "dtype"):
+    value = model.get(key)
+    if value is not None and not isinstance(value, str):
+      try:
+        model[key] = np.dtype(value).name
+      except TypeError:
+        pass  # left to the type check, which names the field
+  return {**raw, "model": model}
 
 
 def _check_paths(cfg: RunConfig) -> None:

@@ -53,6 +53,17 @@ def schema_of(cls) -> dict[str, Any]:
   return out
 
 
+def as_dict(obj: Any) -> Any:
+  """A built (nested) dataclass as plain dicts, lists and scalars (JSON-serialisable)."""
+  if dataclasses.is_dataclass(obj):
+    return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, Mapping):
+    return {k: as_dict(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [as_dict(v) for v in obj]
+  return obj
+
+
 def build(cls, raw: Mapping[str, Any], prefix: str = ""):
   """Instantiates dataclass `cls` from `raw`, rejecting unknown keys and wrong types."""
   if not isinstance(raw, Mapping):
@@ -78,7 +89,8 @@ def build(cls, raw: Mapping[str, Any], prefix: str = ""):
 
 
 def _coerce(value: Any, hint: Any, field: str) -> Any:
-  """Checks `value` against a field type; int -> float and list -> tuple are allowed."""
+  """Checks `value` against a field type; int -> float is allowed, and a tuple of strings may
+  be given as a list or as one (comma-separated) string."""
   origin, args = typing.get_origin(hint), typing.get_args(hint)
   if origin in (types.UnionType, typing.Union):
     if value is None and type(None) in args:
@@ -98,7 +110,7 @@ def _coerce(value: Any, hint: Any, field: str) -> Any:
     if isinstance(value, str):  # a single path given on the command line
       value = (value,)
     ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-    value = tuple(value) if ok else value
+    value = _split_commas(value) if ok else value
   elif origin is Mapping or hint is Mapping:
     ok = isinstance(value, Mapping)
   else:  # pragma: no cover - a schema type this function does not know
@@ -107,3 +119,9 @@ def _coerce(value: Any, hint: Any, field: str) -> Any:
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(field, f"expected {name}, got {type(value).__name__} {value!r}")
   return value
+
+
+def _split_commas(values) -> tuple[str, ...]:
+  """('a.parquet,b.parquet', ' c ', '') -> ('a.parquet', 'b.parquet', 'c'): the command line's
+  comma-separated form; empty entries (e.g. an empty --config value) are dropped."""
+  return tuple(v.strip() for entry in values for v in entry.split(",") if v.strip())

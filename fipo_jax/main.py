@@ -1,7 +1,8 @@
 """python -m fipo_jax.main --config configs/<name>.py[:arg] --workdir DIR [--config.a.b=v].
 
 Parses flags and the config, validates it against the device count and calls
-`trainer.run(config, workdir)`. Every failure a user can fix ends in one clear line on stderr:
+`trainer.run(config, workdir)` (with --validate_only: prints the validated config and exits).
+Every failure a user can fix ends in one clear line on stderr:
 
   exit 2  a bad flag or config (unknown key, wrong type, bad value, mesh vs devices, missing
           path) or unreadable data/model files -- all before anything is compiled;
@@ -10,15 +11,19 @@ Parses flags and the config, validates it against the device count and calls
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fipo_jax import distributed  # defines --coordinator_address etc.; imports no jax
+from fipo_jax import config_schema, distributed  # distributed defines --coordinator_address etc.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file: configs/<name>.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+_VALIDATE_ONLY = flags.DEFINE_bool(
+  "validate_only", False, "Validate the config, print it (JSON, as the trainer reads it), exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,13 +37,47 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # e.g. --config.rl.n=abc: wrong type, or a missing required flag
-    _fail("config error", e, 2)
+    _fail("config error", _list_field_hint(str(e)) or e, 2)
   except (AttributeError, KeyError) as e:  # config_flags: --config.<unknown key>=...
-    name = str(e).strip("\"' ")
-    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    field = next((o.removeprefix("config.") for o in overrides if name in o.split(".")), name)
-    _fail("config error", f"{field}: unknown key (not in the schema)", 2)
+    _fail("config error", _unknown_key(e, argv), 2)
   return []  # unreachable
+
+
+def _overrides(argv: list[str]) -> list[str]:
+  """['rl.n', ...]: the dotted keys of argv's --config.<key>=value overrides."""
+  return [a[2:].split("=", 1)[0].removeprefix("config.") for a in argv
+          if a.startswith("--config.")]
+
+
+def _unknown_key(e: Exception, argv: list[str]) -> str:
+  """config_flags' KeyError (the bare key, a repr with a newline and a 'Did you mean') ->
+  'rl.decay_rat: unknown key (not in the schema); did you mean rl.decay_rate?'."""
+  while isinstance(e, AttributeError) and e.args and isinstance(e.args[0], Exception):
+    e = e.args[0]
+  text = str(e.args[0]) if e.args else str(e)
+  if (lookup := re.search(r"Attempting to lookup: (\S+)", text)) is not None:
+    return f"{lookup.group(1)}: unknown key (a value, not a section, is indexed)"
+  quoted = re.search(r"'([^']+)'", text)
+  name = quoted.group(1) if quoted else text.strip("\"' ")
+  field = name
+  for key in _overrides(argv):  # the override that names it, up to the unknown part
+    parts = key.split(".")
+    if name in parts:
+      field = ".".join(parts[: parts.index(name) + 1])
+      break
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  prefix = field.rpartition(".")[0]
+  close = f"; did you mean {prefix + '.' if prefix else ''}{hint.group(1)}?" if hint else ""
+  return f"{field}: unknown key (not in the schema){close}"
+
+
+def _list_field_hint(message: str) -> str | None:
+  """config_flags cannot override list fields: say which, and what to write instead."""
+  m = re.search(r"Type <class '(\w+)'> of field config\.(\S+) is not supported", message)
+  if m is None:
+    return None
+  return (f"{m.group(2)}: the config file sets a {m.group(1)}, which a --config override cannot "
+          f"replace; make it a tuple there, e.g. ('a.parquet',)")
 
 
 def main(argv) -> None:
@@ -49,12 +88,16 @@ def main(argv) -> None:
   distributed.initialize()  # multi-host: before anything touches a device
 
   from fipo_jax import config as config_lib
-  from fipo_jax.rl import trainer
 
   try:
     run_config = config_lib.validate(_CONFIG.value, num_devices=jax.device_count())
   except config_lib.ConfigError as e:
     _fail("config error", e, 2)
+  if _VALIDATE_ONLY.value:
+    print(json.dumps(config_schema.as_dict(run_config), indent=2))
+    return
+  from fipo_jax.rl import trainer
+
   logging.info("config validated; starting in %s", _WORKDIR.value)
   try:
     trainer.run(_CONFIG.value, _WORKDIR.value, run_config=run_config)
