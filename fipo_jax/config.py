@@ -452,8 +452,7 @@ def validate(config: Any, *, num_devices: int | None = None,
     check_paths: check that model/tokenizer dirs and data files exist (off for recipe tests on
       machines without the data).
   """
-  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  cfg = config_schema.build(RunConfig, _dtype_names(raw))
+  cfg = config_schema.build(RunConfig, to_dict(config))
   if num_devices is not None:
     cfg.mesh.resolve(num_devices)
     cfg.sampler_mesh.resolve(num_devices)
@@ -462,8 +461,10 @@ def validate(config: Any, *, num_devices: int | None = None,
   return cfg
 
 
-def _dtype_names(raw: dict[str, Any]) -> dict[str, Any]:
-  """model.param_dtype / model.dtype given as jnp or numpy dtypes (the JAX habit) -> names."""
+def to_dict(config: Any) -> dict[str, Any]:
+  """The config as the nested dict that validate() reads and WORKDIR/config.json stores:
+  model.param_dtype / model.dtype given as jnp or numpy dtypes (the JAX habit) become names."""
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   model = raw.get("model")
   if not isinstance(model, Mapping):
     return raw

@@ -286,6 +286,19 @@ def test_dtypes_as_names_or_jnp_dtypes():
   assert _err(lambda c: setattr(c.model, "dtype", jnp.int32)).startswith("model.dtype: must be")
 
 
+def test_saved_run_config_keeps_dtypes_as_names(tmp_path):
+  import jax.numpy as jnp
+
+  from fipo_jax.rl import setup as setup_lib
+
+  cfg = _recipe("tiny_cpu")
+  cfg.model.param_dtype = jnp.bfloat16
+  setup_lib.save_run_config(cfg, str(tmp_path))  # what eval/generate/export rebuild from
+  saved = json.loads((tmp_path / setup_lib.RUN_CONFIG_FILE).read_text())
+  assert saved["model"]["param_dtype"] == "bfloat16"
+  assert config_lib.validate(saved).model.param_dtype == "bfloat16"
+
+
 # --- The command line: data files, README and recipe commands, one-line errors ----------------
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -194,7 +194,7 @@ def save_run_config(config, workdir: str) -> None:
   """WORKDIR/config.json: what `load_policy` (eval, generate, export) rebuilds the model from."""
   if jax.process_index() != 0:
     return
-  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  raw = config_lib.to_dict(config)  # dtypes as names
   paths.write_text(paths.join(workdir, RUN_CONFIG_FILE),
                    json.dumps(raw, indent=2, sort_keys=True, default=str))
 
