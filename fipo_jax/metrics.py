@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fipo_jax import paths
-from fipo_jax.eval import estimators
+from fipo_jax import estimators, paths
 
 log = logging.getLogger(__name__)
 

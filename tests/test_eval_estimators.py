@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fipo_jax.eval import cli, estimators
+from fipo_jax import estimators
+from fipo_jax.eval import cli
 
 
 def _brute_force_pass_at_k(n, c, k):

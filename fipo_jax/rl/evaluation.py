@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from fipo_jax import estimators
 from fipo_jax import metrics as metrics_lib
-from fipo_jax.eval import estimators
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.sampling import driver as driver_lib
 
