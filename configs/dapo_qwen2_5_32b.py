@@ -5,8 +5,8 @@ ppo_mini_batch_size = 32 and the vanilla (DAPO) loss, with the same dual clip c 
 
   python -m fipo_jax.main --config configs/dapo_qwen2_5_32b.py --workdir gs://BUCKET/dapo32b \
     --config.model.hf_dir=/models/Qwen2.5-32B \
-    --config.data.train_files="['data/dapo-math-17k.parquet']" \
-    --config.data.val_files="['data/aime-2024.parquet']"
+    --config.data.train_files=data/dapo-math-17k.parquet \
+    --config.data.val_files=data/aime-2024.parquet
 
   python -m fipo_jax.main --config configs/dapo_qwen2_5_32b.py:runlocal --workdir /tmp/dapo32b
 """

@@ -5,8 +5,8 @@ in the DAPO 32B launcher [INFERRED]; context extended to 32768 as in the FIPO 7B
 
   python -m fipo_jax.main --config configs/dapo_qwen2_5_7b_math.py --workdir gs://BUCKET/dapo7b \
     --config.model.hf_dir=/models/Qwen2.5-Math-7B \
-    --config.data.train_files="['data/dapo-math-17k.parquet']" \
-    --config.data.val_files="['data/aime-2024.parquet']"
+    --config.data.train_files=data/dapo-math-17k.parquet \
+    --config.data.val_files=data/aime-2024.parquet
 
   python -m fipo_jax.main --config configs/dapo_qwen2_5_7b_math.py:runlocal --workdir /tmp/dapo7b
 """

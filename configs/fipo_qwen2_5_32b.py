@@ -4,10 +4,10 @@ Launch (TPU VM pod or GPU cluster; data as verl parquet files, weights as an HF 
 
   python -m fipo_jax.main --config configs/fipo_qwen2_5_32b.py --workdir gs://BUCKET/fipo32b \
     --config.model.hf_dir=/models/Qwen2.5-32B \
-    --config.data.train_files="['data/dapo-math-17k.parquet']" \
-    --config.data.val_files="['data/aime-2024.parquet']"
+    --config.data.train_files=data/dapo-math-17k.parquet \
+    --config.data.val_files=data/aime-2024.parquet
 
-Laptop smoke run of the same recipe (tiny model, synthetic task):
+Laptop check that the recipe's loop runs (tiny model, synthetic task; see common.runlocal):
 
   python -m fipo_jax.main --config configs/fipo_qwen2_5_32b.py:runlocal --workdir /tmp/fipo32b
 

@@ -9,10 +9,18 @@ gen_batch_size and the micro-batch token budget are not given for 7B; the 32B la
 
   python -m fipo_jax.main --config configs/fipo_qwen2_5_7b_math.py --workdir gs://BUCKET/fipo7b \
     --config.model.hf_dir=/models/Qwen2.5-Math-7B \
-    --config.data.train_files="['data/dapo-math-17k.parquet']" \
-    --config.data.val_files="['data/aime-2024.parquet']"
+    --config.data.train_files=data/dapo-math-17k.parquet \
+    --config.data.val_files=data/aime-2024.parquet
+
+Several files: a comma-separated list (a,b) or a list literal ('["a", "b"]'). `:runlocal` shrinks
+the recipe to a laptop-sized check that its loop runs, on a tiny random model and a synthetic
+task, or on a given model directory (its architecture kept) and data files:
 
   python -m fipo_jax.main --config configs/fipo_qwen2_5_7b_math.py:runlocal --workdir /tmp/fipo7b
+  python -m fipo_jax.main --config configs/fipo_qwen2_5_7b_math.py:runlocal --workdir /tmp/r7b \
+    --config.model.hf_dir=/models/Qwen2.5-0.5B \
+    --config.data.train_files=data/dapo-math-17k.parquet \
+    --config.data.val_files=data/aime-2024.parquet
 """
 
 import pathlib

@@ -11,7 +11,7 @@ active on mini-batches 2-4 (they are exactly 1 on the first), as in the paper.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py --workdir /tmp/fipo_tiny
 
-Smaller still, a smoke test of the whole loop (about a minute on 2 cores): a 150-step warm
+Smaller still, a smoke test of the whole loop (1-2 minutes on 2 cores): a 150-step warm
 start, just long enough to give groups of mixed accuracy, then 2 RL steps that update.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py:runlocal --workdir /tmp/fipo_tiny_smoke

@@ -318,7 +318,8 @@ def run_dir(tmp_path, monkeypatch):
   """
   (tmp_path / "configs").symlink_to(ROOT / "configs")
   (tmp_path / "data").mkdir()
-  for name in ("dapo-math-17k.parquet", "data/dapo-math-17k.parquet", "data/aime-2024.parquet"):
+  for name in ("dapo-math-17k.parquet", "aime-2024.parquet", "data/dapo-math-17k.parquet",
+               "data/aime-2024.parquet"):
     (tmp_path / name).touch()
   monkeypatch.chdir(tmp_path)
   return tmp_path
@@ -398,6 +399,7 @@ def test_readme_data_command_through_the_cli(run_dir):
   assert res.returncode == 0, res.stderr
   data = json.loads(res.stdout)["data"]
   assert data["train_files"] == ["dapo-math-17k.parquet"] and data["task"] == "verl"
+  assert data["val_files"] == ["aime-2024.parquet"]
 
 
 def _one_line_error(res: subprocess.CompletedProcess) -> str:
