@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -24,6 +25,7 @@ from flax import nnx
 from configs import common, grpo_qwen2_5_7b_math
 from fipo_jax import config as config_lib
 from fipo_jax import models
+from fipo_jax.models import build as build_lib
 from fipo_jax.rl import losses
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -86,7 +88,8 @@ def _kl_inputs(seed=0, b=4, t=9):
 def test_kl_penalty_matches_numpy(kind):
   lp, ref, mask = _kl_inputs()
   got, grad = jax.value_and_grad(
-    lambda x: (losses.kl_penalty(x, jnp.asarray(ref), kind) * mask).sum())(jnp.asarray(lp))
+    lambda x: (losses.kl_penalty(x, jnp.asarray(ref), kind) * mask).sum()
+  )(jnp.asarray(lp))
   want, dwant = _np_kl(lp.astype(np.float64), ref.astype(np.float64), kind)
   np.testing.assert_allclose(got, (want * mask).sum(), rtol=1e-5)
   np.testing.assert_allclose(grad, dwant * mask, rtol=1e-5, atol=1e-6)
@@ -103,8 +106,9 @@ def test_kl_penalty_matches_numpy(kind):
 
 @functools.cache
 def _tiny():
-  cfg = models.get_preset("qwen2.5-0.5b", param_dtype="float32", dtype="float32",
-                          **common.tiny_model().to_dict())
+  cfg = models.get_preset(
+    "qwen2.5-0.5b", param_dtype="float32", dtype="float32", **common.tiny_model().to_dict()
+  )
   return nnx.split(models.init_model(cfg, seed=0))
 
 
@@ -123,25 +127,40 @@ def _batch(b=4, p=3, t=6) -> ts.PolicyBatch:
   adv = np.array([1.0, -1.0, 0.5, -0.7], np.float32)[:, None] * mask
   zeros = jnp.zeros((b, t), jnp.float32)
   return ts.PolicyBatch(
-    input_ids=jnp.asarray(ids), attention_mask=jnp.ones((b, p + t), jnp.int32),
+    input_ids=jnp.asarray(ids),
+    attention_mask=jnp.ones((b, p + t), jnp.int32),
     positions=jnp.broadcast_to(jnp.arange(p + t, dtype=jnp.int32), (b, p + t)),
-    response_mask=jnp.asarray(mask), old_log_probs=zeros, advantages=jnp.asarray(adv))
+    response_mask=jnp.asarray(mask),
+    old_log_probs=zeros,
+    advantages=jnp.asarray(adv),
+  )
 
 
 _CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
 
 
 # Every KL type; the KL term takes the policy loss's aggregation (one case off token-mean).
-@pytest.mark.parametrize("kind,agg", [("kl", "token-mean"), ("abs", "token-mean"),
-                                      ("mse", "seq-mean-token-mean"), ("low_var_kl", "token-mean")])
+@pytest.mark.parametrize(
+  "kind,agg",
+  [
+    ("kl", "token-mean"),
+    ("abs", "token-mean"),
+    ("mse", "seq-mean-token-mean"),
+    ("low_var_kl", "token-mean"),
+  ],
+)
 def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
   """One micro-batch of the GRPO update: loss, KL metrics and parameter gradient vs numpy."""
   graphdef, params = _tiny()
   lp_fn, vjp_fn = _log_prob_fns()
   coef = 0.3
-  cfg = ts.UpdateConfig(loss_mode="grpo",
-                        policy_loss=losses.PolicyLossConfig(loss_agg_mode=agg, **_CLIP),
-                        use_kl_loss=True, kl_loss_coef=coef, kl_loss_type=kind)
+  cfg = ts.UpdateConfig(
+    loss_mode="grpo",
+    policy_loss=losses.PolicyLossConfig(loss_agg_mode=agg, **_CLIP),
+    use_kl_loss=True,
+    kl_loss_coef=coef,
+    kl_loss_type=kind,
+  )
   batch = _batch()
   lp64 = np.asarray(lp_fn(params, batch), np.float64)
   rng = np.random.default_rng(1)
@@ -149,17 +168,22 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
   old = lp64 - rng.choice([-0.5, -0.1, 0.0, 0.15, 0.25, 1.5], lp64.shape)
   ref = lp64 + rng.normal(0.0, 0.4, lp64.shape)
   ref[0, :2] += [24.0, 4.5]
-  batch = batch.replace(old_log_probs=jnp.asarray(old, jnp.float32),
-                        ref_log_probs=jnp.asarray(ref, jnp.float32))
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(
-    lambda p, b: ts.micro_batch_loss(p, graphdef, b, cfg=cfg), has_aux=True))(params, batch)
+  batch = batch.replace(
+    old_log_probs=jnp.asarray(old, jnp.float32), ref_log_probs=jnp.asarray(ref, jnp.float32)
+  )
+  (loss, metrics), grads = jax.jit(
+    jax.value_and_grad(lambda p, b: ts.micro_batch_loss(p, graphdef, b, cfg=cfg), has_aux=True)
+  )(params, batch)
 
   mask, adv = np.asarray(batch.response_mask), np.asarray(batch.advantages, np.float64)
-  old, ref = np.asarray(batch.old_log_probs, np.float64), np.asarray(batch.ref_log_probs,
-                                                                       np.float64)
+  old, ref = (
+    np.asarray(batch.old_log_probs, np.float64),
+    np.asarray(batch.ref_log_probs, np.float64),
+  )
   w = _np_agg_weights(mask, agg)
-  pg, dpg = _np_vanilla(lp64, old, adv, _CLIP["clip_ratio_low"], _CLIP["clip_ratio_high"],
-                        _CLIP["clip_ratio_c"])
+  pg, dpg = _np_vanilla(
+    lp64, old, adv, _CLIP["clip_ratio_low"], _CLIP["clip_ratio_high"], _CLIP["clip_ratio_c"]
+  )
   kl, dkl = _np_kl(lp64, ref, kind)
   want_kl = (kl * w).sum()
   np.testing.assert_allclose(metrics["actor/kl_loss"], want_kl, rtol=1e-5, atol=1e-7)
@@ -174,24 +198,27 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
 
 def test_train_step_with_kl_term_averages_micro_batches_and_needs_reference():
   graphdef, params = _tiny()
-  cfg = ts.UpdateConfig(loss_mode="grpo", num_micro_batches=2, use_kl_loss=True,
-                        kl_loss_coef=0.01, kl_loss_type="mse")
+  cfg = ts.UpdateConfig(
+    loss_mode="grpo", num_micro_batches=2, use_kl_loss=True, kl_loss_coef=0.01, kl_loss_type="mse"
+  )
   batch = _batch()
   lp = np.asarray(_log_prob_fns()[0](params, batch), np.float64)
   ref = lp + np.linspace(-1.0, 1.0, lp.size).reshape(lp.shape)
-  batch = batch.replace(old_log_probs=jnp.asarray(lp, jnp.float32),
-                        ref_log_probs=jnp.asarray(ref, jnp.float32))
+  batch = batch.replace(
+    old_log_probs=jnp.asarray(lp, jnp.float32), ref_log_probs=jnp.asarray(ref, jnp.float32)
+  )
   tx = ts.make_optimizer(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0)
   step = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))
   new_params, _, m = step(params, tx.init(params), batch)
   # Micro-batch j holds rows j, j + 2 (strided); verl averages the metric over micro-batches.
   mask = np.asarray(batch.response_mask)
-  per_micro = [((0.5 * (lp - ref) ** 2)[j::2] * _np_agg_weights(mask[j::2], "token-mean")).sum()
-               for j in range(2)]
+  per_micro = [
+    ((0.5 * (lp - ref) ** 2)[j::2] * _np_agg_weights(mask[j::2], "token-mean")).sum()
+    for j in range(2)
+  ]
   np.testing.assert_allclose(m["actor/kl_loss"], np.mean(per_micro), rtol=1e-5)
   assert float(m["train/skipped_step"]) == 0.0 and float(m["actor/kl_coef"]) == np.float32(0.01)
-  assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params,
-                                          new_params)))
+  assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)))
   with pytest.raises(ValueError, match="ref_log_probs"):
     ts.micro_batch_loss(params, graphdef, _batch(), cfg=cfg)
 
@@ -203,8 +230,9 @@ def test_grpo_loss_is_verl_vanilla_with_both_clip_ratios():
   adv = jnp.asarray([[1.0, 0.0]], jnp.float32)
   for high, want in ((0.28, -1.25), (0.2, -1.2)):
     cfg = losses.PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=high)
-    loss, _ = losses.compute_policy_loss("grpo", lp[:, :1], zeros[:, :1], adv[:, :1],
-                                         mask[:, :1], cfg)
+    loss, _ = losses.compute_policy_loss(
+      "grpo", lp[:, :1], zeros[:, :1], adv[:, :1], mask[:, :1], cfg
+    )
     np.testing.assert_allclose(loss, want, rtol=1e-6)
   neg = jnp.asarray([[0.0, -1.0]], jnp.float32)  # ratio 5 > c = 3: the dual clip gives 3 |A|
   loss, m = losses.compute_policy_loss("grpo", lp, zeros, neg, mask, {"clip_ratio_c": 3.0})
@@ -233,14 +261,14 @@ def test_loss_config_is_built_once_from_the_rl_section():
 
 @pytest.mark.slow  # two full setups (data, model, engine): ~50 s on 2 busy cores
 def test_reference_is_a_frozen_copy_rebuilt_identically(tmp_path):
-  rc = config_lib.validate(grpo_qwen2_5_7b_math.get_config("runlocal"),
-                           num_devices=jax.device_count())
+  rc = config_lib.validate(
+    grpo_qwen2_5_7b_math.get_config("runlocal"), num_devices=jax.device_count()
+  )
   env = setup_lib.build(rc, str(tmp_path))
   ref = env.ref_params
   same = lambda a, b: bool(jnp.array_equal(a, b))  # noqa: E731
   assert all(jax.tree.leaves(jax.tree.map(same, ref, env.params)))
-  assert all(jax.tree.leaves(jax.tree.map(lambda r, s: r.sharding == s, ref,
-                                          env.param_sharding)))
+  assert all(jax.tree.leaves(jax.tree.map(lambda r, s: r.sharding == s, ref, env.param_sharding)))
   # Own buffers: donating the params (as every update does) leaves the reference intact.
   jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(env.params)
   assert all(not x.is_deleted() for x in jax.tree.leaves(ref))
@@ -254,10 +282,25 @@ def test_aot_counts_the_reference_params():
   from fipo_jax import sharding  # noqa: PLC0415
 
   mesh = sharding.make_mesh(1, -1, 1)
-  tree = {"w": jax.ShapeDtypeStruct((64, 8), jnp.float32,
-                                    sharding=sharding.batch_sharding(mesh, 2)),
-          "b": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=sharding.replicated(mesh))}
+  tree = {
+    "w": jax.ShapeDtypeStruct((64, 8), jnp.float32, sharding=sharding.batch_sharding(mesh, 2)),
+    "b": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=sharding.replicated(mesh)),
+  }
   assert aot.bytes_per_chip(tree) == 64 * 8 * 4 // jax.device_count() + 8 * 2
+  # The GRPO train step compiled here (CPU): the frozen reference, one shard of every param per
+  # chip, is added to the step's own memory.
+  run = config_lib.validate(grpo_qwen2_5_7b_math.get_config("runlocal"), check_paths=False)
+  mesh = sharding.make_mesh(*run.mesh.resolve(jax.device_count()))
+  res = aot.train_step_result(run, setup_lib.model_config(run), mesh, jax.device_count())
+  m = res.memory
+  assert res.error is None and "+reference params" in res.shapes
+  _, abstract, shardings = build_lib.param_shardings(setup_lib.model_config(run), mesh)
+  want = sum(
+    math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+  )
+  assert m["reference"] == want > 0
+  assert m["total"] == m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"] + want
 
 
 @pytest.mark.slow  # two CLI runs of the tiny GRPO recipe: ~1.5 min on 2 busy cores
@@ -265,8 +308,15 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   work = tmp_path / "w"
-  cmd = [sys.executable, "-m", "fipo_jax.main", "--config",
-         "configs/grpo_qwen2_5_7b_math.py:runlocal", "--workdir", str(work)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "fipo_jax.main",
+    "--config",
+    "configs/grpo_qwen2_5_7b_math.py:runlocal",
+    "--workdir",
+    str(work),
+  ]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
@@ -279,9 +329,19 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
   assert trained[1]["actor/kl_loss"] > 0.0
   # Checkpoints hold the policy only; the reference is rebuilt from the seed on resume.
   assert sorted(p.name for p in (work / "checkpoints" / "2").iterdir() if p.is_dir()) == [
-    "extra", "metrics", "opt_state", "params"]
-  res = subprocess.run(cmd + ["--config.total_steps=3", "--config.eval_every=0"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, check=False)
+    "extra",
+    "metrics",
+    "opt_state",
+    "params",
+  ]
+  res = subprocess.run(
+    cmd + ["--config.total_steps=3", "--config.eval_every=0"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 3 and last["actor/kl_loss"] > 0.0
