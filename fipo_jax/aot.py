@@ -266,43 +266,20 @@ def _engine(run, mcfg, mesh):
 
 
 def prefill_result(run, mcfg, mesh, chips: int) -> Result:
-  import jax
-  import jax.numpy as jnp
-
-  from fipo_jax import sharding
-
   engine, params, sampling = _engine(run, mcfg, mesh)
   ecfg = engine.cfg
   bsz, plen = ecfg.batch_bucket(ecfg.num_slots), ecfg.max_prefill_len
-  arg = lambda shape, dtype: jax.ShapeDtypeStruct(
-    shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-  seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(mesh))
   res = Result("prefill", dict(mesh.shape), f"Bp={bsz} P={plen}", bsz * plen,
                model_flops_per_token(mcfg, plen / 2, train=False))
-  traced = engine._prefill.trace(
-    engine.graphdef, params, arg((bsz, plen), jnp.int32), arg((bsz,), jnp.int32),
-    arg((bsz, 2), jnp.int32), seed, cfg=mcfg, sampling=sampling)
-  return _compile(traced, res, chips)
+  return _compile(engine.trace_prefill(params, sampling=sampling), res, chips)
 
 
 def decode_result(run, mcfg, mesh, chips: int) -> Result:
-  import jax
-  import jax.numpy as jnp
-
-  from fipo_jax import sharding
-  from fipo_jax.sampling import engine as engine_lib
-
-  engine, params, sampling = _engine(run, mcfg, mesh)
-  state = _sds(jax.eval_shape(engine._zero_state), engine.state_shardings)
-  rep = sharding.replicated(mesh)
-  stop = jax.ShapeDtypeStruct(engine_lib._stop_array([0]).shape, jnp.int32, sharding=rep)
-  min_free = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  engine, params, sampling = _engine(run, mcfg, mesh)  # steps_per_call=1: one decode step
   ecfg = engine.cfg
   res = Result("decode", dict(mesh.shape), f"slots={ecfg.num_slots} S={ecfg.cache_len} (1 step)",
                ecfg.num_slots, model_flops_per_token(mcfg, ecfg.cache_len, train=False))
-  traced = engine._generate.trace(engine.graphdef, params, state, stop, min_free,
-                                  sampling=sampling, steps=1)
-  return _compile(traced, res, chips)
+  return _compile(engine.trace_generate(params, sampling=sampling), res, chips)
 
 
 # ----------------------------------------------------------------------------- driver

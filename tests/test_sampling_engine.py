@@ -190,3 +190,42 @@ def test_sharded_engine_matches_unsharded(tiny):
   assert [x.response_ids.tolist() for x in got] == [x.response_ids.tolist() for x in want]
   for x, y in zip(got, want, strict=True):
     np.testing.assert_allclose(x.response_logprobs, y.response_logprobs, atol=1e-5)
+
+
+def test_aot_traces_are_the_engines_steps(tiny):
+  """trace_prefill / trace_generate (what fipo_jax.aot compiles) on abstract params compile and,
+  run on real inputs, give what the engine's own prefill and generate give."""
+  model, engine, params = tiny
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = engine_lib.Engine(model.cfg, engine.graphdef, _ENGINE_CFG, mesh=mesh)
+  p = sharded.load_params(params)
+  spec = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), t)  # noqa: E731
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), p)
+  assert spec(sharded.abstract_decode_state()) == spec(sharded.init_decode_state())
+
+  prompts = _prompts([16] * 4)  # the largest bucket: Bp = 4, P = 16
+  ids = [(i, 0) for i in range(4)]
+  want = sharded.prefill(p, prompts, ids, seed=3, sampling=_SAMPLING)
+  prefill = sharded.trace_prefill(abstract, sampling=_SAMPLING).lower().compile()
+  put = lambda x: jax.device_put(np.asarray(x, np.int32), sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
+  got = prefill(
+    p,
+    put(np.asarray(prompts)),
+    put(np.full((4,), 16)),
+    put(np.asarray(ids)),
+    jax.device_put(np.uint32(3), sharding.replicated(mesh)),
+  )
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  # Batch-sharded inputs (the engine's own are host arrays): f32 rounding of another layout.
+  np.testing.assert_allclose(got.cache.k, want.cache.k, atol=1e-6)
+
+  state = sharded.insert(want, sharded.init_decode_state(), list(range(4)), [8] * 4, [0])
+  traced = sharded.trace_generate(abstract, sampling=_SAMPLING)
+  assert spec(traced.out_info[0]) == spec(sharded.abstract_decode_state())
+  generate = traced.lower().compile()
+  rep = sharding.replicated(mesh)
+  stop = jax.device_put(engine_lib._stop_array([0]), rep)
+  _, got_res = generate(p, jax.tree.map(jnp.copy, state), stop, jax.device_put(np.int32(5), rep))
+  _, want_res = sharded.generate(p, state, sampling=_SAMPLING, stop_ids=[0])
+  assert int(want_res.num_steps) == _ENGINE_CFG.steps_per_call
+  np.testing.assert_array_equal(got_res.tokens, want_res.tokens)

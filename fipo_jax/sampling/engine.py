@@ -235,7 +235,9 @@ class Engine:
 
   Methods mirror `jetstream.engine.engine_api.Engine`: `load_params`, `init_decode_state`,
   `prefill`, `insert`, `generate`, `max_concurrent_decodes`, `max_prefill_length`; prefill
-  and insert take a batch of requests (JetStream's take one).
+  and insert take a batch of requests (JetStream's take one). `abstract_decode_state`,
+  `trace_prefill` and `trace_generate` give fipo_jax.aot the same jitted steps on abstract
+  inputs, to compile for a TPU topology without running.
   """
 
   def __init__(
@@ -397,6 +399,43 @@ class Engine:
       sampling=sampling,
       steps=self.cfg.steps_per_call,
     )
+
+  # Ahead-of-time compilation (fipo_jax.aot): the jitted steps on abstract inputs -----------
+
+  def abstract_decode_state(self) -> DecodeState:
+    """`init_decode_state()` as sharded ShapeDtypeStructs (nothing allocated)."""
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(self._zero_state), self.state_shardings,
+    )  # fmt: skip
+
+  def trace_prefill(self, params, *, sampling: params_lib.SamplingMethod) -> jax.stages.Traced:
+    """The largest prefill (Bp = batch_bucket(num_slots), P = max_prefill_len), traced.
+
+    params: arrays or sharded ShapeDtypeStructs; token inputs are sharded over the batch axes.
+    """
+    bsz, plen = self.cfg.batch_bucket(self.cfg.num_slots), self.cfg.max_prefill_len
+
+    def arg(shape, dtype):
+      return jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape))
+      )
+
+    seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(self.mesh))
+    return self._prefill.trace(
+      self.graphdef, params, arg((bsz, plen), jnp.int32), arg((bsz,), jnp.int32),
+      arg((bsz, 2), jnp.int32), seed, cfg=self.model_cfg, sampling=sampling,
+    )  # fmt: skip
+
+  def trace_generate(self, params, *, sampling: params_lib.SamplingMethod) -> jax.stages.Traced:
+    """One `generate` call (steps_per_call decode steps of all B slots, S cache), traced."""
+    rep = sharding.replicated(self.mesh)
+    stop = jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32, sharding=rep)
+    min_free = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    return self._generate.trace(
+      self.graphdef, params, self.abstract_decode_state(), stop, min_free,
+      sampling=sampling, steps=self.cfg.steps_per_call,
+    )  # fmt: skip
 
 
 def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
