@@ -3,9 +3,9 @@
 `initialize()` runs before anything touches a device (first thing in `fipo_jax.main`). It calls
 `jax.distributed.initialize` when the run spans several processes and is a no-op otherwise:
 
-  explicit    --coordinator_address / --num_processes / --process_id, or the environment
-              variables FIPO_COORDINATOR, FIPO_NUM_PROCESSES, FIPO_PROCESS_ID (localhost tests,
-              hand-rolled clusters);
+  explicit    the arguments (fipo_jax.main passes its --coordinator_address / --num_processes /
+              --process_id flags), or the environment variables FIPO_COORDINATOR,
+              FIPO_NUM_PROCESSES, FIPO_PROCESS_ID (localhost tests, hand-rolled clusters);
   detected    a SLURM job step with several tasks, an Open MPI launch with several ranks, or a
               multi-host Cloud TPU slice: JAX reads the coordinator from that environment;
   forced      FIPO_DISTRIBUTED=1 calls `jax.distributed.initialize()` with no arguments (any
@@ -13,7 +13,8 @@
 
 On CPU the cross-process collectives go through gloo. After initialization every process sees
 all devices in `jax.devices()` (its own in `jax.local_devices()`), and the trainer runs one SPMD
-program over the global mesh.
+program over the global mesh. This module defines no flags (the entry points do), so importing
+it, or anything that uses it, registers nothing.
 """
 
 from __future__ import annotations
@@ -22,14 +23,6 @@ import logging
 import os
 
 import numpy as np
-from absl import flags
-
-_COORDINATOR = flags.DEFINE_string(
-  "coordinator_address", None, "host:port of process 0's coordinator (env FIPO_COORDINATOR).")
-_NUM_PROCESSES = flags.DEFINE_integer(
-  "num_processes", None, "Processes in the run, one per host (env FIPO_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer(
-  "process_id", None, "This process's index in [0, num_processes) (env FIPO_PROCESS_ID).")
 
 COORDINATOR_ENV = "FIPO_COORDINATOR"
 NUM_PROCESSES_ENV = "FIPO_NUM_PROCESSES"
@@ -37,8 +30,8 @@ PROCESS_ID_ENV = "FIPO_PROCESS_ID"
 FORCE_ENV = "FIPO_DISTRIBUTED"
 
 
-def _flag(holder, env: str, cast):
-  value = holder.value if flags.FLAGS.is_parsed() else None
+def _env(value, env: str, cast):
+  """`value`, or the environment variable `env` (cast) when value is None and it is set."""
   if value is None and os.environ.get(env, "") != "":
     value = cast(os.environ[env])
   return value
@@ -58,7 +51,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None) -> bool:
   """Joins the multi-controller runtime when the run has several processes.
 
-  Arguments override the flags, which override the environment. Returns True if
+  Arguments (None: not given) override the environment. Returns True if
   `jax.distributed.initialize` was called (now or earlier), False for a single-process run.
   """
   import jax  # noqa: PLC0415 -- keep `--help` and flag parsing free of the jax import
@@ -68,14 +61,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   force = os.environ.get(FORCE_ENV, "").strip().lower()
   if force in ("0", "false", "off"):
     return False
-  coordinator_address = coordinator_address or _flag(_COORDINATOR, COORDINATOR_ENV, str)
-  num_processes = num_processes if num_processes is not None else _flag(
-    _NUM_PROCESSES, NUM_PROCESSES_ENV, int)
-  process_id = process_id if process_id is not None else _flag(_PROCESS_ID, PROCESS_ID_ENV, int)
+  coordinator_address = _env(coordinator_address or None, COORDINATOR_ENV, str)
+  num_processes = _env(num_processes, NUM_PROCESSES_ENV, int)
+  process_id = _env(process_id, PROCESS_ID_ENV, int)
   explicit = coordinator_address is not None
   if explicit and (num_processes is None or process_id is None):
     raise ValueError("multi-host: a coordinator address needs num_processes and process_id too "
-                     f"(flags or {NUM_PROCESSES_ENV} / {PROCESS_ID_ENV})")
+                     f"(arguments/flags or {NUM_PROCESSES_ENV} / {PROCESS_ID_ENV})")
   if explicit and num_processes == 1:
     return False
   if not (explicit or force in ("1", "true", "on") or _cluster_detected(os.environ)):

@@ -18,12 +18,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fipo_jax import config_schema, distributed  # distributed defines --coordinator_address etc.
+from fipo_jax import config_schema, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file: configs/<name>.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 _VALIDATE_ONLY = flags.DEFINE_bool(
   "validate_only", False, "Validate the config, print it (JSON, as the trainer reads it), exit.")
+# Multi-host (fipo_jax.distributed.initialize; unset: its FIPO_* environment variables).
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0's coordinator (env FIPO_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes in the run, one per host (env FIPO_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index in [0, num_processes) (env FIPO_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -85,7 +92,11 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax and absl INFO logs drown the progress bar
   import jax  # after flag parsing: keeps --help fast
 
-  distributed.initialize()  # multi-host: before anything touches a device
+  # Multi-host: before anything touches a device.
+  try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:  # a coordinator without num_processes / process_id
+    _fail("config error", e, 2)
 
   from fipo_jax import config as config_lib
 

@@ -224,6 +224,24 @@ def test_initialize_is_a_noop_for_one_process(monkeypatch):
     distributed.initialize()
 
 
+def test_library_modules_define_no_flags():
+  """Only the entry points (main, eval, aot) register absl flags: importing the library (the
+  sampler, the trainer, fipo_jax.distributed) adds none."""
+  def fipo_flags(*modules):  # {defining module: its flags} for fipo_jax's own modules
+    code = (
+      f"import {', '.join(modules)}; from absl import flags\n"
+      "print({m: sorted(f.name for f in fs) for m, fs in flags.FLAGS.flags_by_module_dict()"
+      ".items() if 'fipo_jax' in m})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+  library = ("fipo_jax.distributed", "fipo_jax.sampling", "fipo_jax.rl.trainer",
+             "fipo_jax.generate")
+  assert fipo_flags(*library) == "{}"
+  assert "'process_id'" in fipo_flags("fipo_jax.main")  # the trainer's entry point takes them
+
+
 def test_cluster_detection():
   from fipo_jax import distributed  # noqa: PLC0415
 
