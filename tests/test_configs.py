@@ -423,6 +423,14 @@ def test_config_errors_through_the_cli(override, line, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_tiny_architecture_onto_a_model_dir_is_refused(run_dir):
+  """tiny_cpu's model.overrides define a tiny architecture: not onto an HF directory's weights."""
+  args = _local([*TINY, "w", "--config.model.hf_dir=/models/Qwen2.5-0.5B"], run_dir)
+  line = _one_line_error(_main(*args, cwd=run_dir))
+  assert re.match(r"config error: model.overrides: \w+=\d+ would change the architecture of "
+                  r"model.hf_dir \S+/models/Qwen2.5-0.5B \(its config.json defines it\)", line)
+
+
 @pytest.mark.parametrize("empty", ["", "[]"])
 def test_no_val_files_with_evals_is_refused(empty, run_dir):
   args = _local(["--config", "configs/fipo_qwen2_5_7b_math.py", "--workdir", "w",
