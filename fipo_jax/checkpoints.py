@@ -30,8 +30,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,11 +41,6 @@ from orbax.checkpoint import checkpoint_managers
 from fipo_jax import paths
 
 log = logging.getLogger(__name__)
-
-# Test hook (tests/test_reliability_process.py): SIGKILL this process right after the save of
-# this step has started, i.e. while orbax is still writing it, to prove a partial checkpoint is
-# never resumed from.
-KILL_IN_SAVE_ENV = "FIPO_JAX_TEST_KILL_IN_SAVE"
 
 
 class _NoTrackedMetricNotice(logging.Filter):
@@ -137,10 +130,7 @@ class CheckpointManager:
       opt_state=ocp.args.StandardSave(opt_state),
       extra=ocp.args.JsonSave(_jsonable(dict(extra or {}))),
     )
-    started = bool(self._mgr.save(step, args=args, metrics=best))
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
-      os.kill(os.getpid(), signal.SIGKILL)
-    return started
+    return bool(self._mgr.save(step, args=args, metrics=best))
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()

@@ -22,8 +22,6 @@ import time
 
 import pytest
 
-from fipo_jax import checkpoints as ckpt_lib
-
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,24 +29,28 @@ TOTAL_STEPS = 10
 ARGS = ("--config", "configs/tiny_cpu.py:runlocal", f"--config.total_steps={TOTAL_STEPS}",
         "--config.checkpoint_every=1", "--config.keep_checkpoints=3",
         "--config.rl.filter_groups_enable=False")
+MAIN = ("-m", "fipo_jax.main")
+# The trainer, SIGKILLed as soon as the save of step 3 has started (a test-only entry point).
+KILL_IN_SAVE_3 = (str(ROOT / "tests" / "kill_in_save.py"), "3")
 VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any two runs
 
 
-def _env(cache_dir: pathlib.Path, **extra: str) -> dict[str, str]:
+def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
   # One CPU device is plenty for these runs and compiles fastest: drop conftest's 8-device flag.
   env.pop("XLA_FLAGS", None)
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", **extra)
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return env
 
 
-def _start(workdir: pathlib.Path, cache_dir: pathlib.Path, **env: str) -> subprocess.Popen:
+def _start(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN
+           ) -> subprocess.Popen:
   # Output goes to a file, not a pipe: a full pipe would block the child mid-run.
   log = open(workdir.with_name(workdir.name + ".log"), "w+")  # noqa: SIM115 - closed in _finish
-  proc = subprocess.Popen([sys.executable, "-m", "fipo_jax.main", *ARGS, "--workdir", str(workdir)],
-                          cwd=ROOT, env=_env(cache_dir, **env), stdout=log, stderr=log, text=True)
+  proc = subprocess.Popen([sys.executable, *entry, *ARGS, "--workdir", str(workdir)],
+                          cwd=ROOT, env=_env(cache_dir), stdout=log, stderr=log, text=True)
   proc.log = log
   return proc
 
@@ -61,8 +63,9 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
   return proc.returncode, out
 
 
-def _run(workdir: pathlib.Path, cache_dir: pathlib.Path, **env: str) -> tuple[int, str]:
-  return _finish(_start(workdir, cache_dir, **env))
+def _run(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN
+         ) -> tuple[int, str]:
+  return _finish(_start(workdir, cache_dir, entry))
 
 
 def _finalised_steps(workdir: pathlib.Path) -> list[int]:
@@ -144,7 +147,8 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, referen
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, cache_dir, reference):
-  rc, _ = _run(tmp_path, cache_dir, **{ckpt_lib.KILL_IN_SAVE_ENV: "3"})
+  rc, log = _run(tmp_path, cache_dir, KILL_IN_SAVE_3)
+  assert "Traceback" not in log, log[-3000:]
   assert rc == -signal.SIGKILL
   assert _finalised_steps(tmp_path)[-1] == 2  # step 3 was being written: never finalised
   assert max(r["step"] for r in _metrics(tmp_path)) == 3  # its metrics row was already logged
