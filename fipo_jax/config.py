@@ -8,15 +8,13 @@ with one line naming the field, e.g.
 
 The dataclass fields ARE the schema: a key in the ConfigDict that is not a field is an error
 (a typo such as `rl.decay_rat` must not be silently ignored), a key that is missing takes the
-field's default. The recipes in `configs/` list every field with a comment.
+field's default. The recipes in `configs/` list every field with a comment. The mesh sections
+live in `fipo_jax.config_mesh`, the mapping-to-dataclass machinery in `fipo_jax.config_schema`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
-import operator
 import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -24,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fipo_jax import config_schema, paths
+from fipo_jax.config_mesh import MeshSection, SamplerMeshSection
 from fipo_jax.config_schema import ConfigError, Section
 
 LOSS_MODES = ("fipo", "dapo", "grpo")
@@ -287,73 +286,6 @@ class OptimSection(Section):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSection(Section):
-  SECTION: ClassVar[str] = "mesh"
-  AXES: ClassVar[tuple[str, ...]] = ("data", "fsdp", "tensor")
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
-
-  def __post_init__(self):
-    for name in self.AXES:
-      self._require(getattr(self, name) == -1 or getattr(self, name) >= 1, name,
-                    "must be -1 (the rest) or >= 1")
-    rest = [n for n in self.AXES if getattr(self, n) == -1]
-    if len(rest) > 1:  # name an axis other than fsdp, whose -1 is the usual default
-      self._fail(next(n for n in rest if n != "fsdp"),
-                 f"at most one mesh axis may be -1, got {self._axes()}")
-
-  def as_tuple(self) -> tuple[int, int, int]:
-    return (self.data, self.fsdp, self.tensor)
-
-  def _axes(self) -> str:
-    return ", ".join(f"{self.SECTION}.{n}={getattr(self, n)}" for n in self.AXES)
-
-  def resolve(self, num_devices: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) with -1 filled in; raises ConfigError naming the axis that does
-    not fit (the first fixed one that does not divide the device count, else the first > 1)."""
-    sizes = self.as_tuple()
-    fixed = math.prod(v for v in sizes if v != -1)
-    if -1 in sizes:
-      if num_devices % fixed:
-        prods = itertools.accumulate((max(v, 1) for v in sizes), operator.mul)
-        bad = next(n for n, p in zip(self.AXES, prods, strict=True) if num_devices % p)
-        self._fail(bad, f"fixed mesh axes ({self._axes()}, product {fixed}) do not divide "
-                   f"the {num_devices} devices")
-      sizes = tuple(num_devices // fixed if v == -1 else v for v in sizes)
-    elif fixed != num_devices:
-      bad = next((n for n, v in zip(self.AXES, sizes, strict=True) if v > 1), "data")
-      self._fail(bad, f"mesh {sizes} has {fixed} devices but {num_devices} are available")
-    return sizes
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerMeshSection(MeshSection):
-  """The sampler's own mesh layout over the same devices; all 0 (the default) = `mesh`'s."""
-
-  SECTION: ClassVar[str] = "sampler_mesh"
-  data: int = 0
-  fsdp: int = 0
-  tensor: int = 0
-
-  def __post_init__(self):
-    if not self.is_set:
-      return
-    for name in self.AXES:
-      self._require(getattr(self, name) != 0, name,
-                    "must be set with the other axes (-1 = the rest), or all 0 = the train mesh")
-    super().__post_init__()
-
-  @property
-  def is_set(self) -> bool:
-    return self.as_tuple() != (0, 0, 0)
-
-  def resolve(self, num_devices: int) -> tuple[int, int, int] | None:
-    """(data, fsdp, tensor) with -1 filled in, or None when the sampler uses the train mesh."""
-    return super().resolve(num_devices) if self.is_set else None
-
-
-@dataclasses.dataclass(frozen=True)
 class SFTSection(Section):
   SECTION: ClassVar[str] = "sft"
   steps: int = 0
@@ -404,6 +336,11 @@ class RunConfig(Section):
     if self.eval_every > 0 and self.data.task == "verl" and not self.data.val_files:
       raise ConfigError("data.val_files", f"is empty but eval_every={self.eval_every} evaluates "
                         "on it: list val files, or set eval_every=0")
+    if self.optim.schedule == "cosine" and self.total_updates - 1 <= self.optim.warmup_steps:
+      raise ConfigError("optim.warmup_steps", f"must be < the run's last optimizer update "
+                        f"({self.total_updates - 1}: total_steps x rl.num_mini_batches x "
+                        f"rl.ppo_epochs - 1) for optim.schedule='cosine' to decay, got "
+                        f"{self.optim.warmup_steps}")
     if self.rl.use_dynamic_bsz:
       need = self.data.max_prompt_length + self.rl.max_response_length
       if self.rl.ppo_max_token_len_per_device < need:
@@ -416,6 +353,11 @@ class RunConfig(Section):
       if presets is not None and self.model.preset not in presets:
         raise ConfigError("model.preset",
                           f"unknown preset {self.model.preset!r}; known: {sorted(presets)}")
+
+  @property
+  def total_updates(self) -> int:
+    """Optimizer updates of the whole run, the unit of the lr schedule (fipo_jax.rl.optimizer)."""
+    return self.total_steps * self.rl.num_mini_batches * self.rl.ppo_epochs
 
 
 def _model_config_fields() -> frozenset[str] | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,13 +19,13 @@ from flax import nnx
 
 from fipo_jax import config as config_lib
 from fipo_jax import distributed, models, paths, sharding
+from fipo_jax import policy as policy_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.models import build as build_lib
 from fipo_jax.rl import losses as losses_lib
+from fipo_jax.rl import optimizer, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
-from fipo_jax.rl import warmstart
 from fipo_jax.sampling import engine as engine_lib
 from fipo_jax.sampling import params as sampling_params
 
@@ -43,7 +42,7 @@ class Env:
   param_sharding: Any
   tx: optax.GradientTransformation
   opt_state: Any
-  lr_at: Callable[[int], float]
+  lr_schedule: optax.Schedule  # lr per optimizer update count: what tx uses, and what is logged
   update_cfg: ts.UpdateConfig
   tokenizer: Any
   pad_id: int
@@ -68,16 +67,6 @@ class Env:
                     ) -> rollout_lib.Rollouts:
     return rollout_lib.make_rollouts(self.tokenizer, self.reward_cfg, examples, samples,
                                      group_offset=group_offset)
-
-
-def model_config(rc: config_lib.RunConfig) -> models.ModelConfig:
-  m = rc.model
-  exec_opts = dict(param_dtype=m.param_dtype, dtype=m.dtype, attention_impl=m.attention_impl,
-                   remat_policy=m.remat_policy)
-  if m.hf_dir:
-    hf_cfg = json.loads(paths.read_text(paths.join(m.hf_dir, "config.json")))
-    return models.ModelConfig.from_hf_config(hf_cfg, **exec_opts, **dict(m.overrides))
-  return models.get_preset(m.preset, **exec_opts, **dict(m.overrides))
 
 
 def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConfig:
@@ -116,7 +105,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
     tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
     train_data, val_examples = pipeline_lib.build_datasets(rc, tokenizer, workdir=workdir)
 
-  cfg = model_config(rc)
+  cfg = policy_lib.model_config(rc)
   if rc.model.hf_dir:
     # A gs:// directory is downloaded once into the local cache (safetensors are memory-mapped).
     model = models.from_pretrained(paths.local_copy(rc.model.hf_dir), mesh=mesh,
@@ -129,12 +118,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
   param_sharding = jax.tree.map(lambda x: x.sharding, params)
   logging.info("model: %s, %.2fM params", cfg.model_type, models.count_params(params) / 1e6)
 
-  o = rc.optim
-  lr_at = (optax.linear_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps
-           else (lambda _: o.lr))
-  tx = ts.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
-                         grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps, schedule=o.schedule,
-                         total_steps=rc.total_steps)
+  tx, lr_schedule = optimizer.make_optimizer(rc.optim, total_updates=rc.total_updates)
   opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(
     params)
 
@@ -150,7 +134,8 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
   dump = rc.dump_influence
   env = Env(
     workdir=workdir, mesh=mesh, model_cfg=cfg, graphdef=graphdef, params=params,
-    param_sharding=param_sharding, tx=tx, opt_state=opt_state, lr_at=lr_at, update_cfg=upd,
+    param_sharding=param_sharding, tx=tx, opt_state=opt_state, lr_schedule=lr_schedule,
+    update_cfg=upd,
     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
     eos_ids=tok_lib.eos_token_ids(tokenizer), max_prompt_length=p,
     train_data=train_data, val_examples=val_examples, engine=engine,
@@ -185,54 +170,3 @@ def reference_params(rc: config_lib.RunConfig, env: Env, workdir: str):
   if rc.sft.steps > 0:
     ref = warmstart.sft_warm_start(rc, env, ref, workdir)
   return ref
-
-
-RUN_CONFIG_FILE = "config.json"
-
-
-def save_run_config(config, workdir: str) -> None:
-  """WORKDIR/config.json: what `load_policy` (eval, generate, export) rebuilds the model from."""
-  if jax.process_index() != 0:
-    return
-  raw = config_lib.to_dict(config)  # dtypes as names
-  paths.write_text(paths.join(workdir, RUN_CONFIG_FILE),
-                   json.dumps(raw, indent=2, sort_keys=True, default=str))
-
-
-@dataclasses.dataclass
-class Policy:
-  """A model ready to sample from: config, graph, params and its tokenizer."""
-
-  model_cfg: models.ModelConfig
-  graphdef: Any
-  params: Any
-  tokenizer_dir: str
-  max_response_length: int | None = None
-  run_config: config_lib.RunConfig | None = None  # the trainer's config, for checkpoints
-
-
-def load_policy(*, checkpoint_dir: str | None = None, hf_dir: str | None = None,
-                step: int | None = None) -> Policy:
-  """The policy of a trainer workdir (its latest or given checkpoint) or of an HF directory."""
-  from fipo_jax import checkpoints as ckpt_lib  # noqa: PLC0415
-
-  if hf_dir:
-    hf_dir = paths.local_copy(hf_dir)
-    model = models.from_pretrained(hf_dir)
-    graphdef, params = nnx.split(model)
-    return Policy(model.cfg, graphdef, params, hf_dir)
-  cfg_path = paths.join(checkpoint_dir, RUN_CONFIG_FILE)
-  if not paths.isfile(cfg_path):
-    raise FileNotFoundError(f"{cfg_path} not found: is {checkpoint_dir} a fipo_jax workdir?")
-  rc = config_lib.validate(json.loads(paths.read_text(cfg_path)), check_paths=False)
-  cfg = model_config(rc)
-  graphdef, abstract, shardings = build_lib.param_shardings(cfg, None)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  manager = ckpt_lib.CheckpointManager(paths.join(checkpoint_dir, "checkpoints"),
-                                       keep=rc.keep_checkpoints)
-  _, params = manager.restore_params(params=target, step=step)
-  tok_dir = rc.model.tokenizer_dir or rc.model.hf_dir or paths.join(checkpoint_dir, "tokenizer")
-  if paths.is_remote(tok_dir) and paths.isdir(tok_dir):
-    tok_dir = paths.local_copy(tok_dir)  # transformers reads tokenizers from local files only
-  return Policy(cfg, graphdef, params, tok_dir, rc.rl.max_response_length, rc)

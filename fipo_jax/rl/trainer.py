@@ -26,8 +26,9 @@ from fipo_jax import checkpoints as ckpt_lib
 from fipo_jax import config as config_lib
 from fipo_jax import distributed, paths, sharding
 from fipo_jax import metrics as metrics_lib
+from fipo_jax import policy as policy_lib
 from fipo_jax.rl import advantages as adv_lib
-from fipo_jax.rl import evaluation, warmstart
+from fipo_jax.rl import evaluation, optimizer, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -70,7 +71,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
     env = setup_lib.build(rc, workdir)
   except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
     raise SetupError(f"{type(e).__name__}: {e}") from e
-  setup_lib.save_run_config(config, workdir)
+  policy_lib.save_run_config(config, workdir)
   is_primary = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, is_primary=is_primary)
   ckpt = ckpt_lib.CheckpointManager(
@@ -223,7 +224,7 @@ def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
   num_tokens, adv_mean = _token_stats(r, adv, packed, rc.rl.max_response_length)
   metrics.update({
     "actor/entropy": ent_mean,
-    "actor/lr": float(env.lr_at(step * num_mini * rc.rl.ppo_epochs)),
+    "actor/lr": optimizer.last_update_lr(env.lr_schedule, opt_state),  # the step's last update
     # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.
     "train/acc_mean": all_acc_mean,
     "train/kept_acc_mean": float(np.mean(r.acc)),
