@@ -60,6 +60,19 @@ def _one_step_metrics(workdir: pathlib.Path) -> dict:
   return {k: v for k, v in metrics.items() if not k.startswith(VOLATILE)}
 
 
+def _abs_tol(key: str) -> float:
+  """Absolute tolerance of a metric: 1e-6, except for the PPO KL of a mini-batch.
+
+  `actor/ppo_kl` is the token mean of `old_log_prob - log_prob`, a difference of two nearly
+  equal float32 log-probs, so its error is absolute, not relative: on mini-batch 4 (after three
+  Adam updates) the per-token log-ratios reach |log 4.6| = 1.5, and a 1e-6 relative rounding of
+  terms that size moves the mean by ~1e-6. Measured 2026-12-01 on an AVX-512 AMD EPYC host:
+  mb4 0.06676875 vs 0.06676999 (abs 1.2e-6, rel 1.9e-5); every other float within rel 1e-5.
+  The bound below is rel_tol (1e-5) times that term scale (1.5), rounded up.
+  """
+  return 2e-5 if key.startswith("actor/ppo_kl") else 1e-6
+
+
 @pytest.mark.slow
 def test_one_fipo_step_matches_golden(tmp_path):
   got = _one_step_metrics(tmp_path)
@@ -76,6 +89,6 @@ def test_one_fipo_step_matches_golden(tmp_path):
     g = got[key]
     if isinstance(w, float) and not isinstance(g, bool):
       # Float32 rounding only (another CPU model may vectorise differently).
-      assert math.isclose(g, w, rel_tol=1e-5, abs_tol=1e-6), (key, g, w)
+      assert math.isclose(g, w, rel_tol=1e-5, abs_tol=_abs_tol(key)), (key, g, w)
     else:
       assert g == w, (key, g, w)
