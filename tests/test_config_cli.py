@@ -1,0 +1,243 @@
+"""The config surface on the command line: data files, the README's and every recipe's documented
+commands, one-line errors (exit 2, no traceback), and what `:runlocal` builds."""
+
+import importlib
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from fipo_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = ("fipo_qwen2_5_32b", "dapo_qwen2_5_32b", "fipo_qwen2_5_7b_math",
+           "dapo_qwen2_5_7b_math", "grpo_qwen2_5_7b_math", "tiny_cpu")
+
+
+def _recipe(name, arg=None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def _commands(text: str) -> list[list[str]]:
+  """The `python -m fipo_jax.main ...` commands of a README or docstring, as argv lists."""
+  joined = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
+  return [shlex.split(line.strip())[3:] for line in joined.splitlines()
+          if line.strip().startswith("python -m fipo_jax.main ")]
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+  """A cwd for the documented commands: configs/, their data files (empty: validation only
+  checks they exist) and stub model directories; `/models/X` in a command becomes models/X here.
+  """
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  (tmp_path / "data").mkdir()
+  for name in ("dapo-math-17k.parquet", "aime-2024.parquet", "data/dapo-math-17k.parquet",
+               "data/aime-2024.parquet"):
+    (tmp_path / name).touch()
+  monkeypatch.chdir(tmp_path)
+  return tmp_path
+
+
+def _local(argv: list[str], run_dir: pathlib.Path) -> list[str]:
+  out = []
+  for a in argv:
+    if "/models/" in a:
+      name, path = a.split("=", 1)
+      model = run_dir / path.lstrip("/")
+      model.mkdir(parents=True, exist_ok=True)
+      (model / "config.json").write_text("{}")
+      a = f"{name}={model}"
+    out.append(a)
+  return out
+
+
+def _parse(argv: list[str]) -> config_lib.RunConfig:
+  """argv parsed as fipo_jax.main parses it (its --config flag, on fresh flag values) and
+  validated; the CLI's error lines are tested through subprocesses below."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["fipo_jax.main", *argv]
+  values = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  values(argv)
+  return config_lib.validate(config.value, num_devices=8)
+
+
+def _documented_commands():
+  docs = {"README.md": (ROOT / "README.md").read_text()}
+  docs.update({f"configs/{n}.py": importlib.import_module(f"configs.{n}").__doc__ for n in RECIPES})
+  cmds = [(where, argv) for where, text in docs.items() for argv in _commands(text)]
+  assert len(cmds) >= 2 * len(RECIPES) + 1  # each recipe's two, the README's
+  return cmds
+
+
+@pytest.mark.parametrize("where, argv", _documented_commands(),
+                         ids=lambda x: x if isinstance(x, str) else None)
+def test_documented_commands_parse_and_validate(where, argv, run_dir):
+  rc = _parse(_local(argv, run_dir))
+  if "--config.data.train_files" in " ".join(argv):
+    assert rc.data.task == "verl" and rc.data.train_files[0].endswith("dapo-math-17k.parquet")
+
+
+@pytest.mark.parametrize("value, files", [
+  ("a.parquet", ("a.parquet",)),
+  ("a.parquet,b.parquet", ("a.parquet", "b.parquet")),
+  ('["a.parquet", "b.parquet"]', ("a.parquet", "b.parquet")),
+  ("('a.parquet',)", ("a.parquet",)),
+])
+def test_data_files_from_the_command_line(value, files, run_dir):
+  for name in ("a.parquet", "b.parquet"):
+    (run_dir / name).touch()
+  rc = _parse(_local(["--config", "configs/fipo_qwen2_5_7b_math.py", "--workdir", "w",
+                      "--config.model.hf_dir=/models/Qwen2.5-Math-7B",
+                      f"--config.data.train_files={value}", f"--config.data.val_files={value}"],
+                     run_dir))
+  assert rc.data.train_files == rc.data.val_files == files
+
+
+def _cli(module: str, *args: str, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _main(*args: str, **kw) -> subprocess.CompletedProcess:
+  return _cli("fipo_jax.main", *args, **kw)
+
+
+def test_readme_data_command_through_the_cli(run_dir):
+  """The README's command verbatim (its /models/ directory stubbed), up to validation."""
+  (argv,) = [a for where, a in _documented_commands()
+             if where == "README.md" and "--config.data.train_files" in " ".join(a)]
+  res = _main(*_local(argv, run_dir), "--validate_only", cwd=run_dir)
+  assert res.returncode == 0, res.stderr
+  data = json.loads(res.stdout)["data"]
+  assert data["train_files"] == ["dapo-math-17k.parquet"] and data["task"] == "verl"
+  assert data["val_files"] == ["aime-2024.parquet"]
+
+
+def _one_line_error(res: subprocess.CompletedProcess) -> str:
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+  return res.stderr.strip()
+
+
+TINY = ("--config", "configs/tiny_cpu.py", "--workdir")
+
+
+@pytest.mark.parametrize("override, line", [
+  ("--config.rl.nope=1", "config error: rl.nope: unknown key (not in the schema)"),
+  ("--config.rl.decay_rat=1",
+   "config error: rl.decay_rat: unknown key (not in the schema); did you mean rl.decay_rate?"),
+  ("--config.mesh.tensor=3", "config error: mesh.tensor: fixed mesh axes (mesh.data=1, "
+   "mesh.fsdp=-1, mesh.tensor=3, product 3) do not divide the 1 devices"),
+])
+def test_config_errors_through_the_cli(override, line, tmp_path):
+  assert _one_line_error(_main(*TINY, str(tmp_path / "w"), override)) == line
+  assert not (tmp_path / "w").exists()
+
+
+def test_tiny_architecture_onto_a_model_dir_is_refused(run_dir):
+  """tiny_cpu's model.overrides define a tiny architecture: not onto an HF directory's weights."""
+  args = _local([*TINY, "w", "--config.model.hf_dir=/models/Qwen2.5-0.5B"], run_dir)
+  line = _one_line_error(_main(*args, cwd=run_dir))
+  assert re.match(r"config error: model.overrides: \w+=\d+ would change the architecture of "
+                  r"model.hf_dir \S+/models/Qwen2.5-0.5B \(its config.json defines it\)", line)
+
+
+@pytest.mark.parametrize("empty", ["", "[]"])
+def test_no_val_files_with_evals_is_refused(empty, run_dir):
+  args = _local(["--config", "configs/fipo_qwen2_5_7b_math.py", "--workdir", "w",
+                 "--config.model.hf_dir=/models/Qwen2.5-Math-7B",
+                 "--config.data.train_files=data/dapo-math-17k.parquet",
+                 f"--config.data.val_files={empty}"], run_dir)
+  assert _one_line_error(_main(*args, cwd=run_dir)).startswith(
+    "config error: data.val_files: is empty but eval_every=5 evaluates on it")
+  res = _main(*args, "--config.eval_every=0", "--validate_only", cwd=run_dir)  # no evals: fine
+  assert res.returncode == 0 and json.loads(res.stdout)["data"]["val_files"] == [], res.stderr
+
+
+# --- :runlocal --------------------------------------------------------------------------------
+
+
+def test_runlocal_keeps_a_model_dirs_architecture(qwen_model_dir):
+  from fipo_jax import models
+  from fipo_jax import policy as policy_lib
+
+  cfg = _recipe("fipo_qwen2_5_7b_math", "runlocal")
+  cfg.model.hf_dir = str(qwen_model_dir)  # as --config.model.hf_dir does: after get_config
+  rc = config_lib.validate(cfg, num_devices=8)
+  hf = models.ModelConfig.from_hf_config(json.loads((qwen_model_dir / "config.json").read_text()))
+  got = policy_lib.model_config(rc)
+  assert {k: getattr(got, k) for k in config_lib.ARCH_FIELDS} == {
+    k: getattr(hf, k) for k in config_lib.ARCH_FIELDS}
+  assert got.vocab_size == 151936 and rc.model.preset_overrides["vocab_size"] == 128  # unused
+  # The recipe's own context extension keeps the architecture and still applies.
+  assert rc.model.overrides == {"max_position_embeddings": 32768}
+  cfg.model.overrides.vocab_size = 128
+  with pytest.raises(config_lib.ConfigError, match=r"^model.overrides: vocab_size=128 would "
+                     r"change the architecture of model.hf_dir"):
+    config_lib.validate(cfg)
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_cpu_runlocal_updates(tmp_path):
+  """The README's smoke test, verbatim: its warm start gives mixed groups, so RL updates."""
+  (argv,) = [a for a in _commands(importlib.import_module("configs.tiny_cpu").__doc__)
+             if "tiny_cpu.py:runlocal" in a[1]]
+  argv[argv.index("--workdir") + 1] = str(tmp_path / "w")
+  res = _main(*argv)
+  assert res.returncode == 0, res.stderr[-3000:]
+  steps = [m for m in _metrics(tmp_path / "w") if m["step"] > 0]
+  assert [m["step"] for m in steps] == [1, 2]
+  updated = [m for m in steps if m["train/empty_steps"] == 0]
+  assert updated, "no RL step updated the policy (every group had equal accuracy)"
+  for m in updated:
+    assert m["train/num_prompts_kept"] >= 4 and "actor/pg_loss" in m
+    assert 0.0 < m["train/acc_mean"] < 1.0
+
+
+@pytest.mark.slow
+def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tmp_path):
+  """A recipe's :runlocal on an HF directory and DAPO-schema files trains on that model, and
+  export, eval and generate read the workdir (its checkpoint has the directory's shapes)."""
+  w = tmp_path / "w"
+  train, val = dapo_parquet("train", n=16), dapo_parquet("val", n=2)
+  # One step, and eval without top-p: top-p sorts the 151936-token vocabulary at every decode
+  # step, about a second per step on a CPU.
+  res = _main("--config", "configs/fipo_qwen2_5_7b_math.py:runlocal", "--workdir", str(w),
+              f"--config.model.hf_dir={qwen_model_dir}", f"--config.data.train_files={train}",
+              f"--config.data.val_files={val}", "--config.total_steps=1",
+              "--config.eval.top_p=1.0", timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert [m["step"] for m in _metrics(w)] == [0, 1]
+  assert all(m["eval/num_prompts"] == 2 for m in _metrics(w))
+  res = _cli("fipo_jax.export", "--checkpoint", str(w), "--out", str(tmp_path / "hf"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+  source = json.loads((qwen_model_dir / "config.json").read_text())
+  for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+    assert exported[key] == source[key], key
+  res = _cli("fipo_jax.eval", "--checkpoint", str(w), "--data", str(val), "--n", "1",
+             "--top_p", "1.0", "--max_new_tokens", "8")
+  assert res.returncode == 0, res.stderr[-3000:]
+  prompts = tmp_path / "in.jsonl"
+  prompts.write_text(json.dumps({"prompt": "What is 7 * 8 - 6?"}) + "\n")
+  res = _cli("fipo_jax.generate", "--checkpoint", str(w), "--prompts_file", str(prompts),
+             "--output", str(tmp_path / "out.jsonl"), "--n", "1", "--max_new_tokens", "4",
+             "--no_progress")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert len(json.loads((tmp_path / "out.jsonl").read_text())["response_ids"]) == 4
