@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fipo_jax.rl as rl
-from fipo_jax.rl.future_kl import decay_gamma, future_kl_reference
+from fipo_jax.rl.fkl import decay_gamma, future_kl_reference
 
 
 def _official_chunked(x: np.ndarray, decay_rate: float, chunk: int = 128) -> np.ndarray:
@@ -62,7 +62,7 @@ def test_matches_reverse_recursion(b, t, chunk, decay, seed):
 def test_suffix_sum_any_chunk(k, t):
   """The chunked recursion itself at chunk sizes the CPU path caps away (K > 32), including
   three recursion levels (T > K^2) and T not a multiple of K."""
-  from fipo_jax.rl.future_kl import _suffix_sum
+  from fipo_jax.rl.fkl import _suffix_sum
 
   delta, mask = _inputs(np.random.default_rng(k * 100003 + t), 2, t)
   x = np.where(mask, delta, 0.0).astype(np.float32)

@@ -16,7 +16,7 @@ from conftest import GOLDEN_DIR  # noqa: E402
 
 import fipo_jax.rl as rl
 from fipo_jax.rl import aggregation, losses
-from fipo_jax.rl.future_kl import future_kl_reference
+from fipo_jax.rl.fkl import future_kl_reference
 
 _GOLDEN_JSON = GOLDEN_DIR / "fipo_loss_cases.json"
 _CASE_IDS = (

@@ -1,12 +1,11 @@
 """RL core: future_kl, policy losses, advantages, rewards, train steps, trainer loop.
 
-Note: `fipo_jax.rl.future_kl` is the function (the public API); the module of the same name
-is `importlib.import_module("fipo_jax.rl.future_kl")`.
+`fipo_jax.rl.future_kl` is the function (the public API); its module is `fipo_jax.rl.fkl`.
 """
 
 from fipo_jax.rl.advantages import filter_groups, grpo_outcome_advantages
 from fipo_jax.rl.aggregation import agg_loss, microbatch_scale
-from fipo_jax.rl.future_kl import future_kl
+from fipo_jax.rl.fkl import future_kl
 from fipo_jax.rl.losses import (
   PolicyLossConfig,
   compute_policy_loss,

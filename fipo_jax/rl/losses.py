@@ -19,7 +19,6 @@ added to the policy loss by the train step, not by the registered losses.
 """
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipo_jax.rl import aggregation
-
-# The package re-exports the function `future_kl` under the module's own name, which shadows
-# the submodule attribute; import_module returns the module itself.
-future_kl_lib = importlib.import_module("fipo_jax.rl.future_kl")
+from fipo_jax.rl import aggregation, fkl
 
 _LOG_RATIO_CLAMP = 20.0  # official: d = clamp(lp - old, -20, 20) before exp
 _SAFETY_RANGE = (0.8, 1.0)  # official safety clamp for A < 0 and r > safety_thresh
@@ -240,7 +235,7 @@ def fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLos
   t["participation_mask"] = d <= jnp.log(jnp.float32(cfg.clip_ratio_c))
   d_sg = jax.lax.stop_gradient(d)  # f is detached, so F needs no gradient at all
   t["kl_response"] = jnp.where(mask & t["participation_mask"], d_sg, 0.0)
-  t["future_kl"] = future_kl_lib.future_kl(
+  t["future_kl"] = fkl.future_kl(
     t["kl_response"], mask, decay_rate=cfg.decay_rate, chunk_size=cfg.chunk_size
   )
   t["raw_influence_weights"] = jnp.exp(t["future_kl"])
