@@ -154,6 +154,17 @@ def test_tiny_architecture_onto_a_model_dir_is_refused(run_dir):
                   r"model.hf_dir \S+/models/Qwen2.5-0.5B \(its config.json defines it\)", line)
 
 
+def test_a_list_in_a_users_config_file_is_named(run_dir):
+  """config_flags cannot override a list field: the line says which, and the fix."""
+  (run_dir / "mine.py").write_text(  # written from scratch (a recipe's tuple would take a list)
+    "import ml_collections\n\n\ndef get_config():\n"
+    "  return ml_collections.ConfigDict({'data': {'train_files': ['a.parquet']}})\n")
+  line = _one_line_error(_main("--config", "mine.py", "--workdir", "w",
+                               "--config.data.train_files=b.parquet", cwd=run_dir))
+  assert line == ("config error: data.train_files: the config file sets a list, which a --config "
+                  "override cannot replace; make it a tuple there, e.g. ('a.parquet',)")
+
+
 @pytest.mark.parametrize("empty", ["", "[]"])
 def test_no_val_files_with_evals_is_refused(empty, run_dir):
   args = _local(["--config", "configs/fipo_qwen2_5_7b_math.py", "--workdir", "w",
