@@ -288,9 +288,9 @@ def decode_result(run, mcfg, mesh, chips: int) -> Result:
 def model_config(run, num_layers: int | None = None):
   """The trainer's ModelConfig, compiled for TPU: 'auto' attention is splash whatever this
   process's backend is."""
-  from fipo_jax.rl import setup
+  from fipo_jax import policy
 
-  mcfg = setup.model_config(run)
+  mcfg = policy.model_config(run)
   impl = "splash" if mcfg.attention_impl == "auto" else mcfg.attention_impl
   if impl == "splash" and importlib.util.find_spec("fipo_jax.models.splash") is None:
     print("warning: fipo_jax.models.splash not found; compiling 'blockwise' attention",

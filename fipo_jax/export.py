@@ -82,12 +82,12 @@ def main(argv=None) -> None:
   from flax import nnx  # noqa: PLC0415 (keeps --help fast)
 
   from fipo_jax import models, paths  # noqa: PLC0415
+  from fipo_jax import policy as policy_lib  # noqa: PLC0415
   from fipo_jax.models import config as model_config  # noqa: PLC0415
-  from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
 
   try:
     dtype = args.dtype and model_config.dtype_name(args.dtype, "--dtype")
-    policy = setup_lib.load_policy(checkpoint_dir=args.checkpoint, step=args.step)
+    policy = policy_lib.load_policy(checkpoint_dir=args.checkpoint, step=args.step)
   except (FileNotFoundError, ValueError) as e:
     _fail(e)
   tok = policy.tokenizer_dir if os.path.isdir(policy.tokenizer_dir) else None

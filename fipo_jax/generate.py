@@ -82,9 +82,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
     raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
   from flax import nnx  # noqa: PLC0415
 
-  from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
+  from fipo_jax import policy as policy_lib  # noqa: PLC0415
 
-  policy = setup_lib.load_policy(checkpoint_dir=args.checkpoint)
+  policy = policy_lib.load_policy(checkpoint_dir=args.checkpoint)
   if args.tokenizer_dir is None and os.path.isdir(policy.tokenizer_dir):
     args.tokenizer_dir = policy.tokenizer_dir
   chat = policy.run_config.data.apply_chat_template if policy.run_config else None

@@ -24,9 +24,9 @@ from flax import nnx
 
 from fipo_jax import checkpoints, export, generate, models
 from fipo_jax import config as config_lib
+from fipo_jax import policy as policy_lib
 from fipo_jax.data import synthetic, verl
 from fipo_jax.data import tokenizer as tokenizer_lib
-from fipo_jax.rl import setup as setup_lib
 from fipo_jax.sampling import driver
 from fipo_jax.sampling import engine as engine_lib
 
@@ -46,9 +46,9 @@ def workdir(tmp_path_factory, testdata):
 
   w = tmp_path_factory.mktemp("run")
   config = tiny_cpu.get_config()
-  setup_lib.save_run_config(config, str(w))
+  policy_lib.save_run_config(config, str(w))
   tokenizer_lib.build_tokenizer(str(w / "tokenizer"))
-  cfg = setup_lib.model_config(config_lib.validate(config.to_dict(), check_paths=False))
+  cfg = policy_lib.model_config(config_lib.validate(config.to_dict(), check_paths=False))
   graphdef, state = nnx.split(models.init_model(cfg))
   stored = dict(np.load(testdata / "tiny_cpu_sft.npz"))
   state = nnx.from_flat_state([(p, v.replace(jnp.asarray(stored["/".join(p)])))
@@ -72,7 +72,7 @@ def our_greedy(workdir):
   tok = tokenizer_lib.load_tokenizer(str(workdir / "tokenizer"))
   ids = [tokenizer_lib.encode_prompt(tok, [{"role": "user", "content": p}], False)
          for p in PROMPTS]  # tiny_cpu: apply_chat_template=False
-  policy = setup_lib.load_policy(checkpoint_dir=str(workdir))
+  policy = policy_lib.load_policy(checkpoint_dir=str(workdir))
   engine, params = engine_lib.Engine.from_model(
     nnx.merge(policy.graphdef, policy.params),
     engine_lib.EngineConfig(num_slots=len(ids), max_prompt_len=13, max_new_tokens=MAX_NEW))

@@ -14,8 +14,8 @@ import pytest
 
 from configs import tiny_cpu
 from fipo_jax import export, generate
+from fipo_jax import policy as policy_lib
 from fipo_jax.data import synthetic
-from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import trainer
 
 
@@ -53,7 +53,7 @@ def test_train_on_a_bucket(bucket, capsys):
     assert line in printed, printed
 
   # eval and generate load the policy from the bucket; export writes to it.
-  policy = setup_lib.load_policy(checkpoint_dir="gs://b/run")
+  policy = policy_lib.load_policy(checkpoint_dir="gs://b/run")
   assert pathlib.Path(policy.tokenizer_dir, "tokenizer.json").exists()  # a local cached copy
   args = argparse.Namespace(checkpoint="gs://b/run", hf_dir=None, tokenizer_dir=None, dtype=None)
   model, _ = generate.load_model(args)  # generate --checkpoint gs://b/run

@@ -25,6 +25,7 @@ from flax import nnx
 from configs import common, grpo_qwen2_5_7b_math
 from fipo_jax import config as config_lib
 from fipo_jax import models
+from fipo_jax import policy as policy_lib
 from fipo_jax.models import build as build_lib
 from fipo_jax.rl import losses
 from fipo_jax.rl import setup as setup_lib
@@ -291,10 +292,10 @@ def test_aot_counts_the_reference_params():
   # chip, is added to the step's own memory.
   run = config_lib.validate(grpo_qwen2_5_7b_math.get_config("runlocal"), check_paths=False)
   mesh = sharding.make_mesh(*run.mesh.resolve(jax.device_count()))
-  res = aot.train_step_result(run, setup_lib.model_config(run), mesh, jax.device_count())
+  res = aot.train_step_result(run, policy_lib.model_config(run), mesh, jax.device_count())
   m = res.memory
   assert res.error is None and "+reference params" in res.shapes
-  _, abstract, shardings = build_lib.param_shardings(setup_lib.model_config(run), mesh)
+  _, abstract, shardings = build_lib.param_shardings(policy_lib.model_config(run), mesh)
   want = sum(
     math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
     for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)

@@ -12,6 +12,7 @@ import pytest
 from configs import fipo_qwen2_5_32b, tiny_cpu
 from fipo_jax import config as config_lib
 from fipo_jax import models
+from fipo_jax import policy as policy_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -146,7 +147,7 @@ def test_micro_batches_split_strided():
 def test_32b_recipe_train_step_builds_abstractly():
   """The real train step of the 32B recipe, traced with eval_shape: shapes only, no memory."""
   rc = config_lib.validate(fipo_qwen2_5_32b.get_config(), check_paths=False)
-  cfg = setup_lib.model_config(rc)
+  cfg = policy_lib.model_config(rc)
   assert cfg.num_layers == 64 and cfg.hidden_size == 5120 and cfg.remat_policy != "none"
   graphdef, abstract, _ = models.build.param_shardings(cfg, None)
   tx = ts.make_optimizer(lr=rc.optim.lr, warmup_steps=rc.optim.warmup_steps,

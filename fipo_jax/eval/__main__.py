@@ -40,10 +40,10 @@ def _load(data_files):
   """(policy, tokenizer, examples, skipped, max_prompt, the run's max_response_length or None)
   of the flags; bad inputs exit 2."""
   from fipo_jax import export, paths  # noqa: PLC0415 (keeps --help fast)
+  from fipo_jax import policy as policy_lib  # noqa: PLC0415
   from fipo_jax.data import pipeline  # noqa: PLC0415
   from fipo_jax.data import tokenizer as tok_lib  # noqa: PLC0415
   from fipo_jax.models import hf_io  # noqa: PLC0415
-  from fipo_jax.rl import setup as setup_lib  # noqa: PLC0415
 
   if bool(_CKPT.value) == bool(_HF.value):
     _fail("give exactly one of --checkpoint or --hf_dir")
@@ -53,7 +53,7 @@ def _load(data_files):
     if not paths.isfile(path):  # local or gs://
       _fail(f"data file not found: {path}")
   try:
-    policy = setup_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
+    policy = policy_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
     tokenizer = tok_lib.load_tokenizer(policy.tokenizer_dir)
     # The run's prompt format and lengths: from its workdir, or as an export recorded them.
     run = export.run_defaults(policy) if policy.run_config else hf_io.run_defaults(_HF.value)
