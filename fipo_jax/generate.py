@@ -1,7 +1,7 @@
 """Sample from an HF directory (or a checkpoint) on a jsonl file of prompts.
 
   python -m fipo_jax.generate --hf_dir DIR --prompts_file IN.jsonl --output OUT.jsonl \
-      [--n 4] [--max_new_tokens 256] [--temperature 1.0] [--top_p 1.0] [--top_k 0] [--seed 0] \
+      [--n 4] [--max_new_tokens 256] [--temperature 1.0] [--top_p 1.0] [--top_k -1] [--seed 0] \
       [--no_chat]
 
 Each input row (a jsonl line, or a parquet row) has `prompt_ids` (a list of token ids) or
@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--max_new_tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy.")
   p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--top_k", type=int, default=0, help="0 = off.")
+  p.add_argument("--top_k", type=int, default=-1, help="-1 = off.")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument(
     "--chat",
@@ -179,9 +179,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parse_args(argv)
   from fipo_jax import paths, sampling  # noqa: PLC0415
 
-  sampling_method = sampling.from_flags(args.temperature, args.top_p, args.top_k)
   model_dir = args.hf_dir or args.checkpoint
   try:
+    sampling_method = sampling.from_flags(args.temperature, args.top_p, args.top_k)
     model, run_chat = load_model(args)  # first: a checkpoint names its tokenizer directory
     tokenizer = load_tokenizer(args.tokenizer_dir or args.hf_dir)
     chat = next(c for c in (args.chat, run_chat, True) if c is not None)

@@ -175,3 +175,25 @@ def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [want]
     assert not out.exists()
+
+
+def test_top_k_off_is_minus_one_and_zero_is_refused(model_dirs, tmp_path, capsys):
+  """One "off" value for top-k (-1, as in the configs) in generate and eval: 0 exits 2."""
+  _, bare = model_dirs
+  ids_file = _write_jsonl(tmp_path / "ids.jsonl", [{"prompt_ids": [1, 2]}])
+  out = tmp_path / "o.jsonl"
+  generate.main(["--hf_dir", str(bare), "--prompts_file", str(ids_file), "--output", str(out),
+                 "--n", "1", "--max_new_tokens", "2"])  # the default top_k: -1 (off)
+  assert len(_read(out)) == 1
+  capsys.readouterr()  # its progress bar
+  with pytest.raises(SystemExit) as e:
+    generate.main(["--hf_dir", str(bare), "--prompts_file", str(ids_file), "--output",
+                   str(tmp_path / "o2.jsonl"), "--top_k", "0"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip().splitlines() == [
+    "generate: top_k must be -1 (off) or > 0, got 0"]
+  cmd = [sys.executable, "-m", "fipo_jax.eval", "--hf_dir", str(bare), "--data", str(ids_file),
+         "--top_k", "0"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == ["eval: top_k must be -1 (off) or > 0, got 0"]

@@ -18,7 +18,7 @@ def _expected(method: params_lib.Sampling) -> np.ndarray:
   p = np.exp(z - z.max())
   p /= p.sum()
   keep = np.ones_like(p, bool)
-  if method.top_k:
+  if method.top_k > 0:
     keep &= z >= np.sort(z)[::-1][method.top_k - 1]
   q = np.where(keep, p, 0.0)
   q /= q.sum()
@@ -79,6 +79,16 @@ def test_log_probs_are_pre_truncation_at_temperature(method):
   np.testing.assert_allclose(logp, np.asarray(ref)[tokens], rtol=0, atol=1e-6)
 
 
+def test_top_k_off_and_top_k_at_least_vocab_keep_every_token():
+  logits = jnp.asarray(np.stack([_LOGITS, _LOGITS[::-1]]))
+  full = logits / 0.8
+  for top_k in (params_lib.TOP_K_OFF, _LOGITS.size, _LOGITS.size + 5):
+    got = params_lib.Sampling(temperature=0.8, top_k=top_k).truncated_logits(logits)
+    np.testing.assert_array_equal(got, full)
+  kept = params_lib.Sampling(temperature=0.8, top_k=1).truncated_logits(logits)
+  assert (np.isfinite(np.asarray(kept)).sum(axis=-1) == 1).all()
+
+
 def test_greedy_is_argmax():
   logits = jax.random.normal(jax.random.key(1), (16, 32))
   tokens, _ = params_lib.Greedy().select(logits, jax.random.split(jax.random.key(0), 16))
@@ -99,8 +109,10 @@ def test_validation_and_flags():
     params_lib.Sampling(temperature=0.0)
   with pytest.raises(ValueError, match="top_p"):
     params_lib.Sampling(top_p=0.0)
-  with pytest.raises(ValueError, match="top_k"):
-    params_lib.Sampling(top_k=-1)
+  with pytest.raises(ValueError, match=r"top_k must be -1 \(off\) or > 0, got 0"):
+    params_lib.Sampling(top_k=0)  # one "off" value: -1, as in the configs
+  assert params_lib.Sampling().top_k == params_lib.TOP_K_OFF == -1
+  assert params_lib.from_flags(0.8, 0.9) == params_lib.Sampling(0.8, 0.9, -1)
   assert params_lib.from_flags(0.0) == params_lib.Greedy()
   assert params_lib.from_flags(0.8, 0.9, 5) == params_lib.Sampling(0.8, 0.9, 5)
   assert hash(params_lib.Sampling(0.8)) == hash(params_lib.Sampling(0.8))

@@ -19,7 +19,7 @@ _DATA = flags.DEFINE_list("data", None, "Eval parquet/jsonl file(s) in the verl 
 _N = flags.DEFINE_integer("n", 32, "Samples per prompt (k of avg@k, pass@k, cons@k).")
 _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
 _TOP_P = flags.DEFINE_float("top_p", 0.7, "Nucleus sampling mass.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
+_TOP_K = flags.DEFINE_integer("top_k", -1, "Top-k (-1 = off).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: the run's max_response_length.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", None,
                                    "Prompt tokens (left-truncated); default: the run's, or 2048.")
@@ -79,6 +79,10 @@ def main(argv) -> None:
   from fipo_jax.sampling import engine as engine_lib
   from fipo_jax.sampling import params as sampling_params
 
+  try:
+    method = sampling_params.from_flags(_TEMP.value, _TOP_P.value, _TOP_K.value)
+  except ValueError as e:  # e.g. --top_k 0 (off is -1)
+    _fail(e)
   policy, tokenizer, examples, skipped, max_prompt, run_max_new = _load(_DATA.value)
   max_new = _MAX_NEW.value or run_max_new or 1024
   engine = engine_lib.Engine(
@@ -91,7 +95,7 @@ def main(argv) -> None:
     eos_ids=tok_lib.eos_token_ids(tokenizer),
     reward_cfg=rollout_lib.RewardConfig(max_response_length=max_new,
                                         overlong_buffer_enable=False),
-    n=_N.value, sampling=sampling_params.from_flags(_TEMP.value, _TOP_P.value, _TOP_K.value),
+    n=_N.value, sampling=method,
     seed=_SEED.value, max_new_tokens=max_new, progress=True,
   )
   metrics["eval/skipped_rows"] = skipped

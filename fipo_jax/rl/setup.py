@@ -93,7 +93,7 @@ def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConf
 
 
 def sampling_method(temperature: float, top_p: float, top_k: int):
-  return sampling_params.from_flags(temperature, top_p, max(top_k, 0))
+  return sampling_params.from_flags(temperature, top_p, top_k)  # top_k -1: off, as in configs
 
 
 def build(rc: config_lib.RunConfig, workdir: str) -> Env:

@@ -1,7 +1,7 @@
 """JetStream-style sampling engine and the offline continuous-batching driver.
 
 Public API:
-  Greedy, Sampling, from_flags                   params.py (sampling methods)
+  Greedy, Sampling, from_flags, TOP_K_OFF        params.py (sampling methods)
   Engine, EngineConfig, DecodeState, Prefix      engine.py (prefill / insert / generate)
   generate_samples, run, Sample, SamplerStats    driver.py (prompts x n -> samples)
 
@@ -15,7 +15,7 @@ Typical use (rollouts, eval, the generate CLI):
 
 from fipo_jax.sampling.driver import Result, Sample, SamplerStats, generate_samples, run
 from fipo_jax.sampling.engine import DecodeState, Engine, EngineConfig, Prefix, ResultTokens
-from fipo_jax.sampling.params import Greedy, Sampling, SamplingMethod, from_flags
+from fipo_jax.sampling.params import TOP_K_OFF, Greedy, Sampling, SamplingMethod, from_flags
 
 __all__ = [
   "DecodeState",
@@ -29,6 +29,7 @@ __all__ = [
   "SamplerStats",
   "Sampling",
   "SamplingMethod",
+  "TOP_K_OFF",
   "from_flags",
   "generate_samples",
   "run",

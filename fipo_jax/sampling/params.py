@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+TOP_K_OFF = -1  # top-k disabled: the one "off" value of configs, CLIs and the sampler (vLLM's)
+
 
 def _log_probs_of(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
   """f32[B] log-prob of `tokens` int32[B] under softmax(logits[B, V] / temperature)."""
@@ -46,28 +48,28 @@ class Sampling:
     temperature: > 0; divides the logits before softmax.
     top_p: nucleus mass in (0, 1]; 1.0 disables it. The smallest set of most likely
       tokens whose mass reaches `top_p` is kept (the most likely token always is).
-    top_k: keep the k most likely tokens; 0 (or >= V) disables it. Applied before top-p,
-      as in HF / vLLM.
+    top_k: keep the k > 0 most likely tokens (k >= V keeps all); TOP_K_OFF (-1) disables
+      it. Applied before top-p, as in HF / vLLM.
   """
 
   temperature: float = 1.0
   top_p: float = 1.0
-  top_k: int = 0
+  top_k: int = TOP_K_OFF
 
   def __post_init__(self):
     if not self.temperature > 0:
       raise ValueError(f"temperature must be > 0 (use Greedy for argmax), got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not (self.top_k == TOP_K_OFF or self.top_k > 0):
+      raise ValueError(f"top_k must be {TOP_K_OFF} (off) or > 0, got {self.top_k}")
 
   def truncated_logits(self, logits: jax.Array) -> jax.Array:
     """f32[B, V] tempered logits with truncated tokens set to -inf."""
     scaled = logits.astype(jnp.float32) / self.temperature
     vocab = scaled.shape[-1]
     neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
-    if 0 < self.top_k < vocab:
+    if self.top_k != TOP_K_OFF and self.top_k < vocab:
       kth = jax.lax.top_k(scaled, self.top_k)[0][:, -1:]  # [B, 1]
       scaled = jnp.where(scaled < kth, neg_inf, scaled)
     if self.top_p < 1.0:
@@ -92,7 +94,7 @@ class Sampling:
 SamplingMethod = Greedy | Sampling
 
 
-def from_flags(temperature: float, top_p: float = 1.0, top_k: int = 0) -> SamplingMethod:
+def from_flags(temperature: float, top_p: float = 1.0, top_k: int = TOP_K_OFF) -> SamplingMethod:
   """Greedy when temperature == 0, else Sampling (the CLI / config convention)."""
   if temperature == 0:
     return Greedy()
