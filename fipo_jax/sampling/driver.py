@@ -117,84 +117,109 @@ def run(
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if n <= 0:
     raise ValueError(f"n must be positive, got {n}")
-  budgets = _budgets(max_new_tokens, len(prompts))
-  stops = frozenset(int(i) for i in (*eos_ids, *stop_ids))
-  prompts = [np.asarray(p, np.int32) for p in prompts]
-  num_slots = engine.max_concurrent_decodes
-  waiting = collections.deque((p, s) for p in range(len(prompts)) for s in range(n))
-  stats = SamplerStats(num_requests=len(waiting))
-  slots: list[_Running | None] = [None] * num_slots
-  done: list[Sample] = []
-  state = engine.init_decode_state()
-  bar = tqdm.tqdm(total=len(waiting), disable=not progress, unit="sample", dynamic_ncols=True)
-  start = time.perf_counter()
+  loop = _Loop(engine, [np.asarray(p, np.int32) for p in prompts], n=n,
+               budgets=_budgets(max_new_tokens, len(prompts)),
+               stops=frozenset(int(i) for i in (*eos_ids, *stop_ids)), mode=mode,
+               progress=progress)
+  while loop.waiting or loop.busy():
+    if loop.waiting and loop.may_fill():
+      loop.fill(params, seed=seed, sampling=sampling)
+    else:
+      loop.decode(params, sampling=sampling)
+  return loop.result()
 
-  def finish(slot: int) -> None:
-    run_ = slots[slot]
-    slots[slot] = None
-    response = np.concatenate(run_.tokens).astype(np.int32)
-    logprobs = np.concatenate(run_.log_probs).astype(np.float32)
-    reason = "stop" if response.size and int(response[-1]) in stops else "length"
-    done.append(
-      Sample(
-        run_.prompt_index,
-        run_.sample_index,
-        prompts[run_.prompt_index],
-        response,
-        logprobs,
-        reason,
-        int(response.size),
-      )
-    )
-    bar.update(1)
-    bar.set_postfix(tok_s=f"{stats.tokens_generated / (time.perf_counter() - start):.1f}")
 
-  while waiting or any(s is not None for s in slots):
-    free = [i for i, s in enumerate(slots) if s is None]
-    may_fill = len(free) == num_slots if mode == "static" else bool(free)
-    if waiting and may_fill:
-      take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-      use = free[: len(take)]
-      prefix = engine.prefill(
-        params, [prompts[p] for p, _ in take], take, seed=seed, sampling=sampling
-      )
-      state = engine.insert(prefix, state, use, [budgets[p] for p, _ in take], stops)
-      # fetch: on several hosts the prefill's outputs may be sharded over all of them.
-      first, first_lp = distributed.fetch((prefix.tokens, prefix.log_probs))
-      stats.num_prefill_calls += 1
-      stats.tokens_generated += len(take)
-      for i, ((p, s), slot) in enumerate(zip(take, use, strict=True)):
-        slots[slot] = _Running(p, s, [first[i : i + 1]], [first_lp[i : i + 1]])
-        if int(first[i]) in stops or budgets[p] <= 1:
-          finish(slot)  # the engine marked this slot inactive too
-      continue
+class _Loop:
+  """The host side of one `run`: the request queue, the slots, the finished samples."""
+
+  def __init__(self, engine, prompts: list[np.ndarray], *, n: int, budgets: list[int],
+               stops: frozenset[int], mode: str, progress: bool):
+    self.engine, self.prompts, self.budgets, self.stops, self.mode = (
+      engine, prompts, budgets, stops, mode)
+    self.num_slots = engine.max_concurrent_decodes
+    self.waiting = collections.deque((p, s) for p in range(len(prompts)) for s in range(n))
+    self.stats = SamplerStats(num_requests=len(self.waiting))
+    self.slots: list[_Running | None] = [None] * self.num_slots
+    self.done: list[Sample] = []
+    self.state = engine.init_decode_state()
+    self.bar = tqdm.tqdm(total=len(self.waiting), disable=not progress, unit="sample",
+                         dynamic_ncols=True)
+    self.start = time.perf_counter()
+
+  def busy(self) -> bool:
+    return any(s is not None for s in self.slots)
+
+  def free_slots(self) -> list[int]:
+    return [i for i, s in enumerate(self.slots) if s is None]
+
+  def may_fill(self) -> bool:
+    """Continuous: any free slot; static: only once every slot of the last batch finished."""
+    free = len(self.free_slots())
+    return free == self.num_slots if self.mode == "static" else free > 0
+
+  def fill(self, params, *, seed: int, sampling) -> None:
+    """Prefills waiting requests into the free slots (a request may finish on its first token)."""
+    free = self.free_slots()
+    take = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+    use = free[: len(take)]
+    prefix = self.engine.prefill(params, [self.prompts[p] for p, _ in take], take, seed=seed,
+                                 sampling=sampling)
+    self.state = self.engine.insert(prefix, self.state, use,
+                                    [self.budgets[p] for p, _ in take], self.stops)
+    # fetch: on several hosts the prefill's outputs may be sharded over all of them.
+    first, first_lp = distributed.fetch((prefix.tokens, prefix.log_probs))
+    self.stats.num_prefill_calls += 1
+    self.stats.tokens_generated += len(take)
+    for i, ((p, s), slot) in enumerate(zip(take, use, strict=True)):
+      self.slots[slot] = _Running(p, s, [first[i : i + 1]], [first_lp[i : i + 1]])
+      if int(first[i]) in self.stops or self.budgets[p] <= 1:
+        self.finish(slot)  # the engine marked this slot inactive too
+
+  def decode(self, params, *, sampling) -> None:
+    """One generate call; appends each slot's valid tokens and finishes the inactive slots."""
     # With requests waiting (continuous), come back as soon as one slot frees up.
-    min_free = 1 if (waiting and mode == "continuous") else num_slots + 1
-    state, result = engine.generate(
-      params, state, sampling=sampling, stop_ids=stops, min_free=min_free
-    )
+    min_free = 1 if (self.waiting and self.mode == "continuous") else self.num_slots + 1
+    self.state, result = self.engine.generate(params, self.state, sampling=sampling,
+                                              stop_ids=self.stops, min_free=min_free)
     res = jax.device_get(result)
     steps = int(res.num_steps)
-    valid = np.asarray(res.valid[:steps])
-    stats.num_generate_calls += 1
-    stats.num_decode_steps += steps
-    stats.total_slot_steps += steps * num_slots
-    stats.active_slot_steps += int(valid.sum())
-    stats.tokens_generated += int(valid.sum())
-    if waiting:
-      stats.idle_slot_steps_while_waiting += int((~valid).sum())
-    for slot, run_ in enumerate(slots):
+    valid = np.asarray(res.valid[:steps])  # bool[steps, slots]
+    self._count(steps, valid)
+    for slot, run_ in enumerate(self.slots):
       if run_ is None:
         continue
       keep = valid[:, slot]
       run_.tokens.append(np.asarray(res.tokens[:steps, slot][keep]))
       run_.log_probs.append(np.asarray(res.log_probs[:steps, slot][keep]))
       if not res.active[slot]:
-        finish(slot)
-  stats.wall_time_s = time.perf_counter() - start
-  bar.close()
-  done.sort(key=lambda x: (x.prompt_index, x.sample_index))
-  return Result(done, stats)
+        self.finish(slot)
+
+  def _count(self, steps: int, valid: np.ndarray) -> None:
+    st = self.stats
+    st.num_generate_calls += 1
+    st.num_decode_steps += steps
+    st.total_slot_steps += steps * self.num_slots
+    st.active_slot_steps += int(valid.sum())
+    st.tokens_generated += int(valid.sum())
+    if self.waiting:
+      st.idle_slot_steps_while_waiting += int((~valid).sum())
+
+  def finish(self, slot: int) -> None:
+    run_, self.slots[slot] = self.slots[slot], None
+    response = np.concatenate(run_.tokens).astype(np.int32)
+    logprobs = np.concatenate(run_.log_probs).astype(np.float32)
+    reason = "stop" if response.size and int(response[-1]) in self.stops else "length"
+    self.done.append(Sample(run_.prompt_index, run_.sample_index, self.prompts[run_.prompt_index],
+                            response, logprobs, reason, int(response.size)))
+    self.bar.update(1)
+    elapsed = time.perf_counter() - self.start
+    self.bar.set_postfix(tok_s=f"{self.stats.tokens_generated / elapsed:.1f}")
+
+  def result(self) -> Result:
+    self.stats.wall_time_s = time.perf_counter() - self.start
+    self.bar.close()
+    self.done.sort(key=lambda x: (x.prompt_index, x.sample_index))
+    return Result(self.done, self.stats)
 
 
 def _budgets(max_new_tokens: int | Sequence[int], num_prompts: int) -> list[int]:
