@@ -15,6 +15,7 @@ live in `fipo_jax.config_mesh`, the mapping-to-dataclass machinery in `fipo_jax.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ LOSS_MODES = ("fipo", "dapo", "grpo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                   "seq-mean-token-sum-norm")
 FILTER_METRICS = ("acc", "score", "seq_reward", "seq_final_reward")
-REWARD_FNS = ("math_dapo",)
+REWARD_FNS = ("math_dapo", "math_verify")  # fipo_jax.rl.rewards.verifier
 KL_LOSS_TYPES = ("kl", "abs", "mse", "low_var_kl")
 TRUNCATIONS = ("left", "error", "drop")
 TASKS = ("verl", "synthetic", "auto")
@@ -184,6 +185,9 @@ class RLSection(Section):
     self._one_of("loss_agg_mode", LOSS_AGG_MODES)
     self._one_of("filter_groups_metric", FILTER_METRICS)
     self._one_of("reward_fn", REWARD_FNS)
+    if self.reward_fn == "math_verify" and importlib.util.find_spec("math_verify") is None:
+      self._fail("reward_fn", "'math_verify' needs the math-verify package: "
+                 "pip install 'fipo_jax[math_verify]'")
     self._one_of("kl_loss_type", KL_LOSS_TYPES)
     self._require(0.0 <= self.clip_ratio_low < 1.0, "clip_ratio_low", "must be in [0, 1)")
     self._require(self.clip_ratio_high >= 0.0, "clip_ratio_high", "must be >= 0")

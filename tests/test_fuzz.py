@@ -20,7 +20,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fipo_jax.rl import aggregation, losses, rewards, rollout
+from fipo_jax.rl import aggregation, losses, rewards
 
 CLIP_MODES = {"symmetric": (0.2, False), "high_only": (0.2, True), "none": (0.0, False)}
 _SETTINGS = hypothesis.settings(max_examples=40, deadline=None,
@@ -100,8 +100,8 @@ def test_reward_never_raises(response, ground_truth):
 @hypothesis.given(texts=st.lists(st.one_of(_hostile_text, _non_str), min_size=1, max_size=4),
                   gt=st.one_of(_hostile_text, _non_str))
 def test_score_responses_never_raises(texts, gt):
-  cfg = rollout.RewardConfig(max_response_length=16, overlong_buffer_len=4)
-  scores, acc, preds, overlong, errors = rollout.score_responses(
-    texts, [len(str(t)) % 20 for t in texts], [gt] * len(texts), cfg)
-  assert np.all(np.isfinite(scores)) and len(preds) == len(texts) == len(acc) == len(overlong)
-  assert 0 <= errors <= len(texts)
+  cfg = rewards.RewardConfig(max_response_length=16, overlong_buffer_len=4)
+  s = rewards.score_responses(texts, [len(str(t)) % 20 for t in texts], [gt] * len(texts), cfg)
+  assert np.all(np.isfinite(s.scores)) and np.all(np.isfinite(s.verifier_scores))
+  assert len(s.preds) == len(texts) == len(s.acc) == len(s.overlong)
+  assert 0 <= s.errors <= len(texts)

@@ -171,16 +171,17 @@ def score(text, gt):
 
 texts = ["1", "22", "boom", "é", "55555", "6", "ü7"]
 cfg = rollout.RewardConfig(max_response_length=4, overlong_buffer_len=2)
-scores, acc, preds, overlong, errors, mine = rollout.score_shard(
+s, mine = rollout.score_shard(
   texts, [1, 2, 3, 4, 5, 1, 2], ["1", "2", "3", "é", "55555", "0", "ü7"], cfg, score,
   index=int(sys.argv[2]), count=2)
-print("RESULT " + json.dumps(dict(scores=scores.tolist(), acc=acc.tolist(), preds=preds,
-                                  overlong=overlong.tolist(), errors=errors, mine=mine)))
+print("RESULT " + json.dumps(dict(scores=s.scores.tolist(), acc=s.acc.tolist(), preds=s.preds,
+                                  overlong=s.overlong.tolist(), errors=s.errors, mine=mine,
+                                  verifier_scores=s.verifier_scores.tolist())))
 """
 
 
 def test_reward_scoring_is_split_over_processes_and_all_gathered():
-  from fipo_jax.rl import rollout  # noqa: PLC0415
+  from fipo_jax.rl import rewards  # noqa: PLC0415
 
   port = portpicker.pick_unused_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("FIPO_")}
@@ -200,13 +201,14 @@ def test_reward_scoring_is_split_over_processes_and_all_gathered():
       raise RuntimeError("verifier crash")
     return {"score": 1.0 if text == gt else -1.0, "acc": text == gt, "pred": text * 2}
 
-  cfg = rollout.RewardConfig(max_response_length=4, overlong_buffer_len=2)
-  scores, acc, preds, overlong, errors = rollout.score_responses(
+  cfg = rewards.RewardConfig(max_response_length=4, overlong_buffer_len=2)
+  s = rewards.score_responses(
     ["1", "22", "boom", "é", "55555", "6", "ü7"], [1, 2, 3, 4, 5, 1, 2],
     ["1", "2", "3", "é", "55555", "0", "ü7"], cfg, score)
-  want = dict(scores=scores.tolist(), acc=acc.tolist(), preds=preds, overlong=overlong.tolist(),
-              errors=errors)
-  assert errors == 1 and any(overlong)
+  want = dict(scores=s.scores.tolist(), acc=s.acc.tolist(), preds=s.preds,
+              overlong=s.overlong.tolist(), errors=s.errors,
+              verifier_scores=s.verifier_scores.tolist())
+  assert s.errors == 1 and any(s.overlong)
   for r in results:  # every process has every score, bit for bit
     assert {k: r[k] for k in want} == want
 

@@ -17,7 +17,7 @@ import pytest
 
 from configs import common
 from fipo_jax import models
-from fipo_jax.rl import rollout
+from fipo_jax.rl import rewards
 from fipo_jax.rl import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_nonfinite_update_is_skipped_and_params_untouched(poison):
 
 
 def test_crashing_or_nan_verifier_scores_wrong_and_is_counted():
-  cfg = rollout.RewardConfig(max_response_length=16, overlong_buffer_len=4)
+  cfg = rewards.RewardConfig(max_response_length=16, overlong_buffer_len=4)
 
   def verifier(text, gt):
     if "boom" in text:
@@ -159,17 +159,17 @@ def test_crashing_or_nan_verifier_scores_wrong_and_is_counted():
       return {"score": float("nan"), "acc": True}
     return {"score": 1.0, "acc": True}
 
-  scores, acc, _, _, errors = rollout.score_responses(
+  s = rewards.score_responses(
     ["boom", "nan", "ok", "ok"], [1, 1, 1, 1], ["1", "1", "1", "x" * 5000], cfg, verifier)
-  assert errors == 3  # crash, NaN score, over-long ground truth
-  np.testing.assert_array_equal(scores, [-1.0, -1.0, 1.0, -1.0])
-  np.testing.assert_array_equal(acc, [False, False, True, False])
+  assert s.errors == 3  # crash, NaN score, over-long ground truth
+  np.testing.assert_array_equal(s.scores, [-1.0, -1.0, 1.0, -1.0])
+  np.testing.assert_array_equal(s.acc, [False, False, True, False])
 
 
 def test_verifier_sees_only_the_bounded_tail():
-  cfg = rollout.RewardConfig(max_response_length=16, overlong_buffer_len=4)
+  cfg = rewards.RewardConfig(max_response_length=16, overlong_buffer_len=4)
   seen = []
-  rollout.score_responses(["x" * 10**6 + "Answer: 3"], [1], ["3"], cfg,
+  rewards.score_responses(["x" * 10**6 + "Answer: 3"], [1], ["3"], cfg,
                           lambda t, g: seen.append(len(t)) or {"score": 1.0, "acc": True})
   assert seen == [cfg.max_response_chars]
 

@@ -1,4 +1,5 @@
-"""math_dapo_score and overlong_penalty: golden cases exactly, regex equivalence, hostile text."""
+"""Rewards: math_dapo_score and overlong_penalty (golden cases exactly, regex equivalence, hostile
+text), and the verifier of rl.reward_fn (math_dapo, math_verify) as the trainer scores with it."""
 
 import json
 import math
@@ -6,6 +7,7 @@ import re
 
 import hypothesis
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 
 import fipo_jax.rl as rl
@@ -156,3 +158,69 @@ def test_non_string_inputs_are_wrong_answers(response, ground_truth):
 def test_long_response_uses_last_300_chars():
   assert rl.math_dapo_score("Answer: 7\n" + "x" * 400, "7")["pred"] == "[INVALID]"
   assert rl.math_dapo_score("x" * 10_000 + "\nAnswer: 7", "7")["acc"] is True
+
+
+# --- rl.reward_fn: the verifier the trainer scores with --------------------------------------
+
+
+class _TextTokenizer:
+  """batch_decode of [i] -> TEXTS[i]: the trainer's decode step, without a vocabulary."""
+
+  def __init__(self, texts):
+    self.texts = texts
+
+  def batch_decode(self, ids, skip_special_tokens):
+    assert skip_special_tokens  # as verl's DAPO reward manager decodes
+    return [self.texts[int(x[0])] for x in ids]
+
+
+def _score_like_the_trainer(reward_fn: str, responses: list[str], ground_truth: str):
+  """rl.reward_fn -> validated config -> the Env's RewardConfig -> rollout.make_rollouts."""
+  from configs import common  # noqa: PLC0415
+  from fipo_jax import config as config_lib  # noqa: PLC0415
+  from fipo_jax.rl import rollout  # noqa: PLC0415
+  from fipo_jax.sampling.driver import Sample  # noqa: PLC0415
+
+  c = common.base()
+  c.rl.reward_fn = reward_fn
+  rc = config_lib.validate(c, check_paths=False)
+  cfg = rewards.RewardConfig.from_section(rc.rl)
+  assert cfg.reward_fn == reward_fn
+  samples = [Sample(prompt_index=0, sample_index=i, prompt_ids=np.zeros(1, np.int32),
+                    response_ids=np.array([i], np.int32), response_logprobs=np.zeros(1, np.float32),
+                    finish_reason="stop", length=1) for i in range(len(responses))]
+  return rollout.make_rollouts(_TextTokenizer(responses), cfg, [{"ground_truth": ground_truth}],
+                               samples)
+
+
+def test_math_verify_scores_latex_against_a_decimal_ground_truth():
+  r = _score_like_the_trainer(
+    "math_verify", ["so the answer is $\\frac{1}{2}$", "the answer is $\\frac{1}{3}$",
+                    "\\boxed{\\frac{2}{4}}", "no answer at all"], "0.5")
+  assert r.acc.tolist() == [True, False, True, False]
+  # verl's math_verify scale: 1.0 right, 0.0 wrong (no overlong penalty at length 1).
+  assert r.verifier_scores.tolist() == [1.0, 0.0, 1.0, 0.0] == r.scores.tolist()
+  assert r.preds[0] == "1/2" and r.reward_errors == 0
+
+
+def test_math_dapo_is_the_default_and_does_not_read_latex_symbolically():
+  r = _score_like_the_trainer("math_dapo", ["Answer: \\frac{1}{2}", "Answer: 0.5"], "0.5")
+  assert r.acc.tolist() == [False, True] and r.verifier_scores.tolist() == [-1.0, 1.0]
+
+
+def test_math_verify_past_its_time_bound_is_killed_counted_and_replaced():
+  cfg = rewards.RewardConfig(max_response_length=8, overlong_buffer_enable=False,
+                             reward_fn="math_verify", max_seconds=1e-4)
+  v = rewards.IsolatedVerifier("math_verify", cfg.max_seconds)
+  slow = "\\boxed{" + "+".join(f"\\frac{{{i}}}{{{i + 1}}}" for i in range(1, 40)) + "}"
+  s = rewards.score_responses([slow], [1], ["1"], cfg, v)  # sympy needs far more than 0.1 ms
+  assert s.errors == 1 and not s.acc.any() and s.preds == ["[ERROR]"]
+  assert v._proc is None  # the child mid-call was killed, never reused
+  v.max_seconds = 30.0  # the next call starts a new child
+  assert v("\\boxed{1}", "1")["acc"] is True
+  v.close()
+
+
+def test_an_unknown_worker_fails_to_start_with_its_reason():
+  with pytest.raises(RuntimeError, match="did not start: usage"):
+    rewards.IsolatedVerifier("nope", 10.0)("1", "1")

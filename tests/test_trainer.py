@@ -13,6 +13,7 @@ from configs import fipo_qwen2_5_32b, tiny_cpu
 from fipo_jax import config as config_lib
 from fipo_jax import models
 from fipo_jax import policy as policy_lib
+from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -29,7 +30,8 @@ def _round(accs_per_group, n, offset):
     response_ids=[np.array([3, 4, 5], np.int32)] * r,
     response_logprobs=[np.zeros(3, np.float32)] * r,
     finish_reasons=["stop"] * r, group_ids=groups,
-    scores=np.where(acc, 1.0, -1.0).astype(np.float32), acc=acc, preds=[""] * r,
+    scores=np.where(acc, 1.0, -1.0).astype(np.float32),
+    verifier_scores=np.where(acc, 1.0, -1.0).astype(np.float32), acc=acc, preds=[""] * r,
     overlong=np.zeros(r, bool),
   )
 
@@ -98,24 +100,25 @@ def test_pack_batch_layout():
 
 
 def test_overlong_shaping_counts_tokens():
-  cfg = rollout_lib.RewardConfig(max_response_length=20, overlong_buffer_enable=True,
+  cfg = rewards_lib.RewardConfig(max_response_length=20, overlong_buffer_enable=True,
                                  overlong_buffer_len=4, overlong_penalty_factor=1.0)
   texts = ["Answer: 7"] * 4
-  scores, acc, _, overlong, errors = rollout_lib.score_responses(
-    texts, [16, 17, 18, 20], ["7"] * 4, cfg)
+  s = rewards_lib.score_responses(texts, [16, 17, 18, 20], ["7"] * 4, cfg)
   # Expected length 20 - 4 = 16 tokens: no penalty at 16, then -1/4 per extra token.
-  np.testing.assert_allclose(scores, [1.0, 0.75, 0.5, 0.0])
-  assert acc.all() and errors == 0
-  np.testing.assert_array_equal(overlong, [False, True, True, True])
+  np.testing.assert_allclose(s.scores, [1.0, 0.75, 0.5, 0.0])
+  np.testing.assert_array_equal(s.verifier_scores, [1.0] * 4)  # the penalty is not the verifier's
+  assert s.acc.all() and s.errors == 0
+  np.testing.assert_array_equal(s.overlong, [False, True, True, True])
 
 
 def test_score_responses_counts_verifier_crashes_as_wrong():
   def boom(text, gt):
     raise RuntimeError("verifier exploded")
 
-  cfg = rollout_lib.RewardConfig(max_response_length=8, overlong_buffer_enable=False)
-  scores, acc, preds, _, errors = rollout_lib.score_responses(["x"], [1], ["1"], cfg, boom)
-  assert scores.tolist() == [-1.0] and not acc.any() and errors == 1 and preds == ["[ERROR]"]
+  cfg = rewards_lib.RewardConfig(max_response_length=8, overlong_buffer_enable=False)
+  s = rewards_lib.score_responses(["x"], [1], ["1"], cfg, boom)
+  assert s.scores.tolist() == [-1.0] and not s.acc.any() and s.errors == 1
+  assert s.preds == ["[ERROR]"]
 
 
 def _mesh_like(data, fsdp):
@@ -184,11 +187,10 @@ def test_a_verifier_that_hangs_is_cut_off_and_scored_wrong():
     time.sleep(30)
     return {"score": 1.0, "acc": True, "pred": gt}
 
-  cfg = rollout_lib.RewardConfig(max_response_length=8, overlong_buffer_enable=False,
+  cfg = rewards_lib.RewardConfig(max_response_length=8, overlong_buffer_enable=False,
                                  max_seconds=0.2)
-  scores, acc, preds, _, errors = rollout_lib.score_responses(["x", "y"], [1, 1], ["1", "2"],
-                                                              cfg, slow)
-  assert scores.tolist() == [-1.0, -1.0] and not acc.any() and errors == 2
+  s = rewards_lib.score_responses(["x", "y"], [1, 1], ["1", "2"], cfg, slow)
+  assert s.scores.tolist() == [-1.0, -1.0] and not s.acc.any() and s.errors == 2
   # The alarm is disarmed afterwards: a normal verifier call is unaffected.
-  scores, acc, _, _, errors = rollout_lib.score_responses(["Answer: 1"], [3], ["1"], cfg)
-  assert scores.tolist() == [1.0] and acc.all() and errors == 0
+  s = rewards_lib.score_responses(["Answer: 1"], [3], ["1"], cfg)
+  assert s.scores.tolist() == [1.0] and s.acc.all() and s.errors == 0

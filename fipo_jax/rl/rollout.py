@@ -1,19 +1,16 @@
 """Rollouts on the host: sample, score, group advantages, dynamic sampling, pack into a batch.
 
 docs/fipo_spec.md §4: each round samples `gen_batch_size` prompts x `n` responses, scores with the
-math verifier plus overlong shaping, keeps the groups whose `acc` is not all-equal, and repeats
-(up to `max_num_gen_batches` rounds) until `train_batch_size` prompts are kept; the kept groups
-are truncated to exactly `train_batch_size` x `n` responses.
+verifier plus overlong shaping (`rewards.score_responses`), keeps the groups whose
+`rl.filter_groups_metric` (official: `acc`) is not all-equal, and repeats (up to
+`max_num_gen_batches` rounds) until `train_batch_size` prompts are kept; the kept groups are
+truncated to exactly `train_batch_size` x `n` responses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import math
-import signal
-import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -22,8 +19,19 @@ import numpy as np
 from fipo_jax import distributed
 from fipo_jax.rl import advantages as adv_lib
 from fipo_jax.rl import rewards as rewards_lib
+from fipo_jax.rl.rewards import RewardConfig, ScoreFn
 
-ScoreFn = Callable[[str, str], dict]
+# rl.filter_groups_metric -> the per-response value whose spread within a group keeps it
+# (verl recipe/dapo: `acc` and `score` from the reward function's extra info; `seq_reward` =
+# token_level_scores summed = verifier score + overlong penalty; `seq_final_reward` =
+# token_level_rewards summed, which differs only by an in-reward KL penalty this trainer does
+# not have (its KL is a loss term), so it equals seq_reward here).
+FILTER_METRICS = {
+  "acc": lambda r: r.acc.astype(np.float32),
+  "score": lambda r: r.verifier_scores,
+  "seq_reward": lambda r: r.scores,
+  "seq_final_reward": lambda r: r.scores,
+}
 
 
 @dataclasses.dataclass
@@ -35,7 +43,8 @@ class Rollouts:
   response_logprobs: list[np.ndarray]  # R x f32[T_i], from the sampler
   finish_reasons: list[str]
   group_ids: np.ndarray  # int64[R], one id per prompt
-  scores: np.ndarray  # f32[R], verifier score + overlong penalty
+  scores: np.ndarray  # f32[R], verifier score + overlong penalty (what advantages use)
+  verifier_scores: np.ndarray  # f32[R], the verifier's score alone
   acc: np.ndarray  # bool[R]
   preds: list[str]
   overlong: np.ndarray  # bool[R], penalty < 0
@@ -55,6 +64,7 @@ class Rollouts:
       finish_reasons=pick(self.finish_reasons),
       group_ids=self.group_ids[idx],
       scores=self.scores[idx],
+      verifier_scores=self.verifier_scores[idx],
       acc=self.acc[idx],
       preds=pick(self.preds),
       overlong=self.overlong[idx],
@@ -72,6 +82,7 @@ class Rollouts:
       finish_reasons=cat("finish_reasons"),
       group_ids=np.concatenate([p.group_ids for p in parts]),
       scores=np.concatenate([p.scores for p in parts]).astype(np.float32),
+      verifier_scores=np.concatenate([p.verifier_scores for p in parts]).astype(np.float32),
       acc=np.concatenate([p.acc for p in parts]).astype(bool),
       preds=cat("preds"),
       overlong=np.concatenate([p.overlong for p in parts]).astype(bool),
@@ -80,141 +91,55 @@ class Rollouts:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-  max_response_length: int
-  overlong_buffer_enable: bool = True
-  overlong_buffer_len: int = 4096
-  overlong_penalty_factor: float = 1.0
-  # Size bounds of one verifier call: with the linear-time math_dapo_score they bound its time.
-  # Only the response's tail is passed (the verifier reads its last 300 characters, so this
-  # changes no score); a longer ground truth is a data error, scored wrong and counted.
-  max_response_chars: int = 4096
-  max_ground_truth_chars: int = 1024
-  # Wall-clock bound of one verifier call (a custom verifier may not be linear-time). Enforced
-  # with SIGALRM in the main thread, where the trainer runs; elsewhere only the size bounds hold.
-  max_seconds: float = 2.0
-
-
-class VerifierTimeout(Exception):
-  """A verifier call ran past RewardConfig.max_seconds."""
-
-
-@contextlib.contextmanager
-def _time_bound(seconds: float):
-  """Raises VerifierTimeout in the block after `seconds` (main thread, POSIX); else no bound."""
-  usable = (seconds > 0 and hasattr(signal, "setitimer")
-            and threading.current_thread() is threading.main_thread())
-  if not usable:
-    yield
-    return
-
-  def on_alarm(signum, frame):  # noqa: ARG001
-    raise VerifierTimeout(f"verifier ran past {seconds}s")
-
-  previous = signal.signal(signal.SIGALRM, on_alarm)
-  signal.setitimer(signal.ITIMER_REAL, seconds)
-  try:
-    yield
-  finally:
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-def score_responses(
-  texts: Sequence[str],
-  lengths: Sequence[int],
-  ground_truths: Sequence[str],
-  cfg: RewardConfig,
-  score_fn: ScoreFn = rewards_lib.math_dapo_score,
-) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int]:
-  """Verifier score plus DAPO overlong shaping, per response.
-
-  A verifier that raises or returns a non-finite score scores the sample as wrong (-1) and is
-  counted, never kills the run. Inputs are size-bounded first (see RewardConfig).
-  Returns (scores f32[R], acc bool[R], preds, overlong bool[R], num_errors).
-  """
-  scores, accs, preds, overlong, errors = [], [], [], [], 0
-  for text, length, gt in zip(texts, lengths, ground_truths, strict=True):
-    try:
-      if isinstance(gt, str) and len(gt) > cfg.max_ground_truth_chars:
-        raise ValueError(f"ground truth of {len(gt)} chars > {cfg.max_ground_truth_chars}")
-      if isinstance(text, str):
-        text = text[-cfg.max_response_chars:]
-      with _time_bound(cfg.max_seconds):
-        res = score_fn(text, gt)
-      score, acc, pred = float(res["score"]), bool(res["acc"]), str(res.get("pred", ""))
-      if not math.isfinite(score):
-        raise ValueError(f"non-finite score {score}")
-    except Exception as e:  # noqa: BLE001 -- any verifier failure is a wrong answer
-      logging.warning("reward function failed (%s: %.200s); scoring as wrong",
-                      type(e).__name__, e)
-      score, acc, pred, errors = -1.0, False, "[ERROR]", errors + 1
-    penalty = 0.0
-    if cfg.overlong_buffer_enable:
-      penalty = rewards_lib.overlong_penalty(
-        length, cfg.max_response_length, cfg.overlong_buffer_len, cfg.overlong_penalty_factor
-      )
-    scores.append(score + penalty)
-    accs.append(acc)
-    preds.append(pred)
-    overlong.append(penalty < 0)
-  return (
-    np.asarray(scores, np.float32),
-    np.asarray(accs, bool),
-    preds,
-    np.asarray(overlong, bool),
-    errors,
-  )
-
-
 def score_shard(
   texts: Sequence[str],
   lengths: Sequence[int],
   ground_truths: Sequence[str],
   cfg: RewardConfig,
-  score_fn: ScoreFn = rewards_lib.math_dapo_score,
+  score_fn: ScoreFn | None = None,
   *,
   index: int = 0,
   count: int = 1,
-) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, int, int]:
-  """`score_responses` split over `count` processes, all-gathered.
+) -> tuple[rewards_lib.Scores, int]:
+  """`rewards.score_responses` split over `count` processes, all-gathered.
 
   Process `index` scores the responses i with i % count == index (only those entries of the
   [R] inputs are read; every process has the same R responses), then the results are
   all-gathered, so every process returns the scores of all R and dynamic sampling takes the
   same decisions everywhere. A collective when count > 1.
-  Returns score_responses' tuple plus the number of responses this process scored.
+  Returns (the Scores of all R responses, the number this process scored).
   """
   if count == 1:
-    return (*score_responses(texts, lengths, ground_truths, cfg, score_fn), len(texts))
+    return rewards_lib.score_responses(texts, lengths, ground_truths, cfg, score_fn), len(texts)
   mine = range(index, len(texts), count)
-  scores, acc, preds, overlong, errors = score_responses(
+  s = rewards_lib.score_responses(
     [texts[i] for i in mine], [lengths[i] for i in mine], [ground_truths[i] for i in mine],
     cfg, score_fn,
   )
   total = len(texts)
-  out = distributed.allgather_strided({"scores": scores, "acc": acc, "overlong": overlong}, total)
-  preds = distributed.allgather_strings_strided(preds, total)
-  errors = int(distributed.allgather_strided(np.asarray([errors], np.int32), count).sum())
-  return (out["scores"].astype(np.float32), out["acc"].astype(bool), preds,
-          out["overlong"].astype(bool), errors, len(mine))
+  out = distributed.allgather_strided({"scores": s.scores, "verifier_scores": s.verifier_scores,
+                                       "acc": s.acc, "overlong": s.overlong}, total)
+  preds = distributed.allgather_strings_strided(s.preds, total)
+  errors = int(distributed.allgather_strided(np.asarray([s.errors], np.int32), count).sum())
+  return rewards_lib.Scores(
+    out["scores"].astype(np.float32), out["verifier_scores"].astype(np.float32),
+    out["acc"].astype(bool), preds, out["overlong"].astype(bool), errors), len(mine)
 
 
 def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict], samples, *,
-                  group_offset: int = 0, score_fn: ScoreFn = rewards_lib.math_dapo_score
-                  ) -> Rollouts:
+                  group_offset: int = 0, score_fn: ScoreFn | None = None) -> Rollouts:
   """Scores the sampler's output (samples of examples[s.prompt_index]) into Rollouts.
 
-  The response is decoded without special tokens, as verl's DAPO reward manager does. On several
-  processes each scores its share of the responses (`score_shard`; all of them call this).
+  The verifier is `reward_cfg.reward_fn`'s (or `score_fn`). The response is decoded without
+  special tokens, as verl's DAPO reward manager does. On several processes each scores its
+  share of the responses (`score_shard`; all of them call this).
   """
   index, count = jax.process_index(), jax.process_count()
   texts: list[str | None] = [None] * len(samples)  # only this process's share is decoded
   texts[index::count] = tokenizer.batch_decode(
     [s.response_ids for s in samples[index::count]], skip_special_tokens=True)
   gts = [examples[s.prompt_index]["ground_truth"] for s in samples]
-  scores, acc, preds, overlong, errors, scored = score_shard(
+  scored, scored_here = score_shard(
     texts, [s.length for s in samples], gts, reward_cfg, score_fn, index=index, count=count)
   return Rollouts(
     prompt_ids=[s.prompt_ids for s in samples],
@@ -222,9 +147,18 @@ def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict],
     response_logprobs=[s.response_logprobs for s in samples],
     finish_reasons=[s.finish_reason for s in samples],
     group_ids=np.asarray([group_offset + s.prompt_index for s in samples], np.int64),
-    scores=scores, acc=acc, preds=preds, overlong=overlong, reward_errors=errors,
-    scored_here=scored,
+    scores=scored.scores, verifier_scores=scored.verifier_scores, acc=scored.acc,
+    preds=scored.preds, overlong=scored.overlong, reward_errors=scored.errors,
+    scored_here=scored_here,
   )
+
+
+def kept_groups(rollouts: Rollouts, metric: str) -> np.ndarray:
+  """bool[R]: the responses of the groups that dynamic sampling keeps under `metric`, those
+  whose metric values differ (verl: population std > 0) or that have a single response."""
+  if metric not in FILTER_METRICS:
+    raise ValueError(f"rl.filter_groups_metric: {metric!r} not in {sorted(FILTER_METRICS)}")
+  return adv_lib.filter_groups(FILTER_METRICS[metric](rollouts), rollouts.group_ids)
 
 
 @dataclasses.dataclass
@@ -243,10 +177,12 @@ def collect_with_dynamic_sampling(
   filter_groups: bool,
   max_num_gen_batches: int,
   min_prompts: int,
+  filter_metric: str = "acc",
 ) -> DynamicSamplingResult:
   """DAPO dynamic sampling over rounds of `sample_round(round_index) -> Rollouts`.
 
-  Keeps the groups whose `acc` is not all-equal until `train_batch_size` prompts are kept, then
+  Keeps the groups whose `filter_metric` (rl.filter_groups_metric, see FILTER_METRICS) is not
+  all-equal until `train_batch_size` prompts are kept, then
   truncates to exactly `train_batch_size` groups. If `max_num_gen_batches` rounds (0 = no limit)
   do not fill the batch, the kept groups are truncated to a multiple of `min_prompts` (the
   mini-batch size) instead of verl's hard error, so a long run does not die on one hard batch;
@@ -257,11 +193,8 @@ def collect_with_dynamic_sampling(
   while True:
     part = sample_round(rounds)
     rounds += 1
-    if filter_groups:
-      keep = adv_lib.filter_groups(part.acc.astype(np.float32), part.group_ids)
-      part_kept = part.select(np.flatnonzero(keep))
-    else:
-      part_kept = part
+    keep = kept_groups(part, filter_metric) if filter_groups else np.ones(len(part), bool)
+    part_kept = part.select(np.flatnonzero(keep))
     groups = len(np.unique(part_kept.group_ids))
     stats.append({"round": rounds, "prompts": len(np.unique(part.group_ids)), "kept": groups})
     if len(part_kept):
@@ -276,8 +209,9 @@ def collect_with_dynamic_sampling(
       )
       break
   if not kept:
-    empty = Rollouts([], [], [], [], np.zeros(0, np.int64), np.zeros(0, np.float32),
-                     np.zeros(0, bool), [], np.zeros(0, bool))
+    f32 = np.zeros(0, np.float32)
+    empty = Rollouts([], [], [], [], np.zeros(0, np.int64), f32, f32, np.zeros(0, bool), [],
+                     np.zeros(0, bool))
     return DynamicSamplingResult(empty, rounds, 0, stats)
   allr = Rollouts.concat(kept)
   full = num_kept >= train_batch_size

@@ -24,6 +24,7 @@ from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
 from fipo_jax.rl import losses as losses_lib
 from fipo_jax.rl import optimizer, warmstart
+from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
@@ -53,7 +54,7 @@ class Env:
   engine: engine_lib.Engine
   train_sampling: Any
   eval_sampling: Any
-  reward_cfg: rollout_lib.RewardConfig
+  reward_cfg: rewards_lib.RewardConfig
   dump_influence: bool = False
   influence_fn: Callable | None = None
   # The frozen reference policy of the KL term (rl.use_kl_loss), in the params' shardings.
@@ -142,11 +143,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
     train_sampling=sampling_method(rc.sampling.temperature, rc.sampling.top_p,
                                    rc.sampling.top_k),
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
-    reward_cfg=rollout_lib.RewardConfig(
-      max_response_length=t, overlong_buffer_enable=rc.rl.overlong_buffer_enable,
-      overlong_buffer_len=rc.rl.overlong_buffer_len,
-      overlong_penalty_factor=rc.rl.overlong_penalty_factor,
-    ),
+    reward_cfg=rewards_lib.RewardConfig.from_section(rc.rl),  # rl.reward_fn and the shaping
     dump_influence=dump,
     influence_fn=jax.jit(functools.partial(ts.influence_step, graphdef, cfg=upd)) if dump else None,
   )

@@ -270,7 +270,7 @@ def _rollouts(rc, env, params, step: int):
   res = rollout_lib.collect_with_dynamic_sampling(
     sample_round, train_batch_size=rc.rl.train_batch_size, n=rc.rl.n,
     filter_groups=rc.rl.filter_groups_enable, max_num_gen_batches=rc.rl.max_num_gen_batches,
-    min_prompts=rc.rl.ppo_mini_batch_size,
+    min_prompts=rc.rl.ppo_mini_batch_size, filter_metric=rc.rl.filter_groups_metric,
   )
   all_acc = np.concatenate(counters["acc"]) if counters["acc"] else np.zeros(1)
   return res, counters["tokens"], float(all_acc.mean()), counters["scored"]

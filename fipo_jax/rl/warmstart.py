@@ -79,7 +79,8 @@ def _batch(examples, idx, *, max_prompt_length: int, max_response_length: int, p
     response_ids=[examples[i]["response_ids"] for i in idx],
     response_logprobs=[np.zeros(len(examples[i]["response_ids"]), np.float32) for i in idx],
     finish_reasons=["stop"] * len(idx), group_ids=np.arange(len(idx)),
-    scores=np.zeros(len(idx), np.float32), acc=np.zeros(len(idx), bool), preds=[""] * len(idx),
+    scores=np.zeros(len(idx), np.float32), verifier_scores=np.zeros(len(idx), np.float32),
+    acc=np.zeros(len(idx), bool), preds=[""] * len(idx),
     overlong=np.zeros(len(idx), bool),
   )
   arrays = rollout_lib.pack_batch(r, np.zeros(len(idx), np.float32),
