@@ -15,9 +15,15 @@ import jax.numpy as jnp
 from fipo_jax import sharding
 
 
-def token_log_probs_from_hidden(hidden: jax.Array, w: jax.Array, targets: jax.Array, *,
-                                temperature: float = 1.0, chunk_size: int = 1024,
-                                return_entropy: bool = False):
+def token_log_probs_from_hidden(
+  hidden: jax.Array,
+  w: jax.Array,
+  targets: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk_size: int = 1024,
+  return_entropy: bool = False,
+):
   """hidden [B, T, D], unembedding w [D, V], targets int32[B, T] -> f32[B, T] (, entropy).
 
   log_prob[b, t] = log_softmax(hidden[b, t] @ w / temperature)[targets[b, t]], in float32.
@@ -38,8 +44,9 @@ def token_log_probs_from_hidden(hidden: jax.Array, w: jax.Array, targets: jax.Ar
     h, tgt = inputs
     h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_embed"))
     logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-    logits = sharding.constrain(logits, ("activation_batch", "activation_length",
-                                         "activation_vocab"))
+    logits = sharding.constrain(
+      logits, ("activation_batch", "activation_length", "activation_vocab")
+    )
     logits = logits / jnp.float32(temperature)
     logz = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
     picked = jnp.take_along_axis(logits, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -56,10 +63,17 @@ def token_log_probs_from_hidden(hidden: jax.Array, w: jax.Array, targets: jax.Ar
   return (logp, ent) if return_entropy else logp
 
 
-def sequence_log_probs(model, input_ids: jax.Array, attention_mask: jax.Array,
-                       positions: jax.Array, *, num_response_tokens: int,
-                       temperature: float = 1.0, chunk_size: int = 1024,
-                       return_entropy: bool = False):
+def sequence_log_probs(
+  model,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  positions: jax.Array,
+  *,
+  num_response_tokens: int,
+  temperature: float = 1.0,
+  chunk_size: int = 1024,
+  return_entropy: bool = False,
+):
   """Log-probs f32[B, T] of the last T tokens of input_ids [B, L] given their prefixes.
 
   out[b, t] = log_softmax(logits / temperature)[input_ids[b, L - T + t]] where the logits come
@@ -72,5 +86,81 @@ def sequence_log_probs(model, input_ids: jax.Array, attention_mask: jax.Array,
     raise ValueError(f"num_response_tokens={t} must be in [1, {length - 1}] for L={length}")
   hidden = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask)
   return token_log_probs_from_hidden(
-    hidden[:, length - t - 1:length - 1], model.unembedding(), input_ids[:, length - t:],
-    temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)
+    hidden[:, length - t - 1 : length - 1],
+    model.unembedding(),
+    input_ids[:, length - t :],
+    temperature=temperature,
+    chunk_size=chunk_size,
+    return_entropy=return_entropy,
+  )
+
+
+def next_token_log_probs(
+  model,
+  input_ids: jax.Array,
+  segment_ids: jax.Array,
+  positions: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk_size: int = 1024,
+  return_entropy: bool = False,
+):
+  """Packed rows int32[R, L] -> f32[R, L] (, entropy): the log-prob of each next token.
+
+  out[r, p] = log_softmax(logits[r, p] / temperature)[input_ids[r, p + 1]], attention kept
+  inside each segment. The last column and the positions whose next token starts another
+  segment are finite but meaningless; callers read response positions only.
+  """
+  hidden = model.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)
+  targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+  return token_log_probs_from_hidden(
+    hidden,
+    model.unembedding(),
+    targets,
+    temperature=temperature,
+    chunk_size=chunk_size,
+    return_entropy=return_entropy,
+  )
+
+
+def gather_rows(values: jax.Array, index: jax.Array) -> jax.Array:
+  """values [D, N], index int32[D, S, T] in [0, N) -> [D, S, T], out[d] = values[d][index[d]].
+
+  A gather batched over D: with D split over devices, each device reads only its own rows.
+  """
+  return jax.vmap(lambda v, i: jnp.take(v, i, axis=0, mode="clip"))(values, index)
+
+
+def packed_response_log_probs(
+  model,
+  input_ids: jax.Array,
+  segment_ids: jax.Array,
+  positions: jax.Array,
+  token_index: jax.Array,
+  *,
+  temperature: float = 1.0,
+  chunk_size: int = 1024,
+  return_entropy: bool = False,
+):
+  """Log-probs of responses laid out packed, returned in the response layout.
+
+  input_ids/segment_ids/positions int32[D, R, L]: D batch shards of R packed rows of L tokens.
+  token_index int32[D, S, T]: for response token t of sequence slot s of shard d, the index
+  p into that shard's flattened [R * L] next-token log-probs (its packed position minus one).
+  Returns f32[D, S, T] (, entropy f32[D, S, T]); entries outside the response mask are finite
+  but meaningless.
+  """
+  d, r, length = input_ids.shape
+  flat = lambda x: x.reshape(d * r, length)
+  out = next_token_log_probs(
+    model,
+    flat(input_ids),
+    flat(segment_ids),
+    flat(positions),
+    temperature=temperature,
+    chunk_size=chunk_size,
+    return_entropy=return_entropy,
+  )
+  outs = out if return_entropy else (out,)
+  res = tuple(gather_rows(x.reshape(d, r * length), token_index) for x in outs)
+  return res if return_entropy else res[0]

@@ -1,7 +1,9 @@
-"""Pallas splash attention (TPU) for causal self attention with padding.
+"""Pallas splash attention (TPU) for causal self attention with padding or packed sequences.
 
-Padding becomes segment ids (real tokens 1, pads 0) and-ed with a static causal mask, so the
-kernel never materialises [T, T] scores and skips the causally dead blocks. Every row has at
+The kernel takes segment ids and-ed with a static causal mask, so it never materialises [T, T]
+scores and skips the causally dead blocks. A padded row passes real tokens as segment 1 and pads
+as 0; a packed row passes its sequences' ids 1, 2, ... (pads 0), so no query sees another
+sequence. Every row has at
 least one allowed key (itself), so no softmax row is empty. Under a mesh set with
 `jax.set_mesh`, the kernel runs inside `shard_map` over the batch and head axes (Mosaic kernels
 cannot be partitioned automatically); without one it runs on unsharded operands.
@@ -31,11 +33,19 @@ def _block(t: int, block_size: int) -> int:
 
 def _kernel(num_heads: int, t: int, block: int, interpret: bool):
   mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(num_heads)])
-  sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                        block_q_dq=block, block_kv_dq=block)
-  return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret)
+  sizes = sa.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  return sa.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
 
 
 def _local(q, k, v, seg, *, block_size, interpret):
@@ -51,15 +61,19 @@ def _mesh_axes(mesh, logical: str, size: int):
   targets = () if target is None else ((target,) if isinstance(target, str) else target)
   kept = []
   for name in targets:
-    if name in mesh.axis_names and size % (mesh.shape[name] * math.prod(
-        mesh.shape[a] for a in kept)) == 0:
+    if (
+      name in mesh.axis_names
+      and size % (mesh.shape[name] * math.prod(mesh.shape[a] for a in kept)) == 0
+    ):
       kept.append(name)
   return tuple(kept) or None
 
 
-def splash_attention(q, k, v, *, kv_valid, block_size: int = 512,
-                     interpret: bool | None = None):
-  """q [B, T, N, H], k/v [B, T, K, H], kv_valid bool[B, T] -> [B, T, N, H] (causal).
+def splash_attention(
+  q, k, v, *, kv_valid=None, segment_ids=None, block_size: int = 512, interpret: bool | None = None
+):
+  """q [B, T, N, H], k/v [B, T, K, H], kv_valid bool[B, T] or segment_ids int32[B, T]
+  -> [B, T, N, H] (causal; kv_valid is segment 1 for real tokens, 0 for pads).
 
   interpret=None runs the compiled kernel on TPU and the Pallas interpreter elsewhere.
   """
@@ -67,9 +81,11 @@ def splash_attention(q, k, v, *, kv_valid, block_size: int = 512,
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
   pad = (-t) % 128
-  q = (q * jnp.asarray(h ** -0.5, q.dtype)).swapaxes(1, 2)  # the kernel does not scale
+  q = (q * jnp.asarray(h**-0.5, q.dtype)).swapaxes(1, 2)  # the kernel does not scale
   k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
-  seg = kv_valid.astype(jnp.int32)
+  if segment_ids is None:
+    segment_ids = kv_valid
+  seg = segment_ids.astype(jnp.int32)
   if pad:
     widths = ((0, 0), (0, 0), (0, pad), (0, 0))
     q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
@@ -80,7 +96,8 @@ def splash_attention(q, k, v, *, kv_valid, block_size: int = 512,
     batch = _mesh_axes(mesh, "batch", b)
     heads = _mesh_axes(mesh, "kv_heads", k.shape[1])
     qkv = P(batch, heads, None, None)
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)),
-                       out_specs=qkv, check_vma=False)
+    fn = jax.shard_map(
+      fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv, check_vma=False
+    )
   out = fn(q, k, v, seg)
   return out[:, :, :t].swapaxes(1, 2)

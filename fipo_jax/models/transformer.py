@@ -32,8 +32,13 @@ _RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 def layer_param_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[tuple, tuple]]:
   """name -> (per-layer shape, logical axes) of every stacked layer parameter."""
-  d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                   cfg.head_dim)
+  d, f, n, k, h = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+  )
   out = {
     "input_norm": ((d,), ("norm",)),
     "q_proj": ((d, n, h), ("embed", "heads", "head_dim")),
@@ -77,8 +82,10 @@ class DecoderLayers(nnx.Module):
     return {name: getattr(self, name)[...] for name in self.names}
 
 
-def _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_index=None):
-  """One pre-norm block on x [B, T, D].
+def _block(
+  cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_index=None, segment_ids=None
+):
+  """One pre-norm block on x [B, T, D] (segment_ids [B, T]: packed rows, no cache).
 
   With kv = (k_all, v_all) [L, B, S, K, H], writes this layer's new k/v into the full cache in
   place (a per-row scatter, no copy of the cache) and returns (x, (k_all, v_all)).
@@ -88,13 +95,22 @@ def _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_ind
   hn = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
   q, k, v = layers.qkv_proj(hn, p, cfg, cos, sin)
   if kv is not None:
-    kv = tuple(kv_cache_lib.write_layer_rows(buf, new, layer, cache_index)
-               for buf, new in zip(kv, (k, v), strict=True))
+    kv = tuple(
+      kv_cache_lib.write_layer_rows(buf, new, layer, cache_index)
+      for buf, new in zip(kv, (k, v), strict=True)
+    )
     k, v = (jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False) for buf in kv)
   attn = attention_lib.attention(
-    q, k.astype(dtype), v.astype(dtype), q_slot=q_slot, kv_valid=kv_valid,
-    impl=cfg.attention_impl, block_size=cfg.attention_block_size,
-    self_attention=kv is None)
+    q,
+    k.astype(dtype),
+    v.astype(dtype),
+    q_slot=q_slot,
+    kv_valid=kv_valid,
+    impl=cfg.attention_impl,
+    block_size=cfg.attention_block_size,
+    self_attention=kv is None,
+    segment_ids=segment_ids,
+  )
   attn = checkpoint_name(attn, "attn_out")
   x = x + layers.dense(attn, p["o_proj"], "btnh,nhd->btd", dtype)
   hn = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
@@ -109,13 +125,15 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     dtype = jnp.dtype(cfg.param_dtype)
     v, d = cfg.vocab_size, cfg.hidden_size
-    self.embed = nnx.Param(_init_value("embed", (v, d), rngs.params(), dtype),
-                           axes=("vocab", "embed"))
+    self.embed = nnx.Param(
+      _init_value("embed", (v, d), rngs.params(), dtype), axes=("vocab", "embed")
+    )
     self.layers = DecoderLayers(cfg, rngs=rngs)
     self.final_norm = nnx.Param(jnp.ones((d,), dtype), axes=("norm",))
     if not cfg.tie_word_embeddings:
-      self.lm_head = nnx.Param(_init_value("lm_head", (d, v), rngs.params(), dtype),
-                               axes=("embed", "vocab"))
+      self.lm_head = nnx.Param(
+        _init_value("lm_head", (d, v), rngs.params(), dtype), axes=("embed", "vocab")
+      )
 
   def unembedding(self) -> jax.Array:
     """The output projection W [D, V] (the transposed embedding when tied)."""
@@ -128,22 +146,38 @@ class Transformer(nnx.Module):
     w = self.unembedding().astype(hidden.dtype)
     return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
 
-  def __call__(self, input_ids, *, positions=None, attention_mask=None, cache=None):
+  def __call__(
+    self, input_ids, *, positions=None, attention_mask=None, cache=None, segment_ids=None
+  ):
     """input_ids int32[B, T] -> logits f32[B, T, V] (and the new cache when one is given)."""
-    out = self.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
-                             cache=cache)
+    out = self.hidden_states(
+      input_ids,
+      positions=positions,
+      attention_mask=attention_mask,
+      cache=cache,
+      segment_ids=segment_ids,
+    )
     if cache is None:
       return self.logits_from_hidden(out)
     hidden, new_cache = out
     return self.logits_from_hidden(hidden), new_cache
 
-  def hidden_states(self, input_ids, *, positions=None, attention_mask=None, cache=None):
-    """Final-normed hidden states [B, T, D] in the compute dtype (and the new cache)."""
+  def hidden_states(
+    self, input_ids, *, positions=None, attention_mask=None, cache=None, segment_ids=None
+  ):
+    """Final-normed hidden states [B, T, D] in the compute dtype (and the new cache).
+
+    Packed rows (several sequences end to end) pass segment_ids int32[B, T] (1, 2, ... per
+    sequence, 0 for padding) and each token's position within its own sequence; attention
+    never crosses a segment. No cache then.
+    """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     b, t = input_ids.shape
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
     if attention_mask is None:
-      attention_mask = jnp.ones((b, t), bool)
+      attention_mask = (segment_ids > 0) if segment_ids is not None else jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
     steps = jnp.arange(t, dtype=jnp.int32)[None, :]
     if cache is None:
@@ -164,7 +198,7 @@ class Transformer(nnx.Module):
       x, kv = carry
       p, layer = inputs
       idx = None if cache is None else cache.index
-      return _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv, layer, idx), None
+      return _block(cfg, p, x, cos, sin, q_slot, kv_valid, kv, layer, idx, segment_ids), None
 
     if cfg.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
@@ -174,8 +208,9 @@ class Transformer(nnx.Module):
     x, kv = self._run_layers(body, (x, kv), (params, layer_ids))
     if cache is not None:
       cache = kv_cache_lib.KVCache(k=kv[0], v=kv[1], mask=kv_valid, index=new_index)
-    hidden = sharding.constrain(layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps),
-                                _RESIDUAL)
+    hidden = sharding.constrain(
+      layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), _RESIDUAL
+    )
     return hidden if cache is None else (hidden, cache)
 
   def _run_layers(self, fn, carry, xs):
