@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fipo_jax import estimators
+from fipo_jax import estimators, seeds
 from fipo_jax import metrics as metrics_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.sampling import driver as driver_lib
@@ -61,6 +61,6 @@ def evaluate(rc, env, params, *, step: int) -> dict:
   metrics, _ = evaluate_examples(
     env.engine, env.sampler_params(params), examples, tokenizer=env.tokenizer, eos_ids=env.eos_ids,
     reward_cfg=env.reward_cfg, n=rc.eval.n, sampling=env.eval_sampling,
-    seed=rc.seed + 7919 * (step + 1), max_new_tokens=rc.rl.max_response_length,
+    seed=seeds.seed_for(rc.seed, "eval", step), max_new_tokens=rc.rl.max_response_length,
   )
   return metrics

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from fipo_jax import config as config_lib
-from fipo_jax import distributed, models, paths, sharding
+from fipo_jax import distributed, models, paths, seeds, sharding
 from fipo_jax import policy as policy_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
@@ -114,7 +114,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> Env:
                                    dtype=cfg.dtype, attention_impl=cfg.attention_impl,
                                    remat_policy=cfg.remat_policy)
   else:
-    model = models.init_model(cfg, seed=rc.seed, mesh=mesh)
+    model = models.init_model(cfg, rng=seeds.rng_for(rc.seed, "init"), mesh=mesh)
   graphdef, params = nnx.split(model)
   param_sharding = jax.tree.map(lambda x: x.sharding, params)
   logging.info("model: %s, %.2fM params", cfg.model_type, models.count_params(params) / 1e6)

@@ -24,7 +24,7 @@ import tqdm
 
 from fipo_jax import checkpoints as ckpt_lib
 from fipo_jax import config as config_lib
-from fipo_jax import distributed, paths, sharding
+from fipo_jax import distributed, paths, seeds, sharding
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
 from fipo_jax.rl import advantages as adv_lib
@@ -259,7 +259,8 @@ def _rollouts(rc, env, params, step: int):
     res = driver_lib.run(
       env.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
       max_new_tokens=rc.rl.max_response_length, sampling=env.train_sampling,
-      eos_ids=env.eos_ids, seed=_seed(rc.seed, step, round_idx), progress=False,
+      eos_ids=env.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
+      progress=False,
     )
     counters["tokens"] += res.stats.tokens_generated
     r = env.make_rollouts(examples, res.samples, group_offset=round_idx * rc.rl.gen_batch_size)
@@ -274,12 +275,6 @@ def _rollouts(rc, env, params, step: int):
   )
   all_acc = np.concatenate(counters["acc"]) if counters["acc"] else np.zeros(1)
   return res, counters["tokens"], float(all_acc.mean()), counters["scored"]
-
-
-def _seed(seed: int, step: int, round_idx: int) -> int:
-  """A distinct, reproducible sampler seed per (run seed, step, round)."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), round_idx)
-  return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
 def _local_rows(mesh, rows: int) -> slice:

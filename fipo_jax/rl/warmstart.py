@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
-from fipo_jax import paths, sharding
+from fipo_jax import paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
@@ -60,7 +60,7 @@ def sft_rows(rc, workdir: str) -> list[dict]:
   """The train rows with `wrong_fraction` of the slippable answers replaced by the slip."""
   train_file = paths.join(workdir, "data", synthetic.TRAIN_FILE)
   rows = [json.loads(line) for line in paths.read_text(train_file).splitlines() if line.strip()]
-  rng = random.Random(rc.seed + 17)
+  rng = random.Random(seeds.seed_for(rc.seed, "sft_rows"))
   out = []
   for row in rows:
     question = row["prompt"][0]["content"]
@@ -110,7 +110,7 @@ def sft_warm_start(rc, env, params, workdir: str):
   shardings = (env.param_sharding, jax.tree.map(lambda x: x.sharding, opt_state), None)
   step_fn = jax.jit(functools.partial(ts.sft_step, env.graphdef, cfg=env.update_cfg, tx=tx),
                     out_shardings=shardings, donate_argnums=(0, 1))
-  rng = np.random.default_rng(rc.seed)
+  rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
   bar = tqdm.trange(rc.sft.steps, desc="warm start (SFT)", dynamic_ncols=True,
                     disable=jax.process_index() != 0)
   for _ in bar:
