@@ -1,0 +1,250 @@
+"""Host-side packing of variable-length sequences into rows of a token budget (pure numpy).
+
+The trainer's model passes run on a packed layout (docs/fipo_spec.md §2.9, "remove padding"):
+the real tokens of several sequences (prompt + response, no padding) sit end to end in rows of
+`row_len` tokens, each with a segment id (1, 2, ... within its row; 0 = padding) and its own
+position. The loss keeps the response layout: per-token log-probs are gathered back to one
+slot [T] per sequence, so future-KL, the clip modes, sequence drop and aggregation see exactly
+what the padded layout gives them.
+
+One mini-batch of M sequences becomes, for D batch shards (devices along the batch axes):
+
+  tokens   [NM, D, R, L]  NM micro-batches, R rows per shard, L = row_len tokens per row
+  response [NM, D, S, T]  S sequence slots per shard, T = max response length
+
+Micro-batch membership:
+  - fixed (`num_micro` given, verl without dynamic batch size): micro-batch j holds rows
+    j, j + NM, j + 2 NM, ... of the mini-batch, exactly the padded path's `split_micro_batches`,
+    and slot i of it goes to shard i // ceil(M / NM / D), where the padded layout puts it;
+    each (micro-batch, shard) packs its sequences first-fit decreasing into R rows.
+  - dynamic (verl's use_dynamic_bsz): all M sequences are packed first-fit decreasing into rows
+    of L tokens (a budget of real tokens per device per micro-batch, as verl's
+    ppo_max_token_len_per_gpu); row b goes to micro-batch b // D, shard b % D (R = 1).
+
+Shapes are static: NM (dynamic mode), R and S are rounded up to `bucket` sizes, so a new length
+mix reuses a compiled step. Padding micro-batches hold no sequence; the train step skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+# Bucket sizes: powers of two and 1.5x powers of two (1, 2, 3, 4, 6, 8, 12, ...), so rounding
+# up wastes at most a third.
+DEFAULT_BUCKETS = tuple(sorted({b << k for k in range(24) for b in (2, 3)} | {1}))
+
+
+def bucket(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+  """The smallest bucket size >= n (n itself past the largest bucket)."""
+  for b in buckets:
+    if b >= n:
+      return int(b)
+  return int(n)
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Bins of item indices, each bin's lengths summing to <= capacity (first fit, longest first).
+
+  Ties keep index order, so the result is deterministic; every index appears exactly once.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  if len(lengths) and lengths.max() > capacity:
+    raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds the row budget {capacity}")
+  bins: list[list[int]] = []
+  free: list[int] = []
+  for i in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[i])
+    for b, room in enumerate(free):
+      if room >= n:
+        bins[b].append(int(i))
+        free[b] -= n
+        break
+    else:
+      bins.append([int(i)])
+      free.append(capacity - n)
+  return bins
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Where each of the M sequences of one mini-batch goes (all arrays int64[M])."""
+
+  micro: np.ndarray  # micro-batch
+  shard: np.ndarray  # batch shard
+  row: np.ndarray  # row within (micro-batch, shard)
+  offset: np.ndarray  # first token within the row
+  slot: np.ndarray  # response slot within (micro-batch, shard)
+  lengths: np.ndarray  # tokens (prompt + response)
+  num_micro: int  # micro-batches holding sequences
+  rows: int  # most rows any (micro-batch, shard) needs
+  slots: int  # most sequences any (micro-batch, shard) holds
+  num_shards: int
+  row_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """Static packed layout of a mini-batch: [num_micro, num_shards, rows | slots, ...]."""
+
+  num_micro: int
+  num_shards: int
+  rows: int
+  slots: int
+  row_len: int
+
+
+def _place(
+  groups: list[tuple[int, int, list[int]]], lengths: np.ndarray, row_len: int, num_shards: int
+) -> Plan:
+  """Plan from (micro-batch, shard, row) bins, each a list of sequence indices.
+
+  Slots within a (micro-batch, shard) follow sequence order, so in fixed mode the response
+  layout of a micro-batch is the padded path's micro-batch, row for row.
+  """
+  m = len(lengths)
+  out = {k: np.full(m, -1, np.int64) for k in ("micro", "shard", "row", "offset", "slot")}
+  rows: dict[tuple[int, int], int] = {}
+  for micro, shard, row_items in groups:
+    r = rows.get((micro, shard), 0)
+    rows[(micro, shard)] = r + 1
+    starts = np.cumsum([0] + [int(lengths[i]) for i in row_items])
+    for i, start in zip(row_items, starts, strict=False):
+      out["micro"][i], out["shard"][i], out["row"][i], out["offset"][i] = micro, shard, r, start
+  if (out["micro"] < 0).any():
+    raise AssertionError("a sequence was not placed")
+  slots = 1
+  for key in rows:
+    members = np.flatnonzero((out["micro"] == key[0]) & (out["shard"] == key[1]))
+    out["slot"][members] = np.arange(len(members))  # np.flatnonzero is in sequence order
+    slots = max(slots, len(members))
+  return Plan(
+    **out,
+    lengths=lengths,
+    num_micro=1 + max((k[0] for k in rows), default=0),
+    rows=max(rows.values(), default=1),
+    slots=slots,
+    num_shards=num_shards,
+    row_len=row_len,
+  )
+
+
+def plan_mini_batch(
+  lengths: Sequence[int], *, num_shards: int, row_len: int, num_micro: int | None = None
+) -> Plan:
+  """Assigns M sequences of `lengths` tokens to micro-batches, shards, rows and slots.
+
+  num_micro=None packs by token budget (dynamic); otherwise micro-batch j is rows j::num_micro
+  of the mini-batch (the padded path's micro-batches), see the module docstring.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  m = len(lengths)
+  if num_micro is None:
+    bins = first_fit_decreasing(lengths, row_len)
+    # Fullest rows first (FFD order): the last micro-batch takes the leftovers.
+    groups = [(b // num_shards, b % num_shards, sorted(items)) for b, items in enumerate(bins)]
+    return _place(groups, lengths, row_len, num_shards)
+  if m % num_micro:
+    raise ValueError(f"{m} sequences do not split into {num_micro} equal micro-batches")
+  groups = []
+  per_shard = -(-(m // num_micro) // num_shards)
+  for j in range(num_micro):
+    members = np.arange(j, m, num_micro)
+    for d in range(num_shards):
+      mine = members[d * per_shard : (d + 1) * per_shard]
+      for items in first_fit_decreasing(lengths[mine], row_len):
+        groups.append((j, d, sorted(int(mine[i]) for i in items)))
+  plan = _place(groups, lengths, row_len, num_shards)
+  return dataclasses.replace(plan, num_micro=num_micro)
+
+
+def layout_shape(
+  plans: Sequence[Plan], *, dynamic: bool, buckets: Sequence[int] = DEFAULT_BUCKETS
+) -> Shape:
+  """One static shape for several mini-batches' plans: maxima rounded up to buckets.
+
+  The number of micro-batches is bucketed only in dynamic mode (fixed mode has exactly the
+  configured number).
+  """
+  first = plans[0]
+  nm = max(p.num_micro for p in plans)
+  return Shape(
+    num_micro=bucket(nm, buckets) if dynamic else nm,
+    num_shards=first.num_shards,
+    rows=bucket(max(p.rows for p in plans), buckets),
+    slots=bucket(max(p.slots for p in plans), buckets),
+    row_len=first.row_len,
+  )
+
+
+def pack_tokens(
+  plan: Plan,
+  shape: Shape,
+  prompts: Sequence[np.ndarray],
+  responses: Sequence[np.ndarray],
+  *,
+  response_len: int,
+  pad_id: int,
+  shards: slice | None = None,
+) -> dict[str, np.ndarray]:
+  """The packed token arrays of shards `shards` (default all) of one mini-batch.
+
+  prompts/responses: the M sequences' ids, already truncated to the allowed lengths
+  (responses to at most response_len = T). Returns input_ids / segment_ids / positions
+  int32[NM, D', R, L] and token_index int32[NM, D', S, T], D' = the selected shards:
+  token_index[j, d, s, t] is the index, in shard d's flattened [R * L] next-token log-probs,
+  of response token t of the sequence in slot s (0 where there is none).
+  """
+  lo, hi, _ = (shards or slice(0, shape.num_shards)).indices(shape.num_shards)
+  nm, nd, rows, length = shape.num_micro, hi - lo, shape.rows, shape.row_len
+  ids = np.full((nm, nd, rows, length), pad_id, np.int32)
+  seg = np.zeros((nm, nd, rows, length), np.int32)
+  pos = np.zeros((nm, nd, rows, length), np.int32)
+  index = np.zeros((nm, nd, shape.slots, response_len), np.int32)
+  seg_in_row: dict[tuple[int, int, int], int] = {}
+  for i in np.argsort(plan.offset, kind="stable"):  # segments numbered left to right
+    d = int(plan.shard[i]) - lo
+    if not 0 <= d < nd:
+      continue
+    j, r, o = int(plan.micro[i]), int(plan.row[i]), int(plan.offset[i])
+    p, resp = np.asarray(prompts[i], np.int32), np.asarray(responses[i], np.int32)
+    n = len(p) + len(resp)
+    if n != plan.lengths[i] or len(resp) > response_len:
+      raise ValueError(
+        f"sequence {i}: {len(p)} + {len(resp)} tokens, planned "
+        f"{plan.lengths[i]} with responses <= {response_len}"
+      )
+    key = (j, d, r)
+    seg_in_row[key] = seg_in_row.get(key, 0) + 1
+    ids[j, d, r, o : o + n] = np.concatenate([p, resp])
+    seg[j, d, r, o : o + n] = seg_in_row[key]
+    pos[j, d, r, o : o + n] = np.arange(n)
+    # Response token t is predicted from the token before it: packed position o + len(p) + t - 1.
+    index[j, d, plan.slot[i], : len(resp)] = r * length + o + len(p) - 1 + np.arange(len(resp))
+  return {"input_ids": ids, "segment_ids": seg, "positions": pos, "token_index": index}
+
+
+def to_slots(
+  plan: Plan, shape: Shape, x: np.ndarray, *, shards: slice | None = None, fill=0
+) -> np.ndarray:
+  """Per-sequence rows x [M, ...] -> the response layout [NM, D', S, ...] (empty slots: fill)."""
+  lo, hi, _ = (shards or slice(0, shape.num_shards)).indices(shape.num_shards)
+  x = np.asarray(x)
+  out = np.full((shape.num_micro, hi - lo, shape.slots) + x.shape[1:], fill, x.dtype)
+  mine = (plan.shard >= lo) & (plan.shard < hi)
+  out[plan.micro[mine], plan.shard[mine] - lo, plan.slot[mine]] = x[mine]
+  return out
+
+
+def from_slots(plan: Plan, y: np.ndarray) -> np.ndarray:
+  """The response layout y [NM, D, S, ...] (all shards) -> per-sequence rows [M, ...]."""
+  return np.asarray(y)[plan.micro, plan.shard, plan.slot]
+
+
+def useful_fraction(plan: Plan, shape: Shape) -> float:
+  """Real tokens / tokens the packed layout runs the model on."""
+  return float(plan.lengths.sum()) / float(
+    shape.num_micro * shape.num_shards * shape.rows * shape.row_len
+  )
