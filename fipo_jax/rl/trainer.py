@@ -115,12 +115,14 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
     metrics["train/skipped_steps"] = skipped_total
     metrics.update(env.train_data.metrics())
     done = step + 1
-    if rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps):
+    evaluated = rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps)
+    if evaluated:
       metrics.update(evaluation.evaluate(rc, env, params, step=done))
-    writer.write(done, metrics)
-    bar.set_postfix(metrics_lib.progress_postfix(writer.history))  # the last eval, not nan
-    last = metrics
     diverged = bad_steps >= rc.max_consecutive_bad_steps > 0
+    if logs_step(rc, done, evaluated=evaluated, stopping=diverged or stop.signum is not None):
+      writer.write(done, metrics)
+      bar.set_postfix(metrics_lib.progress_postfix(writer.history))  # the last eval, not nan
+    last = metrics
     want_ckpt = ((rc.checkpoint_every > 0 and done % rc.checkpoint_every == 0)
                  or done == rc.total_steps
                  or stop.signum is not None or diverged)
@@ -147,6 +149,12 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   if is_primary:
     print(metrics_lib.outputs_summary(workdir, ckpt.directory), flush=True)
   return last
+
+
+def logs_step(rc, done: int, *, evaluated: bool, stopping: bool) -> bool:
+  """Whether RL step `done` (1-based) writes its metrics: every `log_every` steps, and always
+  at an eval step, at the last step and at the step the run stops on (signal, divergence)."""
+  return done % rc.log_every == 0 or evaluated or stopping or done == rc.total_steps
 
 
 def rl_step(rc, env, steps: ts.CompiledSteps, params, opt_state, step: int):
