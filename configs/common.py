@@ -14,11 +14,11 @@ def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # root PRNG seed (sampling, init); split by name in the trainer
   c.total_steps = 600  # RL steps (rollout batches); the paper's curves run to ~500-600
-  c.eval_every = 5  # eval on data.val_files every k steps, and at step 0 (verl test_freq=5)
-  c.checkpoint_every = 5  # orbax save every k steps (verl save_freq=5); 0 = never
-  c.log_every = 1  # write metrics every k steps
+  c.eval_every = 5  # eval on data.val_files every k RL steps, and at step 0 (verl test_freq=5)
+  c.checkpoint_every = 5  # orbax save every k RL steps (verl save_freq=5); 0 = never
+  c.log_every = 1  # write metrics every k RL steps, and always at eval steps and the last step
   c.keep_checkpoints = 3  # keep the last k checkpoints (plus the best by eval/acc_mean)
-  c.max_consecutive_bad_steps = 3  # stop after k steps in a row with NaN/inf loss or grad norm
+  c.max_consecutive_bad_steps = 3  # stop after k RL steps in a row with a NaN/inf update
   c.dump_influence = False  # write WORKDIR/influence/step_k.npz (per-token weights per mini-batch)
 
   c.model = ml_collections.ConfigDict()
@@ -71,14 +71,18 @@ def base() -> ml_collections.ConfigDict:
   c.rl.ppo_micro_batch_size_per_device = 8  # responses per micro-batch when not dynamic
   c.rl.max_response_length = 20480  # T, tokens
   c.rl.filter_groups_enable = True  # dynamic sampling: drop groups with all-equal metric
-  c.rl.filter_groups_metric = "acc"  # metric compared within a group (accuracy, not score)
-  c.rl.max_num_gen_batches = 10  # generation rounds per step before giving up (0 = no cap)
+  # Compared within a group: 'acc' (official) | 'score' (the verifier's) | 'seq_reward' (score +
+  # overlong penalty) | 'seq_final_reward' (= seq_reward: no KL in the reward), as verl's DAPO.
+  c.rl.filter_groups_metric = "acc"
+  c.rl.max_num_gen_batches = 10  # generation rounds per RL step before giving up (0 = no cap)
   c.rl.norm_adv_by_std_in_grpo = True  # (R - mean) / (std + 1e-6), unbiased std
   c.rl.use_kl_loss = False  # KL-to-reference term (needs a reference model)
   c.rl.kl_loss_coef = 0.0  # its coefficient
   c.rl.kl_loss_type = "low_var_kl"  # 'kl' | 'abs' | 'mse' | 'low_var_kl' (verl names)
   c.rl.entropy_coeff = 0.0  # entropy bonus coefficient
-  c.rl.reward_fn = "math_dapo"  # +1/-1 on the last "Answer: ..." (fipo_jax.rl.math_dapo_score)
+  # 'math_dapo' (official): +1/-1 on the last "Answer: ..." | 'math_verify': verl's 1/0 symbolic
+  # check on the math-verify package (pip install 'fipo_jax[math_verify]'), in a child process.
+  c.rl.reward_fn = "math_dapo"
   c.rl.overlong_buffer_enable = True  # soft overlong penalty
   c.rl.overlong_buffer_len = 4096  # tokens: penalty ramps 0 -> -factor over the last len tokens
   c.rl.overlong_penalty_factor = 1.0  # penalty at max_response_length
@@ -99,8 +103,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6  # AdamW learning rate
-  c.optim.warmup_steps = 10  # linear warmup from 0, in optimizer steps
-  c.optim.schedule = "constant"  # 'constant' (after warmup) | 'cosine'
+  # Linear warmup from 0, in OPTIMIZER UPDATES (rl.num_mini_batches x rl.ppo_epochs per RL step,
+  # 8 here; verl's scheduler moves once per RL step, so its lr_warmup_steps=10 spans 10 RL steps).
+  c.optim.warmup_steps = 10
+  c.optim.schedule = "constant"  # 'constant' | 'cosine': to 0 at the run's last optimizer update
   c.optim.weight_decay = 0.1  # decoupled weight decay
   c.optim.grad_clip = 1.0  # global-norm clip (0 = off)
   c.optim.b1 = 0.9  # Adam beta1 (torch AdamW default, as in verl)
@@ -120,7 +126,7 @@ def base() -> ml_collections.ConfigDict:
   c.sampler_mesh.tensor = 0  # heads / kv heads / mlp / vocab split over tensor
 
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 0  # supervised warm-start steps before RL (tiny_cpu only; 0 = none)
+  c.sft.steps = 0  # supervised warm-start optimizer steps before RL (tiny_cpu only; 0 = none)
   c.sft.lr = 1e-3  # its AdamW learning rate
   c.sft.batch_size = 32  # its examples per step
   c.sft.wrong_fraction = 0.0  # share of carrying SFT answers given the no-carry slip (tiny_cpu)
