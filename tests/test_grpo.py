@@ -265,16 +265,16 @@ def test_reference_is_a_frozen_copy_rebuilt_identically(tmp_path):
   rc = config_lib.validate(
     grpo_qwen2_5_7b_math.get_config("runlocal"), num_devices=jax.device_count()
   )
-  env = setup_lib.build(rc, str(tmp_path))
+  env, state = setup_lib.build(rc, str(tmp_path))
   ref = env.ref_params
   same = lambda a, b: bool(jnp.array_equal(a, b))  # noqa: E731
-  assert all(jax.tree.leaves(jax.tree.map(same, ref, env.params)))
+  assert all(jax.tree.leaves(jax.tree.map(same, ref, state.params)))
   assert all(jax.tree.leaves(jax.tree.map(lambda r, s: r.sharding == s, ref, env.param_sharding)))
   # Own buffers: donating the params (as every update does) leaves the reference intact.
-  jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(env.params)
+  jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(state.params)
   assert all(not x.is_deleted() for x in jax.tree.leaves(ref))
   # A resumed run builds it again from the seed: the same values.
-  again = setup_lib.build(rc, str(tmp_path)).ref_params
+  again = setup_lib.build(rc, str(tmp_path))[0].ref_params
   assert all(jax.tree.leaves(jax.tree.map(same, ref, again)))
 
 

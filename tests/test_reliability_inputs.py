@@ -186,9 +186,9 @@ def test_consecutive_bad_steps_stop_with_checkpoint_of_last_good_state(tmp_path,
   bad = iter([0, 1, 1, 1, 1])
   seen = {}
 
-  def fake_step(rc, env, steps, params, opt_state, step):
-    seen.setdefault("params", params)
-    return {"train/nonfinite_updates": next(bad)}, params, opt_state
+  def fake_step(rc, env, steps, state):
+    seen.setdefault("params", state.params)
+    return state.replace(step=state.step + 1), {"train/nonfinite_updates": next(bad)}
 
   monkeypatch.setattr(trainer, "rl_step", fake_step)
   with pytest.raises(trainer.TrainingDiverged, match="2 consecutive steps.*checkpointed at step 3"):
@@ -214,10 +214,10 @@ def test_truncation_counters_reach_metrics_jsonl(tmp_path, monkeypatch, caplog):
   config.data.max_prompt_length = 16
   config.sft.steps, config.eval_every, config.total_steps, config.checkpoint_every = 0, 0, 2, 0
 
-  def fake_step(rc, env, steps, params, opt_state, step):
+  def fake_step(rc, env, steps, state):
     batch = env.train_data.next_batch(4)  # one epoch: both long prompts
     assert all(len(ex["prompt_ids"]) <= 16 for ex in batch)
-    return {"train/nonfinite_updates": 0}, params, opt_state
+    return state.replace(step=state.step + 1), {"train/nonfinite_updates": 0}
 
   monkeypatch.setattr(trainer, "rl_step", fake_step)
   with caplog.at_level("WARNING", logger="fipo_jax.data.pipeline"):

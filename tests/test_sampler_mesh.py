@@ -47,7 +47,8 @@ def test_sampler_mesh_validation():
 
 @pytest.fixture(scope="module")
 def envs(tmp_path_factory):
-  """(same-mesh env, sampler-mesh env): the same seed, so the same initial params."""
+  """((env, state) on the train mesh, (env, state) with a sampler mesh): the same seed, so the
+  same initial params."""
   out = []
   for name, sm in (("same", {}), ("tp", dict(data=4, fsdp=1, tensor=2))):
     rc = config_lib.validate(_config(**sm), num_devices=jax.device_count())
@@ -56,16 +57,17 @@ def envs(tmp_path_factory):
 
 
 def test_handover_reshards_on_device_into_the_rules_table_layout(envs):
-  same, tp = envs
-  assert same.engine.mesh is same.mesh and same.sampler_params(same.params) is same.params
+  (same, same_state), (tp, tp_state) = envs
+  assert same.engine.mesh is same.mesh
+  assert same.sampler_params(same_state.params) is same_state.params
   assert dict(tp.engine.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
   # On CPU a device-to-host copy is free and unguarded, so the guard watches the host-to-device
   # leg, which every host round trip ends with ("disallow_explicit" also catches device_put).
   with jax.transfer_guard("disallow_explicit"):
-    params = tp.sampler_params(tp.params)
+    params = tp.sampler_params(tp_state.params)
     jax.block_until_ready(params)
   with jax.transfer_guard("disallow_explicit"), pytest.raises(Exception, match="host-to-device"):
-    jax.block_until_ready(sharding.shard_params(tp.params, tp.engine.mesh))  # staged via host
+    jax.block_until_ready(sharding.shard_params(tp_state.params, tp.engine.mesh))  # staged via host
 
   want = sharding.state_shardings(params, tp.engine.mesh)
   got_leaves, want_leaves = jax.tree.leaves(params), jax.tree.leaves(want)
@@ -74,18 +76,18 @@ def test_handover_reshards_on_device_into_the_rules_table_layout(envs):
     assert x.sharding.mesh == tp.engine.mesh
     assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding.spec, s.spec)
   assert any("tensor" in jax.tree.leaves(tuple(x.sharding.spec)) for x in got_leaves)
-  for x, y in zip(got_leaves, jax.tree.leaves(tp.params), strict=True):
+  for x, y in zip(got_leaves, jax.tree.leaves(tp_state.params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The trainer's params keep the train layout (fsdp=8).
-  assert all(x.sharding.mesh == tp.mesh for x in jax.tree.leaves(tp.params))
+  assert all(x.sharding.mesh == tp.mesh for x in jax.tree.leaves(tp_state.params))
 
 
 def test_tensor_parallel_sampler_matches_the_train_mesh_sampler(envs):
-  same, tp = envs
+  (same, same_state), (tp, tp_state) = envs
   prompts = [e["prompt_ids"] for e in same.val_examples[:6]]
   kw = dict(n=2, max_new_tokens=16, sampling=params_lib.Greedy(), eos_ids=same.eos_ids, seed=3)
-  want = driver.run(same.engine, same.sampler_params(same.params), prompts, **kw).samples
-  got = driver.run(tp.engine, tp.sampler_params(tp.params), prompts, **kw).samples
+  want = driver.run(same.engine, same.sampler_params(same_state.params), prompts, **kw).samples
+  got = driver.run(tp.engine, tp.sampler_params(tp_state.params), prompts, **kw).samples
   assert [s.response_ids.tolist() for s in got] == [s.response_ids.tolist() for s in want]
   assert sum(len(s.response_ids) for s in got) > len(got)  # real responses, not only EOS
   for x, y in zip(got, want, strict=True):

@@ -1,25 +1,40 @@
-"""Rollouts on the host: sample, score, group advantages, dynamic sampling, pack into a batch.
+"""One RL step's training data on the host: sample, score, dynamic sampling, advantages, pack.
 
-docs/fipo_spec.md §4: each round samples `gen_batch_size` prompts x `n` responses, scores with the
-verifier plus overlong shaping (`rewards.score_responses`), keeps the groups whose
-`rl.filter_groups_metric` (official: `acc`) is not all-equal, and repeats (up to
-`max_num_gen_batches` rounds) until `train_batch_size` prompts are kept; the kept groups are
-truncated to exactly `train_batch_size` x `n` responses.
+`collect(rc, env, params, step) -> (mini-batches, metrics)` (docs/fipo_spec.md §4): each
+dynamic-sampling round samples `gen_batch_size` prompts x `n` responses with the sampler
+(`sampling.driver`), scores them with the verifier plus overlong shaping
+(`rewards.score_responses`; split over processes by `score_shard`), and keeps the groups whose
+`rl.filter_groups_metric` (official: `acc`) is not all-equal; rounds repeat (up to
+`max_num_gen_batches`) until `train_batch_size` prompts are kept, and the kept groups are
+truncated to exactly `train_batch_size` x `n` responses (`collect_with_dynamic_sampling`).
+Then GRPO group advantages, and `pack_batch` lays the responses out as PolicyBatch arrays (left-
+padded prompts, right-padded responses), one mini-batch per `ppo_mini_batch_size` prompts, each
+placed on the train mesh from the rows this host's devices hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from flax import nnx
 
-from fipo_jax import distributed
+from fipo_jax import config as config_lib
+from fipo_jax import distributed, seeds, sharding
+from fipo_jax import metrics as metrics_lib
 from fipo_jax.rl import advantages as adv_lib
 from fipo_jax.rl import rewards as rewards_lib
+from fipo_jax.rl import train_step as ts
 from fipo_jax.rl.rewards import RewardConfig, ScoreFn
+from fipo_jax.sampling import driver as driver_lib
+
+if TYPE_CHECKING:
+  from fipo_jax.rl import setup as setup_lib
 
 # rl.filter_groups_metric -> the per-response value whose spread within a group keeps it
 # (verl recipe/dapo: `acc` and `score` from the reward function's extra info; `seq_reward` =
@@ -265,3 +280,128 @@ def pack_batch(
     "old_log_probs": sampler_lp,
     "advantages": adv,
   }
+
+
+# --- One RL step's training data: collect() = sample -> score -> filter -> advantages -> pack.
+
+
+def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, step: int
+            ) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
+  """The training data of RL step `step` (0-based), sampled with `params`.
+
+  Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts x n) and scoring until
+  rl.train_batch_size prompts are kept, then group advantages, then packing into
+  `train_batch_size / ppo_mini_batch_size` mini-batches placed on env.mesh. Each host packs
+  only the rows its own devices hold. `old_log_probs` are the sampler's; the trainer replaces
+  them with the actor's. Returns (mini-batches, [] when no group was kept; rollout metrics).
+  """
+  t0 = time.perf_counter()
+  res, sampled = _dynamic_sampling(rc, env, params, step)
+  t_gen = time.perf_counter() - t0
+  metrics: dict[str, Any] = {"train/num_gen_batches": res.num_gen_batches, "timing_s/gen": t_gen}
+  r = res.rollouts
+  if len(r) == 0:
+    return [], metrics
+  adv = adv_lib.grpo_outcome_advantages(
+    r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
+  )
+  batches, packed = _mini_batches(rc, env, r, adv)
+  lengths = np.asarray([len(x) for x in r.response_ids])
+  metrics.update({
+    # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.
+    "train/acc_mean": float(np.concatenate(sampled["acc"]).mean()),
+    "train/kept_acc_mean": float(np.mean(r.acc)),
+    "critic/score/mean": float(np.mean(r.scores)),
+    "critic/advantages/mean": _token_mean(r, adv, packed, rc.rl.max_response_length),
+    "reward/errors": int(r.reward_errors),
+    "reward/overlong_frac": float(np.mean(r.overlong)),
+    "train/num_prompts_kept": res.num_prompts_kept,
+    "perf/sampler_tokens_per_s": sampled["tokens"] / max(t_gen, 1e-9),
+    "perf/responses_scored_here": sampled["scored"],  # this process's share of the scoring
+  })
+  metrics.update(metrics_lib.response_length_metrics(lengths, rc.rl.max_response_length))
+  return batches, metrics
+
+
+def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State,
+                      step: int) -> tuple[DynamicSamplingResult, dict[str, Any]]:
+  """The step's dynamic-sampling rounds; also returns what was sampled before filtering:
+  {'tokens': sampled, 'acc': [bool[R] per round], 'scored': responses this process scored}."""
+  sampled: dict[str, Any] = {"tokens": 0, "acc": [], "scored": 0}
+  params = env.sampler_params(params)  # once per step: the params do not change while sampling
+
+  def sample_round(round_idx: int) -> Rollouts:
+    examples = env.train_data.next_batch(rc.rl.gen_batch_size)
+    res = driver_lib.run(
+      env.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
+      max_new_tokens=rc.rl.max_response_length, sampling=env.train_sampling,
+      eos_ids=env.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
+    )
+    r = make_rollouts(env.tokenizer, env.reward_cfg, examples, res.samples,
+                      group_offset=round_idx * rc.rl.gen_batch_size)
+    sampled["tokens"] += res.stats.tokens_generated
+    sampled["acc"].append(r.acc)
+    sampled["scored"] += r.scored_here
+    return r
+
+  res = collect_with_dynamic_sampling(
+    sample_round, train_batch_size=rc.rl.train_batch_size, n=rc.rl.n,
+    filter_groups=rc.rl.filter_groups_enable, max_num_gen_batches=rc.rl.max_num_gen_batches,
+    min_prompts=rc.rl.ppo_mini_batch_size, filter_metric=rc.rl.filter_groups_metric,
+  )
+  return res, sampled
+
+
+def _mini_batches(rc: config_lib.RunConfig, env: setup_lib.Env, r: Rollouts, adv: np.ndarray
+                  ) -> tuple[list[ts.PolicyBatch], dict[str, np.ndarray]]:
+  """[R] rollouts -> R / mini mini-batches on env.mesh, each from this host's rows of it.
+
+  Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked)."""
+  mini = rc.rl.ppo_mini_batch_size * rc.rl.n
+  num_mini = len(r) // mini
+  rows = _local_rows(env.mesh, mini)
+  local = np.concatenate([np.arange(i * mini + rows.start, i * mini + rows.stop)
+                          for i in range(num_mini)])
+  packed = pack_batch(
+    r.select(local), adv[local], max_prompt_length=env.max_prompt_length,
+    max_response_length=rc.rl.max_response_length, pad_id=env.pad_id,
+  )
+  k = rows.stop - rows.start
+  batches = [_device_batch(env.mesh, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
+             for i in range(num_mini)]
+  return batches, packed
+
+
+def _local_rows(mesh: jax.sharding.Mesh, rows: int) -> slice:
+  """Rows [lo, hi) of an [rows, ...] batch that this process's devices hold."""
+  held = sharding.process_rows(sharding.batch_sharding(mesh, 1, (rows,)), rows)
+  if held is None:  # devices not grouped by process: every host packs every row
+    logging.warning("batch rows of this host are not contiguous; packing all %d rows", rows)
+    return slice(0, rows)
+  return held
+
+
+def _device_batch(mesh: jax.sharding.Mesh, arrays: dict[str, np.ndarray], rows: int
+                  ) -> ts.PolicyBatch:
+  """Global [rows, ...] arrays from this process's rows (all rows also work: then global)."""
+
+  def put(x):
+    shape = (rows,) + x.shape[1:]
+    return jax.make_array_from_process_local_data(
+      sharding.batch_sharding(mesh, x.ndim, shape), x, shape)
+
+  return ts.PolicyBatch(**{k: put(v) for k, v in arrays.items()})
+
+
+def _token_mean(r: Rollouts, adv: np.ndarray, packed: dict[str, np.ndarray], max_len: int
+                ) -> float:
+  """The token-mean advantage of the whole batch.
+
+  One process holds every row and reads its packed arrays; on several, each holds a share of
+  the rows, so the global number comes from the [R] rollouts every host has.
+  """
+  if jax.process_count() == 1:
+    mask = packed["response_mask"]
+    return float(np.sum(packed["advantages"] * mask) / max(mask.sum(), 1.0))
+  lengths = np.asarray([min(len(x), max_len) for x in r.response_ids], np.float64)
+  return float(np.sum(np.asarray(adv, np.float64) * lengths) / max(lengths.sum(), 1.0))
