@@ -196,7 +196,7 @@ def train_step_result(run, mcfg, mesh, chips: int) -> Result:
 
   from fipo_jax import sharding
   from fipo_jax.models import build
-  from fipo_jax.rl import setup
+  from fipo_jax.rl import optimizer, setup
   from fipo_jax.rl import train_step as ts
 
   p, t = run.data.max_prompt_length, run.rl.max_response_length
@@ -204,9 +204,7 @@ def train_step_result(run, mcfg, mesh, chips: int) -> Result:
   rows = run.rl.ppo_mini_batch_size * run.rl.n  # M responses per optimizer step
   cfg = setup.update_config(run, mesh, seq)  # the trainer's micro-batching
   micro = rows // cfg.num_micro_batches
-  o = run.optim
-  tx = ts.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
-                         grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, eps=o.eps, schedule=o.schedule)
+  tx, _ = optimizer.make_optimizer(run.optim, total_updates=run.total_updates)  # the trainer's
   graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
   params = _sds(abs_params, param_sh)
   # Adam's mu and nu take their param's sharding; scalars (the step count) are replicated.

@@ -27,7 +27,7 @@ from fipo_jax import config as config_lib
 from fipo_jax import models
 from fipo_jax import policy as policy_lib
 from fipo_jax.models import build as build_lib
-from fipo_jax.rl import losses
+from fipo_jax.rl import losses, optimizer
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
@@ -208,7 +208,9 @@ def test_train_step_with_kl_term_averages_micro_batches_and_needs_reference():
   batch = batch.replace(
     old_log_probs=jnp.asarray(lp, jnp.float32), ref_log_probs=jnp.asarray(ref, jnp.float32)
   )
-  tx = ts.make_optimizer(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0)
+  tx, _ = optimizer.make_optimizer(
+    config_lib.OptimSection(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
+    total_updates=1)
   step = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))
   new_params, _, m = step(params, tx.init(params), batch)
   # Micro-batch j holds rows j, j + 2 (strided); verl averages the metric over micro-batches.

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from configs import common
+from fipo_jax import config as config_lib
 from fipo_jax import models
-from fipo_jax.rl import rewards
+from fipo_jax.rl import optimizer, rewards
 from fipo_jax.rl import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -134,7 +135,9 @@ def _batch(advantages: float, b: int = 4, p: int = 3, t: int = 4) -> ts.PolicyBa
 @pytest.mark.parametrize("poison", [np.inf, np.nan])
 def test_nonfinite_update_is_skipped_and_params_untouched(poison):
   graphdef, params = _tiny()
-  tx = ts.make_optimizer(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0)
+  tx, _ = optimizer.make_optimizer(
+    config_lib.OptimSection(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
+    total_updates=1)
   step = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=ts.UpdateConfig(), tx=tx))
   opt = tx.init(params)
   good_params, good_opt, m = step(params, opt, _batch(1.0))

@@ -13,6 +13,7 @@ from configs import fipo_qwen2_5_32b, tiny_cpu
 from fipo_jax import config as config_lib
 from fipo_jax import models
 from fipo_jax import policy as policy_lib
+from fipo_jax.rl import optimizer
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
@@ -153,8 +154,7 @@ def test_32b_recipe_train_step_builds_abstractly():
   cfg = policy_lib.model_config(rc)
   assert cfg.num_layers == 64 and cfg.hidden_size == 5120 and cfg.remat_policy != "none"
   graphdef, abstract, _ = models.build.param_shardings(cfg, None)
-  tx = ts.make_optimizer(lr=rc.optim.lr, warmup_steps=rc.optim.warmup_steps,
-                         weight_decay=rc.optim.weight_decay, grad_clip=rc.optim.grad_clip)
+  tx, _ = optimizer.make_optimizer(rc.optim, total_updates=rc.total_updates)
   opt = jax.eval_shape(tx.init, abstract)
   p, t = rc.data.max_prompt_length, rc.rl.max_response_length
   m = rc.rl.ppo_mini_batch_size * rc.rl.n  # 1024 responses per optimizer step

@@ -68,30 +68,6 @@ class UpdateConfig:
       raise ValueError(f"kl_loss_type {self.kl_loss_type!r} not in {losses_lib.KL_TYPES}")
 
 
-def make_optimizer(
-  *,
-  lr: float,
-  warmup_steps: int,
-  weight_decay: float,
-  grad_clip: float,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  schedule: str = "constant",
-  total_steps: int | None = None,
-) -> optax.GradientTransformation:
-  """AdamW with verl's constant-with-warmup schedule (lr 0 at step 0) and global-norm clipping."""
-  if schedule == "constant":
-    lr_fn = optax.linear_schedule(0.0, lr, max(warmup_steps, 1)) if warmup_steps else lr
-  elif schedule == "cosine":
-    lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps or 1)
-  else:
-    raise ValueError(f"optim.schedule: unknown schedule {schedule!r} (constant|cosine)")
-  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip and grad_clip > 0 else []
-  parts.append(optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  return optax.chain(*parts)
-
-
 def split_micro_batches(tree: Any, num_micro: int) -> Any:
   """[M, ...] -> [num_micro, M // num_micro, ...], micro-batch j = rows j, j+n, j+2n, ...
 
