@@ -1,8 +1,12 @@
 """The optimizer factory: schedules count optimizer updates, the tx uses the logged lr."""
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import fipo_qwen2_5_32b
@@ -78,3 +82,39 @@ def test_a_cosine_run_whose_warmup_outlasts_it_is_refused():
   with pytest.raises(config_lib.ConfigError, match="optim.warmup_steps: must be < the run's"):
     _recipe(**{"optim.warmup_steps": 4799})
   assert _recipe(**{"optim.warmup_steps": 4798}).total_updates == 4800
+
+
+def _write_sft_cache(workdir: pathlib.Path) -> None:
+  """tests/testdata/tiny_cpu_sft.npz (tiny_cpu's warm start) as the run's WORKDIR/sft cache."""
+  flat = dict(np.load(pathlib.Path(__file__).parent / "testdata" / "tiny_cpu_sft.npz"))
+  tree: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(str(workdir / "sft"), tree)
+  ckptr.wait_until_finished()
+
+
+@pytest.mark.slow
+def test_a_cosine_trainer_run_logs_the_lr_of_its_last_update(tmp_path):
+  """tiny_cpu from its stored warm start, 2 RL steps x 4 updates, cosine: the logged actor/lr
+  is the lr of each step's last update, 0 exactly at the run's last one."""
+  from configs import tiny_cpu  # noqa: PLC0415
+  from fipo_jax.rl import trainer  # noqa: PLC0415
+
+  _write_sft_cache(tmp_path)
+  c = tiny_cpu.get_config()
+  c.total_steps, c.eval_every, c.checkpoint_every = 2, 0, 0
+  c.optim.schedule, c.optim.warmup_steps = "cosine", 1
+  rc = config_lib.validate(c, check_paths=False)
+  assert rc.total_updates == 8
+  trainer.run(c, str(tmp_path))
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["train/num_prompts_kept"] for r in rows] == [16, 16]  # 4 updates per step
+  _, schedule = optimizer.make_optimizer(rc.optim, total_updates=rc.total_updates)
+  assert [r["actor/lr"] for r in rows] == [float(schedule(3)), float(schedule(7))]
+  assert rows[0]["actor/lr"] > 0.0 and rows[1]["actor/lr"] == 0.0
