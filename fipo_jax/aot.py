@@ -192,7 +192,6 @@ def _compile(traced, result: Result, chips: int) -> Result:
 def train_step_result(run, mcfg, mesh, chips: int) -> Result:
   import jax
   import jax.numpy as jnp
-  import optax
 
   from fipo_jax import sharding
   from fipo_jax.models import build
@@ -208,10 +207,8 @@ def train_step_result(run, mcfg, mesh, chips: int) -> Result:
   graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
   params = _sds(abs_params, param_sh)
   # Adam's mu and nu take their param's sharding; scalars (the step count) are replicated.
-  abs_opt = jax.eval_shape(tx.init, params)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-  opt_state = _sds(abs_opt, opt_sh)
+  opt_sh = sharding.optimizer_shardings(tx, params, mesh)
+  opt_state = _sds(jax.eval_shape(tx.init, params), opt_sh)
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, 2))
   batch = ts.PolicyBatch(input_ids=i32(rows, seq), attention_mask=i32(rows, seq),

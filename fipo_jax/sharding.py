@@ -15,7 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXES = ("data", "fsdp", "tensor")
+from fipo_jax import config_mesh
+
+AXES = config_mesh.AXES
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -46,27 +48,35 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 (= the remaining devices)."""
+  """A ('data', 'fsdp', 'tensor') mesh; one size may be -1 (= the remaining devices).
+
+  The sizes follow the config's mesh rules (`config_mesh.resolve_sizes`); a bad one raises its
+  ConfigError (a ValueError) naming the axis.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-  free = [k for k, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise ValueError(f"mesh: only one of data/fsdp/tensor may be -1, got {sizes}")
-  for k, v in sizes.items():
-    if v == 0 or v < -1:
-      raise ValueError(f"mesh.{k} must be positive or -1, got {v}")
-  known = math.prod(v for v in sizes.values() if v != -1)
-  if free:
-    if len(devices) % known:
-      raise ValueError(f"mesh.{free[0]}=-1: {len(devices)} devices are not divisible by the "
-                       f"product of the other axes ({known}) in {sizes}")
-    sizes[free[0]] = len(devices) // known
-  total = math.prod(sizes.values())
-  if total != len(devices):
-    raise ValueError(f"mesh sizes {sizes} multiply to {total} but there are {len(devices)} "
-                     f"devices; fix mesh.data / mesh.fsdp / mesh.tensor")
-  arr = np.asarray(devices, dtype=object).reshape([sizes[a] for a in AXES])
-  return Mesh(arr, AXES)
+  sizes = config_mesh.resolve_sizes((data, fsdp, tensor), len(devices))
+  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), AXES)
+
+
+def mesh_axes(logical: str | None, size: int | None = None, mesh=None,
+              used: Sequence[str] = ()) -> tuple[str, ...]:
+  """The mesh axes RULES maps `logical` to, less those in `used` (an earlier dimension's).
+
+  The divisibility rule: with `size` and `mesh` (concrete or abstract), an axis is kept only if
+  the mesh has it and it divides `size` together with the axes kept before it.
+  """
+  if logical is not None and logical not in RULES:
+    raise KeyError(f"logical axis {logical!r} is not in sharding.RULES")
+  target = RULES.get(logical) if logical is not None else None
+  kept: list[str] = []
+  for t in () if target is None else ((target,) if isinstance(target, str) else target):
+    if t in used:
+      continue
+    if size is not None and mesh is not None and (
+        t not in mesh.axis_names or size % math.prod(mesh.shape[a] for a in (*kept, t))):
+      continue
+    kept.append(t)
+  return tuple(kept)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
@@ -74,26 +84,14 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
   """Maps logical axis names to a PartitionSpec through RULES.
 
   With `shape` and `mesh`, mesh axes that do not divide the dimension (or are already used by
-  an earlier dimension) are dropped.
+  an earlier dimension) are dropped (`mesh_axes`).
   """
   used: set[str] = set()
   out = []
   for i, name in enumerate(logical_axes):
-    if name is not None and name not in RULES:
-      raise KeyError(f"logical axis {name!r} is not in sharding.RULES")
-    target = RULES.get(name) if name is not None else None
-    targets = () if target is None else ((target,) if isinstance(target, str) else target)
-    kept = []
-    for t in targets:
-      if t in used:
-        continue
-      if shape is not None and mesh is not None:
-        size = mesh.shape[t] * math.prod(mesh.shape[k] for k in kept)
-        if shape[i] % size:
-          continue
-      kept.append(t)
+    kept = mesh_axes(name, None if shape is None else shape[i], mesh, tuple(used))
     used.update(kept)
-    out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    out.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
   while out and out[-1] is None:
     out.pop()
   return PartitionSpec(*out)

@@ -24,12 +24,37 @@ def test_make_mesh_sizes():
 @pytest.mark.parametrize("kwargs,field", [
   (dict(data=3, fsdp=1, tensor=1), "mesh"),
   (dict(data=3, fsdp=-1), "mesh.fsdp"),
-  (dict(data=-1, fsdp=-1), "only one"),
+  (dict(data=-1, fsdp=-1), "mesh.data: at most one mesh axis may be -1"),
   (dict(tensor=0), "mesh.tensor"),
 ])
 def test_make_mesh_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     sharding.make_mesh(**kwargs)
+
+
+def test_make_mesh_and_the_config_apply_one_mesh_rule():
+  from fipo_jax import config_mesh  # noqa: PLC0415
+
+  for sizes in ((3, -1, 1), (2, 2, 1), (-1, 1, -1)):
+    with pytest.raises(ValueError) as mesh_err:
+      sharding.make_mesh(*sizes)
+    with pytest.raises(ValueError) as config_err:
+      config_mesh.MeshSection(*sizes).resolve(jax.device_count())
+    assert str(mesh_err.value) == str(config_err.value)
+
+
+def test_mesh_axes_is_the_divisibility_rule():
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  assert sharding.mesh_axes("batch") == ("data", "fsdp")  # no size: the table as written
+  assert sharding.mesh_axes("batch", 8, mesh) == ("data", "fsdp")
+  assert sharding.mesh_axes("batch", 6, mesh) == ("data",)  # 6 % (2 * 2): fsdp dropped
+  assert sharding.mesh_axes("batch", 3, mesh) == ()
+  assert sharding.mesh_axes("batch", 8, mesh, used=("data",)) == ("fsdp",)
+  assert sharding.mesh_axes(None, 8, mesh) == ()
+  no_tensor = jax.sharding.AbstractMesh((2, 4), ("data", "fsdp"))
+  assert sharding.mesh_axes("kv_heads", 4, no_tensor) == ()  # an axis the mesh lacks
+  with pytest.raises(KeyError, match="not in sharding.RULES"):
+    sharding.mesh_axes("nope")
 
 
 def test_logical_to_spec_rules():

@@ -13,7 +13,6 @@ cannot be partitioned automatically); without one it runs on unsharded operands.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -57,16 +56,7 @@ def _local(q, k, v, seg, *, block_size, interpret):
 
 def _mesh_axes(mesh, logical: str, size: int):
   """Mesh axes from the rules table for `logical` that exist in mesh and divide size."""
-  target = sharding_lib.RULES[logical]
-  targets = () if target is None else ((target,) if isinstance(target, str) else target)
-  kept = []
-  for name in targets:
-    if (
-      name in mesh.axis_names
-      and size % (mesh.shape[name] * math.prod(mesh.shape[a] for a in kept)) == 0
-    ):
-      kept.append(name)
-  return tuple(kept) or None
+  return sharding_lib.mesh_axes(logical, size, mesh) or None
 
 
 def splash_attention(
