@@ -5,7 +5,23 @@ Subpackages (one concern each, see DESIGN.md):
   sampling/  JetStream-style engine and the continuous-batching rollout driver.
   rl/        future_kl, policy losses, advantages, rewards, train steps, trainer loop.
   data/      grain pipelines over verl-schema parquet/jsonl and the synthetic tasks.
-  eval/      avg@k / pass@k / cons@k and response-length statistics.
+  eval/      the eval CLI and its result table; the estimators (avg@k / pass@k / cons@k,
+             response lengths) are `fipo_jax.estimators`.
+
+Shapes. Docstrings and comments state shapes (`[B, T]`, `f32[B, T]`) in one vocabulary, each
+letter with one meaning everywhere:
+  B  batch rows (in rl/: responses)     G  group size: responses per prompt (rl.n)
+  P  prompt length (left-padded)        T  response length (padded to max_response_length)
+  S  sequence length, the tokens a row attends over: P + T in training, a packed row's
+     length, the KV cache length when decoding
+  Q  query length, the tokens one model call takes in (S without a cache, P at prefill,
+     1 per decode step)
+  L  layers      D  model width     F  MLP width     V  vocab
+  N  query heads      K  kv heads   H  head dim
+  M  responses in one optimizer update (rl.ppo_mini_batch_size x G)
+  Packed batches (rl/packing.py): NM micro-batches, W data shards, R packed rows per shard,
+  E sequence slots per shard: tokens [NM, W, R, S], responses [NM, W, E, T].
+Other sizes are written as lowercase names (`[num_slots]`, `[k, B]`).
 """
 
 import logging as _logging

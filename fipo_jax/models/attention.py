@@ -3,16 +3,16 @@
 Every implementation computes, for query i of row b, softmax attention over key slots j with
 `kv_valid[b, j] and j <= q_slot[b, i]`. Without a cache q_slot = i (causal self attention with
 padding); with a KV cache q_slot = index_old[b] + i. Packed self attention (several sequences
-end to end in one row) also passes `segment_ids` int32[B, T] (0 = padding): then key j is seen
+end to end in one row) also passes `segment_ids` int32[B, S] (0 = padding): then key j is seen
 by query i only if `segment_ids[b, j] == segment_ids[b, i]`, so no attention crosses a sequence
 boundary.
 
-- 'plain': reference; materialises [B, N, T, S] scores.
-- 'blockwise': online-softmax over (q block, kv block) tiles in plain JAX; memory O(T * block);
+- 'plain': reference; materialises [B, N, Q, S] scores.
+- 'blockwise': online-softmax over (q block, kv block) tiles in plain JAX; memory O(S * block);
   causally dead kv blocks are skipped. Portable fallback and the CPU test path.
 - 'splash': Pallas splash attention (TPU only; see splash.py).
 - 'cudnn': jax.nn.dot_product_attention(implementation='cudnn') (GPU only). Its public API takes
-  per-row lengths, not segment ids, and a dense [T, T] mask does not scale to packed rows of
+  per-row lengths, not segment ids, and a dense [S, S] mask does not scale to packed rows of
   22k tokens, so packed rows fall back to 'blockwise' (logged once).
 Masked scores use a large finite negative, so rows with no valid key give a uniform average
 instead of NaN (those rows are padding and their outputs are never used).
@@ -62,10 +62,10 @@ def attention(
   self_attention: bool = False,
   segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-  """q [B, T, N, H], k/v [B, S, K, H], q_slot int32[B, T], kv_valid bool[B, S] -> [B, T, N, H].
+  """q [B, Q, N, H], k/v [B, S, K, H], q_slot int32[B, Q], kv_valid bool[B, S] -> [B, Q, N, H].
 
-  `self_attention` says q_slot == arange(T) and S == T (no cache), which the fused kernels need.
-  `segment_ids` int32[B, T] (self attention only): attention stays inside each segment.
+  `self_attention` says q_slot == arange(Q) and S == Q (no cache), which the fused kernels need.
+  `segment_ids` int32[B, S] (self attention only): attention stays inside each segment.
   """
   impl = resolve_impl(impl, q.dtype)
   if segment_ids is not None and not self_attention:
@@ -102,14 +102,14 @@ def _group(q: jax.Array, num_kv: int) -> jax.Array:
 
 
 def plain_attention(q, k, v, *, q_slot, kv_valid, segment_ids=None):
-  """Reference attention with explicit [B, K, G, T, S] scores."""
+  """Reference attention with explicit [B, K, N/K, Q, S] scores."""
   b, t, n, h = q.shape
   s = k.shape[1]
   qg = _group(q, k.shape[2])
   scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
   scores = scores * (h**-0.5)
   slots = jnp.arange(s, dtype=jnp.int32)
-  mask = kv_valid[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])  # [B, T, S]
+  mask = kv_valid[:, None, :] & (slots[None, None, :] <= q_slot[:, :, None])  # [B, Q, S]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
   scores = jnp.where(mask[:, None, None], scores, _NEG)
@@ -160,7 +160,7 @@ def blockwise_attention(q, k, v, *, q_slot, kv_valid, block_size: int = 512, seg
   packed = segment_ids is not None
   # Without segments every token is in segment 0: the same code, nothing skipped by segment.
   seg = segment_ids.astype(jnp.int32) if packed else jnp.zeros((b, t), jnp.int32)
-  # [nq, B, bq, K, G, H] and [nk, B, bk, K, H] so scans run over the leading axis.
+  # [nq, B, bq, K, N/K, H] and [nk, B, bk, K, H] so scans run over the leading axis.
   q_blocks = qg.reshape(b, nq, bq, num_kv, g, h).swapaxes(0, 1)
   slot_blocks = q_slot_p.reshape(b, nq, bq).swapaxes(0, 1)
   q_seg = _pad_to(seg, 1, bq).reshape(b, nq, bq).swapaxes(0, 1)
@@ -173,7 +173,7 @@ def blockwise_attention(q, k, v, *, q_slot, kv_valid, block_size: int = 512, seg
   kv_hi = _segment_bounds(kv_seg)[1] if packed else jnp.zeros((nk,), jnp.int32)
 
   def q_step(_, q_in):
-    qb, slots, qs, lo = q_in  # [B, bq, K, G, H], [B, bq], [B, bq], []
+    qb, slots, qs, lo = q_in  # [B, bq, K, N/K, H], [B, bq], [B, bq], []
     last_slot = jnp.max(slots)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -208,8 +208,8 @@ def blockwise_attention(q, k, v, *, q_slot, kv_valid, block_size: int = 512, seg
     )
     kv_in = (k_blocks, v_blocks, valid_blocks, kv_starts, kv_seg if packed else valid_blocks, kv_hi)
     (o, _, l), _ = jax.lax.scan(kv_step, init, kv_in)
-    out = o / jnp.maximum(l, 1e-30)[..., None]  # [B, K, G, bq, H]
-    return None, out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [B, bq, K, G, H]
+    out = o / jnp.maximum(l, 1e-30)[..., None]  # [B, K, N/K, bq, H]
+    return None, out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [B, bq, K, N/K, H]
 
   _, out = jax.lax.scan(
     jax.checkpoint(q_step, prevent_cse=False), None, (q_blocks, slot_blocks, q_seg, q_lo)
@@ -222,7 +222,7 @@ def cudnn_attention(q, k, v, *, kv_valid, implementation: str = "cudnn"):
   """cuDNN flash attention for self attention over [pads][real tokens][pads] rows.
 
   Rows are rolled so real tokens start at slot 0; causal order among real tokens is kept, so
-  `is_causal` plus key_value_seq_lengths reproduces the padding mask without a [T, T] mask.
+  `is_causal` plus key_value_seq_lengths reproduces the padding mask without a [S, S] mask.
   Assumes each row's real tokens are contiguous (left-padded prompt + right-padded response).
   cuDNN flash attention takes bfloat16/float16 only.
   """

@@ -1,9 +1,9 @@
 """Static-shape KV cache with per-row write positions (continuous batching friendly).
 
-A call with T new tokens for row b writes them at slots [index[b], index[b] + T), sets `mask`
-there from the attention mask (pads stay False) and advances index[b] by T. New token i of row
+A call with Q new tokens for row b writes them at slots [index[b], index[b] + Q), sets `mask`
+there from the attention mask (pads stay False) and advances index[b] by Q. New token i of row
 b attends to slots j with mask[b, j] and j <= index_old[b] + i. The caller keeps
-index[b] + T <= S (writes past the end are dropped, and those tokens are lost). Writes are
+index[b] + Q <= S (writes past the end are dropped, and those tokens are lost). Writes are
 scatters, so a jitted step that donates the cache updates it in place.
 """
 
@@ -36,13 +36,13 @@ def init_cache(cfg, batch_size: int, max_len: int, dtype=None) -> KVCache:
 
 
 def _slots(index: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
-  """Row ids [B, 1] and write slots [B, T] = index[b] + arange(T)."""
+  """Row ids [B, 1] and write slots [B, Q] = index[b] + arange(Q)."""
   rows = jnp.arange(index.shape[0], dtype=jnp.int32)[:, None]
   return rows, index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
 
 def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """Writes new [B, T, ...] into buf [B, S, ...] at per-row offsets index [B].
+  """Writes new [B, Q, ...] into buf [B, S, ...] at per-row offsets index [B].
 
   A scatter (in place under donation, unlike a vmapped dynamic_update_slice); writes past S
   are dropped.
@@ -53,7 +53,7 @@ def write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
 
 def write_layer_rows(buf: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array
                      ) -> jax.Array:
-  """Writes new [B, T, K, H] into buf [L, B, S, K, H] at `layer`, row offsets index [B]."""
+  """Writes new [B, Q, K, H] into buf [L, B, S, K, H] at `layer`, row offsets index [B]."""
   rows, slots = _slots(index, new.shape[1])
   return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop")
 

@@ -20,15 +20,15 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float
                  ) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables f32[B, T, H] for int positions [B, T] (HF's half-split layout)."""
+  """cos/sin tables f32[B, Q, H] for int positions [B, Q] (HF's half-split layout)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, H/2]
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, Q, H/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x [B, T, n, H] by cos/sin [B, T, H] (rotate_half convention), in f32."""
+  """Rotates x [B, Q, n, H] (n = N or K heads) by cos/sin [B, Q, H] (rotate_half), in f32."""
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
@@ -42,7 +42,7 @@ def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
 
 
 def swiglu_mlp(x: jax.Array, p: dict, dtype) -> jax.Array:
-  """down(silu(gate(x)) * up(x)); x [B, T, D] -> [B, T, D]."""
+  """down(silu(gate(x)) * up(x)); x [B, Q, D] -> [B, Q, D]."""
   gate = dense(x, p["gate_proj"], "btd,df->btf", dtype)
   up = dense(x, p["up_proj"], "btd,df->btf", dtype)
   return dense(jax.nn.silu(gate) * up, p["down_proj"], "btf,fd->btd", dtype)
@@ -50,7 +50,7 @@ def swiglu_mlp(x: jax.Array, p: dict, dtype) -> jax.Array:
 
 def qkv_proj(x: jax.Array, p: dict, cfg, cos: jax.Array, sin: jax.Array
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Projects x [B, T, D] to q [B, T, N, H], k, v [B, T, K, H], with bias, q/k norm, RoPE."""
+  """Projects x [B, Q, D] to q [B, Q, N, H], k, v [B, Q, K, H], with bias, q/k norm, RoPE."""
   dtype = x.dtype
   q = dense(x, p["q_proj"], "btd,dnh->btnh", dtype)
   k = dense(x, p["k_proj"], "btd,dkh->btkh", dtype)

@@ -74,16 +74,16 @@ def sequence_log_probs(
   chunk_size: int = 1024,
   return_entropy: bool = False,
 ):
-  """Log-probs f32[B, T] of the last T tokens of input_ids [B, L] given their prefixes.
+  """Log-probs f32[B, T] of the last T tokens of input_ids [B, S] given their prefixes.
 
-  out[b, t] = log_softmax(logits / temperature)[input_ids[b, L - T + t]] where the logits come
-  from position L - T + t - 1 (verl's actor convention). With return_entropy, also returns the
+  out[b, t] = log_softmax(logits / temperature)[input_ids[b, S - T + t]] where the logits come
+  from position S - T + t - 1 (verl's actor convention). With return_entropy, also returns the
   entropy f32[B, T] of the same tempered distributions.
   """
   length = input_ids.shape[1]
   t = num_response_tokens
   if not 0 < t < length:
-    raise ValueError(f"num_response_tokens={t} must be in [1, {length - 1}] for L={length}")
+    raise ValueError(f"num_response_tokens={t} must be in [1, {length - 1}] for S={length}")
   hidden = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask)
   return token_log_probs_from_hidden(
     hidden[:, length - t - 1 : length - 1],
@@ -105,7 +105,7 @@ def next_token_log_probs(
   chunk_size: int = 1024,
   return_entropy: bool = False,
 ):
-  """Packed rows int32[R, L] -> f32[R, L] (, entropy): the log-prob of each next token.
+  """Packed rows int32[R, S] -> f32[R, S] (, entropy): the log-prob of each next token.
 
   out[r, p] = log_softmax(logits[r, p] / temperature)[input_ids[r, p + 1]], attention kept
   inside each segment. The last column and the positions whose next token starts another
@@ -124,9 +124,9 @@ def next_token_log_probs(
 
 
 def gather_rows(values: jax.Array, index: jax.Array) -> jax.Array:
-  """values [D, N], index int32[D, S, T] in [0, N) -> [D, S, T], out[d] = values[d][index[d]].
+  """values [W, n], index int32[W, E, T] in [0, n) -> [W, E, T], out[w] = values[w][index[w]].
 
-  A gather batched over D: with D split over devices, each device reads only its own rows.
+  A gather batched over W: with W split over devices, each device reads only its own rows.
   """
   return jax.vmap(lambda v, i: jnp.take(v, i, axis=0, mode="clip"))(values, index)
 
@@ -144,10 +144,10 @@ def packed_response_log_probs(
 ):
   """Log-probs of responses laid out packed, returned in the response layout.
 
-  input_ids/segment_ids/positions int32[D, R, L]: D batch shards of R packed rows of L tokens.
-  token_index int32[D, S, T]: for response token t of sequence slot s of shard d, the index
-  p into that shard's flattened [R * L] next-token log-probs (its packed position minus one).
-  Returns f32[D, S, T] (, entropy f32[D, S, T]); entries outside the response mask are finite
+  input_ids/segment_ids/positions int32[W, R, S]: W batch shards of R packed rows of S tokens.
+  token_index int32[W, E, T]: for response token t of sequence slot e of shard w, the index
+  p into that shard's flattened [R * S] next-token log-probs (its packed position minus one).
+  Returns f32[W, E, T] (, entropy f32[W, E, T]); entries outside the response mask are finite
   but meaningless.
   """
   d, r, length = input_ids.shape

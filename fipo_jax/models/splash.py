@@ -1,6 +1,6 @@
 """Pallas splash attention (TPU) for causal self attention with padding or packed sequences.
 
-The kernel takes segment ids and-ed with a static causal mask, so it never materialises [T, T]
+The kernel takes segment ids and-ed with a static causal mask, so it never materialises [S, S]
 scores and skips the causally dead blocks. A padded row passes real tokens as segment 1 and pads
 as 0; a packed row passes its sequences' ids 1, 2, ... (pads 0), so no query sees another
 sequence. Every row has at
@@ -48,7 +48,7 @@ def _kernel(num_heads: int, t: int, block: int, interpret: bool):
 
 
 def _local(q, k, v, seg, *, block_size, interpret):
-  """q [B, N, T, H], k/v [B, K, T, H], seg int32[B, T] (local shards) -> [B, N, T, H]."""
+  """q [B, N, S, H], k/v [B, K, S, H], seg int32[B, S] (local shards) -> [B, N, S, H]."""
   kernel = _kernel(q.shape[1], q.shape[2], _block(q.shape[2], block_size), interpret)
   one = lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s))
   return jax.vmap(one)(q, k, v, seg)
@@ -62,8 +62,8 @@ def _mesh_axes(mesh, logical: str, size: int):
 def splash_attention(
   q, k, v, *, kv_valid=None, segment_ids=None, block_size: int = 512, interpret: bool | None = None
 ):
-  """q [B, T, N, H], k/v [B, T, K, H], kv_valid bool[B, T] or segment_ids int32[B, T]
-  -> [B, T, N, H] (causal; kv_valid is segment 1 for real tokens, 0 for pads).
+  """q [B, S, N, H], k/v [B, S, K, H], kv_valid bool[B, S] or segment_ids int32[B, S]
+  -> [B, S, N, H] (causal self attention; kv_valid is segment 1 for real tokens, 0 for pads).
 
   interpret=None runs the compiled kernel on TPU and the Pallas interpreter elsewhere.
   """

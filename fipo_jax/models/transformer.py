@@ -26,7 +26,7 @@ _REMAT = {
 }
 
 
-# Logical axes of the residual stream x [B, T, D] (sharding.RULES).
+# Logical axes of the residual stream x [B, Q, D] (sharding.RULES).
 _RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 
@@ -85,7 +85,7 @@ class DecoderLayers(nnx.Module):
 def _block(
   cfg, p, x, cos, sin, q_slot, kv_valid, kv=None, layer=None, cache_index=None, segment_ids=None
 ):
-  """One pre-norm block on x [B, T, D] (segment_ids [B, T]: packed rows, no cache).
+  """One pre-norm block on x [B, Q, D] (segment_ids [B, Q]: packed rows, no cache).
 
   With kv = (k_all, v_all) [L, B, S, K, H], writes this layer's new k/v into the full cache in
   place (a per-row scatter, no copy of the cache) and returns (x, (k_all, v_all)).
@@ -149,7 +149,7 @@ class Transformer(nnx.Module):
   def __call__(
     self, input_ids, *, positions=None, attention_mask=None, cache=None, segment_ids=None
   ):
-    """input_ids int32[B, T] -> logits f32[B, T, V] (and the new cache when one is given)."""
+    """input_ids int32[B, Q] -> logits f32[B, Q, V] (and the new cache when one is given)."""
     out = self.hidden_states(
       input_ids,
       positions=positions,
@@ -165,9 +165,9 @@ class Transformer(nnx.Module):
   def hidden_states(
     self, input_ids, *, positions=None, attention_mask=None, cache=None, segment_ids=None
   ):
-    """Final-normed hidden states [B, T, D] in the compute dtype (and the new cache).
+    """Final-normed hidden states [B, Q, D] in the compute dtype (and the new cache).
 
-    Packed rows (several sequences end to end) pass segment_ids int32[B, T] (1, 2, ... per
+    Packed rows (several sequences end to end) pass segment_ids int32[B, Q] (1, 2, ... per
     sequence, 0 for padding) and each token's position within its own sequence; attention
     never crosses a segment. No cache then.
     """
