@@ -22,7 +22,7 @@ AXES = config_mesh.AXES
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
   "batch": ("data", "fsdp"),  # B: data parallel over both data and fsdp
-  "seq": None,  # T / S
+  "seq": None,  # Q / S / T (package legend): sequence axes are not sharded
   "layers": None,  # L: the scanned axis is never sharded
   "embed": "fsdp",  # D: weights sharded (ZeRO-3 style) over fsdp
   "mlp": "tensor",  # F
@@ -35,7 +35,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
   # Activations (constrained in the model under an ambient mesh, see `constrain`): the batch
   # is split over every data-parallel axis, so with FSDP weights each chip gathers one layer's
   # weights and keeps its own rows whole; without these XLA may shard the residual stream on D
-  # and replicate the [B, T, F] MLP temporaries instead.
+  # and replicate the [B, Q, F] MLP temporaries instead.
   "activation_batch": ("data", "fsdp"),
   "activation_length": None,
   "activation_embed": None,

@@ -439,7 +439,7 @@ class Engine:
 
 
 def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
-  """int32[E] stop ids padded with -1 to a power of two (no recompiles for small changes)."""
+  """int32[n] stop ids padded with -1 to n, a power of two (no recompiles for small changes)."""
   ids = sorted(set(int(i) for i in stop_ids))
   out = np.full((_next_pow2(max(len(ids), 1)),), -1, np.int32)
   out[: len(ids)] = ids
