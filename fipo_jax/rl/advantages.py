@@ -8,7 +8,7 @@ import numpy as np
 
 
 def _groups(group_ids) -> tuple[np.ndarray, np.ndarray]:
-  """Dense group index [B] and group sizes [G] for arbitrary (possibly unsorted) ids."""
+  """Dense group index [B] and group sizes [num_groups] for arbitrary (possibly unsorted) ids."""
   ids = np.asarray(group_ids)
   if ids.ndim != 1:
     raise ValueError(f"group_ids must be [B], got shape {ids.shape}")

@@ -126,7 +126,7 @@ _F32_EXACT_INT = 1 << 24  # float32 holds every integer count below this exactly
 
 
 def _cumsum_bins(hist: jax.Array, total: int) -> jax.Array:
-  """Inclusive cumsum of int32 [R, nb] counts along the bins, nb small.
+  """Inclusive cumsum of int32 [r, nb] counts along the bins, nb small.
 
   XLA:CPU lowers cumsum to a windowed reduction that costs ~0.25 ms even for [8, 256] (as much
   as the rest of a radix level), so on CPU it is one float32 matmul with an upper-triangular
@@ -146,7 +146,7 @@ def _cumsum_bins(hist: jax.Array, total: int) -> jax.Array:
 
 
 def _locate(hist: jax.Array, ranks: jax.Array, total: int) -> tuple[jax.Array, jax.Array]:
-  """Bin of the element with 0-based rank k in each [R, 256] histogram row, and k inside it."""
+  """Bin of the element with 0-based rank k in each [r, 256] histogram row, and k inside it."""
   cum = _cumsum_bins(hist, total)
   digit = jnp.minimum(jnp.sum(cum <= ranks[:, None], axis=-1), 255)
   before = jnp.where(digit > 0, jnp.take_along_axis(cum, (digit - 1)[:, None], 1)[:, 0], 0)
@@ -158,13 +158,13 @@ def _radix_select(keys, slot, k, *, rank_slot, n_slots: int) -> jax.Array:
   top: each element is counted once, for the first rank whose slot and already-chosen high
   bits it shares (one scatter-add per level, no sort). Level 0 has one histogram per slot.
 
-  keys: [N] uint32; slot: [N] int32 in [0, n_slots) or -1 (ignored); rank_slot: static [R]
-  slot of each rank; k: [R] int32 ranks. Returns [R] uint32 keys.
+  keys: [n] uint32; slot: [n] int32 in [0, n_slots) or -1 (ignored); rank_slot: static [r]
+  slot of each rank; k: [r] int32 ranks. Returns [r] uint32 keys.
   """
   n_r = len(rank_slot)
   rank_slot = np.asarray(rank_slot, np.int32)
   same_slot = rank_slot[:, None] == rank_slot[None, :]
-  in_slot = slot[None, :] == jnp.asarray(rank_slot)[:, None]  # [R, N], fused into its users
+  in_slot = slot[None, :] == jnp.asarray(rank_slot)[:, None]  # [r, n], fused into its users
   prefix = jnp.zeros((n_r,), jnp.uint32)
   for level in range(4):
     shift = 24 - 8 * level
@@ -173,7 +173,7 @@ def _radix_select(keys, slot, k, *, rank_slot, n_slots: int) -> jax.Array:
       row, n_rows, first = slot, n_slots, jnp.asarray(rank_slot)
     else:
       match = in_slot & ((keys >> (shift + 8))[None, :] == prefix[:, None])
-      row = jnp.min(jnp.where(match, jnp.arange(n_r)[:, None], n_r), axis=0)  # [N] owner rank
+      row = jnp.min(jnp.where(match, jnp.arange(n_r)[:, None], n_r), axis=0)  # [n] owner rank
       row = jnp.where(row < n_r, row, -1)
       n_rows = n_r
       first = jnp.argmax(same_slot & (prefix[:, None] == prefix[None, :]), axis=1)
@@ -191,7 +191,7 @@ def _sort_select(keys, slot, k, *, rank_slot, n_slots: int) -> jax.Array:
   slot_key = jnp.where(slot >= 0, slot, jnp.iinfo(jnp.int32).max)
   _, sorted_keys = jax.lax.sort((slot_key, keys), num_keys=2)
   rank_slot = jnp.asarray(np.asarray(rank_slot, np.int32))
-  start = jnp.sum((slot[None, :] >= 0) & (slot[None, :] < rank_slot[:, None]), axis=1)  # [R]
+  start = jnp.sum((slot[None, :] >= 0) & (slot[None, :] < rank_slot[:, None]), axis=1)  # [r]
   return sorted_keys[start + k]
 
 
@@ -207,10 +207,10 @@ def grouped_quantiles(
   elements a sort would give.
 
   Args:
-    values: [N] float32 (finite).
-    group: [N] int32 group id; ids not in `qs` are ignored.
+    values: [n] float32 (finite).
+    group: [n] int32 group id; ids not in `qs` are ignored.
     qs: {group id: quantiles in [0, 1]}; 0 and 1 give the exact min and max.
-    method: 'radix' (`_radix_select`), 'sort' (`_sort_select`, one sort of N pairs) or 'auto':
+    method: 'radix' (`_radix_select`), 'sort' (`_sort_select`, one sort of n pairs) or 'auto':
       radix on CPU, sort elsewhere. Both return the same elements.
 
   Returns:

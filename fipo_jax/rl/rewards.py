@@ -168,7 +168,7 @@ def math_dapo_score(response, ground_truth) -> dict:
 def overlong_penalty(
   response_length, max_response_length, overlong_buffer_len, penalty_factor
 ) -> float:
-  """DAPO soft overlong penalty: min(-(L - expected) / buffer * factor, 0) in float32.
+  """DAPO soft overlong penalty: min(-(length - expected) / buffer * factor, 0) in float32.
 
   `expected = max_response_length - overlong_buffer_len`. The official code computes the ratio
   as a float32 tensor, so this rounds like it (e.g. -1/3000 * 0.1 = -3.3333334e-05); the
@@ -332,18 +332,18 @@ def _time_bound(seconds: float):
 
 @dataclasses.dataclass
 class Scores:
-  """Per-response rewards of R responses.
+  """Per-response rewards of B responses.
 
   `scores` is what advantages are computed from: verl's `token_level_scores` summed over the
   response (its `seq_reward`), i.e. the verifier score plus the overlong penalty. The
   verifier's own score is verl's `score` (reward_extra_info), without the penalty.
   """
 
-  scores: np.ndarray  # f32[R], verifier score + overlong penalty
-  verifier_scores: np.ndarray  # f32[R]
-  acc: np.ndarray  # bool[R]
+  scores: np.ndarray  # f32[B], verifier score + overlong penalty
+  verifier_scores: np.ndarray  # f32[B]
+  acc: np.ndarray  # bool[B]
   preds: list[str]
-  overlong: np.ndarray  # bool[R], penalty < 0
+  overlong: np.ndarray  # bool[B], penalty < 0
   errors: int = 0  # verifier failures (scored as wrong answers)
 
 

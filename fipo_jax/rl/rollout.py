@@ -51,18 +51,18 @@ FILTER_METRICS = {
 
 @dataclasses.dataclass
 class Rollouts:
-  """Host-side rollouts, one entry per response (R responses in total, groups of n)."""
+  """Host-side rollouts, one entry per response (B responses in total, groups of G = rl.n)."""
 
-  prompt_ids: list[np.ndarray]  # R x int32[P_i]
-  response_ids: list[np.ndarray]  # R x int32[T_i]
-  response_logprobs: list[np.ndarray]  # R x f32[T_i], from the sampler
+  prompt_ids: list[np.ndarray]  # B x int32[P_i]
+  response_ids: list[np.ndarray]  # B x int32[T_i]
+  response_logprobs: list[np.ndarray]  # B x f32[T_i], from the sampler
   finish_reasons: list[str]
-  group_ids: np.ndarray  # int64[R], one id per prompt
-  scores: np.ndarray  # f32[R], verifier score + overlong penalty (what advantages use)
-  verifier_scores: np.ndarray  # f32[R], the verifier's score alone
-  acc: np.ndarray  # bool[R]
+  group_ids: np.ndarray  # int64[B], one id per prompt
+  scores: np.ndarray  # f32[B], verifier score + overlong penalty (what advantages use)
+  verifier_scores: np.ndarray  # f32[B], the verifier's score alone
+  acc: np.ndarray  # bool[B]
   preds: list[str]
-  overlong: np.ndarray  # bool[R], penalty < 0
+  overlong: np.ndarray  # bool[B], penalty < 0
   reward_errors: int = 0
   scored_here: int = 0  # responses this process scored (all of them on one process)
 
@@ -119,10 +119,10 @@ def score_shard(
   """`rewards.score_responses` split over `count` processes, all-gathered.
 
   Process `index` scores the responses i with i % count == index (only those entries of the
-  [R] inputs are read; every process has the same R responses), then the results are
-  all-gathered, so every process returns the scores of all R and dynamic sampling takes the
+  [B] inputs are read; every process has the same B responses), then the results are
+  all-gathered, so every process returns the scores of all B and dynamic sampling takes the
   same decisions everywhere. A collective when count > 1.
-  Returns (the Scores of all R responses, the number this process scored).
+  Returns (the Scores of all B responses, the number this process scored).
   """
   if count == 1:
     return rewards_lib.score_responses(texts, lengths, ground_truths, cfg, score_fn), len(texts)
@@ -169,7 +169,7 @@ def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict],
 
 
 def kept_groups(rollouts: Rollouts, metric: str) -> np.ndarray:
-  """bool[R]: the responses of the groups that dynamic sampling keeps under `metric`, those
+  """bool[B]: the responses of the groups that dynamic sampling keeps under `metric`, those
   whose metric values differ (verl: population std > 0) or that have a single response."""
   if metric not in FILTER_METRICS:
     raise ValueError(f"rl.filter_groups_metric: {metric!r} not in {sorted(FILTER_METRICS)}")
@@ -250,9 +250,9 @@ def pack_batch(
 ) -> dict[str, np.ndarray]:
   """Left-pad prompts to P, right-pad responses to T, and lay out the arrays of a PolicyBatch.
 
-  Returns numpy arrays: input_ids/attention_mask/positions int32[R, P+T], response_mask,
+  Returns numpy arrays: input_ids/attention_mask/positions int32[B, S] (S = P + T), response_mask,
   old_log_probs (the sampler's, replaced by the actor's recomputation later) and advantages
-  f32[R, T] (the per-sequence advantage broadcast and multiplied by the mask).
+  f32[B, T] (the per-sequence advantage broadcast and multiplied by the mask).
   """
   r, p, t = len(rollouts), max_prompt_length, max_response_length
   ids = np.full((r, p + t), pad_id, np.int32)
@@ -326,7 +326,7 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
 def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State,
                       step: int) -> tuple[DynamicSamplingResult, dict[str, Any]]:
   """The step's dynamic-sampling rounds; also returns what was sampled before filtering:
-  {'tokens': sampled, 'acc': [bool[R] per round], 'scored': responses this process scored}."""
+  {'tokens': sampled, 'acc': [bool[B] per round], 'scored': responses this process scored}."""
   sampled: dict[str, Any] = {"tokens": 0, "acc": [], "scored": 0}
   params = env.sampler_params(params)  # once per step: the params do not change while sampling
 
@@ -354,7 +354,7 @@ def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.
 
 def _mini_batches(rc: config_lib.RunConfig, env: setup_lib.Env, r: Rollouts, adv: np.ndarray
                   ) -> tuple[list[ts.PolicyBatch], dict[str, np.ndarray]]:
-  """[R] rollouts -> R / mini mini-batches on env.mesh, each from this host's rows of it.
+  """[B] rollouts -> B / mini mini-batches on env.mesh, each from this host's rows of it.
 
   Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked)."""
   mini = rc.rl.ppo_mini_batch_size * rc.rl.n
@@ -398,7 +398,7 @@ def _token_mean(r: Rollouts, adv: np.ndarray, packed: dict[str, np.ndarray], max
   """The token-mean advantage of the whole batch.
 
   One process holds every row and reads its packed arrays; on several, each holds a share of
-  the rows, so the global number comes from the [R] rollouts every host has.
+  the rows, so the global number comes from the [B] rollouts every host has.
   """
   if jax.process_count() == 1:
     mask = packed["response_mask"]
