@@ -39,9 +39,9 @@ class PolicyBatch:
   Prompts are left-padded to P, responses right-padded to T.
   """
 
-  input_ids: jax.Array  # int32[B, L]
-  attention_mask: jax.Array  # int32[B, L], 1 = real token
-  positions: jax.Array  # int32[B, L]
+  input_ids: jax.Array  # int32[B, S], S = P + T
+  attention_mask: jax.Array  # int32[B, S], 1 = real token
+  positions: jax.Array  # int32[B, S]
   response_mask: jax.Array  # f32[B, T], 1 = response token
   old_log_probs: jax.Array  # f32[B, T]
   advantages: jax.Array  # f32[B, T], per-sequence advantage broadcast and masked
