@@ -218,7 +218,7 @@ def train_step_result(run, mcfg, mesh, chips: int) -> Result:
   steps = ts.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
   ref = " +reference params" if cfg.use_kl_loss else ""
   res = Result("train_step", dict(mesh.shape), f"M={rows} micro={micro}x{cfg.num_micro_batches} "
-               f"L={seq} (P={p} T={t}) remat={mcfg.remat_policy}{ref}", rows * seq,
+               f"S={seq} (P={p} T={t}) remat={mcfg.remat_policy}{ref}", rows * seq,
                model_flops_per_token(mcfg, seq / 2, train=True))
   res = _compile(steps.train.trace(params, opt_state, batch), res, chips)
   if cfg.use_kl_loss and res.memory is not None:
