@@ -1,4 +1,4 @@
-"""Every key of configs/common.py:base() is read by the code, or refused (config.py's promise).
+"""Every key of fipo_jax/recipes.py:base() is read by the code, or refused (config.py's promise).
 
 The check reads fipo_jax/'s sources with `ast`, not by grepping names: a key `rl.n` counts as
 read only where `.n` is taken of a value that is the `rl` section, i.e. `rc.rl.n`, `x.n` after
@@ -23,8 +23,8 @@ import typing
 import ml_collections
 import pytest
 
-from configs import common
 from fipo_jax import config as config_lib
+from fipo_jax import recipes
 from fipo_jax.config_schema import Section
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fipo_jax"
@@ -132,16 +132,31 @@ def _propagate(fns: list[_Fn]) -> None:
     changed = False
     for fn in fns:
       for node in ast.walk(fn.node):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 \
-            and isinstance(node.targets[0], ast.Name):
-          path = _section_of(node.value, fn.bound)
-          if path is not None and fn.bound.get(node.targets[0].id) != path:
-            fn.bound[node.targets[0].id], changed = path, True
+        for name, value in _assigned(node):
+          path = _section_of(value, fn.bound)
+          if path is not None and fn.bound.get(name) != path:
+            fn.bound[name], changed = path, True
         if isinstance(node, ast.Call):
           callee = node.func.attr if isinstance(node.func, ast.Attribute) else \
             getattr(node.func, "id", None)
           for target in by_name.get(callee, []):
             changed |= _bind_call(node, target, fn.bound)
+
+
+def _assigned(node) -> list[tuple[str, ast.expr]]:
+  """(name, value) pairs of `x = v`, `x: T = v` and `x, y = v, w`."""
+  if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+    return [(node.target.id, node.value)]
+  if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+    return []
+  target, value = node.targets[0], node.value
+  if isinstance(target, ast.Name):
+    return [(target.id, value)]
+  if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) \
+      and len(target.elts) == len(value.elts):
+    return [(t.id, v) for t, v in zip(target.elts, value.elts, strict=True)
+            if isinstance(t, ast.Name)]
+  return []
 
 
 def _bind_call(call: ast.Call, target: _Fn, bound) -> bool:
@@ -183,21 +198,23 @@ def reads(sources: dict[str, str], leaves: list[tuple[str, ...]]) -> set[tuple[s
 
 
 def package_sources() -> dict[str, str]:
-  return {str(p.relative_to(PACKAGE.parent)): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
+  """fipo_jax/'s modules but the recipe base, which sets every key (setting is not reading)."""
+  return {str(p.relative_to(PACKAGE.parent)): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))
+          if p != PACKAGE / "recipes.py"}
 
 
 def test_every_key_of_base_is_read_by_the_code():
-  leaves = leaf_keys(common.base())
+  leaves = leaf_keys(recipes.base())
   assert ("rl", "n") in leaves and ("data", "synthetic", "ops") in leaves and ("seed",) in leaves
   unread = set(leaves) - reads(package_sources(), leaves) - set(CONSUMED_BY_VALIDATION)
   assert not unread, f"keys no code reads: {sorted('.'.join(k) for k in unread)}"
 
 
 def test_keys_consumed_by_validation_are_not_read_elsewhere_and_do_take_effect():
-  leaves = leaf_keys(common.base())
+  leaves = leaf_keys(recipes.base())
   assert set(CONSUMED_BY_VALIDATION) <= set(leaves)
   assert not reads(package_sources(), leaves) & set(CONSUMED_BY_VALIDATION)
-  c = common.base()
+  c = recipes.base()
   c.model.preset_overrides = {"num_layers": 3}
   assert config_lib.validate(c, check_paths=False).model.overrides["num_layers"] == 3
 
@@ -205,7 +222,7 @@ def test_keys_consumed_by_validation_are_not_read_elsewhere_and_do_take_effect()
 def test_the_check_flags_a_key_that_no_code_reads():
   """A dummy key added to a copy of the schema is flagged, whether it is absent from the code,
   only validated, or only a same-named attribute of something else; reading it clears it."""
-  leaves = leaf_keys(common.base()) + [("rl", "dummy_unread_key")]
+  leaves = leaf_keys(recipes.base()) + [("rl", "dummy_unread_key")]
   sources = package_sources()
   decoys = {
     "fipo_jax/config.py": sources["fipo_jax/config.py"].replace(
@@ -221,6 +238,7 @@ def test_the_check_flags_a_key_that_no_code_reads():
   assert ("rl", "n") in found and ("optim", "lr") in found
   for reader in ("def h(rc):\n  return rc.rl.dummy_unread_key\n",
                  "def h(rc):\n  rl = rc.rl\n  return rl.dummy_unread_key\n",
+                 "def h(self):\n  rc, n = self.rc, 1\n  return rc.rl.dummy_unread_key\n",
                  "def h(s: 'config_lib.RLSection'):\n  return s.dummy_unread_key\n",
                  "def h(rc):\n  return k(rc.rl)\ndef k(section):\n"
                  "  return getattr(section, 'dummy_unread_key')\n"):
@@ -230,7 +248,7 @@ def test_the_check_flags_a_key_that_no_code_reads():
 @pytest.mark.parametrize("path", [("rl", "filter_groups_metric"), ("rl", "reward_fn"),
                                   ("log_every",), ("rl", "kl_loss_type"), ("optim", "schedule")])
 def test_the_keys_of_issue_15_are_read(path):
-  assert path in reads(package_sources(), leaf_keys(common.base()))
+  assert path in reads(package_sources(), leaf_keys(recipes.base()))
 
 
 def test_log_every_writes_every_k_steps_and_the_last(tmp_path, monkeypatch):
@@ -240,8 +258,9 @@ def test_log_every_writes_every_k_steps_and_the_last(tmp_path, monkeypatch):
   config = tiny_cpu.get_config("runlocal")
   config.sft.steps, config.eval_every, config.checkpoint_every = 0, 0, 0
   config.total_steps, config.log_every = 7, 3
-  monkeypatch.setattr(trainer, "rl_step", lambda rc, env, steps, params, opt_state, step: (
-    {"train/nonfinite_updates": 0, "train/step_seen": step + 1}, params, opt_state))
+  monkeypatch.setattr(trainer, "rl_step", lambda rc, env, steps, state: (
+    state.replace(step=state.step + 1),
+    {"train/nonfinite_updates": 0, "train/step_seen": state.step + 1}))
   trainer.run(config, str(tmp_path))
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [3, 6, 7]
