@@ -11,18 +11,11 @@ ppo_mini_batch_size = 32 and the vanilla (DAPO) loss, with the same dual clip c 
   python -m fipo_jax.main --config configs/dapo_qwen2_5_32b.py:runlocal --workdir /tmp/dapo32b
 """
 
-import pathlib
-import sys
-
-try:
-  from configs import common
-except ImportError:  # launched from outside the repository root
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from configs import common
+from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = common.base()
+  c = recipes.base()
   c.model.preset = "qwen2.5-32b"  # Qwen2.5-32B base
   c.data.max_prompt_length = 2048
   c.rl.loss_mode = "dapo"  # verl 'vanilla': clip-higher + dual clip, token-mean
@@ -41,7 +34,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
   if arg == "runlocal":
-    common.runlocal(c)
+    recipes.runlocal(c)
   elif arg:
     raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
   return c

@@ -11,18 +11,11 @@ in the DAPO 32B launcher [INFERRED]; context extended to 32768 as in the FIPO 7B
   python -m fipo_jax.main --config configs/dapo_qwen2_5_7b_math.py:runlocal --workdir /tmp/dapo7b
 """
 
-import pathlib
-import sys
-
-try:
-  from configs import common
-except ImportError:  # launched from outside the repository root
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from configs import common
+from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = common.base()
+  c = recipes.base()
   c.model.preset = "qwen2.5-math-7b"
   c.model.overrides.max_position_embeddings = 32768  # extended context
   c.data.max_prompt_length = 2048
@@ -42,7 +35,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
   if arg == "runlocal":
-    common.runlocal(c)
+    recipes.runlocal(c)
   elif arg:
     raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
   return c

@@ -7,7 +7,7 @@ Launch (TPU VM pod or GPU cluster; data as verl parquet files, weights as an HF 
     --config.data.train_files=data/dapo-math-17k.parquet \
     --config.data.val_files=data/aime-2024.parquet
 
-Laptop check that the recipe's loop runs (tiny model, synthetic task; see common.runlocal):
+Laptop check that the recipe's loop runs (tiny model, synthetic task; see recipes.runlocal):
 
   python -m fipo_jax.main --config configs/fipo_qwen2_5_32b.py:runlocal --workdir /tmp/fipo32b
 
@@ -16,18 +16,11 @@ verl used n=1 on a parquet that (likely) repeats each problem 32 times; here eva
 problems gives the same estimators. Use --config.eval.n=1 with the repeated file.
 """
 
-import pathlib
-import sys
-
-try:
-  from configs import common
-except ImportError:  # launched from outside the repository root
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from configs import common
+from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = common.base()
+  c = recipes.base()
   c.model.preset = "qwen2.5-32b"  # Qwen2.5-32B base (no long-CoT SFT)
   c.data.max_prompt_length = 2048  # Table 2
   c.rl.loss_mode = "fipo"  # policy_loss.loss_mode=future_kl
@@ -50,7 +43,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
   if arg == "runlocal":
-    common.runlocal(c)
+    recipes.runlocal(c)
   elif arg:
     raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
   return c

@@ -23,18 +23,11 @@ task, or on a given model directory (its architecture kept) and data files:
     --config.data.val_files=data/aime-2024.parquet
 """
 
-import pathlib
-import sys
-
-try:
-  from configs import common
-except ImportError:  # launched from outside the repository root
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from configs import common
+from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = common.base()
+  c = recipes.base()
   c.model.preset = "qwen2.5-math-7b"
   c.model.overrides.max_position_embeddings = 32768  # extended context (paper §5, 7B)
   c.data.max_prompt_length = 2048
@@ -58,7 +51,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0
   if arg == "runlocal":
-    common.runlocal(c)
+    recipes.runlocal(c)
   elif arg:
     raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
   return c

@@ -17,25 +17,18 @@ start, just long enough to give groups of mixed accuracy, then 2 RL steps that u
   python -m fipo_jax.main --config configs/tiny_cpu.py:runlocal --workdir /tmp/fipo_tiny_smoke
 """
 
-import pathlib
-import sys
-
-try:
-  from configs import common
-except ImportError:  # launched from outside the repository root
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from configs import common
+from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = common.base()
+  c = recipes.base()
   c.total_steps = 40  # RL steps
   c.eval_every = 5  # eval on the held-out synthetic prompts (and at step 0)
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
 
   c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
-  c.model.overrides = common.tiny_model()  # ... shrunk to ~0.1M parameters
+  c.model.overrides = recipes.tiny_model()  # ... shrunk to ~0.1M parameters
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
   c.model.remat_policy = "none"

@@ -8,8 +8,9 @@ with one line naming the field, e.g.
 
 The dataclass fields ARE the schema: a key in the ConfigDict that is not a field is an error
 (a typo such as `rl.decay_rat` must not be silently ignored), a key that is missing takes the
-field's default. The recipes in `configs/` list every field with a comment. The mesh sections
-live in `fipo_jax.config_mesh`, the mapping-to-dataclass machinery in `fipo_jax.config_schema`.
+field's default. `fipo_jax.recipes.base()` lists every field with a comment (the recipes in
+`configs/` start from it). The mesh sections live in `fipo_jax.config_mesh`, the
+mapping-to-dataclass machinery in `fipo_jax.config_schema`.
 """
 
 from __future__ import annotations

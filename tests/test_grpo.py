@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common, grpo_qwen2_5_7b_math
+from configs import grpo_qwen2_5_7b_math
 from fipo_jax import config as config_lib
-from fipo_jax import models
+from fipo_jax import models, recipes
 from fipo_jax import policy as policy_lib
 from fipo_jax.models import build as build_lib
 from fipo_jax.rl import losses, optimizer
@@ -108,7 +108,7 @@ def test_kl_penalty_matches_numpy(kind):
 @functools.cache
 def _tiny():
   cfg = models.get_preset(
-    "qwen2.5-0.5b", param_dtype="float32", dtype="float32", **common.tiny_model().to_dict()
+    "qwen2.5-0.5b", param_dtype="float32", dtype="float32", **recipes.tiny_model().to_dict()
   )
   return nnx.split(models.init_model(cfg, seed=0))
 

@@ -48,7 +48,7 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
            total_steps: int, cwd: pathlib.Path, extra: tuple[str, ...] = ()) -> None:
   """Runs the trainer in `processes` child processes sharing `workdir`; fails on any error.
 
-  `cwd` holds the configs/ snapshot (`python -m` imports `configs.common` from there).
+  `cwd` holds the configs/ snapshot (the recipe files; their base is `fipo_jax.recipes`).
   """
   port = portpicker.pick_unused_port()
   procs = []

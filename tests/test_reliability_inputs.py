@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
 from fipo_jax import config as config_lib
-from fipo_jax import models
+from fipo_jax import models, recipes
 from fipo_jax.rl import optimizer, rewards
 from fipo_jax.rl import train_step as ts
 
@@ -116,7 +115,7 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, messa
 
 def _tiny():
   cfg = models.get_preset("qwen2.5-0.5b", param_dtype="float32", dtype="float32",
-                          **common.tiny_model().to_dict())
+                          **recipes.tiny_model().to_dict())
   from flax import nnx  # noqa: PLC0415
 
   return nnx.split(models.init_model(cfg, seed=0))

@@ -176,12 +176,12 @@ class _TextTokenizer:
 
 def _score_like_the_trainer(reward_fn: str, responses: list[str], ground_truth: str):
   """rl.reward_fn -> validated config -> the Env's RewardConfig -> rollout.make_rollouts."""
-  from configs import common  # noqa: PLC0415
   from fipo_jax import config as config_lib  # noqa: PLC0415
+  from fipo_jax import recipes  # noqa: PLC0415
   from fipo_jax.rl import rollout  # noqa: PLC0415
   from fipo_jax.sampling.driver import Sample  # noqa: PLC0415
 
-  c = common.base()
+  c = recipes.base()
   c.rl.reward_fn = reward_fn
   rc = config_lib.validate(c, check_paths=False)
   cfg = rewards.RewardConfig.from_section(rc.rl)

@@ -1,5 +1,7 @@
-"""Shared pieces of the recipes: the full config schema with its defaults, and `runlocal`.
+"""The recipe base: the full config schema with its defaults, and `runlocal`.
 
+Every recipe in configs/ starts from it (`from fipo_jax import recipes; c = recipes.base()`),
+so a recipe file imports the installed package, not a sibling module through `sys.path`.
 `base()` lists every key the trainer reads (the schema is checked by `fipo_jax.config.validate`:
 an unknown key is an error). Its values are the official FIPO Qwen2.5-32B run
 (`recipe/fipo/run_fipo_qwen2.5_32b.sh`, docs/fipo_spec.md §4-§5); each recipe restates values that
