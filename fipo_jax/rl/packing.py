@@ -248,3 +248,81 @@ def useful_fraction(plan: Plan, shape: Shape) -> float:
   return float(plan.lengths.sum()) / float(
     shape.num_micro * shape.num_shards * shape.rows * shape.row_len
   )
+
+
+def response_arrays(
+  responses: Sequence[np.ndarray],
+  logprobs: Sequence[np.ndarray],
+  advantages: np.ndarray,
+  response_len: int,
+) -> dict[str, np.ndarray]:
+  """The response layout [M, T] of rollout.pack_batch: mask, sampler log-probs, advantages."""
+  m = len(responses)
+  mask = np.zeros((m, response_len), np.float32)
+  lp = np.zeros((m, response_len), np.float32)
+  for i, (r, x) in enumerate(zip(responses, logprobs, strict=True)):
+    n = min(len(r), response_len)
+    mask[i, :n] = 1.0
+    lp[i, :n] = np.asarray(x, np.float32)[:n]
+  adv = (np.asarray(advantages, np.float32)[:, None] * mask).astype(np.float32)
+  return {"response_mask": mask, "old_log_probs": lp, "advantages": adv}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRollouts:
+  """Every mini-batch of a rollout batch on one packed layout."""
+
+  batches: list[dict[str, np.ndarray]]  # PackedBatch fields per mini-batch (selected shards)
+  plans: list[Plan]
+  shape: Shape
+
+
+def pack_rollouts(
+  prompts: Sequence[np.ndarray],
+  responses: Sequence[np.ndarray],
+  logprobs: Sequence[np.ndarray],
+  advantages: np.ndarray,
+  *,
+  mini: int,
+  max_prompt_length: int,
+  max_response_length: int,
+  row_len: int,
+  num_shards: int,
+  num_micro: int | None,
+  pad_id: int,
+  shards: slice | None = None,
+) -> PackedRollouts:
+  """Packs R = k * mini sequences, mini-batch by mini-batch, into one shared static Shape.
+
+  Prompts keep their last max_prompt_length tokens and responses their first
+  max_response_length (as rollout.pack_batch). Every process plans all mini-batches (the
+  plans agree everywhere) and fills only the batch shards `shards` its devices hold.
+  """
+  prompts = [np.asarray(p, np.int32)[-max_prompt_length:] for p in prompts]
+  responses = [np.asarray(r, np.int32)[:max_response_length] for r in responses]
+  lengths = np.asarray([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)])
+  parts = [slice(i, i + mini) for i in range(0, len(prompts), mini)]
+  plans = [
+    plan_mini_batch(lengths[s], num_shards=num_shards, row_len=row_len, num_micro=num_micro)
+    for s in parts
+  ]
+  shape = layout_shape(plans, dynamic=num_micro is None)
+  resp = response_arrays(responses, logprobs, np.asarray(advantages), max_response_length)
+  batches = []
+  for s, plan in zip(parts, plans, strict=True):
+    arrays = pack_tokens(
+      plan,
+      shape,
+      prompts[s],
+      responses[s],
+      response_len=max_response_length,
+      pad_id=pad_id,
+      shards=shards,
+    )
+    for key, value in resp.items():
+      arrays[key] = to_slots(plan, shape, value[s], shards=shards)
+    arrays["seq_mask"] = to_slots(
+      plan, shape, np.ones(len(plan.lengths), np.float32), shards=shards
+    )
+    batches.append(arrays)
+  return PackedRollouts(batches=batches, plans=plans, shape=shape)

@@ -113,6 +113,17 @@ def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig)
   need_entropy = cfg.entropy_coeff != 0.0
   out = _response_log_probs(graphdef, params, micro, cfg=cfg, entropy=need_entropy)
   log_prob, ent = out if need_entropy else (out, None)
+  loss, metrics = actor_objective(log_prob, ent, micro, cfg=cfg)
+  return loss / cfg.num_micro_batches, metrics
+
+
+def actor_objective(log_prob, ent, micro, *, cfg: UpdateConfig):
+  """The unscaled actor loss of one micro-batch from its log-probs [B, T] (and entropy).
+
+  `micro` holds the response-layout fields old_log_probs, advantages, response_mask and
+  ref_log_probs ([B, T]); both the padded and the packed train steps call this.
+  """
+  need_entropy = cfg.entropy_coeff != 0.0
   loss_fn = losses_lib.get_policy_loss(cfg.loss_mode)
   loss, metrics = loss_fn(log_prob, micro.old_log_probs, micro.advantages, micro.response_mask,
                           cfg.policy_loss)
@@ -124,7 +135,7 @@ def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig)
                             cfg.kl_loss_type, agg_mode)
     loss = loss + cfg.kl_loss_coef * kl
     metrics = {**metrics, "actor/kl_loss": kl, "actor/kl_coef": jnp.float32(cfg.kl_loss_coef)}
-  return loss / cfg.num_micro_batches, metrics
+  return loss, metrics
 
 
 def train_step(graphdef, params, opt_state, batch: PolicyBatch, *, cfg: UpdateConfig, tx):
@@ -143,8 +154,12 @@ def train_step(graphdef, params, opt_state, batch: PolicyBatch, *, cfg: UpdateCo
   zeros = jax.tree.map(jnp.zeros_like, params)
   grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, micro_batches)
   # verl averages each metric over micro-batches; the loss is the sum of the scaled parts.
-  metrics = jax.tree.map(jnp.mean, metrics)
-  loss = jnp.sum(losses)
+  return apply_gradients(params, opt_state, grads, jnp.sum(losses),
+                         jax.tree.map(jnp.mean, metrics), tx=tx)
+
+
+def apply_gradients(params, opt_state, grads, loss, metrics, *, tx):
+  """The optimizer step on accumulated gradients, skipped (state kept) when non-finite."""
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
