@@ -182,7 +182,7 @@ def reads(sources: dict[str, str], leaves: list[tuple[str, ...]]) -> set[tuple[s
   wanted, found = set(leaves), set()
   for fn in fns:
     for node in ast.walk(fn.node):
-      if isinstance(node, ast.Attribute):
+      if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):  # not `c.rl.n = 4`
         path = _section_of(node.value, fn.bound)
         if path is not None and path + (node.attr,) in wanted:
           found.add(path + (node.attr,))
