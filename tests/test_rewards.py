@@ -224,3 +224,21 @@ def test_math_verify_past_its_time_bound_is_killed_counted_and_replaced():
 def test_an_unknown_worker_fails_to_start_with_its_reason():
   with pytest.raises(RuntimeError, match="did not start: usage"):
     rewards.IsolatedVerifier("nope", 10.0)("1", "1")
+
+
+def test_math_verify_without_its_package_is_refused_at_validation(monkeypatch):
+  import importlib.util  # noqa: PLC0415
+
+  from fipo_jax import config as config_lib  # noqa: PLC0415
+  from fipo_jax import recipes  # noqa: PLC0415
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "math_verify" else real(name, *a))
+  c = recipes.base()
+  c.rl.reward_fn = "math_verify"
+  with pytest.raises(config_lib.ConfigError, match=r"rl.reward_fn: .*fipo_jax\[math_verify\]"):
+    config_lib.validate(c, check_paths=False)
+  c.rl.reward_fn = "math_verfy"
+  with pytest.raises(config_lib.ConfigError, match="rl.reward_fn"):
+    config_lib.validate(c, check_paths=False)
