@@ -19,14 +19,24 @@ def test_sampling_keeps_the_trainers_original_derivation():
     )
 
 
+def test_historical_streams_keep_their_derivation():
+  # tiny_cpu's warm start learns from these (fipo_jax/seeds.py docstring): they must not move.
+  assert _key_data(seeds.rng_for(5, "init")) == _key_data(jax.random.key(5))
+  assert seeds.seed_for(5, "sft_batches") == 5 and seeds.seed_for(5, "sft_rows") == 22
+  for name in ("init", "sft_rows"):
+    with pytest.raises(ValueError, match="no indices"):
+      seeds.seed_for(5, name, 1)
+
+
 def test_streams_are_reproducible_and_distinct():
   assert seeds.seed_for(3, "eval", 5) == seeds.seed_for(3, "eval", 5)
-  drawn = {(name, i): seeds.seed_for(3, name, i) for name in seeds.STREAMS for i in range(4)}
+  indexed = [n for n in seeds.STREAMS if n == "sampling" or n not in seeds.HISTORICAL]
+  drawn = {(name, i): seeds.seed_for(3, name, i) for name in indexed for i in range(4)}
   assert len(set(drawn.values())) == len(drawn)  # every (stream, index) its own seed
   assert seeds.seed_for(3, "eval", 1) != seeds.seed_for(4, "eval", 1)  # the root matters
   # A named stream is not the unnamed one at some index: its id is above every index.
   for name in seeds.STREAMS:
-    if name != "sampling":
+    if name not in seeds.HISTORICAL:
       assert seeds.stream_id(name) >= 2**31
       assert _key_data(seeds.rng_for(3, name)) != _key_data(seeds.rng_for(3, "sampling"))
   assert 0 <= seeds.seed_for(0, "init") < 2**31
