@@ -3,8 +3,9 @@
 Writes a trainer checkpoint as an HF directory (config.json with bos/eos/pad ids,
 generation_config.json with the ids the trainer stops on, sharded safetensors + index, and the
 run's tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load. config.json also records the run's prompt format and
-lengths (key `fipo_jax_run`), which `eval --hf_dir` and `generate --hf_dir` default to. The
+`AutoTokenizer.from_pretrained` load. config.json also records the run's prompt format,
+lengths and reward function (key `fipo_jax_run`), which `eval --hf_dir` and `generate --hf_dir`
+default to. The
 export is checked: AutoTokenizer on the written directory must encode a probe prompt (spaces,
 digits, chat template) to the trainer's ids.
 """
@@ -63,13 +64,14 @@ def _rebuild_hint(tok_dir: str) -> str:
 
 
 def run_defaults(policy: Any) -> dict[str, Any]:
-  """The run's prompt format and lengths, so eval/generate of the export default to them."""
+  """The run's prompt format, lengths and reward function (rl.reward_fn), so eval/generate of
+  the export default to them."""
   rc = policy.run_config
   if rc is None:
     return {}
   return {"apply_chat_template": rc.data.apply_chat_template,
           "max_prompt_length": rc.data.max_prompt_length,
-          "max_response_length": rc.rl.max_response_length}
+          "max_response_length": rc.rl.max_response_length, "reward_fn": rc.rl.reward_fn}
 
 
 def main(argv=None) -> None:

@@ -90,7 +90,7 @@ def test_export_writes_token_ids_and_generation_config(exported):
   assert (gen.eos_token_id, gen.pad_token_id, gen.bos_token_id) == ([0, 2], 0, 0)
   # tiny_cpu's prompt format and lengths, for eval/generate --hf_dir of the export.
   assert cfg["fipo_jax_run"] == {"apply_chat_template": False, "max_prompt_length": 16,
-                                 "max_response_length": MAX_NEW}
+                                 "max_response_length": MAX_NEW, "reward_fn": "math_dapo"}
 
 
 def test_transformers_on_the_export_matches_the_trainer(exported, our_greedy):
@@ -140,6 +140,28 @@ def test_eval_of_the_export_scores_like_the_checkpoint(workdir, exported, tmp_pa
   assert [s["response_ids"] for s in hf["samples"]] == [s["response_ids"] for s in ckpt["samples"]]
   # Before the byte-level tokenizer the export scored 0 (its prompts lost their spaces).
   assert hf["metrics"]["eval/acc_mean"] == ckpt["metrics"]["eval/acc_mean"] > 0
+
+
+@pytest.mark.slow  # two eval processes (~60 s on 2 cores)
+def test_eval_scores_with_the_runs_reward_fn(workdir, tmp_path):
+  """Ground truths written "4831.0": math_dapo compares strings (every "Answer: 4831" wrong),
+  math_verify numbers. eval --checkpoint of a run with rl.reward_fn=math_verify uses it."""
+  verify_run = tmp_path / "verify_run"
+  shutil.copytree(workdir, verify_run)
+  cfg = json.loads((verify_run / "config.json").read_text())
+  cfg["rl"]["reward_fn"] = "math_verify"
+  (verify_run / "config.json").write_text(json.dumps(cfg))
+  rows = synthetic.make_rows(8, seed=1, min_digits=4, max_digits=4, kind="copy", split="test")
+  for row in rows:
+    row["reward_model"]["ground_truth"] += ".0"
+  data = verl.write_jsonl(str(tmp_path / "val.jsonl"), rows)
+  acc = {}
+  for name, run in (("math_dapo", workdir), ("math_verify", verify_run)):
+    proc = _cli("fipo_jax.eval", "--checkpoint", run, "--data", data, "--n", "1",
+                "--temperature", "0", "--output", tmp_path / f"{name}.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["eval/acc_mean"]
+  assert acc["math_dapo"] == 0.0 < acc["math_verify"]
 
 
 def _word_level_tokenizer(out_dir):

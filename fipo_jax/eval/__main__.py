@@ -37,8 +37,8 @@ def _fail(message) -> None:
 
 
 def _load(data_files):
-  """(policy, tokenizer, examples, skipped, max_prompt, the run's max_response_length or None)
-  of the flags; bad inputs exit 2."""
+  """(policy, tokenizer, examples, skipped, max_prompt, the run's defaults: {} or its
+  max_response_length, reward_fn, ...) of the flags; bad inputs exit 2."""
   from fipo_jax import export, paths  # noqa: PLC0415 (keeps --help fast)
   from fipo_jax import policy as policy_lib  # noqa: PLC0415
   from fipo_jax.data import pipeline  # noqa: PLC0415
@@ -66,7 +66,7 @@ def _load(data_files):
     _fail(e)
   if not examples:
     _fail(f"no usable rows in {', '.join(data_files)} ({skipped} skipped; see the warnings)")
-  return policy, tokenizer, examples, skipped, max_prompt, run.get("max_response_length")
+  return policy, tokenizer, examples, skipped, max_prompt, run
 
 
 def main(argv) -> None:
@@ -83,8 +83,8 @@ def main(argv) -> None:
     method = sampling_params.from_flags(_TEMP.value, _TOP_P.value, _TOP_K.value)
   except ValueError as e:  # e.g. --top_k 0 (off is -1)
     _fail(e)
-  policy, tokenizer, examples, skipped, max_prompt, run_max_new = _load(_DATA.value)
-  max_new = _MAX_NEW.value or run_max_new or 1024
+  policy, tokenizer, examples, skipped, max_prompt, run = _load(_DATA.value)
+  max_new = _MAX_NEW.value or run.get("max_response_length") or 1024
   engine = engine_lib.Engine(
     policy.model_cfg, policy.graphdef,
     engine_lib.EngineConfig(num_slots=_SLOTS.value, max_prompt_len=max_prompt,
@@ -93,8 +93,8 @@ def main(argv) -> None:
   metrics, records = evaluation.evaluate_examples(
     engine, policy.params, examples, tokenizer=tokenizer,
     eos_ids=tok_lib.eos_token_ids(tokenizer),
-    reward_cfg=rollout_lib.RewardConfig(max_response_length=max_new,
-                                        overlong_buffer_enable=False),
+    reward_cfg=rollout_lib.RewardConfig(max_response_length=max_new, overlong_buffer_enable=False,
+                                        reward_fn=run.get("reward_fn", "math_dapo")),  # the run's
     n=_N.value, sampling=method,
     seed=_SEED.value, max_new_tokens=max_new, progress=True,
   )
