@@ -22,8 +22,10 @@ def _math_metric():
   from math_verify.metric import math_metric  # noqa: PLC0415 (the optional [math_verify] extra)
   from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig  # noqa: PLC0415
 
-  return math_metric(gold_extraction_target=(LatexExtractionConfig(),),
-                     pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()))
+  return math_metric(
+    gold_extraction_target=(LatexExtractionConfig(),),
+    pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()),
+  )
 
 
 def math_verify_score(response: str, ground_truth: str) -> dict:

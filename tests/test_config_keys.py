@@ -73,21 +73,32 @@ def _functions(sources: dict[str, str]) -> list[_Fn]:
     tree = ast.parse(text)
     schema = pathlib.Path(name).name in SCHEMA_MODULES
     for cls_node in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
-      fields = frozenset(t.target.id for t in cls_node.body
-                         if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name))
+      fields = frozenset(
+        t.target.id
+        for t in cls_node.body
+        if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)
+      )
       for fn in cls_node.body:
         if not isinstance(fn, ast.FunctionDef):
           continue
         if schema:  # inherited too: SamplerMeshSection.as_tuple is MeshSection's
           if not fn.name.startswith("_"):
-            out += [_Fn(fn, fields, {"self": path}) for path, cls in SECTIONS.items()
-                    if any(c.__name__ == cls_node.name for c in cls.__mro__)]
+            out += [
+              _Fn(fn, fields, {"self": path})
+              for path, cls in SECTIONS.items()
+              if any(c.__name__ == cls_node.name for c in cls.__mro__)
+            ]
         else:
           out.append(_Fn(fn, fields, {}))
     if not schema:
       out += [_Fn(fn, frozenset(), {}) for fn in tree.body if isinstance(fn, ast.FunctionDef)]
-      out += [_Fn(fn, frozenset(), {}) for top in tree.body if isinstance(top, ast.FunctionDef)
-              for fn in ast.walk(top) if isinstance(fn, ast.FunctionDef) and fn is not top]
+      out += [
+        _Fn(fn, frozenset(), {})
+        for top in tree.body
+        if isinstance(top, ast.FunctionDef)
+        for fn in ast.walk(top)
+        if isinstance(fn, ast.FunctionDef) and fn is not top
+      ]
   return out
 
 
@@ -137,8 +148,11 @@ def _propagate(fns: list[_Fn]) -> None:
           if path is not None and fn.bound.get(name) != path:
             fn.bound[name], changed = path, True
         if isinstance(node, ast.Call):
-          callee = node.func.attr if isinstance(node.func, ast.Attribute) else \
-            getattr(node.func, "id", None)
+          callee = (
+            node.func.attr
+            if isinstance(node.func, ast.Attribute)
+            else getattr(node.func, "id", None)
+          )
           for target in by_name.get(callee, []):
             changed |= _bind_call(node, target, fn.bound)
 
@@ -152,10 +166,14 @@ def _assigned(node) -> list[tuple[str, ast.expr]]:
   target, value = node.targets[0], node.value
   if isinstance(target, ast.Name):
     return [(target.id, value)]
-  if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) \
-      and len(target.elts) == len(value.elts):
-    return [(t.id, v) for t, v in zip(target.elts, value.elts, strict=True)
-            if isinstance(t, ast.Name)]
+  if (
+    isinstance(target, ast.Tuple)
+    and isinstance(value, ast.Tuple)
+    and len(target.elts) == len(value.elts)
+  ):
+    return [
+      (t.id, v) for t, v in zip(target.elts, value.elts, strict=True) if isinstance(t, ast.Name)
+    ]
   return []
 
 
@@ -186,8 +204,11 @@ def reads(sources: dict[str, str], leaves: list[tuple[str, ...]]) -> set[tuple[s
         path = _section_of(node.value, fn.bound)
         if path is not None and path + (node.attr,) in wanted:
           found.add(path + (node.attr,))
-      if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" \
-          and len(node.args) >= 2:
+      if (
+        isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "getattr"
+        and len(node.args) >= 2
+      ):
         path = _section_of(node.args[0], fn.bound)
         if path is None:
           continue
@@ -199,8 +220,11 @@ def reads(sources: dict[str, str], leaves: list[tuple[str, ...]]) -> set[tuple[s
 
 def package_sources() -> dict[str, str]:
   """fipo_jax/'s modules but the recipe base, which sets every key (setting is not reading)."""
-  return {str(p.relative_to(PACKAGE.parent)): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))
-          if p != PACKAGE / "recipes.py"}
+  return {
+    str(p.relative_to(PACKAGE.parent)): p.read_text()
+    for p in sorted(PACKAGE.rglob("*.py"))
+    if p != PACKAGE / "recipes.py"
+  }
 
 
 def test_every_key_of_base_is_read_by_the_code():
@@ -226,27 +250,40 @@ def test_the_check_flags_a_key_that_no_code_reads():
   sources = package_sources()
   decoys = {
     "fipo_jax/config.py": sources["fipo_jax/config.py"].replace(
-      "  def __post_init__(self):\n    self._one_of(\"loss_mode\", LOSS_MODES)",
+      '  def __post_init__(self):\n    self._one_of("loss_mode", LOSS_MODES)',
       "  def __post_init__(self):\n    assert self.dummy_unread_key\n"
-      "    self._one_of(\"loss_mode\", LOSS_MODES)"),
-    "fipo_jax/decoy.py": ("def f(batch, rc):\n  return batch.dummy_unread_key, rc.optim\n"
-                          "def g(model):\n  return model.rl.x.dummy_unread_key\n"),
+      '    self._one_of("loss_mode", LOSS_MODES)',
+    ),
+    "fipo_jax/decoy.py": (
+      "def f(batch, rc):\n  return batch.dummy_unread_key, rc.optim\n"
+      "def g(model):\n  return model.rl.x.dummy_unread_key\n"
+    ),
   }
   assert decoys["fipo_jax/config.py"] != sources["fipo_jax/config.py"]
   found = reads({**sources, **decoys}, leaves)
   assert ("rl", "dummy_unread_key") not in found
   assert ("rl", "n") in found and ("optim", "lr") in found
-  for reader in ("def h(rc):\n  return rc.rl.dummy_unread_key\n",
-                 "def h(rc):\n  rl = rc.rl\n  return rl.dummy_unread_key\n",
-                 "def h(self):\n  rc, n = self.rc, 1\n  return rc.rl.dummy_unread_key\n",
-                 "def h(s: 'config_lib.RLSection'):\n  return s.dummy_unread_key\n",
-                 "def h(rc):\n  return k(rc.rl)\ndef k(section):\n"
-                 "  return getattr(section, 'dummy_unread_key')\n"):
+  for reader in (
+    "def h(rc):\n  return rc.rl.dummy_unread_key\n",
+    "def h(rc):\n  rl = rc.rl\n  return rl.dummy_unread_key\n",
+    "def h(self):\n  rc, n = self.rc, 1\n  return rc.rl.dummy_unread_key\n",
+    "def h(s: 'config_lib.RLSection'):\n  return s.dummy_unread_key\n",
+    "def h(rc):\n  return k(rc.rl)\ndef k(section):\n"
+    "  return getattr(section, 'dummy_unread_key')\n",
+  ):
     assert ("rl", "dummy_unread_key") in reads({**sources, "fipo_jax/decoy.py": reader}, leaves)
 
 
-@pytest.mark.parametrize("path", [("rl", "filter_groups_metric"), ("rl", "reward_fn"),
-                                  ("log_every",), ("rl", "kl_loss_type"), ("optim", "schedule")])
+@pytest.mark.parametrize(
+  "path",
+  [
+    ("rl", "filter_groups_metric"),
+    ("rl", "reward_fn"),
+    ("log_every",),
+    ("rl", "kl_loss_type"),
+    ("optim", "schedule"),
+  ],
+)
 def test_the_keys_of_issue_15_are_read(path):
   assert path in reads(package_sources(), leaf_keys(recipes.base()))
 
@@ -258,19 +295,30 @@ def test_log_every_writes_every_k_steps_and_the_last(tmp_path, monkeypatch):
   config = tiny_cpu.get_config("runlocal")
   config.sft.steps, config.eval_every, config.checkpoint_every = 0, 0, 0
   config.total_steps, config.log_every = 7, 3
-  monkeypatch.setattr(trainer, "rl_step", lambda rc, env, steps, state: (
-    state.replace(step=state.step + 1),
-    {"train/nonfinite_updates": 0, "train/step_seen": state.step + 1}))
+  monkeypatch.setattr(
+    trainer,
+    "rl_step",
+    lambda rc, env, steps, state: (
+      state.replace(step=state.step + 1),
+      {"train/nonfinite_updates": 0, "train/step_seen": state.step + 1},
+    ),
+  )
   trainer.run(config, str(tmp_path))
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [3, 6, 7]
   assert [r["train/step_seen"] for r in rows] == [3, 6, 7]
 
 
-@pytest.mark.parametrize("done, evaluated, stopping, want", [
-  (2, False, False, False), (3, False, False, True), (2, True, False, True),
-  (2, False, True, True), (10, False, False, True),  # the last step
-])
+@pytest.mark.parametrize(
+  "done, evaluated, stopping, want",
+  [
+    (2, False, False, False),
+    (3, False, False, True),
+    (2, True, False, True),
+    (2, False, True, True),
+    (10, False, False, True),  # the last step
+  ],
+)
 def test_log_every_rule(done, evaluated, stopping, want):
   from fipo_jax.rl import trainer  # noqa: PLC0415
 

@@ -13,20 +13,29 @@ def _rollouts(group_ids, acc, verifier_scores, penalties) -> rollout.Rollouts:
   r = len(group_ids)
   verifier_scores = np.asarray(verifier_scores, np.float32)
   return rollout.Rollouts(
-    prompt_ids=[np.array([1], np.int32)] * r, response_ids=[np.array([2], np.int32)] * r,
-    response_logprobs=[np.zeros(1, np.float32)] * r, finish_reasons=["stop"] * r,
+    prompt_ids=[np.array([1], np.int32)] * r,
+    response_ids=[np.array([2], np.int32)] * r,
+    response_logprobs=[np.zeros(1, np.float32)] * r,
+    finish_reasons=["stop"] * r,
     group_ids=np.asarray(group_ids, np.int64),
     scores=(verifier_scores + np.asarray(penalties, np.float32)).astype(np.float32),
-    verifier_scores=verifier_scores, acc=np.asarray(acc, bool), preds=[""] * r,
-    overlong=np.asarray(penalties) < 0)
+    verifier_scores=verifier_scores,
+    acc=np.asarray(acc, bool),
+    preds=[""] * r,
+    overlong=np.asarray(penalties) < 0,
+  )
 
 
 def _verl_kept_uids(r: rollout.Rollouts, metric: str) -> set[int]:
   """verl recipe/dapo/dapo_ray_trainer.py: `score`/`acc` from reward_extra_info,
   seq_reward = token_level_scores.sum(-1), seq_final_reward = token_level_rewards.sum(-1)
   (= token_level_scores without an in-reward KL); keep std > 0 or a single member."""
-  values = {"acc": r.acc, "score": r.verifier_scores, "seq_reward": r.scores,
-            "seq_final_reward": r.scores}[metric]
+  values = {
+    "acc": r.acc,
+    "score": r.verifier_scores,
+    "seq_reward": r.scores,
+    "seq_final_reward": r.scores,
+  }[metric]
   vals = defaultdict(list)
   for uid, v in zip(r.group_ids.tolist(), values.tolist(), strict=True):
     vals[uid].append(v)
@@ -41,12 +50,15 @@ VERIFIER = [1, -1, 1, 1, 1, 1, -1, -0.5, -1, -1, -1, -1, 1]
 PENALTY = [0, 0, 0, 0, -0.25, 0, 0, 0, 0, 0, 0, 0, 0]
 
 
-@pytest.mark.parametrize("metric, kept", [
-  ("acc", {0, 4}),
-  ("score", {0, 2, 4}),
-  ("seq_reward", {0, 1, 2, 4}),
-  ("seq_final_reward", {0, 1, 2, 4}),
-])
+@pytest.mark.parametrize(
+  "metric, kept",
+  [
+    ("acc", {0, 4}),
+    ("score", {0, 2, 4}),
+    ("seq_reward", {0, 1, 2, 4}),
+    ("seq_final_reward", {0, 1, 2, 4}),
+  ],
+)
 def test_each_metric_keeps_the_groups_whose_values_differ(metric, kept):
   r = _rollouts(GROUPS, ACC, VERIFIER, PENALTY)
   keep = rollout.kept_groups(r, metric)
@@ -90,8 +102,14 @@ def test_dynamic_sampling_filters_with_the_configured_metric():
   kept = {}
   for metric in ("acc", "score", "seq_reward"):
     res = rollout.collect_with_dynamic_sampling(
-      sample_round, train_batch_size=4, n=n, filter_groups=True, max_num_gen_batches=1,
-      min_prompts=1, filter_metric=metric)
+      sample_round,
+      train_batch_size=4,
+      n=n,
+      filter_groups=True,
+      max_num_gen_batches=1,
+      min_prompts=1,
+      filter_metric=metric,
+    )
     kept[metric] = list(dict.fromkeys(res.rollouts.group_ids.tolist()))
     assert len(res.rollouts) == n * len(kept[metric])
   assert kept == {"acc": [0], "score": [0, 2], "seq_reward": [0, 1, 2]}

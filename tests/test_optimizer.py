@@ -32,7 +32,7 @@ def test_cosine_reaches_its_floor_at_the_last_update_of_the_last_rl_step(epochs)
   lr = np.asarray(jax.vmap(schedule)(jnp.arange(rc.total_updates)))
   last = rc.total_updates - 1  # count of the last update of RL step total_steps
   assert lr[last] == 0.0
-  assert np.all(lr[:last][rc.optim.warmup_steps:] > 0.0)  # not before
+  assert np.all(lr[:last][rc.optim.warmup_steps :] > 0.0)  # not before
   # The last RL step's first update still has a (small) positive lr; one step earlier it is
   # larger: the decay spans the whole run, not total_steps updates.
   assert 0.0 < lr[last - 8 * epochs + 1] < lr[last - 8 * epochs]
@@ -47,8 +47,9 @@ def test_the_tx_applies_the_schedule_it_returns():
   """Adam without moment decay (b1 = b2 = 0) moves each param by lr x g / (|g| + eps) = lr per
   update: the applied step sizes are the schedule's values, the last one exactly 0, and
   last_update_lr reads them back."""
-  optim = config_lib.OptimSection(lr=0.1, warmup_steps=2, schedule="cosine", weight_decay=0.0,
-                                  grad_clip=0.0, b1=0.0, b2=0.0)
+  optim = config_lib.OptimSection(
+    lr=0.1, warmup_steps=2, schedule="cosine", weight_decay=0.0, grad_clip=0.0, b1=0.0, b2=0.0
+  )
   total = 12
   tx, schedule = optimizer.make_optimizer(optim, total_updates=total)
   params = {"w": jnp.zeros(3)}
@@ -71,8 +72,9 @@ def test_constant_schedule_warms_up_over_updates_and_keeps_a_plain_lr_without_wa
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(5)), 0.5e-6, rtol=1e-6)
   np.testing.assert_allclose([float(schedule(k)) for k in (10, 4799, 10**6)], 1e-6, rtol=1e-6)
-  tx, schedule = optimizer.make_optimizer(config_lib.OptimSection(lr=1e-3, warmup_steps=0),
-                                          total_updates=1)
+  tx, schedule = optimizer.make_optimizer(
+    config_lib.OptimSection(lr=1e-3, warmup_steps=0), total_updates=1
+  )
   state = tx.init({"w": jnp.zeros(2)})
   assert optimizer.last_update_lr(schedule, state) == pytest.approx(1e-3)
   assert int(optimizer.update_count(state)) == 0

@@ -36,8 +36,10 @@ def lr_schedule(optim: config_lib.OptimSection, total_updates: int) -> optax.Sch
   elif optim.schedule == "cosine":
     last = total_updates - 1
     if last <= warmup:
-      raise ValueError(f"optim.schedule='cosine' needs optim.warmup_steps ({warmup}) < the run's "
-                       f"last update index ({last}, of {total_updates} updates)")
+      raise ValueError(
+        f"optim.schedule='cosine' needs optim.warmup_steps ({warmup}) < the run's "
+        f"last update index ({last}, of {total_updates} updates)"
+      )
     decay = optax.cosine_decay_schedule(lr, last - warmup, alpha=0.0)
   else:
     raise ValueError(f"optim.schedule: unknown schedule {optim.schedule!r} (constant|cosine)")
@@ -46,8 +48,9 @@ def lr_schedule(optim: config_lib.OptimSection, total_updates: int) -> optax.Sch
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def make_optimizer(optim: config_lib.OptimSection, *, total_updates: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  optim: config_lib.OptimSection, *, total_updates: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (decoupled weight decay) after global-norm clipping, on `lr_schedule`.
 
   Args:
@@ -62,8 +65,15 @@ def make_optimizer(optim: config_lib.OptimSection, *, total_updates: int
   schedule = lr_schedule(optim, total_updates)
   constant = optim.schedule == "constant" and not optim.warmup_steps
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-  parts.append(optax.adamw(optim.lr if constant else schedule, b1=optim.b1, b2=optim.b2,
-                           eps=optim.eps, weight_decay=optim.weight_decay))
+  parts.append(
+    optax.adamw(
+      optim.lr if constant else schedule,
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+    )
+  )
   return optax.chain(*parts), schedule
 
 
