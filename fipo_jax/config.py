@@ -164,6 +164,7 @@ class RLSection(Section):
   gen_batch_size: int = 2048
   ppo_mini_batch_size: int = 64
   ppo_epochs: int = 1
+  use_remove_padding: bool = True
   use_dynamic_bsz: bool = True
   ppo_max_token_len_per_device: int = 22528
   ppo_micro_batch_size_per_device: int = 8

@@ -68,6 +68,9 @@ def base() -> ml_collections.ConfigDict:
   c.rl.gen_batch_size = 2048  # prompts per generation round (4 x 512)
   c.rl.ppo_mini_batch_size = 64  # prompts per optimizer step -> 8 updates per RL step
   c.rl.ppo_epochs = 1  # passes over the rollout batch
+  # Model passes on packed rows (real tokens end to end, no padding; False: padded rows, the
+  # reference path), micro-batches cut by the token budget below (verl's use_dynamic_bsz).
+  c.rl.use_remove_padding = True
   c.rl.use_dynamic_bsz = True  # pack micro-batches by token budget
   c.rl.ppo_max_token_len_per_device = 22528  # token budget per micro-batch (2048 + 20480)
   c.rl.ppo_micro_batch_size_per_device = 8  # responses per micro-batch when not dynamic

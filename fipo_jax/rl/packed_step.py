@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from fipo_jax import models
+from fipo_jax import models, sharding
 from fipo_jax.rl import losses as losses_lib
+from fipo_jax.rl import packing
 from fipo_jax.rl import train_step as ts
 
 
@@ -55,6 +58,7 @@ class PackedBatch:
   old_log_probs: jax.Array  # f32[NM, D, S, T]
   advantages: jax.Array  # f32[NM, D, S, T]
   seq_mask: jax.Array  # f32[NM, D, S], 1 = the slot holds a sequence
+  seq_index: jax.Array  # int32[NM, D, S], the slot's row in the mini-batch, -1 = empty
   ref_log_probs: jax.Array | None = None  # f32[NM, D, S, T], only with a KL term
 
 
@@ -213,3 +217,111 @@ def abstract_batch(shape: Any, response_len: int, *, with_ref: bool = False) -> 
     seq_mask=f32(resp[:3]),
     ref_log_probs=f32(resp) if with_ref else None,
   )
+
+
+def num_batch_shards(mesh) -> int:
+  """D: the devices a batch is split over (the mesh axes of the 'batch' rule)."""
+  return int(np.prod([mesh.shape[a] for a in sharding.mesh_axes("batch") if a in mesh.shape]))
+
+
+def layout(rc, mesh, update_cfg: ts.UpdateConfig) -> dict[str, Any]:
+  """The packer's settings for a run: row length, micro-batch mode, batch shards.
+
+  With rl.use_dynamic_bsz a row is rl.ppo_max_token_len_per_device real tokens (verl's token
+  budget per device per micro-batch) and micro-batches follow the budget; without it, rows of
+  the longest allowed sequence hold the padded path's fixed micro-batches.
+  """
+  longest = rc.data.max_prompt_length + rc.rl.max_response_length
+  dynamic = rc.rl.use_dynamic_bsz
+  return dict(
+    row_len=rc.rl.ppo_max_token_len_per_device if dynamic else longest,
+    num_micro=None if dynamic else update_cfg.num_micro_batches,
+    num_shards=num_batch_shards(mesh),
+  )
+
+
+_SEEN_SHAPES: set[tuple] = set()
+
+
+def _log_shape(shape: packing.Shape, plans, response_len: int) -> None:
+  """Logs the bucketed layout; a shape not seen before means the jitted steps compile."""
+  key = (shape.num_micro, shape.num_shards, shape.rows, shape.slots, shape.row_len, response_len)
+  useful = np.mean([packing.useful_fraction(p, shape) for p in plans])
+  logging.info(
+    "packing: %d mini-batches x %d micro-batches (%d used) x %d shards x %d rows x "
+    "%d tokens, %d slots; %.0f%% of the tokens are real",
+    len(plans),
+    shape.num_micro,
+    max(p.num_micro for p in plans),
+    shape.num_shards,
+    shape.rows,
+    shape.row_len,
+    shape.slots,
+    100 * useful,
+  )
+  if key not in _SEEN_SHAPES:
+    _SEEN_SHAPES.add(key)
+    logging.info("packing: new packed shape %s: the train and log-prob steps compile for it", key)
+
+
+def mini_batches(
+  rc, mesh, rollouts, advantages: np.ndarray, *, update_cfg: ts.UpdateConfig, pad_id: int
+) -> tuple[list[PackedBatch], dict[str, np.ndarray]]:
+  """[B] rollouts -> B / mini packed mini-batches on `mesh` (rollout._mini_batches' packed twin).
+
+  Every host plans every mini-batch (the [B] rollouts are on every host) and fills only the
+  batch shards its own devices hold. Returns (the mini-batches, this host's response-layout
+  arrays of all of them, stacked: response_mask and advantages).
+  """
+  mini = rc.rl.ppo_mini_batch_size * rc.rl.n
+  settings = layout(rc, mesh, update_cfg)
+  d = settings["num_shards"]
+  shards = sharding.process_rows(sharding.batch_sharding(mesh, 1, (d,)), d) or slice(0, d)
+  packed = packing.pack_rollouts(
+    rollouts.prompt_ids,
+    rollouts.response_ids,
+    rollouts.response_logprobs,
+    advantages,
+    mini=mini,
+    max_prompt_length=rc.data.max_prompt_length,
+    max_response_length=rc.rl.max_response_length,
+    pad_id=pad_id,
+    shards=shards,
+    **settings,
+  )
+  _log_shape(packed.shape, packed.plans, rc.rl.max_response_length)
+  batches = [device_batch(mesh, arrays, d) for arrays in packed.batches]
+  stacked = {k: np.stack([b[k] for b in packed.batches]) for k in ("response_mask", "advantages")}
+  return batches, stacked
+
+
+def device_batch(mesh, arrays: dict[str, np.ndarray], num_shards: int) -> PackedBatch:
+  """Global [NM, D, ...] arrays from this process's shards (all shards also work)."""
+
+  def put(x):
+    shape = (x.shape[0], num_shards) + x.shape[2:]
+    spec = sharding.named_sharding(mesh, (None, "batch") + (None,) * (x.ndim - 2), shape)
+    return jax.make_array_from_process_local_data(spec, x, shape)
+
+  return PackedBatch(**{k: put(v) for k, v in arrays.items()})
+
+
+def dump_rows(dumps: list[dict[str, np.ndarray]], batches: list[PackedBatch]):
+  """Packed influence dumps (one per update: epochs x mini-batches) and the mini-batches, on
+  the host -> [M, T] rows, as the padded dump has them: (dumps, per mini-batch
+  {response_mask, advantages, response_ids})."""
+  rows = lambda b, x: packing.rows_from_slots(np.asarray(b.seq_index), np.asarray(x))
+  out = [{k: rows(batches[i % len(batches)], v) for k, v in d.items()} for i, d in enumerate(dumps)]
+  fields = []
+  for b in batches:
+    ids = packing.response_ids(
+      {k: np.asarray(getattr(b, k)) for k in ("input_ids", "token_index", "response_mask")}
+    )
+    fields.append(
+      {
+        "response_mask": rows(b, b.response_mask),
+        "advantages": rows(b, b.advantages),
+        "response_ids": rows(b, ids),
+      }
+    )
+  return out, fields

@@ -243,6 +243,24 @@ def from_slots(plan: Plan, y: np.ndarray) -> np.ndarray:
   return np.asarray(y)[plan.micro, plan.shard, plan.slot]
 
 
+def rows_from_slots(seq_index: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """`from_slots` without the plan: seq_index int[NM, D, S] (-1 = empty) says each slot's row."""
+  seq_index, y = np.asarray(seq_index), np.asarray(y)
+  used = seq_index >= 0
+  out = np.zeros((int(used.sum()),) + y.shape[seq_index.ndim :], y.dtype)
+  out[seq_index[used]] = y[used]
+  return out
+
+
+def response_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """The response token ids [NM, D, S, T] of a packed batch (token_index points one before)."""
+  ids = np.asarray(batch["input_ids"])
+  flat = ids.reshape(ids.shape[:2] + (-1,))
+  nxt = np.minimum(np.asarray(batch["token_index"]) + 1, flat.shape[-1] - 1)
+  got = np.take_along_axis(flat[:, :, None, :], nxt.reshape(nxt.shape[:3] + (-1,)), axis=-1)
+  return np.where(np.asarray(batch["response_mask"]) > 0, got, 0)
+
+
 def useful_fraction(plan: Plan, shape: Shape) -> float:
   """Real tokens / tokens the packed layout runs the model on."""
   return float(plan.lengths.sum()) / float(
@@ -321,8 +339,8 @@ def pack_rollouts(
     )
     for key, value in resp.items():
       arrays[key] = to_slots(plan, shape, value[s], shards=shards)
-    arrays["seq_mask"] = to_slots(
-      plan, shape, np.ones(len(plan.lengths), np.float32), shards=shards
-    )
+    rows = np.arange(len(plan.lengths), dtype=np.int32)
+    arrays["seq_index"] = to_slots(plan, shape, rows, shards=shards, fill=-1)
+    arrays["seq_mask"] = (arrays["seq_index"] >= 0).astype(np.float32)
     batches.append(arrays)
   return PackedRollouts(batches=batches, plans=plans, shape=shape)

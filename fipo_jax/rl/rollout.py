@@ -28,6 +28,7 @@ from fipo_jax import config as config_lib
 from fipo_jax import distributed, seeds, sharding
 from fipo_jax import metrics as metrics_lib
 from fipo_jax.rl import advantages as adv_lib
+from fipo_jax.rl import packed_step
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.rl.rewards import RewardConfig, ScoreFn
@@ -356,7 +357,11 @@ def _mini_batches(rc: config_lib.RunConfig, env: setup_lib.Env, r: Rollouts, adv
                   ) -> tuple[list[ts.PolicyBatch], dict[str, np.ndarray]]:
   """[B] rollouts -> B / mini mini-batches on env.mesh, each from this host's rows of it.
 
-  Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked)."""
+  Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked). With
+  rl.use_remove_padding the mini-batches are packed rows instead (rl/packed_step.py)."""
+  if rc.rl.use_remove_padding:
+    return packed_step.mini_batches(rc, env.mesh, r, adv, update_cfg=env.update_cfg,
+                                    pad_id=env.pad_id)
   mini = rc.rl.ppo_mini_batch_size * rc.rl.n
   num_mini = len(r) // mini
   rows = _local_rows(env.mesh, mini)

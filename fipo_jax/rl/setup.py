@@ -26,7 +26,7 @@ from fipo_jax import policy as policy_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
 from fipo_jax.rl import losses as losses_lib
-from fipo_jax.rl import optimizer, warmstart
+from fipo_jax.rl import optimizer, packed_step, warmstart
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
@@ -130,11 +130,17 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
                                    rc.sampling.top_k),
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
     reward_cfg=rewards_lib.RewardConfig.from_section(rc.rl),  # rl.reward_fn and the shaping
-    influence_fn=(jax.jit(functools.partial(ts.influence_step, graphdef, cfg=upd))
-                  if rc.dump_influence else None),
+    influence_fn=_influence_fn(rc, graphdef, upd) if rc.dump_influence else None,
   )
   env.ref_params = reference_params(rc, env, params, workdir) if rc.rl.use_kl_loss else None
   return env, TrainState(params=params, opt_state=opt_state)
+
+
+def _influence_fn(rc: config_lib.RunConfig, graphdef: nnx.GraphDef, upd: ts.UpdateConfig
+                  ) -> InfluenceFn:
+  """FIPO's per-token weights of a mini-batch, on the layout the run's batches have."""
+  step = packed_step.influence_step if rc.rl.use_remove_padding else ts.influence_step
+  return jax.jit(functools.partial(step, graphdef, cfg=upd))
 
 
 def _model(rc: config_lib.RunConfig, mesh) -> tuple[models.ModelConfig, nnx.GraphDef, nnx.State]:

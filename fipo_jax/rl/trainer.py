@@ -32,7 +32,7 @@ from fipo_jax import config as config_lib
 from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
-from fipo_jax.rl import evaluation, optimizer, warmstart
+from fipo_jax.rl import evaluation, optimizer, packed_step, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -77,8 +77,9 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   policy_lib.save_run_config(config, workdir)
   loop = _Loop.open(rc, env, stop)
   state = loop.initial_state(state)
-  steps = ts.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
-                       param_sharding=env.param_sharding, opt_sharding=env.opt_sharding)
+  jit_steps = packed_step.jit_steps if rc.rl.use_remove_padding else ts.jit_steps
+  steps = jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                    param_sharding=env.param_sharding, opt_sharding=env.opt_sharding)
   last: dict[str, Any] = {}
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env, state.params, step=0)
@@ -273,14 +274,18 @@ def _update_metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _dump_influence(workdir: str, step: int, dumps, batches) -> None:
   """WORKDIR/influence/step_{k}.npz: per-token weights of every mini-batch of RL step k."""
+  if isinstance(batches[0], packed_step.PackedBatch):  # packed rows: back to [M, T] rows
+    dumps, fields = packed_step.dump_rows(dumps, batches)
+  else:
+    p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
+    fields = [{"response_mask": np.asarray(b.response_mask), "advantages": np.asarray(b.advantages),
+               "response_ids": np.asarray(b.input_ids)[:, p:]} for b in batches]
   stack = lambda key: np.stack([d[key] for d in dumps])
-  p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
   with paths.open_file(paths.join(workdir, "influence", f"step_{step}.npz"), "wb") as f:
     np.savez_compressed(
       f,
       influence_weights=stack("influence_weights"),
       raw_influence_weights=stack("raw_influence_weights"),
-      response_mask=np.stack([np.asarray(b.response_mask) for b in batches]),
-      advantages=np.stack([np.asarray(b.advantages) for b in batches]),
-      response_ids=np.stack([np.asarray(b.input_ids)[:, p:] for b in batches]),
+      **{k: np.stack([x[k] for x in fields]) for k in ("response_mask", "advantages",
+                                                       "response_ids")},
     )
