@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +13,15 @@ import optax
 import pytest
 from flax import nnx
 
-from fipo_jax import models, sharding
+from configs import fipo_qwen2_5_32b
+from fipo_jax import config as config_lib
+from fipo_jax import models, policy, sharding
 from fipo_jax.rl import advantages as adv_lib
 from fipo_jax.rl import losses as losses_lib
 from fipo_jax.rl import packed_step as ps
 from fipo_jax.rl import packing
 from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
 P, T, GROUPS, N = 8, 12, 4, 4  # max prompt / response length; M = 16 sequences
@@ -248,3 +252,27 @@ def test_influence_dump_of_packed_rows_equals_the_padded_dump(setup):
   np.testing.assert_array_equal(fields["response_mask"], s["arrays"]["response_mask"])
   np.testing.assert_array_equal(fields["advantages"], s["arrays"]["advantages"])
   np.testing.assert_array_equal(fields["response_ids"], s["arrays"]["input_ids"][:, P:])
+
+
+@pytest.mark.slow
+def test_32b_recipe_packed_train_step_builds_abstractly():
+  """The packed train step of the 32B recipe at its token budget, traced with eval_shape."""
+  rc = config_lib.validate(fipo_qwen2_5_32b.get_config(), check_paths=False)
+  assert rc.rl.use_remove_padding and rc.rl.use_dynamic_bsz
+  cfg = policy.model_config(rc)
+  graphdef, abstract, _ = models.build.param_shardings(cfg, None)
+  tx = optax.adamw(1e-6)
+  opt = jax.eval_shape(tx.init, abstract)
+  mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 64, "tensor": 1})
+  upd = setup_lib.update_config(rc, mesh, rc.data.max_prompt_length + rc.rl.max_response_length)
+  settings = ps.layout(rc, mesh, upd)
+  assert settings == {"row_len": 22528, "num_micro": None, "num_shards": 64}
+  # 1024 responses of ~8k tokens on 64 chips: ~6 rows of 22528 tokens per chip.
+  shape = packing.Shape(num_micro=8, num_shards=64, rows=1, slots=4, row_len=22528)
+  batch = ps.abstract_batch(shape, rc.rl.max_response_length)
+  fn = functools.partial(ps.train_step, graphdef, cfg=upd, tx=tx)
+  new_params, new_opt, metrics = jax.eval_shape(fn, abstract, opt, batch)
+  assert models.count_params(new_params) == 32_763_876_352
+  assert jax.tree.structure(new_opt) == jax.tree.structure(opt)
+  for key in ("actor/pg_loss", "actor/influence_weights_mean_raw", "actor/grad_norm"):
+    assert metrics[key].shape == ()

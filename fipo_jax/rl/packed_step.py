@@ -215,6 +215,7 @@ def abstract_batch(shape: Any, response_len: int, *, with_ref: bool = False) -> 
     old_log_probs=f32(resp),
     advantages=f32(resp),
     seq_mask=f32(resp[:3]),
+    seq_index=i32(resp[:3]),
     ref_log_probs=f32(resp) if with_ref else None,
   )
 
