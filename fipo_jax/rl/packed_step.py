@@ -1,11 +1,11 @@
 """The trainer's jitted steps on the packed layout (`rl.use_remove_padding`, rl/packing.py).
 
-  log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob, entropy) [NM, D, S, T]
+  log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob, entropy) [NM, W, E, T]
   train_step(graphdef, params, opt_state, batch, *, cfg, tx)  -> (params, opt_state, metrics)
-  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights [NM, D, S, T]}
+  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights [NM, W, E, T]}
 
-The model runs on packed rows [D * R, L] of micro-batch j; its next-token log-probs are
-gathered back to the response layout [D * S, T] (`models.packed_response_log_probs`), where the
+The model runs on packed rows [W * R, S] of micro-batch j; its next-token log-probs are
+gathered back to the response layout [W * E, T] (`models.packed_response_log_probs`), where the
 actor objective is the padded path's own (`train_step.actor_objective`): future-KL, the clip
 modes, sequence drop and aggregation see the same [B, T] tensors, only with empty slots
 (response mask 0, left out by every masked reduction).
@@ -48,23 +48,23 @@ from fipo_jax.rl import train_step as ts
 
 @flax.struct.dataclass
 class PackedBatch:
-  """One mini-batch on the packed layout (rl/packing.py): NM micro-batches, D batch shards."""
+  """One mini-batch on the packed layout (rl/packing.py): NM micro-batches, W batch shards."""
 
-  input_ids: jax.Array  # int32[NM, D, R, L]
-  segment_ids: jax.Array  # int32[NM, D, R, L], 1, 2, ... per sequence in a row, 0 = padding
-  positions: jax.Array  # int32[NM, D, R, L], each token's position in its own sequence
-  token_index: jax.Array  # int32[NM, D, S, T], response token -> shard's flat [R * L] index
-  response_mask: jax.Array  # f32[NM, D, S, T]
-  old_log_probs: jax.Array  # f32[NM, D, S, T]
-  advantages: jax.Array  # f32[NM, D, S, T]
-  seq_mask: jax.Array  # f32[NM, D, S], 1 = the slot holds a sequence
-  seq_index: jax.Array  # int32[NM, D, S], the slot's row in the mini-batch, -1 = empty
-  ref_log_probs: jax.Array | None = None  # f32[NM, D, S, T], only with a KL term
+  input_ids: jax.Array  # int32[NM, W, R, S]
+  segment_ids: jax.Array  # int32[NM, W, R, S], 1, 2, ... per sequence in a row, 0 = padding
+  positions: jax.Array  # int32[NM, W, R, S], each token's position in its own sequence
+  token_index: jax.Array  # int32[NM, W, E, T], response token -> shard's flat [R * S] index
+  response_mask: jax.Array  # f32[NM, W, E, T]
+  old_log_probs: jax.Array  # f32[NM, W, E, T]
+  advantages: jax.Array  # f32[NM, W, E, T]
+  seq_mask: jax.Array  # f32[NM, W, E], 1 = the slot holds a sequence
+  seq_index: jax.Array  # int32[NM, W, E], the slot's row in the mini-batch, -1 = empty
+  ref_log_probs: jax.Array | None = None  # f32[NM, W, E, T], only with a KL term
 
 
 @dataclasses.dataclass(frozen=True)
 class _Responses:
-  """The response-layout fields `ts.actor_objective` reads, as [D * S, T] rows."""
+  """The response-layout fields `ts.actor_objective` reads, as [W * E, T] rows."""
 
   old_log_probs: jax.Array
   advantages: jax.Array
@@ -73,12 +73,12 @@ class _Responses:
 
 
 def _rows(x):
-  """[D, S, ...] -> [D * S, ...] (None stays None)."""
+  """[W, E, ...] -> [W * E, ...] (None stays None)."""
   return None if x is None else x.reshape((-1,) + x.shape[2:])
 
 
 def _log_probs(graphdef, params, micro: PackedBatch, *, cfg: ts.UpdateConfig, entropy: bool):
-  """Response log-probs [D, S, T] (, entropy) of one micro-batch."""
+  """Response log-probs [W, E, T] (, entropy) of one micro-batch."""
   return models.packed_response_log_probs(
     nnx.merge(graphdef, params),
     micro.input_ids,
@@ -159,14 +159,14 @@ def _per_micro(fn, batch: PackedBatch, out_shapes):
 
 
 def log_prob_step(graphdef, params, batch: PackedBatch, *, cfg: ts.UpdateConfig):
-  """Old (or reference) log-probs and entropy f32[NM, D, S, T] in the batch's response layout."""
+  """Old (or reference) log-probs and entropy f32[NM, W, E, T] in the batch's response layout."""
   shape = jax.ShapeDtypeStruct(batch.response_mask.shape[1:], jnp.float32)
   fn = functools.partial(_log_probs, graphdef, params, cfg=cfg, entropy=True)
   return _per_micro(fn, batch, (shape, shape))
 
 
 def influence_step(graphdef, params, batch: PackedBatch, *, cfg: ts.UpdateConfig):
-  """Per-token FIPO weights [NM, D, S, T] with the current params (for dumps)."""
+  """Per-token FIPO weights [NM, W, E, T] with the current params (for dumps)."""
   keys = ("influence_weights", "raw_influence_weights")
 
   def one(micro):
@@ -221,7 +221,7 @@ def abstract_batch(shape: Any, response_len: int, *, with_ref: bool = False) -> 
 
 
 def num_batch_shards(mesh) -> int:
-  """D: the devices a batch is split over (the mesh axes of the 'batch' rule)."""
+  """W: the devices a batch is split over (the mesh axes of the 'batch' rule)."""
   return int(np.prod([mesh.shape[a] for a in sharding.mesh_axes("batch") if a in mesh.shape]))
 
 
@@ -297,7 +297,7 @@ def mini_batches(
 
 
 def device_batch(mesh, arrays: dict[str, np.ndarray], num_shards: int) -> PackedBatch:
-  """Global [NM, D, ...] arrays from this process's shards (all shards also work)."""
+  """Global [NM, W, ...] arrays from this process's shards (all shards also work)."""
 
   def put(x):
     shape = (x.shape[0], num_shards) + x.shape[2:]

@@ -7,21 +7,21 @@ position. The loss keeps the response layout: per-token log-probs are gathered b
 slot [T] per sequence, so future-KL, the clip modes, sequence drop and aggregation see exactly
 what the padded layout gives them.
 
-One mini-batch of M sequences becomes, for D batch shards (devices along the batch axes):
+One mini-batch of M sequences becomes, for W batch shards (devices along the batch axes):
 
-  tokens   [NM, D, R, L]  NM micro-batches, R rows per shard, L = row_len tokens per row
-  response [NM, D, S, T]  S sequence slots per shard, T = max response length
+  tokens   [NM, W, R, S]  NM micro-batches, R rows per shard, S = row_len tokens per row
+  response [NM, W, E, T]  E sequence slots per shard, T = max response length
 
 Micro-batch membership:
   - fixed (`num_micro` given, verl without dynamic batch size): micro-batch j holds rows
     j, j + NM, j + 2 NM, ... of the mini-batch, exactly the padded path's `split_micro_batches`,
-    and slot i of it goes to shard i // ceil(M / NM / D), where the padded layout puts it;
+    and slot i of it goes to shard i // ceil(M / NM / W), where the padded layout puts it;
     each (micro-batch, shard) packs its sequences first-fit decreasing into R rows.
   - dynamic (verl's use_dynamic_bsz): all M sequences are packed first-fit decreasing into rows
-    of L tokens (a budget of real tokens per device per micro-batch, as verl's
-    ppo_max_token_len_per_gpu); row b goes to micro-batch b // D, shard b % D (R = 1).
+    of S tokens (a budget of real tokens per device per micro-batch, as verl's
+    ppo_max_token_len_per_gpu); row b goes to micro-batch b // W, shard b % W (R = 1).
 
-Shapes are static: NM (dynamic mode), R and S are rounded up to `bucket` sizes, so a new length
+Shapes are static: NM (dynamic mode), R and E are rounded up to `bucket` sizes, so a new length
 mix reuses a compiled step. Padding micro-batches hold no sequence; the train step skips them.
 """
 
@@ -193,9 +193,9 @@ def pack_tokens(
 
   prompts/responses: the M sequences' ids, already truncated to the allowed lengths
   (responses to at most response_len = T). Returns input_ids / segment_ids / positions
-  int32[NM, D', R, L] and token_index int32[NM, D', S, T], D' = the selected shards:
-  token_index[j, d, s, t] is the index, in shard d's flattened [R * L] next-token log-probs,
-  of response token t of the sequence in slot s (0 where there is none).
+  int32[NM, W', R, S] and token_index int32[NM, W', E, T], W' = the selected shards:
+  token_index[j, w, e, t] is the index, in shard w's flattened [R * S] next-token log-probs,
+  of response token t of the sequence in slot e (0 where there is none).
   """
   lo, hi, _ = (shards or slice(0, shape.num_shards)).indices(shape.num_shards)
   nm, nd, rows, length = shape.num_micro, hi - lo, shape.rows, shape.row_len
@@ -229,7 +229,7 @@ def pack_tokens(
 def to_slots(
   plan: Plan, shape: Shape, x: np.ndarray, *, shards: slice | None = None, fill=0
 ) -> np.ndarray:
-  """Per-sequence rows x [M, ...] -> the response layout [NM, D', S, ...] (empty slots: fill)."""
+  """Per-sequence rows x [M, ...] -> the response layout [NM, W', E, ...] (empty slots: fill)."""
   lo, hi, _ = (shards or slice(0, shape.num_shards)).indices(shape.num_shards)
   x = np.asarray(x)
   out = np.full((shape.num_micro, hi - lo, shape.slots) + x.shape[1:], fill, x.dtype)
@@ -239,12 +239,12 @@ def to_slots(
 
 
 def from_slots(plan: Plan, y: np.ndarray) -> np.ndarray:
-  """The response layout y [NM, D, S, ...] (all shards) -> per-sequence rows [M, ...]."""
+  """The response layout y [NM, W, E, ...] (all shards) -> per-sequence rows [M, ...]."""
   return np.asarray(y)[plan.micro, plan.shard, plan.slot]
 
 
 def rows_from_slots(seq_index: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """`from_slots` without the plan: seq_index int[NM, D, S] (-1 = empty) says each slot's row."""
+  """`from_slots` without the plan: seq_index int[NM, W, E] (-1 = empty) says each slot's row."""
   seq_index, y = np.asarray(seq_index), np.asarray(y)
   used = seq_index >= 0
   out = np.zeros((int(used.sum()),) + y.shape[seq_index.ndim :], y.dtype)
@@ -253,7 +253,7 @@ def rows_from_slots(seq_index: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def response_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
-  """The response token ids [NM, D, S, T] of a packed batch (token_index points one before)."""
+  """The response token ids [NM, W, E, T] of a packed batch (token_index points one before)."""
   ids = np.asarray(batch["input_ids"])
   flat = ids.reshape(ids.shape[:2] + (-1,))
   nxt = np.minimum(np.asarray(batch["token_index"]) + 1, flat.shape[-1] - 1)

@@ -34,7 +34,7 @@ from fipo_jax.rl import losses as losses_lib
 
 @flax.struct.dataclass
 class PolicyBatch:
-  """One batch of rollouts, prompt and response concatenated (L = P + T).
+  """One batch of rollouts, prompt and response concatenated (S = P + T).
 
   Prompts are left-padded to P, responses right-padded to T.
   """
