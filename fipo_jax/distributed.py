@@ -143,10 +143,10 @@ class primary_first:  # noqa: N801 -- used as a context manager
 
 
 def allgather_strided(local, total: int):
-  """Every process gets all `total` items when process p holds items p, p + P, p + 2P, ...
+  """Every process gets all `total` items when process p holds items p, p + c, p + 2c, ...
 
-  local: a pytree of numpy arrays [ceil((total - p) / P), ...], process p's items in order
-  (P = process_count). Returns the same pytree with arrays [total, ...] in item order. A
+  local: a pytree of numpy arrays [ceil((total - p) / c), ...], process p's items in order
+  (c = process_count). Returns the same pytree with arrays [total, ...] in item order. A
   collective: every process calls it at the same point. One process: `local` unchanged.
   """
   import jax  # noqa: PLC0415
@@ -161,7 +161,7 @@ def allgather_strided(local, total: int):
     x = np.asarray(x)
     return np.concatenate([x, np.zeros((per - len(x),) + x.shape[1:], x.dtype)])
 
-  def unstride(x):  # [P, per, ...] -> item i = p + P * j at [j, p]
+  def unstride(x):  # [c, per, ...] -> item i = p + c * j at [j, p]
     x = np.asarray(x)
     return np.swapaxes(x, 0, 1).reshape((per * count,) + x.shape[2:])[:total]
 

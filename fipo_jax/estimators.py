@@ -1,7 +1,7 @@
 """Estimators of sampled-eval quality: avg@k, pass@k (unbiased), cons@k, response lengths.
 
 Inputs are per prompt: `correct[p][j]` (bool) and `preds[p][j]` (the extracted, normalised answer
-of sample j, e.g. `math_dapo_score(...)["pred"]`), with n samples per prompt ([P, n]).
+of sample j, e.g. `math_dapo_score(...)["pred"]`), with n samples per prompt ([num_prompts, n]).
 
 - avg@k: mean accuracy over all samples (with n = k samples per prompt; the paper's Avg@32).
 - pass@k: probability that at least one of k samples drawn without replacement from the n is
@@ -37,17 +37,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _as_matrix(correct: Any) -> np.ndarray:
   arr = np.asarray(correct, dtype=bool)
   if arr.ndim != 2 or arr.shape[1] == 0:
-    raise ValueError(f"correct must be [P, n] with n >= 1, got shape {arr.shape}")
+    raise ValueError(f"correct must be [num_prompts, n] with n >= 1, got shape {arr.shape}")
   return arr
 
 
 def avg_at_k(correct: Any) -> float:
-  """Mean accuracy over correct[P, n] (avg@n)."""
+  """Mean accuracy over correct[num_prompts, n] (avg@n)."""
   return float(_as_matrix(correct).mean())
 
 
 def mean_pass_at_k(correct: Any, k: int) -> float:
-  """pass@k averaged over prompts; correct is [P, n] with k <= n."""
+  """pass@k averaged over prompts; correct is [num_prompts, n] with k <= n."""
   arr = _as_matrix(correct)
   n = arr.shape[1]
   return float(np.mean([pass_at_k(n, int(c), k) for c in arr.sum(axis=1)]))

@@ -50,7 +50,7 @@ def test_mean_pass_and_avg():
   want = np.mean([1 - math.comb(3, 2) / math.comb(4, 2), 1 - math.comb(2, 2) / math.comb(4, 2),
                   0.0])
   assert estimators.mean_pass_at_k(correct, 2) == pytest.approx(want)
-  with pytest.raises(ValueError, match=r"\[P, n\]"):
+  with pytest.raises(ValueError, match=r"\[num_prompts, n\]"):
     estimators.avg_at_k([1, 0])
 
 
