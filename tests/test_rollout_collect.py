@@ -55,6 +55,7 @@ def _run(tokenizer, max_rounds=3):
       filter_groups_enable=True,
       max_num_gen_batches=max_rounds,
       filter_groups_metric="acc",
+      use_remove_padding=False,  # the padded layout (packed rows: tests/test_packing_step.py)
     ),
   )
   env = types.SimpleNamespace(
