@@ -10,7 +10,8 @@ of the same budget, token-budget micro-batches). Lengths follow the paper's shap
 CPU: prompts 5-15% of P, responses log-normal with a mean of `--means` x T (sigma 0.6) and a
 tail clipped at T. Per case it prints the useful-token fraction of each layout (real tokens /
 tokens the model runs on), the ideal speedup (padded tokens / packed tokens) and the measured
-one (padded time / packed time, best of `--repeats` after a compile run). The last line is JSON:
+one (padded time / packed time, best of `--repeats` alternating calls after a compile run).
+The last line is JSON:
 {"cases": [{"mean": ..., "useful_padded", "useful_packed", "ideal_speedup", "speedup"}, ...]}.
 """
 
@@ -73,14 +74,17 @@ def make_rollouts(rng, m: int, p: int, t: int, mean: float, vocab: int) -> _Roll
   )
 
 
-def timed(fn, repeats: int) -> float:
-  """Best wall time of fn() over `repeats` calls after one compile/warm-up call."""
-  jax.block_until_ready(fn())
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
+def timed_pair(fns, repeats: int) -> list[float]:
+  """Best wall time of each fn() after one compile/warm-up call each, timed in alternation so a
+  burst of load from another process hurts both sides alike."""
+  for fn in fns:
     jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - start)
+  best = [float("inf")] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      best[i] = min(best[i], time.perf_counter() - start)
   return best
 
 
@@ -118,8 +122,7 @@ def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
   step = lambda fn, batch: lambda: fn(params, opt, batch)[2]["actor/loss"]
   pad_fn = jax.jit(functools.partial(ts.train_step, graphdef, cfg=cfg, tx=tx))
   pack_fn = jax.jit(functools.partial(ps.train_step, graphdef, cfg=cfg, tx=tx))
-  t_pad = timed(step(pad_fn, padded), args.repeats)
-  t_pack = timed(step(pack_fn, packed), args.repeats)
+  t_pad, t_pack = timed_pair([step(pad_fn, padded), step(pack_fn, packed)], args.repeats)
 
   real = float(plan.lengths.sum())
   padded_tokens = m * budget
