@@ -5,13 +5,21 @@ r"""Ahead-of-time proof that a recipe fits a TPU topology, compiled on any machi
 
 Builds the model abstractly (no allocation), lays it out on a mesh of the topology's devices with
 the one rules table, and compiles for that TPU, without running:
-  train_step  one mini-batch update (fipo_jax.rl.train_step: micro-batch gradient accumulation,
-              remat, AdamW), micro-batches sized by rl.ppo_max_token_len_per_device, every
-              sequence at the full P + T (the trainer pads to it, so this is the worst case);
+  train_step  one mini-batch update (micro-batch gradient accumulation, remat, AdamW). With
+              rl.use_remove_padding (every recipe) the packed step (fipo_jax.rl.packed_step):
+              micro-batches of one row of rl.ppo_max_token_len_per_device tokens per chip (the
+              memory is that of one row, whatever the lengths), as many as a mini-batch of
+              sequences with the mean lengths below fills; otherwise the padded step
+              (fipo_jax.rl.train_step), every sequence at the full P + T (the worst case);
   prefill     the sampler's prefill of sampling.num_slots prompts of data.max_prompt_length;
   decode      one decode step of all sampling.num_slots slots with a P + T cache.
 and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity and
 FLOPs. The last line is one JSON object; the exit code is 1 if anything does not fit.
+
+FLOPs per RL step: train_batch_size / ppo_mini_batch_size x ppo_epochs updates plus the
+old-log-prob pass (and the reference pass with a KL term), for responses of
+--mean_response_length tokens (the paper's ~8k) and prompts of --mean_prompt_length, beside the
+same for the padded layout (traced for the count, not compiled).
 
 FLOPs: XLA's cost_analysis() counts the body of a loop once (scan over layers, over
 micro-batches), so `flops` is counted from the step's jaxpr with every scan multiplied by its
@@ -23,6 +31,7 @@ the chips; `xla_flops` is cost_analysis() as reported. The estimate beside it is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -37,6 +46,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name (see TOPOLOGIES)")
 _STEPS = flags.DEFINE_list("steps", "train_step,prefill,decode", "which steps to compile")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "override L (compile-time-vs-depth check)")
+_MEAN_RESPONSE = flags.DEFINE_integer(
+  "mean_response_length", 8192, "mean response tokens for the packed train step's micro-batch "
+  "count and FLOPs per RL step (the paper's ~8k)")
+_MEAN_PROMPT = flags.DEFINE_integer(
+  "mean_prompt_length", 256, "mean prompt tokens, chat template included (DAPO-Math: 100-200)")
 _DECODE_MESH = flags.DEFINE_string(
   "decode_mesh", "auto", "sampler mesh 'data,fsdp,tensor' (-1 = the rest); 'auto' = the "
   "config's sampler_mesh if set, else tensor-parallel over min(8, K) chips, data-parallel over "
@@ -156,6 +170,7 @@ class Result:
   uncounted_kernels: int = 0
   compile_seconds: float | None = None
   error: str | None = None
+  rl_step_flops: dict | None = None  # train step only: FLOPs per RL step, packed and padded
 
 
 def _sds(tree, shardings):
@@ -189,43 +204,136 @@ def _compile(traced, result: Result, chips: int) -> Result:
   return result
 
 
-def train_step_result(run, mcfg, mesh, chips: int) -> Result:
+def _train_inputs(run, mcfg, mesh):
+  """(graphdef, params, param shardings, tx, opt_state, opt shardings) as the trainer has them."""
   import jax
-  import jax.numpy as jnp
 
   from fipo_jax import sharding
   from fipo_jax.models import build
-  from fipo_jax.rl import optimizer, setup
-  from fipo_jax.rl import train_step as ts
+  from fipo_jax.rl import optimizer
 
-  p, t = run.data.max_prompt_length, run.rl.max_response_length
-  seq = p + t
-  rows = run.rl.ppo_mini_batch_size * run.rl.n  # M responses per optimizer step
-  cfg = setup.update_config(run, mesh, seq)  # the trainer's micro-batching
-  micro = rows // cfg.num_micro_batches
   tx, _ = optimizer.make_optimizer(run.optim, total_updates=run.total_updates)  # the trainer's
   graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
   params = _sds(abs_params, param_sh)
   # Adam's mu and nu take their param's sharding; scalars (the step count) are replicated.
   opt_sh = sharding.optimizer_shardings(tx, params, mesh)
   opt_state = _sds(jax.eval_shape(tx.init, params), opt_sh)
+  return graphdef, params, param_sh, tx, opt_state, opt_sh
+
+
+def padded_batch(run, mesh, cfg):
+  """The padded step's mini-batch: M rows of P + T, as sharded ShapeDtypeStructs."""
+  import jax
+  import jax.numpy as jnp
+
+  from fipo_jax import sharding
+  from fipo_jax.rl import train_step as ts
+
+  p, t = run.data.max_prompt_length, run.rl.max_response_length
+  rows, seq = run.rl.ppo_mini_batch_size * run.rl.n, p + t
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, 2))
-  batch = ts.PolicyBatch(input_ids=i32(rows, seq), attention_mask=i32(rows, seq),
-                         positions=i32(rows, seq), response_mask=f32(rows, t),
-                         old_log_probs=f32(rows, t), advantages=f32(rows, t),
-                         ref_log_probs=f32(rows, t) if cfg.use_kl_loss else None)
-  steps = ts.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
+  return ts.PolicyBatch(input_ids=i32(rows, seq), attention_mask=i32(rows, seq),
+                        positions=i32(rows, seq), response_mask=f32(rows, t),
+                        old_log_probs=f32(rows, t), advantages=f32(rows, t),
+                        ref_log_probs=f32(rows, t) if cfg.use_kl_loss else None)
+
+
+def packed_shape(run, mesh, cfg, mean_prompt: int, mean_response: int):
+  """The packed layout a mini-batch of sequences of the mean lengths fills (packing.Shape).
+
+  Rows are counted as if packing were perfect (first-fit decreasing comes within a few per
+  cent of it on many sequences); with fixed micro-batches the rows of one hold its sequences.
+  """
+  from fipo_jax.rl import packed_step, packing
+
+  settings = packed_step.layout(run, mesh, cfg)
+  d, length, nm = settings["num_shards"], settings["row_len"], settings["num_micro"]
+  m = run.rl.ppo_mini_batch_size * run.rl.n
+  seq = min(mean_prompt, run.data.max_prompt_length) + min(mean_response,
+                                                           run.rl.max_response_length)
+  if nm is None:  # token budget: one row per chip per micro-batch
+    nm, rows = math.ceil(math.ceil(m * seq / length) / d), 1
+  else:
+    rows = math.ceil(math.ceil(m / nm / d) * seq / length)
+  slots = packing.bucket(2 * math.ceil(m / (nm * d)))
+  return packing.Shape(num_micro=nm, num_shards=d, rows=rows, slots=slots, row_len=length)
+
+
+def packed_batch(run, mesh, shape, cfg):
+  """A packed mini-batch of `shape` as sharded ShapeDtypeStructs (shards on axis 1)."""
+  import jax
+
+  from fipo_jax import sharding
+  from fipo_jax.rl import packed_step
+
+  abstract = packed_step.abstract_batch(shape, run.rl.max_response_length,
+                                        with_ref=cfg.use_kl_loss)
+  place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.named_sharding(
+    mesh, (None, "batch") + (None,) * (x.ndim - 2), x.shape))
+  return jax.tree.map(place, abstract)
+
+
+def rl_step_flops(run, mcfg, mesh, mean_prompt: int, mean_response: int) -> dict:
+  """FLOPs of one RL step's model passes (all chips), packed and padded, traced not compiled.
+
+  Updates: rl.num_mini_batches x ppo_epochs train steps; plus one old-log-prob pass per
+  mini-batch (two with the KL term's reference pass). Returns {packed, padded, shape}.
+  """
+  from fipo_jax.rl import packed_step, setup
+  from fipo_jax.rl import train_step as ts
+
+  graphdef, params, param_sh, tx, opt_state, opt_sh = _train_inputs(run, mcfg, mesh)
+  p, t = run.data.max_prompt_length, run.rl.max_response_length
+  cfg = setup.update_config(run, mesh, p + t)
+  shape = packed_shape(run, mesh, cfg, mean_prompt, mean_response)
+  passes = 2 if cfg.use_kl_loss else 1
+  out = {"shape": dataclasses.asdict(shape)}
+  for name, lib, batch in (("packed", packed_step, packed_batch(run, mesh, shape, cfg)),
+                           ("padded", ts, padded_batch(run, mesh, cfg))):
+    steps = lib.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
+    train = jaxpr_flops(steps.train.trace(params, opt_state, batch).jaxpr)[0]
+    logp = jaxpr_flops(steps.log_prob.trace(params, batch).jaxpr)[0]
+    out[name] = run.rl.num_mini_batches * (run.rl.ppo_epochs * train + passes * logp)
+  return out
+
+
+def train_step_result(run, mcfg, mesh, chips: int, mean_prompt: int = 256,
+                      mean_response: int = 8192) -> Result:
+  from fipo_jax.rl import packed_step, setup
+  from fipo_jax.rl import train_step as ts
+
+  p, t = run.data.max_prompt_length, run.rl.max_response_length
+  seq = p + t
+  rows = run.rl.ppo_mini_batch_size * run.rl.n  # M responses per optimizer step
+  cfg = setup.update_config(run, mesh, seq)  # the trainer's micro-batching
+  graphdef, params, param_sh, tx, opt_state, opt_sh = _train_inputs(run, mcfg, mesh)
   ref = " +reference params" if cfg.use_kl_loss else ""
-  res = Result("train_step", dict(mesh.shape), f"M={rows} micro={micro}x{cfg.num_micro_batches} "
-               f"S={seq} (P={p} T={t}) remat={mcfg.remat_policy}{ref}", rows * seq,
-               model_flops_per_token(mcfg, seq / 2, train=True))
+  if run.rl.use_remove_padding:
+    shape = packed_shape(run, mesh, cfg, mean_prompt, mean_response)
+    batch, lib = packed_batch(run, mesh, shape, cfg), packed_step
+    tokens = shape.num_micro * shape.num_shards * shape.rows * shape.row_len
+    shapes = (f"packed M={rows} into {shape.num_micro} micro-batches x {shape.num_shards} x "
+              f"{shape.rows} row of {shape.row_len} (mean P {mean_prompt} + T {mean_response}) "
+              f"remat={mcfg.remat_policy}{ref}")
+    context = min(mean_prompt + mean_response, shape.row_len) / 2
+  else:
+    micro = rows // cfg.num_micro_batches
+    batch, lib, tokens = padded_batch(run, mesh, cfg), ts, rows * seq
+    shapes = (f"M={rows} micro={micro}x{cfg.num_micro_batches} S={seq} (P={p} T={t}) "
+              f"remat={mcfg.remat_policy}{ref}")
+    context = seq / 2
+  steps = lib.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
+  res = Result("train_step", dict(mesh.shape), shapes, tokens,
+               model_flops_per_token(mcfg, context, train=True))
   res = _compile(steps.train.trace(params, opt_state, batch), res, chips)
   if cfg.use_kl_loss and res.memory is not None:
     # The KL term's frozen reference (a copy of the params in their shardings) is no argument
     # of the step but stays resident in HBM beside it.
     res.memory["reference"] = bytes_per_chip(params)
     res.memory["total"] += res.memory["reference"]
+  res.rl_step_flops = rl_step_flops(run, mcfg, mesh, mean_prompt, mean_response)
+  res.rl_step_flops.update(mean_prompt=mean_prompt, mean_response=mean_response)
   return res
 
 
@@ -338,9 +446,18 @@ def report(results: list[Result], chip: Chip, chips: int, mcfg) -> None:
           f"{r.est_flops_per_token:10.3e} (x{per_tok / r.est_flops_per_token:.2f})  "
           f"xla cost_analysis {r.xla_flops or 0:10.3e}  at peak {r.flops / chip.bf16_flops:8.3f}s"
           f"{note}")
+  for r in results:
+    f = r.rl_step_flops
+    if f:
+      print(f"\nFLOPs per RL step, all chips, responses of {f['mean_response']} and prompts of "
+            f"{f['mean_prompt']} tokens on average: packed {f['packed']:.3e}, padded "
+            f"{f['padded']:.3e} ({f['padded'] / f['packed']:.2f}x); at peak on {chips} chips "
+            f"{f['packed'] / (chips * chip.bf16_flops):.1f} s packed, "
+            f"{f['padded'] / (chips * chip.bf16_flops):.1f} s padded")
 
 
-def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="auto") -> dict:
+def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="auto",
+            mean_prompt: int = 256, mean_response: int = 8192) -> dict:
   """Compiles the recipe's steps for `topology`; returns the summary dict (the JSON line)."""
   import jax
 
@@ -359,7 +476,9 @@ def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="au
   dec_sizes = decode_mesh_sizes(decode_mesh, mcfg, train_sizes, chips,
                                run.sampler_mesh.resolve(chips))
   dec_mesh = sharding.make_mesh(*dec_sizes, devices=devices)
-  builders = {"train_step": (train_step_result, train_mesh), "prefill": (prefill_result, dec_mesh),
+  train = functools.partial(train_step_result, mean_prompt=mean_prompt,
+                            mean_response=mean_response)
+  builders = {"train_step": (train, train_mesh), "prefill": (prefill_result, dec_mesh),
               "decode": (decode_result, dec_mesh)}
   results = []
   for name in steps:
@@ -377,6 +496,8 @@ def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="au
     out[r.name] = dict(total_bytes_per_chip=r.memory and r.memory["total"], flops=r.flops,
                        xla_flops=r.xla_flops, compile_seconds=r.compile_seconds,
                        mesh=r.mesh, shapes=r.shapes, error=r.error)
+    if r.rl_step_flops:
+      out[r.name]["rl_step_flops"] = r.rl_step_flops
   out["fits"] = fits
   return out
 
@@ -392,7 +513,8 @@ def main(argv) -> int:
   unknown = set(steps) - set(STEPS)
   if unknown:
     raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from {STEPS}")
-  out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _DECODE_MESH.value)
+  out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _DECODE_MESH.value,
+                _MEAN_PROMPT.value, _MEAN_RESPONSE.value)
   print(json.dumps(out), flush=True)
   return 0 if out["fits"] else 1
 
