@@ -42,6 +42,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from fipo_jax import aot_batches
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name (see TOPOLOGIES)")
 _STEPS = flags.DEFINE_list("steps", "train_step,prefill,decode", "which steps to compile")
@@ -221,59 +223,6 @@ def _train_inputs(run, mcfg, mesh):
   return graphdef, params, param_sh, tx, opt_state, opt_sh
 
 
-def padded_batch(run, mesh, cfg):
-  """The padded step's mini-batch: M rows of P + T, as sharded ShapeDtypeStructs."""
-  import jax
-  import jax.numpy as jnp
-
-  from fipo_jax import sharding
-  from fipo_jax.rl import train_step as ts
-
-  p, t = run.data.max_prompt_length, run.rl.max_response_length
-  rows, seq = run.rl.ppo_mini_batch_size * run.rl.n, p + t
-  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding.batch_sharding(mesh, 2))
-  return ts.PolicyBatch(input_ids=i32(rows, seq), attention_mask=i32(rows, seq),
-                        positions=i32(rows, seq), response_mask=f32(rows, t),
-                        old_log_probs=f32(rows, t), advantages=f32(rows, t),
-                        ref_log_probs=f32(rows, t) if cfg.use_kl_loss else None)
-
-
-def packed_shape(run, mesh, cfg, mean_prompt: int, mean_response: int):
-  """The packed layout a mini-batch of sequences of the mean lengths fills (packing.Shape).
-
-  Rows are counted as if packing were perfect (first-fit decreasing comes within a few per
-  cent of it on many sequences); with fixed micro-batches the rows of one hold its sequences.
-  """
-  from fipo_jax.rl import packed_step, packing
-
-  settings = packed_step.layout(run, mesh, cfg)
-  d, length, nm = settings["num_shards"], settings["row_len"], settings["num_micro"]
-  m = run.rl.ppo_mini_batch_size * run.rl.n
-  seq = min(mean_prompt, run.data.max_prompt_length) + min(mean_response,
-                                                           run.rl.max_response_length)
-  if nm is None:  # token budget: one row per chip per micro-batch
-    nm, rows = math.ceil(math.ceil(m * seq / length) / d), 1
-  else:
-    rows = math.ceil(math.ceil(m / nm / d) * seq / length)
-  slots = packing.bucket(2 * math.ceil(m / (nm * d)))
-  return packing.Shape(num_micro=nm, num_shards=d, rows=rows, slots=slots, row_len=length)
-
-
-def packed_batch(run, mesh, shape, cfg):
-  """A packed mini-batch of `shape` as sharded ShapeDtypeStructs (shards on axis 1)."""
-  import jax
-
-  from fipo_jax import sharding
-  from fipo_jax.rl import packed_step
-
-  abstract = packed_step.abstract_batch(shape, run.rl.max_response_length,
-                                        with_ref=cfg.use_kl_loss)
-  place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.named_sharding(
-    mesh, (None, "batch") + (None,) * (x.ndim - 2), x.shape))
-  return jax.tree.map(place, abstract)
-
-
 def rl_step_flops(run, mcfg, mesh, mean_prompt: int, mean_response: int) -> dict:
   """FLOPs of one RL step's model passes (all chips), packed and padded, traced not compiled.
 
@@ -286,11 +235,11 @@ def rl_step_flops(run, mcfg, mesh, mean_prompt: int, mean_response: int) -> dict
   graphdef, params, param_sh, tx, opt_state, opt_sh = _train_inputs(run, mcfg, mesh)
   p, t = run.data.max_prompt_length, run.rl.max_response_length
   cfg = setup.update_config(run, mesh, p + t)
-  shape = packed_shape(run, mesh, cfg, mean_prompt, mean_response)
+  shape = aot_batches.packed_shape(run, mesh, cfg, mean_prompt, mean_response)
   passes = 2 if cfg.use_kl_loss else 1
   out = {"shape": dataclasses.asdict(shape)}
-  for name, lib, batch in (("packed", packed_step, packed_batch(run, mesh, shape, cfg)),
-                           ("padded", ts, padded_batch(run, mesh, cfg))):
+  for name, lib, batch in (("packed", packed_step, aot_batches.packed_batch(run, mesh, shape, cfg)),
+                           ("padded", ts, aot_batches.padded_batch(run, mesh, cfg))):
     steps = lib.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
     train = jaxpr_flops(steps.train.trace(params, opt_state, batch).jaxpr)[0]
     logp = jaxpr_flops(steps.log_prob.trace(params, batch).jaxpr)[0]
@@ -310,8 +259,8 @@ def train_step_result(run, mcfg, mesh, chips: int, mean_prompt: int = 256,
   graphdef, params, param_sh, tx, opt_state, opt_sh = _train_inputs(run, mcfg, mesh)
   ref = " +reference params" if cfg.use_kl_loss else ""
   if run.rl.use_remove_padding:
-    shape = packed_shape(run, mesh, cfg, mean_prompt, mean_response)
-    batch, lib = packed_batch(run, mesh, shape, cfg), packed_step
+    shape = aot_batches.packed_shape(run, mesh, cfg, mean_prompt, mean_response)
+    batch, lib = aot_batches.packed_batch(run, mesh, shape, cfg), packed_step
     tokens = shape.num_micro * shape.num_shards * shape.rows * shape.row_len
     shapes = (f"packed M={rows} into {shape.num_micro} micro-batches x {shape.num_shards} x "
               f"{shape.rows} row of {shape.row_len} (mean P {mean_prompt} + T {mean_response}) "
@@ -319,7 +268,7 @@ def train_step_result(run, mcfg, mesh, chips: int, mean_prompt: int = 256,
     context = min(mean_prompt + mean_response, shape.row_len) / 2
   else:
     micro = rows // cfg.num_micro_batches
-    batch, lib, tokens = padded_batch(run, mesh, cfg), ts, rows * seq
+    batch, lib, tokens = aot_batches.padded_batch(run, mesh, cfg), ts, rows * seq
     shapes = (f"M={rows} micro={micro}x{cfg.num_micro_batches} S={seq} (P={p} T={t}) "
               f"remat={mcfg.remat_policy}{ref}")
     context = seq / 2
