@@ -151,7 +151,8 @@ def _model(rc: config_lib.RunConfig, mesh) -> tuple[models.ModelConfig, nnx.Grap
     model = models.from_pretrained(paths.local_copy(rc.model.hf_dir), mesh=mesh,
                                    param_dtype=cfg.param_dtype,
                                    dtype=cfg.dtype, attention_impl=cfg.attention_impl,
-                                   remat_policy=cfg.remat_policy)
+                                   remat_policy=cfg.remat_policy,
+                                   **dict(rc.model.overrides))  # as policy.model_config does
   else:
     model = models.init_model(cfg, rng=seeds.rng_for(rc.seed, "init"), mesh=mesh)
   graphdef, params = nnx.split(model)
