@@ -137,3 +137,23 @@ def dapo_parquet(tmp_path):
     return dapo_rows.write_parquet(tmp_path / f"{name}.parquet", dapo_rows.rows(n, **kw))
 
   return write
+
+
+def write_tiny_cpu_sft_cache(workdir) -> None:
+  """tests/testdata/tiny_cpu_sft.npz (tiny_cpu's warm start) as the run's WORKDIR/sft cache,
+
+  so a tiny_cpu run in `workdir` skips its supervised warm start.
+  """
+  import numpy as np  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  tree: dict = {}
+  for key, value in np.load(TESTDATA / "tiny_cpu_sft.npz").items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(str(pathlib.Path(workdir) / "sft"), tree)
+  ckptr.wait_until_finished()

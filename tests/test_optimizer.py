@@ -1,12 +1,11 @@
 """The optimizer factory: schedules count optimizer updates, the tx uses the logged lr."""
 
 import json
-import pathlib
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import fipo_qwen2_5_32b
@@ -86,19 +85,6 @@ def test_a_cosine_run_whose_warmup_outlasts_it_is_refused():
   assert _recipe(**{"optim.warmup_steps": 4798}).total_updates == 4800
 
 
-def _write_sft_cache(workdir: pathlib.Path) -> None:
-  """tests/testdata/tiny_cpu_sft.npz (tiny_cpu's warm start) as the run's WORKDIR/sft cache."""
-  flat = dict(np.load(pathlib.Path(__file__).parent / "testdata" / "tiny_cpu_sft.npz"))
-  tree: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(str(workdir / "sft"), tree)
-  ckptr.wait_until_finished()
 
 
 @pytest.mark.slow
@@ -108,7 +94,7 @@ def test_a_cosine_trainer_run_logs_the_lr_of_its_last_update(tmp_path):
   from configs import tiny_cpu  # noqa: PLC0415
   from fipo_jax.rl import trainer  # noqa: PLC0415
 
-  _write_sft_cache(tmp_path)
+  conftest.write_tiny_cpu_sft_cache(tmp_path)
   c = tiny_cpu.get_config()
   c.total_steps, c.eval_every, c.checkpoint_every = 2, 0, 0
   c.optim.schedule, c.optim.warmup_steps = "cosine", 1

@@ -20,8 +20,7 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
-import orbax.checkpoint as ocp
+import conftest
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,22 +30,10 @@ GOLDEN = TESTDATA / "tiny_cpu_step1_golden.json"
 VOLATILE = ("timing_s/", "perf/")
 
 
-def _write_sft_cache(workdir: pathlib.Path) -> None:
-  flat = dict(np.load(TESTDATA / "tiny_cpu_sft.npz"))
-  tree: dict = {}
-  for key, value in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(str(workdir / "sft"), tree)
-  ckptr.wait_until_finished()
 
 
 def _one_step_metrics(workdir: pathlib.Path) -> dict:
-  _write_sft_cache(workdir)
+  conftest.write_tiny_cpu_sft_cache(workdir)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
