@@ -38,6 +38,7 @@ TASKS = ("verl", "synthetic", "auto")
 SYNTHETIC_KINDS = ("arith", "copy")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+METRIC_BACKENDS = ("jsonl", "tensorboard", "wandb")  # fipo_jax.metrics, fipo_jax.wandb_backend
 
 
 # ModelConfig fields that shape the parameters: an HF directory's config.json defines them.
@@ -307,6 +308,29 @@ class SFTSection(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsSection(Section):
+  """Where metrics go: WORKDIR/metrics.jsonl, WORKDIR/tensorboard, Weights & Biases."""
+
+  SECTION: ClassVar[str] = "metrics"
+  backends: tuple[str, ...] = ("jsonl", "tensorboard")
+  wandb_project: str = "fipo_jax"
+  wandb_entity: str | None = None
+  wandb_name: str | None = None
+  wandb_group: str | None = None
+  wandb_tags: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    self._require(len(self.backends) > 0, "backends", f"must name >= 1 of {METRIC_BACKENDS}")
+    for b in self.backends:
+      self._require(b in METRIC_BACKENDS, "backends", f"must all be in {METRIC_BACKENDS}")
+    self._require(len(set(self.backends)) == len(self.backends), "backends", "has a duplicate")
+    if "wandb" in self.backends:
+      self._require(bool(self.wandb_project), "wandb_project", "must be non-empty")
+      if importlib.util.find_spec("wandb") is None:
+        self._fail("backends", "'wandb' needs the wandb package: pip install 'fipo_jax[wandb]'")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig(Section):
   """The whole validated run config; sections are attributes (`cfg.rl.n`)."""
 
@@ -321,6 +345,7 @@ class RunConfig(Section):
   mesh: MeshSection
   sampler_mesh: SamplerMeshSection
   sft: SFTSection
+  metrics: MetricsSection
   seed: int = 0
   total_steps: int = 600
   eval_every: int = 5

@@ -107,12 +107,13 @@ def main(argv) -> None:
   if _VALIDATE_ONLY.value:
     print(json.dumps(config_schema.as_dict(run_config), indent=2))
     return
+  from fipo_jax import wandb_backend
   from fipo_jax.rl import trainer
 
   logging.info("config validated; starting in %s", _WORKDIR.value)
   try:
     trainer.run(_CONFIG.value, _WORKDIR.value, run_config=run_config)
-  except trainer.SetupError as e:
+  except (trainer.SetupError, wandb_backend.WandbError) as e:
     _fail("setup error", e, 2)
   except trainer.TrainingDiverged as e:
     _fail("training diverged", e, 3)

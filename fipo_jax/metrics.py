@@ -1,19 +1,18 @@
-"""Metric writers: WORKDIR/metrics.jsonl, TensorBoard event files and PNG plots.
+"""Metric writers: WORKDIR/metrics.jsonl, TensorBoard event files, W&B and PNG plots.
 
-  writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0)
+  writer = writer_for(rc, workdir, is_primary=jax.process_index() == 0)  # rc.metrics.backends
   writer.write(step, {"train/acc_mean": 0.4, "actor/pg_clipfrac": 0.01, ...})
   writer.close()
 
-- metrics.jsonl: one JSON object per `write`, `{"step": step, ...}`; non-finite values are
-  written as null (strict JSON); non-scalar values are dropped (logged once).
-- TensorBoard: scalars under WORKDIR/tensorboard (tensorboardX), non-finite values skipped.
-  tensorboardX can only write local files (gs:// would need google-cloud-storage and still
-  fails), so for a remote workdir the event files are written to a local temporary directory
-  and copied to WORKDIR/tensorboard at every plot and on close.
-- Plots (matplotlib, Agg backend) in WORKDIR/plots, redrawn every `plot_every` writes and on
-  close: accuracy, response length, influence weights, clip fractions, and an overview of all
-  four. A panel plots every key equal to one of its names or under it (`name/...`), so
-  per-mini-batch keys such as `actor/influence_weights_mean_raw/mb3` are drawn too.
+- metrics.jsonl ("jsonl"): one JSON object per `write`, `{"step": step, ...}`; non-finite values
+  are written as null (strict JSON); non-scalar values are dropped (logged once).
+- TensorBoard ("tensorboard"): scalars under WORKDIR/tensorboard (tensorboardX), non-finite
+  values skipped. tensorboardX can only write local files (gs:// would need
+  google-cloud-storage and still fails), so for a remote workdir the event files are written to
+  a local temporary directory and copied to WORKDIR/tensorboard at every plot and on close.
+- Weights & Biases ("wandb"): `fipo_jax.wandb_backend` (run id kept in the workdir, resumed).
+- Plots (`fipo_jax.plots`, always) in WORKDIR/plots, redrawn every `plot_every` writes and on
+  close, titled with the run's name; `python -m fipo_jax.compare` overlays several runs.
 Only the primary process writes; on the others every method is a no-op. Resuming appends to
 the existing metrics.jsonl; `truncate_after(step)` drops entries newer than the restored step.
 Every file goes through `fipo_jax.paths`, so WORKDIR may be `gs://bucket/run` (a bucket object
@@ -22,36 +21,24 @@ cannot be appended to: there metrics.jsonl is rewritten whole at every write).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fipo_jax import estimators, paths
+from fipo_jax import config_schema, estimators, paths, plots, wandb_backend
+
+if TYPE_CHECKING:
+  from fipo_jax import config as config_lib
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-# (file stem, title, y label, metric names): docs/fipo_spec.md §6 names, train/eval accuracy.
-PANELS = (
-  ("accuracy", "Accuracy", "accuracy", ("train/acc_mean", "eval/acc_mean")),
-  ("response_length", "Response length", "tokens",
-   ("response_length/mean", "response_length/median", "response_length/q25",
-    "response_length/q75", "response_length/min", "response_length/max")),
-  ("influence_weights", "FIPO influence weights", "weight",
-   ("actor/influence_weights_mean", "actor/influence_weights_mean_raw")),
-  ("clip_fractions", "Clip fractions", "fraction",
-   ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/IW_upper_clip_ratio",
-    "actor/IW_lower_clip_ratio", "actor/IW_overall_clip_ratio", "response_length/clip_ratio")),
-)
-
 
 def response_length_metrics(lengths: Any, max_response_length: int,
                             prefix: str = "response_length/") -> dict[str, float]:
@@ -77,26 +64,32 @@ def to_scalar(value: Any) -> float | int | bool | str | None:
 
 
 class MetricsWriter:
-  """Writes one row of metrics per step to jsonl, TensorBoard and periodic PNG plots."""
+  """Writes one row of metrics per step to its backends (jsonl, TensorBoard, an optional W&B
+  logger) and to periodic PNG plots titled `run_name`."""
 
   def __init__(self, workdir: str, *, is_primary: bool = True, plot_every: int = 5,
-               tensorboard: bool = True, plots: bool = True):
+               jsonl: bool = True, tensorboard: bool = True, plots: bool = True,
+               wandb: wandb_backend.WandbLogger | None = None, run_name: str | None = None):
     self.workdir = workdir
     self.is_primary = is_primary
     self.plot_every = max(1, plot_every)
     self.path = paths.join(workdir, METRICS_FILE)
     self.plot_dir = paths.join(workdir, "plots")
     self.tensorboard_dir = paths.join(workdir, "tensorboard") if tensorboard else None
+    self.run_name = run_name or wandb_backend.run_name(workdir)
     self.history: list[dict[str, Any]] = []
+    self._jsonl = jsonl
     self._writes = 0
     self._dropped: set[str] = set()
     self._tb = None
     self._tb_local: str | None = None  # a local mirror of tensorboard_dir (remote workdirs)
     self._plots = plots
+    self.wandb = wandb if is_primary else None
+    self._wandb_location = wandb.location if self.wandb is not None else None
     if not is_primary:
       return
     paths.makedirs(workdir)
-    self.history = read_metrics(self.path) if paths.exists(self.path) else []
+    self.history = read_metrics(self.path) if jsonl and paths.exists(self.path) else []
     if tensorboard:
       import tensorboardX  # noqa: PLC0415 (optional at import time of this module)
 
@@ -121,11 +114,10 @@ class MetricsWriter:
         continue
       row[key] = scalar
     self.history.append(row)
-    if paths.is_remote(self.path):
-      paths.write_text(self.path, _jsonl(self.history))
-    else:
-      with open(self.path, "a") as f:
-        f.write(_jsonl([row]))
+    if self._jsonl:
+      self._append_jsonl(row)
+    if self.wandb is not None:
+      self.wandb.log(row["step"], row)
     if self._tb is not None:
       for key, value in row.items():
         if key != "step" and _is_number(value) and math.isfinite(value):
@@ -144,14 +136,15 @@ class MetricsWriter:
     keep = [r for r in self.history if r["step"] <= step]
     if len(keep) != len(self.history):
       self.history = keep
-      paths.write_text(self.path, _jsonl(keep))  # atomic locally
+      if self._jsonl:
+        paths.write_text(self.path, _jsonl(keep))  # atomic locally
 
   def plot(self) -> list[str]:
     """Redraws the PNGs from the history; returns the files written."""
     if not self.is_primary or not self.history:
       return []
     try:
-      return plot_history(self.history, self.plot_dir)
+      return plots.plot_history(self.history, self.plot_dir, run_name=self.run_name)
     except Exception as e:  # noqa: BLE001 - a plotting failure must never stop training
       log.warning("plotting failed: %s", e)
       return []
@@ -167,6 +160,9 @@ class MetricsWriter:
       return
     if self._plots:
       self.plot()
+    if self.wandb is not None:
+      self.wandb.close()
+      self.wandb = None
     if self._tb is not None:
       self._tb.close()
       self._tb = None
@@ -175,6 +171,19 @@ class MetricsWriter:
         shutil.rmtree(self._tb_local, ignore_errors=True)
         self._tb_local = None
 
+  def outputs(self, checkpoint_dir: str) -> str:
+    """`outputs_summary` of this writer's backends."""
+    return outputs_summary(self.workdir, checkpoint_dir, jsonl=self._jsonl,
+                           tensorboard=self.tensorboard_dir is not None,
+                           wandb=self._wandb_location)
+
+  def _append_jsonl(self, row: dict[str, Any]) -> None:
+    if paths.is_remote(self.path):  # an object cannot be appended to: rewritten whole
+      paths.write_text(self.path, _jsonl(self.history))
+    else:
+      with open(self.path, "a") as f:
+        f.write(_jsonl([row]))
+
   def _sync_tensorboard(self) -> None:
     if self._tb_local is None:
       return
@@ -182,6 +191,18 @@ class MetricsWriter:
       paths.upload(self._tb_local, self.tensorboard_dir)
     except OSError as e:  # a transient bucket error must not stop training; retried next time
       log.warning("copying TensorBoard files to %s failed: %s", self.tensorboard_dir, e)
+
+
+def writer_for(rc: config_lib.RunConfig, workdir: str, *, is_primary: bool) -> MetricsWriter:
+  """The trainer's writer: `rc.metrics.backends`, W&B (process 0 only) logging the full
+  validated config, plots titled with metrics.wandb_name or the workdir's name."""
+  m = rc.metrics
+  name = m.wandb_name or wandb_backend.run_name(workdir)
+  wandb = None
+  if is_primary and "wandb" in m.backends:
+    wandb = wandb_backend.WandbLogger(workdir, m, config=config_schema.as_dict(rc))
+  return MetricsWriter(workdir, is_primary=is_primary, jsonl="jsonl" in m.backends,
+                       tensorboard="tensorboard" in m.backends, wandb=wandb, run_name=name)
 
 
 def progress_postfix(history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -199,13 +220,17 @@ def progress_postfix(history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
   return out
 
 
-def outputs_summary(workdir: str, checkpoint_dir: str, *, tensorboard: bool = True) -> str:
-  """The lines a run ends with: where its metrics, plots, TensorBoard logs and checkpoints are."""
+def outputs_summary(workdir: str, checkpoint_dir: str, *, tensorboard: bool = True,
+                    jsonl: bool = True, wandb: str | None = None) -> str:
+  """The lines a run ends with: where its metrics, plots, TensorBoard logs, W&B run (`wandb`:
+  its URL, or its local directory offline) and checkpoints are."""
   workdir = paths.absolute(workdir)
-  rows = [("metrics", paths.join(workdir, METRICS_FILE)),
-          ("plots", paths.join(workdir, "plots") + "/")]
+  rows = [("metrics", paths.join(workdir, METRICS_FILE))] if jsonl else []
+  rows.append(("plots", paths.join(workdir, "plots") + "/"))
   if tensorboard:
     rows.append(("tensorboard", paths.join(workdir, "tensorboard") + "/"))
+  if wandb:
+    rows.append(("wandb", wandb))
   rows.append(("checkpoints", checkpoint_dir.rstrip("/") + "/"))
   width = max(len(name) for name, _ in rows)
   return "\n".join(["outputs:", *(f"  {name:<{width}}  {path}" for name, path in rows)])
@@ -223,67 +248,6 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
       if isinstance(row, dict) and "step" in row:
         rows.append({k: (math.nan if v is None else v) for k, v in row.items()})
   return rows
-
-
-def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
-  """One PNG per panel plus overview.png; panels without data say so instead of failing."""
-  import matplotlib  # noqa: PLC0415 (heavy; only when plotting)
-
-  matplotlib.use("Agg", force=True)
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  written = []
-  fig_all, axes = plt.subplots(2, 2, figsize=(13, 8))
-  for (stem, title, ylabel, names), ax_all in zip(PANELS, axes.flat, strict=True):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for target in (ax, ax_all):
-      _draw_panel(target, history, title, ylabel, names)
-    fig.tight_layout()
-    path = paths.join(out_dir, f"{stem}.png")
-    _save(fig, path)
-    plt.close(fig)
-    written.append(path)
-  fig_all.tight_layout()
-  path = paths.join(out_dir, "overview.png")
-  _save(fig_all, path)
-  plt.close(fig_all)
-  return [*written, path]
-
-
-def panel_series(history: Sequence[Mapping[str, Any]],
-                 names: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
-  """{key: (steps, values)} for every key equal to or under one of `names`, finite values only."""
-  keys = sorted({k for row in history for k in row
-                 if any(k == n or k.startswith(n + "/") for n in names)},
-                key=lambda k: (next(i for i, n in enumerate(names)
-                                    if k == n or k.startswith(n + "/")), k))
-  series = {}
-  for key in keys:
-    pts = [(int(r["step"]), float(r[key])) for r in history
-           if _is_number(r.get(key)) and math.isfinite(r[key])]
-    if pts:
-      series[key] = ([s for s, _ in pts], [v for _, v in pts])
-  return series
-
-
-def _draw_panel(ax, history, title, ylabel, names) -> None:
-  series = panel_series(history, names)
-  for key, (steps, values) in series.items():
-    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
-  ax.set_title(title)
-  ax.set_xlabel("step")
-  ax.set_ylabel(ylabel)
-  ax.grid(alpha=0.3)
-  if series:
-    ax.legend(fontsize=7)
-  else:
-    ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
-
-
-def _save(fig, path: str) -> None:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90)
-  paths.write_bytes(path, buf.getvalue())  # atomic: a viewer never sees a half-written PNG
 
 
 def _is_number(v: Any) -> bool:

@@ -135,6 +135,17 @@ def base() -> ml_collections.ConfigDict:
   c.sft.lr = 1e-3  # its AdamW learning rate
   c.sft.batch_size = 32  # its examples per step
   c.sft.wrong_fraction = 0.0  # share of carrying SFT answers given the no-carry slip (tiny_cpu)
+
+  c.metrics = ml_collections.ConfigDict()
+  # Any of 'jsonl' (WORKDIR/metrics.jsonl) | 'tensorboard' (WORKDIR/tensorboard) | 'wandb'
+  # (pip install 'fipo_jax[wandb]'; WANDB_MODE=offline writes WORKDIR/wandb only). PNG plots
+  # (WORKDIR/plots) are always drawn.
+  c.metrics.backends = ("jsonl", "tensorboard")
+  c.metrics.wandb_project = "fipo_jax"  # W&B project
+  c.metrics.wandb_entity = ml_collections.config_dict.placeholder(str)  # team/user (default: yours)
+  c.metrics.wandb_name = ml_collections.config_dict.placeholder(str)  # run name (default: workdir)
+  c.metrics.wandb_group = ml_collections.config_dict.placeholder(str)  # e.g. 'fipo-vs-dapo'
+  c.metrics.wandb_tags = ()  # e.g. ('fipo', '32b'); a,b on the command line
   return c
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fipo_jax import metrics
+from fipo_jax import metrics, plots
 
 
 def _read_tb_scalars(logdir):
@@ -64,17 +64,79 @@ def test_jsonl_tensorboard_and_plots(tmp_path):
   assert not [p for p in os.listdir(tmp_path / "plots") if ".tmp" in p]
 
 
-def test_panel_series_picks_prefixed_keys_and_skips_nan():
+def test_series_skips_nan_and_mini_batches_are_found():
   history = [{"step": 1, "actor/influence_weights_mean_raw": 1.0,
-              "actor/influence_weights_mean_raw/mb2": 1.1, "actor/influence_weights_mean": 1.0},
+              "actor/influence_weights_mean_raw/mb2": 1.1, "actor/influence_weights_mean/mb1": 1.0},
              {"step": 2, "actor/influence_weights_mean_raw": math.nan},
              {"step": 3, "actor/influence_weights_mean_raw": 1.2,
-              "actor/influence_weights_mean_rawish": 5.0}]
-  s = metrics.panel_series(history, ("actor/influence_weights_mean",
-                                     "actor/influence_weights_mean_raw"))
-  assert list(s) == ["actor/influence_weights_mean", "actor/influence_weights_mean_raw",
-                     "actor/influence_weights_mean_raw/mb2"]
-  assert s["actor/influence_weights_mean_raw"] == ([1, 3], [1.0, 1.2])
+              "actor/influence_weights_mean_rawish/mb7": 5.0, "actor/ppo_kl/mb9": 0.1}]
+  assert plots.series(history, "actor/influence_weights_mean_raw") == ([1, 3], [1.0, 1.2])
+  assert plots.series(history, "missing") == ([], [])
+  assert plots.mini_batches(history) == [1, 2]
+
+
+def _history(num_mb=4, steps=6):
+  """Rows shaped like a FIPO run's: the first mini-batch's weights are exactly 1."""
+  rows = [{"step": 0, "eval/acc_mean": 0.5}]
+  for s in range(1, steps + 1):
+    row = {"step": s, "train/acc_mean": 0.1 * s, "response_length/mean": 10.0 + s,
+           "response_length/q25": 8.0 + s, "response_length/q75": 12.0 + s,
+           "actor/pg_clipfrac": 0.01 * s, "actor/influence_weights_mean": 1.0,
+           "actor/influence_weights_mean_raw": 1.0 + 0.01 * s}
+    for k in range(1, num_mb + 1):
+      row[f"actor/influence_weights_mean_raw/mb{k}"] = 1.0 if k == 1 else 1.0 + 0.03 * k * (-1) ** s
+      row[f"actor/influence_weights_mean/mb{k}"] = 1.0 if k == 1 else 1.0 + 0.02 * (-1) ** s
+    rows.append(row)
+  return rows
+
+
+def _outside(fig, ax, legend) -> bool:
+  """The legend's box lies right of the axes' data area (it covers no data)."""
+  fig.canvas.draw()
+  r = fig.canvas.get_renderer()
+  return legend.get_window_extent(r).x0 >= ax.get_window_extent(r).x1 - 1
+
+
+@pytest.mark.parametrize("num_mb", [4, 8])
+def test_influence_weights_one_panel_per_mini_batch(num_mb):
+  fig = plots.influence_figure(_history(num_mb), "my_run")
+  panels = [ax for ax in fig.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in panels] == [f"mini-batch {k}" for k in range(1, num_mb + 1)]
+  assert "my_run" in fig._suptitle.get_text()
+  mb1 = panels[0]
+  labels = [line.get_label() for line in mb1.get_lines()]
+  assert labels[:2] == ["raw", "clipped"]  # both drawn on mini-batch 1 (constant 1.0) ...
+  assert set(mb1.get_lines()[0].get_ydata()) == {1.0}
+  lo, hi = mb1.get_ylim()
+  assert lo < 1.0 - 0.01 and hi > 1.0 + 0.01  # ... inside the panel, not on its edge
+  assert all(ax.get_shared_y_axes().joined(mb1, ax) for ax in panels)  # one scale
+  (legend,) = fig.legends
+  assert legend.get_window_extent(fig.canvas.get_renderer()).x0 >= max(
+    ax.get_window_extent().x1 for ax in panels) - 1
+  plots.pyplot().close(fig)
+
+
+def test_per_run_figures_are_titled_and_legends_sit_outside(tmp_path, monkeypatch):
+  plt = plots.pyplot()
+  seen = []
+  real_save = plots.save
+
+  def spy(fig, path):
+    seen.append((fig, path))
+    for ax in fig.axes:
+      if ax.get_legend() is not None:
+        assert _outside(fig, ax, ax.get_legend()), (path, ax.get_title())
+    return real_save(fig, path)
+
+  monkeypatch.setattr(plots, "save", spy)
+  files = plots.plot_history(_history(), str(tmp_path), run_name="fipo_7b")
+  assert sorted(os.path.basename(f) for f in files) == sorted(f"{s}.png" for s in plots.FILES)
+  for fig, path in seen:
+    titles = [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle
+                                                      else ""]
+    assert any("fipo_7b" in t for t in titles), path
+  assert sum(ax.get_legend() is not None for fig, _ in seen for ax in fig.axes) >= 6
+  plt.close("all")
 
 
 def test_resume_appends_and_truncates(tmp_path):
@@ -102,7 +164,7 @@ def test_non_primary_writes_nothing(tmp_path):
 
 
 def test_plot_with_no_matching_metrics(tmp_path):
-  files = metrics.plot_history([{"step": 1, "other": 1.0}], str(tmp_path))
+  files = plots.plot_history([{"step": 1, "other": 1.0}], str(tmp_path))
   assert len(files) == 5 and all(os.path.getsize(f) > 0 for f in files)
 
 

@@ -107,7 +107,7 @@ class _Loop:
 
   @classmethod
   def open(cls, rc: config_lib.RunConfig, env: setup_lib.Env, stop: _StopRequested) -> _Loop:
-    writer = metrics_lib.MetricsWriter(env.workdir, is_primary=jax.process_index() == 0)
+    writer = metrics_lib.writer_for(rc, env.workdir, is_primary=jax.process_index() == 0)
     ckpt = ckpt_lib.CheckpointManager(paths.join(env.workdir, "checkpoints"),
                                       keep=rc.keep_checkpoints, best_metric="eval/acc_mean")
     return cls(rc, env, stop, writer, ckpt)
@@ -180,7 +180,7 @@ class _Loop:
     if self.bar is not None:
       self.bar.close()
     if jax.process_index() == 0:
-      print(metrics_lib.outputs_summary(self.env.workdir, self.ckpt.directory), flush=True)
+      print(self.writer.outputs(self.ckpt.directory), flush=True)
 
 
 def logs_step(rc, done: int, *, evaluated: bool, stopping: bool) -> bool:
