@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import shutil
+import string
 import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -57,7 +59,7 @@ class WandbLogger:
     paths.makedirs(workdir)
     id_path = paths.join(workdir, RUN_ID_FILE)
     resumed = paths.isfile(id_path)
-    run_id = paths.read_text(id_path).strip() if resumed else wandb.util.generate_id()
+    run_id = paths.read_text(id_path).strip() if resumed else _new_run_id()
     self._tmp = tempfile.mkdtemp(prefix="fipo_jax_wandb_") if paths.is_remote(workdir) else None
     try:
       self.run = wandb.init(
@@ -105,6 +107,11 @@ class WandbLogger:
         log.warning("copying W&B files to %s failed: %s", self.workdir, e)
       shutil.rmtree(self._tmp, ignore_errors=True)
       self._tmp = None
+
+
+def _new_run_id() -> str:
+  """8 lowercase letters and digits, the shape of W&B's own run ids."""
+  return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _finite_number(v: Any) -> bool:
