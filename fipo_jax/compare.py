@@ -35,6 +35,7 @@ X_AXES = {"rl_step": "RL step", "optimizer_step": "optimizer step",
           "tokens": "response tokens trained on"}
 EVAL = "eval/acc_mean"
 LEN_MEAN = "response_length/mean"
+LINE_STYLES = ("-", (0, (5, 2)), "-.", ":")
 # (file stem, title, [(metric, panel title, y label)]): one panel per metric, a line per run.
 FIGURES = (
   ("heldout_acc", "Held-out accuracy", [(EVAL, "eval/acc_mean", "accuracy")]),
@@ -117,26 +118,33 @@ def smooth(values: Sequence[float], k: int) -> list[float]:
   return out
 
 
+def styles(n: int) -> list[dict[str, Any]]:
+  """A colour and a line style per run: a dashed line over a solid one leaves both visible
+  where two runs log the same values (e.g. zero clip fractions)."""
+  return [{"color": f"C{i % 10}", "ls": LINE_STYLES[i % len(LINE_STYLES)]} for i in range(n)]
+
+
 def _plot_metric(ax, runs: Sequence[Run], key: str, k: int, colors) -> None:
   """One line per run (smoothed over a faint raw line with k > 1); runs without it say so."""
-  for run, color in zip(runs, colors, strict=True):
+  for run, (color, ls) in zip(runs, ((c["color"], c["ls"]) for c in colors), strict=True):
     steps, values = plots.series(run.history, key)
     if not steps:
-      ax.plot([], [], color=color, label=f"{run.label} (not logged)", ls=":")
+      ax.plot([], [], color=color, ls=ls, lw=1.6, label=f"{run.label} (not logged)")
       continue
     xs = [run.x[s] for s in steps]
     marker = "o" if len(xs) < 15 else None
     if k > 1:
       ax.plot(xs, values, color=color, alpha=0.25, lw=0.8)
       values = smooth(values, k)
-    ax.plot(xs, values, color=color, label=run.label, marker=marker, markersize=3, lw=1.6)
+    ax.plot(xs, values, color=color, ls=ls, label=run.label, marker=marker, markersize=3,
+            lw=1.6)
 
 
 def _plot_length(ax, runs: Sequence[Run], k: int, colors) -> None:
-  for run, color in zip(runs, colors, strict=True):
+  for run, (color, ls) in zip(runs, ((c["color"], c["ls"]) for c in colors), strict=True):
     steps, mean = plots.series(run.history, LEN_MEAN)
     if not steps:
-      ax.plot([], [], color=color, label=f"{run.label} (not logged)", ls=":")
+      ax.plot([], [], color=color, ls=ls, lw=1.6, label=f"{run.label} (not logged)")
       continue
     lo = dict(zip(*plots.series(run.history, "response_length/q25"), strict=True))
     hi = dict(zip(*plots.series(run.history, "response_length/q75"), strict=True))
@@ -144,7 +152,8 @@ def _plot_length(ax, runs: Sequence[Run], k: int, colors) -> None:
     lo_v, hi_v = [lo[s] for s in band], [hi[s] for s in band]
     if k > 1:
       mean, lo_v, hi_v = smooth(mean, k), smooth(lo_v, k), smooth(hi_v, k)
-    ax.plot([run.x[s] for s in steps], mean, color=color, lw=1.6, label=f"{run.label} mean")
+    ax.plot([run.x[s] for s in steps], mean, color=color, ls=ls, lw=1.6,
+            label=f"{run.label} mean")
     if band:
       ax.fill_between([run.x[s] for s in band], lo_v, hi_v, color=color, alpha=0.18, lw=0,
                       label=f"{run.label} q25-q75")
@@ -159,8 +168,9 @@ def write_figures(runs: Sequence[Run], out_dir: str, *, x: str = "rl_step",
                   k: int = 1) -> list[str]:
   """The overlay PNGs in `out_dir` (entropy.png only when some run logs actor/entropy)."""
   plt = plots.pyplot()
-  colors = [f"C{i % 10}" for i in range(len(runs))]
+  colors = styles(len(runs))
   xlabel, written = X_AXES[x], []
+  note = f" (trailing {k}-point mean)" if k > 1 else ""
   for stem, title, panels in FIGURES:
     if stem == "entropy" and not any(plots.series(r.history, panels[0][0])[0] for r in runs):
       continue
@@ -173,14 +183,14 @@ def write_figures(runs: Sequence[Run], out_dir: str, *, x: str = "rl_step",
     for ax in list(axes.flat)[len(panels):]:
       ax.set_visible(False)
     plots.legend_outside(axes.flat[cols - 1])
-    fig.suptitle(f"{title}: {_title(runs)}", fontsize=12)
+    fig.suptitle(f"{title}{note}: {_title(runs)}", fontsize=12)
     fig.tight_layout()
     written.append(plots.save(fig, paths.join(out_dir, f"{stem}.png")))
   fig, ax = plt.subplots(figsize=(9, 4.2))
   _plot_length(ax, runs, k, colors)
   plots.style(ax, "", "tokens", xlabel)
   plots.legend_outside(ax)
-  fig.suptitle(f"Response length (mean, q25-q75 band): {_title(runs)}", fontsize=12)
+  fig.suptitle(f"Response length (mean, q25-q75 band){note}: {_title(runs)}", fontsize=12)
   fig.tight_layout()
   written.append(plots.save(fig, paths.join(out_dir, "response_length.png")))
   return written
@@ -256,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.stderr.write(f"compare: {e}\n")
     sys.exit(2)
   print(text)
-  print(f"figures: {', '.join(files)}")
+  print(f"figures in {a.out}: {', '.join(f.rstrip('/').rsplit('/', 1)[-1] for f in files)}")
 
 
 if __name__ == "__main__":
