@@ -145,7 +145,8 @@ def test_continuous_batching_fills_freed_slots(tiny):
   rng = np.random.default_rng(0)
   budgets = np.minimum(rng.pareto(1.0, 14) * 2 + 1, 16).astype(int).tolist()
   prompts = _prompts([int(n) for n in rng.integers(1, 17, size=14)])
-  res = driver.run(engine, params, prompts, max_new_tokens=budgets)
+  # refill_fraction=0: refill after every finish, so no slot idles while requests wait.
+  res = driver.run(engine, params, prompts, max_new_tokens=budgets, refill_fraction=0.0)
   assert [s.length for s in res.samples] == budgets
   assert res.stats.idle_slot_steps_while_waiting == 0
   static = driver.run(engine, params, prompts, max_new_tokens=budgets, mode="static")
@@ -173,6 +174,14 @@ def test_prefill_buckets():
   assert [cfg.prefill_bucket(n) for n in (1, 16, 17, 64, 65, 100)] == [16, 16, 32, 64, 128, 128]
   assert [cfg.batch_bucket(n) for n in (1, 3, 5, 6)] == [1, 4, 8, 8]
   assert cfg.cache_len == 150
+  # Pages of 128 tokens: a slot holds ceil(150 / 128) = 2 and reserves its worst case.
+  assert (cfg.page, cfg.pages_per_slot) == (128, 2)
+  assert [cfg.pages_needed(p, m) for p, m in ((100, 50), (10, 5), (100, 28), (100, 29))] == [
+    2, 1, 1, 2,
+  ]  # fmt: skip
+  assert engine_lib.EngineConfig(max_prompt_len=8, max_new_tokens=8).page == 16  # capped at S
+  with pytest.raises(ValueError, match="kv_layout"):
+    engine_lib.EngineConfig(kv_layout="ragged")
   with pytest.raises(ValueError, match="max_prompt_len"):
     cfg.prefill_bucket(101)
 
@@ -182,8 +191,9 @@ def test_sharded_engine_matches_unsharded(tiny):
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   sharded = engine_lib.Engine(model.cfg, engine.graphdef, _ENGINE_CFG, mesh=mesh)
   sharded_params = sharded.load_params(params)
+  # The page pool [L, K, pages, page, H]: pages over the slots' axes, kv heads over tensor.
   kv_spec = sharded.init_decode_state().cache.k.sharding.spec
-  assert kv_spec[1] == ("data", "fsdp") and kv_spec[3] == "tensor"
+  assert kv_spec[1] == "tensor" and kv_spec[2] == ("data", "fsdp")
   kw = dict(n=2, max_new_tokens=8, sampling=_SAMPLING, seed=2)
   want = driver.generate_samples(engine, params, _prompts(), **kw)
   got = driver.generate_samples(sharded, sharded_params, _prompts(), **kw)
@@ -203,8 +213,8 @@ def test_aot_traces_are_the_engines_steps(tiny):
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), p)
   assert spec(sharded.abstract_decode_state()) == spec(sharded.init_decode_state())
 
-  prompts = _prompts([16] * 4)  # the largest bucket: Bp = 4, P = 16
-  ids = [(i, 0) for i in range(4)]
+  prompts = _prompts([16] * 4)  # the largest bucket: Up = Rb = 4, P = 16
+  ids = [(i, i, 0) for i in range(4)]
   want = sharded.prefill(p, prompts, ids, seed=3, sampling=_SAMPLING)
   prefill = sharded.trace_prefill(abstract, sampling=_SAMPLING).lower().compile()
   put = lambda x: jax.device_put(np.asarray(x, np.int32), sharding.batch_sharding(mesh, x.ndim))  # noqa: E731
@@ -219,7 +229,9 @@ def test_aot_traces_are_the_engines_steps(tiny):
   # Batch-sharded inputs (the engine's own are host arrays): f32 rounding of another layout.
   np.testing.assert_allclose(got.cache.k, want.cache.k, atol=1e-6)
 
-  state = sharded.insert(want, sharded.init_decode_state(), list(range(4)), [8] * 4, [0])
+  state = sharded.insert(
+    want, sharded.init_decode_state(), [0, 1, 2, 3], [0, 1, 2, 3], [8] * 4, [0]
+  )
   traced = sharded.trace_generate(abstract, sampling=_SAMPLING)
   assert spec(traced.out_info[0]) == spec(sharded.abstract_decode_state())
   generate = traced.lower().compile()

@@ -17,6 +17,7 @@ from fipo_jax.models import attention as attention_lib
 from fipo_jax.models import config as config_lib
 from fipo_jax.models import kv_cache as kv_cache_lib
 from fipo_jax.models import layers
+from fipo_jax.models import paged as paged_lib
 
 _REMAT = {
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -91,31 +92,46 @@ def _block(
   place (a per-row scatter, no copy of the cache) and returns (x, (k_all, v_all)).
   """
   dtype = x.dtype
+
+  def attend(q, k, v):
+    kv_out = kv
+    if kv is not None:
+      kv_out = tuple(
+        kv_cache_lib.write_layer_rows(buf, new, layer, cache_index)
+        for buf, new in zip(kv, (k, v), strict=True)
+      )
+      k, v = (jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False) for buf in kv_out)
+    attn = attention_lib.attention(
+      q,
+      k.astype(dtype),
+      v.astype(dtype),
+      q_slot=q_slot,
+      kv_valid=kv_valid,
+      impl=cfg.attention_impl,
+      block_size=cfg.attention_block_size,
+      self_attention=kv is None,
+      segment_ids=segment_ids,
+    )
+    return attn, kv_out
+
+  return _block_with(cfg, p, x, cos, sin, attend)
+
+
+def _block_with(cfg, p, x, cos, sin, attend):
+  """The block around `attend(q [B, Q, N, H], k, v [B, Q, K, H]) -> (attn [B, Q, N, H], aux)`.
+
+  Returns (x [B, Q, D], aux).
+  """
+  dtype = x.dtype
   x = sharding.constrain(x, _RESIDUAL)
   hn = layers.rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
   q, k, v = layers.qkv_proj(hn, p, cfg, cos, sin)
-  if kv is not None:
-    kv = tuple(
-      kv_cache_lib.write_layer_rows(buf, new, layer, cache_index)
-      for buf, new in zip(kv, (k, v), strict=True)
-    )
-    k, v = (jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False) for buf in kv)
-  attn = attention_lib.attention(
-    q,
-    k.astype(dtype),
-    v.astype(dtype),
-    q_slot=q_slot,
-    kv_valid=kv_valid,
-    impl=cfg.attention_impl,
-    block_size=cfg.attention_block_size,
-    self_attention=kv is None,
-    segment_ids=segment_ids,
-  )
+  attn, aux = attend(q, k, v)
   attn = checkpoint_name(attn, "attn_out")
   x = x + layers.dense(attn, p["o_proj"], "btnh,nhd->btd", dtype)
   hn = layers.rms_norm(x, p["post_norm"], cfg.rms_norm_eps)
   x = x + layers.swiglu_mlp(hn, p, dtype)
-  return sharding.constrain(x, _RESIDUAL), kv
+  return sharding.constrain(x, _RESIDUAL), aux
 
 
 class Transformer(nnx.Module):
@@ -176,6 +192,8 @@ class Transformer(nnx.Module):
     b, t = input_ids.shape
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
+    if isinstance(cache, paged_lib.PagedCache):
+      return self._paged_decode(input_ids, positions, attention_mask, cache)
     if attention_mask is None:
       attention_mask = (segment_ids > 0) if segment_ids is not None else jnp.ones((b, t), bool)
     attention_mask = attention_mask.astype(bool)
@@ -213,9 +231,50 @@ class Transformer(nnx.Module):
     )
     return hidden if cache is None else (hidden, cache)
 
-  def _run_layers(self, fn, carry, xs):
+  def _paged_decode(self, input_ids, positions, attention_mask, cache):
+    """One decode token per slot against a paged cache: input_ids int32[B, 1], positions
+    int32[B, 1], attention_mask [B, 1] (1 = the slot is active: its token is written).
+
+    The pool is read, not carried, by the layer scan; each layer's new k/v [B, K, H] come back
+    as scan outputs and are written into the pool once after the scan.
+    """
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    if input_ids.shape[1] != 1:
+      raise ValueError(f"a paged cache decodes one token per slot, got {input_ids.shape[1]}")
+    active = attention_mask[:, 0].astype(bool)
+    live = jnp.where(active, cache.lengths, 0)  # idle slots gather no pages
+    if positions is None:
+      positions = cache.lengths[:, None]
+    cos, sin = layers.rope_cos_sin(positions.astype(jnp.int32), cfg.head_dim, cfg.rope_theta)
+    x = sharding.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dtype), _RESIDUAL)
+
+    def body(x, inputs):
+      p, layer = inputs
+
+      def attend(q, k, v):
+        out = paged_lib.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, layer, live)
+        return out[:, None], (k[:, 0], v[:, 0])
+
+      return _block_with(cfg, p, x, cos, sin, attend)
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    x, (k_new, v_new) = self._run_layers(body, x, (self.layers.values(), layer_ids), stack=True)
+    cache = paged_lib.write_tokens(cache, k_new, v_new, active)
+    hidden = sharding.constrain(
+      layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), _RESIDUAL
+    )
+    return hidden, cache
+
+  def _run_layers(self, fn, carry, xs, stack: bool = False):
+    """Runs fn over the layers; with `stack`, returns (carry, stacked per-layer outputs)."""
     if self.cfg.scan_layers:
-      return jax.lax.scan(fn, carry, xs)[0]
+      carry, ys = jax.lax.scan(fn, carry, xs)
+      return (carry, ys) if stack else carry
+    outs = []
     for i in range(self.cfg.num_layers):
-      carry, _ = fn(carry, jax.tree.map(lambda a, i=i: a[i], xs))
-    return carry
+      carry, y = fn(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+      outs.append(y)
+    if not stack:
+      return carry
+    return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outs)

@@ -7,13 +7,20 @@ slot has a row of the KV cache, its last sampled token, its position and its own
 (derived from (seed, prompt_index, sample_index), so a sample does not depend on which
 slot or batch it ran in).
 
-Shapes: Bp prefill batch (bucketed to a power of two <= num_slots), P bucketed prompt
-length, B = num_slots, S cache length, k steps per `generate` call.
+Two KV layouts (`EngineConfig.kv_layout`): 'paged' (default; models/paged.py: a page pool,
+a page table per slot, decode attention whose work follows the live lengths) and 'dense'
+(a [L, B, S, K, H] cache; the reference mode and the test oracle: both give the same
+tokens and log-probs).
 
-Flow per request: `prefill` (right-padded prompts -> a prefix KV cache and the first
-sampled token) -> `insert` (copy the prefix into free slots) -> `generate` (up to k
-decode steps for all slots in one jitted `while_loop`; it may return early so the host
-can refill a freed slot).
+Shapes: Up prefill batch of distinct prompts (bucketed to a power of two <= num_slots), P
+bucketed prompt length, Rb requests of a prefill (a power of two), I inserted requests
+(bucketed), B = num_slots, S cache length, M pages per slot, k steps per `generate` call.
+
+Flow: `prefill` (each distinct prompt once -> a prefix KV cache, and every request's first
+token sampled from its prompt row's last logits with its own key) -> `insert` (a request's
+prompt tokens into a free slot; the paged layout reserves the slot's worst case of pages on
+the host) -> `generate` (up to k decode steps for all slots in one jitted `while_loop`; it
+may return early so the host can refill freed slots) -> `release` (a finished slot's pages).
 """
 
 from __future__ import annotations
@@ -21,51 +28,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fipo_jax import models, sharding
+from fipo_jax.models import paged
 from fipo_jax.sampling import params as params_lib
+from fipo_jax.sampling import steps
+from fipo_jax.sampling.steps import DecodeState, Prefix, ResultTokens
+
+__all__ = ["DecodeState", "Engine", "EngineConfig", "Prefix", "ResultTokens"]
 
 _MIN_PREFILL_BUCKET = 16
-
-
-@flax.struct.dataclass
-class Prefix:
-  """The result of prefilling Bp right-padded prompts of bucket length P."""
-
-  cache: models.KVCache  # k, v [L, Bp, P, K, H]; mask bool[Bp, P]
-  lengths: jax.Array  # int32[Bp] true prompt lengths
-  tokens: jax.Array  # int32[Bp] first sampled token
-  log_probs: jax.Array  # f32[Bp] its log-prob at the sampling temperature
-  key_data: jax.Array  # uint32[Bp, 2] per-request PRNG key data
-
-
-@flax.struct.dataclass
-class DecodeState:
-  """The state of all B decode slots (a pytree; donated to every update)."""
-
-  cache: models.KVCache  # k, v [L, B, S, K, H]; mask bool[B, S]; index int32[B]
-  tokens: jax.Array  # int32[B] last sampled token, not yet fed to the model
-  positions: jax.Array  # int32[B] position of `tokens`
-  num_generated: jax.Array  # int32[B] tokens sampled so far (incl. the prefill's)
-  max_new: jax.Array  # int32[B] per-slot budget of new tokens
-  active: jax.Array  # bool[B] slot holds an unfinished request
-  key_data: jax.Array  # uint32[B, 2] per-request PRNG key data
-
-
-@flax.struct.dataclass
-class ResultTokens:
-  """What one `generate` call produced: k steps for B slots (rows past num_steps invalid)."""
-
-  tokens: jax.Array  # int32[k, B]
-  log_probs: jax.Array  # f32[k, B]
-  valid: jax.Array  # bool[k, B] slot was active at that step
-  active: jax.Array  # bool[B] after the call
-  num_steps: jax.Array  # int32[] steps actually run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +53,10 @@ class EngineConfig:
   max_new_tokens: int = 512  # longest response
   steps_per_call: int = 16  # k: decode steps per jitted generate call
   min_prefill_bucket: int = _MIN_PREFILL_BUCKET
+  kv_layout: str = "paged"  # 'paged' | 'dense' (the reference)
+  page_size: int = 128  # tokens per page (capped at the cache length's power of two)
+  num_pages: int | None = None  # pool size; None: num_slots * pages_per_slot (dense's memory)
+  decode_block: int = 512  # tokens of pages gathered per paged attention loop step
 
   def __post_init__(self):
     for name in (
@@ -85,9 +65,29 @@ class EngineConfig:
       "max_new_tokens",
       "steps_per_call",
       "min_prefill_bucket",
+      "page_size",
+      "decode_block",
     ):
       if getattr(self, name) <= 0:
         raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.kv_layout not in ("paged", "dense"):
+      raise ValueError(f"EngineConfig.kv_layout must be 'paged' or 'dense', got {self.kv_layout!r}")
+    if self.num_pages is not None and self.num_pages <= 0:
+      raise ValueError(f"EngineConfig.num_pages must be positive, got {self.num_pages}")
+
+  @property
+  def page(self) -> int:
+    """The page size in use: page_size, at most the cache length's power of two."""
+    return min(self.page_size, _next_pow2(self.cache_len))
+
+  @property
+  def pages_per_slot(self) -> int:
+    """M: pages one slot can hold (ceil(S / page))."""
+    return -(-self.cache_len // self.page)
+
+  def pages_needed(self, prompt_len: int, max_new: int) -> int:
+    """A slot's reservation: its worst case, ceil((prompt_len + max_new) / page)."""
+    return -(-(prompt_len + max_new) // self.page)
 
   @property
   def max_prefill_len(self) -> int:
@@ -110,121 +110,6 @@ class EngineConfig:
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
-
-
-# ---------------------------------------------------------------- jitted pure steps
-
-
-def _request_key_data(seed: jax.Array, request_ids: jax.Array) -> jax.Array:
-  """uint32[Bp, 2] key data for requests int32[Bp, 2] = (prompt_index, sample_index)."""
-  root = jax.random.key(seed)
-
-  def one(ids):
-    return jax.random.key_data(jax.random.fold_in(jax.random.fold_in(root, ids[0]), ids[1]))
-
-  return jax.vmap(one)(request_ids)
-
-
-def _token_keys(key_data: jax.Array, step: jax.Array) -> jax.Array:
-  """Typed keys [B] for token number `step` int32[B] of each request."""
-  return jax.vmap(lambda kd, t: jax.random.fold_in(jax.random.wrap_key_data(kd), t))(key_data, step)
-
-
-def _prefill(graphdef, params, tokens, lengths, request_ids, seed, *, cfg, sampling) -> Prefix:
-  """tokens int32[Bp, P] right-padded, lengths int32[Bp] -> Prefix."""
-  batch, length = tokens.shape
-  model = nnx.merge(graphdef, params)
-  mask = jnp.arange(length)[None, :] < lengths[:, None]  # [Bp, P]
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  cache = models.init_cache(cfg, batch, length)
-  hidden, cache = model.hidden_states(
-    tokens, positions=positions, attention_mask=mask.astype(jnp.int32), cache=cache
-  )
-  # Only the last real token's logits are needed: skip the [Bp, P, V] projection.
-  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [Bp, 1, D]
-  last = model.logits_from_hidden(last_hidden)[:, 0]  # f32[Bp, V]
-  key_data = _request_key_data(seed, request_ids)
-  first, log_probs = sampling.select(last, _token_keys(key_data, jnp.zeros_like(lengths)))
-  return Prefix(cache=cache, lengths=lengths, tokens=first, log_probs=log_probs, key_data=key_data)
-
-
-def _insert(prefix: Prefix, state: DecodeState, slots, max_new, stop_ids) -> DecodeState:
-  """Copies prefix rows into `slots` int32[Bp] (out-of-range slots are padding, dropped)."""
-  cache = state.cache
-  plen = prefix.cache.k.shape[2]
-  k = cache.k.at[:, slots, :plen].set(prefix.cache.k.astype(cache.k.dtype), mode="drop")
-  v = cache.v.at[:, slots, :plen].set(prefix.cache.v.astype(cache.v.dtype), mode="drop")
-  row_mask = (
-    jnp.zeros((slots.shape[0], cache.mask.shape[1]), bool).at[:, :plen].set(prefix.cache.mask)
-  )
-  mask = cache.mask.at[slots].set(row_mask, mode="drop")
-  index = cache.index.at[slots].set(prefix.lengths, mode="drop")
-  done = jnp.isin(prefix.tokens, stop_ids) | (max_new <= 1)
-
-  def put(x, y):
-    return x.at[slots].set(y.astype(x.dtype), mode="drop")
-
-  return DecodeState(
-    cache=cache.replace(k=k, v=v, mask=mask, index=index),
-    tokens=put(state.tokens, prefix.tokens),
-    positions=put(state.positions, prefix.lengths),
-    num_generated=put(state.num_generated, jnp.ones_like(prefix.lengths)),
-    max_new=put(state.max_new, max_new),
-    active=put(state.active, ~done),
-    key_data=put(state.key_data, prefix.key_data),
-  )
-
-
-def _generate(graphdef, params, state: DecodeState, stop_ids, min_free, *, sampling, steps):
-  """Up to `steps` decode steps; stops early once `min_free` slots finished or none is active.
-
-  Returns (state, ResultTokens).
-  """
-  num_slots = state.tokens.shape[0]
-  out = ResultTokens(
-    tokens=jnp.zeros((steps, num_slots), jnp.int32),
-    log_probs=jnp.zeros((steps, num_slots), jnp.float32),
-    valid=jnp.zeros((steps, num_slots), bool),
-    active=state.active,
-    num_steps=jnp.zeros((), jnp.int32),
-  )
-
-  def cond(carry):
-    st, res, freed = carry
-    return (res.num_steps < steps) & jnp.any(st.active) & (freed < min_free)
-
-  def body(carry):
-    st, res, freed = carry
-    model = nnx.merge(graphdef, params)
-    logits, cache = model(
-      st.tokens[:, None],
-      positions=st.positions[:, None],
-      attention_mask=st.active[:, None].astype(jnp.int32),
-      cache=st.cache,
-    )
-    # Idle slots must not creep towards the end of the cache.
-    cache = cache.replace(index=jnp.where(st.active, cache.index, st.cache.index))
-    token, log_prob = sampling.select(logits[:, 0], _token_keys(st.key_data, st.num_generated))
-    num_generated = st.num_generated + st.active.astype(jnp.int32)
-    finished = st.active & (jnp.isin(token, stop_ids) | (num_generated >= st.max_new))
-    i = res.num_steps
-    res = res.replace(
-      tokens=res.tokens.at[i].set(token),
-      log_probs=res.log_probs.at[i].set(log_prob),
-      valid=res.valid.at[i].set(st.active),
-      num_steps=i + 1,
-    )
-    st = st.replace(
-      cache=cache,
-      tokens=jnp.where(st.active, token, st.tokens),
-      positions=st.positions + st.active.astype(jnp.int32),
-      num_generated=num_generated,
-      active=st.active & ~finished,
-    )
-    return st, res, freed + jnp.sum(finished, dtype=jnp.int32)
-
-  state, out, _ = jax.lax.while_loop(cond, body, (state, out, jnp.zeros((), jnp.int32)))
-  return state, out.replace(active=state.active)
 
 
 # ---------------------------------------------------------------- the engine
@@ -253,6 +138,12 @@ class Engine:
     self.cfg = cfg
     # Without a mesh: the one-device mesh that models.init_model / from_pretrained use.
     self.mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    self.layout = _paged_layout(model_cfg, cfg, self.mesh)
+    shards = self.layout.num_shards
+    # The pool splits over the slots' shards: round it up to a multiple of their count.
+    pool = cfg.num_pages or cfg.num_slots * cfg.pages_per_slot
+    self.num_pages = -(-pool // shards) * shards
+    self.allocator = paged.PageAllocator(cfg.num_slots, self.num_pages, shards)
     abstract = jax.eval_shape(self._zero_state)
     # Fixed output shardings: the state fed back into the next call never changes type (a
     # state whose sharding drifted between calls would recompile), and donation applies.
@@ -260,11 +151,11 @@ class Engine:
     replicated = sharding.replicated(self.mesh)
     self._reshard = None  # built by the first load_params of on-device params
     self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
-    self._prefill = jax.jit(_prefill, static_argnames=("graphdef", "cfg", "sampling"))
-    self._insert = jax.jit(_insert, donate_argnames=("state",),
+    self._prefill = jax.jit(steps.prefill, static_argnames=("graphdef", "cfg", "sampling"))
+    self._insert = jax.jit(steps.insert, donate_argnames=("state",),
                            out_shardings=self.state_shardings)  # fmt: skip
     self._generate = jax.jit(
-      _generate, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",),
+      steps.generate, static_argnames=("graphdef", "sampling", "steps"), donate_argnames=("state",),
       out_shardings=(self.state_shardings, replicated),
     )  # fmt: skip
 
@@ -309,13 +200,36 @@ class Engine:
     return self._reshard(params)
 
   def init_decode_state(self) -> DecodeState:
-    """All slots empty; placed with `state_shardings`."""
+    """All slots empty (every page free); placed with `state_shardings`."""
+    self.allocator = paged.PageAllocator(self.cfg.num_slots, self.num_pages,
+                                         self.layout.num_shards)  # fmt: skip
     return self._init()
 
+  @property
+  def paged(self) -> bool:
+    return self.cfg.kv_layout == "paged"
+
+  def can_insert(self, slot: int, prompt_len: int, max_new: int) -> bool:
+    """Host only: whether `slot`'s shard has the pages for this request now."""
+    if not self.paged:
+      return 0 <= slot < self.cfg.num_slots
+    return self.allocator.available(slot) >= self.cfg.pages_needed(prompt_len, max_new)
+
+  def release(self, slots: Sequence[int]) -> None:
+    """Host only: frees the pages of finished `slots` (inserting into a slot frees its old ones
+    too)."""
+    for slot in slots:
+      self.allocator.release(int(slot))
+
   def _zero_state(self) -> DecodeState:
-    b = self.cfg.num_slots
+    b, cfg = self.cfg.num_slots, self.cfg
+    if self.paged:
+      cache = paged.init_paged_cache(self.model_cfg, self.layout, b, self.num_pages,
+                                     cfg.pages_per_slot)  # fmt: skip
+    else:
+      cache = models.init_cache(self.model_cfg, b, cfg.cache_len)
     return DecodeState(
-      cache=models.init_cache(self.model_cfg, b, self.cfg.cache_len),
+      cache=cache,
       tokens=jnp.zeros((b,), jnp.int32),
       positions=jnp.zeros((b,), jnp.int32),
       num_generated=jnp.zeros((b,), jnp.int32),
@@ -328,18 +242,24 @@ class Engine:
     self,
     params: nnx.State,
     prompts: Sequence[Sequence[int]],
-    request_ids: Sequence[tuple[int, int]],
+    requests: Sequence[tuple[int, int, int]],
     *,
     seed: int,
     sampling: params_lib.SamplingMethod,
   ) -> Prefix:
-    """Prefills up to num_slots prompts (token lists) padded to (batch, length) buckets."""
+    """Prefills U <= num_slots prompts (token lists) once, padded to (batch, length) buckets.
+
+    requests: R >= 1 tuples (row, prompt_index, sample_index), `row` indexing `prompts`; each
+    request's first token is sampled from its row's last logits with the key of (seed,
+    prompt_index, sample_index). (prompt_index, sample_index) pairs mean one request per row.
+    """
     n = len(prompts)
     if not 0 < n <= self.cfg.num_slots:
       raise ValueError(f"prefill takes 1..{self.cfg.num_slots} prompts, got {n}")
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
       raise ValueError("empty prompt")
+    reqs = _request_array(requests, n)
     plen = self.cfg.prefill_bucket(max(lengths))
     bsz = self.cfg.batch_bucket(n)
     tokens = np.zeros((bsz, plen), np.int32)
@@ -347,9 +267,9 @@ class Engine:
       tokens[i, : len(p)] = p
     lens = np.ones((bsz,), np.int32)
     lens[:n] = lengths
-    ids = np.zeros((bsz, 2), np.int32)
-    ids[:n] = np.asarray(request_ids, np.int32).reshape(n, 2)
-    return self._prefill(
+    ids = np.zeros((_next_pow2(len(reqs)), 3), np.int32)
+    ids[: len(reqs)] = reqs
+    prefix = self._prefill(
       self.graphdef,
       params,
       tokens,
@@ -359,24 +279,69 @@ class Engine:
       cfg=self.model_cfg,
       sampling=sampling,
     )
+    return prefix.replace(host=steps.PrefixHost(tuple(lengths), tuple(int(r) for r in reqs[:, 0])))
 
   def insert(
     self,
     prefix: Prefix,
     state: DecodeState,
     slots: Sequence[int],
+    request_rows: Sequence[int],
     max_new_tokens: Sequence[int],
     stop_ids: Sequence[int],
   ) -> DecodeState:
-    """Puts prefix row i into slot slots[i]; rows past len(slots) are padding."""
-    bsz = prefix.lengths.shape[0]
+    """Puts request request_rows[i] (an index into the prefix's requests) into slot slots[i].
+
+    The paged layout reserves each slot's worst case of pages (its old ones are freed first);
+    ValueError if a slot's shard has too few free pages (nothing is reserved then).
+    """
+    num = len(slots)
+    if not 0 < num == len(request_rows) == len(max_new_tokens):
+      raise ValueError(f"insert: {num} slots, {len(request_rows)} requests, "
+                       f"{len(max_new_tokens)} budgets")  # fmt: skip
+    if max(max_new_tokens) > self.cfg.max_new_tokens:
+      raise ValueError(
+        f"max_new_tokens {max(max_new_tokens)} > engine max {self.cfg.max_new_tokens}"
+      )
+    if prefix.host is None or max(request_rows) >= len(prefix.host.rows) or min(request_rows) < 0:
+      raise ValueError("insert: request_rows must index the requests of an Engine.prefill")
+    bsz = self.cfg.batch_bucket(num)
     slot_arr = np.full((bsz,), self.cfg.num_slots, np.int32)  # out of range: dropped
-    slot_arr[: len(slots)] = slots
+    slot_arr[:num] = slots
+    req = np.zeros((bsz,), np.int32)
+    req[:num] = request_rows
     budget = np.ones((bsz,), np.int32)
-    budget[: len(slots)] = max_new_tokens
-    if budget.max() > self.cfg.max_new_tokens:
-      raise ValueError(f"max_new_tokens {budget.max()} > engine max {self.cfg.max_new_tokens}")
-    return self._insert(prefix, state, slot_arr, budget, _stop_array(stop_ids))
+    budget[:num] = max_new_tokens
+    pages = np.zeros((bsz, self.cfg.pages_per_slot), np.int32)
+    shards = np.full((bsz,), -1, np.int32)
+    if self.paged:
+      lens = [prefix.host.prompt_lens[prefix.host.rows[r]] for r in request_rows]
+      budgets = zip(lens, max_new_tokens, strict=True)
+      self._reserve(slots, [self.cfg.pages_needed(n, m) for n, m in budgets])
+      for i, slot in enumerate(slots):
+        held = self.allocator.held[int(slot)]
+        pages[i, : len(held)] = held
+        shards[i] = self.allocator.shard(int(slot))
+    return self._insert(prefix.replace(host=None), state, slot_arr, req, pages, shards, budget,
+                        _stop_array(stop_ids))  # fmt: skip
+
+  def _reserve(self, slots: Sequence[int], needs: Sequence[int]) -> None:
+    """Reserves needs[i] pages for slots[i], all or none."""
+    if len(set(slots)) != len(slots):
+      raise ValueError(f"insert: duplicate slots {list(slots)}")
+    want: dict[int, int] = {}
+    for slot, need in zip(slots, needs, strict=True):
+      if not 0 <= slot < self.cfg.num_slots:
+        raise ValueError(f"slot {slot} out of range [0, {self.cfg.num_slots})")
+      shard = self.allocator.shard(slot)
+      want[shard] = want.get(shard, 0) + need - len(self.allocator.held.get(slot, ()))
+    for shard, need in want.items():
+      free = len(self.allocator.free[shard])
+      if need > free:
+        raise ValueError(f"insert: shard {shard} needs {need} more pages, has {free} free; "
+                         "release finished slots")  # fmt: skip
+    for slot, need in zip(slots, needs, strict=True):
+      self.allocator.reserve(int(slot), need)
 
   def generate(
     self,
@@ -410,7 +375,7 @@ class Engine:
     )  # fmt: skip
 
   def trace_prefill(self, params, *, sampling: params_lib.SamplingMethod) -> jax.stages.Traced:
-    """The largest prefill (Bp = batch_bucket(num_slots), P = max_prefill_len), traced.
+    """The largest prefill (Up = Rb = batch_bucket(num_slots), P = max_prefill_len), traced.
 
     params: arrays or sharded ShapeDtypeStructs; token inputs are sharded over the batch axes.
     """
@@ -424,7 +389,7 @@ class Engine:
     seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(self.mesh))
     return self._prefill.trace(
       self.graphdef, params, arg((bsz, plen), jnp.int32), arg((bsz,), jnp.int32),
-      arg((bsz, 2), jnp.int32), seed, cfg=self.model_cfg, sampling=sampling,
+      arg((bsz, 3), jnp.int32), seed, cfg=self.model_cfg, sampling=sampling,
     )  # fmt: skip
 
   def trace_generate(self, params, *, sampling: params_lib.SamplingMethod) -> jax.stages.Traced:
@@ -446,12 +411,45 @@ def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
   return out
 
 
+def _paged_layout(model_cfg, cfg: EngineConfig, mesh) -> paged.PagedLayout:
+  """Slots and pages over the mesh axes that split the slots; kv heads over `tensor` when it
+  splits both the kv and the query heads (as the params' projections do)."""
+  kv = sharding.mesh_axes("kv_heads", model_cfg.num_kv_heads, mesh)
+  if sharding.mesh_axes("heads", model_cfg.num_heads, mesh) != kv:
+    kv = ()
+  return paged.PagedLayout(
+    page_size=cfg.page, pages_per_block=max(1, cfg.decode_block // cfg.page), mesh=mesh,
+    batch_axes=sharding.mesh_axes("cache_batch", cfg.num_slots, mesh), kv_axes=kv,
+  )  # fmt: skip
+
+
+def _request_array(requests, num_prompts: int) -> np.ndarray:
+  """int32[R, 3] (row, prompt_index, sample_index); (prompt, sample) pairs mean row = index."""
+  reqs = [tuple(int(x) for x in r) for r in requests]
+  if not reqs:
+    raise ValueError("prefill needs at least one request")
+  if all(len(r) == 2 for r in reqs):
+    if len(reqs) != num_prompts:
+      raise ValueError(f"{len(reqs)} (prompt, sample) requests for {num_prompts} prompts")
+    reqs = [(i, *r) for i, r in enumerate(reqs)]
+  out = np.asarray(reqs, np.int32)
+  if out.shape[1:] != (3,) or out[:, 0].min() < 0 or out[:, 0].max() >= num_prompts:
+    raise ValueError(f"requests must be (row, prompt_index, sample_index), row < {num_prompts}")
+  return out
+
+
 def decode_state_shardings(state: DecodeState, mesh: jax.sharding.Mesh):
-  """Slots over the batch mesh axes, kv heads over `tensor` (the training rules table)."""
+  """Slots over the batch mesh axes, kv heads over `tensor` (the training rules table); a page
+  pool's pages over the slots' axes (`PagedLayout`)."""
   cache_axes = ("layers", "cache_batch", "seq", "kv_heads", "head_dim")
+  layout = getattr(state.cache, "layout", None)
 
   def one(path, x):
     name = jax.tree_util.keystr(path)
+    if layout is not None and name.startswith(".cache"):
+      if name.endswith(".k") or name.endswith(".v"):
+        return jax.sharding.NamedSharding(mesh, layout.pool_spec())
+      return jax.sharding.NamedSharding(mesh, layout.slot_spec(x.ndim))
     if name.endswith(".k") or name.endswith(".v"):
       return sharding.named_sharding(mesh, cache_axes, x.shape)
     return sharding.named_sharding(mesh, ("cache_batch",) + (None,) * (x.ndim - 1), x.shape)

@@ -1,0 +1,254 @@
+"""A paged KV cache for decoding: a page pool, a page table per slot, length-aware attention.
+
+Layout: the pool k, v [L, K, Pg, page, H] (Pg pages of `page` tokens; pool[layer] is what the
+TPU Pallas paged_attention kernel takes), a page table int32[B, M] (M = pages per slot at most)
+and lengths int32[B]. A slot holds its tokens contiguously in its pages, so token j of slot b
+sits in page page_table[b, j // page] at offset j % page and is valid iff j < lengths[b].
+
+Decode attention reads the pool as a loop invariant and gathers only the pages of the blocks
+up to the batch's last live one (a dynamic trip count), with an online softmax seeded by the
+new token's own k/v; the new k/v of every layer come back from the layer scan and are
+scattered into the pool once per step (`write_tokens`), so no step copies the pool.
+
+Sharding: with a mesh whose batch axes split the B slots over D shards, the pool's pages are
+split the same way and a slot's page ids are local to its shard; attention and writes run
+under `shard_map` (pages and slots over the batch axes, kv heads over `tensor`), so every
+gather and scatter stays on the shard that holds the pages and no pool is ever all-gathered.
+
+Shapes: B slots, N query heads, K kv heads, G = N / K, H head_dim, L layers, Pg pages (per
+shard inside shard_map), R inserted requests, P prefill bucket length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+_NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedLayout:
+  """Static facts about the pool (hashable: part of the cache's tree structure)."""
+
+  page_size: int
+  pages_per_block: int  # pages gathered per attention loop step
+  mesh: jax.sharding.Mesh | None = None
+  batch_axes: tuple[str, ...] = ()  # mesh axes splitting slots and pages
+  kv_axes: tuple[str, ...] = ()  # mesh axes splitting kv (and query) heads
+
+  @property
+  def num_shards(self) -> int:
+    if self.mesh is None:
+      return 1
+    return math.prod(self.mesh.shape[a] for a in self.batch_axes)
+
+  def pool_spec(self) -> PartitionSpec:
+    return PartitionSpec(None, _axes(self.kv_axes), _axes(self.batch_axes), None, None)
+
+  def slot_spec(self, ndim: int) -> PartitionSpec:
+    return PartitionSpec(_axes(self.batch_axes), *([None] * (ndim - 1)))
+
+
+def _axes(axes: tuple[str, ...]):
+  return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+@flax.struct.dataclass
+class PagedCache:
+  k: jax.Array  # [L, K, Pg, page, H]
+  v: jax.Array  # [L, K, Pg, page, H]
+  page_table: jax.Array  # int32[B, M] page ids, local to the slot's shard
+  lengths: jax.Array  # int32[B] tokens held (the next write position)
+  layout: PagedLayout = flax.struct.field(pytree_node=False)
+
+
+def init_paged_cache(
+  cfg, layout: PagedLayout, num_slots: int, num_pages: int, max_pages: int, dtype=None
+) -> PagedCache:
+  """Zeros pool of `num_pages` pages (all shards together) and empty slots."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, layout.page_size, cfg.head_dim)
+  return PagedCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    page_table=jnp.zeros((num_slots, max_pages), jnp.int32),
+    lengths=jnp.zeros((num_slots,), jnp.int32),
+    layout=layout,
+  )
+
+
+def _sharded(layout: PagedLayout, fn, in_specs, out_specs):
+  """fn under shard_map over the layout's mesh (as is on one device)."""
+  if layout.mesh is None or layout.mesh.size == 1:
+    return fn
+  return jax.shard_map(
+    fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
+
+
+# ------------------------------------------------------------------ decode attention
+
+
+def decode_attention(q, k_new, v_new, cache: PagedCache, layer, live) -> jax.Array:
+  """q [B, N, H], k_new/v_new [B, K, H] (this step's token), live int32[B] old tokens to see.
+
+  Query b attends to its slot's tokens j < live[b] in layer `layer` of the pool and to its
+  own new k/v. Returns [B, N, H] in q's dtype.
+  """
+  lay = cache.layout
+  heads = _axes(lay.kv_axes)
+  bspec = _axes(lay.batch_axes)
+  fn = _sharded(
+    lay, lambda *a: _attend_local(*a, pages_per_block=lay.pages_per_block),
+    in_specs=(PartitionSpec(bspec, heads, None), PartitionSpec(bspec, heads, None),
+              PartitionSpec(bspec, heads, None), lay.pool_spec(), lay.pool_spec(),
+              PartitionSpec(), lay.slot_spec(2), lay.slot_spec(1)),
+    out_specs=PartitionSpec(bspec, heads, None),
+  )  # fmt: skip
+  return fn(q, k_new, v_new, cache.k, cache.v, layer, cache.page_table, live)
+
+
+def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_per_block):
+  """One shard's decode attention; see `decode_attention` (page ids local to the shard)."""
+  b, n, h = q.shape
+  kh = k_new.shape[1]
+  g = n // kh
+  page = pool_k.shape[3]
+  ppb = min(pages_per_block, table.shape[1])
+  block = ppb * page
+  table = jnp.pad(table, ((0, 0), (0, (-table.shape[1]) % ppb)))
+  qg = q.reshape(b, kh, g, h) * jnp.asarray(h**-0.5, q.dtype)
+  # The new token's own score seeds the online softmax: (out, max, denominator).
+  s_self = jnp.einsum("bkgh,bkh->bkg", qg, k_new.astype(q.dtype),
+                      preferred_element_type=jnp.float32)  # fmt: skip
+  o = jnp.broadcast_to(v_new.astype(jnp.float32)[:, :, None, :], (b, kh, g, h))
+  init = (o, s_self, jnp.ones_like(s_self))
+  num_blocks = (jnp.max(live, initial=0) + block - 1) // block
+
+  def body(i, carry):
+    o, m, l = carry
+    ids = jax.lax.dynamic_slice_in_dim(table, i * ppb, ppb, axis=1)  # [B, ppb]
+    kb = pool_k[layer, :, ids].astype(q.dtype)  # [B, ppb, K, page, H]: one gather
+    vb = pool_v[layer, :, ids].astype(q.dtype)
+    sc = jnp.einsum("bkgh,bpkth->bkgpt", qg, kb, preferred_element_type=jnp.float32)
+    pos = i * block + jnp.arange(block, dtype=jnp.int32).reshape(ppb, page)
+    valid = pos[None] < live[:, None, None]  # [B, ppb, page]
+    sc = jnp.where(valid[:, None, None], sc, _NEG)
+    m_new = jnp.maximum(m, jnp.max(sc, axis=(-2, -1)))
+    p = jnp.exp(sc - m_new[..., None, None])
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bkgpt,bpkth->bkgh", p.astype(q.dtype), vb,
+                    preferred_element_type=jnp.float32)  # fmt: skip
+    return o * corr[..., None] + pv, m_new, l * corr + jnp.sum(p, axis=(-2, -1))
+
+  o, _, l = jax.lax.fori_loop(0, num_blocks, body, init)
+  return (o / l[..., None]).reshape(b, n, h).astype(q.dtype)
+
+
+# ------------------------------------------------------------------ writes
+
+
+def write_tokens(cache: PagedCache, k_new, v_new, active) -> PagedCache:
+  """Appends each active slot's new k/v [L, B, K, H] at its length; lengths += active."""
+  lay = cache.layout
+  heads = _axes(lay.kv_axes)
+  kv_spec = PartitionSpec(None, _axes(lay.batch_axes), heads, None)
+  fn = _sharded(lay, _write_local,
+                in_specs=(lay.pool_spec(), lay.pool_spec(), kv_spec, kv_spec, lay.slot_spec(2),
+                          lay.slot_spec(1), lay.slot_spec(1)),
+                out_specs=(lay.pool_spec(), lay.pool_spec()))  # fmt: skip
+  k, v = fn(cache.k, cache.v, k_new, v_new, cache.page_table, cache.lengths, active)
+  return cache.replace(k=k, v=v, lengths=cache.lengths + active.astype(jnp.int32))
+
+
+def _write_local(pool_k, pool_v, k_new, v_new, table, lengths, active):
+  page = pool_k.shape[3]
+  page_id = jnp.take_along_axis(table, (lengths // page)[:, None], axis=1, mode="clip")[:, 0]
+  page_id = jnp.where(active, page_id, pool_k.shape[2])  # out of range: dropped
+  off = lengths % page
+
+  def put(pool, new):  # pool[:, :, page_id, off] is [L, K, B, H]
+    return pool.at[:, :, page_id, off].set(new.swapaxes(1, 2).astype(pool.dtype), mode="drop")
+
+  return put(pool_k, k_new), put(pool_v, v_new)
+
+
+def insert_prompts(cache: PagedCache, k, v, pages, shard, lengths) -> PagedCache:
+  """Copies R prompts' real tokens into their pages.
+
+  k, v [L, R, P, K, H] prefix caches (right-padded prompts), pages int32[R, M] each request's
+  page ids (local to its shard `shard` int32[R]; a negative shard drops the request), lengths
+  int32[R] real prompt tokens. The page table and lengths of the slots are the caller's.
+  """
+  lay = cache.layout
+  heads = _axes(lay.kv_axes)
+  kv_spec = PartitionSpec(None, None, None, heads, None)  # every shard sees every request
+  rep = PartitionSpec()
+  fn = _sharded(lay, lambda *a: _insert_local(*a, batch_axes=lay.batch_axes if lay.mesh is not
+                                              None and lay.mesh.size > 1 else ()),
+                in_specs=(lay.pool_spec(), lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
+                out_specs=(lay.pool_spec(), lay.pool_spec()))  # fmt: skip
+  pk, pv = fn(cache.k, cache.v, k, v, pages, shard, lengths)
+  return cache.replace(k=pk, v=pv)
+
+
+def _insert_local(pool_k, pool_v, k, v, pages, shard, lengths, *, batch_axes):
+  page = pool_k.shape[3]
+  me = jax.lax.axis_index(batch_axes) if batch_axes else 0
+  j = jnp.arange(k.shape[2], dtype=jnp.int32)
+  ids = jnp.take(pages, j // page, axis=1, mode="clip")  # [R, P]
+  keep = (j[None] < lengths[:, None]) & (shard == me)[:, None]
+  ids = jnp.where(keep, ids, pool_k.shape[2])  # out of range: dropped
+  off = jnp.broadcast_to(j % page, ids.shape)
+
+  def put(pool, new):  # pool[:, :, ids, off] is [L, K, R, P, H]
+    upd = new.transpose(0, 3, 1, 2, 4).astype(pool.dtype)
+    return pool.at[:, :, ids, off].set(upd, mode="drop")
+
+  return put(pool_k, k), put(pool_v, v)
+
+
+# ------------------------------------------------------------------ host-side pages
+
+
+class PageAllocator:
+  """Host-side page reservations: a free list per shard; slot b belongs to shard b // (B / D).
+
+  A slot reserves its worst case at insert (no preemption, so no deadlock); page ids are local
+  to the shard.
+  """
+
+  def __init__(self, num_slots: int, num_pages: int, num_shards: int = 1):
+    if num_slots % num_shards or num_pages % num_shards:
+      raise ValueError(f"{num_slots} slots / {num_pages} pages do not split into {num_shards}")
+    self.slots_per_shard = num_slots // num_shards
+    self.pages_per_shard = num_pages // num_shards
+    self.free = [list(range(self.pages_per_shard - 1, -1, -1)) for _ in range(num_shards)]
+    self.held: dict[int, list[int]] = {}
+
+  def shard(self, slot: int) -> int:
+    return slot // self.slots_per_shard
+
+  def available(self, slot: int) -> int:
+    """Pages `slot` could hold now (its shard's free pages plus its own, freed on reuse)."""
+    return len(self.free[self.shard(slot)]) + len(self.held.get(slot, ()))
+
+  def reserve(self, slot: int, num: int) -> list[int]:
+    self.release(slot)
+    free = self.free[self.shard(slot)]
+    if num > len(free):
+      raise ValueError(
+        f"slot {slot} needs {num} pages but its shard has {len(free)} free "
+        f"({self.pages_per_shard} per shard); release finished slots first"
+      )
+    self.held[slot] = [free.pop() for _ in range(num)]
+    return self.held[slot]
+
+  def release(self, slot: int) -> None:
+    self.free[self.shard(slot)].extend(reversed(self.held.pop(slot, [])))
