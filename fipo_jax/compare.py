@@ -31,24 +31,41 @@ from fipo_jax import config as config_lib
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import paths, plots, wandb_backend
 
-X_AXES = {"rl_step": "RL step", "optimizer_step": "optimizer step",
-          "tokens": "response tokens trained on"}
+X_AXES = {
+  "rl_step": "RL step",
+  "optimizer_step": "optimizer step",
+  "tokens": "response tokens trained on",
+}
 EVAL = "eval/acc_mean"
 LEN_MEAN = "response_length/mean"
 LINE_STYLES = ("-", (0, (5, 2)), "-.", ":")
 # (file stem, title, [(metric, panel title, y label)]): one panel per metric, a line per run.
 FIGURES = (
   ("heldout_acc", "Held-out accuracy", [(EVAL, "eval/acc_mean", "accuracy")]),
-  ("train_acc", "Train accuracy (all sampled responses)",
-   [("train/acc_mean", "train/acc_mean", "accuracy")]),
-  ("clip_fractions", "Clip fractions",
-   [("actor/pg_clipfrac", "PPO clip fraction (pg_clipfrac)", "fraction"),
-    ("actor/pg_clipfrac_lower", "dual-clip fraction (pg_clipfrac_lower)", "fraction"),
-    ("response_length/clip_ratio", "truncated responses", "fraction")]),
-  ("influence_weights", "FIPO influence weights",
-   [(plots.IW_RAW, "mean weight, raw", "weight"), (plots.IW, "mean weight, clipped", "weight"),
-    ("actor/IW_upper_clip_ratio", "clipped above", "fraction"),
-    ("actor/IW_lower_clip_ratio", "clipped below", "fraction")]),
+  (
+    "train_acc",
+    "Train accuracy (all sampled responses)",
+    [("train/acc_mean", "train/acc_mean", "accuracy")],
+  ),
+  (
+    "clip_fractions",
+    "Clip fractions",
+    [
+      ("actor/pg_clipfrac", "PPO clip fraction (pg_clipfrac)", "fraction"),
+      ("actor/pg_clipfrac_lower", "dual-clip fraction (pg_clipfrac_lower)", "fraction"),
+      ("response_length/clip_ratio", "truncated responses", "fraction"),
+    ],
+  ),
+  (
+    "influence_weights",
+    "FIPO influence weights",
+    [
+      (plots.IW_RAW, "mean weight, raw", "weight"),
+      (plots.IW, "mean weight, clipped", "weight"),
+      ("actor/IW_upper_clip_ratio", "clipped above", "fraction"),
+      ("actor/IW_lower_clip_ratio", "clipped below", "fraction"),
+    ],
+  ),
   ("entropy", "Policy entropy", [("actor/entropy", "actor/entropy", "nats per token")]),
 )
 
@@ -97,8 +114,11 @@ def x_values(run: Run, x: str) -> dict[int, float]:
   if x == "rl_step":
     return {s: float(s) for s in steps}
   if x == "optimizer_step":
-    per = (_rl_value(run, "train_batch_size") // _rl_value(run, "ppo_mini_batch_size")
-           * _rl_value(run, "ppo_epochs"))
+    per = (
+      _rl_value(run, "train_batch_size")
+      // _rl_value(run, "ppo_mini_batch_size")
+      * _rl_value(run, "ppo_epochs")
+    )
     return {s: float(s * per) for s in steps}
   n, total, out = _rl_value(run, "n"), 0.0, {}
   for r in run.history:
@@ -136,8 +156,7 @@ def _plot_metric(ax, runs: Sequence[Run], key: str, k: int, colors) -> None:
     if k > 1:
       ax.plot(xs, values, color=color, alpha=0.25, lw=0.8)
       values = smooth(values, k)
-    ax.plot(xs, values, color=color, ls=ls, label=run.label, marker=marker, markersize=3,
-            lw=1.6)
+    ax.plot(xs, values, color=color, ls=ls, label=run.label, marker=marker, markersize=3, lw=1.6)
 
 
 def _plot_length(ax, runs: Sequence[Run], k: int, colors) -> None:
@@ -152,20 +171,26 @@ def _plot_length(ax, runs: Sequence[Run], k: int, colors) -> None:
     lo_v, hi_v = [lo[s] for s in band], [hi[s] for s in band]
     if k > 1:
       mean, lo_v, hi_v = smooth(mean, k), smooth(lo_v, k), smooth(hi_v, k)
-    ax.plot([run.x[s] for s in steps], mean, color=color, ls=ls, lw=1.6,
-            label=f"{run.label} mean")
+    ax.plot([run.x[s] for s in steps], mean, color=color, ls=ls, lw=1.6, label=f"{run.label} mean")
     if band:
-      ax.fill_between([run.x[s] for s in band], lo_v, hi_v, color=color, alpha=0.18, lw=0,
-                      label=f"{run.label} q25-q75")
+      ax.fill_between(
+        [run.x[s] for s in band],
+        lo_v,
+        hi_v,
+        color=color,
+        alpha=0.18,
+        lw=0,
+        label=f"{run.label} q25-q75",
+      )
 
 
 def _title(runs: Sequence[Run]) -> str:
-  return " vs ".join(f"{r.label} ({r.loss_mode})" if r.loss_mode != "?" else r.label
-                     for r in runs)
+  return " vs ".join(f"{r.label} ({r.loss_mode})" if r.loss_mode != "?" else r.label for r in runs)
 
 
-def write_figures(runs: Sequence[Run], out_dir: str, *, x: str = "rl_step",
-                  k: int = 1) -> list[str]:
+def write_figures(
+  runs: Sequence[Run], out_dir: str, *, x: str = "rl_step", k: int = 1
+) -> list[str]:
   """The overlay PNGs in `out_dir` (entropy.png only when some run logs actor/entropy)."""
   plt = plots.pyplot()
   colors = styles(len(runs))
@@ -180,7 +205,7 @@ def write_figures(runs: Sequence[Run], out_dir: str, *, x: str = "rl_step",
     for ax, (key, sub, ylabel) in zip(axes.flat, panels, strict=False):
       _plot_metric(ax, runs, key, k, colors)
       plots.style(ax, sub if len(panels) > 1 else key, ylabel, xlabel)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
       ax.set_visible(False)
     plots.legend_outside(axes.flat[cols - 1])
     fig.suptitle(f"{title}{note}: {_title(runs)}", fontsize=12)
@@ -205,7 +230,9 @@ def summary(run: Run, last: int) -> dict[str, Any]:
   tail = [v for s, v in zip(len_steps, lens, strict=True) if s > steps_run - last]
   best = max(range(len(ev)), key=lambda i: (ev[i], -ev_steps[i])) if ev else None
   return {
-    "run": run.label, "loss": run.loss_mode, "steps": steps_run,
+    "run": run.label,
+    "loss": run.loss_mode,
+    "steps": steps_run,
     "final": (ev[-1], ev_steps[-1]) if ev else None,
     "best": (ev[best], ev_steps[best]) if best is not None else None,
     "length": sum(tail) / len(tail) if tail else None,
@@ -214,21 +241,43 @@ def summary(run: Run, last: int) -> dict[str, Any]:
 
 def table(runs: Sequence[Run], last: int) -> str:
   """The printed comparison, one row per run, columns aligned."""
-  head = ["run", "loss", "steps", f"final {EVAL}", f"best {EVAL}",
-          f"mean response length (last {last} steps)"]
+  head = [
+    "run",
+    "loss",
+    "steps",
+    f"final {EVAL}",
+    f"best {EVAL}",
+    f"mean response length (last {last} steps)",
+  ]
   rows = [head]
   for run in runs:
     s = summary(run, last)
     acc = lambda v: f"{v[0]:.3f} (step {v[1]})" if v else "-"
-    rows.append([s["run"], s["loss"], str(s["steps"]), acc(s["final"]), acc(s["best"]),
-                 f"{s['length']:.2f}" if s["length"] is not None else "-"])
+    rows.append(
+      [
+        s["run"],
+        s["loss"],
+        str(s["steps"]),
+        acc(s["final"]),
+        acc(s["best"]),
+        f"{s['length']:.2f}" if s["length"] is not None else "-",
+      ]
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                   for r in rows)
+  return "\n".join(
+    "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+  )
 
 
-def compare(workdirs: Sequence[str], out_dir: str, *, x: str = "rl_step", k: int = 1,
-            last: int = 10, labels: Sequence[str] | None = None) -> tuple[list[str], str]:
+def compare(
+  workdirs: Sequence[str],
+  out_dir: str,
+  *,
+  x: str = "rl_step",
+  k: int = 1,
+  last: int = 10,
+  labels: Sequence[str] | None = None,
+) -> tuple[list[str], str]:
   """Loads the runs, writes the figures; returns (the PNGs, the table)."""
   if labels and len(labels) != len(workdirs):
     raise CompareError(f"--labels: {len(labels)} labels for {len(workdirs)} workdirs")

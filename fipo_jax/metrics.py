@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
-def response_length_metrics(lengths: Any, max_response_length: int,
-                            prefix: str = "response_length/") -> dict[str, float]:
+
+def response_length_metrics(
+  lengths: Any, max_response_length: int, prefix: str = "response_length/"
+) -> dict[str, float]:
   """verl's `response_length/{mean,min,max,median,q25,q75,clip_ratio}` of response lengths."""
   stats = estimators.length_stats(lengths, max_response_length)
   return {prefix + k: v for k, v in stats.items()}
@@ -67,9 +69,18 @@ class MetricsWriter:
   """Writes one row of metrics per step to its backends (jsonl, TensorBoard, an optional W&B
   logger) and to periodic PNG plots titled `run_name`."""
 
-  def __init__(self, workdir: str, *, is_primary: bool = True, plot_every: int = 5,
-               jsonl: bool = True, tensorboard: bool = True, plots: bool = True,
-               wandb: wandb_backend.WandbLogger | None = None, run_name: str | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    is_primary: bool = True,
+    plot_every: int = 5,
+    jsonl: bool = True,
+    tensorboard: bool = True,
+    plots: bool = True,
+    wandb: wandb_backend.WandbLogger | None = None,
+    run_name: str | None = None,
+  ):
     self.workdir = workdir
     self.is_primary = is_primary
     self.plot_every = max(1, plot_every)
@@ -173,9 +184,13 @@ class MetricsWriter:
 
   def outputs(self, checkpoint_dir: str) -> str:
     """`outputs_summary` of this writer's backends."""
-    return outputs_summary(self.workdir, checkpoint_dir, jsonl=self._jsonl,
-                           tensorboard=self.tensorboard_dir is not None,
-                           wandb=self._wandb_location)
+    return outputs_summary(
+      self.workdir,
+      checkpoint_dir,
+      jsonl=self._jsonl,
+      tensorboard=self.tensorboard_dir is not None,
+      wandb=self._wandb_location,
+    )
 
   def _append_jsonl(self, row: dict[str, Any]) -> None:
     if paths.is_remote(self.path):  # an object cannot be appended to: rewritten whole
@@ -201,8 +216,14 @@ def writer_for(rc: config_lib.RunConfig, workdir: str, *, is_primary: bool) -> M
   wandb = None
   if is_primary and "wandb" in m.backends:
     wandb = wandb_backend.WandbLogger(workdir, m, config=config_schema.as_dict(rc))
-  return MetricsWriter(workdir, is_primary=is_primary, jsonl="jsonl" in m.backends,
-                       tensorboard="tensorboard" in m.backends, wandb=wandb, run_name=name)
+  return MetricsWriter(
+    workdir,
+    is_primary=is_primary,
+    jsonl="jsonl" in m.backends,
+    tensorboard="tensorboard" in m.backends,
+    wandb=wandb,
+    run_name=name,
+  )
 
 
 def progress_postfix(history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
@@ -220,8 +241,14 @@ def progress_postfix(history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
   return out
 
 
-def outputs_summary(workdir: str, checkpoint_dir: str, *, tensorboard: bool = True,
-                    jsonl: bool = True, wandb: str | None = None) -> str:
+def outputs_summary(
+  workdir: str,
+  checkpoint_dir: str,
+  *,
+  tensorboard: bool = True,
+  jsonl: bool = True,
+  wandb: str | None = None,
+) -> str:
   """The lines a run ends with: where its metrics, plots, TensorBoard logs, W&B run (`wandb`:
   its URL, or its local directory offline) and checkpoints are."""
   workdir = paths.absolute(workdir)
@@ -259,5 +286,4 @@ def _jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _finite_or_none(row: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-          for k, v in row.items()}
+  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

@@ -23,9 +23,14 @@ from typing import Any
 from fipo_jax import paths
 
 IW, IW_RAW = "actor/influence_weights_mean", "actor/influence_weights_mean_raw"
-CLIP_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/IW_upper_clip_ratio",
-             "actor/IW_lower_clip_ratio", "actor/IW_overall_clip_ratio",
-             "response_length/clip_ratio")
+CLIP_KEYS = (
+  "actor/pg_clipfrac",
+  "actor/pg_clipfrac_lower",
+  "actor/IW_upper_clip_ratio",
+  "actor/IW_lower_clip_ratio",
+  "actor/IW_overall_clip_ratio",
+  "response_length/clip_ratio",
+)
 LEN = "response_length/"
 FILES = ("accuracy", "response_length", "influence_weights", "clip_fractions", "overview")
 
@@ -46,8 +51,11 @@ def is_number(v: Any) -> bool:
 
 def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
   """(steps, values) of `key` over the rows that log it with a finite value."""
-  pts = [(int(r["step"]), float(r[key])) for r in history
-         if is_number(r.get(key)) and math.isfinite(r[key])]
+  pts = [
+    (int(r["step"]), float(r[key]))
+    for r in history
+    if is_number(r.get(key)) and math.isfinite(r[key])
+  ]
   return [s for s, _ in pts], [v for _, v in pts]
 
 
@@ -93,8 +101,9 @@ def save(fig, path: str) -> str:
 def _line(ax, history, key, label=None, **kw) -> bool:
   steps, values = series(history, key)
   if steps:
-    ax.plot(steps, values, label=label or key, marker="o" if len(steps) < 30 else None,
-            markersize=3, **kw)
+    ax.plot(
+      steps, values, label=label or key, marker="o" if len(steps) < 30 else None, markersize=3, **kw
+    )
   return bool(steps)
 
 
@@ -110,12 +119,23 @@ def draw_response_length(ax, history) -> None:
   if not steps:
     style(ax, "Response length", "tokens")
     return no_data(ax)
-  band = [(s, lo, hi) for s, lo, hi in zip(*series(history, LEN + "q25"),
-                                            series(history, LEN + "q75")[1], strict=False)]
+  band = [
+    (s, lo, hi)
+    for s, lo, hi in zip(
+      *series(history, LEN + "q25"), series(history, LEN + "q75")[1], strict=False
+    )
+  ]
   line = ax.plot(steps, mean, label="mean", lw=1.8)[0]
   if band:
-    ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
-                    color=line.get_color(), alpha=0.2, lw=0, label="q25-q75")
+    ax.fill_between(
+      [b[0] for b in band],
+      [b[1] for b in band],
+      [b[2] for b in band],
+      color=line.get_color(),
+      alpha=0.2,
+      lw=0,
+      label="q25-q75",
+    )
   _line(ax, history, LEN + "median", "median", ls="--", lw=1)
   for key, ls in (("min", ":"), ("max", "-.")):
     s, v = series(history, LEN + key)
@@ -162,11 +182,12 @@ def influence_figure(history, run_name: str):
     return fig
   cols = min(4, len(mbs))
   rows = math.ceil(len(mbs) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.6), sharey=True,
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.6), sharey=True, squeeze=False
+  )
   for ax, k in zip(axes.flat, mbs, strict=False):
     draw_iw(ax, history, f"{IW}/mb{k}", f"{IW_RAW}/mb{k}", f"mini-batch {k}")
-  for ax in list(axes.flat)[len(mbs):]:
+  for ax in list(axes.flat)[len(mbs) :]:
     ax.set_visible(False)
   for ax in axes[:, 1:].flat:
     ax.set_ylabel("")
@@ -177,24 +198,30 @@ def influence_figure(history, run_name: str):
   return fig
 
 
-def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str, *,
-                 run_name: str = "run") -> list[str]:
+def plot_history(
+  history: Sequence[Mapping[str, Any]], out_dir: str, *, run_name: str = "run"
+) -> list[str]:
   """Writes FILES (as PNGs) to `out_dir`; a topic without data says so instead of failing."""
   plt = pyplot()
   written = []
-  single = (("accuracy", draw_accuracy), ("response_length", draw_response_length),
-            ("clip_fractions", draw_clip_fractions))
+  single = (
+    ("accuracy", draw_accuracy),
+    ("response_length", draw_response_length),
+    ("clip_fractions", draw_clip_fractions),
+  )
   for stem, draw in single:
     fig, ax = plt.subplots(figsize=(8, 4))
     draw(ax, history)
     ax.set_title(f"{run_name}: {ax.get_title()}", fontsize=11)
     fig.tight_layout()
     written.append(save(fig, paths.join(out_dir, f"{stem}.png")))
-  written.append(save(influence_figure(history, run_name),
-                      paths.join(out_dir, "influence_weights.png")))
+  written.append(
+    save(influence_figure(history, run_name), paths.join(out_dir, "influence_weights.png"))
+  )
   fig, axes = plt.subplots(2, 2, figsize=(15, 8))
-  for ax, draw in zip(axes.flat, (draw_accuracy, draw_response_length, draw_iw_mean,
-                                  draw_clip_fractions), strict=True):
+  for ax, draw in zip(
+    axes.flat, (draw_accuracy, draw_response_length, draw_iw_mean, draw_clip_fractions), strict=True
+  ):
     draw(ax, history)
   fig.suptitle(f"{run_name}: overview", fontsize=13)
   fig.tight_layout()

@@ -15,6 +15,8 @@
 - Offline (`WANDB_MODE=offline`, how the tests run it) the run is written to WORKDIR/wandb/
   (`wandb sync WORKDIR/wandb/offline-run-*` uploads it later). wandb writes local files only:
   for a gs:// workdir they go to a local temporary directory, copied to WORKDIR/wandb on close.
+- `close` ends wandb's service process (`wandb.teardown`): `finish` can return before the
+  run's .wandb file is flushed. A run of the caller's own in the same process ends with it.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def run_name(workdir: str) -> str:
 class WandbLogger:
   """One W&B run per workdir: started (or resumed) on construction, finished by `close`."""
 
-  def __init__(self, workdir: str, section: config_lib.MetricsSection, *,
-               config: Mapping[str, Any]):
+  def __init__(
+    self, workdir: str, section: config_lib.MetricsSection, *, config: Mapping[str, Any]
+  ):
     import wandb  # noqa: PLC0415 (the optional [wandb] extra)
 
     self.workdir = workdir
@@ -63,15 +66,22 @@ class WandbLogger:
     self._tmp = tempfile.mkdtemp(prefix="fipo_jax_wandb_") if paths.is_remote(workdir) else None
     try:
       self.run = wandb.init(
-        project=section.wandb_project, entity=section.wandb_entity,
-        name=section.wandb_name or run_name(workdir), group=section.wandb_group,
-        tags=list(section.wandb_tags), id=run_id, resume="allow", dir=self._tmp or workdir,
+        project=section.wandb_project,
+        entity=section.wandb_entity,
+        name=section.wandb_name or run_name(workdir),
+        group=section.wandb_group,
+        tags=list(section.wandb_tags),
+        id=run_id,
+        resume="allow",
+        dir=self._tmp or workdir,
         settings=wandb.Settings(console="off"),  # stdout stays the trainer's (tqdm)
       )
     except Exception as e:  # noqa: BLE001 - wandb raises many types; the user needs one line
-      raise WandbError(f"metrics.backends has 'wandb' but wandb.init failed: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                       "(run `wandb login`, or set WANDB_MODE=offline)") from e
+      raise WandbError(
+        f"metrics.backends has 'wandb' but wandb.init failed: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        "(run `wandb login`, or set WANDB_MODE=offline)"
+      ) from e
     self.run.config.update(dict(config), allow_val_change=True)  # once per process
     if not resumed:
       paths.write_text(id_path, run_id)
@@ -92,14 +102,22 @@ class WandbLogger:
     if step < self.run.step:
       if not self._warned_old_step:
         self._warned_old_step = True
-        log.warning("W&B run %s is at step %d; redone steps before it are not sent again",
-                    self.run.id, self.run.step)
+        log.warning(
+          "W&B run %s is at step %d; redone steps before it are not sent again",
+          self.run.id,
+          self.run.step,
+        )
       return
     values = {k: v for k, v in row.items() if k != "step" and _finite_number(v)}
     self.run.log(values, step=int(step))
 
   def close(self) -> None:
+    import wandb  # noqa: PLC0415
+
     self.run.finish()
+    # finish() can return before wandb's service has flushed the run's .wandb file; ending
+    # the service closes it, so the files are complete (and safe to copy) from here on.
+    wandb.teardown()
     if self._tmp is not None:
       try:
         paths.upload(os.path.join(self._tmp, "wandb"), paths.join(self.workdir, "wandb"))

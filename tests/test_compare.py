@@ -22,8 +22,14 @@ import pytest
 from fipo_jax import compare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIGURES = ("heldout_acc", "train_acc", "response_length", "clip_fractions", "influence_weights",
-           "entropy")
+FIGURES = (
+  "heldout_acc",
+  "train_acc",
+  "response_length",
+  "clip_fractions",
+  "influence_weights",
+  "entropy",
+)
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two line colours
 EVALS = {"fipo": {0: 0.5, 5: 0.8, 10: 0.7}, "dapo": {0: 0.5, 5: 0.6, 10: 0.9}}
 
@@ -37,17 +43,28 @@ def _rows(kind: str, steps: int = 10) -> list[dict]:
       row["eval/acc_mean"] = EVALS[kind][s]
     if s > 0:
       length = 10.0 + s if kind == "fipo" else 20.0
-      row.update({
-        "train/acc_mean": 0.3 + 0.05 * s + (0.02 if kind == "dapo" else 0.0),
-        "response_length/mean": length, "response_length/q25": length - 2,
-        "response_length/q75": length + 3, "train/num_prompts_kept": 16,
-        "actor/pg_clipfrac": 0.02 / s, "actor/pg_clipfrac_lower": 0.0,
-        "response_length/clip_ratio": 0.01 * (s % 3), "actor/entropy": 0.2 - 0.01 * s,
-      })
+      row.update(
+        {
+          "train/acc_mean": 0.3 + 0.05 * s + (0.02 if kind == "dapo" else 0.0),
+          "response_length/mean": length,
+          "response_length/q25": length - 2,
+          "response_length/q75": length + 3,
+          "train/num_prompts_kept": 16,
+          "actor/pg_clipfrac": 0.02 / s,
+          "actor/pg_clipfrac_lower": 0.0,
+          "response_length/clip_ratio": 0.01 * (s % 3),
+          "actor/entropy": 0.2 - 0.01 * s,
+        }
+      )
       if kind == "fipo":
-        row.update({"actor/influence_weights_mean_raw": 1.0 - 0.01 * (-1) ** s,
-                    "actor/influence_weights_mean": 1.0, "actor/IW_upper_clip_ratio": 0.05,
-                    "actor/IW_lower_clip_ratio": 0.1})
+        row.update(
+          {
+            "actor/influence_weights_mean_raw": 1.0 - 0.01 * (-1) ** s,
+            "actor/influence_weights_mean": 1.0,
+            "actor/IW_upper_clip_ratio": 0.05,
+            "actor/IW_lower_clip_ratio": 0.1,
+          }
+        )
     rows.append(row)
   return rows
 
@@ -55,16 +72,24 @@ def _rows(kind: str, steps: int = 10) -> list[dict]:
 def _write_run(workdir: pathlib.Path, kind: str) -> pathlib.Path:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(kind)))
-  config = {"rl": {"loss_mode": kind, "n": 8, "train_batch_size": 16, "ppo_mini_batch_size": 4,
-                   "ppo_epochs": 1}}
+  config = {
+    "rl": {
+      "loss_mode": kind,
+      "n": 8,
+      "train_batch_size": 16,
+      "ppo_mini_batch_size": 4,
+      "ppo_epochs": 1,
+    }
+  }
   (workdir / "config.json").write_text(json.dumps(config))
   return workdir
 
 
 def _readme_compare_command() -> list[str]:
   text = re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text())
-  (line,) = [ln.strip() for ln in text.splitlines()
-             if ln.strip().startswith("python -m fipo_jax.compare ")]
+  (line,) = [
+    ln.strip() for ln in text.splitlines() if ln.strip().startswith("python -m fipo_jax.compare ")
+  ]
   return shlex.split(line)[3:]
 
 
@@ -82,20 +107,46 @@ def _has_colour(img: np.ndarray, rgb, min_pixels: int = 50) -> bool:
 def test_readme_command_on_a_fipo_and_a_dapo_run(tmp_path):
   argv = _readme_compare_command()
   assert argv[:2] == ["/tmp/fipo_tiny", "/tmp/dapo_tiny"] and "--out" in argv
-  local = [str(tmp_path / a[len("/tmp/"):]) if a.startswith("/tmp/") else a for a in argv]
+  local = [str(tmp_path / a[len("/tmp/") :]) if a.startswith("/tmp/") else a for a in argv]
   _write_run(tmp_path / "fipo_tiny", "fipo")
   _write_run(tmp_path / "dapo_tiny", "dapo")
-  proc = subprocess.run([sys.executable, "-m", "fipo_jax.compare", *local], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fipo_jax.compare", *local],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   assert lines[0].split()[:3] == ["run", "loss", "steps"]
   fipo, dapo = (ln.split() for ln in lines[1:3])
   # run, loss, steps, final (step), best (step), mean length over the last 10 steps (1..10)
-  assert fipo == ["fipo_tiny", "fipo", "10", "0.700", "(step", "10)", "0.800", "(step", "5)",
-                  "15.50"]
-  assert dapo == ["dapo_tiny", "dapo", "10", "0.900", "(step", "10)", "0.900", "(step", "10)",
-                  "20.00"]
+  assert fipo == [
+    "fipo_tiny",
+    "fipo",
+    "10",
+    "0.700",
+    "(step",
+    "10)",
+    "0.800",
+    "(step",
+    "5)",
+    "15.50",
+  ]
+  assert dapo == [
+    "dapo_tiny",
+    "dapo",
+    "10",
+    "0.900",
+    "(step",
+    "10)",
+    "0.900",
+    "(step",
+    "10)",
+    "20.00",
+  ]
   out = pathlib.Path(local[local.index("--out") + 1])
   for stem in FIGURES:
     img = _png(out / f"{stem}.png")
@@ -146,16 +197,24 @@ def test_gs_workdirs(tmp_path, monkeypatch):
     fake_gcs.clear_caches()
 
 
-@pytest.mark.parametrize("args, message", [
-  (["{tmp}/missing", "--out", "{tmp}/o"], "no metrics.jsonl"),
-  (["{tmp}/f", "--out", "{tmp}/o", "--x", "walltime"], "invalid choice"),
-  (["{tmp}/f", "--out", "{tmp}/o", "--smooth", "0"], "must be >= 1"),
-  (["{tmp}/f"], "required: --out"),
-])
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["{tmp}/missing", "--out", "{tmp}/o"], "no metrics.jsonl"),
+    (["{tmp}/f", "--out", "{tmp}/o", "--x", "walltime"], "invalid choice"),
+    (["{tmp}/f", "--out", "{tmp}/o", "--smooth", "0"], "must be >= 1"),
+    (["{tmp}/f"], "required: --out"),
+  ],
+)
 def test_errors_are_one_line_exit_2(tmp_path, args, message):
   _write_run(tmp_path / "f", "fipo")
-  proc = subprocess.run([sys.executable, "-m", "fipo_jax.compare",
-                         *(a.format(tmp=tmp_path) for a in args)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "fipo_jax.compare", *(a.format(tmp=tmp_path) for a in args)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 2, proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr

@@ -21,8 +21,8 @@ def _read_tb_scalars(logdir):
     data = (logdir / name).read_bytes()
     pos = 0
     while pos < len(data):  # record: u64 length, u32 crc, payload, u32 crc
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 16 + length
       for v in event.summary.value:
         out.setdefault(v.tag, []).append((event.step, v.simple_value))
@@ -37,13 +37,20 @@ def test_jsonl_tensorboard_and_plots(tmp_path):
   w = metrics.MetricsWriter(str(tmp_path), plot_every=100)  # plots on close
   w.write(0, {"eval/acc_mean": 0.25})  # eval-only row: other keys missing
   for step in range(1, 5):
-    w.write(step, {
-      "train/acc_mean": np.float32(0.1 * step), "actor/pg_clipfrac": jnp.asarray(0.01 * step),
-      "actor/influence_weights_mean_raw": 1.0 + 0.01 * step,
-      "actor/influence_weights_mean_raw/mb2": 1.0 + 0.02 * step,
-      "actor/grad_norm": float("nan") if step == 2 else 1.5, "train/num_gen_batches": 2,
-      "timing_s/gen": 0.5, "histogram": np.arange(3), "note": "ok",
-    })
+    w.write(
+      step,
+      {
+        "train/acc_mean": np.float32(0.1 * step),
+        "actor/pg_clipfrac": jnp.asarray(0.01 * step),
+        "actor/influence_weights_mean_raw": 1.0 + 0.01 * step,
+        "actor/influence_weights_mean_raw/mb2": 1.0 + 0.02 * step,
+        "actor/grad_norm": float("nan") if step == 2 else 1.5,
+        "train/num_gen_batches": 2,
+        "timing_s/gen": 0.5,
+        "histogram": np.arange(3),
+        "note": "ok",
+      },
+    )
   assert not (tmp_path / "plots").exists()  # not yet due (plot_every=100) ...
   w.close()  # ... but always drawn on close
   rows = _rows(tmp_path / "metrics.jsonl")
@@ -57,19 +64,28 @@ def test_jsonl_tensorboard_and_plots(tmp_path):
   assert [s for s, _ in scalars["actor/grad_norm"]] == [1, 3, 4]  # NaN skipped
   assert scalars["eval/acc_mean"] == [(0, pytest.approx(0.25))]
   assert [v for _, v in scalars["train/acc_mean"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
-  for stem in ("accuracy", "response_length", "influence_weights", "clip_fractions",
-               "overview"):
+  for stem in ("accuracy", "response_length", "influence_weights", "clip_fractions", "overview"):
     png = tmp_path / "plots" / f"{stem}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
   assert not [p for p in os.listdir(tmp_path / "plots") if ".tmp" in p]
 
 
 def test_series_skips_nan_and_mini_batches_are_found():
-  history = [{"step": 1, "actor/influence_weights_mean_raw": 1.0,
-              "actor/influence_weights_mean_raw/mb2": 1.1, "actor/influence_weights_mean/mb1": 1.0},
-             {"step": 2, "actor/influence_weights_mean_raw": math.nan},
-             {"step": 3, "actor/influence_weights_mean_raw": 1.2,
-              "actor/influence_weights_mean_rawish/mb7": 5.0, "actor/ppo_kl/mb9": 0.1}]
+  history = [
+    {
+      "step": 1,
+      "actor/influence_weights_mean_raw": 1.0,
+      "actor/influence_weights_mean_raw/mb2": 1.1,
+      "actor/influence_weights_mean/mb1": 1.0,
+    },
+    {"step": 2, "actor/influence_weights_mean_raw": math.nan},
+    {
+      "step": 3,
+      "actor/influence_weights_mean_raw": 1.2,
+      "actor/influence_weights_mean_rawish/mb7": 5.0,
+      "actor/ppo_kl/mb9": 0.1,
+    },
+  ]
   assert plots.series(history, "actor/influence_weights_mean_raw") == ([1, 3], [1.0, 1.2])
   assert plots.series(history, "missing") == ([], [])
   assert plots.mini_batches(history) == [1, 2]
@@ -79,10 +95,16 @@ def _history(num_mb=4, steps=6):
   """Rows shaped like a FIPO run's: the first mini-batch's weights are exactly 1."""
   rows = [{"step": 0, "eval/acc_mean": 0.5}]
   for s in range(1, steps + 1):
-    row = {"step": s, "train/acc_mean": 0.1 * s, "response_length/mean": 10.0 + s,
-           "response_length/q25": 8.0 + s, "response_length/q75": 12.0 + s,
-           "actor/pg_clipfrac": 0.01 * s, "actor/influence_weights_mean": 1.0,
-           "actor/influence_weights_mean_raw": 1.0 + 0.01 * s}
+    row = {
+      "step": s,
+      "train/acc_mean": 0.1 * s,
+      "response_length/mean": 10.0 + s,
+      "response_length/q25": 8.0 + s,
+      "response_length/q75": 12.0 + s,
+      "actor/pg_clipfrac": 0.01 * s,
+      "actor/influence_weights_mean": 1.0,
+      "actor/influence_weights_mean_raw": 1.0 + 0.01 * s,
+    }
     for k in range(1, num_mb + 1):
       row[f"actor/influence_weights_mean_raw/mb{k}"] = 1.0 if k == 1 else 1.0 + 0.03 * k * (-1) ** s
       row[f"actor/influence_weights_mean/mb{k}"] = 1.0 if k == 1 else 1.0 + 0.02 * (-1) ** s
@@ -111,8 +133,10 @@ def test_influence_weights_one_panel_per_mini_batch(num_mb):
   assert lo < 1.0 - 0.01 and hi > 1.0 + 0.01  # ... inside the panel, not on its edge
   assert all(ax.get_shared_y_axes().joined(mb1, ax) for ax in panels)  # one scale
   (legend,) = fig.legends
-  assert legend.get_window_extent(fig.canvas.get_renderer()).x0 >= max(
-    ax.get_window_extent().x1 for ax in panels) - 1
+  assert (
+    legend.get_window_extent(fig.canvas.get_renderer()).x0
+    >= max(ax.get_window_extent().x1 for ax in panels) - 1
+  )
   plots.pyplot().close(fig)
 
 
@@ -132,8 +156,9 @@ def test_per_run_figures_are_titled_and_legends_sit_outside(tmp_path, monkeypatc
   files = plots.plot_history(_history(), str(tmp_path), run_name="fipo_7b")
   assert sorted(os.path.basename(f) for f in files) == sorted(f"{s}.png" for s in plots.FILES)
   for fig, path in seen:
-    titles = [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle
-                                                      else ""]
+    titles = [ax.get_title() for ax in fig.axes] + [
+      fig._suptitle.get_text() if fig._suptitle else ""
+    ]
     assert any("fipo_7b" in t for t in titles), path
   assert sum(ax.get_legend() is not None for fig, _ in seen for ax in fig.axes) >= 6
   plt.close("all")
@@ -170,7 +195,12 @@ def test_plot_with_no_matching_metrics(tmp_path):
 
 def test_response_length_metrics_names():
   m = metrics.response_length_metrics([3, 8, 8, 1], max_response_length=8)
-  assert m == {"response_length/mean": 5.0, "response_length/min": 1.0,
-               "response_length/max": 8.0, "response_length/median": 5.5,
-               "response_length/q25": 2.5, "response_length/q75": 8.0,
-               "response_length/clip_ratio": 0.5}
+  assert m == {
+    "response_length/mean": 5.0,
+    "response_length/min": 1.0,
+    "response_length/max": 8.0,
+    "response_length/median": 5.5,
+    "response_length/q25": 2.5,
+    "response_length/q75": 8.0,
+    "response_length/clip_ratio": 0.5,
+  }

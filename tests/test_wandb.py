@@ -35,8 +35,8 @@ def _records(path: pathlib.Path) -> list:
     if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a chunk header is padding
       pos += BLOCK - pos % BLOCK
       continue
-    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-    buf += data[pos + 7:pos + 7 + length]
+    _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+    buf += data[pos + 7 : pos + 7 + length]
     pos += 7 + length
     if kind in (1, 4):  # FULL, LAST (FIRST=2 and MIDDLE=3 continue a record)
       out.append(wandb_internal_pb2.Record.FromString(buf))
@@ -59,8 +59,9 @@ def _offline_runs(workdir: pathlib.Path) -> list[dict]:
         info["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
       elif kind == "history":
         row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-        info["history"].append({k: v for k, v in row.items() if not k.startswith("_")} |
-                               {"step": r.history.step.num})
+        info["history"].append(
+          {k: v for k, v in row.items() if not k.startswith("_")} | {"step": r.history.step.num}
+        )
     runs.append(info)
   return runs
 
@@ -92,8 +93,11 @@ def _fake_rl_step(rc, env, steps, state):
   """RL step state.step + 1 with distinct metrics (the backend is under test, not the loss)."""
   s = state.step + 1
   return state.replace(step=s), {
-    "train/nonfinite_updates": 0, "train/acc_mean": 0.125 * s, "actor/pg_clipfrac": 0.01 / s,
-    "actor/influence_weights_mean_raw/mb2": 1.0 + 0.5 ** s, "train/num_gen_batches": s,
+    "train/nonfinite_updates": 0,
+    "train/acc_mean": 0.125 * s,
+    "actor/pg_clipfrac": 0.01 / s,
+    "actor/influence_weights_mean_raw/mb2": 1.0 + 0.5**s,
+    "train/num_gen_batches": s,
     "actor/grad_norm": math.nan if s == 2 else 2.0 * s,  # NaN: null in jsonl, not sent to W&B
   }
 
@@ -103,8 +107,9 @@ def _jsonl(workdir):
 
 
 def _finite(row):
-  return {k: v for k, v in row.items() if v is not None and not (isinstance(v, float)
-                                                                and math.isnan(v))}
+  return {
+    k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))
+  }
 
 
 @pytest.mark.slow  # ~45 s: two trainer runs (model, sampler, checkpoints)
@@ -186,11 +191,14 @@ def test_a_gs_workdir_keeps_the_run_id_and_files_in_the_bucket(tmp_path, offline
     fake_gcs.clear_caches()
 
 
-@pytest.mark.parametrize("backends, error", [
-  (("jsonl", "mlflow"), "metrics.backends: must all be in ('jsonl', 'tensorboard', 'wandb')"),
-  ((), "metrics.backends: must name >= 1"),
-  (("jsonl", "jsonl"), "metrics.backends: has a duplicate"),
-])
+@pytest.mark.parametrize(
+  "backends, error",
+  [
+    (("jsonl", "mlflow"), "metrics.backends: must all be in ('jsonl', 'tensorboard', 'wandb')"),
+    ((), "metrics.backends: must name >= 1"),
+    (("jsonl", "jsonl"), "metrics.backends: has a duplicate"),
+  ],
+)
 def test_bad_backends_are_one_line_errors(backends, error):
   c = _config(2)
   c.metrics.backends = backends
