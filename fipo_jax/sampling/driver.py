@@ -1,22 +1,35 @@
 """The offline rollout driver: prompts x n samples through an Engine, continuously batched.
 
-Continuous batching: whenever requests are waiting, `generate` is asked to return as soon
-as one slot finishes, and the host prefills and inserts waiting requests into every free
-slot before the next call, so no slot idles while work remains. Static batching (for the
-benchmark) fills all slots, runs them to completion, then takes the next batch.
+Scheduling knobs of `run` (the defaults are the fast path; `REFERENCE` is today's engine path):
+  share_prefill (True): one prefill per prompt. A fill prefills the distinct waiting prompts
+    once, with all n of their requests: each request's first token comes from that one prefill
+    (with the request's own key), and the Prefix stays on the host until every one of its
+    requests is inserted, so a prompt whose samples spread over several fills is still prefilled
+    once. False: one prefill row per request (the prompt repeated n times).
+  refill_fraction (1/8): with requests waiting, `generate` returns once
+    min_free = ceil(refill_fraction * num_slots) slots finished (at most the number of requests
+    still waiting), and the host refills them in one prefill + insert. 0: after every finish.
+  overlap (True): host and device overlap. After dispatching call i the host decodes call i-1's
+    tokens (already computed) while call i runs, then blocks on call i's `active` flags only:
+    they say which slots to release and refill before call i+1 is dispatched. A slot is refilled
+    only after the host saw it finish, and a call's tokens are attributed through the slot ->
+    request map of the moment it was dispatched (a slot may hold a new request by the time its
+    tokens are read). False: each call's whole result is read before anything else happens.
+  mode: 'continuous' (refill freed slots as above) or 'static' (fill every slot, run them all to
+    completion, then take the next batch; the benchmark's baseline).
 
-Every request's PRNG key is derived from (seed, prompt_index, sample_index), so the same
-seed gives the same samples whatever the slot count or batching mode.
+Every request's PRNG key is derived from (seed, prompt_index, sample_index), so the same seed
+gives the same samples whatever the slot count, batching mode or knobs.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 import tqdm
 
@@ -24,6 +37,9 @@ from fipo_jax import distributed
 from fipo_jax.sampling import params as params_lib
 
 MODES = ("continuous", "static")
+# Today's engine path (with EngineConfig(kv_layout='dense')): a prefill row per request, back to
+# the host after every finish, no overlap. The benchmark's reference mode.
+REFERENCE = {"share_prefill": False, "refill_fraction": 0.0, "overlap": False}
 _GREEDY = params_lib.Greedy()
 
 
@@ -46,6 +62,8 @@ class SamplerStats:
 
   num_requests: int = 0
   num_prefill_calls: int = 0
+  prefill_rows: int = 0  # prompts prefilled (a prompt shared by n requests counts once)
+  prefill_tokens: int = 0  # real prompt tokens prefilled (the prefill's padding not counted)
   num_generate_calls: int = 0
   num_decode_steps: int = 0
   active_slot_steps: int = 0  # slot-steps that produced a token
@@ -53,6 +71,8 @@ class SamplerStats:
   idle_slot_steps_while_waiting: int = 0  # idle slot-steps while requests were queued
   tokens_generated: int = 0  # includes the first token of each request (from prefill)
   wall_time_s: float = 0.0
+  device_time_s: float = 0.0  # the host blocked on device results
+  host_time_s: float = 0.0  # wall time outside those waits (host work, dispatch)
 
   @property
   def slot_utilisation(self) -> float:
@@ -62,6 +82,11 @@ class SamplerStats:
   def tokens_per_s(self) -> float:
     return self.tokens_generated / max(self.wall_time_s, 1e-9)
 
+  @property
+  def device_busy(self) -> float:
+    """Share of wall time inside device waits: a lower bound on the device's busy time."""
+    return self.device_time_s / max(self.wall_time_s, 1e-9)
+
 
 @dataclasses.dataclass(frozen=True)
 class Result:
@@ -69,12 +94,39 @@ class Result:
   stats: SamplerStats
 
 
+class _Prefill:
+  """The host side of one Prefix: its requests, how many are inserted, its first tokens."""
+
+  def __init__(self, prefix, requests: list[tuple[int, int, int]]):
+    self.prefix = prefix  # dropped (with its KV) once every request is inserted
+    self.first_dev = (prefix.tokens, prefix.log_probs)
+    self.requests = requests  # (row, prompt_index, sample_index)
+    self.next = 0  # requests[:next] are inserted
+    self._first = None
+
+  @property
+  def remaining(self) -> int:
+    return len(self.requests) - self.next
+
+  def first(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Request i's first token and log-prob, int32[1], f32[1] (read once, when first needed)."""
+    if self._first is None:
+      # fetch: on several hosts the prefill's outputs may be sharded over all of them.
+      self._first = distributed.fetch(self.first_dev)
+      self.first_dev = None
+    tokens, log_probs = self._first
+    return np.asarray(tokens[i : i + 1]), np.asarray(log_probs[i : i + 1])
+
+
 @dataclasses.dataclass
 class _Running:
   prompt_index: int
   sample_index: int
+  source: _Prefill  # where its first token is
+  request: int  # its index in source.requests
   tokens: list[np.ndarray]
   log_probs: list[np.ndarray]
+  ended: bool = False  # the engine finished it; its slot may already hold another request
 
 
 def generate_samples(engine, params, prompts: Sequence[Sequence[int]], **kwargs) -> list[Sample]:
@@ -94,20 +146,24 @@ def run(
   stop_ids: Sequence[int] = (),
   seed: int = 0,
   mode: str = "continuous",
+  share_prefill: bool = True,
+  refill_fraction: float = 0.125,
+  overlap: bool = True,
   progress: bool = False,
 ) -> Result:
   """Runs all prompts x n samples through `engine` with `params`.
 
   Args:
-    engine: an `engine.Engine` (or anything with its prefill/insert/generate API).
+    engine: an `engine.Engine` (or anything with its prefill/insert/can_insert/release/generate).
     params: the model params state; pass the newest after each optimizer step.
     prompts: token-id lists, each 1..engine max_prompt_len long.
     n: samples per prompt.
-    max_new_tokens: response budget, one int or one per prompt.
+    max_new_tokens: response budget: one int, one per prompt, or one per request
+      ([num_prompts][n], e.g. the benchmark's long-tailed lengths).
     sampling: `Greedy()` or `Sampling(temperature, top_p, top_k)`.
     eos_ids, stop_ids: tokens that end a response (kept in it, finish_reason 'stop').
     seed: makes runs reproducible; request keys derive from (seed, prompt, sample).
-    mode: 'continuous' (refill freed slots at once) or 'static' (batch by batch).
+    mode, share_prefill, refill_fraction, overlap: scheduling (module docstring).
     progress: show a tqdm bar with tokens/s.
 
   Returns:
@@ -117,33 +173,43 @@ def run(
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   if n <= 0:
     raise ValueError(f"n must be positive, got {n}")
+  if not 0.0 <= refill_fraction <= 1.0:
+    raise ValueError(f"refill_fraction must be in [0, 1], got {refill_fraction}")
   loop = _Loop(engine, [np.asarray(p, np.int32) for p in prompts], n=n,
-               budgets=_budgets(max_new_tokens, len(prompts)),
+               budgets=_budgets(max_new_tokens, len(prompts), n),
                stops=frozenset(int(i) for i in (*eos_ids, *stop_ids)), mode=mode,
-               progress=progress)
-  while loop.waiting or loop.busy():
-    if loop.waiting and loop.may_fill():
+               share_prefill=share_prefill, refill_fraction=refill_fraction, overlap=overlap,
+               progress=progress)  # fmt: skip
+  while loop.unplaced() or loop.busy():
+    if loop.unplaced() and loop.may_fill():
       loop.fill(params, seed=seed, sampling=sampling)
-    else:
-      loop.decode(params, sampling=sampling)
+    loop.step(params, sampling=sampling)
+  loop.drain()
   return loop.result()
 
 
 class _Loop:
   """The host side of one `run`: the request queue, the slots, the finished samples."""
 
-  def __init__(self, engine, prompts: list[np.ndarray], *, n: int, budgets: list[int],
-               stops: frozenset[int], mode: str, progress: bool):
+  def __init__(self, engine, prompts: list[np.ndarray], *, n: int, budgets: list[list[int]],
+               stops: frozenset[int], mode: str, share_prefill: bool, refill_fraction: float,
+               overlap: bool, progress: bool):  # fmt: skip
     self.engine, self.prompts, self.budgets, self.stops, self.mode = (
-      engine, prompts, budgets, stops, mode)
+      engine, prompts, budgets, stops, mode)  # fmt: skip
+    self.share_prefill, self.overlap = share_prefill, overlap
     self.num_slots = engine.max_concurrent_decodes
+    self.refill = max(1, math.ceil(refill_fraction * self.num_slots - 1e-9))
     self.waiting = collections.deque((p, s) for p in range(len(prompts)) for s in range(n))
+    self.live: collections.deque[_Prefill] = collections.deque()  # prefixes with requests left
     self.stats = SamplerStats(num_requests=len(self.waiting))
     self.slots: list[_Running | None] = [None] * self.num_slots
+    self.pending = None  # (result, slot -> request map, waiting?) of the call not yet decoded
+    self.fresh: list[tuple[int, _Running]] = []  # inserted since the last generate call
+    self.first_only: list[_Running] = []  # budget 1: done on the prefill's token
     self.done: list[Sample] = []
     self.state = engine.init_decode_state()
     self.bar = tqdm.tqdm(total=len(self.waiting), disable=not progress, unit="sample",
-                         dynamic_ncols=True)
+                         dynamic_ncols=True)  # fmt: skip
     self.start = time.perf_counter()
 
   def busy(self) -> bool:
@@ -157,78 +223,240 @@ class _Loop:
     free = len(self.free_slots())
     return free == self.num_slots if self.mode == "static" else free > 0
 
-  def fill(self, params, *, seed: int, sampling) -> None:
-    """Prefills waiting requests into the free slots (a request may finish on its first token)."""
-    free = self.free_slots()
-    take = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-    use = free[: len(take)]
-    prefix = self.engine.prefill(params, [self.prompts[p] for p, _ in take], take, seed=seed,
-                                 sampling=sampling)
-    self.state = self.engine.insert(prefix, self.state, use,
-                                    [self.budgets[p] for p, _ in take], self.stops)
-    # fetch: on several hosts the prefill's outputs may be sharded over all of them.
-    first, first_lp = distributed.fetch((prefix.tokens, prefix.log_probs))
-    self.stats.num_prefill_calls += 1
-    self.stats.tokens_generated += len(take)
-    for i, ((p, s), slot) in enumerate(zip(take, use, strict=True)):
-      self.slots[slot] = _Running(p, s, [first[i : i + 1]], [first_lp[i : i + 1]])
-      if int(first[i]) in self.stops or self.budgets[p] <= 1:
-        self.finish(slot)  # the engine marked this slot inactive too
+  def unplaced(self) -> int:
+    """Requests not yet in a slot (queued, or prefilled and waiting for one)."""
+    return len(self.waiting) + sum(h.remaining for h in self.live)
 
-  def decode(self, params, *, sampling) -> None:
-    """One generate call; appends each slot's valid tokens and finishes the inactive slots."""
-    # With requests waiting (continuous), come back as soon as one slot frees up.
-    min_free = 1 if (self.waiting and self.mode == "continuous") else self.num_slots + 1
-    self.state, result = self.engine.generate(params, self.state, sampling=sampling,
-                                              stop_ids=self.stops, min_free=min_free)
-    res = jax.device_get(result)
-    steps = int(res.num_steps)
-    valid = np.asarray(res.valid[:steps])  # bool[steps, slots]
-    self._count(steps, valid)
-    for slot, run_ in enumerate(self.slots):
+  # ------------------------------------------------------------------ filling slots
+
+  def fill(self, params, *, seed: int, sampling) -> None:
+    """Inserts waiting requests into free slots: prefilled ones first, then new prompts.
+
+    Without overlap, a request that stopped on its first token frees its slot at once (today's
+    behaviour); with overlap the host learns it from the next call's `active` flags.
+    """
+    while True:
+      free, left = self.free_slots(), self.unplaced()
+      for holder in list(self.live):
+        self._place(holder, free)
+      if free and self.waiting and self._fits(free, *self.waiting[0]):
+        self._place(self._prefill(params, len(free), seed=seed, sampling=sampling), free)
+      if not self.overlap:
+        self._end_first_stops()
+      if not (self.unplaced() and self.unplaced() < left and self.free_slots()):
+        break  # nothing left, nothing placed, or every slot taken
+    if self.unplaced() and not self.busy():
+      p, s = self.waiting[0] if self.waiting else self.live[0].requests[self.live[0].next][1:]
+      raise ValueError(f"no free slot can hold prompt {p} ({len(self.prompts[p])} tokens + "
+                       f"{self.budgets[p][s]} new): too few KV pages in the engine")  # fmt: skip
+
+  def _end_first_stops(self) -> None:
+    """Ends the requests just inserted whose first token is a stop token."""
+    ended = [slot for slot, run_ in self.fresh
+             if int(run_.source.first(run_.request)[0][0]) in self.stops]  # fmt: skip
+    self.fresh = []
+    for slot in ended:
+      run_, self.slots[slot] = self.slots[slot], None
+      self._complete(run_)
+    if ended:
+      self.engine.release(ended)
+
+  def _fits(self, free: list[int], p: int, s: int) -> bool:
+    return self.budgets[p][s] <= 1 or any(self._can_insert(slot, p, s) for slot in free)
+
+  def _can_insert(self, slot: int, p: int, s: int) -> bool:
+    return self.engine.can_insert(slot, len(self.prompts[p]), self.budgets[p][s])
+
+  def _prefill(self, params, num_free: int, *, seed: int, sampling) -> _Prefill:
+    """Prefills the next waiting requests: whole prompts (share_prefill) or one row each."""
+    rows: list[int] = []  # prompt index per prefill row
+    requests: list[tuple[int, int, int]] = []
+    need = 0  # requests that will take a slot
+    while self.waiting:
+      p, s = self.waiting[0]
+      if not self.share_prefill or not rows or rows[-1] != p:  # a new prefill row
+        if need >= num_free or len(rows) == self.num_slots:
+          break  # enough requests to fill every free slot
+        rows.append(p)
+      self.waiting.popleft()
+      requests.append((len(rows) - 1, p, s))
+      need += self.budgets[p][s] > 1  # a budget of 1 takes no slot
+    prefix = self.engine.prefill(params, [self.prompts[p] for p in rows], requests, seed=seed,
+                                 sampling=sampling)  # fmt: skip
+    self.stats.num_prefill_calls += 1
+    self.stats.prefill_rows += len(rows)
+    self.stats.prefill_tokens += sum(len(self.prompts[p]) for p in rows)
+    holder = _Prefill(prefix, requests)
+    self.live.append(holder)
+    return holder
+
+  def _place(self, holder: _Prefill, free: list[int]) -> None:
+    """Inserts holder's next requests into slots taken from `free` (one insert call).
+
+    `can_insert` looks at each slot alone, so a batch may still overdraw a shard's pages; the
+    engine's insert then raises, reserving nothing, and the requests go in one at a time.
+    """
+    slots, rows, upto = self._choose(holder, free, limit=len(free))
+    try:
+      self._insert(holder, slots, rows, upto)
+    except ValueError:
+      free.extend(slots)
+      free.sort()
+      while holder.remaining:  # can_insert is exact for a single request
+        slots, rows, upto = self._choose(holder, free, limit=1)
+        if upto == holder.next:
+          break
+        self._insert(holder, slots, rows, upto)
+
+  def _choose(self, holder: _Prefill, free: list[int], *, limit: int
+              ) -> tuple[list[int], list[int], int]:  # fmt: skip
+    """Up to `limit` slots off `free` for holder's next requests, in order.
+
+    Returns (slots, their request rows, the end of the requests covered): a request with a
+    budget of 1 takes no slot (its one token is the prefill's).
+    """
+    slots, rows, i = [], [], holder.next
+    while i < len(holder.requests):
+      _, p, s = holder.requests[i]
+      if self.budgets[p][s] > 1:
+        slot = None if len(slots) == limit else next(
+          (x for x in free if self._can_insert(x, p, s)), None)  # fmt: skip
+        if slot is None:
+          break
+        free.remove(slot)
+        slots.append(slot)
+        rows.append(i)
+      i += 1
+    return slots, rows, i
+
+  def _insert(self, holder: _Prefill, slots: list[int], rows: list[int], upto: int) -> None:
+    """engine.insert of `rows` into `slots` (raises, inserting nothing, if pages run out);
+    the other requests before `upto` finish on their prefill token."""
+    if slots:
+      budgets = [self.budgets[p][s] for _, p, s in (holder.requests[r] for r in rows)]
+      self.state = self.engine.insert(holder.prefix, self.state, slots, rows, budgets, self.stops)
+    for slot, r in zip(slots, rows, strict=True):
+      self.slots[slot] = _Running(*holder.requests[r][1:], holder, r, [], [])
+      self.fresh.append((slot, self.slots[slot]))
+    self.first_only += [_Running(*holder.requests[r][1:], holder, r, [], [], ended=True)
+                        for r in range(holder.next, upto) if r not in rows]  # fmt: skip
+    self.stats.tokens_generated += upto - holder.next
+    holder.next = upto
+    if not holder.remaining:
+      holder.prefix = None  # every request inserted: its KV is no longer needed
+      self.live.remove(holder)
+
+  # ------------------------------------------------------------------ decoding
+
+  def min_free(self) -> int:
+    """Continuous with requests waiting: back once `refill` slots finished (or all it can use)."""
+    left = self.unplaced()
+    if self.mode == "static" or not left:
+      return self.num_slots + 1
+    return max(1, min(self.refill, left))
+
+  def step(self, params, *, sampling) -> None:
+    """One generate call; decodes the previous call's tokens while it runs (overlap)."""
+    snapshot = list(self.slots)
+    waiting = self.unplaced() > 0
+    self.fresh = []
+    self.state, res = self.engine.generate(
+      params, self.state, sampling=sampling, stop_ids=self.stops, min_free=self.min_free()
+    )
+    if self.pending is not None:
+      self._collect(*self.pending)
+      self.pending = None
+    self._end(snapshot, self._wait(res.active))
+    if self.overlap:
+      self.pending = (res, snapshot, waiting)
+    else:
+      self._collect(res, snapshot, waiting)
+
+  def drain(self) -> None:
+    if self.pending is not None:
+      self._collect(*self.pending)
+      self.pending = None
+    self._complete_first_only()
+
+  def _complete_first_only(self) -> None:
+    for run_ in self.first_only:
+      self._complete(run_)
+    self.first_only = []
+
+  def _wait(self, tree):
+    """distributed.fetch, timed as device time (the host blocks until the values exist)."""
+    start = time.perf_counter()
+    out = distributed.fetch(tree)
+    self.stats.device_time_s += time.perf_counter() - start
+    return out
+
+  def _end(self, snapshot: list[_Running | None], active: np.ndarray) -> None:
+    """Frees (and releases the pages of) the slots whose requests the engine finished."""
+    ended = []
+    for slot, run_ in enumerate(snapshot):
+      if run_ is not None and not active[slot]:
+        run_.ended = True
+        self.slots[slot] = None
+        ended.append(slot)
+    if ended:
+      self.engine.release(ended)
+
+  def _collect(self, res, snapshot: list[_Running | None], waiting: bool) -> None:
+    """Appends each request's valid tokens of one call; completes the requests that ended."""
+    self._complete_first_only()  # their prefill ran before this call
+    tokens, log_probs, valid, num_steps = self._wait(
+      (res.tokens, res.log_probs, res.valid, res.num_steps))  # fmt: skip
+    steps = int(num_steps)
+    valid = np.asarray(valid[:steps])  # bool[steps, slots]
+    self._count(steps, valid, waiting)
+    for slot, run_ in enumerate(snapshot):
       if run_ is None:
         continue
       keep = valid[:, slot]
-      run_.tokens.append(np.asarray(res.tokens[:steps, slot][keep]))
-      run_.log_probs.append(np.asarray(res.log_probs[:steps, slot][keep]))
-      if not res.active[slot]:
-        self.finish(slot)
+      run_.tokens.append(np.asarray(tokens[:steps, slot][keep]))
+      run_.log_probs.append(np.asarray(log_probs[:steps, slot][keep]))
+      if run_.ended:
+        self._complete(run_)
 
-  def _count(self, steps: int, valid: np.ndarray) -> None:
+  def _count(self, steps: int, valid: np.ndarray, waiting: bool) -> None:
     st = self.stats
     st.num_generate_calls += 1
     st.num_decode_steps += steps
     st.total_slot_steps += steps * self.num_slots
     st.active_slot_steps += int(valid.sum())
     st.tokens_generated += int(valid.sum())
-    if self.waiting:
+    if waiting:
       st.idle_slot_steps_while_waiting += int((~valid).sum())
 
-  def finish(self, slot: int) -> None:
-    run_, self.slots[slot] = self.slots[slot], None
-    response = np.concatenate(run_.tokens).astype(np.int32)
-    logprobs = np.concatenate(run_.log_probs).astype(np.float32)
+  def _complete(self, run_: _Running) -> None:
+    first, first_lp = run_.source.first(run_.request)
+    response = np.concatenate([first, *run_.tokens]).astype(np.int32)
+    logprobs = np.concatenate([first_lp, *run_.log_probs]).astype(np.float32)
     reason = "stop" if response.size and int(response[-1]) in self.stops else "length"
     self.done.append(Sample(run_.prompt_index, run_.sample_index, self.prompts[run_.prompt_index],
-                            response, logprobs, reason, int(response.size)))
+                            response, logprobs, reason, int(response.size)))  # fmt: skip
     self.bar.update(1)
     elapsed = time.perf_counter() - self.start
     self.bar.set_postfix(tok_s=f"{self.stats.tokens_generated / elapsed:.1f}")
 
   def result(self) -> Result:
-    self.stats.wall_time_s = time.perf_counter() - self.start
+    st = self.stats
+    st.wall_time_s = time.perf_counter() - self.start
+    st.host_time_s = st.wall_time_s - st.device_time_s
     self.bar.close()
     self.done.sort(key=lambda x: (x.prompt_index, x.sample_index))
-    return Result(self.done, self.stats)
+    return Result(self.done, st)
 
 
-def _budgets(max_new_tokens: int | Sequence[int], num_prompts: int) -> list[int]:
+def _budgets(max_new_tokens, num_prompts: int, n: int) -> list[list[int]]:
+  """Per-request budgets [num_prompts][n] from one int, one per prompt, or one per request."""
   if isinstance(max_new_tokens, int | np.integer):
-    budgets = [int(max_new_tokens)] * num_prompts
-  else:
-    budgets = [int(b) for b in max_new_tokens]
-    if len(budgets) != num_prompts:
-      raise ValueError(f"{len(budgets)} max_new_tokens for {num_prompts} prompts")
-  if budgets and min(budgets) <= 0:
+    max_new_tokens = [int(max_new_tokens)] * num_prompts
+  if len(max_new_tokens) != num_prompts:
+    raise ValueError(f"{len(max_new_tokens)} max_new_tokens for {num_prompts} prompts")
+  budgets = [[int(b)] * n if np.ndim(b) == 0 else [int(x) for x in b] for b in max_new_tokens]
+  if any(len(b) != n for b in budgets):
+    raise ValueError(f"max_new_tokens per request must give n={n} budgets per prompt")
+  if budgets and min(min(b) for b in budgets) <= 0:
     raise ValueError("max_new_tokens must be positive")
   return budgets
