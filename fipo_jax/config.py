@@ -240,11 +240,13 @@ class SamplingSection(Section):
   top_k: int = -1
   num_slots: int = 256
   decode_steps_per_call: int = 64
+  refill_fraction: float = 0.125
 
   def __post_init__(self):
     _check_sampling(self)
     self._require(self.num_slots > 0, "num_slots", "must be > 0")
     self._require(self.decode_steps_per_call > 0, "decode_steps_per_call", "must be > 0")
+    self._require(0.0 < self.refill_fraction <= 1.0, "refill_fraction", "must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

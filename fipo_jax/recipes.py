@@ -98,6 +98,8 @@ def base() -> ml_collections.ConfigDict:
   c.sampling.top_k = -1  # rollout top-k (-1 = off)
   c.sampling.num_slots = 256  # concurrent decode slots of the engine
   c.sampling.decode_steps_per_call = 64  # decode steps per jitted generate call
+  # with requests waiting, generate returns once this share of the slots finished (refill batch)
+  c.sampling.refill_fraction = 0.125
 
   c.eval = ml_collections.ConfigDict()
   c.eval.n = 32  # samples per val prompt: avg@32/pass@32/cons@32 (see recipe docstrings)

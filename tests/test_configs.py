@@ -162,6 +162,7 @@ def _err(mutate, **kw):
   (lambda c: setattr(c.optim, "schedule", "linear"), "optim.schedule", "one of"),
   (lambda c: setattr(c.optim, "lr", 0.0), "optim.lr", "> 0"),
   (lambda c: setattr(c.sampling, "top_p", 0.0), "sampling.top_p", "(0, 1]"),
+  (lambda c: setattr(c.sampling, "refill_fraction", 0.0), "sampling.refill_fraction", "(0, 1]"),
   (lambda c: setattr(c.eval, "n", 0), "eval.n", ">= 1"),
   (lambda c: setattr(c.model, "dtype", "fp8"), "model.dtype", "one of"),
   (lambda c: setattr(c.model, "preset", "qwen9-1t"), "model.preset", "unknown preset"),

@@ -337,6 +337,7 @@ def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.
       env.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
       max_new_tokens=rc.rl.max_response_length, sampling=env.train_sampling,
       eos_ids=env.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
+      refill_fraction=rc.sampling.refill_fraction,
     )
     r = make_rollouts(env.tokenizer, env.reward_cfg, examples, res.samples,
                       group_offset=round_idx * rc.rl.gen_batch_size)
