@@ -38,6 +38,8 @@ TASKS = ("verl", "synthetic", "auto")
 SYNTHETIC_KINDS = ("arith", "copy")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+ROLLOUT_IS_MODES = ("none", "token", "sequence")  # fipo_jax.rl.rollout_correction.MODES
+OLD_LOG_PROB_SOURCES = ("trainer", "sampler")
 METRIC_BACKENDS = ("jsonl", "tensorboard", "wandb")  # fipo_jax.metrics, fipo_jax.wandb_backend
 
 
@@ -182,9 +184,16 @@ class RLSection(Section):
   overlong_buffer_enable: bool = True
   overlong_buffer_len: int = 4096
   overlong_penalty_factor: float = 1.0
+  rollout_is: str = "none"
+  rollout_is_threshold: float = 2.0
+  old_log_prob_source: str = "trainer"
+  mismatch_metrics_every: int = 10
+  sampler_dtype: str | None = None
+  accept_sampler_mismatch: bool = False
 
   def __post_init__(self):
     self._one_of("loss_mode", LOSS_MODES)
+    self._check_rollout_correction()
     self._one_of("loss_agg_mode", LOSS_AGG_MODES)
     self._one_of("filter_groups_metric", FILTER_METRICS)
     self._one_of("reward_fn", REWARD_FNS)
@@ -225,6 +234,18 @@ class RLSection(Section):
                     f"must be in (0, rl.max_response_length={self.max_response_length})")
       self._require(self.overlong_penalty_factor >= 0.0, "overlong_penalty_factor",
                     "must be >= 0")
+
+  def _check_rollout_correction(self) -> None:
+    self._one_of("rollout_is", ROLLOUT_IS_MODES)
+    self._one_of("old_log_prob_source", OLD_LOG_PROB_SOURCES)
+    self._require(self.rollout_is_threshold > 0.0, "rollout_is_threshold", "must be > 0")
+    self._require(self.mismatch_metrics_every >= 0, "mismatch_metrics_every",
+                  "must be >= 0 (0 = never with old_log_prob_source='sampler')")
+    if self.sampler_dtype is not None:
+      self._one_of("sampler_dtype", DTYPES)
+    if self.old_log_prob_source == "sampler" and self.rollout_is != "none":
+      self._fail("rollout_is", f"{self.rollout_is!r} needs rl.old_log_prob_source='trainer': "
+                 "with the sampler's log-probs as old log-probs every weight is 1")
 
   @property
   def num_mini_batches(self) -> int:
@@ -381,6 +402,12 @@ class RunConfig(Section):
                           f"must be >= data.max_prompt_length + rl.max_response_length ({need}) "
                           f"so one sequence fits a micro-batch, got "
                           f"{self.rl.ppo_max_token_len_per_device}")
+    if self.rl.old_log_prob_source == "sampler" and not self.rl.accept_sampler_mismatch:
+      why = _sampler_mismatch(self.model, self.rl)
+      if why:
+        raise ConfigError("rl.old_log_prob_source",
+                          f"'sampler' needs the sampler to compute as the trainer does, but {why}; "
+                          "set rl.accept_sampler_mismatch=True to accept it")
     if self.model.preset:
       presets = _model_presets()
       if presets is not None and self.model.preset not in presets:
@@ -400,6 +427,13 @@ def _model_config_fields() -> frozenset[str] | None:
   except ImportError:
     return None
   return frozenset(f.name for f in dataclasses.fields(model_config.ModelConfig))
+
+
+def _sampler_mismatch(model: ModelSection, rl: RLSection) -> str | None:
+  """Why the sampler's log-probs would differ from the trainer's (lazy import), or None."""
+  from fipo_jax.rl import rollout_correction  # noqa: PLC0415
+
+  return rollout_correction.sampler_mismatch(model.dtype, rl.sampler_dtype, model.attention_impl)
 
 
 def _model_presets() -> Mapping[str, Any] | None:

@@ -91,6 +91,16 @@ def base() -> ml_collections.ConfigDict:
   c.rl.overlong_buffer_enable = True  # soft overlong penalty
   c.rl.overlong_buffer_len = 4096  # tokens: penalty ramps 0 -> -factor over the last len tokens
   c.rl.overlong_penalty_factor = 1.0  # penalty at max_response_length
+  # Rollout correction (docs/fipo_spec.md §11; official FIPO has none): verl's truncated IS
+  # weight min(pi_old / pi_sampler, threshold) on the per-token loss: 'none' | 'token' | 'sequence'.
+  c.rl.rollout_is = "none"
+  c.rl.rollout_is_threshold = 2.0  # TIS truncation (verl's default)
+  # Old log-probs: 'trainer' (a forward pass over the rollouts) | 'sampler' (the engine's
+  # log-probs, no pass; then the pass runs only every mismatch_metrics_every steps, 0 = never).
+  c.rl.old_log_prob_source = "trainer"
+  c.rl.mismatch_metrics_every = 10
+  c.rl.sampler_dtype = ml_collections.config_dict.placeholder(str)  # sampler compute dtype
+  c.rl.accept_sampler_mismatch = False  # allow 'sampler' when the sampler computes differently
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0  # rollout temperature

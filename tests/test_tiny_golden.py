@@ -32,13 +32,14 @@ VOLATILE = ("timing_s/", "perf/")
 
 
 
-def _one_step_metrics(workdir: pathlib.Path) -> dict:
+def _one_step_metrics(workdir: pathlib.Path, *overrides: str) -> dict:
+  """The metrics of one tiny_cpu RL step run by the CLI (`overrides`: more --config.* flags)."""
   conftest.write_tiny_cpu_sft_cache(workdir)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
          "--workdir", str(workdir), "--config.total_steps=1", "--config.eval_every=0",
-         "--config.checkpoint_every=0"]
+         "--config.checkpoint_every=0", *overrides]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -56,7 +57,14 @@ def _abs_tol(key: str) -> float:
   terms that size moves the mean by ~1e-6. Measured 2026-12-01 on an AVX-512 AMD EPYC host:
   mb4 0.06676875 vs 0.06676999 (abs 1.2e-6, rel 1.9e-5); every other float within rel 1e-5.
   The bound below is rel_tol (1e-5) times that term scale (1.5), rounded up.
+
+  The sampler-trainer mismatch metrics (`training/rollout_probs_diff_*`, `rollout_corr/*`)
+  measure the float32 rounding difference of two computations of the same log-probs (the
+  sampler's cached decode, the trainer's full pass), ~1e-7 to 4e-6 here; another CPU rounds
+  differently, so they are held to the 1e-5 agreement bound docs/fipo_spec.md §11 states.
   """
+  if key.startswith(("training/rollout_probs_diff", "rollout_corr/")):
+    return 1e-5
   return 2e-5 if key.startswith("actor/ppo_kl") else 1e-6
 
 

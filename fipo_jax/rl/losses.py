@@ -98,7 +98,10 @@ _REGISTRY: dict[str, PolicyLossFn] = {}
 
 
 def register_policy_loss(*names: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-  """Decorator: registers `fn(log_prob, old_log_prob, advantages, mask, cfg)` under names."""
+  """Decorator: registers `fn(log_prob, old_log_prob, advantages, mask, cfg)` under names.
+
+  A loss that supports rollout correction also takes `rollout_is_weights=None` [B, T]
+  (rl/rollout_correction.py); it is passed only when set."""
 
   def decorator(fn: PolicyLossFn) -> PolicyLossFn:
     for name in names:
@@ -114,13 +117,15 @@ def get_policy_loss(name: str) -> PolicyLossFn:
   return _REGISTRY[name]
 
 
-def compute_policy_loss(loss_mode, log_prob, old_log_prob, advantages, response_mask, cfg=None):
+def compute_policy_loss(loss_mode, log_prob, old_log_prob, advantages, response_mask, cfg=None,
+                        rollout_is_weights=None):
   """Runs the registered loss `loss_mode` on [B, T] inputs; returns (loss f32[], metrics).
 
   `cfg`: dict, ConfigDict or PolicyLossConfig with the official flat keys (missing keys take
   the official 32B values); a mapping is converted here, at the public boundary (the trainer
   passes its PolicyLossConfig). The loss is the unscaled per-micro-batch aggregate; see
-  `aggregation.microbatch_scale` for verl's micro-batch scaling.
+  `aggregation.microbatch_scale` for verl's micro-batch scaling. `rollout_is_weights` [B, T]
+  (detached; None = off): verl's rollout correction, multiplying the per-token policy loss.
   """
   shape = log_prob.shape
   if len(shape) != 2 or any(a.shape != shape for a in (old_log_prob, advantages, response_mask)):
@@ -132,7 +137,14 @@ def compute_policy_loss(loss_mode, log_prob, old_log_prob, advantages, response_
     advantages.astype(jnp.float32),
     response_mask,
     PolicyLossConfig.from_config(cfg),
+    **weights_kwarg(rollout_is_weights),
   )
+
+
+def weights_kwarg(rollout_is_weights) -> dict[str, Any]:
+  """{'rollout_is_weights': w}, or {} for None, so a registered loss that takes no weights
+  still runs without them."""
+  return {} if rollout_is_weights is None else {"rollout_is_weights": rollout_is_weights}
 
 
 def _clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
@@ -167,6 +179,11 @@ def _standard_metric_terms(t, d, advantages) -> dict[str, jax.Array]:
   return m
 
 
+def _weighted(pg_losses: jax.Array, rollout_is_weights: jax.Array | None) -> jax.Array:
+  """verl: `pg_losses * rollout_is_weights` before aggregation (None: unchanged)."""
+  return pg_losses if rollout_is_weights is None else pg_losses * rollout_is_weights
+
+
 def _standard_metrics(t, d, advantages, mask) -> dict[str, jax.Array]:
   m = aggregation.masked_means(_standard_metric_terms(t, d, advantages), mask)
   m.setdefault("actor/pg_clipfrac_lower", jnp.zeros((), jnp.float32))
@@ -174,7 +191,8 @@ def _standard_metrics(t, d, advantages, mask) -> dict[str, jax.Array]:
 
 
 @register_policy_loss("dapo", "vanilla", "grpo")
-def dapo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
+def dapo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig,
+              rollout_is_weights=None):
   """verl's 'vanilla' PPO loss: clip [1-eps_low, 1+eps_high] plus dual clip c on A < 0.
 
   Also 'grpo': verl has no GRPO policy loss of its own; GRPO (and DAPO) runs use 'vanilla',
@@ -183,7 +201,8 @@ def dapo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLoss
   """
   d, ratio = _log_ratio(log_prob, old_log_prob)
   t = _dual_clip_terms(advantages, ratio, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-  loss = aggregation.agg_loss(t["pg_losses"], response_mask, cfg.loss_agg_mode)
+  pg_losses = _weighted(t["pg_losses"], rollout_is_weights)
+  loss = aggregation.agg_loss(pg_losses, response_mask, cfg.loss_agg_mode)
   return loss, {"actor/pg_loss": loss, **_standard_metrics(t, d, advantages, response_mask)}
 
 
@@ -314,13 +333,15 @@ def _fipo_metrics(t, advantages, response_mask, cfg: PolicyLossConfig) -> dict[s
 
 
 @register_policy_loss("fipo", "future_kl")
-def fipo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig):
+def fipo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLossConfig,
+              rollout_is_weights=None):
   """FIPO: DAPO surrogate on A * f, f = clip(exp(Future-KL)) detached, with sequence drop."""
   t = fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg)
   # agg_loss(pg_losses, final_mask) from row sums over response_mask with dropped rows zeroed:
   # the same value, without a [B, T] final mask.
   valid = t["seq_valid_mask"]
-  row_sum = aggregation.masked_sum(t["pg_losses"], response_mask, axis=-1)
+  pg_losses = _weighted(t["pg_losses"], rollout_is_weights)
+  row_sum = aggregation.masked_sum(pg_losses, response_mask, axis=-1)
   row_count = jnp.sum(response_mask.astype(jnp.float32), axis=-1)
   loss = aggregation.agg_rows(
     jnp.where(valid, row_sum, 0.0),

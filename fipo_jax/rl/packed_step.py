@@ -60,6 +60,7 @@ class PackedBatch:
   seq_mask: jax.Array  # f32[NM, W, E], 1 = the slot holds a sequence
   seq_index: jax.Array  # int32[NM, W, E], the slot's row in the mini-batch, -1 = empty
   ref_log_probs: jax.Array | None = None  # f32[NM, W, E, T], only with a KL term
+  rollout_is_weights: jax.Array | None = None  # f32[NM, W, E, T], only with rl.rollout_is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class _Responses:
   advantages: jax.Array
   response_mask: jax.Array
   ref_log_probs: jax.Array | None
+  rollout_is_weights: jax.Array | None = None
 
 
 def _rows(x):
@@ -113,6 +115,7 @@ def micro_batch_loss(params, graphdef, micro: PackedBatch, mini_seqs, *, cfg: ts
     _rows(micro.advantages),
     _rows(micro.response_mask),
     _rows(micro.ref_log_probs),
+    _rows(micro.rollout_is_weights),
   )
   loss, metrics = ts.actor_objective(_rows(log_prob), _rows(ent), view, cfg=cfg)
   loss, metrics = _row_count_fix(loss, metrics, micro, cfg=cfg)

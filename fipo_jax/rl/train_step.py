@@ -46,6 +46,7 @@ class PolicyBatch:
   old_log_probs: jax.Array  # f32[B, T]
   advantages: jax.Array  # f32[B, T], per-sequence advantage broadcast and masked
   ref_log_probs: jax.Array | None = None  # f32[B, T], only with a KL term
+  rollout_is_weights: jax.Array | None = None  # f32[B, T], only with rl.rollout_is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +121,14 @@ def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig)
 def actor_objective(log_prob, ent, micro, *, cfg: UpdateConfig):
   """The unscaled actor loss of one micro-batch from its log-probs [B, T] (and entropy).
 
-  `micro` holds the response-layout fields old_log_probs, advantages, response_mask and
-  ref_log_probs ([B, T]); both the padded and the packed train steps call this.
+  `micro` holds the response-layout fields old_log_probs, advantages, response_mask,
+  ref_log_probs and rollout_is_weights ([B, T]); both the padded and the packed train steps
+  call this. The rollout IS weights (None: off) multiply the per-token policy loss only.
   """
   need_entropy = cfg.entropy_coeff != 0.0
   loss_fn = losses_lib.get_policy_loss(cfg.loss_mode)
   loss, metrics = loss_fn(log_prob, micro.old_log_probs, micro.advantages, micro.response_mask,
-                          cfg.policy_loss)
+                          cfg.policy_loss, **losses_lib.weights_kwarg(micro.rollout_is_weights))
   agg_mode = cfg.policy_loss.loss_agg_mode
   if need_entropy:
     loss = loss - cfg.entropy_coeff * aggregation.agg_loss(ent, micro.response_mask, agg_mode)

@@ -4,7 +4,9 @@
 
   rollout.collect (gen_batch_size prompts x n sampled and scored, dynamic sampling until
   train_batch_size prompts are kept, group advantages, mini-batches on the mesh)
-  -> old log-probs (the actor's, and the frozen reference's with the KL term; jit)
+  -> old log-probs (the actor's, or the sampler's with rl.old_log_prob_source='sampler'; the
+     sampler-trainer mismatch metrics and rollout IS weights; the frozen reference's with the
+     KL term; jit)
   -> train_batch_size / ppo_mini_batch_size x ppo_epochs optimizer updates (jit, micro-batch
      accumulation) -> metrics;
 
@@ -32,7 +34,7 @@ from fipo_jax import config as config_lib
 from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
-from fipo_jax.rl import evaluation, optimizer, packed_step, warmstart
+from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -75,6 +77,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
     raise SetupError(f"{type(e).__name__}: {e}") from e
   policy_lib.save_run_config(config, workdir)
+  _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
   state = loop.initial_state(state)
   jit_steps = packed_step.jit_steps if rc.rl.use_remove_padding else ts.jit_steps
@@ -90,6 +93,18 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
       break
   loop.close()
   return last
+
+
+def _warn_accepted_mismatch(rc: config_lib.RunConfig) -> None:
+  """Says so when rl.accept_sampler_mismatch lets the sampler's log-probs be the old ones
+  although the sampler computes differently (validation refuses it without the flag)."""
+  if rc.rl.old_log_prob_source != "sampler" or not rc.rl.accept_sampler_mismatch:
+    return
+  why = rollout_correction.sampler_mismatch(rc.model.dtype, rc.rl.sampler_dtype,
+                                            rc.model.attention_impl)
+  if why:
+    logging.warning("rl.old_log_prob_source='sampler' with rl.accept_sampler_mismatch: %s, so "
+                    "the old log-probs are not the trainer's", why)
 
 
 @dataclasses.dataclass
@@ -198,7 +213,7 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
     logging.warning("step %d: no prompt group with mixed accuracy; update skipped", state.step)
     metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1})
     return state.replace(step=state.step + 1), metrics
-  batches, num_tokens = _log_probs(env, steps, state.params, batches, metrics)
+  batches, num_tokens = _log_probs(rc, env, steps, state, batches, metrics)
   t_update = time.perf_counter()
   state, per_mb = _updates(rc, env, steps, state, batches)
   t_update = time.perf_counter() - t_update
@@ -213,27 +228,52 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
   return state, metrics
 
 
-def _log_probs(env: setup_lib.Env, steps: ts.CompiledSteps, params: nnx.State,
-               batches: list[ts.PolicyBatch], metrics: dict[str, Any]
-               ) -> tuple[list[ts.PolicyBatch], float]:
-  """The actor's old log-probs (before any update of the step, as verl) and, with the KL term,
-  the reference's, by the same jitted pass. Adds the entropy and timings to `metrics`.
-  Returns (the batches with them, the response tokens of all of them)."""
+def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
+               state: setup_lib.TrainState, batches: list[ts.PolicyBatch],
+               metrics: dict[str, Any]) -> tuple[list[ts.PolicyBatch], float]:
+  """The step's old log-probs and, with the KL term, the reference's (same jitted pass).
+
+  The batches arrive with the sampler's log-probs as old_log_probs. The actor's pass (before
+  any update of the step, as verl) runs when `rollout_correction.metrics_due`: always with
+  rl.old_log_prob_source='trainer' (its log-probs replace the sampler's), every
+  rl.mismatch_metrics_every steps with 'sampler' (metrics only). Adds the entropy (when the
+  pass ran), the mismatch metrics and timings to `metrics`.
+  Returns (the batches, the response tokens of all of them)."""
   t0 = time.perf_counter()
-  out, ent_sum, tokens = [], 0.0, 0.0
+  out, tokens = batches, 0.0
   for b in batches:
-    old_lp, ent = steps.log_prob(params, b)
-    out.append(b.replace(old_log_probs=old_lp))
-    ent_sum += jnp.sum(ent * b.response_mask)
     tokens += jnp.sum(b.response_mask)
   tokens = float(tokens)
-  metrics["actor/entropy"] = float(ent_sum / max(tokens, 1.0))
+  if rollout_correction.metrics_due(rc.rl, state.step):
+    out = _old_log_probs(rc, steps, state.params, batches, metrics, tokens)
   metrics["timing_s/old_log_prob"] = time.perf_counter() - t0
   if env.ref_params is not None:  # the KL term: the frozen reference
     t1 = time.perf_counter()
     out = [b.replace(ref_log_probs=steps.log_prob(env.ref_params, b)[0]) for b in out]
     metrics["timing_s/ref"] = time.perf_counter() - t1
   return out, tokens
+
+
+def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nnx.State,
+                   batches: list[ts.PolicyBatch], metrics: dict[str, Any], tokens: float
+                   ) -> list[ts.PolicyBatch]:
+  """The actor's pass over the batches: entropy, mismatch metrics against the sampler's
+  log-probs, and with rl.old_log_prob_source='trainer' its old log-probs (and rl.rollout_is's
+  weights) in the batches."""
+  rl = rc.rl
+  out, ent_sum, stats = [], 0.0, []
+  for b in batches:
+    old_lp, ent = steps.log_prob(params, b)
+    weights, st = rollout_correction.correct(old_lp, b.old_log_probs, b.response_mask,
+                                             mode=rl.rollout_is, threshold=rl.rollout_is_threshold)
+    stats.append(st)
+    ent_sum += jnp.sum(ent * b.response_mask)
+    if rl.old_log_prob_source == "trainer":
+      b = b.replace(old_log_probs=old_lp, rollout_is_weights=weights)
+    out.append(b)
+  metrics["actor/entropy"] = float(ent_sum / max(tokens, 1.0))
+  metrics.update(rollout_correction.combine(jax.device_get(stats), mode=rl.rollout_is))
+  return out
 
 
 def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
