@@ -125,7 +125,9 @@ def draw_response_length(ax, history) -> None:
       *series(history, LEN + "q25"), series(history, LEN + "q75")[1], strict=False
     )
   ]
-  line = ax.plot(steps, mean, label="mean", lw=1.8)[0]
+  line = ax.plot(
+    steps, mean, label="mean", lw=1.8, marker="o" if len(steps) < 30 else None, markersize=3
+  )[0]
   if band:
     ax.fill_between(
       [b[0] for b in band],
