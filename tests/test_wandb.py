@@ -79,7 +79,7 @@ def _config(total_steps):
   from configs import tiny_cpu  # noqa: PLC0415
 
   c = tiny_cpu.get_config("runlocal")
-  c.sft.steps, c.eval_every, c.checkpoint_every = 0, 0, 2
+  c.sft.steps, c.eval_every, c.checkpoint_every = 0, 1, 2
   c.total_steps = total_steps
   c.metrics.backends = ("jsonl", "wandb")
   c.metrics.wandb_project = "fipo-tests"
@@ -87,19 +87,6 @@ def _config(total_steps):
   c.metrics.wandb_group = "fipo-vs-dapo"
   c.metrics.wandb_tags = ("fipo", "tiny")
   return c
-
-
-def _fake_rl_step(rc, env, steps, state):
-  """RL step state.step + 1 with distinct metrics (the backend is under test, not the loss)."""
-  s = state.step + 1
-  return state.replace(step=s), {
-    "train/nonfinite_updates": 0,
-    "train/acc_mean": 0.125 * s,
-    "actor/pg_clipfrac": 0.01 / s,
-    "actor/influence_weights_mean_raw/mb2": 1.0 + 0.5**s,
-    "train/num_gen_batches": s,
-    "actor/grad_norm": math.nan if s == 2 else 2.0 * s,  # NaN: null in jsonl, not sent to W&B
-  }
 
 
 def _jsonl(workdir):
@@ -112,40 +99,39 @@ def _finite(row):
   }
 
 
-@pytest.mark.slow  # ~45 s: two trainer runs (model, sampler, checkpoints)
-def test_trainer_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, offline, monkeypatch):
+@pytest.mark.slow  # 50-80 s: two short trainer runs (model, sampler, evals, checkpoints)
+def test_trainer_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, offline):
+  """The real loop (runlocal's model untrained: its steps sample, score and evaluate, then
+  find no mixed group to update on), evaluating every step, then resumed for one more."""
   from fipo_jax.rl import trainer  # noqa: PLC0415
 
-  monkeypatch.setattr(trainer, "rl_step", _fake_rl_step)
   workdir = tmp_path / "run"
-  trainer.run(_config(4), str(workdir))
+  trainer.run(_config(2), str(workdir))
   run_id = (workdir / wandb_backend.RUN_ID_FILE).read_text().strip()
   (first,) = _offline_runs(workdir)
   assert first["run"].run_id == run_id and first["run"].project == "fipo-tests"
   assert first["run"].display_name == "tiny-wandb" and first["run"].run_group == "fipo-vs-dapo"
   assert list(first["run"].tags) == ["fipo", "tiny"]
   # The full validated config, once.
-  want_cfg = json.loads(json.dumps(config_schema.as_dict(config_lib.validate(_config(4)))))
+  want_cfg = json.loads(json.dumps(config_schema.as_dict(config_lib.validate(_config(2)))))
   assert {k: first["config"][k] for k in want_cfg} == want_cfg
-  # Every scalar of metrics.jsonl, at its step; the NaN left out.
+  # Every scalar of metrics.jsonl (eval at step 0, then each RL step) at its step.
   rows = _jsonl(workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  assert [h["step"] for h in first["history"]] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows] == [0, 1, 2]
+  assert {"eval/acc_mean", "train/num_gen_batches", "timing_s/gen"} <= set(rows[1])
+  assert [h["step"] for h in first["history"]] == [0, 1, 2]
   for row, hist in zip(rows, first["history"], strict=True):
     assert hist == pytest.approx(_finite(row)), row["step"]
-  assert "actor/grad_norm" not in first["history"][1] and rows[1]["actor/grad_norm"] is None
-  assert first["history"][0]["actor/influence_weights_mean_raw/mb2"] == 1.5
 
-  trainer.run(_config(6), str(workdir))  # resumes from the step-4 checkpoint
+  trainer.run(_config(3), str(workdir))  # resumes from the step-2 checkpoint
   assert (workdir / wandb_backend.RUN_ID_FILE).read_text().strip() == run_id
   first_again, second = _offline_runs(workdir)
   assert first_again["history"] == first["history"]
   assert second["run"].run_id == run_id  # the same W&B run, continued
-  assert [h["step"] for h in second["history"]] == [5, 6]
   rows = _jsonl(workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-  for row, hist in zip(rows[4:], second["history"], strict=True):
-    assert hist == pytest.approx(_finite(row))
+  assert [r["step"] for r in rows] == [0, 1, 2, 3]
+  assert [h["step"] for h in second["history"]] == [3]
+  assert second["history"][0] == pytest.approx(_finite(rows[3]))
 
 
 def test_only_the_primary_process_starts_a_run(tmp_path, offline):
@@ -155,11 +141,16 @@ def test_only_the_primary_process_starts_a_run(tmp_path, offline):
   w.close()
   assert not (tmp_path / "w").exists()
   w = metrics.writer_for(rc, str(tmp_path / "p"), is_primary=True)
-  w.write(1, {"train/acc_mean": 1.0})
+  w.write(1, {"train/acc_mean": 1.0, "actor/influence_weights_mean_raw/mb2": 1.5})
+  w.write(2, {"train/acc_mean": 0.5, "actor/grad_norm": math.nan, "histogram": [1, 2]})
   assert "wandb" in w.outputs(str(tmp_path / "ck"))
   w.close()
   (run,) = _offline_runs(tmp_path / "p")
-  assert run["history"] == [{"step": 1, "train/acc_mean": 1.0}]
+  assert run["history"] == [  # the NaN (null in metrics.jsonl) and the non-scalar left out
+    {"step": 1, "train/acc_mean": 1.0, "actor/influence_weights_mean_raw/mb2": 1.5},
+    {"step": 2, "train/acc_mean": 0.5},
+  ]
+  assert [_finite(r) for r in _jsonl(tmp_path / "p")] == run["history"]
   assert run["run"].display_name == "tiny-wandb"
 
 
