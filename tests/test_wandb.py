@@ -195,3 +195,19 @@ def test_bad_backends_are_one_line_errors(backends, error):
   c.metrics.backends = backends
   with pytest.raises(config_lib.ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
     config_lib.validate(c, check_paths=False)
+
+
+def test_a_failed_wandb_init_is_one_line(tmp_path, offline, monkeypatch):
+  import wandb  # noqa: PLC0415
+
+  def refuse(**kwargs):
+    raise wandb.errors.UsageError("api_key not configured (no-tty).\ncall wandb.login(key=...)")
+
+  monkeypatch.setattr(wandb, "init", refuse)
+  rc = config_lib.validate(_config(2), check_paths=False)
+  with pytest.raises(wandb_backend.WandbError) as err:
+    wandb_backend.WandbLogger(str(tmp_path), rc.metrics, config={})
+  assert len(str(err.value).splitlines()) == 1
+  assert "UsageError: api_key not configured (no-tty)." in str(err.value)
+  assert "WANDB_MODE=offline" in str(err.value)
+  assert not (tmp_path / wandb_backend.RUN_ID_FILE).exists()  # the next try starts afresh
