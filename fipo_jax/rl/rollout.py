@@ -252,8 +252,9 @@ def pack_batch(
   """Left-pad prompts to P, right-pad responses to T, and lay out the arrays of a PolicyBatch.
 
   Returns numpy arrays: input_ids/attention_mask/positions int32[B, S] (S = P + T), response_mask,
-  old_log_probs (the sampler's, replaced by the actor's recomputation later) and advantages
-  f32[B, T] (the per-sequence advantage broadcast and multiplied by the mask).
+  old_log_probs (the sampler's; the actor's recomputation replaces them unless
+  rl.old_log_prob_source='sampler') and advantages f32[B, T] (the per-sequence advantage
+  broadcast and multiplied by the mask).
   """
   r, p, t = len(rollouts), max_prompt_length, max_response_length
   ids = np.full((r, p + t), pad_id, np.int32)
@@ -294,7 +295,8 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   rl.train_batch_size prompts are kept, then group advantages, then packing into
   `train_batch_size / ppo_mini_batch_size` mini-batches placed on env.mesh. Each host packs
   only the rows its own devices hold. `old_log_probs` are the sampler's; the trainer replaces
-  them with the actor's. Returns (mini-batches, [] when no group was kept; rollout metrics).
+  them with the actor's (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no
+  group was kept; rollout metrics).
   """
   t0 = time.perf_counter()
   res, sampled = _dynamic_sampling(rc, env, params, step)
