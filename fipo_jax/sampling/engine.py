@@ -56,7 +56,7 @@ class EngineConfig:
   kv_layout: str = "paged"  # 'paged' | 'dense' (the reference)
   page_size: int = 128  # tokens per page (capped at the cache length's power of two)
   num_pages: int | None = None  # pool size; None: num_slots * pages_per_slot (dense's memory)
-  decode_block: int = 512  # tokens of pages gathered per paged attention loop step
+  decode_block: int = 128  # tokens per paged attention loop step (CPU: one page is fastest)
 
   def __post_init__(self):
     for name in (
