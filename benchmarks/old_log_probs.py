@@ -87,18 +87,25 @@ def measure(args) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     env, state = setup_lib.build(rc, workdir)
     jit_steps = packed_step.jit_steps if rc.rl.use_remove_padding else trainer.ts.jit_steps
-    steps = jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
-                      param_sharding=env.param_sharding, opt_sharding=env.opt_sharding)
+    steps = jit_steps(
+      env.graphdef,
+      cfg=env.update_cfg,
+      tx=env.tx,
+      param_sharding=env.param_sharding,
+      opt_sharding=env.opt_sharding,
+    )
     rollout_lib.collect(rc, env, state.params, 0)  # compiles the sampler
     t0 = time.perf_counter()
     batches, collect_metrics = rollout_lib.collect(rc, env, state.params, 0)
     gen_s = time.perf_counter() - t0
     tokens = float(sum(jnp.sum(b.response_mask) for b in batches))
-    print(f"model: {args.layers} layers, d {args.hidden}, "
-          f"{models.count_params(state.params) / 1e6:.2f}M params; {len(batches)} mini-batches, "
-          f"{tokens:.0f} response tokens (T = {args.response}); sampling {gen_s:.2f} s; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}",
-          flush=True)
+    print(
+      f"model: {args.layers} layers, d {args.hidden}, "
+      f"{models.count_params(state.params) / 1e6:.2f}M params; {len(batches)} mini-batches, "
+      f"{tokens:.0f} response tokens (T = {args.response}); sampling {gen_s:.2f} s; "
+      f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}",
+      flush=True,
+    )
     rcs = {s: with_source(rc, s) for s in ("trainer", "sampler")}
     for s in rcs:  # compile runs
       train_half(rcs[s], env, steps, state, batches)
@@ -141,12 +148,18 @@ def main(argv=None):
     args.layers, args.hidden, args.response, args.n, args.prompts = 1, 32, 8, 2, 2
     args.mini, args.repeats = 1, 1
   r = measure(args)
-  print(f"old-log-prob pass {r['pass_s']:.3f} s, {r['updates']} updates {r['updates_s']:.3f} s "
-        f"(best of each): the pass is {r['pass_share']:.0%} of the training half", flush=True)
-  print(f"training half of the RL step: trainer old log-probs {r['trainer_s']:.3f} s, sampler "
-        f"old log-probs {r['sampler_s']:.3f} s: ratio {r['ratio']:.2f} (saving "
-        f"{r['saving']:.0%}); whole step with sampling ({r['gen_s']:.2f} s): ratio "
-        f"{r['step_ratio']:.2f}", flush=True)
+  print(
+    f"old-log-prob pass {r['pass_s']:.3f} s, {r['updates']} updates {r['updates_s']:.3f} s "
+    f"(best of each): the pass is {r['pass_share']:.0%} of the training half",
+    flush=True,
+  )
+  print(
+    f"training half of the RL step: trainer old log-probs {r['trainer_s']:.3f} s, sampler "
+    f"old log-probs {r['sampler_s']:.3f} s: ratio {r['ratio']:.2f} (saving "
+    f"{r['saving']:.0%}); whole step with sampling ({r['gen_s']:.2f} s): ratio "
+    f"{r['step_ratio']:.2f}",
+    flush=True,
+  )
   print(json.dumps(r))
 
 

@@ -24,7 +24,8 @@ def test_old_log_probs_benchmark_reports_both_sources():
   assert r["ratio"] == pytest.approx(r["sampler_s"] / r["trainer_s"])
   assert r["saving"] == pytest.approx(1 - r["ratio"])
   assert r["step_ratio"] == pytest.approx(
-    (r["gen_s"] + r["sampler_s"]) / (r["gen_s"] + r["trainer_s"]))
+    (r["gen_s"] + r["sampler_s"]) / (r["gen_s"] + r["trainer_s"])
+  )
   assert r["pass_share"] == pytest.approx(r["pass_s"] / (r["pass_s"] + r["updates_s"]))
   assert 0 < r["pass_s"] < r["trainer_s"] and r["updates_s"] <= r["sampler_s"]
   assert r["updates"] == 2 and r["tokens"] > 0

@@ -14,27 +14,36 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_tiny_golden as golden
+from flax import nnx
 from test_packing_step import P, T, _packed, _padded, setup  # noqa: F401 (fixture)
 
 from fipo_jax import config as config_lib
-from fipo_jax import recipes
+from fipo_jax import models, recipes
 from fipo_jax.config_schema import ConfigError
 from fipo_jax.rl import losses as losses_lib
 from fipo_jax.rl import packed_step as ps
-from fipo_jax.rl import packing
+from fipo_jax.rl import packing, trainer
 from fipo_jax.rl import rollout_correction as rc_lib
+from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MISMATCH_KEYS = ("training/rollout_probs_diff_max", "training/rollout_probs_diff_mean",
-                 "training/rollout_probs_diff_std", "rollout_corr/kl", "rollout_corr/k3_kl",
-                 "rollout_corr/seq_log_ratio_abs_max", "rollout_corr/log_ppl_abs_diff")
+MISMATCH_KEYS = (
+  "training/rollout_probs_diff_max",
+  "training/rollout_probs_diff_mean",
+  "training/rollout_probs_diff_std",
+  "rollout_corr/kl",
+  "rollout_corr/k3_kl",
+  "rollout_corr/seq_log_ratio_abs_max",
+  "rollout_corr/log_ppl_abs_diff",
+)
 
 
 def _np_weights(old, roll, mask, mode, thr):
@@ -49,9 +58,16 @@ def _np_weights(old, roll, mask, mode, thr):
 def _inputs():
   """[3, 6] log-probs with exact log-ratios 0, +-log 2, 25 (past the safety bound), masked
   tokens holding garbage (nan, +-inf, large)."""
-  old = np.log(np.array([[0.5, 0.5, 0.25, 0.9, 0.1, 0.3],
-                         [0.2, 0.4, 0.6, 0.8, 0.5, 0.5],
-                         [0.7, 0.7, 0.7, 0.7, 0.7, 0.7]], np.float32))
+  old = np.log(
+    np.array(
+      [
+        [0.5, 0.5, 0.25, 0.9, 0.1, 0.3],
+        [0.2, 0.4, 0.6, 0.8, 0.5, 0.5],
+        [0.7, 0.7, 0.7, 0.7, 0.7, 0.7],
+      ],
+      np.float32,
+    )
+  )
   roll = old.copy()
   roll[0, 1] = np.log(np.float32(0.25))  # ratio exactly 2: the threshold edge
   roll[0, 2] = np.log(np.float32(0.5))  # ratio exactly 1/2
@@ -124,8 +140,9 @@ def test_mismatch_metrics_over_batches_match_numpy(mode):
 
 def test_identical_log_probs_give_zero_mismatch():
   old, _, mask = _inputs()
-  got = rc_lib.combine([rc_lib.correct(old, old, mask, mode="token", threshold=2.0)[1]],
-                       mode="token")
+  got = rc_lib.combine(
+    [rc_lib.correct(old, old, mask, mode="token", threshold=2.0)[1]], mode="token"
+  )
   assert all(got[k] == 0.0 for k in MISMATCH_KEYS)
   assert got["rollout_corr/rollout_is_mean"] == 1.0
 
@@ -184,8 +201,10 @@ def test_packed_and_padded_steps_apply_the_same_weights(setup):  # noqa: F811
 
   def packed_total(b):
     seqs = jnp.sum(b.seq_mask)
-    return sum(float(packed_loss(s["params"], s["graphdef"], micro(b, j), seqs)[0])
-               for j in range(b.seq_mask.shape[0]))
+    return sum(
+      float(packed_loss(s["params"], s["graphdef"], micro(b, j), seqs)[0])
+      for j in range(b.seq_mask.shape[0])
+    )
 
   split = ts.split_micro_batches(_padded(s, rollout_is_weights=w), 2)
   want = sum(float(padded_loss(s["params"], s["graphdef"], micro(split, j))[0]) for j in range(2))
@@ -207,8 +226,9 @@ def _config(**rl):
 def test_validation_of_the_sampler_source():
   assert config_lib.validate(_config(old_log_prob_source="sampler"), check_paths=False)
   with pytest.raises(ConfigError, match=r"rl.old_log_prob_source: .*bfloat16 \(rl.sampler_dtype"):
-    config_lib.validate(_config(old_log_prob_source="sampler", sampler_dtype="bfloat16"),
-                        check_paths=False)
+    config_lib.validate(
+      _config(old_log_prob_source="sampler", sampler_dtype="bfloat16"), check_paths=False
+    )
   c = _config(old_log_prob_source="sampler")
   c.model.attention_impl = "splash"  # a trainer-only fused kernel
   with pytest.raises(ConfigError, match="attention kernel is 'splash'") as e:
@@ -217,11 +237,16 @@ def test_validation_of_the_sampler_source():
   c.rl.accept_sampler_mismatch = True
   assert config_lib.validate(c, check_paths=False).rl.accept_sampler_mismatch
   with pytest.raises(ConfigError, match="rl.rollout_is: 'token' needs rl.old_log_prob_source"):
-    config_lib.validate(_config(old_log_prob_source="sampler", rollout_is="token"),
-                        check_paths=False)
-  for bad in (dict(rollout_is="seq"), dict(rollout_is_threshold=0.0),
-              dict(old_log_prob_source="engine"), dict(mismatch_metrics_every=-1),
-              dict(sampler_dtype="fp8")):
+    config_lib.validate(
+      _config(old_log_prob_source="sampler", rollout_is="token"), check_paths=False
+    )
+  for bad in (
+    dict(rollout_is="seq"),
+    dict(rollout_is_threshold=0.0),
+    dict(old_log_prob_source="engine"),
+    dict(mismatch_metrics_every=-1),
+    dict(sampler_dtype="fp8"),
+  ):
     with pytest.raises(ConfigError, match="rl." + next(iter(bad))):
       config_lib.validate(_config(**bad), check_paths=False)
 
@@ -237,9 +262,17 @@ def test_metrics_due():
 
 def test_cli_refuses_a_bfloat16_sampler_in_one_line(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
-         "--workdir", str(tmp_path), "--config.rl.old_log_prob_source=sampler",
-         "--config.rl.sampler_dtype=bfloat16"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "fipo_jax.main",
+    "--config",
+    str(ROOT / "configs/tiny_cpu.py"),
+    "--workdir",
+    str(tmp_path),
+    "--config.rl.old_log_prob_source=sampler",
+    "--config.rl.sampler_dtype=bfloat16",
+  ]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [x for x in proc.stderr.splitlines() if x.strip()]
@@ -250,8 +283,9 @@ def test_cli_refuses_a_bfloat16_sampler_in_one_line(tmp_path):
 def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path):
   """float32, same kernels: the first step with old_log_prob_source=sampler matches trainer."""
   trainer = golden._one_step_metrics(tmp_path / "trainer")
-  sampler = golden._one_step_metrics(tmp_path / "sampler",
-                                     "--config.rl.old_log_prob_source=sampler")
+  sampler = golden._one_step_metrics(
+    tmp_path / "sampler", "--config.rl.old_log_prob_source=sampler"
+  )
   assert sorted(trainer) == sorted(sampler)
   for k, v in trainer.items():
     assert math.isclose(sampler[k], v, rel_tol=1e-5, abs_tol=1e-5), (k, sampler[k], v)
@@ -264,11 +298,98 @@ def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path):
 def test_tiny_cpu_bfloat16_sampler_mismatch_is_visible(tmp_path):
   """A bfloat16 sampler against the float32 trainer: every mismatch metric finite and non-zero,
   the magnitudes far above the float32 run's (<= 4e-6 there), and token TIS runs."""
-  got = golden._one_step_metrics(tmp_path, "--config.rl.sampler_dtype=bfloat16",
-                                 "--config.rl.rollout_is=token")
+  got = golden._one_step_metrics(
+    tmp_path, "--config.rl.sampler_dtype=bfloat16", "--config.rl.rollout_is=token"
+  )
   for k in MISMATCH_KEYS:
     assert math.isfinite(got[k]) and got[k] != 0.0, (k, got[k])
-  for k in ("training/rollout_probs_diff_max", "training/rollout_probs_diff_mean",
-            "rollout_corr/seq_log_ratio_abs_max", "rollout_corr/log_ppl_abs_diff"):
+  for k in (
+    "training/rollout_probs_diff_max",
+    "training/rollout_probs_diff_mean",
+    "rollout_corr/seq_log_ratio_abs_max",
+    "rollout_corr/log_ppl_abs_diff",
+  ):
     assert got[k] > 1e-4, (k, got[k])
   assert math.isfinite(got["actor/pg_loss"]) and got["rollout_corr/rollout_is_mean"] != 1.0
+
+
+class _FakeSteps:
+  """The trainer's jitted steps, faked: the actor's log-probs are the sampler's + 0.1."""
+
+  def __init__(self):
+    self.calls = 0
+
+  def log_prob(self, params, b):
+    self.calls += 1
+    return b.old_log_probs + 0.1 * b.response_mask, jnp.ones_like(b.old_log_probs)
+
+
+def _run_log_probs(step: int, **rl):
+  rng = np.random.default_rng(3)
+  mask = (np.arange(5) < np.array([[5], [2], [0]])).astype(np.float32)
+  batches = [
+    ts.PolicyBatch(
+      input_ids=None,
+      attention_mask=None,
+      positions=None,
+      response_mask=jnp.asarray(mask),
+      advantages=jnp.asarray(mask),
+      old_log_probs=jnp.asarray(-rng.uniform(0, 2, mask.shape) * mask),
+    )
+    for _ in range(2)
+  ]
+  rc = config_lib.validate(_config(**rl), check_paths=False)
+  steps, metrics = _FakeSteps(), {}
+  env = types.SimpleNamespace(ref_params=None)
+  state = setup_lib.TrainState(params=None, opt_state=None, step=step)
+  out, tokens = trainer._log_probs(rc, env, steps, state, batches, metrics)  # noqa: SLF001
+  assert tokens == 2 * mask.sum()
+  return batches, out, steps.calls, metrics
+
+
+def test_trainer_source_replaces_old_log_probs_and_weighs():
+  batches, out, calls, metrics = _run_log_probs(0, rollout_is="token", rollout_is_threshold=1.05)
+  assert calls == 2 and metrics["actor/entropy"] == 1.0
+  for b, o in zip(batches, out, strict=True):
+    np.testing.assert_allclose(o.old_log_probs, b.old_log_probs + 0.1 * b.response_mask)
+    np.testing.assert_allclose(o.rollout_is_weights, b.response_mask * 1.05, rtol=1e-6)
+  assert metrics["rollout_corr/rollout_is_ratio_fraction_high"] == 1.0  # e^0.1 > 1.05
+  assert math.isclose(metrics["rollout_corr/kl"], -0.1, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_sampler_source_keeps_its_log_probs_and_skips_the_pass(step):
+  batches, out, calls, metrics = _run_log_probs(
+    step, old_log_prob_source="sampler", mismatch_metrics_every=2
+  )
+  due = step % 2 == 0
+  assert calls == (2 if due else 0)
+  assert ("training/rollout_probs_diff_max" in metrics) == due
+  assert ("actor/entropy" in metrics) == due
+  for b, o in zip(batches, out, strict=True):
+    assert o.old_log_probs is b.old_log_probs and o.rollout_is_weights is None
+
+
+def test_bfloat16_sampler_model_runs_the_trainers_params():
+  cfg = models.ModelConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    dtype="float32",
+    attention_impl="blockwise",
+  )
+  graphdef, params = nnx.split(models.init_model(cfg, seed=0))
+  assert rc_lib.sampler_model(cfg, graphdef, None) == (cfg, graphdef)
+  assert rc_lib.sampler_model(cfg, graphdef, "float32") == (cfg, graphdef)
+  bf_cfg, bf_graphdef = rc_lib.sampler_model(cfg, graphdef, "bfloat16")
+  assert bf_cfg.dtype == "bfloat16" and bf_cfg.param_dtype == cfg.param_dtype
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+  f32 = nnx.merge(graphdef, params)(ids)
+  bf16 = nnx.merge(bf_graphdef, params)(ids)
+  gap = float(jnp.max(jnp.abs(bf16 - f32)))
+  assert 0 < gap < 0.1 * float(jnp.max(jnp.abs(f32)))

@@ -158,8 +158,9 @@ def metrics_due(rl, step: int) -> bool:
   return every > 0 and step % every == 0
 
 
-def sampler_mismatch(model_dtype: str, sampler_dtype: str | None, attention_impl: str
-                     ) -> str | None:
+def sampler_mismatch(
+  model_dtype: str, sampler_dtype: str | None, attention_impl: str
+) -> str | None:
   """Why the sampler's log-probs are not the trainer's, or None when they compute alike.
 
   The sampler runs `sampler_dtype` (None: the model's) and, with its KV cache, the portable
@@ -168,12 +169,16 @@ def sampler_mismatch(model_dtype: str, sampler_dtype: str | None, attention_impl
   from fipo_jax.models import attention  # noqa: PLC0415 (config validation stays import-light)
 
   if sampler_dtype is not None and sampler_dtype != model_dtype:
-    return (f"the sampler computes in {sampler_dtype} (rl.sampler_dtype) and the trainer in "
-            f"{model_dtype} (model.dtype)")
+    return (
+      f"the sampler computes in {sampler_dtype} (rl.sampler_dtype) and the trainer in "
+      f"{model_dtype} (model.dtype)"
+    )
   kernel = attention.resolve_impl(attention_impl, jnp.dtype(model_dtype))
   if kernel not in _PORTABLE_KERNELS:
-    return (f"the trainer's attention kernel is '{kernel}' (model.attention_impl="
-            f"'{attention_impl}') and the sampler's cached attention is 'blockwise'")
+    return (
+      f"the trainer's attention kernel is '{kernel}' (model.attention_impl="
+      f"'{attention_impl}') and the sampler's cached attention is 'blockwise'"
+    )
   return None
 
 
