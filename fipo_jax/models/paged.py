@@ -185,8 +185,12 @@ def _write_local(pool_k, pool_v, k_new, v_new, table, lengths, active):
   page_id = jnp.where(active, page_id, pool_k.shape[2])  # out of range: dropped
   off = lengths % page
 
-  def put(pool, new):  # pool[:, :, page_id, off] is [L, K, B, H]
-    return pool.at[:, :, page_id, off].set(new.swapaxes(1, 2).astype(pool.dtype), mode="drop")
+  def put(pool, new):
+    # One scatter per layer (pool[l, :, page_id, off] is [B, K, H]): with the layer inside the
+    # update window the TPU compiler re-lays the whole pool out (two pool-sized copies a call).
+    for layer in range(pool.shape[0]):
+      pool = pool.at[layer, :, page_id, off].set(new[layer].astype(pool.dtype), mode="drop")
+    return pool
 
   return put(pool_k, k_new), put(pool_v, v_new)
 
