@@ -12,9 +12,9 @@ rl.old_log_prob_source='trainer' (today: a forward pass over the batch first) an
 `--repeats` after a compile run, each from a copy of the same params. The sampling time of the
 collect is reported too, so the saving on a whole RL step follows. Last line, JSON:
 {"trainer_s", "sampler_s" (best totals), "ratio" (sampler / trainer), "saving" (1 - ratio),
- "pass_s", "updates_s" (best of each part), "pass_share" (pass / (pass + updates): the saving
- from the parts, steadier on a loaded host), "gen_s", "step_ratio" ((gen + sampler) /
- (gen + trainer)), "tokens", "updates"}.
+ "pass_s", "updates_s" (best of each part; "updates_s_by_source" per source), "pass_share"
+ (pass / (pass + updates): the saving from the parts, steadier on a loaded host), "gen_s",
+ "step_ratio" ((gen + sampler) / (gen + trainer)), "tokens", "updates"}.
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def measure(args) -> dict:
   best = {s: min(a + b for a, b in r) for s, r in runs.items()}
   ratio = best["sampler"] / best["trainer"]
   pass_s = min(a for a, _ in runs["trainer"])
-  updates_s = min(b for r in runs.values() for _, b in r)  # the same updates in both modes
+  upd = {s: min(b for _, b in r) for s, r in runs.items()}  # the same updates in both modes
+  updates_s = min(upd.values())
   return {
     "trainer_s": best["trainer"],
     "sampler_s": best["sampler"],
@@ -125,6 +126,7 @@ def measure(args) -> dict:
     "pass_s": pass_s,
     "updates_s": updates_s,
     "pass_share": pass_s / (pass_s + updates_s),  # the saving, from the parts' best times
+    "updates_s_by_source": upd,
     "gen_s": gen_s,
     "step_ratio": (gen_s + best["sampler"]) / (gen_s + best["trainer"]),
     "tokens": tokens,
