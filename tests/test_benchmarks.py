@@ -1,8 +1,9 @@
-"""The loss benchmark runs end to end at a tiny size and prints what its docstring promises.
+"""The loss and sampling benchmarks run end to end at tiny sizes and print what they promise.
 
 Only the output's shape and the correctness column are checked: timings are never asserted.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -38,3 +39,21 @@ def test_future_kl_benchmark_runs_and_profiles():
   fipo_part = out.split("fipo loss+grad")[1].split("dapo loss+grad")[0]
   dapo_part = out.split("dapo loss+grad")[1]
   assert fipo_part.count(" us  ") > dapo_part.count(" us  "), out
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_quick_ends_with_the_issue_17_json():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(_ROOT, "benchmarks", "sampling.py"), "--quick"]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=True).stdout
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert set(summary) >= {"prefill_per_prompt", "decode_fill_ratio", "decode_roofline",
+                          "long_tail_speedup", "device_busy"}  # fmt: skip
+  # Counts, not timings: the new driver prefills each prompt once, the reference n = 16 times.
+  pf = summary["prefill_per_prompt"]
+  assert (pf["rows"], pf["tokens"], pf["reference_rows"], pf["reference_tokens"]) == (1, 1, 16, 16)
+  for key in ("decode_fill_ratio", "decode_roofline", "long_tail_speedup", "device_busy"):
+    assert summary[key] > 0, (key, summary)
+  for key in ("prefill_per_prompt:", "decode_fill_ratio:", "long_tail_speedup:", "device_busy:"):
+    assert key in out and "target" in out.split(key)[1].splitlines()[0], key

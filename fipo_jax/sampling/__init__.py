@@ -11,6 +11,12 @@ Typical use (rollouts, eval, the generate CLI):
                                                          max_new_tokens=4096))
   samples = generate_samples(engine, params, prompt_ids, n=16, max_new_tokens=4096,
                              sampling=Sampling(temperature=1.0), eos_ids=(eos,), seed=step)
+
+The engine's KV cache is paged by default (EngineConfig.kv_layout); the driver prefills each
+prompt once for its n samples, refills freed slots in batches (refill_fraction, 1/8 of the
+slots) and decodes a call's tokens while the next call runs. `run(..., **driver.REFERENCE)`
+with EngineConfig(kv_layout='dense') is the previous path (the benchmark's reference mode);
+both give the same samples for a seed.
 """
 
 from fipo_jax.sampling.driver import Result, Sample, SamplerStats, generate_samples, run
