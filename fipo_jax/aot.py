@@ -48,6 +48,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name (see TOPOLOGIES)")
 _STEPS = flags.DEFINE_list("steps", "train_step,prefill,decode", "which steps to compile")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "override L (compile-time-vs-depth check)")
+_DECODE_SLOTS = flags.DEFINE_integer(
+  "decode_slots", None, "decode: compile this many slots (a page pool sized to them) instead of "
+  "sampling.num_slots")
 _MEAN_RESPONSE = flags.DEFINE_integer(
   "mean_response_length", 8192, "mean response tokens for the packed train step's micro-batch "
   "count and FLOPs per RL step (the paper's ~8k)")
@@ -294,8 +297,9 @@ def bytes_per_chip(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _engine(run, mcfg, mesh):
-  """(Engine on `mesh`, sampler params as sharded ShapeDtypeStructs, sampling method)."""
+def _engine(run, mcfg, mesh, num_slots=None):
+  """(Engine on `mesh`, sampler params as sharded ShapeDtypeStructs, sampling method); the paged
+  pool is sized to `num_slots` (default sampling.num_slots) slots of the longest sequence."""
   import jax
   import jax.numpy as jnp
 
@@ -304,7 +308,7 @@ def _engine(run, mcfg, mesh):
   from fipo_jax.sampling import engine as engine_lib
 
   ecfg = engine_lib.EngineConfig(
-    num_slots=run.sampling.num_slots, max_prompt_len=run.data.max_prompt_length,
+    num_slots=num_slots or run.sampling.num_slots, max_prompt_len=run.data.max_prompt_length,
     max_new_tokens=run.rl.max_response_length, steps_per_call=1)
   graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
   # The sampler holds weights in the compute dtype (the trainer's float32 master copy is cast
@@ -326,10 +330,12 @@ def prefill_result(run, mcfg, mesh, chips: int) -> Result:
   return _compile(engine.trace_prefill(params, sampling=sampling), res, chips)
 
 
-def decode_result(run, mcfg, mesh, chips: int) -> Result:
-  engine, params, sampling = _engine(run, mcfg, mesh)  # steps_per_call=1: one decode step
+def decode_result(run, mcfg, mesh, chips: int, num_slots=None) -> Result:
+  engine, params, sampling = _engine(run, mcfg, mesh, num_slots)  # steps_per_call=1: one step
   ecfg = engine.cfg
-  res = Result("decode", dict(mesh.shape), f"slots={ecfg.num_slots} S={ecfg.cache_len} (1 step)",
+  pool = f" {engine.num_pages}x{ecfg.page} pages" if engine.paged else ""
+  shapes = f"slots={ecfg.num_slots} S={ecfg.cache_len}{pool} (1 step)"
+  res = Result("decode", dict(mesh.shape), shapes,
                ecfg.num_slots, model_flops_per_token(mcfg, ecfg.cache_len, train=False))
   return _compile(engine.trace_generate(params, sampling=sampling), res, chips)
 
@@ -406,7 +412,7 @@ def report(results: list[Result], chip: Chip, chips: int, mcfg) -> None:
 
 
 def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="auto",
-            mean_prompt: int = 256, mean_response: int = 8192) -> dict:
+            mean_prompt: int = 256, mean_response: int = 8192, decode_slots=None) -> dict:
   """Compiles the recipe's steps for `topology`; returns the summary dict (the JSON line)."""
   import jax
 
@@ -428,7 +434,7 @@ def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="au
   train = functools.partial(train_step_result, mean_prompt=mean_prompt,
                             mean_response=mean_response)
   builders = {"train_step": (train, train_mesh), "prefill": (prefill_result, dec_mesh),
-              "decode": (decode_result, dec_mesh)}
+              "decode": (functools.partial(decode_result, num_slots=decode_slots), dec_mesh)}
   results = []
   for name in steps:
     fn, mesh = builders[name]
@@ -463,7 +469,7 @@ def main(argv) -> int:
   if unknown:
     raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from {STEPS}")
   out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _DECODE_MESH.value,
-                _MEAN_PROMPT.value, _MEAN_RESPONSE.value)
+                _MEAN_PROMPT.value, _MEAN_RESPONSE.value, _DECODE_SLOTS.value)
   print(json.dumps(out), flush=True)
   return 0 if out["fits"] else 1
 
