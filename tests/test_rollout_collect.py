@@ -57,6 +57,7 @@ def _run(tokenizer, max_rounds=3):
       filter_groups_metric="acc",
       use_remove_padding=False,  # the padded layout (packed rows: tests/test_packing_step.py)
     ),
+    sampling=types.SimpleNamespace(refill_fraction=0.125),
   )
   env = types.SimpleNamespace(
     mesh=mesh,
