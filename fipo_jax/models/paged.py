@@ -131,14 +131,19 @@ def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_
   init = (o, s_self, jnp.ones_like(s_self))
   num_blocks = (jnp.max(live, initial=0) + block - 1) // block
 
-  heads = jnp.arange(kh, dtype=jnp.int32)[None, :, None]  # [1, K, 1]
+  # The pool as rows of one page [L * K * Pg, page, H] (a free reshape): row of (layer, head, page).
+  num_layers, _, num_pages = pool_k.shape[:3]
+  flat_k, flat_v = (x.reshape(num_layers * kh * num_pages, page, h) for x in (pool_k, pool_v))
+  head_rows = ((layer * kh + jnp.arange(kh, dtype=jnp.int32)) * num_pages)[None, :, None]
 
   def body(i, carry):
     o, m, l = carry
     ids = jax.lax.dynamic_slice_in_dim(table, i * ppb, ppb, axis=1)[:, None, :]  # [B, 1, ppb]
-    # One gather per block straight into the dot's layout [B, K, ppb * page, H].
-    kb = pool_k[layer, heads, ids].reshape(b, kh, block, h).astype(q.dtype)
-    vb = pool_v[layer, heads, ids].reshape(b, kh, block, h).astype(q.dtype)
+    rows = head_rows + ids  # [B, K, ppb]
+    # One row gather per block straight into the dot's layout [B, K, ppb * page, H]; page ids
+    # are in range by construction ('clip' is XLA CPU's fast path).
+    kb = jnp.take(flat_k, rows, axis=0, mode="clip").reshape(b, kh, block, h).astype(q.dtype)
+    vb = jnp.take(flat_v, rows, axis=0, mode="clip").reshape(b, kh, block, h).astype(q.dtype)
     f32 = jnp.float32
     sc = _per_head(lambda x: jnp.einsum("bkh,bksh->bks", x, kb, preferred_element_type=f32), qg)
     pos = i * block + jnp.arange(block, dtype=jnp.int32)
