@@ -4,7 +4,9 @@ A call with Q new tokens for row b writes them at slots [index[b], index[b] + Q)
 there from the attention mask (pads stay False) and advances index[b] by Q. New token i of row
 b attends to slots j with mask[b, j] and j <= index_old[b] + i. The caller keeps
 index[b] + Q <= S (writes past the end are dropped, and those tokens are lost). Writes are
-scatters, so a jitted step that donates the cache updates it in place.
+scatters, so a jitted step that donates the cache updates it in place. This dense layout serves
+prefill and the sampler's reference mode (EngineConfig(kv_layout='dense')); decode defaults to
+the paged cache of models/paged.py.
 """
 
 from __future__ import annotations

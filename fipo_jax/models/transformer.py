@@ -2,7 +2,8 @@
 
 Layer params are stacked with a leading 'layers' axis and the forward runs `lax.scan` over
 them (or a Python loop when scan_layers=False), so compile time does not grow with depth.
-One forward serves training/log-probs (no cache) and prefill/decode (KV cache).
+One forward serves training/log-probs (no cache), prefill/decode (a dense KV cache) and decode
+against a paged cache (models/paged.py: one token per slot, the pool read, not carried).
 """
 
 from __future__ import annotations

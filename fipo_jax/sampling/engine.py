@@ -120,7 +120,9 @@ class Engine:
 
   Methods mirror `jetstream.engine.engine_api.Engine`: `load_params`, `init_decode_state`,
   `prefill`, `insert`, `generate`, `max_concurrent_decodes`, `max_prefill_length`; prefill
-  and insert take a batch of requests (JetStream's take one). `abstract_decode_state`,
+  and insert take a batch of requests (JetStream's take one). Host-only page bookkeeping of the
+  paged layout: `can_insert` (enough free pages in a slot's shard) and `release` (a finished
+  slot's pages; `init_decode_state` frees them all). `abstract_decode_state`,
   `trace_prefill` and `trace_generate` give fipo_jax.aot the same jitted steps on abstract
   inputs, to compile for a TPU topology without running.
   """
