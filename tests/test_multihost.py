@@ -95,8 +95,12 @@ def _assert_same(got: dict, want: dict, step: int) -> None:
     if isinstance(w, float) and math.isnan(w) or w is None:
       assert g is None or (isinstance(g, float) and math.isnan(g)), (step, key, g, w)
       continue
-    # float32 rounding (collectives reduce in another order across processes).
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"step {step} {key}")
+    # float32 rounding (collectives reduce in another order across processes). The
+    # sampler-trainer mismatch metrics are float32 rounding themselves (~1e-7 to 4e-6): held to
+    # their 1e-5 agreement bound (docs/fipo_spec.md §11), as in tests/test_tiny_golden.py.
+    noise = key.startswith(("training/rollout_probs_diff", "rollout_corr/"))
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 if noise else 1e-6,
+                               err_msg=f"step {step} {key}")
 
 
 def _assert_two_processes_match_one(two: pathlib.Path, one: pathlib.Path, step: int) -> None:
