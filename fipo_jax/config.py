@@ -6,11 +6,10 @@ with one line naming the field, e.g.
 
   rl.clip_ratio_low: must be <= rl.clip_ratio_high (0.28), got 0.3
 
-The dataclass fields ARE the schema: a key in the ConfigDict that is not a field is an error
-(a typo such as `rl.decay_rat` must not be silently ignored), a key that is missing takes the
-field's default. `fipo_jax.recipes.base()` lists every field with a comment (the recipes in
-`configs/` start from it). The mesh sections live in `fipo_jax.config_mesh`, the
-mapping-to-dataclass machinery in `fipo_jax.config_schema`.
+The dataclass fields ARE the schema: an unknown key is an error (a typo must not be silently
+ignored), a missing key takes the field's default. `fipo_jax.recipes.base()` lists every field
+with a comment. The mesh sections live in `fipo_jax.config_mesh`, the mapping-to-dataclass
+machinery in `fipo_jax.config_schema`.
 """
 
 from __future__ import annotations
@@ -344,8 +343,8 @@ class MetricsSection(Section):
 
   def __post_init__(self):
     self._require(len(self.backends) > 0, "backends", f"must name >= 1 of {METRIC_BACKENDS}")
-    for b in self.backends:
-      self._require(b in METRIC_BACKENDS, "backends", f"must all be in {METRIC_BACKENDS}")
+    self._require(set(self.backends) <= set(METRIC_BACKENDS), "backends",
+                  f"must all be in {METRIC_BACKENDS}")
     self._require(len(set(self.backends)) == len(self.backends), "backends", "has a duplicate")
     if "wandb" in self.backends:
       self._require(bool(self.wandb_project), "wandb_project", "must be non-empty")
@@ -403,7 +402,10 @@ class RunConfig(Section):
                           f"so one sequence fits a micro-batch, got "
                           f"{self.rl.ppo_max_token_len_per_device}")
     if self.rl.old_log_prob_source == "sampler" and not self.rl.accept_sampler_mismatch:
-      why = _sampler_mismatch(self.model, self.rl)
+      from fipo_jax.models import attention  # noqa: PLC0415 (lazy: config stays import-light)
+
+      why = attention.sampler_mismatch(self.model.dtype, self.rl.sampler_dtype,
+                                       self.model.attention_impl)
       if why:
         raise ConfigError("rl.old_log_prob_source",
                           f"'sampler' needs the sampler to compute as the trainer does, but {why}; "
@@ -427,13 +429,6 @@ def _model_config_fields() -> frozenset[str] | None:
   except ImportError:
     return None
   return frozenset(f.name for f in dataclasses.fields(model_config.ModelConfig))
-
-
-def _sampler_mismatch(model: ModelSection, rl: RLSection) -> str | None:
-  """Why the sampler's log-probs would differ from the trainer's (lazy import), or None."""
-  from fipo_jax.rl import rollout_correction  # noqa: PLC0415
-
-  return rollout_correction.sampler_mismatch(model.dtype, rl.sampler_dtype, model.attention_impl)
 
 
 def _model_presets() -> Mapping[str, Any] | None:

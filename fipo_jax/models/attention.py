@@ -41,6 +41,32 @@ def resolve_impl(impl: str, dtype=None) -> str:
   return "blockwise"
 
 
+# The kernels the sampler's cached (paged or dense) attention computes like.
+_CACHED_KERNELS = ("plain", "blockwise")
+
+
+def sampler_mismatch(
+  model_dtype: str, sampler_dtype: str | None, attention_impl: str
+) -> str | None:
+  """Why the sampler's log-probs are not the trainer's, or None when they compute alike.
+
+  The sampler runs `sampler_dtype` (None: the model's) and, with its KV cache, the portable
+  XLA attention; the trainer runs `attention_impl` resolved on this backend.
+  """
+  if sampler_dtype is not None and sampler_dtype != model_dtype:
+    return (
+      f"the sampler computes in {sampler_dtype} (rl.sampler_dtype) and the trainer in "
+      f"{model_dtype} (model.dtype)"
+    )
+  kernel = resolve_impl(attention_impl, jnp.dtype(model_dtype))
+  if kernel not in _CACHED_KERNELS:
+    return (
+      f"the trainer's attention kernel is '{kernel}' (model.attention_impl="
+      f"'{attention_impl}') and the sampler's cached attention is 'blockwise'"
+    )
+  return None
+
+
 @functools.cache
 def _log_cudnn_fallback() -> None:
   logging.info(

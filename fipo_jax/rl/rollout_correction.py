@@ -33,7 +33,6 @@ SOURCES = ("trainer", "sampler")  # rl.old_log_prob_source
 _SAFETY_BOUND = 20.0  # verl SAFETY_BOUND: log-ratios clamped to [-20, 20] before exp
 # Attention kernels the sampler's cached prefill/decode also runs (attention.attention falls
 # back to 'blockwise' with a KV cache); the fused ones ('splash', 'cudnn') are trainer-only.
-_PORTABLE_KERNELS = ("plain", "blockwise")
 
 
 def _log_ratio(old_log_probs, rollout_log_probs, mask):
@@ -156,30 +155,6 @@ def metrics_due(rl, step: int) -> bool:
     return True
   every = rl.mismatch_metrics_every
   return every > 0 and step % every == 0
-
-
-def sampler_mismatch(
-  model_dtype: str, sampler_dtype: str | None, attention_impl: str
-) -> str | None:
-  """Why the sampler's log-probs are not the trainer's, or None when they compute alike.
-
-  The sampler runs `sampler_dtype` (None: the model's) and, with its KV cache, the portable
-  XLA attention; the trainer runs `attention_impl` resolved on this backend.
-  """
-  from fipo_jax.models import attention  # noqa: PLC0415 (config validation stays import-light)
-
-  if sampler_dtype is not None and sampler_dtype != model_dtype:
-    return (
-      f"the sampler computes in {sampler_dtype} (rl.sampler_dtype) and the trainer in "
-      f"{model_dtype} (model.dtype)"
-    )
-  kernel = attention.resolve_impl(attention_impl, jnp.dtype(model_dtype))
-  if kernel not in _PORTABLE_KERNELS:
-    return (
-      f"the trainer's attention kernel is '{kernel}' (model.attention_impl="
-      f"'{attention_impl}') and the sampler's cached attention is 'blockwise'"
-    )
-  return None
 
 
 def sampler_model(model_cfg, graphdef, sampler_dtype: str | None):

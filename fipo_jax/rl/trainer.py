@@ -34,6 +34,7 @@ from fipo_jax import config as config_lib
 from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
+from fipo_jax.models import attention
 from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
@@ -100,8 +101,8 @@ def _warn_accepted_mismatch(rc: config_lib.RunConfig) -> None:
   although the sampler computes differently (validation refuses it without the flag)."""
   if rc.rl.old_log_prob_source != "sampler" or not rc.rl.accept_sampler_mismatch:
     return
-  why = rollout_correction.sampler_mismatch(rc.model.dtype, rc.rl.sampler_dtype,
-                                            rc.model.attention_impl)
+  why = attention.sampler_mismatch(rc.model.dtype, rc.rl.sampler_dtype,
+                                   rc.model.attention_impl)
   if why:
     logging.warning("rl.old_log_prob_source='sampler' with rl.accept_sampler_mismatch: %s, so "
                     "the old log-probs are not the trainer's", why)
