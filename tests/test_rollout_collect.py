@@ -110,3 +110,18 @@ def test_collect_with_no_mixed_group_returns_no_batches():
   (batches, metrics), _ = _run(_Tokenizer(always="1"), max_rounds=2)
   assert batches == []
   assert metrics["train/num_gen_batches"] == 2 and "timing_s/gen" in metrics
+
+
+def test_sampler_perf_pools_the_steps_rounds():
+  """perf/sampler_device_busy and slot utilisation are ratios of sums over the rounds."""
+  from fipo_jax.sampling.driver import SamplerStats
+
+  rounds = [
+    SamplerStats(wall_time_s=2.0, device_time_s=1.8, active_slot_steps=30, total_slot_steps=40),
+    SamplerStats(wall_time_s=1.0, device_time_s=0.3, active_slot_steps=10, total_slot_steps=40),
+  ]
+  got = rollout._sampler_perf(rounds)
+  assert got["perf/sampler_device_busy"] == pytest.approx(2.1 / 3.0)
+  assert got["perf/sampler_slot_utilisation"] == pytest.approx(40 / 80)
+  assert rollout._sampler_perf([]) == {"perf/sampler_device_busy": 0.0,
+                                       "perf/sampler_slot_utilisation": 0.0}

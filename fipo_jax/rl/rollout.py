@@ -321,6 +321,7 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
     "train/num_prompts_kept": res.num_prompts_kept,
     "perf/sampler_tokens_per_s": sampled["tokens"] / max(t_gen, 1e-9),
     "perf/responses_scored_here": sampled["scored"],  # this process's share of the scoring
+    **_sampler_perf(sampled["stats"]),
   })
   metrics.update(metrics_lib.response_length_metrics(lengths, rc.rl.max_response_length))
   return batches, metrics
@@ -330,7 +331,7 @@ def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.
                       step: int) -> tuple[DynamicSamplingResult, dict[str, Any]]:
   """The step's dynamic-sampling rounds; also returns what was sampled before filtering:
   {'tokens': sampled, 'acc': [bool[B] per round], 'scored': responses this process scored}."""
-  sampled: dict[str, Any] = {"tokens": 0, "acc": [], "scored": 0}
+  sampled: dict[str, Any] = {"tokens": 0, "acc": [], "scored": 0, "stats": []}
   params = env.sampler_params(params)  # once per step: the params do not change while sampling
 
   def sample_round(round_idx: int) -> Rollouts:
@@ -344,6 +345,7 @@ def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.
     r = make_rollouts(env.tokenizer, env.reward_cfg, examples, res.samples,
                       group_offset=round_idx * rc.rl.gen_batch_size)
     sampled["tokens"] += res.stats.tokens_generated
+    sampled["stats"].append(res.stats)
     sampled["acc"].append(r.acc)
     sampled["scored"] += r.scored_here
     return r
@@ -354,6 +356,17 @@ def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.
     min_prompts=rc.rl.ppo_mini_batch_size, filter_metric=rc.rl.filter_groups_metric,
   )
   return res, sampled
+
+
+def _sampler_perf(stats: Sequence[driver_lib.SamplerStats]) -> dict[str, float]:
+  """The rollout sampler's device-busy share (time blocked on the device / wall time) and
+  slot utilisation over the step's dynamic-sampling rounds."""
+  wall = sum(s.wall_time_s for s in stats)
+  slot_steps = sum(s.total_slot_steps for s in stats)
+  return {
+    "perf/sampler_device_busy": sum(s.device_time_s for s in stats) / max(wall, 1e-9),
+    "perf/sampler_slot_utilisation": sum(s.active_slot_steps for s in stats) / max(slot_steps, 1),
+  }
 
 
 def _mini_batches(rc: config_lib.RunConfig, env: setup_lib.Env, r: Rollouts, adv: np.ndarray
