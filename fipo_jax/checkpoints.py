@@ -23,6 +23,12 @@
   shards.
 - The directory may be local or a bucket (`gs://...`: orbax's own GCS support, which needs
   `google-cloud-storage`, in the `[tpu]` extra).
+- A checkpoint damaged after its save (a short or missing file, empty metadata, a missing
+  item, shapes that do not fit the run) does not stop a resume: `restore_latest` restores the
+  newest step that does restore, on every process alike (`first_restorable`), moves each newer
+  one aside to `<step>.unreadable` (renamed, never deleted) and lists them in
+  `Restored.skipped`. When no kept step restores it raises `CheckpointUnreadable` naming them
+  and moves nothing. `restore_params` (eval, generate, export) raises it for the step asked.
 """
 
 from __future__ import annotations
@@ -30,15 +36,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from fipo_jax import paths
+from fipo_jax import distributed, paths
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,16 @@ class Restored:
   params: Any
   opt_state: Any
   extra: dict[str, Any]
+  skipped: tuple[int, ...] = ()  # newer steps that did not restore (now moved aside)
+
+
+class CheckpointUnreadable(ValueError):
+  """A checkpoint step (or every kept one) cannot be restored; the message says which and why.
+
+  A ValueError: the CLIs report it as a bad input (one line, exit 2)."""
+
+
+UNREADABLE_SUFFIX = ".unreadable"  # not a step name to orbax: a moved-aside step is never listed
 
 
 def abstract_tree(tree: Any) -> Any:
@@ -142,36 +160,84 @@ class CheckpointManager:
     """The kept step with the best `best_metric` (None if no save carried it)."""
     return self._mgr.best_step() if self.best_metric else None
 
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(int(step))  # orbax's default step name
+
   def restore(self, step: int, *, params: Any, opt_state: Any) -> Restored:
-    """Restores `step` into the shapes/dtypes/shardings of the `params`/`opt_state` targets."""
-    args = ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_tree(params)),
-      opt_state=ocp.args.StandardRestore(abstract_tree(opt_state)),
-      extra=ocp.args.JsonRestore(),
+    """Restores `step` into the shapes/dtypes/shardings of the `params`/`opt_state` targets.
+
+    Reads the items with orbax's handlers, not through the manager: the manager's restore ends
+    in a barrier of all processes, which one whose restore raised never reaches (see
+    `first_restorable`). Each process reads only its own shards either way."""
+    step_dir = self._step_dir(step)
+    return Restored(
+      step=int(step),
+      params=ocp.StandardCheckpointHandler().restore(
+        step_dir / "params", args=ocp.args.StandardRestore(abstract_tree(params))),
+      opt_state=ocp.StandardCheckpointHandler().restore(
+        step_dir / "opt_state", args=ocp.args.StandardRestore(abstract_tree(opt_state))),
+      extra=dict(ocp.JsonCheckpointHandler().restore(step_dir / "extra") or {}),
     )
-    out = self._mgr.restore(int(step), args=args)
-    return Restored(step=int(step), params=out["params"], opt_state=out["opt_state"],
-                    extra=dict(out["extra"] or {}))
 
   def restore_params(self, *, params: Any, step: int | None = None) -> tuple[int, Any]:
     """(step, params) of `step` (default: the latest) without reading the optimizer state,
-    e.g. for eval or export. Raises FileNotFoundError if there is no checkpoint."""
+    e.g. for eval or export. Raises FileNotFoundError if there is no such checkpoint, and
+    CheckpointUnreadable (naming the step, the reason and the other kept steps) if it does
+    not restore."""
     self._mgr.reload()
-    step = self._mgr.latest_step() if step is None else int(step)
-    if step is None:
+    steps = self.all_steps()
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    out = self._mgr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_tree(params))))
-    return step, out["params"]
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (kept steps: "
+                              f"{', '.join(map(str, steps))})")
+    try:
+      restored = ocp.StandardCheckpointHandler().restore(
+        self._step_dir(step) / "params", args=ocp.args.StandardRestore(abstract_tree(params)))
+    except Exception as e:  # noqa: BLE001 - any damage: named, with the way out
+      others = [s for s in steps if s != step]
+      hint = (f"; pick another step with --step K (kept: {', '.join(map(str, others))})"
+              if others else "; no other step is kept")
+      raise CheckpointUnreadable(f"checkpoint step {step} in {self.directory} cannot be read "
+                                 f"({reason(e)}){hint}") from e
+    return step, restored
 
   def restore_latest(self, *, params: Any, opt_state: Any) -> Restored | None:
-    """The latest complete checkpoint, or None when the directory has none."""
+    """The newest checkpoint that restores on every process, or None when there is none.
+
+    Newer steps that do not restore are warned about (one line each: step and reason), moved
+    aside by process 0 and listed in `Restored.skipped`. Raises CheckpointUnreadable (and moves
+    nothing: shapes that do not fit the run are more likely a changed config than damage) when
+    no kept step restores."""
     self._mgr.reload()  # pick up steps written by an earlier process
-    step = self._mgr.latest_step()
-    if step is None:
+    steps = self.all_steps()
+    if not steps:
       return None
-    log.info("restoring checkpoint step %d from %s", step, self.directory)
-    return self.restore(step, params=params, opt_state=opt_state)
+    log.info("restoring the latest checkpoint (of steps %s) from %s", steps, self.directory)
+    restored, failures = first_restorable(
+      steps, lambda s: self.restore(s, params=params, opt_state=opt_state))
+    for step, why in failures.items():
+      log.warning("checkpoint step %d in %s cannot be restored: %s", step, self.directory, why)
+    if restored is None:
+      raise CheckpointUnreadable(
+        f"no checkpoint in {self.directory} can be restored ("
+        + "; ".join(f"step {s}: {failures[s]}" for s in sorted(failures, reverse=True))
+        + "); nothing was moved: fix or move those step directories, or use another workdir")
+    skipped = tuple(sorted(failures, reverse=True))
+    self._set_aside(skipped)
+    return dataclasses.replace(restored, skipped=skipped)
+
+  def _set_aside(self, steps: Sequence[int]) -> None:
+    """Process 0 renames each step directory to `<step>.unreadable[.k]`; all processes wait."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        moved = move_aside(str(self._step_dir(step)))
+        log.warning("checkpoint step %d moved aside to %s", step, moved)
+    distributed.sync("checkpoints:set_aside")
+    self._mgr.reload()  # the moved steps are gone from the manager's list
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""
@@ -199,3 +265,66 @@ def _jsonable(v: Any) -> Any:
   if isinstance(v, float) and not math.isfinite(v):
     return None  # strict JSON has no NaN/inf
   return v
+
+
+def reason(e: BaseException, limit: int = 240) -> str:
+  """One line saying why: 'TypeName: first words of the message' (TensorStore's run long)."""
+  text = " ".join(str(e).split())
+  if len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def move_aside(step_dir: str) -> str:
+  """Renames `step_dir` (local or gs://) to `<step_dir>.unreadable` (`.unreadable.2`, ... when
+  taken); returns the new path. Nothing is deleted."""
+  src = epath.Path(step_dir)
+  dst = epath.Path(step_dir + UNREADABLE_SUFFIX)
+  k = 1
+  while dst.exists():
+    k += 1
+    dst = epath.Path(f"{step_dir}{UNREADABLE_SUFFIX}.{k}")
+  src.rename(dst)
+  return os.fspath(dst)
+
+
+def gather_processes(x: np.ndarray) -> np.ndarray:
+  """[P, *x.shape]: every process's `x`, stacked (a collective; one process: `x[None]`)."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))
+
+
+def first_restorable(steps: Sequence[int], try_restore: Callable[[int], Any],
+                     gather: Callable[[np.ndarray], np.ndarray] = gather_processes
+                     ) -> tuple[Any | None, dict[int, str]]:
+  """(the result of `try_restore` for the newest step that restores on every process, or None;
+  {newer step that did not: why}). Every process calls it at the same point (a collective).
+
+  The processes go through the steps that all of them list, newest first, in lockstep: each
+  tries the step, then they gather one ok flag each. The first step that every process restored
+  is the one all of them return; a step that failed anywhere is skipped everywhere (its reason
+  reads 'process p failed' where this process's own try succeeded). `gather` stacks one array
+  per process ([P, ...]); tests replace it to run the processes as threads.
+  """
+  mine = np.asarray(sorted(set(int(s) for s in steps), reverse=True), np.int64)
+  width = int(gather(np.asarray([len(mine)], np.int64)).max())
+  padded = np.full((width,), -1, np.int64)
+  padded[: len(mine)] = mine
+  listed = gather(padded)  # [P, width]
+  common = [int(s) for s in listed[0] if s >= 0 and all(s in row for row in listed[1:])]
+  failures: dict[int, str] = {}
+  for step in common:
+    try:
+      result, why = try_restore(step), None
+    except Exception as e:  # noqa: BLE001 - any damage: the next older step is tried
+      result, why = None, reason(e)
+    oks = gather(np.asarray([why is None], np.int32))[:, 0]
+    if oks.all():
+      return result, failures
+    failed = [p for p, ok in enumerate(oks) if not ok]
+    failures[step] = why or f"it did not restore on process {', '.join(map(str, failed))}"
+  return None, failures

@@ -3,6 +3,7 @@
   python -m fipo_jax.generate --hf_dir DIR --prompts_file IN.jsonl --output OUT.jsonl \
       [--n 4] [--max_new_tokens 256] [--temperature 1.0] [--top_p 1.0] [--top_k -1] [--seed 0] \
       [--no_chat]
+  python -m fipo_jax.generate --checkpoint WORKDIR [--step K] --prompts_file IN.jsonl ...
 
 Each input row (a jsonl line, or a parquet row) has `prompt_ids` (a list of token ids) or
 `prompt`: either text (one user message) or, as in verl-schema data files (what eval and the
@@ -13,7 +14,8 @@ it on / off. Each output line is one sample: `prompt_index`, `sample_index`, `re
 `response_logprobs` (float32 log-probs at the sampling temperature, before top-p/top-k),
 `finish_reason` ('stop' | 'length'), `length`, and `response` (decoded text) when a tokenizer
 exists. --temperature 0 means greedy. Bad inputs
-(a missing directory or file, an empty or malformed prompts file) exit 2 with one line on stderr.
+(a missing directory or file, an empty or malformed prompts file, a checkpoint that cannot be
+read: pick another with --step) exit 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--hf_dir", help="HF directory: config.json + safetensors (+ tokenizer).")
   src.add_argument("--checkpoint", help="fipo_jax trainer workdir (its latest checkpoint).")
+  p.add_argument("--step", type=int, default=None,
+                 help="With --checkpoint: the checkpoint step (default: the latest).")
   p.add_argument("--tokenizer_dir", help="Tokenizer directory (default: the model directory).")
   p.add_argument(
     "--prompts_file",
@@ -71,11 +75,14 @@ def _fail(message: Any) -> None:
 
 def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
   """(Transformer, the run's apply_chat_template or None) of --hf_dir (an export records it)
-  or of a trainer workdir's latest checkpoint, which also sets args.tokenizer_dir."""
+  or of a trainer workdir's latest (or --step) checkpoint, which also sets args.tokenizer_dir.
+  A checkpoint that cannot be read raises checkpoints.CheckpointUnreadable (a ValueError)."""
   from fipo_jax import models, paths  # noqa: PLC0415 (keeps --help fast)
   from fipo_jax.models import hf_io  # noqa: PLC0415
 
   if args.checkpoint is None:
+    if args.step is not None:
+      raise ValueError("--step needs --checkpoint")
     chat = hf_io.run_defaults(args.hf_dir).get("apply_chat_template")  # an export's
     return models.from_pretrained(args.hf_dir, dtype=args.dtype), chat
   if not paths.isdir(args.checkpoint):  # local or gs://
@@ -84,7 +91,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, bool | None]:
 
   from fipo_jax import policy as policy_lib  # noqa: PLC0415
 
-  policy = policy_lib.load_policy(checkpoint_dir=args.checkpoint)
+  policy = policy_lib.load_policy(checkpoint_dir=args.checkpoint, step=args.step)
   if args.tokenizer_dir is None and os.path.isdir(policy.tokenizer_dir):
     args.tokenizer_dir = policy.tokenizer_dir
   chat = policy.run_config.data.apply_chat_template if policy.run_config else None

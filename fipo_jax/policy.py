@@ -61,7 +61,10 @@ class Policy:
 def load_policy(
   *, checkpoint_dir: str | None = None, hf_dir: str | None = None, step: int | None = None
 ) -> Policy:
-  """The policy of a trainer workdir (its latest or given checkpoint) or of an HF directory."""
+  """The policy of a trainer workdir (its latest or given checkpoint) or of an HF directory.
+
+  A checkpoint that cannot be read raises checkpoints.CheckpointUnreadable (a ValueError) naming
+  the step, the reason and the other kept steps."""
   from fipo_jax import checkpoints as ckpt_lib  # noqa: PLC0415
 
   if hf_dir:

@@ -1,6 +1,7 @@
 """Orbax checkpoints: sharded round trip on the 8-device CPU mesh, keep-k plus best, resume."""
 
 import json
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -140,3 +141,127 @@ def test_extra_is_plain_json(tmp_path, mesh):
   text = "".join(f.read_text() for f in files if f.is_file())
   assert json.loads(text) == {"x": 1.5, "y": [1, 2]}
   mgr.close()
+
+
+def _truncate_weights(step_dir):
+  """Short data files in `step_dir`'s params, as a disk fault or a half-done copy leaves them
+  (all of them: which ones a restore reads depends on how orbax merged the processes' files)."""
+  for f in [*(step_dir / "params").glob("d/*"), *(step_dir / "params").glob("ocdbt.process_*/d/*")]:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, mesh):
+  params, opt_state = _state(mesh, 0)
+  with checkpoints.CheckpointManager(str(tmp_path), keep=3) as mgr:
+    for step in (1, 2, 3):
+      mgr.save(step, params=params, opt_state=opt_state, extra={"step": step})
+  _truncate_weights(tmp_path / "3")
+  targets = _state(mesh, 1)
+  with checkpoints.CheckpointManager(str(tmp_path), keep=3) as mgr:
+    with pytest.raises(checkpoints.CheckpointUnreadable, match=r"step 3 in .* cannot be read "
+                       r"\(.*\); pick another step with --step K \(kept: 1, 2\)"):
+      mgr.restore_params(params=targets[0])  # eval/export: named, nothing moved
+    assert mgr.restore_params(params=targets[0], step=2)[0] == 2
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 .*kept steps: 1, 2, 3"):
+      mgr.restore_params(params=targets[0], step=7)
+    got = mgr.restore_latest(params=targets[0], opt_state=targets[1])
+    assert (got.step, got.skipped, got.extra) == (2, (3,), {"step": 2})
+    _assert_same(got.params, params)
+    assert mgr.all_steps() == [1, 2]
+    assert mgr.save(3, params=params, opt_state=opt_state)  # step 3 is redone
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3", "3.unreadable"]
+
+
+def test_no_restorable_checkpoint_raises_and_moves_nothing(tmp_path, mesh):
+  params, opt_state = _state(mesh, 0)
+  with checkpoints.CheckpointManager(str(tmp_path), keep=2) as mgr:
+    for step in (1, 2):
+      mgr.save(step, params=params, opt_state=opt_state)
+  _truncate_weights(tmp_path / "2")
+  # Shapes that do not fit the run (a changed config) fail step 1, and damage step 2.
+  wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3, *x.shape), x.dtype), params)
+  with checkpoints.CheckpointManager(str(tmp_path), keep=2) as mgr:
+    with pytest.raises(checkpoints.CheckpointUnreadable,
+                       match=r"no checkpoint in .* can be restored \(step 2: .*; step 1: .*\)"):
+      mgr.restore_latest(params=wrong, opt_state=opt_state)
+    assert mgr.all_steps() == [1, 2]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+class _Processes:
+  """`first_restorable` on n threads standing in for processes: `gather` is an all-gather."""
+
+  def __init__(self, n: int):
+    self.barrier = threading.Barrier(n, timeout=60)
+    self.slots: list = [None] * n
+
+  def gather(self, p: int):
+    def gather(x):
+      self.slots[p] = np.asarray(x)
+      self.barrier.wait()
+      out = np.stack(self.slots)
+      self.barrier.wait()  # nobody overwrites a slot before every process has read it
+      return out
+
+    return gather
+
+  def run(self, steps: list[list[int]], fails: list[set[int]]):
+    out: list = [None] * len(steps)
+
+    def process(p):
+      def try_restore(step):
+        if step in fails[p]:
+          raise OSError(f"short file on process {p} at step {step}")
+        return step
+
+      out[p] = checkpoints.first_restorable(steps[p], try_restore, gather=self.gather(p))
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in range(len(steps))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    return out
+
+
+def test_processes_agree_on_the_newest_step_that_restores_on_all_of_them():
+  # Process 2 lists a step 6 the others do not (yet) see; damage differs per process.
+  got = _Processes(3).run(steps=[[3, 4, 5], [5, 4, 3], [3, 4, 5, 6]],
+                          fails=[{5}, {5, 4}, set()])
+  assert [step for step, _ in got] == [3, 3, 3]
+  assert got[0][1] == {5: "OSError: short file on process 0 at step 5",
+                       4: "it did not restore on process 1"}
+  assert got[1][1] == {5: "OSError: short file on process 1 at step 5",
+                       4: "OSError: short file on process 1 at step 4"}
+  assert got[2][1] == {5: "it did not restore on process 0, 1",
+                       4: "it did not restore on process 1"}
+  # None restores on every process: all of them say so (and none goes on alone).
+  got = _Processes(2).run(steps=[[1, 2], [1, 2]], fails=[{2}, {1}])
+  assert [step for step, _ in got] == [None, None]
+  assert set(got[0][1]) == set(got[1][1]) == {1, 2}
+  # One process: the plain fallback.
+  assert checkpoints.first_restorable([1, 2], lambda s: s) == (2, {})
+
+
+def test_move_aside_on_a_bucket_never_deletes(tmp_path, monkeypatch):
+  import fake_gcs  # noqa: PLC0415 (tests/ is on sys.path under pytest)
+
+  root = fake_gcs.install(tmp_path, monkeypatch)
+  try:
+    params, opt = {"w": jnp.arange(4.0)}, {"m": jnp.ones(2)}
+    with checkpoints.CheckpointManager("gs://b/run/checkpoints", keep=2) as mgr:
+      mgr.save(1, params=params, opt_state=opt, extra={"k": 1})
+      mgr.wait()
+      mgr.save(2, params={"w": params["w"] + 1}, opt_state=opt, extra={"k": 2})
+    ckpts = root / "b" / "run" / "checkpoints"
+    _truncate_weights(ckpts / "2")
+    with checkpoints.CheckpointManager("gs://b/run/checkpoints", keep=2) as mgr:
+      got = mgr.restore_latest(params=params, opt_state=opt)
+    assert (got.step, got.skipped, got.extra) == (1, (2,), {"k": 1})
+    assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2.unreadable"]
+    assert (ckpts / "2.unreadable" / "params").is_dir()
+    (ckpts / "2").mkdir()  # the same step damaged again later: a second name, nothing replaced
+    assert checkpoints.move_aside("gs://b/run/checkpoints/2").endswith("/2.unreadable.2")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2.unreadable", "2.unreadable.2"]
+  finally:
+    fake_gcs.clear_caches()

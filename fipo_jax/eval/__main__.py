@@ -1,10 +1,11 @@
-"""python -m fipo_jax.eval --checkpoint WORKDIR|--hf_dir DIR --data FILE [--n 32] [...]
+"""python -m fipo_jax.eval --checkpoint WORKDIR [--step K]|--hf_dir DIR --data FILE [--n 32] [...]
 
 avg@k, pass@k (unbiased estimator), cons@k (majority vote on the extracted answer) and
 response-length statistics on a verl-schema parquet/jsonl set, printed as a table and written as
 JSON. Official eval sampling: temperature 1.0, top-p 0.7 (docs/fipo_spec.md §4). Prompt format
 and lengths default to the run's (a workdir, or an export of one). Bad inputs (a missing
-directory or file, data with no usable row) exit 2 with one line on stderr.
+directory or file, data with no usable row, a checkpoint that cannot be read: pick another with
+--step) exit 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "A trainer workdir (its latest checkpoint).")
+_STEP = flags.DEFINE_integer("step", None, "With --checkpoint: its step (default: the latest).")
 _HF = flags.DEFINE_string("hf_dir", None, "An HF model directory (config, safetensors, tokenizer).")
 _DATA = flags.DEFINE_list("data", None, "Eval parquet/jsonl file(s) in the verl schema.")
 _N = flags.DEFINE_integer("n", 32, "Samples per prompt (k of avg@k, pass@k, cons@k).")
@@ -49,11 +51,14 @@ def _load(data_files):
     _fail("give exactly one of --checkpoint or --hf_dir")
   if not data_files:
     _fail("--data is required")
+  if _STEP.value is not None and not _CKPT.value:
+    _fail("--step needs --checkpoint")
   for path in data_files:
     if not paths.isfile(path):  # local or gs://
       _fail(f"data file not found: {path}")
   try:
-    policy = policy_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value)
+    policy = policy_lib.load_policy(checkpoint_dir=_CKPT.value, hf_dir=_HF.value,
+                                    step=_STEP.value)
     tokenizer = tok_lib.load_tokenizer(policy.tokenizer_dir)
     # The run's prompt format and lengths: from its workdir, or as an export recorded them.
     run = export.run_defaults(policy) if policy.run_config else hf_io.run_defaults(_HF.value)
@@ -62,7 +67,8 @@ def _load(data_files):
     dataset = pipeline.PromptDataset(data_files, tokenizer, max_prompt_length=max_prompt,
                                      apply_chat_template=chat)
     examples, skipped = dataset.examples(_MAX_PROMPTS.value)
-  except (OSError, ValueError) as e:  # missing dirs, bad configs, DataError (no rows, columns)
+  except (OSError, ValueError) as e:  # missing dirs, bad configs, DataError (no rows, columns),
+    # a checkpoint that cannot be read (CheckpointUnreadable)
     _fail(e)
   if not examples:
     _fail(f"no usable rows in {', '.join(data_files)} ({skipped} skipped; see the warnings)")

@@ -119,6 +119,7 @@ class _Loop:
   ckpt: ckpt_lib.CheckpointManager
   bad_steps: int = 0  # consecutive steps with a non-finite update
   skipped_total: int = 0  # non-finite updates of the run
+  checkpoints_skipped: int = 0  # unreadable checkpoints resumes fell back past, over the run
   bar: tqdm.tqdm | None = None
 
   @classmethod
@@ -131,12 +132,18 @@ class _Loop:
   def initial_state(self, state: setup_lib.TrainState) -> setup_lib.TrainState:
     """The latest checkpoint's state (and counters), else `state` after the SFT warm start."""
     env = self.env
-    restored = self.ckpt.restore_latest(params=state.params, opt_state=state.opt_state)
+    try:
+      restored = self.ckpt.restore_latest(params=state.params, opt_state=state.opt_state)
+    except ckpt_lib.CheckpointUnreadable as e:  # never a silent restart from step 0
+      self.ckpt.close()
+      self.writer.close()
+      raise SetupError(str(e)) from e
     if restored is not None:
       extra = restored.extra
       env.train_data.set_state(extra["data_state"])
       self.bad_steps = int(extra.get("consecutive_bad_steps", 0))
       self.skipped_total = int(extra.get("skipped_steps", 0))
+      self.checkpoints_skipped = int(extra.get("checkpoints_skipped", 0)) + len(restored.skipped)
       self.writer.truncate_after(restored.step)  # steps logged after the checkpoint are redone
       logging.warning("resumed from step %d", restored.step)  # visible at the CLI's WARNING level
       return setup_lib.TrainState(restored.params, restored.opt_state, restored.step)
@@ -162,6 +169,8 @@ class _Loop:
     self.skipped_total += skipped
     self.bad_steps = self.bad_steps + 1 if skipped else 0
     metrics["train/skipped_steps"] = self.skipped_total
+    if self.checkpoints_skipped:  # only in runs that fell back past an unreadable checkpoint
+      metrics["train/checkpoints_skipped"] = self.checkpoints_skipped
     metrics.update(self.env.train_data.metrics())
     evaluated = rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps)
     if evaluated:
@@ -176,7 +185,8 @@ class _Loop:
       self.ckpt.save(done, params=state.params, opt_state=state.opt_state, metrics=metrics,
                      extra={"data_state": self.env.train_data.get_state(),
                             "consecutive_bad_steps": self.bad_steps,
-                            "skipped_steps": self.skipped_total})
+                            "skipped_steps": self.skipped_total,
+                            "checkpoints_skipped": self.checkpoints_skipped})
     if diverged:
       self.ckpt.wait()
       raise TrainingDiverged(

@@ -1,0 +1,218 @@
+"""A resume, eval, generate or export past a checkpoint damaged after its save, through the CLI.
+
+One uninterrupted tiny_cpu run of 4 RL steps (module fixture, checkpoints at steps 2, 3, 4) is
+copied per case; the copy's step-4 checkpoint is damaged as a disk fault or a half-finished
+copy would leave it, and the same command is run again. It must warn in one line naming step 4
+and the reason, move the directory aside, resume from step 3, count the skip in
+`train/checkpoints_skipped`, and redo step 4 exactly as the uninterrupted run did. With every
+kept step damaged it must stop with one line and exit 2 before any training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import conftest
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ("--config", "configs/tiny_cpu.py", "--config.total_steps=4", "--config.checkpoint_every=1",
+        "--config.keep_checkpoints=3", "--config.eval_every=0",
+        "--config.rl.filter_groups_enable=False",  # every step updates (a real comparison)
+        # tiny_cpu:runlocal's sizes (its SFT comes from the stored warm start instead):
+        "--config.data.synthetic.num_train=128", "--config.data.synthetic.num_val=8",
+        "--config.rl.n=4", "--config.rl.train_batch_size=4", "--config.rl.gen_batch_size=8",
+        "--config.rl.ppo_mini_batch_size=2", "--config.rl.ppo_micro_batch_size_per_device=8")
+VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any two runs
+SKIPPED = "train/checkpoints_skipped"
+
+
+def _env(cache_dir: pathlib.Path) -> dict[str, str]:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device: bit-exact and the fastest to compile
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return env
+
+
+def _cli(cache_dir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(cache_dir),
+                        capture_output=True, text=True)
+
+
+def _train(workdir: pathlib.Path, cache_dir: pathlib.Path) -> subprocess.CompletedProcess:
+  return _cli(cache_dir, "-m", "fipo_jax.main", *ARGS, "--workdir", str(workdir))
+
+
+def _metrics(workdir: pathlib.Path) -> list[dict]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def _steps(workdir: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+
+
+def _error_lines(stderr: str) -> list[str]:
+  """stderr without absl/orbax/jax log lines and warnings: what a user is told to act on."""
+  return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("I", "W", "E"))
+          and "Warning" not in ln]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> pathlib.Path:
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cache_dir) -> pathlib.Path:
+  """The uninterrupted run: metrics of steps 1-4, checkpoints 2, 3 and 4."""
+  workdir = tmp_path_factory.mktemp("base")
+  conftest.write_tiny_cpu_sft_cache(workdir)
+  proc = _train(workdir, cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = _metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(SKIPPED not in r for r in rows)
+  # Step 3's checkpoint holds updated params (from the warm start, steps 3-4's groups are all
+  # solved: no update there, but their rollouts and log-probs still depend on those params).
+  assert rows[0]["actor/grad_norm"] > 0 and rows[1]["actor/grad_norm"] > 0
+  assert _steps(workdir) == ["2", "3", "4"]
+  return workdir
+
+
+def _copy(base: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(base, dst)
+  return dst
+
+
+def _largest_file(d: pathlib.Path) -> pathlib.Path:
+  return max((p for p in d.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate_data_file(step: pathlib.Path) -> None:
+  f = _largest_file(step / "params")  # the weights' ocdbt data file
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _delete_data_file(step: pathlib.Path) -> None:
+  _largest_file(step / "opt_state").unlink()
+
+
+def _empty_metadata(step: pathlib.Path) -> None:
+  (step / "params" / "_METADATA").write_bytes(b"")
+
+
+def _delete_subtree(step: pathlib.Path) -> None:
+  shutil.rmtree(step / "opt_state")
+
+
+DAMAGE = {"truncated_data_file": _truncate_data_file, "missing_data_file": _delete_data_file,
+          "empty_metadata": _empty_metadata, "missing_subtree": _delete_subtree}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, cache_dir, base, damage):
+  workdir = _copy(base, tmp_path / "run")
+  DAMAGE[damage](workdir / "checkpoints" / "4")
+
+  proc = _train(workdir, cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  warned = [ln for ln in proc.stderr.splitlines() if "checkpoint step 4" in ln and
+            "cannot be restored: " in ln]
+  assert len(warned) == 1, proc.stderr[-3000:]
+  assert warned[0].rsplit("cannot be restored: ", 1)[1].strip()  # a reason is given
+  assert "resumed from step 3" in proc.stderr
+  assert _steps(workdir) == ["2", "3", "4", "4.unreadable"]  # moved aside, step 4 redone
+
+  want, got = _metrics(base), _metrics(workdir)
+  assert [r["step"] for r in got] == [1, 2, 3, 4]
+  assert got[3].pop(SKIPPED) == 1  # counted in the first logged step after the resume
+  assert got == want  # steps 1-3 kept, step 4 redone bit for bit
+
+
+def test_skips_are_counted_across_resumes(tmp_path, cache_dir, base):
+  """A second fallback in the same workdir adds to the count the checkpoint carries."""
+  workdir = _copy(base, tmp_path / "run")
+  _truncate_data_file(workdir / "checkpoints" / "4")
+  assert _train(workdir, cache_dir).returncode == 0
+  _delete_subtree(workdir / "checkpoints" / "4")  # the redone step 4, damaged again
+  proc = _train(workdir, cache_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _steps(workdir) == ["2", "3", "4", "4.unreadable", "4.unreadable.2"]
+  # Step 3's checkpoint predates both skips: it carries none, and this resume skipped one.
+  assert _metrics(workdir)[3][SKIPPED] == 1
+
+
+def test_no_restorable_checkpoint_stops_with_exit_2(tmp_path, cache_dir, base):
+  workdir = _copy(base, tmp_path / "run")
+  for step, damage in zip(("2", "3", "4"), DAMAGE.values(), strict=False):
+    damage(workdir / "checkpoints" / step)
+  before = (workdir / "metrics.jsonl").read_text()
+
+  proc = _train(workdir, cache_dir)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("setup error: no checkpoint in ")
+  for step in ("2", "3", "4"):
+    assert f"step {step}: " in lines[0]
+  assert str(workdir / "checkpoints") in lines[0]
+  assert _steps(workdir) == ["2", "3", "4"]  # nothing moved
+  assert (workdir / "metrics.jsonl").read_text() == before  # nothing trained, nothing logged
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, base) -> pathlib.Path:
+  """A workdir whose latest checkpoint (step 4) has a truncated weights file."""
+  workdir = _copy(base, tmp_path_factory.mktemp("damaged") / "run")
+  _truncate_data_file(workdir / "checkpoints" / "4")
+  return workdir
+
+
+def _prompts(tmp_path: pathlib.Path) -> pathlib.Path:
+  path = tmp_path / "prompts.jsonl"
+  path.write_text(json.dumps({"prompt": "Q: copy 4831="}) + "\n")
+  return path
+
+
+def _assert_one_line_naming_step_4(proc: subprocess.CompletedProcess, tool: str) -> None:
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"{tool}: checkpoint step 4 in ")
+  assert "cannot be read" in lines[0] and "--step K (kept: 2, 3)" in lines[0]
+
+
+def test_eval_generate_export_name_the_damaged_step_and_take_another(tmp_path, cache_dir,
+                                                                    damaged):
+  val = damaged / "data" / "synthetic_val.jsonl"
+  assert val.is_file()
+  runs = {
+    "eval": ("-m", "fipo_jax.eval", "--checkpoint", str(damaged), "--data", str(val), "--n=1",
+             "--max_new_tokens=4", "--max_prompts=1"),
+    "generate": ("-m", "fipo_jax.generate", "--checkpoint", str(damaged), "--prompts_file",
+                 str(_prompts(tmp_path)), "--output", str(tmp_path / "out.jsonl"), "--n=1",
+                 "--max_new_tokens=4", "--no_progress"),
+    "export": ("-m", "fipo_jax.export", "--checkpoint", str(damaged), "--out",
+               str(tmp_path / "hf")),
+  }
+  for tool, args in runs.items():
+    _assert_one_line_naming_step_4(_cli(cache_dir, *args), tool)
+  assert _steps(damaged) == ["2", "3", "4"]  # readers move nothing
+  for tool, args in runs.items():  # the way out the message names
+    proc = _cli(cache_dir, *args, "--step=3")
+    assert proc.returncode == 0, f"{tool}: {proc.stderr[-3000:]}"
+  assert (tmp_path / "out.jsonl").read_text().count("\n") == 1
+  assert (tmp_path / "hf" / "config.json").is_file()
