@@ -310,9 +310,9 @@ def first_restorable(steps: Sequence[int], try_restore: Callable[[int], Any],
   reads 'process p failed' where this process's own try succeeded). `gather` stacks one array
   per process ([P, ...]); tests replace it to run the processes as threads.
   """
-  mine = np.asarray(sorted(set(int(s) for s in steps), reverse=True), np.int64)
-  width = int(gather(np.asarray([len(mine)], np.int64)).max())
-  padded = np.full((width,), -1, np.int64)
+  mine = np.asarray(sorted({int(s) for s in steps}, reverse=True), np.int32)
+  width = int(gather(np.asarray([len(mine)], np.int32)).max())
+  padded = np.full((width,), -1, np.int32)
   padded[: len(mine)] = mine
   listed = gather(padded)  # [P, width]
   common = [int(s) for s in listed[0] if s >= 0 and all(s in row for row in listed[1:])]

@@ -192,7 +192,9 @@ class _Processes:
   """`first_restorable` on n threads standing in for processes: `gather` is an all-gather."""
 
   def __init__(self, n: int):
-    self.barrier = threading.Barrier(n, timeout=60)
+    # The timeout is no speed bound: processes out of lockstep (a bug) wait on each other for
+    # ever, and this turns that hang into a failure.
+    self.barrier = threading.Barrier(n, timeout=600)
     self.slots: list = [None] * n
 
   def gather(self, p: int):

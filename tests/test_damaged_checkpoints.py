@@ -1,11 +1,12 @@
 """A resume, eval, generate or export past a checkpoint damaged after its save, through the CLI.
 
 One uninterrupted tiny_cpu run of 4 RL steps (module fixture, checkpoints at steps 2, 3, 4) is
-copied per case; the copy's step-4 checkpoint is damaged as a disk fault or a half-finished
-copy would leave it, and the same command is run again. It must warn in one line naming step 4
-and the reason, move the directory aside, resume from step 3, count the skip in
-`train/checkpoints_skipped`, and redo step 4 exactly as the uninterrupted run did. With every
-kept step damaged it must stop with one line and exit 2 before any training.
+copied per case; the copy's newest checkpoints are damaged as a disk fault or a half-finished
+copy would leave them (a truncated data file, a missing one, empty metadata, a missing item
+directory), and the same command is run again. It must warn in one line per damaged step
+naming it and the reason, move each aside, resume from the newest step that restores, count the
+skips in `train/checkpoints_skipped`, and redo the later steps exactly as the uninterrupted run
+did. With every kept step damaged it must stop with one line and exit 2 before any training.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -115,48 +117,58 @@ def _delete_subtree(step: pathlib.Path) -> None:
   shutil.rmtree(step / "opt_state")
 
 
-DAMAGE = {"truncated_data_file": _truncate_data_file, "missing_data_file": _delete_data_file,
-          "empty_metadata": _empty_metadata, "missing_subtree": _delete_subtree}
+def _warnings(stderr: str) -> dict[int, str]:
+  """{step: reason} of the one-line 'checkpoint step k in DIR cannot be restored: why' warnings."""
+  found = {}
+  for line in stderr.splitlines():
+    if (m := re.search(r"checkpoint step (\d+) in \S+ cannot be restored: (.+)$", line)):
+      assert int(m.group(1)) not in found, f"step {m.group(1)} warned twice"
+      found[int(m.group(1))] = m.group(2).strip()
+  return found
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
-def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, cache_dir, base, damage):
+def _assert_redone(workdir: pathlib.Path, base: pathlib.Path) -> list[int | None]:
+  """metrics.jsonl holds steps 1-4 as the uninterrupted run logged them, but for the skip count;
+  returns each step's `train/checkpoints_skipped` (None: not logged)."""
+  want, got = _metrics(base), _metrics(workdir)
+  assert [r["step"] for r in got] == [1, 2, 3, 4]
+  counts = [g.pop(SKIPPED, None) for g in got]
+  for w, g in zip(want, got, strict=True):
+    assert g == w, f"step {w['step']} differs from the uninterrupted run"
+  return counts
+
+
+def test_resume_falls_back_past_damaged_checkpoints(tmp_path, cache_dir, base):
   workdir = _copy(base, tmp_path / "run")
-  DAMAGE[damage](workdir / "checkpoints" / "4")
+  ckpts = workdir / "checkpoints"
+  _truncate_data_file(ckpts / "4")
+  _delete_subtree(ckpts / "3")
 
   proc = _train(workdir, cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
-  warned = [ln for ln in proc.stderr.splitlines() if "checkpoint step 4" in ln and
-            "cannot be restored: " in ln]
-  assert len(warned) == 1, proc.stderr[-3000:]
-  assert warned[0].rsplit("cannot be restored: ", 1)[1].strip()  # a reason is given
-  assert "resumed from step 3" in proc.stderr
-  assert _steps(workdir) == ["2", "3", "4", "4.unreadable"]  # moved aside, step 4 redone
+  warned = _warnings(proc.stderr)
+  assert set(warned) == {3, 4} and all(warned.values()), proc.stderr[-3000:]  # reasons given
+  assert "resumed from step 2" in proc.stderr
+  assert _steps(workdir) == ["2", "3", "3.unreadable", "4", "4.unreadable"]  # moved, redone
+  assert not (ckpts / "3.unreadable" / "opt_state").exists()  # the damaged one, as it was
+  assert _assert_redone(workdir, base) == [None, None, 2, 2]  # from the first step after it
 
-  want, got = _metrics(base), _metrics(workdir)
-  assert [r["step"] for r in got] == [1, 2, 3, 4]
-  assert got[3].pop(SKIPPED) == 1  # counted in the first logged step after the resume
-  assert got == want  # steps 1-3 kept, step 4 redone bit for bit
-
-
-def test_skips_are_counted_across_resumes(tmp_path, cache_dir, base):
-  """A second fallback in the same workdir adds to the count the checkpoint carries."""
-  workdir = _copy(base, tmp_path / "run")
-  _truncate_data_file(workdir / "checkpoints" / "4")
-  assert _train(workdir, cache_dir).returncode == 0
-  _delete_subtree(workdir / "checkpoints" / "4")  # the redone step 4, damaged again
+  # Again in the same workdir: the count carried by step 3's checkpoint grows across resumes.
+  _empty_metadata(ckpts / "4")
   proc = _train(workdir, cache_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _steps(workdir) == ["2", "3", "4", "4.unreadable", "4.unreadable.2"]
-  # Step 3's checkpoint predates both skips: it carries none, and this resume skipped one.
-  assert _metrics(workdir)[3][SKIPPED] == 1
+  assert set(_warnings(proc.stderr)) == {4}
+  assert "resumed from step 3" in proc.stderr
+  assert _steps(workdir) == ["2", "3", "3.unreadable", "4", "4.unreadable", "4.unreadable.2"]
+  assert _assert_redone(workdir, base) == [None, None, 2, 3]
 
 
 def test_no_restorable_checkpoint_stops_with_exit_2(tmp_path, cache_dir, base):
   workdir = _copy(base, tmp_path / "run")
-  for step, damage in zip(("2", "3", "4"), DAMAGE.values(), strict=False):
-    damage(workdir / "checkpoints" / step)
+  _delete_data_file(workdir / "checkpoints" / "2")
+  _empty_metadata(workdir / "checkpoints" / "3")
+  _truncate_data_file(workdir / "checkpoints" / "4")
   before = (workdir / "metrics.jsonl").read_text()
 
   proc = _train(workdir, cache_dir)
@@ -164,10 +176,9 @@ def test_no_restorable_checkpoint_stops_with_exit_2(tmp_path, cache_dir, base):
   assert "Traceback" not in proc.stderr
   lines = _error_lines(proc.stderr)
   assert len(lines) == 1, proc.stderr[-3000:]
-  assert lines[0].startswith("setup error: no checkpoint in ")
-  for step in ("2", "3", "4"):
-    assert f"step {step}: " in lines[0]
-  assert str(workdir / "checkpoints") in lines[0]
+  assert lines[0].startswith(f"setup error: no checkpoint in {workdir / 'checkpoints'} can be "
+                             "restored (step 4: ")
+  assert "; step 3: " in lines[0] and "; step 2: " in lines[0]
   assert _steps(workdir) == ["2", "3", "4"]  # nothing moved
   assert (workdir / "metrics.jsonl").read_text() == before  # nothing trained, nothing logged
 
@@ -211,8 +222,8 @@ def test_eval_generate_export_name_the_damaged_step_and_take_another(tmp_path, c
   for tool, args in runs.items():
     _assert_one_line_naming_step_4(_cli(cache_dir, *args), tool)
   assert _steps(damaged) == ["2", "3", "4"]  # readers move nothing
-  for tool, args in runs.items():  # the way out the message names
-    proc = _cli(cache_dir, *args, "--step=3")
+  for tool in ("generate", "export"):  # the way out the message names (eval's --step is the
+    proc = _cli(cache_dir, *runs[tool], "--step=3")  # same load_policy argument)
     assert proc.returncode == 0, f"{tool}: {proc.stderr[-3000:]}"
   assert (tmp_path / "out.jsonl").read_text().count("\n") == 1
   assert (tmp_path / "hf" / "config.json").is_file()
