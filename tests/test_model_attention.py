@@ -178,3 +178,23 @@ def test_cudnn_packed_rows_run_the_pallas_kernel_and_fall_back_by_head_dim(monke
                         self_attention=True, segment_ids=seg)
     assert len(calls) == want, h
   assert pallas_gpu.unfit(8) and pallas_gpu.unfit(16) is None
+
+
+@pytest.mark.slow  # ~25 s on a loaded 2-core host: the interpreted kernel under shard_map
+def test_pallas_gpu_flash_under_mesh_uses_shard_map():
+  """Under a mesh the Triton call runs per shard (batch over data/fsdp, heads over tensor)."""
+  from fipo_jax.models import pallas_gpu
+
+  b, t = 4, 32
+  q, k, v = _qkv(b, t, t, 4, 2, 16, seed=5)
+  seg = jnp.asarray(np.repeat([[1] * 12 + [2] * 14 + [0] * 6], b, axis=0), jnp.int32)
+  ref = attention.plain_attention(q, k, v, q_slot=_causal_slots(b, t), kv_valid=seg > 0,
+                                  segment_ids=seg)  # fmt: skip
+  with jax.set_mesh(sharding.make_mesh(fsdp=4, tensor=2)):
+    fn = jax.jit(lambda q, k, v, s: pallas_gpu.flash_attention(q, k, v, segment_ids=s,
+                                                               block_size=16, interpret=True))
+    lowered = fn.lower(q, k, v, seg).as_text()
+    out = fn(q, k, v, seg)
+  assert "shard_map" in lowered or "sdy.manual_computation" in lowered
+  m = np.asarray(seg > 0)
+  assert np.abs(np.asarray(out) - np.asarray(ref))[m].max() < 1e-5

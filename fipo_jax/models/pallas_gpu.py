@@ -6,8 +6,10 @@ query sees another sequence; a padded row passes real tokens as segment 1 and pa
 has a fused backward (its own custom_vjp). The kernel wants as many k/v heads as query heads,
 so grouped k/v are repeated G times along the heads (the repeat's gradient sums them back); the
 row length is padded to a multiple of the block with segment 0 (seen by no real query).
-Scores are float32 and scaled by H**-0.5 inside the kernel, as the other kernels do.
-`interpret=True` runs the same kernel in the Pallas interpreter (the CPU tests).
+Scores are float32 and scaled by H**-0.5 inside the kernel, as the other kernels do. Under a
+mesh set with `jax.set_mesh`, the kernel runs inside `shard_map` over the batch and head axes
+(a Triton call cannot be partitioned automatically), as splash does. `interpret=True` runs the
+same kernel in the Pallas interpreter (the CPU tests).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import logging
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+from jax.sharding import PartitionSpec as P
+
+from fipo_jax import sharding as sharding_lib
 
 # Triton's dot needs every tile dim >= 16; the kernel pads H to a power of two itself.
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
@@ -67,7 +72,15 @@ def flash_attention(q, k, v, *, segment_ids, block_size: int = 128, interpret: b
   sizes = gpu_attention.BlockSizes(
     block_q=blk, block_k=blk, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd
   )
-  out = gpu_attention.mha(
-    q, k, v, seg, sm_scale=h**-0.5, causal=True, block_sizes=sizes, interpret=interpret
+  fn = functools.partial(
+    gpu_attention.mha, sm_scale=h**-0.5, causal=True, block_sizes=sizes, interpret=interpret
   )
-  return out[:, :t]
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    batch = sharding_lib.mesh_axes("batch", b, mesh) or None
+    heads = sharding_lib.mesh_axes("heads", n, mesh) or None
+    qkv = P(batch, None, heads, None)
+    fn = jax.shard_map(
+      fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv, check_vma=False
+    )
+  return fn(q, k, v, seg)[:, :t]
