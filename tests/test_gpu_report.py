@@ -36,7 +36,9 @@ def test_gpu_report_smoke_ends_with_its_json():
   dec = report["decode"]["qwen2.5-0.5b"]
   assert dec["tokens_per_s"] > 0 and dec["slot_utilisation"] > 0
   assert (dec["attention"]["kernel"], dec["attention"]["fallback"]) == (
-    "gather_per_head", "gather_grouped")
+    "gather_per_head",
+    "gather_grouped",
+  )
   split = report["rl_step"]["split"]
   assert set(split) == {"gen", "old_log_prob", "update_actor"}
   assert all(v > 0 for v in split.values())

@@ -16,8 +16,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu not installed (pip install -e '.[tpu]')")
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu not installed (pip install -e '.[tpu]')",
+)
 
 _L, _B, _N, _K, _H, _PAGE, _M = 2, 16, 40, 8, 128, 16, 32
 
