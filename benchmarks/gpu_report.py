@@ -1,141 +1,269 @@
-"""Train MFU and decode tokens/s of a random Qwen2.5-shaped model on one accelerator.
+"""The GPU report in one command: packed train-step MFU, paged decode against the HBM roofline,
+one whole RL step's phase split, each attention kernel against its fallback, the GPU tests.
 
-Usage: python benchmarks/gpu_report.py [--preset qwen2.5-0.5b] [--batch 8 --seq 2048]
-                                       [--slots 256 --new_tokens 256 --prompt 128]
+  python benchmarks/gpu_report.py            # on a GPU host (bf16, Qwen2.5-0.5B and 1.5B shapes)
+  python benchmarks/gpu_report.py --smoke    # tiny shapes on CPU (the test suite runs this)
 
-Train: the real FIPO update (fipo_jax.rl.train_step.train_step: chunked log-probs, FIPO loss,
-AdamW) on batch x seq tokens in bf16 compute with float32 params. MFU = model FLOPs per second
-(6 N per token for the dense layers plus 12 L T D per token for causal attention, the usual
-estimate) over the chip's dense bf16 peak; the compiled cost analysis is printed beside it.
-Decode: the sampling engine's decode steps with `slots` concurrent sequences; the baseline is
-the HBM roofline: each decode step must at least read every weight once (bf16 copies) and the
-live KV cache, so tokens/s <= slots * bandwidth / bytes_per_step.
+- train: the trainer's packed update (`rl.packing.pack_rollouts` + `rl.packed_step.train_step`,
+  FIPO loss, AdamW) on random Qwen2.5-shaped weights in bf16 compute, once with the platform's
+  training kernel (models/kernels.py: 'pallas_flash' on a GPU) and once with the 'blockwise'
+  fallback. MFU = model FLOPs per second (6 N per real token for the dense layers, 6 V D per
+  response token for the LM head, 6 L N H s^2 per sequence of s tokens for causal attention)
+  over the chip's dense bf16 peak; the compiled cost analysis is printed beside it.
+- decode: the sampling engine at `--slots` slots, tokens/s and its share of the HBM roofline
+  (each step reads the weights once and the live KV cache); and the paged decode attention
+  alone at those slots, the platform's formulation against the other one.
+- rl_step: one RL step of configs/tiny_cpu.py:runlocal (no warm start, groups kept unfiltered)
+  through `trainer.run`, split into generate / old log-probs / update (the trainer's timings);
+  on a GPU at the 0.5B preset's shapes in bf16.
+- gpu_tests: tests/test_model_gpu.py under pytest (GPU only).
+The last line is JSON: {"chip", "platform", "smoke", "train", "decode", "rl_step", "gpu_tests"}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fipo_jax import models
-from fipo_jax.rl import train_step as ts
-from fipo_jax.sampling import driver
-from fipo_jax.sampling import engine as engine_lib
-from fipo_jax.sampling import params as sampling_params
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from fipo_jax import models, recipes  # noqa: E402
+from fipo_jax.models import kernels, paged  # noqa: E402
+from fipo_jax.rl import losses as losses_lib  # noqa: E402
+from fipo_jax.rl import packed_step as ps  # noqa: E402
+from fipo_jax.rl import packing  # noqa: E402
+from fipo_jax.rl import train_step as ts  # noqa: E402
+from fipo_jax.sampling import driver  # noqa: E402
+from fipo_jax.sampling import engine as engine_lib  # noqa: E402
+from fipo_jax.sampling import params as sampling_params  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bf16 peak FLOP/s and HBM bytes/s per chip (vendor datasheets, SXM parts).
-CHIPS = {
-  "H100": (989e12, 3.35e12),
-  "H200": (989e12, 4.8e12),
-  "cpu": (None, None),
-}
+CHIPS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
 def chip_name() -> str:
   kind = jax.devices()[0].device_kind
-  for name in CHIPS:
-    if name.lower() in kind.lower():
-      return name
-  return "cpu"
+  return next((name for name in CHIPS if name.lower() in kind.lower()), kind)
 
 
-def train_report(cfg: models.ModelConfig, batch: int, seq: int, iters: int) -> dict:
-  model = models.init_model(cfg, seed=0)
-  graphdef, params = nnx.split(model)
-  tx = ts.make_optimizer(lr=1e-6, warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
-  opt_state = jax.jit(tx.init)(params)
-  t = seq // 2  # response half of the sequence
-  rng = np.random.default_rng(0)
-  ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)), jnp.int32)
-  b = ts.PolicyBatch(
-    input_ids=ids, attention_mask=jnp.ones_like(ids),
-    positions=jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-    response_mask=jnp.ones((batch, t), jnp.float32),
-    old_log_probs=jnp.full((batch, t), -2.0, jnp.float32),
-    advantages=jnp.asarray(rng.standard_normal((batch, 1)) * np.ones((1, t)), jnp.float32),
-  )
-  step = jax.jit(lambda p, o, x: ts.train_step(graphdef, p, o, x, cfg=ts.UpdateConfig(), tx=tx),
-                 donate_argnums=(0, 1))
-  t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, b).compile()
-  compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  params, opt_state, m = compiled(params, opt_state, b)
-  jax.block_until_ready(m)
+def _timed(fn, iters: int) -> float:
+  """Mean seconds of fn() over `iters` calls after one warm-up (compile) call."""
+  jax.block_until_ready(fn())
   t0 = time.perf_counter()
   for _ in range(iters):
-    params, opt_state, m = compiled(params, opt_state, b)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / iters
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / iters
+
+
+def _packed_batch(cfg, rng, seqs: int, prompt: int, response: int):
+  """One packed mini-batch of `seqs` sequences (prompt 5-15%, responses log-normal around half
+  of `response`) in rows of prompt + response tokens -> (PackedBatch, lengths [seqs, 2])."""
+  plen = rng.integers(max(1, prompt // 20), max(2, prompt // 7) + 1, seqs)
+  rlen = np.clip(np.round(rng.lognormal(np.log(response / 2) - 0.18, 0.6, seqs)), 1, response)
+  ids = lambda n: rng.integers(1, cfg.vocab_size, int(n)).astype(np.int32)
+  out = packing.pack_rollouts(
+    [ids(n) for n in plen], [ids(n) for n in rlen],
+    [-rng.random(int(n)).astype(np.float32) for n in rlen],
+    rng.standard_normal(seqs).astype(np.float32), mini=seqs, max_prompt_length=prompt,
+    max_response_length=response, row_len=prompt + response, num_shards=1, num_micro=None,
+    pad_id=0,
+  )  # fmt: skip
+  batch = ps.PackedBatch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
+  return batch, np.stack([plen, rlen], axis=1).astype(np.int64)
+
+
+def _model_flops(cfg, params, lengths: np.ndarray) -> float:
+  tokens = lengths.sum(axis=1)
   vd = cfg.vocab_size * cfg.hidden_size
-  n_layers = models.count_params(params) - vd * (1 if cfg.tie_word_embeddings else 2)
-  tokens = batch * seq
-  # 6N per token for the layers, the LM head on the T response tokens only (chunked log-probs),
-  # and causal attention scores + values: 6 * L * seq * N * H per token (fwd + bwd).
-  model_flops = (6 * n_layers * tokens + 6 * vd * batch * t
-                 + 6 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim * tokens)
-  peak, _ = CHIPS[chip_name()]
-  return {
-    "tokens_per_s": tokens / dt, "step_s": dt, "compile_s": compile_s,
-    "model_flops_per_step": model_flops, "compiled_flops_per_step": float(cost.get("flops", -1)),
-    "mfu": model_flops / dt / peak if peak else None, "loss": float(m["actor/loss"]),
-  }
+  dense = models.count_params(params) - vd * (1 if cfg.tie_word_embeddings else 2)
+  attn = (
+    6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * float(np.sum(tokens.astype(float) ** 2))
+  )
+  return 6 * dense * float(tokens.sum()) + 6 * vd * float(lengths[:, 1].sum()) + attn
 
 
-def decode_report(cfg: models.ModelConfig, slots: int, prompt: int, new_tokens: int) -> dict:
-  model = models.init_model(cfg, seed=0)
-  graphdef, params = nnx.split(model)
-  eng = engine_lib.Engine(cfg, graphdef, engine_lib.EngineConfig(
-    num_slots=slots, max_prompt_len=prompt, max_new_tokens=new_tokens, steps_per_call=64))
+def train_report(cfg, a) -> dict:
+  """The packed train step with the platform's kernel and with 'blockwise' (see the docstring)."""
+  batch, lengths = _packed_batch(cfg, np.random.default_rng(0), a.seqs, a.prompt, a.response)
+  ucfg = ts.UpdateConfig(policy_loss=losses_lib.PolicyLossConfig(chunk_size=min(128, a.response)),
+                         num_micro_batches=1, logprob_chunk_size=512)  # fmt: skip
+  tx = optax.adamw(1e-6)
+  platform = kernels.platform_of()
+  out = {"real_tokens": int(lengths.sum()), "row_tokens": int(np.prod(batch.input_ids.shape))}
+  for label, impl in (("kernel", "auto"), ("fallback", "blockwise")):
+    if label == "fallback" and out["kernel"]["attention"] == "blockwise":
+      out[label] = out["kernel"]  # the platform's kernel is the fallback: timed once
+      continue
+    mcfg = cfg.replace(attention_impl=impl)
+    graphdef, params = nnx.split(models.init_model(mcfg, seed=0))
+    opt = tx.init(params)
+    step = jax.jit(lambda p, o, b, g=graphdef: ps.train_step(g, p, o, b, cfg=ucfg, tx=tx))
+    compiled = step.lower(params, opt, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    dt = _timed(lambda c=compiled, p=params, o=opt: c(p, o, batch)[2]["actor/loss"], a.iters)
+    flops = _model_flops(mcfg, params, lengths)
+    peak = CHIPS.get(chip_name(), (None, None))[0]
+    out[label] = {
+      "attention": kernels.train_kernel(platform, impl, mcfg.dtype, packed=True), "step_s": dt,
+      "tokens_per_s": out["real_tokens"] / dt, "model_flops": flops,
+      "compiled_flops": float((cost or {}).get("flops", -1)),
+      "mfu": flops / dt / peak if peak else None,
+    }  # fmt: skip
+  out["kernel_speedup"] = out["fallback"]["step_s"] / out["kernel"]["step_s"]
+  return out
+
+
+def decode_attention_report(cfg, slots: int, context: int, iters: int) -> dict:
+  """The paged decode attention alone (one layer, `slots` slots of `context` tokens): the
+  platform's formulation and the other one -> seconds per call of each."""
+  page = 16
+  pages = -(-context // page)
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, cfg.vocab_size, prompt).tolist() for _ in range(slots)]
-  kw = dict(n=1, max_new_tokens=new_tokens, sampling=sampling_params.Sampling(1.0), seed=0)
+  dt = jnp.dtype(cfg.dtype)
+  shape = (1, cfg.num_kv_heads, slots * pages, page, cfg.head_dim)
+  pool = [jnp.asarray(rng.standard_normal(shape), dt) for _ in range(2)]
+  table = jnp.asarray(rng.permutation(slots * pages).reshape(slots, pages), jnp.int32)
+  lengths = jnp.full((slots,), context, jnp.int32)
+  q = jnp.asarray(rng.standard_normal((slots, cfg.num_heads, cfg.head_dim)), dt)
+  kv = jnp.asarray(rng.standard_normal((slots, cfg.num_kv_heads, cfg.head_dim)), dt)
+  chosen = kernels.decode_kernel(kernels.platform_of(), cfg)
+  other = next(k for k in kernels.DECODE_KERNELS if k != chosen)
+  out = {}
+  for name in (chosen, other):
+    layout = paged.PagedLayout(page_size=page, pages_per_block=max(1, 512 // page), kernel=name)
+    cache = paged.PagedCache(k=pool[0], v=pool[1], page_table=table, lengths=lengths,
+                             layout=layout)  # fmt: skip
+    fn = jax.jit(lambda c, q=q, kv=kv: paged.decode_attention(q, kv, kv, c, 0, c.lengths))
+    out[name] = _timed(lambda f=fn, c=cache: f(c), iters)
+  kv_bytes = 2 * slots * context * cfg.num_kv_heads * cfg.head_dim * dt.itemsize
+  return {"kernel": chosen, "fallback": other, "kernel_s": out[chosen], "fallback_s": out[other],
+          "kernel_speedup": out[other] / out[chosen],
+          "kernel_kv_gb_per_s": kv_bytes / out[chosen] / 1e9}  # fmt: skip
+
+
+def decode_report(cfg, a) -> dict:
+  """Engine decode at `slots` slots: tokens/s and its share of the HBM roofline."""
+  graphdef, params = nnx.split(models.init_model(cfg, seed=0))
+  eng = engine_lib.Engine(cfg, graphdef, engine_lib.EngineConfig(
+    num_slots=a.slots, max_prompt_len=a.prompt, max_new_tokens=a.new_tokens,
+    steps_per_call=min(64, a.new_tokens)))  # fmt: skip
+  params = eng.load_params(params)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, cfg.vocab_size, a.prompt).tolist() for _ in range(a.slots)]
+  kw = dict(n=1, max_new_tokens=a.new_tokens, sampling=sampling_params.Sampling(1.0), seed=0)
   driver.run(eng, params, prompts, **kw)  # compile
-  res = driver.run(eng, params, prompts, **kw)
-  tok_s = res.stats.tokens_generated / res.stats.wall_time_s
-  weight_bytes = models.count_params(params) * jnp.dtype(cfg.dtype).itemsize
-  avg_ctx = prompt + new_tokens / 2
-  kv_bytes = (2 * cfg.num_layers * slots * avg_ctx * cfg.num_kv_heads * cfg.head_dim
-              * jnp.dtype(cfg.dtype).itemsize)
-  _, bw = CHIPS[chip_name()]
-  bound = slots * bw / (weight_bytes + kv_bytes) if bw else None
-  return {"tokens_per_s": tok_s, "hbm_bound_tokens_per_s": bound,
-          "fraction_of_hbm_bound": tok_s / bound if bound else None,
-          "slot_utilisation": res.stats.slot_utilisation, "wall_s": res.stats.wall_time_s}
+  stats = driver.run(eng, params, prompts, **kw).stats
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  weight_bytes = models.count_params(params) * itemsize
+  kv_bytes = (2 * cfg.num_layers * a.slots * (a.prompt + a.new_tokens / 2) * cfg.num_kv_heads
+              * cfg.head_dim * itemsize)  # fmt: skip
+  bw = CHIPS.get(chip_name(), (None, None))[1]
+  bound = a.slots * bw / (weight_bytes + kv_bytes) if bw else None
+  return {
+    "slots": a.slots, "tokens_per_s": stats.tokens_per_s, "hbm_bound_tokens_per_s": bound,
+    "fraction_of_hbm_bound": stats.tokens_per_s / bound if bound else None,
+    "slot_utilisation": stats.slot_utilisation, "wall_s": stats.wall_time_s,
+    "attention": decode_attention_report(cfg, a.slots, a.prompt + a.new_tokens // 2, a.iters),
+  }  # fmt: skip
 
 
-def main() -> None:
-  p = argparse.ArgumentParser()
-  p.add_argument("--preset", default="qwen2.5-0.5b")
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=2048)
+def rl_step_config(smoke: bool):
+  """configs/tiny_cpu.py:runlocal for one RL step: no warm start, no eval or checkpoint, groups
+  kept unfiltered (a random policy scores 0 everywhere); off smoke, the full 0.5B preset in
+  bf16 with 512-token responses."""
+  from configs import tiny_cpu  # noqa: PLC0415 (the repository's recipe, by path)
+
+  c = tiny_cpu.get_config("runlocal")
+  c.total_steps, c.eval_every, c.checkpoint_every, c.sft.steps = 1, 0, 0, 0
+  c.rl.filter_groups_enable = False
+  if smoke:  # one mini-batch of 2 x 2 responses: three small programs to compile
+    c.rl.n = c.rl.train_batch_size = c.rl.gen_batch_size = c.rl.ppo_mini_batch_size = 2
+    c.sampling.num_slots = 4
+  else:
+    c.model.overrides, c.model.dtype = {}, "bfloat16"
+    c.rl.max_response_length, c.rl.ppo_max_token_len_per_device = 512, 1024
+  return c
+
+
+def rl_step_report(smoke: bool) -> dict:
+  """One RL step through `trainer.run` and its phase split (see the module docstring)."""
+  from fipo_jax.rl import trainer  # noqa: PLC0415
+
+  with tempfile.TemporaryDirectory() as workdir:
+    m = trainer.run(rl_step_config(smoke), workdir)
+  phases = {k: float(m.get(f"timing_s/{k}", 0.0)) for k in ("gen", "old_log_prob", "update_actor")}
+  total = float(m["timing_s/step"])
+  return {"step_s": total, "phases_s": phases,
+          "split": {k: v / total for k, v in phases.items()}}  # fmt: skip
+
+
+def gpu_tests() -> dict:
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_model_gpu.py"]
+  res = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
+  print(res.stdout[-2000:], flush=True)
+  return {"returncode": res.returncode, "summary": (res.stdout.strip().splitlines() or [""])[-1]}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU")
+  p.add_argument("--presets", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-1.5b"])
+  p.add_argument("--seqs", type=int, default=64, help="sequences in the packed mini-batch")
+  p.add_argument("--prompt", type=int, default=256)
+  p.add_argument("--response", type=int, default=1792)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--slots", type=int, default=256)
-  p.add_argument("--prompt", type=int, default=128)
   p.add_argument("--new_tokens", type=int, default=256)
-  p.add_argument("--layers", type=int, default=None, help="Override num_layers (smoke runs).")
-  a = p.parse_args()
-  over = {"num_layers": a.layers} if a.layers else {}
-  cfg = models.get_preset(a.preset, dtype=a.dtype, param_dtype="float32", **over)
-  print(f"device: {jax.devices()[0].device_kind} ({chip_name()}), preset {a.preset}, "
-        f"{models.count_params(models.abstract_model(cfg)) / 1e6:.0f}M params")
-  train = train_report(cfg, a.batch, a.seq, a.iters)
-  print(f"train: {train['tokens_per_s']:,.0f} tokens/s, step {train['step_s'] * 1e3:.1f} ms, "
-        f"MFU {train['mfu'] if train['mfu'] is None else round(train['mfu'], 3)} "
-        f"(model {train['model_flops_per_step']:.3g} vs compiled "
-        f"{train['compiled_flops_per_step']:.3g} FLOP/step)")
-  dec = decode_report(cfg, a.slots, a.prompt, a.new_tokens)
-  print(f"decode: {dec['tokens_per_s']:,.0f} tokens/s with {a.slots} slots; HBM roofline "
-        f"{dec['hbm_bound_tokens_per_s']}; fraction {dec['fraction_of_hbm_bound']}")
-  print(json.dumps({"chip": chip_name(), "preset": a.preset, "train": train, "decode": dec}))
+  a = p.parse_args(argv)
+  over = {}
+  if a.smoke:
+    a.presets, a.seqs, a.prompt, a.response, a.iters = a.presets[:1], 6, 16, 48, 1
+    a.slots, a.new_tokens = 8, 8
+    over = dict(recipes.tiny_model())
+  print(f"device: {jax.devices()[0].device_kind} ({chip_name()}), jax {jax.__version__}",
+        flush=True)  # fmt: skip
+  train, decode = {}, {}
+  for preset in a.presets:
+    cfg = models.get_preset(preset, dtype="bfloat16", param_dtype="float32", **over)
+    train[preset] = t = train_report(cfg, a)
+    print(f"{preset} train ({t['real_tokens']} real / {t['row_tokens']} row tokens): "
+          + "; ".join(f"{k} '{t[k]['attention']}' {t[k]['step_s'] * 1e3:.1f} ms MFU {t[k]['mfu']}"
+                      for k in ("kernel", "fallback")), flush=True)  # fmt: skip
+    decode[preset] = d = decode_report(cfg, a)
+    att = d["attention"]
+    print(f"{preset} decode: {d['tokens_per_s']:,.0f} tokens/s at {a.slots} slots, "
+          f"{d['fraction_of_hbm_bound']} of the HBM roofline; attention '{att['kernel']}' "
+          f"{att['kernel_speedup']:.2f}x '{att['fallback']}'", flush=True)  # fmt: skip
+  rl = rl_step_report(a.smoke)
+  print(f"rl step: {rl['step_s']:.2f} s, split {rl['split']}", flush=True)
+  tests = gpu_tests() if kernels.platform_of() == "gpu" else {"skipped": "no GPU"}
+  print(
+    json.dumps(
+      {
+        "chip": chip_name(),
+        "platform": kernels.platform_of(),
+        "smoke": a.smoke,
+        "train": train,
+        "decode": decode,
+        "rl_step": rl,
+        "gpu_tests": tests,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

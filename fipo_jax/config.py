@@ -460,6 +460,9 @@ def validate(config: Any, *, num_devices: int | None = None,
   if num_devices is not None:
     cfg.mesh.resolve(num_devices)
     cfg.sampler_mesh.resolve(num_devices)
+    from fipo_jax.models import kernels  # noqa: PLC0415 (lazy: config stays import-light)
+    if why := kernels.unsupported(cfg.model.attention_impl, kernels.platform_of()):
+      raise ConfigError("model.attention_impl", why)
   if check_paths:
     _check_paths(cfg)
   return cfg

@@ -97,7 +97,11 @@ def test_splash_interpreted_segments_match_each_sequence_alone():
 
 
 def test_cudnn_with_segments_falls_back_to_blockwise_and_says_so(caplog):
-  attention._log_cudnn_fallback.cache_clear()
+  """Packed rows under 'cudnn' run the Pallas flash kernel; at head_dim 8 (under its Triton
+  tiles) that falls back to 'blockwise', logged once with the reason."""
+  from fipo_jax.models import pallas_gpu
+
+  pallas_gpu.log_fallback.cache_clear()
   lengths, total = (5, 8), 16
   q, k, v = _qkv(1, total, 4, 2, 8, seed=4)
   seg = _segments(lengths, total)
@@ -115,7 +119,8 @@ def test_cudnn_with_segments_falls_back_to_blockwise_and_says_so(caplog):
         self_attention=True,
         segment_ids=seg,
       )
-  assert sum("instead of 'cudnn'" in r.message for r in caplog.records) == 1  # logged once
+  msgs = [r.message for r in caplog.records if "instead of 'pallas_flash'" in r.message]
+  assert len(msgs) == 1 and "head_dim 8" in msgs[0], msgs  # logged once, with the reason
   ref, used = _alone(q, k, v, lengths)
   np.testing.assert_allclose(np.asarray(out)[:, :used], np.asarray(ref), atol=1e-5, rtol=0)
 

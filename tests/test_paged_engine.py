@@ -150,9 +150,11 @@ def test_page_allocation_reserves_the_worst_case_per_shard(model):
   assert eng.allocator.held == {} and eng.can_insert(0, 3, 5)
 
 
-def test_decode_attention_matches_dense_reference():
+@pytest.mark.parametrize("kernel", [None, "gather_grouped"])
+def test_decode_attention_matches_dense_reference(kernel):
   """Random pool, shuffled page tables, lengths 0..S: == plain attention over the slot's tokens
-  followed by the new one; one device and shard_map over a data x fsdp x tensor mesh."""
+  followed by the new one; one device and shard_map over a data x fsdp x tensor mesh; the CPU
+  formulation (None here) and the accelerators' grouped one forced on CPU."""
   rng = np.random.default_rng(0)
   b, n, kh, h, page, m, num_layers = 4, 4, 2, 8, 4, 6, 2
   lengths = np.asarray([0, 5, 24, 13], np.int32)
@@ -178,7 +180,9 @@ def test_decode_attention_matches_dense_reference():
   for mesh, ppb in ((meshes[0], 1), (meshes[0], 4), (meshes[1], 2), (meshes[1], 16)):
     axes = ("data",) if mesh is not None else ()
     layout = paged.PagedLayout(page_size=page, pages_per_block=ppb, mesh=mesh, batch_axes=axes,
-                               kv_axes=("tensor",) if mesh is not None else ())  # fmt: skip
+                               kv_axes=("tensor",) if mesh is not None else (),
+                               kernel=kernel)  # fmt: skip
+    assert layout.decode_kernel == (kernel or "gather_per_head")
     tbl = table if mesh is not None else table + (np.arange(b)[:, None] // 2) * 2 * m
     cache = paged.PagedCache(k=pool_k, v=pool_v, page_table=tbl, lengths=lengths, layout=layout)
     got = jax.jit(paged.decode_attention)(q, k_new, v_new, cache, layer, lengths)

@@ -13,7 +13,10 @@ boundary.
 - 'splash': Pallas splash attention (TPU only; see splash.py).
 - 'cudnn': jax.nn.dot_product_attention(implementation='cudnn') (GPU only). Its public API takes
   per-row lengths, not segment ids, and a dense [S, S] mask does not scale to packed rows of
-  22k tokens, so packed rows fall back to 'blockwise' (logged once).
+  22k tokens, so packed rows run 'pallas_flash'.
+- 'pallas_flash': JAX's Pallas GPU flash attention with segment ids (pallas_gpu.py); where it
+  does not fit (head_dim), 'blockwise' runs instead, logged once with the reason.
+Which kernel 'auto' picks per platform is kernels.py's table.
 Masked scores use a large finite negative, so rows with no valid key give a uniform average
 instead of NaN (those rows are padding and their outputs are never used).
 """
@@ -21,24 +24,18 @@ instead of NaN (those rows are padding and their outputs are never used).
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 
+from fipo_jax.models import kernels
+
 _NEG = -1e30
 
 
-def resolve_impl(impl: str, dtype=None) -> str:
-  """'auto' -> splash on TPU, cuDNN on GPU (16-bit compute only), blockwise otherwise."""
-  if impl != "auto":
-    return impl
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "splash"
-  if backend == "gpu" and dtype is not None and jnp.dtype(dtype).itemsize == 2:
-    return "cudnn"
-  return "blockwise"
+def resolve_impl(impl: str, dtype=None, packed: bool = False) -> str:
+  """The kernel `impl` runs on this backend (kernels.train_kernel: the per-platform table)."""
+  return kernels.train_kernel(kernels.platform_of(), impl, dtype, packed)
 
 
 # The kernels the sampler's cached (paged or dense) attention computes like.
@@ -51,29 +48,22 @@ def sampler_mismatch(
   """Why the sampler's log-probs are not the trainer's, or None when they compute alike.
 
   The sampler runs `sampler_dtype` (None: the model's) and, with its KV cache, the portable
-  XLA attention; the trainer runs `attention_impl` resolved on this backend.
+  XLA attention (paged decode: kernels.decode_kernel, the same float32 scores, scale and
+  online softmax as 'blockwise'); the trainer runs `attention_impl` resolved on this backend
+  for packed rows.
   """
   if sampler_dtype is not None and sampler_dtype != model_dtype:
     return (
       f"the sampler computes in {sampler_dtype} (rl.sampler_dtype) and the trainer in "
       f"{model_dtype} (model.dtype)"
     )
-  kernel = resolve_impl(attention_impl, jnp.dtype(model_dtype))
+  kernel = resolve_impl(attention_impl, jnp.dtype(model_dtype), packed=True)
   if kernel not in _CACHED_KERNELS:
     return (
       f"the trainer's attention kernel is '{kernel}' (model.attention_impl="
       f"'{attention_impl}') and the sampler's cached attention is 'blockwise'"
     )
   return None
-
-
-@functools.cache
-def _log_cudnn_fallback() -> None:
-  logging.info(
-    "attention: packed rows (segment ids) use 'blockwise' instead of 'cudnn': "
-    "jax.nn.dot_product_attention takes no segment ids, and a dense [T, T] mask "
-    "does not scale to long packed rows"
-  )
 
 
 def attention(
@@ -93,7 +83,7 @@ def attention(
   `self_attention` says q_slot == arange(Q) and S == Q (no cache), which the fused kernels need.
   `segment_ids` int32[B, S] (self attention only): attention stays inside each segment.
   """
-  impl = resolve_impl(impl, q.dtype)
+  impl = resolve_impl(impl, q.dtype, packed=segment_ids is not None)
   if segment_ids is not None and not self_attention:
     raise ValueError("segment_ids need self attention (no KV cache)")
   seg = dict(segment_ids=segment_ids)
@@ -106,12 +96,19 @@ def attention(
   if not self_attention:
     # Decode/prefill against a cache: short queries; the blockwise path bounds memory.
     return blockwise_attention(q, k, v, q_slot=q_slot, kv_valid=kv_valid, block_size=block_size)
-  if impl == "cudnn":
-    if segment_ids is not None:
-      _log_cudnn_fallback()
+  if impl == "pallas_flash":
+    from fipo_jax.models import pallas_gpu  # GPU-kernel imports stay lazy.
+
+    why = pallas_gpu.unfit(q.shape[-1])
+    if why:
+      pallas_gpu.log_fallback(why)
       return blockwise_attention(
         q, k, v, q_slot=q_slot, kv_valid=kv_valid, block_size=block_size, **seg
       )
+    if segment_ids is None:
+      segment_ids = kv_valid.astype(jnp.int32)  # real tokens 1, pads 0
+    return pallas_gpu.flash_attention(q, k, v, segment_ids=segment_ids, block_size=block_size)
+  if impl == "cudnn":
     return cudnn_attention(q, k, v, kv_valid=kv_valid)
   if impl == "splash":
     from fipo_jax.models import splash  # TPU-only imports stay lazy.

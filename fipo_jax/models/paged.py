@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from fipo_jax.models import kernels
+
 _NEG = -1e30
 
 
@@ -41,6 +43,13 @@ class PagedLayout:
   mesh: jax.sharding.Mesh | None = None
   batch_axes: tuple[str, ...] = ()  # mesh axes splitting slots and pages
   kv_axes: tuple[str, ...] = ()  # mesh axes splitting kv (and query) heads
+  kernel: str | None = None  # decode formulation (kernels.DECODE_KERNELS); None: by platform
+
+  @property
+  def decode_kernel(self) -> str:
+    """The decode attention formulation: `kernel`, or kernels.decode_kernel's choice for the
+    platform of the mesh's devices (an AOT topology's included)."""
+    return self.kernel or kernels.decode_kernel(kernels.platform_of(self.mesh))
 
   @property
   def num_shards(self) -> int:
@@ -104,8 +113,11 @@ def decode_attention(q, k_new, v_new, cache: PagedCache, layer, live) -> jax.Arr
   lay = cache.layout
   heads = _axes(lay.kv_axes)
   bspec = _axes(lay.batch_axes)
+  kernel = lay.decode_kernel
+  if kernel not in kernels.DECODE_KERNELS:
+    raise ValueError(f"unknown decode kernel {kernel!r}; known: {kernels.DECODE_KERNELS}")
   fn = _sharded(
-    lay, lambda *a: _attend_local(*a, pages_per_block=lay.pages_per_block),
+    lay, lambda *a: _attend_local(*a, pages_per_block=lay.pages_per_block, kernel=kernel),
     in_specs=(PartitionSpec(bspec, heads, None), PartitionSpec(bspec, heads, None),
               PartitionSpec(bspec, heads, None), lay.pool_spec(), lay.pool_spec(),
               PartitionSpec(), lay.slot_spec(2), lay.slot_spec(1)),
@@ -114,8 +126,12 @@ def decode_attention(q, k_new, v_new, cache: PagedCache, layer, live) -> jax.Arr
   return fn(q, k_new, v_new, cache.k, cache.v, layer, cache.page_table, live)
 
 
-def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_per_block):
-  """One shard's decode attention; see `decode_attention` (page ids local to the shard)."""
+def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_per_block, kernel):
+  """One shard's decode attention; see `decode_attention` (page ids local to the shard).
+
+  Scores are float32 and then scaled by H**-0.5, and the unnormalised probabilities meet V in
+  the compute dtype, as in the trainer's 'blockwise' kernel.
+  """
   b, n, h = q.shape
   kh = k_new.shape[1]
   g = n // kh
@@ -123,13 +139,27 @@ def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_
   ppb = min(pages_per_block, table.shape[1])
   block = ppb * page
   table = jnp.pad(table, ((0, 0), (0, (-table.shape[1]) % ppb)))
-  qg = q.reshape(b, kh, g, h) * jnp.asarray(h**-0.5, q.dtype)
+  qg = q.reshape(b, kh, g, h)
+  scale = h**-0.5
+  f32 = jnp.float32
   # The new token's own score seeds the online softmax: (out, max, denominator).
   s_self = jnp.einsum("bkgh,bkh->bkg", qg, k_new.astype(q.dtype),
-                      preferred_element_type=jnp.float32)  # fmt: skip
-  o = jnp.broadcast_to(v_new.astype(jnp.float32)[:, :, None, :], (b, kh, g, h))
+                      preferred_element_type=f32) * scale  # fmt: skip
+  o = jnp.broadcast_to(v_new.astype(f32)[:, :, None, :], (b, kh, g, h))
   init = (o, s_self, jnp.ones_like(s_self))
   num_blocks = (jnp.max(live, initial=0) + block - 1) // block
+  if kernel == "gather_per_head":
+    qk = lambda kb: _per_head(
+      lambda x: jnp.einsum("bkh,bksh->bks", x, kb, preferred_element_type=f32), qg
+    )
+    pv = lambda p, vb: _per_head(
+      lambda x: jnp.einsum("bks,bksh->bkh", x, vb, preferred_element_type=f32), p
+    )
+  else:  # gather_grouped: one [G, H] x [H, block] matmul per kv head reads the block once
+    qk = lambda kb: jnp.einsum("bkgh,bksh->bkgs", qg, kb, preferred_element_type=f32)
+    pv = lambda p, vb: jnp.einsum("bkgs,bksh->bkgh", p, vb, preferred_element_type=f32)
+  # 'clip' is XLA:CPU's fast gather; accelerators skip the clamp (ids are in range).
+  mode = "clip" if kernel == "gather_per_head" else "promise_in_bounds"
 
   # The pool as rows of one page [L * K * Pg, page, H] (a free reshape): row of (layer, head, page).
   num_layers, _, num_pages = pool_k.shape[:3]
@@ -140,20 +170,17 @@ def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_
     o, m, l = carry
     ids = jax.lax.dynamic_slice_in_dim(table, i * ppb, ppb, axis=1)[:, None, :]  # [B, 1, ppb]
     rows = head_rows + ids  # [B, K, ppb]
-    # One row gather per block straight into the dot's layout [B, K, ppb * page, H]; page ids
-    # are in range by construction ('clip' is XLA CPU's fast path).
-    kb = jnp.take(flat_k, rows, axis=0, mode="clip").reshape(b, kh, block, h).astype(q.dtype)
-    vb = jnp.take(flat_v, rows, axis=0, mode="clip").reshape(b, kh, block, h).astype(q.dtype)
-    f32 = jnp.float32
-    sc = _per_head(lambda x: jnp.einsum("bkh,bksh->bks", x, kb, preferred_element_type=f32), qg)
+    # One row gather per block straight into the dot's layout [B, K, ppb * page, H].
+    kb = flat_k.at[rows].get(mode=mode).reshape(b, kh, block, h).astype(q.dtype)
+    vb = flat_v.at[rows].get(mode=mode).reshape(b, kh, block, h).astype(q.dtype)
+    sc = qk(kb) * scale
     pos = i * block + jnp.arange(block, dtype=jnp.int32)
     sc = jnp.where((pos[None] < live[:, None])[:, None, None], sc, _NEG)  # [B, K, G, block]
     m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
     p = jnp.exp(sc - m_new[..., None])
     corr = jnp.exp(m - m_new)
-    pv = _per_head(lambda x: jnp.einsum("bks,bksh->bkh", x, vb, preferred_element_type=f32),
-                   p.astype(q.dtype))  # fmt: skip
-    return o * corr[..., None] + pv, m_new, l * corr + jnp.sum(p, axis=-1)
+    out = o * corr[..., None] + pv(p.astype(q.dtype), vb)
+    return out, m_new, l * corr + jnp.sum(p, axis=-1)
 
   o, _, l = jax.lax.fori_loop(0, num_blocks, body, init)
   return (o / l[..., None]).reshape(b, n, h).astype(q.dtype)
@@ -162,8 +189,8 @@ def _attend_local(q, k_new, v_new, pool_k, pool_v, layer, table, live, *, pages_
 def _per_head(fn, x):
   """fn over x[:, :, g] for each of the G query heads of a kv head, stacked on axis 2.
 
-  On CPU a batched matrix-vector product per head runs about twice as fast as one batched
-  [G, H] x [H, block] product (XLA's small-matrix dot), and decode is memory-bound either way.
+  CPU only (kernels.py): a batched matrix-vector product per head runs about twice as fast on
+  XLA:CPU as one batched [G, H] x [H, block] product, but re-reads the block per head.
   """
   return jnp.stack([fn(x[:, :, g]) for g in range(x.shape[2])], axis=2)
 

@@ -1,0 +1,83 @@
+"""Which attention kernel runs where: the one table for training, decode and the aot report.
+
+Training attention (self attention over [B, T] rows; packed rows carry segment ids):
+
+  | platform | padded rows                      | packed rows (segment ids)              |
+  | -------- | -------------------------------- | -------------------------------------- |
+  | tpu      | 'splash'                         | 'splash'                               |
+  | gpu      | 'cudnn' (16-bit compute)         | 'pallas_flash' (16-bit compute)        |
+  | cpu      | 'blockwise'                      | 'blockwise'                            |
+
+  GPU in float32 runs 'blockwise' (cuDNN flash takes 16-bit inputs only). 'pallas_flash' is
+  JAX's Pallas GPU flash attention with segment ids (models/pallas_gpu.py); cuDNN's public API
+  in jax takes per-row lengths, not segment ids. An explicit `attention_impl` other than
+  'auto' is kept, except that 'cudnn' on packed rows runs 'pallas_flash'.
+
+Decode attention (one token per slot against the page pool, models/paged.py):
+
+  - 'gather_per_head' (cpu): one matrix-vector product per query head over each gathered K/V
+    block. On XLA:CPU that is about twice as fast as one small [G, H] x [H, block] matmul,
+    but each of the G heads re-reads the block, so it costs ~G/2 times the K/V traffic of a
+    grouped read on TPU/GPU.
+  - 'gather_grouped' (tpu, gpu): one [G, H] x [H, block] matmul per kv head and K/V block, so
+    each gathered K/V byte is read once.
+
+Both scale float32 scores by H**-0.5 as the trainer's kernels do (models/attention.py), so
+`attention.sampler_mismatch` compares like with like.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+TRAIN_KERNELS = ("plain", "blockwise", "splash", "cudnn", "pallas_flash")
+DECODE_KERNELS = ("gather_per_head", "gather_grouped")
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def platform_of(mesh=None) -> str:
+  """'cpu' | 'gpu' | 'tpu': the platform of `mesh`'s devices (a concrete Mesh, e.g. an AOT
+  topology's), else of the default backend."""
+  devices = getattr(mesh, "devices", None)
+  if devices is not None and getattr(devices, "size", 0):
+    name = devices.flat[0].platform
+  else:
+    name = jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
+def train_kernel(platform: str, impl: str, dtype=None, packed: bool = False) -> str:
+  """The training attention kernel for `attention_impl` = impl on `platform` (see the table).
+
+  dtype: the compute dtype (None: unknown, taken as 32-bit); packed: rows carry segment ids.
+  """
+  sixteen = dtype is not None and jnp.dtype(dtype).itemsize == 2
+  if impl == "auto":
+    if platform == "tpu":
+      return "splash"
+    if platform == "gpu" and sixteen:
+      return "pallas_flash" if packed else "cudnn"
+    return "blockwise"
+  if impl == "cudnn" and packed:
+    return "pallas_flash"
+  return impl
+
+
+def decode_kernel(platform: str, cfg=None) -> str:
+  """The paged decode attention formulation on `platform` (cfg: the ModelConfig; every
+  formulation here fits any head grouping, so it is not consulted yet)."""
+  del cfg
+  return "gather_per_head" if platform == "cpu" else "gather_grouped"
+
+
+def unsupported(impl: str, platform: str) -> str | None:
+  """Why `attention_impl` = impl cannot run on `platform` (one line), or None."""
+  if impl == "splash" and platform != "tpu":
+    return (
+      f"'splash' is a TPU kernel and this backend is '{platform}' (it would run in the "
+      "Pallas interpreter); use 'auto'"
+    )
+  if impl == "cudnn" and platform != "gpu":
+    return f"'cudnn' is a GPU kernel and this backend is '{platform}'; use 'auto'"
+  return None

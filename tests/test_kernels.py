@@ -1,0 +1,43 @@
+"""The per-platform kernel table (models/kernels.py) and the one-line refusal of a kernel the
+backend cannot run."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fipo_jax import config as config_lib
+from fipo_jax import recipes
+from fipo_jax.models import attention, kernels
+
+
+def test_train_kernel_table():
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert kernels.train_kernel("tpu", "auto", f32, packed=True) == "splash"
+  assert kernels.train_kernel("gpu", "auto", bf16) == "cudnn"
+  assert kernels.train_kernel("gpu", "auto", bf16, packed=True) == "pallas_flash"
+  assert kernels.train_kernel("gpu", "cudnn", bf16, packed=True) == "pallas_flash"
+  assert kernels.train_kernel("gpu", "auto", f32, packed=True) == "blockwise"
+  assert kernels.train_kernel("cpu", "auto", bf16, packed=True) == "blockwise"
+  assert kernels.train_kernel("tpu", "plain", bf16) == "plain"
+  assert attention.resolve_impl("auto", bf16, packed=True) == "blockwise"  # CPU test backend
+
+
+def test_decode_kernel_table():
+  assert kernels.decode_kernel("cpu") == "gather_per_head"
+  assert kernels.decode_kernel("gpu") == "gather_grouped"
+  assert kernels.decode_kernel("tpu") == "gather_grouped"
+  assert kernels.platform_of() == "cpu"
+  mesh = jax.sharding.Mesh(jax.devices()[:2], ("data",))
+  assert kernels.platform_of(mesh) == "cpu"
+
+
+def test_splash_off_tpu_is_a_one_line_config_error():
+  assert kernels.unsupported("splash", "tpu") is None
+  assert kernels.unsupported("blockwise", "cpu") is None
+  c = recipes.base()
+  c.model.preset = "qwen2.5-0.5b"
+  c.model.attention_impl = "splash"
+  config_lib.validate(c, check_paths=False)  # no devices named: nothing to check against
+  with pytest.raises(config_lib.ConfigError, match=r"model.attention_impl: 'splash' is a TPU") as e:
+    config_lib.validate(c, num_devices=8, check_paths=False)
+  assert "\n" not in str(e.value)
