@@ -37,7 +37,7 @@ TASKS = ("verl", "synthetic", "auto")
 SYNTHETIC_KINDS = ("arith", "copy")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
-ROLLOUT_IS_MODES = ("none", "token", "sequence")  # fipo_jax.rl.rollout_correction.MODES
+ROLLOUT_IS_MODES = ("none", "token", "sequence")  # fipo_jax.algo.rollout_correction.MODES
 OLD_LOG_PROB_SOURCES = ("trainer", "sampler")
 METRIC_BACKENDS = ("jsonl", "tensorboard", "wandb")  # fipo_jax.metrics, fipo_jax.wandb_backend
 

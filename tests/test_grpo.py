@@ -26,8 +26,9 @@ from configs import grpo_qwen2_5_7b_math
 from fipo_jax import config as config_lib
 from fipo_jax import models, recipes
 from fipo_jax import policy as policy_lib
+from fipo_jax.algo import losses
 from fipo_jax.models import build as build_lib
-from fipo_jax.rl import losses, optimizer
+from fipo_jax.rl import optimizer
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 

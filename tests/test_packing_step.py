@@ -16,8 +16,8 @@ from flax import nnx
 from configs import fipo_qwen2_5_32b
 from fipo_jax import config as config_lib
 from fipo_jax import models, policy, sharding
-from fipo_jax.rl import advantages as adv_lib
-from fipo_jax.rl import losses as losses_lib
+from fipo_jax.algo import advantages as adv_lib
+from fipo_jax.algo import losses as losses_lib
 from fipo_jax.rl import packed_step as ps
 from fipo_jax.rl import packing
 from fipo_jax.rl import rollout as rollout_lib

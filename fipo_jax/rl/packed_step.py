@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import models, sharding
-from fipo_jax.rl import losses as losses_lib
+from fipo_jax.algo import losses as losses_lib
 from fipo_jax.rl import packing
 from fipo_jax.rl import train_step as ts
 

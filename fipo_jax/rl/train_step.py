@@ -28,8 +28,8 @@ import optax
 from flax import nnx
 
 from fipo_jax import models
-from fipo_jax.rl import aggregation
-from fipo_jax.rl import losses as losses_lib
+from fipo_jax.algo import aggregation
+from fipo_jax.algo import losses as losses_lib
 
 
 @flax.struct.dataclass
@@ -53,7 +53,7 @@ class PolicyBatch:
 class UpdateConfig:
   """Static hyper-parameters of the jitted update (hashable, so jit can key on it)."""
 
-  loss_mode: str = "fipo"  # a registered policy loss (rl.losses)
+  loss_mode: str = "fipo"  # a registered policy loss (algo.losses)
   policy_loss: losses_lib.PolicyLossConfig = losses_lib.PolicyLossConfig()
   num_micro_batches: int = 1
   temperature: float = 1.0  # verl's actor divides logits by the rollout temperature
@@ -61,7 +61,7 @@ class UpdateConfig:
   entropy_coeff: float = 0.0
   use_kl_loss: bool = False  # KL to the reference policy: batches carry ref_log_probs
   kl_loss_coef: float = 0.0
-  kl_loss_type: str = "low_var_kl"  # one of rl.losses.KL_TYPES
+  kl_loss_type: str = "low_var_kl"  # one of algo.losses.KL_TYPES
 
   def __post_init__(self):
     losses_lib.get_policy_loss(self.loss_mode)  # raises on an unknown name

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipo_jax.rl import aggregation, fkl
+from fipo_jax.algo import aggregation, fkl
 
 _LOG_RATIO_CLAMP = 20.0  # official: d = clamp(lp - old, -20, 20) before exp
 _SAFETY_RANGE = (0.8, 1.0)  # official safety clamp for A < 0 and r > safety_thresh
@@ -101,7 +101,7 @@ def register_policy_loss(*names: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
   """Decorator: registers `fn(log_prob, old_log_prob, advantages, mask, cfg)` under names.
 
   A loss that supports rollout correction also takes `rollout_is_weights=None` [B, T]
-  (rl/rollout_correction.py); it is passed only when set."""
+  (algo/rollout_correction.py); it is passed only when set."""
 
   def decorator(fn: PolicyLossFn) -> PolicyLossFn:
     for name in names:
