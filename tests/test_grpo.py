@@ -247,7 +247,7 @@ def test_grpo_loss_is_verl_vanilla_with_both_clip_ratios():
 def test_loss_config_is_built_once_from_the_rl_section():
   # The schema's loss defaults and PolicyLossConfig's (the public API's) are the same values.
   rl_defaults = config_lib.RLSection()
-  assert losses.PolicyLossConfig.from_section(rl_defaults) == losses.PolicyLossConfig()
+  assert losses.PolicyLossConfig.from_config(rl_defaults) == losses.PolicyLossConfig()
   rc = config_lib.validate(grpo_qwen2_5_7b_math.get_config(), check_paths=False)
   mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 1})
   upd = setup_lib.update_config(rc, mesh, rc.data.max_prompt_length + rc.rl.max_response_length)

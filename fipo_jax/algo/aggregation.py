@@ -22,6 +22,11 @@ import numpy as np
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+def torch_clamp(x: jax.Array, lo, hi) -> jax.Array:
+  """torch.clamp with torch's gradient: 1 inside [lo, hi] including the ends, 0 outside."""
+  return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
+
+
 def microbatch_scale(n_seqs_micro: int, n_seqs_mini: int) -> float:
   """verl's per-micro-batch loss factor: sequences in this micro-batch / in the mini-batch."""
   if n_seqs_mini <= 0:

@@ -153,7 +153,7 @@ def _isolated(name: str, max_seconds: float) -> IsolatedVerifier:
 
 
 def verifier(cfg: RewardConfig) -> Verifier:
-  """The verifier of `cfg.reward_fn` (config.REWARD_FNS lists the names)."""
+  """The verifier of `cfg.reward_fn` (config_rl.REWARD_FNS lists the names)."""
   if cfg.reward_fn == "math_dapo":
     return Verifier(math_dapo_score, wrong_score=-1.0)
   if cfg.reward_fn == "math_verify":  # verl's 0/1 scale: a wrong answer scores 0.0

@@ -11,8 +11,6 @@ from flax import nnx
 
 from fipo_jax import models
 
-SOURCES = ("trainer", "sampler")  # rl.old_log_prob_source
-
 
 def metrics_due(rl, step: int) -> bool:
   """Whether RL step `step` (0-based) runs the trainer's old-log-prob pass: always with

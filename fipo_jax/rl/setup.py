@@ -93,7 +93,7 @@ def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConf
     micro -= 1
   return ts.UpdateConfig(
     loss_mode=rc.rl.loss_mode,
-    policy_loss=losses_lib.PolicyLossConfig.from_section(rc.rl),
+    policy_loss=losses_lib.PolicyLossConfig.from_config(rc.rl),
     num_micro_batches=mini // micro,
     temperature=rc.sampling.temperature,
     entropy_coeff=rc.rl.entropy_coeff,
