@@ -19,6 +19,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -349,3 +350,34 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 3 and last["actor/kl_loss"] > 0.0
+
+
+def test_logged_losses_are_scaled_as_verls_dp_actor():
+  """verl logs each micro-batch's pg_loss and kl_loss times 1/gradient_accumulation and averages
+  the list: with 2 micro-batches the logged value is half the mean unscaled micro-batch loss."""
+  graphdef, params = _tiny()
+  lp_fn, _ = _log_prob_fns()
+  batch = _batch()
+  lp = np.asarray(lp_fn(params, batch))
+  old = lp - np.random.default_rng(3).normal(0.0, 0.3, lp.shape)
+  batch = batch.replace(old_log_probs=jnp.asarray(old, jnp.float32),
+                        ref_log_probs=jnp.asarray(lp + 0.2, jnp.float32))
+  kw = dict(loss_mode="grpo", use_kl_loss=True, kl_loss_coef=0.1)
+  cfg = ts.UpdateConfig(num_micro_batches=2, **kw)
+  tx = optax.sgd(0.0)
+  _, _, got = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))(
+    params, tx.init(params), batch)
+  one = ts.UpdateConfig(num_micro_batches=1, **kw)
+  parts = [ts.micro_batch_loss(params, graphdef, m, cfg=one) for m in _micro_split(batch, 2)]
+  for key in ("actor/pg_loss", "actor/kl_loss"):
+    unscaled = np.mean([float(m[key]) for _, m in parts])
+    np.testing.assert_allclose(got[key], unscaled / 2, rtol=1e-5)
+  # Fractions are not scaled: the plain micro-batch mean.
+  frac = np.mean([float(m["actor/pg_clipfrac"]) for _, m in parts])
+  np.testing.assert_allclose(got["actor/pg_clipfrac"], frac, rtol=1e-6)
+  np.testing.assert_allclose(got["actor/loss"], sum(float(x) for x, _ in parts) / 2, rtol=1e-5)
+
+
+def _micro_split(batch, n):
+  split = ts.split_micro_batches(batch, n)
+  return [jax.tree.map(lambda x, j=j: x[j], split) for j in range(n)]

@@ -104,7 +104,8 @@ def _masked_token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig):
-  """Actor loss of one micro-batch, already scaled by 1/num_micro_batches. -> (loss, metrics).
+  """Actor loss of one micro-batch and its metrics; the loss and the logged pg/kl losses scaled
+  by 1/num_micro_batches, as verl does. -> (loss, metrics).
 
   verl's dp_actor: policy loss - entropy_coeff * entropy + kl_loss_coef * KL(pi || ref), the
   entropy and KL terms aggregated with the policy loss's loss_agg_mode.
@@ -115,7 +116,8 @@ def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig)
   out = _response_log_probs(graphdef, params, micro, cfg=cfg, entropy=need_entropy)
   log_prob, ent = out if need_entropy else (out, None)
   loss, metrics = actor_objective(log_prob, ent, micro, cfg=cfg)
-  return loss / cfg.num_micro_batches, metrics
+  scale = 1.0 / cfg.num_micro_batches  # verl: 1 / gradient_accumulation
+  return loss * scale, aggregation.scale_loss_metrics(metrics, scale)
 
 
 def actor_objective(log_prob, ent, micro, *, cfg: UpdateConfig):
