@@ -4,8 +4,11 @@ Every recipe in configs/ starts from it (`from fipo_jax import recipes; c = reci
 so a recipe file imports the installed package, not a sibling module through `sys.path`.
 `base()` lists every key the trainer reads (the schema is checked by `fipo_jax.config.validate`:
 an unknown key is an error). Its values are the official FIPO Qwen2.5-32B run
-(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, docs/fipo_spec.md §4-§5); each recipe restates values that
-define it. Units: "prompts" counts prompts, "responses" = prompts x rl.n.
+(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, docs/fipo_spec.md §4-§5); each recipe states only what
+differs from it (tests/test_configs.py pins every recipe to its paper table). The loss settings'
+defaults are `fipo_jax.algo.losses.PolicyLossConfig`'s. Every recipe takes typed args
+(`parse_arg`, `finish`): `:runlocal`, `:seed=1`, `:runlocal,seed=1`. Units: "prompts" counts
+prompts, "responses" = prompts x rl.n.
 """
 
 import ml_collections
