@@ -333,10 +333,10 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
     assert r["actor/kl_coef"] == pytest.approx(0.001)
   # The second step's policy has moved away from the reference.
   assert trained[1]["actor/kl_loss"] > 0.0
-  # Checkpoints hold the policy only; the reference is rebuilt from the seed on resume.
+  # Checkpoints hold the policy only; the reference is rebuilt from the seed on resume. (No
+  # eval, so no best-metric item either.)
   assert sorted(p.name for p in (work / "checkpoints" / "2").iterdir() if p.is_dir()) == [
     "extra",
-    "metrics",
     "opt_state",
     "params",
   ]
