@@ -35,8 +35,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from fipo_jax import models  # noqa: E402
-from fipo_jax.rl import advantages as adv_lib  # noqa: E402
-from fipo_jax.rl import losses as losses_lib  # noqa: E402
+from fipo_jax.algo import advantages as adv_lib  # noqa: E402
+from fipo_jax.algo import losses as losses_lib  # noqa: E402
 from fipo_jax.rl import packed_step as ps  # noqa: E402
 from fipo_jax.rl import packing  # noqa: E402
 from fipo_jax.rl import rollout as rollout_lib  # noqa: E402

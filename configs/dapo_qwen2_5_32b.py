@@ -15,26 +15,9 @@ from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = recipes.base()
-  c.model.preset = "qwen2.5-32b"  # Qwen2.5-32B base
-  c.data.max_prompt_length = 2048
+  args = recipes.parse_arg(arg, **recipes.RECIPE_ARGS)
+  c = recipes.base()  # the FIPO 32B run, but:
   c.rl.loss_mode = "dapo"  # verl 'vanilla': clip-higher + dual clip, token-mean
-  c.rl.n = 16  # G
-  c.rl.train_batch_size = 512  # prompts per step
   c.rl.gen_batch_size = 3 * 512  # prompts per generation round
   c.rl.ppo_mini_batch_size = 32  # -> 16 updates per step
-  c.rl.max_response_length = 20480
-  c.rl.overlong_buffer_len = 4096
-  c.rl.clip_ratio_low, c.rl.clip_ratio_high = 0.2, 0.28  # policy clip
-  c.rl.clip_ratio_c = 10.0  # dual clip
-  c.rl.use_dynamic_bsz = True
-  c.rl.ppo_max_token_len_per_device = 22528  # 2048 + 20480
-  c.optim.lr = 1e-6
-  c.optim.warmup_steps = 10
-  c.optim.weight_decay = 0.1
-  c.optim.grad_clip = 1.0
-  if arg == "runlocal":
-    recipes.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
-  return c
+  return recipes.finish(c, args)

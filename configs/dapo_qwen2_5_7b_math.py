@@ -15,27 +15,13 @@ from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = recipes.base()
+  args = recipes.parse_arg(arg, **recipes.RECIPE_ARGS)
+  c = recipes.base()  # the FIPO 32B run, but:
   c.model.preset = "qwen2.5-math-7b"
   c.model.overrides.max_position_embeddings = 32768  # extended context
-  c.data.max_prompt_length = 2048
   c.rl.loss_mode = "dapo"
-  c.rl.n = 16  # G
-  c.rl.train_batch_size = 512  # prompts per step
   c.rl.gen_batch_size = 3 * 512  # [INFERRED] as in the DAPO 32B launcher
   c.rl.ppo_mini_batch_size = 32  # -> 16 updates per step
-  c.rl.max_response_length = 8192
-  c.rl.overlong_buffer_len = 4096  # penalty from 4096 to 8192 tokens
-  c.rl.clip_ratio_low, c.rl.clip_ratio_high = 0.2, 0.28  # policy clip
-  c.rl.clip_ratio_c = 10.0  # dual clip
-  c.rl.use_dynamic_bsz = True
+  c.rl.max_response_length = 8192  # overlong penalty from 4096 to 8192 tokens
   c.rl.ppo_max_token_len_per_device = 2048 + 8192  # [INFERRED] one full sequence
-  c.optim.lr = 1e-6
-  c.optim.warmup_steps = 10
-  c.optim.weight_decay = 0.1
-  c.optim.grad_clip = 1.0
-  if arg == "runlocal":
-    recipes.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
-  return c
+  return recipes.finish(c, args)

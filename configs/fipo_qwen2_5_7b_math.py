@@ -27,31 +27,14 @@ from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = recipes.base()
+  args = recipes.parse_arg(arg, **recipes.RECIPE_ARGS)
+  c = recipes.base()  # the FIPO 32B run, but:
   c.model.preset = "qwen2.5-math-7b"
   c.model.overrides.max_position_embeddings = 32768  # extended context (paper §5, 7B)
-  c.data.max_prompt_length = 2048
-  c.rl.loss_mode = "fipo"
   c.rl.n = 32  # G
-  c.rl.train_batch_size = 512  # prompts per step
-  c.rl.gen_batch_size = 4 * 512  # [INFERRED] as in the 32B launcher
-  c.rl.ppo_mini_batch_size = 64  # -> 8 updates per step
   c.rl.max_response_length = 10240
   c.rl.overlong_buffer_len = 2048  # penalty from 8192 to 10240 tokens
-  c.rl.clip_ratio_low, c.rl.clip_ratio_high = 0.2, 0.28  # policy clip
-  c.rl.clip_ratio_c = 10.0  # dual clip
-  c.rl.decay_rate = 32.0  # tau
-  c.rl.future_kl_clip_ratio = 0.2  # weights in [0.8, 1.2] ...
-  c.rl.future_kl_clip_high_only = False  # ... symmetric
+  c.rl.future_kl_clip_high_only = False  # weights in [0.8, 1.2]: symmetric
   c.rl.safety_thresh = 3.0  # S ("stricter advantage clipping threshold of 3.0")
-  c.rl.use_dynamic_bsz = True
   c.rl.ppo_max_token_len_per_device = 2048 + 10240  # [INFERRED] one full sequence
-  c.optim.lr = 1e-6
-  c.optim.warmup_steps = 10
-  c.optim.weight_decay = 0.1
-  c.optim.grad_clip = 1.0
-  if arg == "runlocal":
-    recipes.runlocal(c)
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r} (expected 'runlocal' or nothing)")
-  return c
+  return recipes.finish(c, args)

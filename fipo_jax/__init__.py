@@ -3,7 +3,9 @@
 Subpackages (one concern each, see DESIGN.md):
   models/    Flax NNX decoders (Qwen2/Qwen2.5, Llama, Qwen3), KV cache, HF safetensors I/O.
   sampling/  JetStream-style engine and the continuous-batching rollout driver.
-  rl/        future_kl, policy losses, advantages, rewards, train steps, trainer loop.
+  algo/      the algorithm, pure jax/numpy: future_kl, policy losses, aggregation, advantages,
+             rollout-correction weights, verifier scores.
+  rl/        the training system: rollouts, rewards, packing, train steps, trainer loop.
   data/      grain pipelines over verl-schema parquet/jsonl and the synthetic tasks.
   eval/      the eval CLI and its result table; the estimators (avg@k / pass@k / cons@k,
              response lengths) are `fipo_jax.estimators`.

@@ -22,23 +22,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fipo_jax import config_schema, paths
+from fipo_jax import config_rl, config_schema, paths
 from fipo_jax.config_mesh import MeshSection, SamplerMeshSection
-from fipo_jax.config_schema import ConfigError, Section
+from fipo_jax.config_rl import RLSection
+from fipo_jax.config_schema import DTYPES, ConfigError, Section
 
-LOSS_MODES = ("fipo", "dapo", "grpo")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                  "seq-mean-token-sum-norm")
-FILTER_METRICS = ("acc", "score", "seq_reward", "seq_final_reward")
-REWARD_FNS = ("math_dapo", "math_verify")  # fipo_jax.rl.rewards.verifier
-KL_LOSS_TYPES = ("kl", "abs", "mse", "low_var_kl")
+# Enum values of settings whose owners sit above this module (rl/, data/, metrics): restated
+# here, and tests/test_config_enums.py checks that each agrees with its owner. The algorithm's
+# (loss modes, aggregation modes, KL types, rollout-correction modes) come from fipo_jax.algo.
 TRUNCATIONS = ("left", "error", "drop")
 TASKS = ("verl", "synthetic", "auto")
 SYNTHETIC_KINDS = ("arith", "copy")
 SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
-ROLLOUT_IS_MODES = ("none", "token", "sequence")  # fipo_jax.rl.rollout_correction.MODES
-OLD_LOG_PROB_SOURCES = ("trainer", "sampler")
 METRIC_BACKENDS = ("jsonl", "tensorboard", "wandb")  # fipo_jax.metrics, fipo_jax.wandb_backend
 
 
@@ -146,110 +141,6 @@ class DataSection(Section):
     self._require(bool(self.prompt_key), "prompt_key", "must be non-empty")
     if self.task == "verl":
       self._require(len(self.train_files) > 0, "train_files", "must list >= 1 file for task 'verl'")
-
-
-@dataclasses.dataclass(frozen=True)
-class RLSection(Section):
-  SECTION: ClassVar[str] = "rl"
-  loss_mode: str = "fipo"
-  clip_ratio_low: float = 0.2
-  clip_ratio_high: float = 0.28
-  clip_ratio_c: float = 10.0
-  loss_agg_mode: str = "token-mean"
-  decay_rate: float = 32.0
-  chunk_size: int = 128
-  future_kl_clip_ratio: float = 0.2
-  future_kl_clip_high_only: bool = True
-  safety_thresh: float = 10.0
-  n: int = 16
-  train_batch_size: int = 512
-  gen_batch_size: int = 2048
-  ppo_mini_batch_size: int = 64
-  ppo_epochs: int = 1
-  use_remove_padding: bool = True
-  use_dynamic_bsz: bool = True
-  ppo_max_token_len_per_device: int = 22528
-  ppo_micro_batch_size_per_device: int = 8
-  max_response_length: int = 20480
-  filter_groups_enable: bool = True
-  filter_groups_metric: str = "acc"
-  max_num_gen_batches: int = 10
-  norm_adv_by_std_in_grpo: bool = True
-  use_kl_loss: bool = False
-  kl_loss_coef: float = 0.0
-  kl_loss_type: str = "low_var_kl"
-  entropy_coeff: float = 0.0
-  reward_fn: str = "math_dapo"
-  overlong_buffer_enable: bool = True
-  overlong_buffer_len: int = 4096
-  overlong_penalty_factor: float = 1.0
-  rollout_is: str = "none"
-  rollout_is_threshold: float = 2.0
-  old_log_prob_source: str = "trainer"
-  mismatch_metrics_every: int = 10
-  sampler_dtype: str | None = None
-  accept_sampler_mismatch: bool = False
-
-  def __post_init__(self):
-    self._one_of("loss_mode", LOSS_MODES)
-    self._check_rollout_correction()
-    self._one_of("loss_agg_mode", LOSS_AGG_MODES)
-    self._one_of("filter_groups_metric", FILTER_METRICS)
-    self._one_of("reward_fn", REWARD_FNS)
-    if self.reward_fn == "math_verify" and importlib.util.find_spec("math_verify") is None:
-      self._fail("reward_fn", "'math_verify' needs the math-verify package: "
-                 "pip install 'fipo_jax[math_verify]'")
-    self._one_of("kl_loss_type", KL_LOSS_TYPES)
-    self._require(0.0 <= self.clip_ratio_low < 1.0, "clip_ratio_low", "must be in [0, 1)")
-    self._require(self.clip_ratio_high >= 0.0, "clip_ratio_high", "must be >= 0")
-    self._require(self.clip_ratio_low <= self.clip_ratio_high, "clip_ratio_low",
-                  f"must be <= rl.clip_ratio_high ({self.clip_ratio_high})")
-    # verl asserts c > 1: the dual clip bounds the loss of ratios far above 1.
-    self._require(self.clip_ratio_c > 1.0, "clip_ratio_c", "must be > 1.0")
-    self._require(self.decay_rate > 0.0, "decay_rate", "must be > 0 (a half-life in tokens)")
-    self._require(self.chunk_size > 0, "chunk_size", "must be > 0")
-    self._require(self.future_kl_clip_ratio >= 0.0, "future_kl_clip_ratio", "must be >= 0")
-    if not self.future_kl_clip_high_only:
-      self._require(self.future_kl_clip_ratio < 1.0, "future_kl_clip_ratio",
-                    "must be < 1 with symmetric clipping (lower bound 1 - ratio must be > 0)")
-    self._require(self.safety_thresh > 0.0, "safety_thresh", "must be > 0")
-    self._require(self.n >= 2, "n", "must be >= 2 (group-normalised advantages need a group)")
-    self._require(self.train_batch_size > 0, "train_batch_size", "must be > 0")
-    self._require(self.ppo_mini_batch_size > 0, "ppo_mini_batch_size", "must be > 0")
-    self._require(self.train_batch_size % self.ppo_mini_batch_size == 0, "train_batch_size",
-                  f"must be divisible by rl.ppo_mini_batch_size ({self.ppo_mini_batch_size})")
-    self._require(self.gen_batch_size >= self.train_batch_size, "gen_batch_size",
-                  f"must be >= rl.train_batch_size ({self.train_batch_size})")
-    self._require(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
-    self._require(self.max_response_length > 0, "max_response_length", "must be > 0")
-    self._require(self.ppo_max_token_len_per_device > 0, "ppo_max_token_len_per_device",
-                  "must be > 0")
-    self._require(self.ppo_micro_batch_size_per_device > 0, "ppo_micro_batch_size_per_device",
-                  "must be > 0")
-    self._require(self.max_num_gen_batches >= 0, "max_num_gen_batches", "must be >= 0 (0 = no cap)")
-    self._require(self.kl_loss_coef >= 0.0, "kl_loss_coef", "must be >= 0")
-    if self.overlong_buffer_enable:
-      self._require(0 < self.overlong_buffer_len < self.max_response_length, "overlong_buffer_len",
-                    f"must be in (0, rl.max_response_length={self.max_response_length})")
-      self._require(self.overlong_penalty_factor >= 0.0, "overlong_penalty_factor",
-                    "must be >= 0")
-
-  def _check_rollout_correction(self) -> None:
-    self._one_of("rollout_is", ROLLOUT_IS_MODES)
-    self._one_of("old_log_prob_source", OLD_LOG_PROB_SOURCES)
-    self._require(self.rollout_is_threshold > 0.0, "rollout_is_threshold", "must be > 0")
-    self._require(self.mismatch_metrics_every >= 0, "mismatch_metrics_every",
-                  "must be >= 0 (0 = never with old_log_prob_source='sampler')")
-    if self.sampler_dtype is not None:
-      self._one_of("sampler_dtype", DTYPES)
-    if self.old_log_prob_source == "sampler" and self.rollout_is != "none":
-      self._fail("rollout_is", f"{self.rollout_is!r} needs rl.old_log_prob_source='trainer': "
-                 "with the sampler's log-probs as old log-probs every weight is 1")
-
-  @property
-  def num_mini_batches(self) -> int:
-    """Optimizer steps per rollout batch and epoch (8 in the 32B FIPO recipe)."""
-    return self.train_batch_size // self.ppo_mini_batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,8 +332,12 @@ def _model_presets() -> Mapping[str, Any] | None:
 
 
 def schema() -> dict[str, Any]:
-  """The accepted keys: {'seed': default, ..., 'rl': {'n': default, ...}, ...}."""
-  return config_schema.schema_of(RunConfig)
+  """The accepted keys: {'seed': default, ..., 'rl': {'n': default, ...}, ...}; a registered
+  loss's own hyperparameters are rl keys (validation gathers them into rl.loss_hparams)."""
+  out = config_schema.schema_of(RunConfig)
+  out["rl"].pop("loss_hparams")
+  out["rl"].update(config_rl.loss_hparams())
+  return out
 
 
 def validate(config: Any, *, num_devices: int | None = None,
@@ -456,7 +351,7 @@ def validate(config: Any, *, num_devices: int | None = None,
     check_paths: check that model/tokenizer dirs and data files exist (off for recipe tests on
       machines without the data).
   """
-  cfg = config_schema.build(RunConfig, to_dict(config))
+  cfg = config_schema.build(RunConfig, config_rl.gather_loss_hparams(to_dict(config)))
   if num_devices is not None:
     cfg.mesh.resolve(num_devices)
     cfg.sampler_mesh.resolve(num_devices)

@@ -15,6 +15,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+DTYPES = ("float32", "bfloat16", "float16")  # the names a dtype field accepts
+
 
 class ConfigError(ValueError):
   """A bad config value; `str(err)` is one line `section.field: reason`."""
@@ -84,11 +86,11 @@ def build(cls, raw: Mapping[str, Any], prefix: str = ""):
     if dataclasses.is_dataclass(hint):
       kwargs[key] = build(hint, value if value is not None else {}, f"{prefix}{key}.")
     else:
-      kwargs[key] = _coerce(value, hint, prefix + key)
+      kwargs[key] = coerce(value, hint, prefix + key)
   return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, field: str) -> Any:
+def coerce(value: Any, hint: Any, field: str) -> Any:
   """Checks `value` against a field type; int -> float is allowed, and a tuple of strings may
   be given as a list or as one (comma-separated) string."""
   origin, args = typing.get_origin(hint), typing.get_args(hint)

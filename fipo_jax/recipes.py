@@ -4,11 +4,21 @@ Every recipe in configs/ starts from it (`from fipo_jax import recipes; c = reci
 so a recipe file imports the installed package, not a sibling module through `sys.path`.
 `base()` lists every key the trainer reads (the schema is checked by `fipo_jax.config.validate`:
 an unknown key is an error). Its values are the official FIPO Qwen2.5-32B run
-(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, docs/fipo_spec.md §4-§5); each recipe restates values that
-define it. Units: "prompts" counts prompts, "responses" = prompts x rl.n.
+(`recipe/fipo/run_fipo_qwen2.5_32b.sh`, docs/fipo_spec.md §4-§5); each recipe states only what
+differs from it (tests/test_configs.py pins every recipe to its paper table). The loss settings'
+defaults are `fipo_jax.algo.losses.PolicyLossConfig`'s. Every recipe takes typed args
+(`parse_arg`, `finish`): `:runlocal`, `:seed=1`, `:runlocal,seed=1`. Units: "prompts" counts
+prompts, "responses" = prompts x rl.n.
 """
 
 import ml_collections
+
+from fipo_jax.algo import kl, losses
+
+_LOSS = losses.PolicyLossConfig()
+# What every recipe's `:arg` accepts, typed by these defaults: `:runlocal`, `:seed=3`,
+# `:runlocal,seed=1`. seed -1: the recipe's own c.seed.
+RECIPE_ARGS = {"runlocal": False, "seed": -1}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -53,16 +63,21 @@ def base() -> ml_collections.ConfigDict:
   c.data.synthetic = synthetic_task()  # only read when task == 'synthetic'
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.loss_mode = "fipo"  # policy loss: 'fipo' (future_kl) | 'dapo' (vanilla) | 'grpo'
-  c.rl.clip_ratio_low = 0.2  # PPO eps_low
-  c.rl.clip_ratio_high = 0.28  # PPO eps_high (clip-higher)
-  c.rl.clip_ratio_c = 10.0  # dual-clip c; also the Future-KL filter threshold
-  c.rl.loss_agg_mode = "token-mean"  # per micro-batch token mean (verl)
-  c.rl.decay_rate = 32.0  # tau, Future-KL half-life in tokens (gamma = 2^(-1/tau))
-  c.rl.chunk_size = 128  # Future-KL chunk K
-  c.rl.future_kl_clip_ratio = 0.2  # eps_f: influence weights clipped to [1(-eps_f), 1+eps_f]
-  c.rl.future_kl_clip_high_only = True  # True: [1, 1+eps_f] (32B); False: [1-eps_f, 1+eps_f]
-  c.rl.safety_thresh = 10.0  # S: A<0 tokens with ratio > S get weight clamped to [0.8, 1]
+  # The loss: defaults from fipo_jax.algo.losses.PolicyLossConfig, their one home.
+  c.rl.loss_mode = losses.DEFAULT_LOSS_MODE  # 'fipo' (future_kl) | 'dapo' (vanilla, grpo) | ...
+  # ... any registered loss (algo.losses.loss_modes())
+  c.rl.clip_ratio_low = _LOSS.clip_ratio_low  # PPO eps_low
+  c.rl.clip_ratio_high = _LOSS.clip_ratio_high  # PPO eps_high (clip-higher)
+  c.rl.clip_ratio_c = _LOSS.clip_ratio_c  # dual-clip c; also the Future-KL filter threshold
+  c.rl.loss_agg_mode = _LOSS.loss_agg_mode  # per micro-batch token mean (verl)
+  c.rl.decay_rate = _LOSS.decay_rate  # tau, Future-KL half-life in tokens (gamma = 2^(-1/tau))
+  c.rl.chunk_size = _LOSS.chunk_size  # Future-KL chunk K
+  c.rl.future_kl_clip_ratio = _LOSS.future_kl_clip_ratio  # eps_f: f in [1(-eps_f), 1+eps_f]
+  c.rl.future_kl_clip_high_only = _LOSS.future_kl_clip_high_only  # [1, 1+eps_f]; False: symmetric
+  c.rl.safety_thresh = _LOSS.safety_thresh  # S: A<0 tokens with ratio > S: f clamped to [0.8, 1]
+  # Every registered loss's own hyperparameters (register_policy_loss(..., hparams=...)).
+  for name, default in losses.loss_hparams().items():
+    c.rl[name] = default
   c.rl.n = 16  # G, responses per prompt
   c.rl.train_batch_size = 512  # prompts per RL step (after dynamic sampling)
   c.rl.gen_batch_size = 2048  # prompts per generation round (4 x 512)
@@ -83,7 +98,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl.norm_adv_by_std_in_grpo = True  # (R - mean) / (std + 1e-6), unbiased std
   c.rl.use_kl_loss = False  # KL-to-reference term (needs a reference model)
   c.rl.kl_loss_coef = 0.0  # its coefficient
-  c.rl.kl_loss_type = "low_var_kl"  # 'kl' | 'abs' | 'mse' | 'low_var_kl' (verl names)
+  c.rl.kl_loss_type = kl.DEFAULT_KL_TYPE  # 'kl' | 'abs' | 'mse' | 'low_var_kl' (verl names)
   c.rl.entropy_coeff = 0.0  # entropy bonus coefficient
   # 'math_dapo' (official): +1/-1 on the last "Answer: ..." | 'math_verify': verl's 1/0 symbolic
   # check on the math-verify package (pip install 'fipo_jax[math_verify]'), in a child process.
@@ -173,6 +188,48 @@ def synthetic_task() -> ml_collections.ConfigDict:
   s.ops = "+"  # operators drawn from this string, over '+-*'
   s.seed = 0  # generation seed
   return s
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+  """A recipe's `:arg` as typed values, in big_vision's manner (`big_vision/configs/common.py`).
+
+  `arg` is comma-separated `name=value` pairs; a bare `name` means True. `spec` gives every
+  accepted name with its default, whose type (bool, int, float, str) the value is parsed as:
+  parse_arg("runlocal,seed=1", runlocal=False, seed=0) -> {runlocal: True, seed: 1}.
+  Raises ValueError naming an unknown name or a value of the wrong type.
+  """
+  out = ml_collections.ConfigDict(dict(spec))
+  for item in filter(None, (a.strip() for a in (arg or "").split(","))):
+    name, eq, text = item.partition("=")
+    name = name.strip()
+    if name not in spec:
+      raise ValueError(f"unknown config arg {name!r} (expected some of {sorted(spec)})")
+    out[name] = _typed(name, text.strip() if eq else None, spec[name])
+  return out
+
+
+def _typed(name: str, text: str | None, default):
+  if isinstance(default, bool):
+    if text is None or text.lower() in ("true", "1"):
+      return True
+    if text.lower() in ("false", "0"):
+      return False
+  elif text is not None:
+    try:
+      return type(default)(text)
+    except ValueError:
+      pass
+  raise ValueError(f"config arg {name}: expected {type(default).__name__}, got {text!r}")
+
+
+def finish(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, shrink=None):
+  """Applies the common recipe args to `c`: `seed` (when given), then `runlocal` with
+  `shrink` (default: `runlocal` below). Returns `c`."""
+  if args.seed >= 0:
+    c.seed = args.seed
+  if args.runlocal:
+    (shrink or runlocal)(c)
+  return c
 
 
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

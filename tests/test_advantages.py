@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-import fipo_jax.rl as rl
+from fipo_jax import algo
 
 
 def test_golden_grpo_advantages(golden_dir):
@@ -18,7 +18,7 @@ def test_golden_grpo_advantages(golden_dir):
       for n in ("token_level_rewards", "response_mask", "index", "advantages")
     }
     scores = g["token_level_rewards"].sum(-1)  # the estimator's row sum
-    adv = rl.grpo_outcome_advantages(
+    adv = algo.grpo_outcome_advantages(
       scores, g["index"], epsilon=c["epsilon"], norm_by_std=c["norm_adv_by_std_in_grpo"]
     )
     assert adv.shape == scores.shape and adv.dtype == np.float32
@@ -41,7 +41,7 @@ def test_matches_numpy_reference_on_shuffled_groups(norm):
   ids = rng.permutation(np.repeat(np.arange(7), [1, 2, 3, 4, 5, 16, 1]))
   scores = rng.normal(size=ids.size).astype(np.float32)
   scores[ids == 4] = 1.0  # all-equal group -> exactly 0
-  adv = rl.grpo_outcome_advantages(scores, ids, norm_by_std=norm)
+  adv = algo.grpo_outcome_advantages(scores, ids, norm_by_std=norm)
   np.testing.assert_allclose(adv, _numpy_reference(scores, ids, norm=norm), rtol=1e-5, atol=1e-6)
   assert (adv[ids == 4] == 0).all()
   np.testing.assert_allclose(
@@ -50,7 +50,7 @@ def test_matches_numpy_reference_on_shuffled_groups(norm):
 
 
 def test_string_group_ids():
-  adv = rl.grpo_outcome_advantages([1.0, -1.0, 1.0], ["u1", "u1", "u2"])
+  adv = algo.grpo_outcome_advantages([1.0, -1.0, 1.0], ["u1", "u1", "u2"])
   np.testing.assert_allclose(
     adv, [1 / (np.sqrt(2) + 1e-6), -1 / (np.sqrt(2) + 1e-6), 1 / (1 + 1e-6)], rtol=1e-6
   )
@@ -59,7 +59,7 @@ def test_string_group_ids():
 def test_filter_groups_keeps_mixed_and_singleton_groups():
   acc = np.array([1, 1, 0, 0, 1, 0, 1, 1, 0], bool)
   ids = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4])
-  keep = rl.filter_groups(acc, ids)
+  keep = algo.filter_groups(acc, ids)
   # group 0 all-correct and group 1 all-wrong are dropped, 2 mixed kept, 3 dropped,
   # 4 singleton kept (verl: `std > 0 or len == 1`).
   np.testing.assert_array_equal(keep, [0, 0, 0, 0, 1, 1, 0, 0, 1])
@@ -69,6 +69,6 @@ def test_filter_groups_keeps_mixed_and_singleton_groups():
 def test_filter_groups_float_metric_and_unsorted_ids():
   vals = np.array([0.5, 0.2, 0.5, 0.2, 0.3])
   ids = np.array(["b", "a", "b", "a", "c"])
-  np.testing.assert_array_equal(rl.filter_groups(vals, ids), [0, 0, 0, 0, 1])
-  np.testing.assert_array_equal(rl.filter_groups([0.1, 0.2, 0.1], [1, 2, 1]), [0, 1, 0])
-  assert rl.filter_groups(np.array([]), np.array([])).shape == (0,)
+  np.testing.assert_array_equal(algo.filter_groups(vals, ids), [0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(algo.filter_groups([0.1, 0.2, 0.1], [1, 2, 1]), [0, 1, 0])
+  assert algo.filter_groups(np.array([]), np.array([])).shape == (0,)

@@ -1,4 +1,4 @@
-"""fipo_jax.rl.aggregation: micro-batch scaling and the official ratio-quantile metrics."""
+"""fipo_jax.algo.aggregation: micro-batch scaling and the official ratio-quantile metrics."""
 
 import functools
 
@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fipo_jax.rl as rl
-from fipo_jax.rl import aggregation
+from fipo_jax import algo
+from fipo_jax.algo import aggregation
 
 
 def test_microbatch_scale():
-  assert rl.microbatch_scale(8, 32) == 0.25
+  assert algo.microbatch_scale(8, 32) == 0.25
   with pytest.raises(ValueError):
-    rl.microbatch_scale(1, 0)
+    algo.microbatch_scale(1, 0)
 
 
 def _torch_style_quantile(x, q):

@@ -224,7 +224,8 @@ def test_tiny_cpu_runlocal_updates(tmp_path):
 @pytest.mark.slow
 def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tmp_path):
   """A recipe's :runlocal on an HF directory and DAPO-schema files trains on that model, and
-  export, eval and generate read the workdir (its checkpoint has the directory's shapes)."""
+  export reads the workdir (its checkpoint has the directory's shapes). eval and generate load
+  a checkpoint through the same `policy.load_policy` (tests/test_export.py runs them on one)."""
   w = tmp_path / "w"
   train, val = dapo_parquet("train", n=16), dapo_parquet("val", n=2)
   # One step, and eval without top-p: top-p sorts the 151936-token vocabulary at every decode
@@ -242,13 +243,3 @@ def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tm
   source = json.loads((qwen_model_dir / "config.json").read_text())
   for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
     assert exported[key] == source[key], key
-  res = _cli("fipo_jax.eval", "--checkpoint", str(w), "--data", str(val), "--n", "1",
-             "--top_p", "1.0", "--max_new_tokens", "8")
-  assert res.returncode == 0, res.stderr[-3000:]
-  prompts = tmp_path / "in.jsonl"
-  prompts.write_text(json.dumps({"prompt": "What is 7 * 8 - 6?"}) + "\n")
-  res = _cli("fipo_jax.generate", "--checkpoint", str(w), "--prompts_file", str(prompts),
-             "--output", str(tmp_path / "out.jsonl"), "--n", "1", "--max_new_tokens", "4",
-             "--no_progress")
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert len(json.loads((tmp_path / "out.jsonl").read_text())["response_ids"]) == 4

@@ -6,7 +6,7 @@ read only where `.n` is taken of a value that is the `rl` section, i.e. `rc.rl.n
 section at a call site (`write_dataset(dir, rc.data.synthetic)` -> `task_cfg.ops`), `self.n`
 in a public method or property of the section's dataclass (`RLSection.num_mini_batches`), or a
 generic copy `getattr(section, name)` into a class with a field of that name
-(`PolicyLossConfig.from_section`). The schema modules' validation (`__post_init__`, private
+(`PolicyLossConfig.from_config`). The schema modules' validation (`__post_init__`, private
 helpers, `validate`) is not a read: checking a value is not using it.
 """
 
@@ -28,7 +28,7 @@ from fipo_jax import recipes
 from fipo_jax.config_schema import Section
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fipo_jax"
-SCHEMA_MODULES = ("config.py", "config_mesh.py", "config_schema.py")
+SCHEMA_MODULES = ("config.py", "config_mesh.py", "config_rl.py", "config_schema.py")
 # Consumed by validation itself, which turns them into a field that code reads.
 CONSUMED_BY_VALIDATION = {
   ("model", "preset_overrides"): "merged into model.overrides (on the preset only)",
@@ -249,17 +249,16 @@ def test_the_check_flags_a_key_that_no_code_reads():
   leaves = leaf_keys(recipes.base()) + [("rl", "dummy_unread_key")]
   sources = package_sources()
   decoys = {
-    "fipo_jax/config.py": sources["fipo_jax/config.py"].replace(
-      '  def __post_init__(self):\n    self._one_of("loss_mode", LOSS_MODES)',
-      "  def __post_init__(self):\n    assert self.dummy_unread_key\n"
-      '    self._one_of("loss_mode", LOSS_MODES)',
+    "fipo_jax/config_rl.py": sources["fipo_jax/config_rl.py"].replace(
+      "  def __post_init__(self):\n    self._check_loss()",
+      "  def __post_init__(self):\n    assert self.dummy_unread_key\n    self._check_loss()",
     ),
     "fipo_jax/decoy.py": (
       "def f(batch, rc):\n  return batch.dummy_unread_key, rc.optim\n"
       "def g(model):\n  return model.rl.x.dummy_unread_key\n"
     ),
   }
-  assert decoys["fipo_jax/config.py"] != sources["fipo_jax/config.py"]
+  assert decoys["fipo_jax/config_rl.py"] != sources["fipo_jax/config_rl.py"]
   found = reads({**sources, **decoys}, leaves)
   assert ("rl", "dummy_unread_key") not in found
   assert ("rl", "n") in found and ("optim", "lr") in found

@@ -338,7 +338,7 @@ def test_synthetic_dataset_through_the_verl_pipeline(tmp_path, tok):
 
 
 def test_sft_examples_score_correct_with_math_dapo(tok):
-  from fipo_jax.rl import rewards
+  from fipo_jax.algo import rewards
 
   rows = synthetic.make_rows(20, seed=1, max_digits=3, num_operands=2, ops="+-")
   examples = synthetic.sft_examples(tok, rows)

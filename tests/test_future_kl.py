@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fipo_jax.rl as rl
-from fipo_jax.rl.fkl import decay_gamma, future_kl_reference
+from fipo_jax import algo
+from fipo_jax.algo.fkl import decay_gamma, future_kl_reference
 
 
 def _official_chunked(x: np.ndarray, decay_rate: float, chunk: int = 128) -> np.ndarray:
@@ -47,7 +47,7 @@ def _assert_close_to_ref(out, ref):
 )
 def test_matches_reverse_recursion(b, t, chunk, decay, seed):
   delta, mask = _inputs(np.random.default_rng(seed), b, t)
-  out = rl.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=decay, chunk_size=chunk)
+  out = algo.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=decay, chunk_size=chunk)
   assert out.shape == (b, t) and out.dtype == jnp.float32
   # float32 rounding bound for a discounted sum: each of the ~min(T, 1/(1-gamma)) effective
   # terms adds at most ~eps relative error, measured against the sum of |x| (not of x).
@@ -62,7 +62,7 @@ def test_matches_reverse_recursion(b, t, chunk, decay, seed):
 def test_suffix_sum_any_chunk(k, t):
   """The chunked recursion itself at chunk sizes the CPU path caps away (K > 32), including
   three recursion levels (T > K^2) and T not a multiple of K."""
-  from fipo_jax.rl.fkl import _suffix_sum
+  from fipo_jax.algo.fkl import _suffix_sum
 
   delta, mask = _inputs(np.random.default_rng(k * 100003 + t), 2, t)
   x = np.where(mask, delta, 0.0).astype(np.float32)
@@ -77,7 +77,7 @@ def test_suffix_sum_any_chunk(k, t):
 def test_matches_official_chunked_matmul(t):
   delta, mask = _inputs(np.random.default_rng(t), 2, t)
   x = np.where(mask, delta, 0.0).astype(np.float64)
-  out = rl.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=32.0)
+  out = algo.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=32.0)
   _assert_close_to_ref(out, _official_chunked(x, 32.0))
 
 
@@ -86,7 +86,7 @@ def test_long_sequence_is_stable():
   # (a global gamma**-t rescaling would reach gamma**-32768 = 2**1024).
   delta, mask = _inputs(np.random.default_rng(1), 2, 32768)
   for decay in (2.0, 32.0):
-    out = np.asarray(rl.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=decay))
+    out = np.asarray(algo.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=decay))
     assert np.isfinite(out).all()
     _assert_close_to_ref(out, future_kl_reference(delta, mask, decay))
 
@@ -94,7 +94,7 @@ def test_long_sequence_is_stable():
 def test_hand_example_from_spec():
   # docs/fipo_spec.md §9 case 1, sequence 0 (all valid), tau = 32.
   x = np.array([[0.10, -0.05, 0.20, 0.00, -0.30, 0.15]], np.float32)
-  out = rl.future_kl(jnp.asarray(x), jnp.ones_like(x), decay_rate=32.0)
+  out = algo.future_kl(jnp.asarray(x), jnp.ones_like(x), decay_rate=32.0)
   np.testing.assert_allclose(
     out[0], [0.102094, 0.002140, 0.053282, -0.149931, -0.153214, 0.150000], atol=2e-6
   )
@@ -103,7 +103,7 @@ def test_hand_example_from_spec():
 def test_masked_positions_contribute_nothing_even_if_nonfinite():
   delta = np.array([[1.0, np.inf, np.nan, 2.0]], np.float32)
   mask = np.array([[True, False, False, True]])
-  out = np.asarray(rl.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=1.0))
+  out = np.asarray(algo.future_kl(jnp.asarray(delta), jnp.asarray(mask), decay_rate=1.0))
   g = 0.5
   np.testing.assert_allclose(out[0], [1 + 2 * g**3, 2 * g**2, 2 * g, 2.0], rtol=1e-6)
 
@@ -111,7 +111,7 @@ def test_masked_positions_contribute_nothing_even_if_nonfinite():
 def test_no_quadratic_buffer():
   # No intermediate of the traced computation may hold anything close to T x T elements.
   t = 4096
-  jaxpr = jax.make_jaxpr(lambda d, m: rl.future_kl(d, m, decay_rate=32.0))(
+  jaxpr = jax.make_jaxpr(lambda d, m: algo.future_kl(d, m, decay_rate=32.0))(
     jnp.zeros((2, t)), jnp.ones((2, t), bool)
   )
 
@@ -129,7 +129,7 @@ def test_no_recompile_for_equal_shapes():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def f(d, m):
-    return rl.future_kl(d, m, decay_rate=32.0, chunk_size=16)
+    return algo.future_kl(d, m, decay_rate=32.0, chunk_size=16)
 
   chex.clear_trace_counter()
   rng = np.random.default_rng(0)
@@ -140,6 +140,6 @@ def test_no_recompile_for_equal_shapes():
 
 def test_rejects_bad_shapes():
   with pytest.raises(ValueError):
-    rl.future_kl(jnp.zeros((2, 3)), jnp.zeros((2, 4)), decay_rate=32.0)
+    algo.future_kl(jnp.zeros((2, 3)), jnp.zeros((2, 4)), decay_rate=32.0)
   with pytest.raises(ValueError):
-    rl.future_kl(jnp.zeros((3,)), jnp.zeros((3,)), decay_rate=32.0)
+    algo.future_kl(jnp.zeros((3,)), jnp.zeros((3,)), decay_rate=32.0)

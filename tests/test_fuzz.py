@@ -20,7 +20,9 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fipo_jax.rl import aggregation, losses, rewards
+from fipo_jax.algo import aggregation, losses
+from fipo_jax.algo import rewards as scores
+from fipo_jax.rl import rewards
 
 CLIP_MODES = {"symmetric": (0.2, False), "high_only": (0.2, True), "none": (0.0, False)}
 _SETTINGS = hypothesis.settings(max_examples=40, deadline=None,
@@ -90,7 +92,7 @@ _non_str = st.one_of(st.none(), st.integers(), st.floats(), st.binary(max_size=2
 @hypothesis.given(response=st.one_of(_hostile_text, _non_str),
                   ground_truth=st.one_of(_hostile_text, _non_str))
 def test_reward_never_raises(response, ground_truth):
-  out = rewards.math_dapo_score(response, ground_truth)
+  out = scores.math_dapo_score(response, ground_truth)
   assert out["score"] in (1.0, -1.0)
   assert out["acc"] is (out["score"] == 1.0)
   assert isinstance(out["pred"], str)

@@ -19,6 +19,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -26,8 +27,9 @@ from configs import grpo_qwen2_5_7b_math
 from fipo_jax import config as config_lib
 from fipo_jax import models, recipes
 from fipo_jax import policy as policy_lib
+from fipo_jax.algo import losses
 from fipo_jax.models import build as build_lib
-from fipo_jax.rl import losses, optimizer
+from fipo_jax.rl import optimizer
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
@@ -246,7 +248,7 @@ def test_grpo_loss_is_verl_vanilla_with_both_clip_ratios():
 def test_loss_config_is_built_once_from_the_rl_section():
   # The schema's loss defaults and PolicyLossConfig's (the public API's) are the same values.
   rl_defaults = config_lib.RLSection()
-  assert losses.PolicyLossConfig.from_section(rl_defaults) == losses.PolicyLossConfig()
+  assert losses.PolicyLossConfig.from_config(rl_defaults) == losses.PolicyLossConfig()
   rc = config_lib.validate(grpo_qwen2_5_7b_math.get_config(), check_paths=False)
   mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 1})
   upd = setup_lib.update_config(rc, mesh, rc.data.max_prompt_length + rc.rl.max_response_length)
@@ -319,26 +321,27 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
     "configs/grpo_qwen2_5_7b_math.py:runlocal",
     "--workdir",
     str(work),
+    "--config.eval_every=0",  # not what this checks (test_config_cli's runlocal runs evaluate)
   ]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
-  trained = [r for r in rows if r["step"] > 0 and "actor/loss" in r]
+  trained = [r for r in rows if "actor/loss" in r]
   assert [r["step"] for r in trained] == [1, 2]
   for r in trained:
     assert r["actor/kl_loss"] >= 0.0 and np.isfinite(r["actor/kl_loss"])  # k3 >= 0
     assert r["actor/kl_coef"] == pytest.approx(0.001)
   # The second step's policy has moved away from the reference.
   assert trained[1]["actor/kl_loss"] > 0.0
-  # Checkpoints hold the policy only; the reference is rebuilt from the seed on resume.
+  # Checkpoints hold the policy only; the reference is rebuilt from the seed on resume. (No
+  # eval, so no best-metric item either.)
   assert sorted(p.name for p in (work / "checkpoints" / "2").iterdir() if p.is_dir()) == [
     "extra",
-    "metrics",
     "opt_state",
     "params",
   ]
   res = subprocess.run(
-    cmd + ["--config.total_steps=3", "--config.eval_every=0"],
+    cmd + ["--config.total_steps=3"],
     cwd=ROOT,
     env=env,
     capture_output=True,
@@ -348,3 +351,34 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 3 and last["actor/kl_loss"] > 0.0
+
+
+def test_logged_losses_are_scaled_as_verls_dp_actor():
+  """verl logs each micro-batch's pg_loss and kl_loss times 1/gradient_accumulation and averages
+  the list: with 2 micro-batches the logged value is half the mean unscaled micro-batch loss."""
+  graphdef, params = _tiny()
+  lp_fn, _ = _log_prob_fns()
+  batch = _batch()
+  lp = np.asarray(lp_fn(params, batch))
+  old = lp - np.random.default_rng(3).normal(0.0, 0.3, lp.shape)
+  batch = batch.replace(old_log_probs=jnp.asarray(old, jnp.float32),
+                        ref_log_probs=jnp.asarray(lp + 0.2, jnp.float32))
+  kw = dict(loss_mode="grpo", use_kl_loss=True, kl_loss_coef=0.1)
+  cfg = ts.UpdateConfig(num_micro_batches=2, **kw)
+  tx = optax.sgd(0.0)
+  _, _, got = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))(
+    params, tx.init(params), batch)
+  one = ts.UpdateConfig(num_micro_batches=1, **kw)
+  parts = [ts.micro_batch_loss(params, graphdef, m, cfg=one) for m in _micro_split(batch, 2)]
+  for key in ("actor/pg_loss", "actor/kl_loss"):
+    unscaled = np.mean([float(m[key]) for _, m in parts])
+    np.testing.assert_allclose(got[key], unscaled / 2, rtol=1e-5)
+  # Fractions are not scaled: the plain micro-batch mean.
+  frac = np.mean([float(m["actor/pg_clipfrac"]) for _, m in parts])
+  np.testing.assert_allclose(got["actor/pg_clipfrac"], frac, rtol=1e-6)
+  np.testing.assert_allclose(got["actor/loss"], sum(float(x) for x, _ in parts) / 2, rtol=1e-5)
+
+
+def _micro_split(batch, n):
+  split = ts.split_micro_batches(batch, n)
+  return [jax.tree.map(lambda x, j=j: x[j], split) for j in range(n)]

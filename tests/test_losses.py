@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import GOLDEN_DIR  # noqa: E402
 
-import fipo_jax.rl as rl
-from fipo_jax.rl import aggregation, losses
-from fipo_jax.rl.fkl import future_kl_reference
+from fipo_jax import algo
+from fipo_jax.algo import aggregation, losses
+from fipo_jax.algo.fkl import future_kl_reference
 
 _GOLDEN_JSON = GOLDEN_DIR / "fipo_loss_cases.json"
 _CASE_IDS = (
@@ -169,7 +169,7 @@ def test_public_api_on_golden_case(golden):
   g = {n: jnp.asarray(arrays[f"{case['case_id']}__{n}"]) for n in _INPUTS}
   cfg_dict = case["config"]
   run = jax.jit(
-    lambda lp: rl.compute_policy_loss(
+    lambda lp: algo.compute_policy_loss(
       "future_kl", lp, *[g[n] for n in _INPUTS[1:]], ml_collections.ConfigDict(cfg_dict)
     )
   )
@@ -182,7 +182,7 @@ def test_public_api_on_golden_case(golden):
   assert losses.PolicyLossConfig.from_config(cfg_dict) == losses.PolicyLossConfig.from_config(
     {**cfg_dict, **cfg_dict["policy_loss"]}
   )
-  assert rl.get_policy_loss("future_kl") is rl.get_policy_loss("fipo")
+  assert algo.get_policy_loss("future_kl") is algo.get_policy_loss("fipo")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +320,9 @@ def _every_loss_and_grad(lp, old, adv, mask):
   """{(mode, agg): ((loss, metrics), grad)} for every loss and aggregation, one compile."""
   return {
     (mode, agg): jax.value_and_grad(
-      lambda x, mode=mode, agg=agg: rl.compute_policy_loss(mode, x, old, adv, mask, _ref_cfg(agg)),
+      lambda x, mode=mode, agg=agg: algo.compute_policy_loss(
+        mode, x, old, adv, mask, _ref_cfg(agg)
+      ),
       has_aux=True,
     )(lp)
     for mode, agg in _MODE_AGG
@@ -433,7 +435,7 @@ def test_no_recompile_for_equal_shapes():
   @chex.assert_max_traces(n=1)
   def step(lp, old, adv, mask):
     return jax.value_and_grad(
-      lambda x: rl.compute_policy_loss("fipo", x, old, adv, mask, cfg), has_aux=True
+      lambda x: algo.compute_policy_loss("fipo", x, old, adv, mask, cfg), has_aux=True
     )(lp)
 
   chex.clear_trace_counter()
@@ -462,14 +464,14 @@ def test_config_defaults_and_validation():
     with pytest.raises(ValueError):
       losses.PolicyLossConfig.from_config(bad)
   with pytest.raises(ValueError):
-    rl.get_policy_loss("nope")
+    algo.get_policy_loss("nope")
 
 
 def test_registry_accepts_new_losses():
-  @rl.register_policy_loss("test_zero")
+  @algo.register_policy_loss("test_zero")
   def zero(log_prob, old_log_prob, advantages, response_mask, cfg):
     return jnp.zeros(()), {}
 
-  assert rl.get_policy_loss("test_zero") is zero
-  loss, metrics = rl.compute_policy_loss("test_zero", *[jnp.zeros((1, 2))] * 4, {})
+  assert algo.get_policy_loss("test_zero") is zero
+  loss, metrics = algo.compute_policy_loss("test_zero", *[jnp.zeros((1, 2))] * 4, {})
   assert float(loss) == 0.0 and metrics == {}

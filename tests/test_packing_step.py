@@ -16,8 +16,9 @@ from flax import nnx
 from configs import fipo_qwen2_5_32b
 from fipo_jax import config as config_lib
 from fipo_jax import models, policy, sharding
-from fipo_jax.rl import advantages as adv_lib
-from fipo_jax.rl import losses as losses_lib
+from fipo_jax.algo import advantages as adv_lib
+from fipo_jax.algo import aggregation
+from fipo_jax.algo import losses as losses_lib
 from fipo_jax.rl import packed_step as ps
 from fipo_jax.rl import packing
 from fipo_jax.rl import rollout as rollout_lib
@@ -171,7 +172,8 @@ def test_old_log_prob_pass_packed_equals_padded(setup):
 
 
 def _dynamic_reference(s, plan, cfg):
-  """verl's dynamic batch size on padded rows: each micro-batch's loss x n_j / M, summed."""
+  """verl's dynamic batch size on padded rows: each micro-batch's loss x n_j / M, summed (and
+  logged x n_j / M, averaged over micro-batches)."""
   one = dataclasses.replace(cfg, num_micro_batches=1)
   full = _padded(s)
   grad = jax.jit(
@@ -188,7 +190,7 @@ def _dynamic_reference(s, plan, cfg):
     g = jax.tree.map(lambda x, w=w: x * w, g)
     total = g if total is None else jax.tree.map(jnp.add, total, g)
     loss += float(lj) * w
-    metrics.append(mj)
+    metrics.append(aggregation.scale_loss_metrics(mj, w))  # logged as verl's dp_actor logs
   return total, loss, {k: np.mean([float(m[k]) for m in metrics]) for k in metrics[0]}
 
 

@@ -10,16 +10,17 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-import fipo_jax.rl as rl
+from fipo_jax import algo
+from fipo_jax.algo import rewards as scores
 from fipo_jax.rl import rewards
 
 
 def _regex_normalize(answer: str) -> str:
   """The official normaliser's regex steps, verbatim semantics (quadratic; small inputs only)."""
   answer = answer.split("=")[-1]
-  for before, after in rewards._SUBSTITUTIONS:
+  for before, after in scores._SUBSTITUTIONS:
     answer = answer.replace(before, after)
-  for expr in rewards._REMOVED_EXPRESSIONS:
+  for expr in scores._REMOVED_EXPRESSIONS:
     answer = answer.replace(expr, "")
   answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
   answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
@@ -42,7 +43,7 @@ def test_golden_reward_cases_exact(golden_dir):
   cases = _jsonl(golden_dir / "math_dapo_reward_cases.jsonl")
   assert cases
   for c in cases:
-    got = rl.math_dapo_score(c["response"], c["ground_truth"])
+    got = algo.math_dapo_score(c["response"], c["ground_truth"])
     want = {"score": c["score"], "acc": c["acc"], "pred": c["pred"]}
     assert got == want, (c["case_id"], c["note"])
     assert type(got["score"]) is float and type(got["acc"]) is bool
@@ -52,7 +53,7 @@ def test_golden_overlong_penalties_exact(golden_dir):
   cases = _jsonl(golden_dir / "overlong_penalty_cases.jsonl")
   assert cases
   for c in cases:
-    got = rl.overlong_penalty(
+    got = algo.overlong_penalty(
       c["response_length"],
       c["max_resp_len"],
       c["overlong_buffer_len"],
@@ -64,12 +65,12 @@ def test_golden_overlong_penalties_exact(golden_dir):
 
 
 def test_overlong_penalty_shape():
-  assert rl.overlong_penalty(16384, 20480, 4096, 1.0) == 0.0
-  assert rl.overlong_penalty(20480, 20480, 4096, 1.0) == -1.0
-  assert rl.overlong_penalty(18432, 20480, 4096, 1.0) == -0.5
-  assert rl.overlong_penalty(0, 20480, 4096, 1.0) == 0.0
+  assert algo.overlong_penalty(16384, 20480, 4096, 1.0) == 0.0
+  assert algo.overlong_penalty(20480, 20480, 4096, 1.0) == -1.0
+  assert algo.overlong_penalty(18432, 20480, 4096, 1.0) == -0.5
+  assert algo.overlong_penalty(0, 20480, 4096, 1.0) == 0.0
   with pytest.raises(ValueError):
-    rl.overlong_penalty(1, 10, 0, 1.0)
+    algo.overlong_penalty(1, 10, 0, 1.0)
 
 
 _TOKENS = [
@@ -104,7 +105,7 @@ _TOKENS = [
 @hypothesis.settings(max_examples=400, deadline=None, derandomize=True)
 @hypothesis.given(st.lists(st.sampled_from(_TOKENS), max_size=30).map("".join))
 def test_linear_normaliser_equals_regex_form(text):
-  assert rewards.normalize_final_answer(text) == _regex_normalize(text)
+  assert scores.normalize_final_answer(text) == _regex_normalize(text)
 
 
 @pytest.mark.parametrize(
@@ -122,7 +123,7 @@ def test_linear_normaliser_equals_regex_form(text):
 )
 def test_huge_ground_truth_is_scored(ground_truth):
   # The official regex normaliser is quadratic on these (minutes at 1M chars); this must finish.
-  out = rl.math_dapo_score("Answer: 1", ground_truth)
+  out = algo.math_dapo_score("Answer: 1", ground_truth)
   assert out["score"] == -1.0 and out["acc"] is False and out["pred"] == "1"
 
 
@@ -138,7 +139,7 @@ def test_huge_ground_truth_is_scored(ground_truth):
   ],
 )
 def test_hostile_responses_do_not_crash(response):
-  out = rl.math_dapo_score(response, "42")
+  out = algo.math_dapo_score(response, "42")
   assert set(out) == {"score", "acc", "pred"} and out["score"] in (1.0, -1.0)
   assert isinstance(out["pred"], str)
 
@@ -148,7 +149,7 @@ def test_hostile_responses_do_not_crash(response):
   [(None, "1"), (b"Answer: 1", "1"), ("Answer: 1", 1), ("Answer: 1", None)],
 )
 def test_non_string_inputs_are_wrong_answers(response, ground_truth):
-  assert rl.math_dapo_score(response, ground_truth) == {
+  assert algo.math_dapo_score(response, ground_truth) == {
     "score": -1.0,
     "acc": False,
     "pred": "[INVALID]",
@@ -156,8 +157,8 @@ def test_non_string_inputs_are_wrong_answers(response, ground_truth):
 
 
 def test_long_response_uses_last_300_chars():
-  assert rl.math_dapo_score("Answer: 7\n" + "x" * 400, "7")["pred"] == "[INVALID]"
-  assert rl.math_dapo_score("x" * 10_000 + "\nAnswer: 7", "7")["acc"] is True
+  assert algo.math_dapo_score("Answer: 7\n" + "x" * 400, "7")["pred"] == "[INVALID]"
+  assert algo.math_dapo_score("x" * 10_000 + "\nAnswer: 7", "7")["acc"] is True
 
 
 # --- rl.reward_fn: the verifier the trainer scores with --------------------------------------

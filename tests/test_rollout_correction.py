@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import pathlib
@@ -26,11 +27,11 @@ from test_packing_step import P, T, _packed, _padded, setup  # noqa: F401 (fixtu
 
 from fipo_jax import config as config_lib
 from fipo_jax import models, recipes
+from fipo_jax.algo import losses as losses_lib
+from fipo_jax.algo import rollout_correction as rc_lib
 from fipo_jax.config_schema import ConfigError
-from fipo_jax.rl import losses as losses_lib
 from fipo_jax.rl import packed_step as ps
-from fipo_jax.rl import packing, trainer
-from fipo_jax.rl import rollout_correction as rc_lib
+from fipo_jax.rl import packing, sampler_policy, trainer
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
@@ -253,11 +254,12 @@ def test_validation_of_the_sampler_source():
 
 def test_metrics_due():
   rl = lambda **k: config_lib.validate(_config(**k), check_paths=False).rl
-  assert all(rc_lib.metrics_due(rl(), s) for s in range(5))
+  assert all(sampler_policy.metrics_due(rl(), s) for s in range(5))
   every3 = rl(old_log_prob_source="sampler", mismatch_metrics_every=3)
-  assert [rc_lib.metrics_due(every3, s) for s in range(5)] == [True, False, False, True, False]
+  due = [sampler_policy.metrics_due(every3, s) for s in range(5)]
+  assert due == [True, False, False, True, False]
   never = rl(old_log_prob_source="sampler", mismatch_metrics_every=0)
-  assert not any(rc_lib.metrics_due(never, s) for s in range(5))
+  assert not any(sampler_policy.metrics_due(never, s) for s in range(5))
 
 
 def test_cli_refuses_a_bfloat16_sampler_in_one_line(tmp_path):
@@ -281,8 +283,11 @@ def test_cli_refuses_a_bfloat16_sampler_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path):
-  """float32, same kernels: the first step with old_log_prob_source=sampler matches trainer."""
-  trainer = golden._one_step_metrics(tmp_path / "trainer")
+  """float32, same kernels: the first step with old_log_prob_source=sampler matches trainer.
+
+  The trainer-source step is the stored golden one (tests/test_tiny_golden.py checks that the
+  same command reproduces it), so only the sampler-source step runs here."""
+  trainer = json.loads(golden.GOLDEN.read_text())
   sampler = golden._one_step_metrics(
     tmp_path / "sampler", "--config.rl.old_log_prob_source=sampler"
   )
@@ -384,9 +389,9 @@ def test_bfloat16_sampler_model_runs_the_trainers_params():
     attention_impl="blockwise",
   )
   graphdef, params = nnx.split(models.init_model(cfg, seed=0))
-  assert rc_lib.sampler_model(cfg, graphdef, None) == (cfg, graphdef)
-  assert rc_lib.sampler_model(cfg, graphdef, "float32") == (cfg, graphdef)
-  bf_cfg, bf_graphdef = rc_lib.sampler_model(cfg, graphdef, "bfloat16")
+  assert sampler_policy.sampler_model(cfg, graphdef, None) == (cfg, graphdef)
+  assert sampler_policy.sampler_model(cfg, graphdef, "float32") == (cfg, graphdef)
+  bf_cfg, bf_graphdef = sampler_policy.sampler_model(cfg, graphdef, "bfloat16")
   assert bf_cfg.dtype == "bfloat16" and bf_cfg.param_dtype == cfg.param_dtype
   ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
   f32 = nnx.merge(graphdef, params)(ids)

@@ -58,14 +58,21 @@ def _abs_tol(key: str) -> float:
   mb4 0.06676875 vs 0.06676999 (abs 1.2e-6, rel 1.9e-5); every other float within rel 1e-5.
   The bound below is rel_tol (1e-5) times that term scale (1.5), rounded up.
 
-  The sampler-trainer mismatch metrics (`training/rollout_probs_diff_*`, `rollout_corr/*`)
-  measure the float32 rounding difference of two computations of the same log-probs (the
-  sampler's cached decode, the trainer's full pass), ~1e-7 to 4e-6 here; another CPU rounds
-  differently, so they are held to the 1e-5 agreement bound docs/fipo_spec.md §11 states.
+  The sampler-trainer mismatch metrics are not compared here (see `_is_rounding_noise`).
   """
-  if key.startswith(("training/rollout_probs_diff", "rollout_corr/")):
-    return 1e-5
   return 2e-5 if key.startswith("actor/ppo_kl") else 1e-6
+
+
+def _is_rounding_noise(key: str) -> bool:
+  """The sampler-trainer mismatch metrics (`training/rollout_probs_diff_*`, `rollout_corr/*`
+  but the IS weight mean and the share over the threshold) measure the float32 rounding
+  difference of two computations of the same log-probs (the sampler's cached decode, the
+  trainer's full pass), ~1e-8 to 4e-6 here: another CPU rounds differently, so their value is
+  not reproducible, only their size. They are held to the 1e-5 agreement bound that
+  docs/fipo_spec.md §11 states; a run with a real mismatch (a bfloat16 sampler) is compared by
+  value in tests/test_multihost.py."""
+  return key.startswith(("training/rollout_probs_diff", "rollout_corr/")) and key not in (
+    "rollout_corr/rollout_is_mean", "rollout_corr/rollout_is_ratio_fraction_high")
 
 
 @pytest.mark.slow
@@ -82,7 +89,9 @@ def test_one_fipo_step_matches_golden(tmp_path):
   assert sorted(got) == sorted(want)
   for key, w in want.items():
     g = got[key]
-    if isinstance(w, float) and not isinstance(g, bool):
+    if _is_rounding_noise(key):
+      assert abs(g) <= 1e-5 and abs(w) <= 1e-5, (key, g, w)
+    elif isinstance(w, float) and not isinstance(g, bool):
       # Float32 rounding only (another CPU model may vectorise differently).
       assert math.isclose(g, w, rel_tol=1e-5, abs_tol=_abs_tol(key)), (key, g, w)
     else:

@@ -41,7 +41,8 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import models, sharding
-from fipo_jax.rl import losses as losses_lib
+from fipo_jax.algo import aggregation
+from fipo_jax.algo import losses as losses_lib
 from fipo_jax.rl import packing
 from fipo_jax.rl import train_step as ts
 
@@ -119,7 +120,8 @@ def micro_batch_loss(params, graphdef, micro: PackedBatch, mini_seqs, *, cfg: ts
   )
   loss, metrics = ts.actor_objective(_rows(log_prob), _rows(ent), view, cfg=cfg)
   loss, metrics = _row_count_fix(loss, metrics, micro, cfg=cfg)
-  return loss * (jnp.sum(micro.seq_mask) / mini_seqs), metrics
+  scale = jnp.sum(micro.seq_mask) / mini_seqs  # verl's dynamic-batch rule
+  return loss * scale, aggregation.scale_loss_metrics(metrics, scale)
 
 
 def _zeros_like_shapes(tree):

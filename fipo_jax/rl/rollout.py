@@ -27,7 +27,7 @@ from flax import nnx
 from fipo_jax import config as config_lib
 from fipo_jax import distributed, seeds, sharding
 from fipo_jax import metrics as metrics_lib
-from fipo_jax.rl import advantages as adv_lib
+from fipo_jax.algo import advantages as adv_lib
 from fipo_jax.rl import packed_step
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts

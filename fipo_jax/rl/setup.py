@@ -23,10 +23,10 @@ from flax import nnx
 from fipo_jax import config as config_lib
 from fipo_jax import distributed, models, paths, seeds, sharding
 from fipo_jax import policy as policy_lib
+from fipo_jax.algo import losses as losses_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.rl import losses as losses_lib
-from fipo_jax.rl import optimizer, packed_step, rollout_correction, warmstart
+from fipo_jax.rl import optimizer, packed_step, sampler_policy, warmstart
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
@@ -93,7 +93,7 @@ def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConf
     micro -= 1
   return ts.UpdateConfig(
     loss_mode=rc.rl.loss_mode,
-    policy_loss=losses_lib.PolicyLossConfig.from_section(rc.rl),
+    policy_loss=losses_lib.PolicyLossConfig.from_config(rc.rl),
     num_micro_batches=mini // micro,
     temperature=rc.sampling.temperature,
     entropy_coeff=rc.rl.entropy_coeff,
@@ -126,7 +126,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
     eos_ids=tok_lib.eos_token_ids(tokenizer), max_prompt_length=rc.data.max_prompt_length,
     train_data=train_data, val_examples=val_examples,
-    engine=_engine(rc, *rollout_correction.sampler_model(cfg, graphdef, rc.rl.sampler_dtype), mesh),
+    engine=_engine(rc, *sampler_policy.sampler_model(cfg, graphdef, rc.rl.sampler_dtype), mesh),
     train_sampling=sampling_method(rc.sampling.temperature, rc.sampling.top_p,
                                    rc.sampling.top_k),
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),

@@ -28,8 +28,8 @@ import optax
 from flax import nnx
 
 from fipo_jax import models
-from fipo_jax.rl import aggregation
-from fipo_jax.rl import losses as losses_lib
+from fipo_jax.algo import aggregation
+from fipo_jax.algo import losses as losses_lib
 
 
 @flax.struct.dataclass
@@ -53,7 +53,7 @@ class PolicyBatch:
 class UpdateConfig:
   """Static hyper-parameters of the jitted update (hashable, so jit can key on it)."""
 
-  loss_mode: str = "fipo"  # a registered policy loss (rl.losses)
+  loss_mode: str = "fipo"  # a registered policy loss (algo.losses)
   policy_loss: losses_lib.PolicyLossConfig = losses_lib.PolicyLossConfig()
   num_micro_batches: int = 1
   temperature: float = 1.0  # verl's actor divides logits by the rollout temperature
@@ -61,7 +61,7 @@ class UpdateConfig:
   entropy_coeff: float = 0.0
   use_kl_loss: bool = False  # KL to the reference policy: batches carry ref_log_probs
   kl_loss_coef: float = 0.0
-  kl_loss_type: str = "low_var_kl"  # one of rl.losses.KL_TYPES
+  kl_loss_type: str = "low_var_kl"  # one of algo.losses.KL_TYPES
 
   def __post_init__(self):
     losses_lib.get_policy_loss(self.loss_mode)  # raises on an unknown name
@@ -104,7 +104,8 @@ def _masked_token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig):
-  """Actor loss of one micro-batch, already scaled by 1/num_micro_batches. -> (loss, metrics).
+  """Actor loss of one micro-batch and its metrics; the loss and the logged pg/kl losses scaled
+  by 1/num_micro_batches, as verl does. -> (loss, metrics).
 
   verl's dp_actor: policy loss - entropy_coeff * entropy + kl_loss_coef * KL(pi || ref), the
   entropy and KL terms aggregated with the policy loss's loss_agg_mode.
@@ -115,7 +116,8 @@ def micro_batch_loss(params, graphdef, micro: PolicyBatch, *, cfg: UpdateConfig)
   out = _response_log_probs(graphdef, params, micro, cfg=cfg, entropy=need_entropy)
   log_prob, ent = out if need_entropy else (out, None)
   loss, metrics = actor_objective(log_prob, ent, micro, cfg=cfg)
-  return loss / cfg.num_micro_batches, metrics
+  scale = 1.0 / cfg.num_micro_batches  # verl: 1 / gradient_accumulation
+  return loss * scale, aggregation.scale_loss_metrics(metrics, scale)
 
 
 def actor_objective(log_prob, ent, micro, *, cfg: UpdateConfig):
@@ -239,6 +241,9 @@ def _under_mesh(mesh, fn):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
 
+  # wraps() copies no name from a functools.partial: name the step itself, so that profiles
+  # and HLO dumps say jit_train_step, not jit_wrapped.
+  wrapped.__name__ = wrapped.__qualname__ = getattr(fn, "func", fn).__name__
   return wrapped
 
 

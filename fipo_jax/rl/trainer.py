@@ -34,8 +34,9 @@ from fipo_jax import config as config_lib
 from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
+from fipo_jax.algo import rollout_correction
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, warmstart
+from fipo_jax.rl import evaluation, optimizer, packed_step, sampler_policy, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -245,7 +246,7 @@ def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledS
   """The step's old log-probs and, with the KL term, the reference's (same jitted pass).
 
   The batches arrive with the sampler's log-probs as old_log_probs. The actor's pass (before
-  any update of the step, as verl) runs when `rollout_correction.metrics_due`: always with
+  any update of the step, as verl) runs when `sampler_policy.metrics_due`: always with
   rl.old_log_prob_source='trainer' (its log-probs replace the sampler's), every
   rl.mismatch_metrics_every steps with 'sampler' (metrics only). Adds the entropy (when the
   pass ran), the mismatch metrics and timings to `metrics`.
@@ -255,7 +256,7 @@ def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledS
   for b in batches:
     tokens += jnp.sum(b.response_mask)
   tokens = float(tokens)
-  if rollout_correction.metrics_due(rc.rl, state.step):
+  if sampler_policy.metrics_due(rc.rl, state.step):
     out = _old_log_probs(rc, steps, state.params, batches, metrics, tokens)
   metrics["timing_s/old_log_prob"] = time.perf_counter() - t0
   if env.ref_params is not None:  # the KL term: the frozen reference

@@ -8,34 +8,46 @@ official logged ones (`actor/...`). Semantics follow the official verl/FIPO code
 
 `PolicyLossConfig` holds python scalars, so the losses jit with the config closed over or
 passed as a static (hashable) argument. The trainer builds it once from the validated `rc.rl`
-(`PolicyLossConfig.from_section`); only the public `compute_policy_loss` accepts a dict, and
+(`PolicyLossConfig.from_config`); only the public `compute_policy_loss` accepts a dict, and
 converts it there. The registered loss functions only read attributes of `cfg`, and every
 numeric knob except `decay_rate`, `chunk_size` and `loss_agg_mode` may also be a traced jax
 scalar (pass any object with those attributes), so a sweep over clip ratios, safety thresholds
 or weight-clip modes compiles once.
 
-The KL-to-reference term (`kl_penalty`, `kl_loss`) is verl's actor-side `use_kl_loss`: it is
-added to the policy loss by the train step, not by the registered losses.
+The KL-to-reference term (`kl_penalty`, `kl_loss`, in `algo.kl`, named here too) is verl's
+actor-side `use_kl_loss`: it is added to the policy loss by the train step, not by the
+registered losses.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fipo_jax.rl import aggregation, fkl
+from fipo_jax.algo import aggregation, fkl
+from fipo_jax.algo.kl import KL_TYPES, kl_loss, kl_penalty  # noqa: F401 (the KL term's names)
 
 _LOG_RATIO_CLAMP = 20.0  # official: d = clamp(lp - old, -20, 20) before exp
 _SAFETY_RANGE = (0.8, 1.0)  # official safety clamp for A < 0 and r > safety_thresh
 _NO_CLIP_WEIGHT_MAX = 10.0  # official weight cap when future_kl_clip_ratio == 0
 
 
+DEFAULT_LOSS_MODE = "fipo"  # rl.loss_mode's default (the official FIPO run)
+HParam = bool | int | float | str  # a registered loss's own hyperparameter: a python scalar
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
-  """Flat policy-loss config with the official key names; defaults are the official 32B run."""
+  """Flat policy-loss config with the official key names; defaults are the official 32B run.
+
+  These defaults are the only ones: the config schema (`RLSection`) and the recipe base take
+  theirs from here. `hparams` holds the own hyperparameters of registered losses (sorted
+  (name, value) pairs, so the config stays hashable); a loss reads them as attributes
+  (`cfg.my_coef`), like the fields.
+  """
 
   clip_ratio: float = 0.2  # symmetric PPO clip: what from_config gives low/high set to None
   clip_ratio_low: float = 0.2  # eps_low
@@ -47,6 +59,7 @@ class PolicyLossConfig:
   future_kl_clip_ratio: float = 0.2  # eps_f; 0 means f = min(exp F, 10)
   future_kl_clip_high_only: bool = True  # f in [1, 1+eps_f] instead of [1-eps_f, 1+eps_f]
   safety_thresh: float = 10.0  # S: A<0 and r>S clamps f to [0.8, 1]
+  hparams: tuple[tuple[str, HParam], ...] = ()  # registered losses' own, see register_policy_loss
 
   def __post_init__(self):
     if self.clip_ratio_c <= 1.0:
@@ -60,55 +73,99 @@ class PolicyLossConfig:
       raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
     if self.loss_agg_mode not in aggregation.AGG_MODES:
       raise ValueError(f"loss_agg_mode {self.loss_agg_mode!r} not in {aggregation.AGG_MODES}")
+    # Every registered hyperparameter is present (with its default when not given): the
+    # config a loss receives never lacks one, and equal settings hash equal.
+    merged = {**loss_hparams(), **dict(self.hparams)}
+    object.__setattr__(self, "hparams", tuple(sorted(merged.items())))
+
+  def __getattr__(self, name: str):
+    """A registered loss's own hyperparameter (only called for names that are not fields)."""
+    for key, value in self.__dict__.get("hparams", ()):
+      if key == name:
+        return value
+    raise AttributeError(f"PolicyLossConfig has no field or registered hyperparameter {name!r}")
 
   @classmethod
   def from_config(cls, cfg: Any = None) -> "PolicyLossConfig":
-    """From a dict / ConfigDict with flat official keys (a nested `policy_loss` section, as in
-    verl's actor config, is read too). Missing keys keep the official 32B values, unknown keys
-    are ignored, and `clip_ratio_low/high` set to None fall back to `clip_ratio`."""
+    """The one constructor. `cfg`: None (the defaults), a PolicyLossConfig, a mapping
+    (dict / ConfigDict) with flat official keys, or an object holding them as attributes (the
+    validated `rc.rl`, read once at setup).
+
+    Mappings: a nested `policy_loss` section, as in verl's actor config, is read too; missing
+    keys keep the defaults, unknown keys are ignored, and `clip_ratio_low/high` set to None
+    fall back to `clip_ratio`. A registered loss's hyperparameters are read by their names
+    (from a section, from its `loss_hparams`).
+    """
     if cfg is None:
       return cls()
     if isinstance(cfg, cls):
       return cfg
+    if not hasattr(cfg, "items"):  # a validated section: every field it has is set
+      kw = {n: getattr(cfg, n) for n in _FIELDS if hasattr(cfg, n)}
+      return cls(**kw, hparams=tuple(dict(getattr(cfg, "loss_hparams", {})).items()))
     flat = dict(cfg.items())
     nested = flat.pop("policy_loss", None)
     if nested is not None and hasattr(nested, "items"):
       flat.update({k: v for k, v in nested.items() if k not in flat})
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in flat.items() if k in names and v is not None}
+    kw = {k: v for k, v in flat.items() if k in _FIELDS and v is not None}
     if "clip_ratio" in kw:
       for side in ("clip_ratio_low", "clip_ratio_high"):
         if flat.get(side, None) is None:
           kw[side] = kw["clip_ratio"]
     typed = {f.name: f.type for f in dataclasses.fields(cls)}
     kw = {k: (str(v) if typed[k] is str else typed[k](v)) for k, v in kw.items()}
-    return cls(**kw)
+    hp = {k: type(d)(flat[k]) for k, d in loss_hparams().items() if flat.get(k) is not None}
+    return cls(**kw, hparams=tuple(hp.items()))
 
-  @classmethod
-  def from_section(cls, section: Any) -> "PolicyLossConfig":
-    """From an object holding the loss fields as attributes (the validated `rc.rl`), read once
-    at setup. A field the section lacks keeps its default here (`clip_ratio`: the section
-    always sets both `clip_ratio_low` and `clip_ratio_high`)."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    return cls(**{n: getattr(section, n) for n in names if hasattr(section, n)})
 
+_FIELDS = frozenset(f.name for f in dataclasses.fields(PolicyLossConfig)) - {"hparams"}
 
 PolicyLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 _REGISTRY: dict[str, PolicyLossFn] = {}
+_HPARAMS: dict[str, dict[str, HParam]] = {}  # loss name -> its own {hyperparameter: default}
 
 
-def register_policy_loss(*names: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+def register_policy_loss(
+  *names: str, hparams: Mapping[str, HParam] | None = None
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
   """Decorator: registers `fn(log_prob, old_log_prob, advantages, mask, cfg)` under names.
 
+  `hparams` declares the loss's own hyperparameters with their defaults, e.g.
+  `{"pg_scale": 1.0}`: each becomes a config key `rl.pg_scale` (the recipe base lists every
+  registered one; `--config.rl.pg_scale=0.5` sets it), typed like its default, and an attribute
+  of the `cfg` the loss receives (`cfg.pg_scale`). A name may not shadow a PolicyLossConfig
+  field, nor be declared by two losses with different defaults. Register before the config is
+  built: a recipe file that imports the module defining the loss is enough.
+
   A loss that supports rollout correction also takes `rollout_is_weights=None` [B, T]
-  (rl/rollout_correction.py); it is passed only when set."""
+  (algo/rollout_correction.py); it is passed only when set."""
+  hparams = dict(hparams or {})
+  for key, default in hparams.items():
+    if key in _FIELDS or key == "hparams":
+      raise ValueError(f"loss hyperparameter {key!r} shadows a PolicyLossConfig field")
+    if not isinstance(default, (bool, int, float, str)):
+      raise ValueError(f"loss hyperparameter {key!r}: default must be a python scalar")
+    known = loss_hparams()
+    if key in known and (type(known[key]), known[key]) != (type(default), default):
+      raise ValueError(f"loss hyperparameter {key!r} already declared with default {known[key]!r}")
 
   def decorator(fn: PolicyLossFn) -> PolicyLossFn:
     for name in names:
       _REGISTRY[name] = fn
+      _HPARAMS[name] = hparams
     return fn
 
   return decorator
+
+
+def loss_modes() -> tuple[str, ...]:
+  """Every registered loss name (the values rl.loss_mode accepts), sorted."""
+  return tuple(sorted(_REGISTRY))
+
+
+def loss_hparams() -> dict[str, HParam]:
+  """{hyperparameter: default} of every registered loss's own hyperparameters."""
+  return {k: v for name in sorted(_HPARAMS) for k, v in _HPARAMS[name].items()}
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
@@ -147,20 +204,16 @@ def weights_kwarg(rollout_is_weights) -> dict[str, Any]:
   return {} if rollout_is_weights is None else {"rollout_is_weights": rollout_is_weights}
 
 
-def _clamp(x: jax.Array, lo: float, hi: float) -> jax.Array:
-  """torch.clamp with torch's gradient: 1 inside [lo, hi] including the ends, 0 outside."""
-  return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
-
-
 def _log_ratio(log_prob, old_log_prob):
-  d = _clamp(log_prob - old_log_prob, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+  d = aggregation.torch_clamp(log_prob - old_log_prob, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
   return d, jnp.exp(d)
 
 
 def _dual_clip_terms(adv_w, ratio, low, high, c=None):
   """verl's PPO surrogate on weighted advantages [B, T]: clip to [1-low, 1+high], then (if c
   is given) the dual clip min(., -A c) on negative advantages."""
-  t = {"pg_losses1": -adv_w * ratio, "pg_losses2": -adv_w * _clamp(ratio, 1.0 - low, 1.0 + high)}
+  clipped = aggregation.torch_clamp(ratio, 1.0 - low, 1.0 + high)
+  t = {"pg_losses1": -adv_w * ratio, "pg_losses2": -adv_w * clipped}
   t["clip_pg_losses1"] = jnp.maximum(t["pg_losses1"], t["pg_losses2"])
   if c is None:
     t["pg_losses"] = t["clip_pg_losses1"]
@@ -204,36 +257,6 @@ def dapo_loss(log_prob, old_log_prob, advantages, response_mask, cfg: PolicyLoss
   pg_losses = _weighted(t["pg_losses"], rollout_is_weights)
   loss = aggregation.agg_loss(pg_losses, response_mask, cfg.loss_agg_mode)
   return loss, {"actor/pg_loss": loss, **_standard_metrics(t, d, advantages, response_mask)}
-
-
-KL_TYPES = ("kl", "abs", "mse", "low_var_kl")  # verl's kl_loss_type names (k1, -, k2, k3)
-_KL_LOG_RATIO_CLAMP = 20.0  # verl low_var_kl: clamp(ref - lp, -20, 20) before exp
-_KL_VALUE_CLAMP = 10.0  # ... and the estimate to [-10, 10]
-
-
-def kl_penalty(log_prob: jax.Array, ref_log_prob: jax.Array, kl_type: str) -> jax.Array:
-  """verl `kl_penalty`: per-token estimate [B, T] of KL(pi || ref) from sampled tokens.
-
-  'kl' (k1) lp - ref; 'abs' |lp - ref|; 'mse' (k2) (lp - ref)^2 / 2; 'low_var_kl' (k3)
-  exp(k) - k - 1 with k = clamp(ref - lp, -20, 20), the result clamped to [-10, 10] (torch's
-  clamp gradients).
-  """
-  if kl_type == "kl":
-    return log_prob - ref_log_prob
-  if kl_type == "abs":
-    return jnp.abs(log_prob - ref_log_prob)
-  if kl_type == "mse":
-    return 0.5 * jnp.square(log_prob - ref_log_prob)
-  if kl_type == "low_var_kl":
-    k = _clamp(ref_log_prob - log_prob, -_KL_LOG_RATIO_CLAMP, _KL_LOG_RATIO_CLAMP)
-    return _clamp(jnp.exp(k) - k - 1.0, -_KL_VALUE_CLAMP, _KL_VALUE_CLAMP)
-  raise ValueError(f"unknown kl_loss_type {kl_type!r}; expected one of {KL_TYPES}")
-
-
-def kl_loss(log_prob, ref_log_prob, response_mask, kl_type: str, loss_agg_mode: str):
-  """verl's actor KL loss: `agg_loss(kl_penalty(lp, ref), mask, loss_agg_mode)` -> f32[]."""
-  kld = kl_penalty(log_prob.astype(jnp.float32), ref_log_prob.astype(jnp.float32), kl_type)
-  return aggregation.agg_loss(kld, response_mask, loss_agg_mode)
 
 
 def influence_weight_bounds(cfg) -> tuple[jax.Array, jax.Array]:

@@ -9,8 +9,10 @@ mini-batch. A trainer reproduces that with `microbatch_scale` below:
     scaled = loss * microbatch_scale(n_seqs_micro, n_seqs_mini)
     grads = sum over micro-batches of grad(scaled)         # then one optimizer step
 
-The logged `actor/pg_loss` in verl is the scaled value; `compute_policy_loss` returns the
-unscaled one (as the golden files do), so a trainer that wants verl's log multiplies too.
+The logged `actor/pg_loss` (and `actor/kl_loss`) in verl is the scaled value: dp_actor appends
+`loss * scale` per micro-batch and the trainer logs the mean of that list. `compute_policy_loss`
+returns the unscaled one (as the golden files do); the train steps scale their metrics with
+`scale_loss_metrics`, so that our curves overlay an official run's.
 """
 
 import functools
@@ -21,6 +23,20 @@ import numpy as np
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
+
+def torch_clamp(x: jax.Array, lo, hi) -> jax.Array:
+  """torch.clamp with torch's gradient: 1 inside [lo, hi] including the ends, 0 outside."""
+  return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
+
+
+LOSS_METRICS = ("actor/pg_loss", "actor/kl_loss")  # logged scaled by verl's dp_actor
+
+
+def scale_loss_metrics(metrics: dict, scale) -> dict:
+  """`metrics` with the micro-batch losses (LOSS_METRICS) times the micro-batch's loss scale,
+  as verl's dp_actor logs them; averaged over the step's micro-batches they are verl's
+  `actor/pg_loss` and `actor/kl_loss`. Other metrics (fractions, weights) are not scaled."""
+  return {k: (v * scale if k in LOSS_METRICS else v) for k, v in metrics.items()}
 
 def microbatch_scale(n_seqs_micro: int, n_seqs_mini: int) -> float:
   """verl's per-micro-batch loss factor: sequences in this micro-batch / in the mini-batch."""

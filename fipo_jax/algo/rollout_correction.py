@@ -14,13 +14,15 @@ Semantics follow verl's rollout correction (docs/fipo_spec.md §11; verl
   sequence: w_t = min(exp(clamp(sum_t log_ratio_t, -20, 20)), threshold) for every t of the row
   w = 0 on masked tokens, detached; the policy loss is agg(pg_losses * w).
 
+Pure jax/numpy (the algorithm package): which model the sampler runs and on which steps the
+trainer checks it are the training system's (`fipo_jax.rl.sampler_policy`).
+
 Every function here is layout-agnostic: the last axis is T, every leading index is one
 sequence slot (padded [B, T] rows or packed [NM, W, E, T] slots; an empty slot has mask 0).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -29,10 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MODES = ("none", "token", "sequence")  # rl.rollout_is
-SOURCES = ("trainer", "sampler")  # rl.old_log_prob_source
 _SAFETY_BOUND = 20.0  # verl SAFETY_BOUND: log-ratios clamped to [-20, 20] before exp
-# Attention kernels the sampler's cached prefill/decode also runs (attention.attention falls
-# back to 'blockwise' with a KV cache); the fused ones ('splash', 'cudnn') are trainer-only.
 
 
 def _log_ratio(old_log_probs, rollout_log_probs, mask):
@@ -145,26 +144,3 @@ def _correct(old_log_probs, rollout_log_probs, mask, *, mode: str, threshold: fl
 
 # (old_log_probs, rollout_log_probs, mask) -> (weights [..., T] or None, batch_stats), jitted.
 correct = jax.jit(_correct, static_argnames=("mode", "threshold"))
-
-
-def metrics_due(rl, step: int) -> bool:
-  """Whether RL step `step` (0-based) runs the trainer's old-log-prob pass: always with
-  rl.old_log_prob_source 'trainer', every rl.mismatch_metrics_every steps with 'sampler'
-  (0: never), so that the drift stays visible."""
-  if rl.old_log_prob_source == "trainer":
-    return True
-  every = rl.mismatch_metrics_every
-  return every > 0 and step % every == 0
-
-
-def sampler_model(model_cfg, graphdef, sampler_dtype: str | None):
-  """(ModelConfig, GraphDef) the sampler runs: the trainer's, or with compute dtype
-  `sampler_dtype` (rl.sampler_dtype; the params and their layout are the same)."""
-  if sampler_dtype is None or sampler_dtype == model_cfg.dtype:
-    return model_cfg, graphdef
-  from flax import nnx  # noqa: PLC0415
-
-  from fipo_jax import models  # noqa: PLC0415
-
-  cfg = dataclasses.replace(model_cfg, dtype=sampler_dtype)
-  return cfg, nnx.split(models.abstract_model(cfg))[0]

@@ -1,0 +1,31 @@
+"""Jitted steps keep their own names in profiles and HLO dumps (jit_train_step, not jit_wrapped)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from fipo_jax.rl import packed_step
+from fipo_jax.rl import train_step as ts
+
+
+def _scaled(x, *, k):
+  return x * k
+
+
+def test_a_step_traced_under_a_mesh_keeps_its_name():
+  mesh = jax.make_mesh((1,), ("data",))
+  fn = ts._under_mesh(mesh, functools.partial(_scaled, k=2.0))  # noqa: SLF001
+  text = jax.jit(fn).lower(jnp.ones(2)).as_text()
+  assert "module @jit__scaled " in text
+
+
+@pytest.mark.parametrize("module", [ts, packed_step])
+def test_jit_steps_are_named_after_their_steps(module):
+  mesh = jax.make_mesh((1,), ("data",))
+  shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  steps = module.jit_steps(None, cfg=ts.UpdateConfig(), tx=optax.sgd(0.1),
+                           param_sharding={"w": shard}, opt_sharding=None)
+  assert (steps.train.__name__, steps.log_prob.__name__) == ("train_step", "log_prob_step")
