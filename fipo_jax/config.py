@@ -374,6 +374,7 @@ class RunConfig(Section):
   checkpoint_every: int = 5
   log_every: int = 1
   dump_influence: bool = False
+  dump_max_rows: int = 64
   keep_checkpoints: int = 3
   max_consecutive_bad_steps: int = 3
 
@@ -383,6 +384,7 @@ class RunConfig(Section):
     self._require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
     self._require(self.log_every >= 1, "log_every", "must be >= 1")
     self._require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    self._require(self.dump_max_rows >= 1, "dump_max_rows", "must be >= 1 (responses per dump)")
     self._require(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
                   "must be >= 1")
     # Cross-section checks.

@@ -21,7 +21,11 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 1  # write metrics every k RL steps, and always at eval steps and the last step
   c.keep_checkpoints = 3  # keep the last k checkpoints (plus the best by eval/acc_mean)
   c.max_consecutive_bad_steps = 3  # stop after k RL steps in a row with a NaN/inf update
-  c.dump_influence = False  # write WORKDIR/influence/step_k.npz (per-token weights per mini-batch)
+  # Per RL step k: WORKDIR/rollout_data/{k}.jsonl (prompt, response, tokens, score, advantage,
+  # per update log-ratio and FIPO weights: `python -m fipo_jax.inspect`) and
+  # WORKDIR/influence/step_k.npz (the weights of every row as arrays).
+  c.dump_influence = False
+  c.dump_max_rows = 64  # responses per step in the JSONL dump (the first ones, whole groups)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "qwen2.5-32b"  # architecture name in fipo_jax.models.PRESETS

@@ -35,7 +35,8 @@ from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, warmstart
+from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, rollout_dump
+from fipo_jax.rl import warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
@@ -209,14 +210,15 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
             state: setup_lib.TrainState) -> tuple[setup_lib.TrainState, dict[str, Any]]:
   """RL step `state.step`: collect -> old (and reference) log-probs -> updates -> metrics."""
   t0 = time.perf_counter()
-  batches, metrics = rollout_lib.collect(rc, env, state.params, state.step)
+  kept: list = []  # the kept rollouts, for the dump
+  batches, metrics = rollout_lib.collect(rc, env, state.params, state.step, kept=kept)
   if not batches:
     logging.warning("step %d: no prompt group with mixed accuracy; update skipped", state.step)
     metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1})
     return state.replace(step=state.step + 1), metrics
   batches, num_tokens = _log_probs(rc, env, steps, state, batches, metrics)
   t_update = time.perf_counter()
-  state, per_mb = _updates(rc, env, steps, state, batches)
+  state, per_mb = _updates(rc, env, steps, state, batches, kept)
   t_update = time.perf_counter() - t_update
   metrics.update(_update_metrics(per_mb))
   metrics.update({
@@ -278,10 +280,11 @@ def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nn
 
 
 def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
-             state: setup_lib.TrainState, batches: list[ts.PolicyBatch]
+             state: setup_lib.TrainState, batches: list[ts.PolicyBatch], kept: list
              ) -> tuple[setup_lib.TrainState, list[dict[str, Any]]]:
   """rl.ppo_epochs passes over the mini-batches, one optimizer update each. With
-  rc.dump_influence, each update's FIPO weights are written first (WORKDIR/influence).
+  rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
+  after the last update, for the step's dump (rl/rollout_dump.py).
   Returns (the state after the step, each update's metrics on the host)."""
   params, opt_state = state.params, state.opt_state
   per_mb, dumps = [], []
@@ -293,9 +296,8 @@ def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSte
       per_mb.append(m)
   per_mb = jax.device_get(per_mb)
   if dumps:
-    host_batches = distributed.fetch(batches)  # collective: every host calls it
-    if jax.process_index() == 0:
-      _dump_influence(env.workdir, state.step + 1, dumps, host_batches)
+    after = [distributed.fetch(env.influence_fn(params, b)) for b in batches]
+    _dump_influence(rc, env, state.step + 1, dumps, after, batches, kept)
   return setup_lib.TrainState(params, opt_state, state.step + 1), per_mb
 
 
@@ -313,20 +315,13 @@ def _update_metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
   return metrics
 
 
-def _dump_influence(workdir: str, step: int, dumps, batches) -> None:
-  """WORKDIR/influence/step_{k}.npz: per-token weights of every mini-batch of RL step k."""
-  if isinstance(batches[0], packed_step.PackedBatch):  # packed rows: back to [M, T] rows
-    dumps, fields = packed_step.dump_rows(dumps, batches)
-  else:
-    p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
-    fields = [{"response_mask": np.asarray(b.response_mask), "advantages": np.asarray(b.advantages),
-               "response_ids": np.asarray(b.input_ids)[:, p:]} for b in batches]
-  stack = lambda key: np.stack([d[key] for d in dumps])
-  with paths.open_file(paths.join(workdir, "influence", f"step_{step}.npz"), "wb") as f:
-    np.savez_compressed(
-      f,
-      influence_weights=stack("influence_weights"),
-      raw_influence_weights=stack("raw_influence_weights"),
-      **{k: np.stack([x[k] for x in fields]) for k in ("response_mask", "advantages",
-                                                       "response_ids")},
-    )
+def _dump_influence(rc: config_lib.RunConfig, env: setup_lib.Env, step: int, dumps, after,
+                    batches, kept: list) -> None:
+  """RL step `step`'s rollout dump (WORKDIR/rollout_data/{step}.jsonl and the .npz)."""
+  host_batches = distributed.fetch(batches)  # collective: every host calls it
+  if jax.process_index() != 0:
+    return
+  (rollouts, advantages), = kept
+  rollout_dump.write_step(env.workdir, step, before=dumps, after=after, batches=host_batches,
+                          rollouts=rollouts, advantages=advantages, tokenizer=env.tokenizer,
+                          max_rows=rc.dump_max_rows, loss_mode=rc.rl.loss_mode)
