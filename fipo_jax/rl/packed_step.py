@@ -2,7 +2,7 @@
 
   log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob, entropy) [NM, W, E, T]
   train_step(graphdef, params, opt_state, batch, *, cfg, tx)  -> (params, opt_state, metrics)
-  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights, log-ratio [NM, W, E, T]}
+  influence_step(graphdef, params, batch, *, cfg)        -> {FIPO weights, log-ratio [NM, W, E, T]}
 
 The model runs on packed rows [W * R, S] of micro-batch j; its next-token log-probs are
 gathered back to the response layout [W * E, T] (`models.packed_response_log_probs`), where the

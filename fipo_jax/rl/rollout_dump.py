@@ -47,8 +47,14 @@ def row_arrays(dumps: Sequence[dict], batches: Sequence[Any]):
   if isinstance(batches[0], packed_step.PackedBatch):
     return packed_step.dump_rows(list(dumps), list(batches))
   p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
-  fields = [{"response_mask": np.asarray(b.response_mask), "advantages": np.asarray(b.advantages),
-             "response_ids": np.asarray(b.input_ids)[:, p:]} for b in batches]
+  fields = [
+    {
+      "response_mask": np.asarray(b.response_mask),
+      "advantages": np.asarray(b.advantages),
+      "response_ids": np.asarray(b.input_ids)[:, p:],
+    }
+    for b in batches
+  ]
   return [{k: np.asarray(v) for k, v in d.items()} for d in dumps], fields
 
 
@@ -59,8 +65,9 @@ def _write_npz(workdir: str, step: int, rows: list[dict], fields: list[dict]) ->
       f,
       influence_weights=stack("influence_weights"),
       raw_influence_weights=stack("raw_influence_weights"),
-      **{k: np.stack([x[k] for x in fields]) for k in ("response_mask", "advantages",
-                                                       "response_ids")},
+      **{
+        k: np.stack([x[k] for x in fields]) for k in ("response_mask", "advantages", "response_ids")
+      },
     )
 
 
@@ -68,16 +75,18 @@ def _floats(x: np.ndarray) -> list[float]:
   return np.round(np.asarray(x, np.float64), _DIGITS).tolist()
 
 
-def _record(i: int, step: int, rollouts, advantages, tokenizer, rows, after, fields, *,
-            loss_mode: str) -> dict[str, Any]:
+def _record(
+  i: int, step: int, rollouts, advantages, tokenizer, rows, after, fields, *, loss_mode: str
+) -> dict[str, Any]:
   """The JSON object of the step's response i."""
   mini = fields[0]["response_mask"].shape[0]
   j, m = divmod(i, mini)
   t = int(fields[j]["response_mask"][m].sum())
   ids = [int(x) for x in np.asarray(rollouts.response_ids[i])[:t]]
   if ids != [int(x) for x in fields[j]["response_ids"][m][:t]]:  # row order broken: say so
-    raise RuntimeError(f"rollout dump: response {i} of step {step} is not row {m} of "
-                       f"mini-batch {j}")
+    raise RuntimeError(
+      f"rollout dump: response {i} of step {step} is not row {m} of mini-batch {j}"
+    )
   updates = list(range(j, len(rows), len(fields)))  # 0-based, one per epoch
   per_update = lambda key: [_floats(rows[u][key][m][:t]) for u in updates]
   return {
@@ -100,9 +109,19 @@ def _record(i: int, step: int, rollouts, advantages, tokenizer, rows, after, fie
   }
 
 
-def write_step(workdir: str, step: int, *, before: Sequence[dict], after: Sequence[dict],
-               batches: Sequence[Any], rollouts, advantages: np.ndarray, tokenizer,
-               max_rows: int, loss_mode: str) -> str:
+def write_step(
+  workdir: str,
+  step: int,
+  *,
+  before: Sequence[dict],
+  after: Sequence[dict],
+  batches: Sequence[Any],
+  rollouts,
+  advantages: np.ndarray,
+  tokenizer,
+  max_rows: int,
+  loss_mode: str,
+) -> str:
   """Writes RL step `step`'s dumps; `before`: the influence step's output before each update
   (epochs x mini-batches, on the host), `after`: after the last update, one per mini-batch.
   Returns the JSONL's path."""
@@ -110,8 +129,14 @@ def write_step(workdir: str, step: int, *, before: Sequence[dict], after: Sequen
   after_rows, _ = row_arrays(after, batches)
   _write_npz(workdir, step, rows, fields)
   n = min(max_rows, len(rollouts))
-  lines = [json.dumps(_record(i, step, rollouts, advantages, tokenizer, rows, after_rows, fields,
-                              loss_mode=loss_mode)) for i in range(n)]
+  lines = [
+    json.dumps(
+      _record(
+        i, step, rollouts, advantages, tokenizer, rows, after_rows, fields, loss_mode=loss_mode
+      )
+    )
+    for i in range(n)
+  ]
   path = dump_path(workdir, step)
   paths.write_text(path, "".join(line + "\n" for line in lines))
   return path

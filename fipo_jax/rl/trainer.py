@@ -35,8 +35,14 @@ from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, rollout_dump
-from fipo_jax.rl import warmstart
+from fipo_jax.rl import (
+  evaluation,
+  optimizer,
+  packed_step,
+  rollout_correction,
+  rollout_dump,
+  warmstart,
+)
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
