@@ -34,7 +34,7 @@ REWARD_FNS = ("math_dapo", "math_verify")  # fipo_jax.rl.rewards.verifier
 KL_LOSS_TYPES = ("kl", "abs", "mse", "low_var_kl")
 TRUNCATIONS = ("left", "error", "drop")
 TASKS = ("verl", "synthetic", "auto")
-SYNTHETIC_KINDS = ("arith", "copy")
+SYNTHETIC_KINDS = ("arith", "copy", "parity")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 ROLLOUT_IS_MODES = ("none", "token", "sequence")  # fipo_jax.rl.rollout_correction.MODES
@@ -174,6 +174,7 @@ class RLSection(Section):
   filter_groups_enable: bool = True
   filter_groups_metric: str = "acc"
   max_num_gen_batches: int = 10
+  max_empty_steps: int = 1
   norm_adv_by_std_in_grpo: bool = True
   use_kl_loss: bool = False
   kl_loss_coef: float = 0.0
@@ -227,6 +228,7 @@ class RLSection(Section):
     self._require(self.ppo_micro_batch_size_per_device > 0, "ppo_micro_batch_size_per_device",
                   "must be > 0")
     self._require(self.max_num_gen_batches >= 0, "max_num_gen_batches", "must be >= 0 (0 = no cap)")
+    self._require(self.max_empty_steps >= 0, "max_empty_steps", "must be >= 0 (0 = never stop)")
     self._require(self.kl_loss_coef >= 0.0, "kl_loss_coef", "must be >= 0")
     if self.overlong_buffer_enable:
       self._require(0 < self.overlong_buffer_len < self.max_response_length, "overlong_buffer_len",
@@ -321,9 +323,17 @@ class SFTSection(Section):
   lr: float = 1e-3
   batch_size: int = 32
   wrong_fraction: float = 0.0
+  loss_threshold: float = 0.0
+  warmup_steps: int = 0
+  chain_fraction: float = 0.0
+  mix_steps: int = 0
 
   def __post_init__(self):
     self._require(self.steps >= 0, "steps", "must be >= 0 (0 = no warm start)")
+    self._require(self.loss_threshold >= 0.0, "loss_threshold", "must be >= 0 (0 = none)")
+    self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    self._require(0.0 <= self.chain_fraction <= 1.0, "chain_fraction", "must be in [0, 1]")
+    self._require(self.mix_steps >= 0, "mix_steps", "must be >= 0")
     self._require(0.0 <= self.wrong_fraction <= 1.0, "wrong_fraction", "must be in [0, 1]")
     self._require(self.lr > 0.0, "lr", "must be > 0")
     self._require(self.batch_size > 0, "batch_size", "must be > 0")

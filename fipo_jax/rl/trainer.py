@@ -70,6 +70,9 @@ class TrainingDiverged(RuntimeError):
   """Raised after `max_consecutive_bad_steps` non-finite updates in a row."""
 
 
+CannotLearn = warmstart.CannotLearn  # the warm start missed its threshold, or no mixed group
+
+
 class SetupError(RuntimeError):
   """Missing or unreadable data/model files found while building the run (before compiling)."""
 
@@ -95,12 +98,29 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env, state.params, step=0)
     loop.writer.write(0, last)
+    _check_mixed_eval(rc, last)
   for _ in loop.progress_bar(state.step):
     state, last = rl_step(rc, env, steps, state)
     if loop.end_step(state, last):
       break
   loop.close()
   return last
+
+
+def _check_mixed_eval(rc: config_lib.RunConfig, metrics: dict[str, Any]) -> None:
+  """Raises CannotLearn when the step-0 eval has no prompt with mixed accuracy (each one all
+  right or all wrong: every group advantage would be 0). A prompt with c of n right adds c/n
+  to avg@n and 1 to pass@n when c > 0, so a mixed prompt exists iff pass@n > avg@n. Checked
+  when empty steps stop the run (rl.max_empty_steps > 0) and eval.n >= 2."""
+  n = rc.eval.n
+  if rc.rl.max_empty_steps == 0 or not rc.rl.filter_groups_enable or n < 2:
+    return
+  acc, passed = metrics["eval/acc_mean"], metrics[f"eval/pass@{n}"]
+  if passed - acc <= 1e-9:
+    raise CannotLearn(
+      f"the step-0 eval has no prompt with mixed accuracy (eval/acc_mean {acc:.3f}, pass@{n} "
+      f"{passed:.3f}): every group advantage would be 0, so RL cannot start; train the warm "
+      f"start longer (sft.*) or use an easier task")
 
 
 def _warn_accepted_mismatch(rc: config_lib.RunConfig) -> None:
@@ -125,6 +145,7 @@ class _Loop:
   writer: metrics_lib.MetricsWriter
   ckpt: ckpt_lib.CheckpointManager
   bad_steps: int = 0  # consecutive steps with a non-finite update
+  empty_steps: int = 0  # consecutive steps with no group of mixed accuracy
   skipped_total: int = 0  # non-finite updates of the run
   bar: tqdm.tqdm | None = None
 
@@ -163,18 +184,20 @@ class _Loop:
   def end_step(self, state: setup_lib.TrainState, metrics: dict[str, Any]) -> bool:
     """Counts, evaluates, logs and checkpoints RL step `state.step`; True: stop the run."""
     rc, done = self.rc, state.step
-    # Non-finite updates count towards divergence; a step with no mixed group (nothing to
-    # learn from after dynamic sampling) is only logged.
+    # Non-finite updates count towards divergence; steps with no mixed group (nothing to
+    # learn from after dynamic sampling) towards rl.max_empty_steps.
     skipped = int(metrics.pop("train/nonfinite_updates"))
     self.skipped_total += skipped
     self.bad_steps = self.bad_steps + 1 if skipped else 0
+    self.empty_steps = self.empty_steps + 1 if metrics.get("train/empty_steps") else 0
     metrics["train/skipped_steps"] = self.skipped_total
     metrics.update(self.env.train_data.metrics())
     evaluated = rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps)
     if evaluated:
       metrics.update(evaluation.evaluate(rc, self.env, state.params, step=done))
     diverged = self.bad_steps >= rc.max_consecutive_bad_steps > 0
-    stopping = diverged or self.stop.signum is not None
+    starved = self.empty_steps >= rc.rl.max_empty_steps > 0
+    stopping = diverged or starved or self.stop.signum is not None
     if logs_step(rc, done, evaluated=evaluated, stopping=stopping):
       self.writer.write(done, metrics)
       self.bar.set_postfix(metrics_lib.progress_postfix(self.writer.history))  # last eval
@@ -189,6 +212,14 @@ class _Loop:
       raise TrainingDiverged(
         f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (limit "
         f"max_consecutive_bad_steps={rc.max_consecutive_bad_steps}); the last good state is "
+        f"checkpointed at step {done} in {self.env.workdir}/checkpoints"
+      )
+    if starved:
+      self.ckpt.wait()
+      raise CannotLearn(
+        f"{self.empty_steps} RL step(s) in a row found no group of mixed accuracy in "
+        f"rl.max_num_gen_batches={rc.rl.max_num_gen_batches} generation rounds (limit "
+        f"rl.max_empty_steps={rc.rl.max_empty_steps}): the policy has nothing to learn from; "
         f"checkpointed at step {done} in {self.env.workdir}/checkpoints"
       )
     if self.stop.signum is not None:
