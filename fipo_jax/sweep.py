@@ -9,8 +9,10 @@ is not run again, so an interrupted sweep resumes):
 
 `--grid KEY=V1,V2,...` (repeatable: the cells are the product) takes any config key, e.g.
 rl.loss_mode, rl.decay_rate, rl.clip_ratio_high; `--set KEY=V` applies to every run. Runs live
-in OUT/runs/<cell>_seed<s>, listed in OUT/sweep.json. Or read finished runs, grouped into cells
-by the values of `--by` keys in their config.json:
+in OUT/runs/<cell>_seed<s>, listed in OUT/sweep.json; seed by seed, so that a cut-short sweep
+has whole seeds. With --share_warm_start (a grid of rl.* keys only) a seed's later cells start
+from its first cell's warm start (WORKDIR/sft). Or read finished runs, grouped into cells by the
+values of `--by` keys in their config.json:
 
   python -m fipo_jax.sweep --read W1 W2 W3 W4 --by rl.loss_mode --out /tmp/sweep_loss
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -106,14 +109,32 @@ def _run_one(config: str, workdir: str, seed: int, overrides: Sequence[tuple[str
   return f"exit {proc.returncode}: {tail[-1] if tail else 'no output'}"
 
 
-def run_grid(config: str, grid, seeds: Sequence[int], out: str, sets) -> tuple[dict, list[str]]:
-  """Runs every cell x seed not yet done; returns ({cell: [workdirs that finished]}, failures)."""
+def _share_warm_start(workdir: str, earlier: Sequence[str]) -> None:
+  """Copies the supervised warm start (WORKDIR/sft) of an earlier run of the same seed into
+  `workdir`, which the trainer then reuses (local paths only)."""
+  src = next((paths.join(w, "sft") for w in earlier if paths.isdir(paths.join(w, "sft"))), None)
+  dst = paths.join(workdir, "sft")
+  if src and not paths.exists(dst) and not paths.is_remote(dst):
+    shutil.copytree(src, dst)
+
+
+def run_grid(
+  config: str, grid, seeds: Sequence[int], out: str, sets, *, share_sft: bool = False
+) -> tuple[dict, list[str]]:
+  """Runs every cell x seed not yet done; returns ({cell: [workdirs that finished]}, failures).
+  share_sft: a seed's later cells reuse its first cell's warm start (valid when the grid
+  changes nothing the warm start reads: rl.* keys only)."""
   fixed = [(k, vs[0]) for k, vs in sets]
-  cells, failures, manifest = {}, [], []
-  for name, pairs in cells_of(grid):
-    cells[name] = []
-    for seed in seeds:
+  grid_cells = cells_of(grid)
+  cells: dict[str, list[str]] = {name: [] for name, _ in grid_cells}
+  failures, manifest = [], []
+  for seed in seeds:  # seed by seed: a sweep cut short has every cell of its first seeds
+    earlier: list[str] = []
+    for name, pairs in grid_cells:
       workdir = paths.join(out, "runs", f"{_slug(pairs)}_seed{seed}")
+      if share_sft:
+        _share_warm_start(workdir, earlier)
+      earlier.append(workdir)
       err = _run_one(config, workdir, seed, fixed + pairs)
       manifest.append({"cell": name, "seed": seed, "workdir": workdir, "error": err})
       if err:
@@ -207,7 +228,11 @@ def _main(a) -> tuple[list[str], str, list[str]]:
     names, seeds = [k for k, _ in grid + sets], _seeds(a.seeds)
     if len(set(names)) != len(names):
       raise SweepError("a key given twice in --grid/--set")
-    done, failures = run_grid(a.config, grid, seeds, a.out, sets)
+    if a.share_warm_start and any(not k.startswith("rl.") for k, _ in grid):
+      raise SweepError(
+        "--share_warm_start needs a grid of rl.* keys only (the warm start reads the others)"
+      )
+    done, failures = run_grid(a.config, grid, seeds, a.out, sets, share_sft=a.share_warm_start)
     cells = {name: [compare.load_run(w) for w in ws] for name, ws in done.items()}
   files, text = aggregate(cells, a.out, a.threshold)
   return files, text, failures
@@ -223,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--by", help="with --read: comma-separated config keys that name a cell")
   p.add_argument("--out", required=True, help="directory for runs, PNGs and tables")
   p.add_argument("--threshold", type=float, default=0.85, help="eval/acc_mean to reach")
+  p.add_argument(
+    "--share_warm_start",
+    action="store_true",
+    help="a seed's runs reuse its first run's warm start (rl.* grids only)",
+  )
   a = p.parse_args(argv)
   try:
     files, text, failures = _main(a)
