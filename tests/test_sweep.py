@@ -205,3 +205,43 @@ def test_runs_a_real_grid_and_resumes(tmp_path):
   assert "| rl.loss_mode=fipo | 1 |" in proc.stdout and "(1/1)" in proc.stdout
   again = _run(argv)  # finished: read, not trained again
   assert again.returncode == 0 and "sweep: running" not in again.stdout
+
+
+def test_grid_runs_seed_by_seed_shares_the_warm_start_and_reports_failures(
+  tmp_path, capsys, monkeypatch
+):
+  calls = []
+
+  def fake_run(config, workdir, seed, overrides):
+    calls.append((seed, dict(overrides)["rl.loss_mode"], pathlib.Path(workdir, "sft").exists()))
+    if dict(overrides)["rl.loss_mode"] == "dapo" and seed == 1:
+      return "exit 2: the warm start missed its loss threshold"
+    loss = dict(overrides)["rl.loss_mode"]
+    _write_run(pathlib.Path(workdir), loss, seed)
+    (pathlib.Path(workdir) / "sft").mkdir(exist_ok=True)  # what the trainer caches
+    return ""
+
+  monkeypatch.setattr(sweep, "_run_one", fake_run)
+  out = tmp_path / "o"
+  argv = [
+    "--config",
+    "c.py",
+    "--grid",
+    "rl.loss_mode=fipo,dapo",
+    "--seeds",
+    "0,1",
+    "--set",
+    "total_steps=10",
+    "--out",
+    str(out),
+    "--share_warm_start",
+  ]
+  code, stdout, stderr = _main(argv, capsys)
+  assert calls == [(0, "fipo", False), (0, "dapo", True), (1, "fipo", False), (1, "dapo", True)]
+  assert code == 1 and "1 run(s) failed" in stderr and "missed its loss threshold" in stderr
+  assert "| rl.loss_mode=dapo | 1 |" in stdout and "| rl.loss_mode=fipo | 2 |" in stdout
+  manifest = json.loads((out / "sweep.json").read_text())
+  assert manifest["set"] == {"total_steps": "10"} and len(manifest["runs"]) == 4
+  bad = ["--config", "c.py", "--grid", "sft.steps=1,2", "--out", str(out), "--share_warm_start"]
+  code, _, stderr = _main(bad, capsys)
+  assert code == 2 and "rl.* keys only" in stderr
