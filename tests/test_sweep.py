@@ -104,28 +104,40 @@ def test_t_quantiles_match_scipy():
   assert math.isnan(sweep_stats.mean_ci([0.5])[1]) and sweep_stats.mean_ci([None])[2] == 0
 
 
-def test_readme_sweep_command_reads_finished_runs_into_a_table_and_bands(tmp_path, capsys):
-  argv = next(a for a in _readme_sweep_commands() if "--grid" in a)
-  argv = _local(argv, tmp_path)
+def _readme_grid_commands() -> list[list[str]]:
+  return [a for a in _readme_sweep_commands() if "--grid" in a]
+
+
+def test_readme_has_the_loss_and_decay_sweeps():
+  grids = [a[a.index("--grid") + 1] for a in _readme_grid_commands()]
+  assert any(g.startswith("rl.loss_mode=fipo,dapo") for g in grids)
+  assert any(g.startswith("rl.decay_rate=8,32,128") for g in grids)
+
+
+@pytest.mark.parametrize("index", range(len(_readme_grid_commands())))
+def test_readme_sweep_command_reads_finished_runs_into_a_table_and_bands(tmp_path, capsys, index):
+  argv = _local(_readme_grid_commands()[index], tmp_path)
   out = pathlib.Path(argv[argv.index("--out") + 1])
-  grid = dict(sweep.parse_assignments([argv[argv.index("--grid") + 1]], many=True))
-  assert grid == {"rl.loss_mode": ["fipo", "dapo"]}
+  ((key, values),) = sweep.parse_assignments([argv[argv.index("--grid") + 1]], many=True)
   seeds = [int(s) for s in argv[argv.index("--seeds") + 1].split(",")]
-  assert len(seeds) >= 2
-  for loss in ("fipo", "dapo"):
+  assert len(seeds) >= 3 and len(values) >= 2
+  for name, pairs in sweep.cells_of([(key, values)]):
+    kind = "fipo" if name == f"{key}={values[0]}" else "dapo"  # the first cell: FIPO's numbers
     for i, seed in enumerate(seeds):  # seeds past the 2 known runs: copies of seed 1's numbers
-      _write_run(out / "runs" / f"loss_mode-{loss}_seed{seed}", loss, min(i, 1), done=True)
+      workdir = out / "runs" / f"{sweep._slug(pairs)}_seed{seed}"  # noqa: SLF001
+      _write_run(workdir, kind, min(i, 1), done=True)
   code, stdout, stderr = _main(argv, capsys)
   assert code == 0, stderr[-2000:]
   assert "sweep: running" not in stdout  # every run was already finished
   table = (out / "table.md").read_text()
   assert table.strip() in stdout
-  fipo_row = next(ln for ln in table.splitlines() if ln.startswith("| rl.loss_mode=fipo"))
+  fipo_row = next(ln for ln in table.splitlines() if ln.startswith(f"| {key}={values[0]} |"))
   finals = [0.9, 0.95] + [0.95] * (len(seeds) - 2)
   m, h, _ = sweep_stats.mean_ci(finals)
   assert f"{m:.3f} ± {h:.3f}" in fipo_row
   growth = [3.0, 3.0] + [3.0] * (len(seeds) - 2)
   assert "3.00" in fipo_row and sweep_stats.mean_ci(growth)[1] == 0.0
+  grid = {key: values}
   assert json.loads((out / "sweep.json").read_text())["grid"] == grid
   img = _png(out / "heldout_acc.png")
   c0 = np.asarray([0x1F, 0x77, 0xB4])
