@@ -25,7 +25,7 @@ def base() -> ml_collections.ConfigDict:
   # per update log-ratio and FIPO weights: `python -m fipo_jax.inspect`) and
   # WORKDIR/influence/step_k.npz (the weights of every row as arrays).
   c.dump_influence = False
-  c.dump_max_rows = 64  # responses per step in the JSONL dump (the first ones, whole groups)
+  c.dump_max_rows = 64  # responses per step in the JSONL dump (the first of each mini-batch)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "qwen2.5-32b"  # architecture name in fipo_jax.models.PRESETS

@@ -30,8 +30,9 @@ def _rollouts(rng) -> tuple[rollout.Rollouts, np.ndarray]:
   lengths = rng.integers(1, T + 1, size=b)
   resp = [rng.integers(0, 26, size=n).astype(np.int32) for n in lengths]
   r = rollout.Rollouts(
-    prompt_ids=[rng.integers(0, 26, size=rng.integers(2, P + 1)).astype(np.int32)
-                for _ in range(b)],
+    prompt_ids=[
+      rng.integers(0, 26, size=rng.integers(2, P + 1)).astype(np.int32) for _ in range(b)
+    ],
     response_ids=resp,
     response_logprobs=[np.full(len(x), -1.0, np.float32) for x in resp],
     finish_reasons=["stop"] * b,
@@ -52,18 +53,31 @@ def _value(u: int, row, t):
 
 def _padded(r, adv):
   arrays = rollout.pack_batch(r, adv, max_prompt_length=P, max_response_length=T, pad_id=0)
-  batches = [ts.PolicyBatch(**{k: v[j * MINI:(j + 1) * MINI] for k, v in arrays.items()})
-             for j in range(NUM_MINI)]
+  batches = [
+    ts.PolicyBatch(**{k: v[j * MINI : (j + 1) * MINI] for k, v in arrays.items()})
+    for j in range(NUM_MINI)
+  ]
   row, t = np.meshgrid(np.arange(MINI), np.arange(T), indexing="ij")
-  dump = lambda u, b: {k: np.where(b.response_mask > 0, _value(u, row, t), 0.0)
-                       for k in ts.INFLUENCE_KEYS}
+  dump = lambda u, b: {
+    k: np.where(b.response_mask > 0, _value(u, row, t), 0.0) for k in ts.INFLUENCE_KEYS
+  }
   return batches, dump
 
 
 def _packed(r, adv):
   packed = packing.pack_rollouts(
-    r.prompt_ids, r.response_ids, r.response_logprobs, adv, mini=MINI, max_prompt_length=P,
-    max_response_length=T, row_len=P + T + 3, num_shards=2, num_micro=None, pad_id=0)
+    r.prompt_ids,
+    r.response_ids,
+    r.response_logprobs,
+    adv,
+    mini=MINI,
+    max_prompt_length=P,
+    max_response_length=T,
+    row_len=P + T + 3,
+    num_shards=2,
+    num_micro=None,
+    pad_id=0,
+  )
   batches = [packed_step.PackedBatch(**a) for a in packed.batches]
   t = np.arange(T)
 
@@ -83,13 +97,38 @@ def test_dump_rows_come_back_to_their_response_update_and_token(tmp_path, layout
   after = [dump(99, b) for b in batches]
   cap = MINI * NUM_MINI - 3
   path = rollout_dump.write_step(
-    str(tmp_path), 7, before=before, after=after, batches=batches, rollouts=r, advantages=adv,
-    tokenizer=_Tok(), max_rows=cap, loss_mode="fipo")
+    str(tmp_path),
+    7,
+    before=before,
+    after=after,
+    batches=batches,
+    rollouts=r,
+    advantages=adv,
+    tokenizer=_Tok(),
+    max_rows=cap,
+    loss_mode="fipo",
+  )
   rows = [json.loads(x) for x in open(path)]
   assert rows == rollout_dump.read_step(str(tmp_path), 7)
   assert rollout_dump.dumped_steps(str(tmp_path)) == [7]
-  assert [x["index"] for x in rows] == list(range(cap))
-  for i, x in enumerate(rows):
+  # ceil(9 / 3) = 3 rows of each mini-batch: every update is seen
+  assert [x["index"] for x in rows] == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+  assert rollout_dump.dumped_rows(4, 32, 64) == [
+    *range(16),
+    *range(32, 48),
+    *range(64, 80),
+    *range(96, 112),
+  ]
+  assert rollout_dump.dumped_rows(4, 8, 2) == [0, 8] and rollout_dump.dumped_rows(2, 3, 99) == [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+  ]
+  for x in rows:
+    i = x["index"]
     j, m = divmod(i, MINI)
     n = len(r.response_ids[i])
     assert x["mini_batch"] == j and x["step"] == 7

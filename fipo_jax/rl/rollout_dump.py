@@ -4,8 +4,8 @@ verl with `trainer.rollout_data_dir` writes, per step, the generations and the m
 log-ratio `negative_approx_kl_global_step_{k}.jsonl` (docs/fipo_spec.md §6). Here one file per
 RL step k (1-based, the step metrics.jsonl logs) holds both, and FIPO's weights:
 
-  WORKDIR/rollout_data/{k}.jsonl: one JSON object per response, the step's first
-    `dump_max_rows` responses (mini-batch order, so whole groups), with
+  WORKDIR/rollout_data/{k}.jsonl: one JSON object per response, at most `dump_max_rows` of
+    the step's, the first ones of every mini-batch (`dumped_rows`), with
     step, index (row of the step), mini_batch, group, loss_mode, prompt, response (decoded with
     special tokens), tokens (each response token decoded alone), score (verifier + overlong
     penalty), acc, advantage;
@@ -109,6 +109,14 @@ def _record(
   }
 
 
+def dumped_rows(num_mini: int, mini: int, max_rows: int) -> list[int]:
+  """The step's rows the JSONL keeps: the first ceil(max_rows / num_mini) of every mini-batch
+  (at most max_rows in all), so that every update of the step is seen; FIPO's weights are 1 on
+  the first mini-batch and move on the later ones."""
+  per = min(mini, max(1, -(-max_rows // num_mini)))
+  return [j * mini + m for j in range(num_mini) for m in range(per)][:max_rows]
+
+
 def write_step(
   workdir: str,
   step: int,
@@ -128,14 +136,13 @@ def write_step(
   rows, fields = row_arrays(before, batches)
   after_rows, _ = row_arrays(after, batches)
   _write_npz(workdir, step, rows, fields)
-  n = min(max_rows, len(rollouts))
   lines = [
     json.dumps(
       _record(
         i, step, rollouts, advantages, tokenizer, rows, after_rows, fields, loss_mode=loss_mode
       )
     )
-    for i in range(n)
+    for i in dumped_rows(len(fields), fields[0]["response_mask"].shape[0], max_rows)
   ]
   path = dump_path(workdir, step)
   paths.write_text(path, "".join(line + "\n" for line in lines))
