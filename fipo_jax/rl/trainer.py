@@ -35,15 +35,9 @@ from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
 from fipo_jax.models import attention
-from fipo_jax.rl import (
-  evaluation,
-  optimizer,
-  packed_step,
-  rollout_correction,
-  rollout_dump,
-  warmstart,
-)
+from fipo_jax.rl import evaluation, optimizer, packed_step, rollout_correction, warmstart
 from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import rollout_dump as dump_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
@@ -359,6 +353,6 @@ def _dump_influence(rc: config_lib.RunConfig, env: setup_lib.Env, step: int, dum
   if jax.process_index() != 0:
     return
   (rollouts, advantages), = kept
-  rollout_dump.write_step(env.workdir, step, before=dumps, after=after, batches=host_batches,
+  dump_lib.write_step(env.workdir, step, before=dumps, after=after, batches=host_batches,
                           rollouts=rollouts, advantages=advantages, tokenizer=env.tokenizer,
                           max_rows=rc.dump_max_rows, loss_mode=rc.rl.loss_mode)
