@@ -211,9 +211,9 @@ def test_runs_a_real_grid_and_resumes(tmp_path):
   ]
   proc = _run(argv)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  run = out / "runs" / "loss_mode-fipo_seed1"
+  run = out / "runs" / "loss_mode-fipo_seed3"
   cfg = json.loads((run / "config.json").read_text())
-  assert cfg["seed"] == 1 and cfg["total_steps"] == 1 and (run / sweep.DONE).exists()
+  assert cfg["seed"] == 3 and cfg["total_steps"] == 1 and (run / sweep.DONE).exists()
   assert "| rl.loss_mode=fipo | 1 |" in proc.stdout and "(1/1)" in proc.stdout
   again = _run(argv)  # finished: read, not trained again
   assert again.returncode == 0 and "sweep: running" not in again.stdout
