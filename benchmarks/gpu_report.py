@@ -39,8 +39,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from fipo_jax import models, recipes  # noqa: E402
-from fipo_jax.models import kernels, paged  # noqa: E402
 from fipo_jax.algo import losses as losses_lib  # noqa: E402
+from fipo_jax.models import kernels, paged  # noqa: E402
 from fipo_jax.rl import packed_step as ps  # noqa: E402
 from fipo_jax.rl import packing  # noqa: E402
 from fipo_jax.rl import train_step as ts  # noqa: E402

@@ -11,8 +11,8 @@ active on mini-batches 2-4 (they are exactly 1 on the first), as in the paper.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py --workdir /tmp/fipo_tiny
 
-Smaller still, a smoke test of the whole loop (1-2 minutes on 2 cores): a 150-step warm
-start, just long enough to give groups of mixed accuracy, then 2 RL steps that update.
+Smaller still, a smoke test of the whole loop (1-2 minutes on 2 cores): a warm start just
+long enough to give groups of mixed accuracy (to loss 0.3), then 2 RL steps that update.
 
   python -m fipo_jax.main --config configs/tiny_cpu.py:runlocal --workdir /tmp/fipo_tiny_smoke
 
@@ -66,7 +66,11 @@ def get_config(arg=None):
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.0
 
-  c.sft.steps = 400  # supervised warm start (cached in WORKDIR/sft)
+  # Supervised warm start (cached in WORKDIR/sft) until its loss is <= 0.15, at most 1000
+  # steps: on the copy plateau (nothing copied yet) it is ~0.71, and the slip leaves ~0.05.
+  c.sft.steps = 1000
+  c.sft.loss_threshold = 0.15
+  c.sft.warmup_steps = 20
   c.sft.lr = 3e-3
   c.sft.batch_size = 64
   c.sft.wrong_fraction = 0.6  # the "base model" swaps the middle digits 60% of the time
@@ -78,7 +82,8 @@ def _runlocal(c):
   c.total_steps = 2
   c.eval_every = 1
   c.checkpoint_every = 1
-  c.sft.steps = 150  # the policy learns to copy at ~120 steps; before, every group scores 0
+  c.sft.steps = 600  # at most: it stops once it copies (loss <= 0.3; the plateau is ~0.71)
+  c.sft.loss_threshold = 0.3
   c.data.synthetic.num_train = 128
   c.data.synthetic.num_val = 8
   c.rl.n = 4

@@ -32,7 +32,7 @@ from fipo_jax.config_schema import DTYPES, ConfigError, Section
 # (loss modes, aggregation modes, KL types, rollout-correction modes) come from fipo_jax.algo.
 TRUNCATIONS = ("left", "error", "drop")
 TASKS = ("verl", "synthetic", "auto")
-SYNTHETIC_KINDS = ("arith", "copy")
+SYNTHETIC_KINDS = ("arith", "copy", "parity")
 SCHEDULES = ("constant", "cosine")
 METRIC_BACKENDS = ("jsonl", "tensorboard", "wandb")  # fipo_jax.metrics, fipo_jax.wandb_backend
 
@@ -212,9 +212,17 @@ class SFTSection(Section):
   lr: float = 1e-3
   batch_size: int = 32
   wrong_fraction: float = 0.0
+  loss_threshold: float = 0.0
+  warmup_steps: int = 0
+  chain_fraction: float = 0.0
+  mix_steps: int = 0
 
   def __post_init__(self):
     self._require(self.steps >= 0, "steps", "must be >= 0 (0 = no warm start)")
+    self._require(self.loss_threshold >= 0.0, "loss_threshold", "must be >= 0 (0 = none)")
+    self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    self._require(0.0 <= self.chain_fraction <= 1.0, "chain_fraction", "must be in [0, 1]")
+    self._require(self.mix_steps >= 0, "mix_steps", "must be >= 0")
     self._require(0.0 <= self.wrong_fraction <= 1.0, "wrong_fraction", "must be in [0, 1]")
     self._require(self.lr > 0.0, "lr", "must be > 0")
     self._require(self.batch_size > 0, "batch_size", "must be > 0")
@@ -265,6 +273,7 @@ class RunConfig(Section):
   checkpoint_every: int = 5
   log_every: int = 1
   dump_influence: bool = False
+  dump_max_rows: int = 64
   keep_checkpoints: int = 3
   max_consecutive_bad_steps: int = 3
 
@@ -274,6 +283,7 @@ class RunConfig(Section):
     self._require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
     self._require(self.log_every >= 1, "log_every", "must be >= 1")
     self._require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    self._require(self.dump_max_rows >= 1, "dump_max_rows", "must be >= 1 (responses per dump)")
     self._require(self.max_consecutive_bad_steps >= 1, "max_consecutive_bad_steps",
                   "must be >= 1")
     # Cross-section checks.

@@ -75,6 +75,7 @@ class RLSection(Section):
   filter_groups_enable: bool = True
   filter_groups_metric: str = "acc"
   max_num_gen_batches: int = 10
+  max_empty_steps: int = 1
   norm_adv_by_std_in_grpo: bool = True
   use_kl_loss: bool = False
   kl_loss_coef: float = 0.0
@@ -147,6 +148,7 @@ class RLSection(Section):
     self._require(self.ppo_micro_batch_size_per_device > 0, "ppo_micro_batch_size_per_device",
                   "must be > 0")
     self._require(self.max_num_gen_batches >= 0, "max_num_gen_batches", "must be >= 0 (0 = no cap)")
+    self._require(self.max_empty_steps >= 0, "max_empty_steps", "must be >= 0 (0 = never stop)")
 
   def _check_rollout_correction(self) -> None:
     self._one_of("rollout_is", rollout_correction.MODES)

@@ -6,6 +6,8 @@ Every failure a user can fix ends in one clear line on stderr:
 
   exit 2  a bad flag or config (unknown key, wrong type, bad value, mesh vs devices, missing
           path) or unreadable data/model files -- all before anything is compiled;
+  exit 2  the run cannot learn: the warm start missed sft.loss_threshold, or no group of mixed
+          accuracy at the step-0 eval or in rl.max_empty_steps RL steps in a row;
   exit 3  training diverged (too many consecutive non-finite updates; last good state saved).
 """
 
@@ -115,6 +117,8 @@ def main(argv) -> None:
     trainer.run(_CONFIG.value, _WORKDIR.value, run_config=run_config)
   except (trainer.SetupError, wandb_backend.WandbError) as e:
     _fail("setup error", e, 2)
+  except trainer.CannotLearn as e:
+    _fail("cannot learn", e, 2)
   except trainer.TrainingDiverged as e:
     _fail("training diverged", e, 3)
 

@@ -89,10 +89,10 @@ def style(ax, title: str, ylabel: str, xlabel: str = "RL step") -> None:
   ax.grid(alpha=0.3)
 
 
-def save(fig, path: str) -> str:
+def save(fig, path: str, *, dpi: int = 90) -> str:
   """Writes `fig` as a PNG (atomically: a viewer never sees half a file) and closes it."""
   buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # keeps outside legends
+  fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")  # keeps outside legends
   pyplot().close(fig)
   paths.write_bytes(path, buf.getvalue())
   return path

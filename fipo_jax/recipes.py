@@ -31,7 +31,11 @@ def base() -> ml_collections.ConfigDict:
   c.log_every = 1  # write metrics every k RL steps, and always at eval steps and the last step
   c.keep_checkpoints = 3  # keep the last k checkpoints (plus the best by eval/acc_mean)
   c.max_consecutive_bad_steps = 3  # stop after k RL steps in a row with a NaN/inf update
-  c.dump_influence = False  # write WORKDIR/influence/step_k.npz (per-token weights per mini-batch)
+  # Per RL step k: WORKDIR/rollout_data/{k}.jsonl (prompt, response, tokens, score, advantage,
+  # per update log-ratio and FIPO weights: `python -m fipo_jax.inspect`) and
+  # WORKDIR/influence/step_k.npz (the weights of every row as arrays).
+  c.dump_influence = False
+  c.dump_max_rows = 64  # responses per step in the JSONL dump (the first of each mini-batch)
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "qwen2.5-32b"  # architecture name in fipo_jax.models.PRESETS
@@ -95,6 +99,9 @@ def base() -> ml_collections.ConfigDict:
   # overlong penalty) | 'seq_final_reward' (= seq_reward: no KL in the reward), as verl's DAPO.
   c.rl.filter_groups_metric = "acc"
   c.rl.max_num_gen_batches = 10  # generation rounds per RL step before giving up (0 = no cap)
+  # Stop (exit 2, checkpoint kept) after k RL steps in a row whose max_num_gen_batches rounds
+  # found no group of mixed accuracy, as verl's "generated too many batches" (0 = never).
+  c.rl.max_empty_steps = 1
   c.rl.norm_adv_by_std_in_grpo = True  # (R - mean) / (std + 1e-6), unbiased std
   c.rl.use_kl_loss = False  # KL-to-reference term (needs a reference model)
   c.rl.kl_loss_coef = 0.0  # its coefficient
@@ -158,10 +165,18 @@ def base() -> ml_collections.ConfigDict:
   c.sampler_mesh.tensor = 0  # heads / kv heads / mlp / vocab split over tensor
 
   c.sft = ml_collections.ConfigDict()
-  c.sft.steps = 0  # supervised warm-start optimizer steps before RL (tiny_cpu only; 0 = none)
+  c.sft.steps = 0  # at most this many supervised warm-start steps before RL (synthetic; 0 = none)
+  # Stop the warm start once its mean loss over 10 steps is <= this; still above it after
+  # sft.steps: the run stops, exit 2 (0 = no threshold: always sft.steps steps).
+  c.sft.loss_threshold = 0.0
+  c.sft.warmup_steps = 0  # linear lr warmup from 0 over this many warm-start steps
   c.sft.lr = 1e-3  # its AdamW learning rate
   c.sft.batch_size = 32  # its examples per step
   c.sft.wrong_fraction = 0.0  # share of carrying SFT answers given the no-carry slip (tiny_cpu)
+  # parity: the warm start trains on chains only to sft.loss_threshold, then sft.mix_steps steps
+  # on the base model's mix, this share of chains and direct answers otherwise
+  c.sft.chain_fraction = 0.0
+  c.sft.mix_steps = 0
 
   c.metrics = ml_collections.ConfigDict()
   # Any of 'jsonl' (WORKDIR/metrics.jsonl) | 'tensorboard' (WORKDIR/tensorboard) | 'wandb'
@@ -179,7 +194,9 @@ def base() -> ml_collections.ConfigDict:
 def synthetic_task() -> ml_collections.ConfigDict:
   """Arithmetic prompts "Q: 37+45=" answered "Answer: 82" (fipo_jax.data.synthetic)."""
   s = ml_collections.ConfigDict()
-  s.kind = "arith"  # 'arith' ("Q: 37+45=" -> 82) | 'copy' ("Q: copy 4831=" -> 4831)
+  # 'arith' ("Q: 37+45=" -> 82) | 'copy' ("Q: copy 4831=" -> 4831) | 'parity' ("Q: parity
+  # 1,0,1=" -> 0; min/max_digits count the bits)
+  s.kind = "arith"
   s.num_train = 2000  # train prompts
   s.num_val = 64  # held-out prompts (disjoint from train)
   s.min_digits = 1  # digits per operand, lower bound
@@ -240,7 +257,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   the Future-KL weights are active; it shrinks only lengths, batch sizes and step counts. The
   model and the data are resolved at validation, after command-line overrides:
     - no model.hf_dir: a tiny random Qwen2-architecture model (`preset_overrides`) on the
-      synthetic task (a random model scores 0: expect "update skipped");
+      synthetic task (a random model scores 0: expect "update skipped"; rl.max_empty_steps=0
+      keeps such a run going);
     - --config.model.hf_dir=DIR: that model with the architecture of DIR/config.json;
     - --config.data.train_files=... (and val_files, evaluated every step): those files
       (task 'auto'). 256 prompt tokens fit the Qwen2.5 chat template around DAPO-Math prompts.
@@ -270,6 +288,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.rl.ppo_max_token_len_per_device = 256 + 32
   c.rl.chunk_size = 8
   c.rl.max_num_gen_batches = 2  # an untrained model gets few mixed groups; keep smoke runs short
+  c.rl.max_empty_steps = 0  # a random model gets none: a plumbing check, not a training run
   c.sampling.num_slots = 16
   c.sampling.decode_steps_per_call = 8
   c.eval.n = 2

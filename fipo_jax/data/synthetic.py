@@ -1,10 +1,17 @@
-"""The synthetic task of the embedded default: arithmetic with a verifiable multi-token answer.
+"""Synthetic tasks with a verifiable "Answer: ..." response: arithmetic, copy and parity.
 
 A prompt "Q: 37+45=" is answered "Answer: 82" followed by EOS. The answer goes through the same
 "Answer: ..." extraction and exact-match reward as DAPO-Math (fipo_jax.rl.math_dapo_score), and
 the rows are written in the verl schema, so the data pipeline, tokenizer and chat template are
 exactly those of real data. Difficulty: digits per operand and number of operands; operators
 '+', '-' and '*' (evaluated left to right by Python precedence; answers may be negative).
+
+'copy': "Q: copy 4831=" -> "Answer: 4831". 'parity' (configs/reasoning_cpu.py): "Q: parity
+1011=" -> "Answer: 1", the parity of min_digits..max_digits bits. It has two right responses, the
+direct one and one with a chain of thought, the running parity: "1101 Answer: 1"
+(`chain_response`). Chain digit i is predicted at digit i-1, a fixed number of tokens after bit
+i, so a tiny transformer learns the chain (one XOR of the token it reads and one bit at a fixed
+offset), while a direct answer needs all bits at once and stays at chance.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ VAL_FILE = "synthetic_val.jsonl"
 def make_problem(rng: random.Random, *, min_digits: int, max_digits: int, num_operands: int,
                  ops: str, kind: str = "arith") -> tuple[str, str]:
   """One (question, answer) pair, e.g. ("Q: 37+45=", "82") or ("Q: copy 4831=", "4831")."""
+  if kind == "parity":
+    bits = [rng.choice("01") for _ in range(rng.randint(min_digits, max_digits))]
+    return f"Q: parity {''.join(bits)}=", str(bits.count("1") % 2)
   if kind == "copy":
     digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits)))
     return f"Q: copy {digits}=", digits
@@ -89,14 +99,46 @@ def gold_response(answer: str) -> str:
   return f"Answer: {answer}"
 
 
+def parity_bits(question: str) -> str | None:
+  """'Q: parity 101=' -> '101', or None when it is not a parity question."""
+  bits = question.removeprefix("Q: parity ").removesuffix("=")
+  if not question.startswith("Q: parity ") or not bits or set(bits) - set("01"):
+    return None
+  return bits
+
+
+def chain_response(question: str) -> str | None:
+  """The chain-of-thought completion of a parity question (EOS not included), or None.
+
+  'Q: parity 1011=' -> '1101 Answer: 1': the running parity after each bit, then the answer.
+  """
+  bits = parity_bits(question)
+  if bits is None:
+    return None
+  running, p = [], 0
+  for b in bits:
+    p ^= int(b)
+    running.append(str(p))
+  return f"{''.join(running)} {gold_response(running[-1])}"
+
+
 def sft_examples(tokenizer: Any, rows: Sequence[dict[str, Any]], *,
-                 apply_chat_template: bool = True) -> list[dict[str, np.ndarray]]:
-  """Supervised warm-start pairs: prompt_ids int32[P] and response_ids int32[T] (gold + EOS)."""
+                 apply_chat_template: bool = True, chain: bool = False
+                 ) -> list[dict[str, np.ndarray]]:
+  """Supervised warm-start pairs: prompt_ids int32[P] and response_ids int32[T] (gold + EOS).
+
+  chain: the parity chain of thought (`chain_response`) instead of the direct answer.
+  """
   out = []
   for row in rows:
     prompt = tokenizer_lib.encode_prompt(tokenizer, row["prompt"], apply_chat_template)
     answer = row["reward_model"]["ground_truth"]
-    response = tokenizer(gold_response(answer), add_special_tokens=False)["input_ids"]
+    text = gold_response(answer)
+    if chain:
+      text = chain_response(row["prompt"][-1]["content"])
+      if text is None:
+        raise ValueError(f"no chain of thought for {row['prompt'][-1]['content']!r}")
+    response = tokenizer(text, add_special_tokens=False)["input_ids"]
     out.append({"prompt_ids": np.asarray(prompt, np.int32),
                 "response_ids": np.asarray([*response, tokenizer.eos_token_id], np.int32)})
   return out

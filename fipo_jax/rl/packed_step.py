@@ -2,7 +2,7 @@
 
   log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob, entropy) [NM, W, E, T]
   train_step(graphdef, params, opt_state, batch, *, cfg, tx)  -> (params, opt_state, metrics)
-  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights [NM, W, E, T]}
+  influence_step(graphdef, params, batch, *, cfg)        -> {FIPO weights, log-ratio [NM, W, E, T]}
 
 The model runs on packed rows [W * R, S] of micro-batch j; its next-token log-probs are
 gathered back to the response layout [W * E, T] (`models.packed_response_log_probs`), where the
@@ -42,7 +42,6 @@ from flax import nnx
 
 from fipo_jax import models, sharding
 from fipo_jax.algo import aggregation
-from fipo_jax.algo import losses as losses_lib
 from fipo_jax.rl import packing
 from fipo_jax.rl import train_step as ts
 
@@ -171,17 +170,17 @@ def log_prob_step(graphdef, params, batch: PackedBatch, *, cfg: ts.UpdateConfig)
 
 
 def influence_step(graphdef, params, batch: PackedBatch, *, cfg: ts.UpdateConfig):
-  """Per-token FIPO weights [NM, W, E, T] with the current params (for dumps)."""
-  keys = ("influence_weights", "raw_influence_weights")
+  """Per-token FIPO weights and log-ratio [NM, W, E, T] with the current params (for dumps)."""
+  keys = ts.INFLUENCE_KEYS
 
   def one(micro):
     log_prob = _rows(_log_probs(graphdef, params, micro, cfg=cfg, entropy=False))
-    terms = losses_lib.fipo_terms(
+    terms = ts.influence_terms(
       log_prob,
       _rows(micro.old_log_probs),
       _rows(micro.advantages),
       _rows(micro.response_mask),
-      cfg.policy_loss,
+      cfg,
     )
     return {k: terms[k].reshape(micro.response_mask.shape) for k in keys}
 

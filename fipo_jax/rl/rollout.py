@@ -287,8 +287,8 @@ def pack_batch(
 # --- One RL step's training data: collect() = sample -> score -> filter -> advantages -> pack.
 
 
-def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, step: int
-            ) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
+def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, step: int,
+            *, kept: list | None = None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
   """The training data of RL step `step` (0-based), sampled with `params`.
 
   Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts x n) and scoring until
@@ -296,7 +296,8 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   `train_batch_size / ppo_mini_batch_size` mini-batches placed on env.mesh. Each host packs
   only the rows its own devices hold. `old_log_probs` are the sampler's; the trainer replaces
   them with the actor's (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no
-  group was kept; rollout metrics).
+  group was kept; rollout metrics). `kept` (a list, for the rollout dump) receives the kept
+  Rollouts and their advantages f32[B], in mini-batch order.
   """
   t0 = time.perf_counter()
   res, sampled = _dynamic_sampling(rc, env, params, step)
@@ -309,6 +310,8 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
     r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
   )
   batches, packed = _mini_batches(rc, env, r, adv)
+  if kept is not None:
+    kept.append((r, adv))
   lengths = np.asarray([len(x) for x in r.response_ids])
   metrics.update({
     # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.

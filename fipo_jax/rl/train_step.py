@@ -5,7 +5,7 @@ Every step is a pure module-level function of plain pytrees:
   log_prob_step(graphdef, params, batch, *, cfg)              -> (log_prob[B, T], entropy[B, T])
   train_step(graphdef, params, opt_state, batch, *, cfg, tx)  -> (params, opt_state, metrics)
   sft_step(graphdef, params, opt_state, batch, *, tx, ...)    -> (params, opt_state, metrics)
-  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights [B, T]}
+  influence_step(graphdef, params, batch, *, cfg)             -> {FIPO weights, log-ratio [B, T]}
 
 and `jit_steps` compiles them once at the entry point with explicit shardings and donation.
 
@@ -206,12 +206,24 @@ def sft_step(graphdef, params, opt_state, batch: PolicyBatch, *, cfg: UpdateConf
   return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
 
 
+# What influence_step gives per token: FIPO's clipped and raw weights and the log-ratio
+# log pi_theta - log pi_old (the official `negative_approx_kl`, 0 off the response mask).
+INFLUENCE_KEYS = ("influence_weights", "raw_influence_weights", "log_ratio")
+
+
+def influence_terms(log_prob, old_log_prob, advantages, response_mask, cfg: UpdateConfig):
+  """INFLUENCE_KEYS -> f32[B, T] from the current log-probs [B, T] (both layouts use it)."""
+  terms = losses_lib.fipo_terms(log_prob, old_log_prob, advantages, response_mask,
+                                cfg.policy_loss)
+  terms["log_ratio"] = terms["negative_approx_kl"] * response_mask
+  return {k: terms[k] for k in INFLUENCE_KEYS}
+
+
 def influence_step(graphdef, params, batch: PolicyBatch, *, cfg: UpdateConfig):
-  """Per-token FIPO weights [M, T] with the current params (for dumps and the notebook)."""
+  """Per-token FIPO weights and log-ratio [M, T] with the current params (for dumps)."""
   log_prob = _response_log_probs(graphdef, params, batch, cfg=cfg, entropy=False)
-  terms = losses_lib.fipo_terms(log_prob, batch.old_log_probs, batch.advantages,
-                                batch.response_mask, cfg.policy_loss)
-  return {k: terms[k] for k in ("influence_weights", "raw_influence_weights")}
+  return influence_terms(log_prob, batch.old_log_probs, batch.advantages, batch.response_mask,
+                         cfg)
 
 
 @dataclasses.dataclass(frozen=True)

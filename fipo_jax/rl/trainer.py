@@ -38,6 +38,7 @@ from fipo_jax.algo import rollout_correction
 from fipo_jax.models import attention
 from fipo_jax.rl import evaluation, optimizer, packed_step, sampler_policy, warmstart
 from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import rollout_dump as dump_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import train_step as ts
 
@@ -62,6 +63,9 @@ class _StopRequested:
 
 class TrainingDiverged(RuntimeError):
   """Raised after `max_consecutive_bad_steps` non-finite updates in a row."""
+
+
+CannotLearn = warmstart.CannotLearn  # the warm start missed its threshold, or no mixed group
 
 
 class SetupError(RuntimeError):
@@ -89,12 +93,29 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env, state.params, step=0)
     loop.writer.write(0, last)
+    _check_mixed_eval(rc, last)
   for _ in loop.progress_bar(state.step):
     state, last = rl_step(rc, env, steps, state)
     if loop.end_step(state, last):
       break
   loop.close()
   return last
+
+
+def _check_mixed_eval(rc: config_lib.RunConfig, metrics: dict[str, Any]) -> None:
+  """Raises CannotLearn when the step-0 eval has no prompt with mixed accuracy (each one all
+  right or all wrong: every group advantage would be 0). A prompt with c of n right adds c/n
+  to avg@n and 1 to pass@n when c > 0, so a mixed prompt exists iff pass@n > avg@n. Checked
+  when empty steps stop the run (rl.max_empty_steps > 0) and eval.n >= 2."""
+  n = rc.eval.n
+  if rc.rl.max_empty_steps == 0 or not rc.rl.filter_groups_enable or n < 2:
+    return
+  acc, passed = metrics["eval/acc_mean"], metrics[f"eval/pass@{n}"]
+  if passed - acc <= 1e-9:
+    raise CannotLearn(
+      f"the step-0 eval has no prompt with mixed accuracy (eval/acc_mean {acc:.3f}, pass@{n} "
+      f"{passed:.3f}): every group advantage would be 0, so RL cannot start; train the warm "
+      f"start longer (sft.*) or use an easier task")
 
 
 def _warn_accepted_mismatch(rc: config_lib.RunConfig) -> None:
@@ -119,6 +140,7 @@ class _Loop:
   writer: metrics_lib.MetricsWriter
   ckpt: ckpt_lib.CheckpointManager
   bad_steps: int = 0  # consecutive steps with a non-finite update
+  empty_steps: int = 0  # consecutive steps with no group of mixed accuracy
   skipped_total: int = 0  # non-finite updates of the run
   checkpoints_skipped: int = 0  # unreadable checkpoints resumes fell back past, over the run
   bar: tqdm.tqdm | None = None
@@ -164,11 +186,12 @@ class _Loop:
   def end_step(self, state: setup_lib.TrainState, metrics: dict[str, Any]) -> bool:
     """Counts, evaluates, logs and checkpoints RL step `state.step`; True: stop the run."""
     rc, done = self.rc, state.step
-    # Non-finite updates count towards divergence; a step with no mixed group (nothing to
-    # learn from after dynamic sampling) is only logged.
+    # Non-finite updates count towards divergence; steps with no mixed group (nothing to
+    # learn from after dynamic sampling) towards rl.max_empty_steps.
     skipped = int(metrics.pop("train/nonfinite_updates"))
     self.skipped_total += skipped
     self.bad_steps = self.bad_steps + 1 if skipped else 0
+    self.empty_steps = self.empty_steps + 1 if metrics.get("train/empty_steps") else 0
     metrics["train/skipped_steps"] = self.skipped_total
     if self.checkpoints_skipped:  # only in runs that fell back past an unreadable checkpoint
       metrics["train/checkpoints_skipped"] = self.checkpoints_skipped
@@ -177,7 +200,8 @@ class _Loop:
     if evaluated:
       metrics.update(evaluation.evaluate(rc, self.env, state.params, step=done))
     diverged = self.bad_steps >= rc.max_consecutive_bad_steps > 0
-    stopping = diverged or self.stop.signum is not None
+    starved = self.empty_steps >= rc.rl.max_empty_steps > 0
+    stopping = diverged or starved or self.stop.signum is not None
     if logs_step(rc, done, evaluated=evaluated, stopping=stopping):
       self.writer.write(done, metrics)
       self.bar.set_postfix(metrics_lib.progress_postfix(self.writer.history))  # last eval
@@ -193,6 +217,14 @@ class _Loop:
       raise TrainingDiverged(
         f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (limit "
         f"max_consecutive_bad_steps={rc.max_consecutive_bad_steps}); the last good state is "
+        f"checkpointed at step {done} in {self.env.workdir}/checkpoints"
+      )
+    if starved:
+      self.ckpt.wait()
+      raise CannotLearn(
+        f"{self.empty_steps} RL step(s) in a row found no group of mixed accuracy in "
+        f"rl.max_num_gen_batches={rc.rl.max_num_gen_batches} generation rounds (limit "
+        f"rl.max_empty_steps={rc.rl.max_empty_steps}): the policy has nothing to learn from; "
         f"checkpointed at step {done} in {self.env.workdir}/checkpoints"
       )
     if self.stop.signum is not None:
@@ -220,14 +252,15 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
             state: setup_lib.TrainState) -> tuple[setup_lib.TrainState, dict[str, Any]]:
   """RL step `state.step`: collect -> old (and reference) log-probs -> updates -> metrics."""
   t0 = time.perf_counter()
-  batches, metrics = rollout_lib.collect(rc, env, state.params, state.step)
+  kept: list = []  # the kept rollouts, for the dump
+  batches, metrics = rollout_lib.collect(rc, env, state.params, state.step, kept=kept)
   if not batches:
     logging.warning("step %d: no prompt group with mixed accuracy; update skipped", state.step)
     metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1})
     return state.replace(step=state.step + 1), metrics
   batches, num_tokens = _log_probs(rc, env, steps, state, batches, metrics)
   t_update = time.perf_counter()
-  state, per_mb = _updates(rc, env, steps, state, batches)
+  state, per_mb = _updates(rc, env, steps, state, batches, kept)
   t_update = time.perf_counter() - t_update
   metrics.update(_update_metrics(per_mb))
   metrics.update({
@@ -289,10 +322,11 @@ def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nn
 
 
 def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
-             state: setup_lib.TrainState, batches: list[ts.PolicyBatch]
+             state: setup_lib.TrainState, batches: list[ts.PolicyBatch], kept: list
              ) -> tuple[setup_lib.TrainState, list[dict[str, Any]]]:
   """rl.ppo_epochs passes over the mini-batches, one optimizer update each. With
-  rc.dump_influence, each update's FIPO weights are written first (WORKDIR/influence).
+  rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
+  after the last update, for the step's dump (rl/rollout_dump.py).
   Returns (the state after the step, each update's metrics on the host)."""
   params, opt_state = state.params, state.opt_state
   per_mb, dumps = [], []
@@ -304,9 +338,8 @@ def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSte
       per_mb.append(m)
   per_mb = jax.device_get(per_mb)
   if dumps:
-    host_batches = distributed.fetch(batches)  # collective: every host calls it
-    if jax.process_index() == 0:
-      _dump_influence(env.workdir, state.step + 1, dumps, host_batches)
+    after = [distributed.fetch(env.influence_fn(params, b)) for b in batches]
+    _dump_influence(rc, env, state.step + 1, dumps, after, batches, kept)
   return setup_lib.TrainState(params, opt_state, state.step + 1), per_mb
 
 
@@ -324,20 +357,13 @@ def _update_metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
   return metrics
 
 
-def _dump_influence(workdir: str, step: int, dumps, batches) -> None:
-  """WORKDIR/influence/step_{k}.npz: per-token weights of every mini-batch of RL step k."""
-  if isinstance(batches[0], packed_step.PackedBatch):  # packed rows: back to [M, T] rows
-    dumps, fields = packed_step.dump_rows(dumps, batches)
-  else:
-    p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
-    fields = [{"response_mask": np.asarray(b.response_mask), "advantages": np.asarray(b.advantages),
-               "response_ids": np.asarray(b.input_ids)[:, p:]} for b in batches]
-  stack = lambda key: np.stack([d[key] for d in dumps])
-  with paths.open_file(paths.join(workdir, "influence", f"step_{step}.npz"), "wb") as f:
-    np.savez_compressed(
-      f,
-      influence_weights=stack("influence_weights"),
-      raw_influence_weights=stack("raw_influence_weights"),
-      **{k: np.stack([x[k] for x in fields]) for k in ("response_mask", "advantages",
-                                                       "response_ids")},
-    )
+def _dump_influence(rc: config_lib.RunConfig, env: setup_lib.Env, step: int, dumps, after,
+                    batches, kept: list) -> None:
+  """RL step `step`'s rollout dump (WORKDIR/rollout_data/{step}.jsonl and the .npz)."""
+  host_batches = distributed.fetch(batches)  # collective: every host calls it
+  if jax.process_index() != 0:
+    return
+  (rollouts, advantages), = kept
+  dump_lib.write_step(env.workdir, step, before=dumps, after=after, batches=host_batches,
+                          rollouts=rollouts, advantages=advantages, tokenizer=env.tokenizer,
+                          max_rows=rc.dump_max_rows, loss_mode=rc.rl.loss_mode)

@@ -6,7 +6,16 @@ with a real base model, a fraction `sft.wrong_fraction` of the supervised answer
 systematic slip (copy: the middle two digits swapped; arith: the carry forgotten). The
 warm-started policy then samples both the right and the slipped answer, and RL, rewarded only by
 the verifier, must move the probability mass; the slip sits mid-answer, so the tokens before it
-carry Future-KL from the tokens after it. The result is cached in WORKDIR/sft for restarts.
+carry Future-KL from the tokens after it. For 'parity' (configs/reasoning_cpu.py) the base model
+instead answers directly (right at about chance) and gives the running-parity chain of thought
+(long, mostly right) for a share `sft.chain_fraction` of its supervised examples, drawn per
+example and step; RL must move it to the long form.
+
+The warm start runs until the mean loss of its last `LOSS_WINDOW` steps is at most
+`sft.loss_threshold`, with at most `sft.steps` steps and a linear lr warmup over
+`sft.warmup_steps`. With chains, that stage sees chains only, and `sft.mix_steps` steps on the
+mix follow (`_train`). A warm start that ends above the threshold raises `CannotLearn` (the CLI:
+one line, exit 2) and caches nothing. The result is cached in WORKDIR/sft for restarts.
 """
 
 from __future__ import annotations
@@ -27,6 +36,13 @@ from fipo_jax import paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
+
+LOSS_WINDOW = 10  # steps averaged for the loss-threshold test (one batch's loss is noisy)
+
+
+class CannotLearn(RuntimeError):
+  """The run cannot learn: the warm start missed its loss threshold, or no group of responses
+  has mixed accuracy (every advantage 0). Raised before any update it would waste."""
 
 
 def no_carry_sum(question: str) -> str | None:
@@ -89,8 +105,68 @@ def _batch(examples, idx, *, max_prompt_length: int, max_response_length: int, p
   return ts.PolicyBatch(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
 
 
+def _examples(rc, env, workdir: str) -> tuple[list[dict], list[dict]]:
+  """(direct examples, chain examples; [] unless sft.chain_fraction > 0), one per train row."""
+  rows = sft_rows(rc, workdir)
+  kw = dict(apply_chat_template=rc.data.apply_chat_template)
+  direct = synthetic.sft_examples(env.tokenizer, rows, **kw)
+  if rc.sft.chain_fraction <= 0.0:
+    return direct, []
+  return direct, synthetic.sft_examples(env.tokenizer, rows, chain=True, **kw)
+
+
+def _train(rc, env, params, direct: list[dict], chain: list[dict]):
+  """Supervised steps: to sft.loss_threshold (at most sft.steps), then sft.mix_steps on the mix.
+
+  With chains (parity) the first stage trains on chains only, the part whose learning time
+  varies from seed to seed (a plateau, then the fixed-offset attention forms), and the second
+  on the base model's mix: a share sft.chain_fraction of chains, direct answers otherwise.
+  Returns (params, first-stage steps, its final mean loss).
+  """
+  sft = rc.sft
+  schedule = optax.linear_schedule(0.0, sft.lr, sft.warmup_steps) if sft.warmup_steps else sft.lr
+  tx = optax.adamw(schedule, weight_decay=0.0)
+  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, env.mesh))(
+    params)  # the moments in the params' shards (multi-host: not on one device)
+  # Outputs pinned to the inputs' shardings: step 2 must not recompile.
+  shardings = (env.param_sharding, jax.tree.map(lambda x: x.sharding, opt_state), None)
+  step_fn = jax.jit(functools.partial(ts.sft_step, env.graphdef, cfg=env.update_cfg, tx=tx),
+                    out_shardings=shardings, donate_argnums=(0, 1))
+  rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
+
+  def run(steps: int, chain_share: float, desc: str, threshold: float):
+    nonlocal params, opt_state
+    bar = tqdm.trange(steps, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0)
+    losses: list[float] = []
+    for _ in bar:
+      idx = rng.choice(len(direct), size=sft.batch_size, replace=False)
+      use_chain = rng.random(sft.batch_size) < chain_share  # all False without a chain
+      examples = [chain[i] if c else direct[i] for i, c in zip(idx, use_chain, strict=True)]
+      batch = _batch(examples, range(len(examples)), max_prompt_length=env.max_prompt_length,
+                     max_response_length=rc.rl.max_response_length, pad_id=env.pad_id)
+      params, opt_state, m = step_fn(params, opt_state, batch)
+      losses.append(float(m["sft/loss"]))
+      mean = float(np.mean(losses[-LOSS_WINDOW:]))
+      bar.set_postfix(loss=f"{mean:.3f}")
+      if threshold > 0 and len(losses) >= LOSS_WINDOW and mean <= threshold:
+        break
+    bar.close()
+    return len(losses), float(np.mean(losses[-LOSS_WINDOW:])) if losses else float("nan")
+
+  if not chain:
+    steps, loss = run(sft.steps, 0.0, "warm start (SFT)", sft.loss_threshold)
+    return params, steps, loss
+  steps, loss = run(sft.steps, 1.0, "warm start (SFT, chains)", sft.loss_threshold)
+  if not sft.loss_threshold or loss <= sft.loss_threshold:
+    run(sft.mix_steps, sft.chain_fraction, "warm start (SFT, mix)", 0.0)
+  return params, steps, loss
+
+
 def sft_warm_start(rc, env, params, workdir: str):
-  """Returns params after `sft.steps` supervised steps (or the cached result in WORKDIR/sft)."""
+  """Returns params after the supervised warm start (or the cached result in WORKDIR/sft).
+
+  Raises CannotLearn when the loss ends above sft.loss_threshold (nothing is cached then).
+  """
   cache = paths.join(paths.absolute(workdir), "sft")  # orbax: absolute, or gs://
   ckptr = ocp.StandardCheckpointer()
   if paths.isdir(cache):
@@ -101,24 +177,14 @@ def sft_warm_start(rc, env, params, workdir: str):
     nnx.replace_by_pure_dict(params, restored)
     return params
 
-  examples = synthetic.sft_examples(env.tokenizer, sft_rows(rc, workdir),
-                                    apply_chat_template=rc.data.apply_chat_template)
-  tx = optax.adamw(rc.sft.lr, weight_decay=0.0)
-  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, env.mesh))(
-    params)  # the moments in the params' shards (multi-host: not on one device)
-  # Outputs pinned to the inputs' shardings: step 2 must not recompile.
-  shardings = (env.param_sharding, jax.tree.map(lambda x: x.sharding, opt_state), None)
-  step_fn = jax.jit(functools.partial(ts.sft_step, env.graphdef, cfg=env.update_cfg, tx=tx),
-                    out_shardings=shardings, donate_argnums=(0, 1))
-  rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
-  bar = tqdm.trange(rc.sft.steps, desc="warm start (SFT)", dynamic_ncols=True,
-                    disable=jax.process_index() != 0)
-  for _ in bar:
-    idx = rng.choice(len(examples), size=rc.sft.batch_size, replace=False)
-    batch = _batch(examples, idx, max_prompt_length=env.max_prompt_length,
-                   max_response_length=rc.rl.max_response_length, pad_id=env.pad_id)
-    params, opt_state, m = step_fn(params, opt_state, batch)
-    bar.set_postfix(loss=f"{float(m['sft/loss']):.3f}")
+  direct, chain = _examples(rc, env, workdir)
+  params, steps, loss = _train(rc, env, params, direct, chain)
+  if rc.sft.loss_threshold > 0 and not loss <= rc.sft.loss_threshold:
+    raise CannotLearn(
+      f"the warm start ended at loss {loss:.3f} after {steps} steps, above sft.loss_threshold="
+      f"{rc.sft.loss_threshold} (mean of its last {LOSS_WINDOW} steps): the base model has not "
+      f"learnt the task, so RL would get no signal; raise sft.steps or change sft.lr")
+  logging.info("warm start: loss %.4f after %d steps", loss, steps)
   ckptr.save(cache, nnx.to_pure_dict(params))
   ckptr.wait_until_finished()
   return params

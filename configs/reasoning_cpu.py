@@ -1,0 +1,99 @@
+r"""The main job: FIPO grows a chain of thought on a laptop (parity of 14 bits, 2 CPU cores).
+
+  python -m fipo_jax.main --config configs/reasoning_cpu.py --workdir /tmp/fipo_reasoning
+
+The task (data.synthetic.kind='parity'): "Q: parity 10110010111001=" is answered "Answer: 0"
+and scored by the math_dapo "Answer: ..." verifier, as real math data. Two right responses
+exist: the direct answer (10 tokens with EOS) and a chain of thought, the running parity
+"11011100101110 Answer: 0" (25 tokens). Why parity with a running-parity chain
+(Tsilivis et al., ICLR 2026): length buys accuracy and nothing else does. A tiny transformer
+cannot compute the parity of 14 bits in one token, so direct answers stay at chance on held-out
+prompts, while each chain step is one XOR of the token it reads and the bit at a fixed offset,
+which it learns. The
+supervised warm start (the "base model", sft.*) sees the chain for a share sft.chain_fraction of
+its examples and the direct answer otherwise, so it samples the short form most of the time. RL
+rewarded only by the verifier must move it to the long form: the response length grows and
+accuracy follows. The decision is the first response token, early in a long response, which is
+where FIPO's Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
+on the first and move on the others).
+
+Eval uses the official val_kwargs (temperature 1.0, top-p 0.7), so at step 0 top-p keeps mostly
+the base model's dominant short form; train/response_length/mean is the sampling policy's own.
+"""
+
+from fipo_jax import recipes
+
+
+def get_config(arg=None):
+  c = recipes.base()
+  c.total_steps = 30  # RL steps
+  c.eval_every = 5  # eval on the held-out prompts (and at step 0)
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+
+  c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
+  c.model.overrides = recipes.tiny_model()  # ... shrunk to ~0.1M parameters
+  # Measured: at 1e4 the warm start stayed on its plateau for 400+ steps; at 300 the chain's
+  # fixed-offset attention forms within ~260 (more positional frequencies resolve 14 tokens).
+  c.model.overrides.rope_theta = 300.0
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
+  c.model.remat_policy = "none"
+  c.model.tokenizer_dir = None  # None: the synthetic tokenizer is built into WORKDIR/tokenizer
+
+  c.data.task = "synthetic"  # rows written in the verl schema to WORKDIR/data, read as real data
+  c.data.train_files = ()
+  c.data.val_files = ()
+  c.data.max_prompt_length = 25  # "Q: parity " + 14 bits + "=" is 25 tokens
+  c.data.apply_chat_template = False  # plain prompts: half the tokens
+  c.data.synthetic.kind = "parity"
+  c.data.synthetic.num_train = 4000  # of 16384 bit strings
+  c.data.synthetic.num_val = 64  # held out: no val string appears in train
+  c.data.synthetic.min_digits = 14  # bits
+  c.data.synthetic.max_digits = 14
+  c.data.synthetic.seed = 0
+
+  c.rl.loss_mode = "fipo"
+  c.rl.n = 8  # G
+  c.rl.train_batch_size = 16  # prompts per step
+  c.rl.gen_batch_size = 32  # prompts per generation round
+  c.rl.ppo_mini_batch_size = 4  # -> 4 updates per step: FIPO active on mini-batches 2-4
+  c.rl.max_response_length = 28  # the chain is 25 tokens with EOS
+  c.rl.overlong_buffer_len = 2  # penalty only past 26 tokens
+  c.rl.max_num_gen_batches = 4  # rounds per step; a step with no mixed group stops the run
+  c.rl.decay_rate = 32.0
+  c.rl.chunk_size = 16
+  c.rl.future_kl_clip_ratio = 0.2
+  c.rl.future_kl_clip_high_only = False  # small model: symmetric [0.8, 1.2] as at 7B
+  c.rl.safety_thresh = 3.0
+  c.rl.use_dynamic_bsz = False
+  c.rl.ppo_micro_batch_size_per_device = 32  # responses per micro-batch (one per mini-batch)
+  c.rl.ppo_max_token_len_per_device = 64
+
+  c.sampling.num_slots = 64
+  c.sampling.decode_steps_per_call = 16
+
+  c.eval.n = 4  # eval/acc_mean = avg@4 over the held-out prompts
+  c.eval.max_prompts = -1
+
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  # Warm start (cached in WORKDIR/sft): chains only until the loss is <= sft.loss_threshold
+  # (at most sft.steps steps; a plateau of seed-dependent length comes first), then
+  # sft.mix_steps steps on the base model's mix.
+  c.sft.steps = 1500
+  c.sft.loss_threshold = 0.01
+  c.sft.warmup_steps = 50
+  c.sft.lr = 3e-3
+  c.sft.batch_size = 64
+  c.sft.chain_fraction = 0.2  # the base model writes the chain 1 time in 5
+  c.sft.mix_steps = 150
+  if arg:
+    raise ValueError(f"unknown config arg {arg!r} (expected nothing)")
+  return c

@@ -1,0 +1,130 @@
+"""The parity task with a chain of thought (configs/reasoning_cpu.py) and the runs that cannot
+learn: a warm start above its loss threshold, no mixed group at the step-0 eval or in RL."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fipo_jax import config as config_lib
+from fipo_jax.data import synthetic
+from fipo_jax.data import tokenizer as tokenizer_lib
+from fipo_jax.rl import rewards, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok(testdata):
+  return tokenizer_lib.load_tokenizer(str(testdata / "tiny_tokenizer"))
+
+
+def test_parity_rows_chain_and_direct_answers_are_verified(tok):
+  rows = synthetic.make_rows(50, seed=3, min_digits=14, max_digits=14, kind="parity")
+  assert {r["data_source"] for r in rows} == {synthetic.DATA_SOURCE}
+  direct = synthetic.sft_examples(tok, rows, apply_chat_template=False)
+  chain = synthetic.sft_examples(tok, rows, apply_chat_template=False, chain=True)
+  for row, d, c in zip(rows, direct, chain, strict=True):
+    question, truth = row["prompt"][0]["content"], row["reward_model"]["ground_truth"]
+    bits = synthetic.parity_bits(question)
+    assert question == f"Q: parity {bits}=" and truth == str(bits.count("1") % 2)
+    text = tok.decode(c["response_ids"], skip_special_tokens=True)
+    running = "".join(str(bits[: i + 1].count("1") % 2) for i in range(len(bits)))
+    for ex, want in ((d, f"Answer: {truth}"), (c, f"{running} Answer: {truth}")):
+      assert ex["response_ids"][-1] == tok.eos_token_id
+      response = tok.decode(ex["response_ids"], skip_special_tokens=True)
+      assert response == want and rewards.math_dapo_score(response, truth)["acc"]
+    assert not rewards.math_dapo_score(text[:-1] + str(1 - int(truth)), truth)["acc"]
+    # Length buys accuracy: the chain is more than twice the direct answer.
+    assert len(c["response_ids"]) > 2 * len(d["response_ids"])
+  assert synthetic.chain_response("Q: copy 1234=") is None
+
+
+def test_reasoning_recipe_validates_and_updates_four_times_per_batch():
+  from configs import reasoning_cpu
+
+  rc = config_lib.validate(reasoning_cpu.get_config())
+  assert rc.rl.loss_mode == "fipo" and rc.data.synthetic.kind == "parity"
+  assert rc.rl.train_batch_size // rc.rl.ppo_mini_batch_size >= 4
+  assert rc.sft.loss_threshold > 0 and rc.sft.warmup_steps > 0 and 0 < rc.sft.chain_fraction < 1
+  assert rc.rl.max_empty_steps >= 1
+  bits = rc.data.synthetic.max_digits
+  assert rc.rl.max_response_length >= bits + 11  # the chain with EOS fits
+  for key, bad in (("chain_fraction", 1.5), ("loss_threshold", -1.0), ("warmup_steps", -1)):
+    c = reasoning_cpu.get_config()
+    c.sft[key] = bad
+    with pytest.raises(config_lib.ConfigError, match=f"sft.{key}"):
+      config_lib.validate(c)
+
+
+def test_step0_eval_without_a_mixed_group_stops_the_run():
+  from configs import reasoning_cpu
+
+  rc = config_lib.validate(reasoning_cpu.get_config())
+  n = rc.eval.n
+  trainer._check_mixed_eval(rc, {"eval/acc_mean": 0.5, f"eval/pass@{n}": 0.75})  # mixed: fine
+  for acc, passed in ((0.0, 0.0), (1.0, 1.0), (0.25, 0.25)):  # every prompt all or nothing
+    with pytest.raises(trainer.CannotLearn, match="no prompt with mixed accuracy"):
+      trainer._check_mixed_eval(rc, {"eval/acc_mean": acc, f"eval/pass@{n}": passed})
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+    [sys.executable, "-m", "fipo_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+
+
+def _readme_command_1() -> list[str]:
+  """README command 1's fipo_jax.main argv (after `pip install -e . &&`)."""
+  lines = [
+    ln
+    for ln in (ROOT / "README.md").read_text().splitlines()
+    if ln.startswith("pip install -e . && python -m fipo_jax.main")
+  ]
+  assert len(lines) == 1, lines
+  return lines[0].split("python -m fipo_jax.main ", 1)[1].split()
+
+
+@pytest.mark.slow
+def test_readme_command_with_a_cut_warm_start_exits_2_in_one_line(tmp_path):
+  argv = _readme_command_1()
+  assert argv[:2] == ["--config", "configs/reasoning_cpu.py"]
+  argv[argv.index("--workdir") + 1] = str(tmp_path / "w")
+  res = _main(*argv, "--config.sft.steps=3")
+  assert res.returncode == 2, res.stderr[-3000:]
+  lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "warm start (SFT)" not in ln]
+  assert len(lines) == 1 and lines[0].startswith("cannot learn: the warm start ended"), lines
+  assert "Traceback" not in res.stderr
+  assert not (tmp_path / "w" / "sft").exists() and not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_no_mixed_group_stops_with_a_checkpoint(tmp_path):
+  """An untrained model finds no mixed group: at the step-0 eval, and (eval off) in step 1."""
+  common = ("--config", "configs/tiny_cpu.py:runlocal", "--config.sft.steps=0")
+  res = _main(*common, "--workdir", str(tmp_path / "a"))
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert res.stderr.strip().splitlines()[-1].startswith("cannot learn: the step-0 eval has no")
+  assert not (tmp_path / "a" / "checkpoints").exists() or not any(
+    (tmp_path / "a" / "checkpoints").iterdir()
+  )
+  res = _main(
+    *common, "--workdir", str(tmp_path / "b"), "--config.eval_every=0", "--config.total_steps=5"
+  )
+  assert res.returncode == 2, res.stderr[-3000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("cannot learn: 1 RL step(s) in a row found no group"), last
+  assert "Traceback" not in res.stderr
+  assert (tmp_path / "b" / "checkpoints" / "1").is_dir()  # the state is kept
+  rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1] and rows[0]["train/empty_steps"] == 1
