@@ -25,7 +25,7 @@ def test_train_kernel_table():
 def test_decode_kernel_table():
   assert kernels.decode_kernel("cpu") == "gather_per_head"
   assert kernels.decode_kernel("gpu") == "gather_grouped"
-  assert kernels.decode_kernel("tpu") == "gather_grouped"
+  assert kernels.decode_kernel("tpu") == "ragged_paged_attention"
   assert kernels.platform_of() == "cpu"
   mesh = jax.sharding.Mesh(jax.devices()[:2], ("data",))
   assert kernels.platform_of(mesh) == "cpu"
