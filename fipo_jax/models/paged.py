@@ -49,6 +49,7 @@ class PagedLayout:
   batch_axes: tuple[str, ...] = ()  # mesh axes splitting slots and pages
   kv_axes: tuple[str, ...] = ()  # mesh axes splitting kv (and query) heads
   kernel: str | None = None  # decode formulation (kernels.DECODE_KERNELS); None: by platform
+  # (the engine sets it from kernels.decode_kernel(platform, model cfg))
 
   @property
   def decode_kernel(self) -> str:
