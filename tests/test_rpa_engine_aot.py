@@ -96,3 +96,18 @@ def test_engine_decode_with_rpa_keeps_the_pool_in_place():
   # The counter-example copies one layer's pool per layer: temp grows with it, the HLO slices.
   (_, n_small, _), (_, n_large, slices) = naive["512"], naive["2048"]
   assert n_large - n_small >= 0.7 * _layer_bytes(1536) and slices, naive
+
+
+@pytest.mark.slow
+def test_aot_compiles_the_32b_decode_with_the_kernel():
+  """`python -m fipo_jax.aot` on the 32B recipe (head_dim 128: the kernel is chosen), cut to 2
+  layers and 16 slots on v5p-8: decode lowers the Pallas kernel for the topology and fits."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = subprocess.run(
+    [sys.executable, "-m", "fipo_jax.aot", "--config", "configs/fipo_qwen2_5_32b.py",
+     "--topology", "v5p-8", "--steps", "decode", "--num_layers", "2", "--decode_slots", "16"],
+    cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["decode"]["error"] is None and out["fits"] is True, out
+  assert "1 Pallas kernels without a cost estimate" in proc.stdout  # the decode kernel
