@@ -79,7 +79,9 @@ def fill_slots(engine: engine_lib.Engine, fill: int, seed: int = 0) -> engine_li
   def build(state, key):
     c = state.cache
     k = jax.random.normal(key, c.k.shape, c.k.dtype)
-    v = jax.random.normal(jax.random.fold_in(key, 1), c.v.shape, c.v.dtype)
+    v = c.v  # None: the TPU kernel's combined pool (k holds k and v)
+    if v is not None:
+      v = jax.random.normal(jax.random.fold_in(key, 1), v.shape, v.dtype)
     full = jnp.full((b,), fill, jnp.int32)
     if isinstance(c, paged.PagedCache):
       cache = c.replace(k=k, v=v, page_table=jnp.asarray(table), lengths=full)

@@ -337,7 +337,10 @@ def decode_result(run, mcfg, mesh, chips: int, num_slots=None) -> Result:
   shapes = f"slots={ecfg.num_slots} S={ecfg.cache_len}{pool} (1 step)"
   res = Result("decode", dict(mesh.shape), shapes,
                ecfg.num_slots, model_flops_per_token(mcfg, ecfg.cache_len, train=False))
-  return _compile(engine.trace_generate(params, sampling=sampling), res, chips)
+  import jax
+
+  with jax.set_mesh(mesh):  # Pallas TPU kernels (ragged paged attention) lower for its chips
+    return _compile(engine.trace_generate(params, sampling=sampling), res, chips)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from fipo_jax import config as config_lib
-from fipo_jax import recipes
+from fipo_jax import models, recipes
 from fipo_jax.models import attention, kernels
 
 
@@ -23,9 +23,15 @@ def test_train_kernel_table():
 
 
 def test_decode_kernel_table():
+  def cfg(head_dim):
+    return models.ModelConfig(head_dim=head_dim)
+
   assert kernels.decode_kernel("cpu") == "gather_per_head"
   assert kernels.decode_kernel("gpu") == "gather_grouped"
-  assert kernels.decode_kernel("tpu") == "gather_grouped"
+  assert kernels.decode_kernel("tpu") == "gather_grouped"  # cfg unknown
+  assert kernels.decode_kernel("tpu", cfg(128)) == "ragged_paged_attention"
+  assert kernels.decode_kernel("tpu", cfg(64)) == "gather_grouped"  # the kernel needs 128 lanes
+  assert kernels.decode_kernel("gpu", cfg(128)) == "gather_grouped"
   assert kernels.platform_of() == "cpu"
   mesh = jax.sharding.Mesh(jax.devices()[:2], ("data",))
   assert kernels.platform_of(mesh) == "cpu"

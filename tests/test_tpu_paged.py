@@ -1,7 +1,8 @@
 """TPU decode through JAX's ragged paged attention (models/tpu_paged.py): the write-first layer
-step == plain attention over the slot's tokens and the new one, on CPU through JAX's own
-pure-JAX reference of the kernel (jax 0.10.2's Pallas interpreters cannot run the kernel:
-the TPU one lacks its reshape transform, the generic one its DMA scalars). Ragged lengths, an
+step == plain attention over the slot's tokens and the new one, on CPU through
+`tpu_paged.reference_attention` (pinned to JAX's own reference of the kernel in
+tests/test_rpa_engine.py; jax 0.10.2's Pallas interpreters cannot run the kernel: the TPU one
+lacks its reshape transform, the generic one its DMA scalars). Ragged lengths, an
 empty (inactive) slot, pages out of order, partial last pages, GQA groups of 5 and 7. The
 real kernel's compile is pinned by tests/test_tpu_paged_aot.py."""
 
@@ -12,7 +13,7 @@ import pytest
 from fipo_jax.models import attention, tpu_paged
 
 
-@pytest.mark.slow  # ~15-30 s a case: the reference runs eagerly, op by op
+@pytest.mark.slow  # ~4-8 s a case on a loaded 2-core host
 @pytest.mark.parametrize("group", [5, 7])
 def test_write_and_attend_matches_plain(group):
   rng = np.random.default_rng(group)
@@ -25,7 +26,6 @@ def test_write_and_attend_matches_plain(group):
   table = rng.permutation(pages).reshape(b, m).astype(np.int32)  # pages out of order
   q = rng.normal(size=(b, n, h)).astype(np.float32)
   k_new, v_new = (rng.normal(size=(b, kh, h)).astype(np.float32) for _ in range(2))
-  # Eagerly: the reference loops over the slots with concrete lengths.
   new_pool, got = tpu_paged.write_and_attend(
     jnp.asarray(pool), jnp.int32(layer), q, k_new, v_new, table, lengths, active, reference=True
   )

@@ -19,8 +19,14 @@ Decode attention (one token per slot against the page pool, models/paged.py):
     block. On XLA:CPU that is about twice as fast as one small [G, H] x [H, block] matmul,
     but each of the G heads re-reads the block, so it costs ~G/2 times the K/V traffic of a
     grouped read on TPU/GPU.
-  - 'gather_grouped' (tpu, gpu): one [G, H] x [H, block] matmul per kv head and K/V block, so
-    each gathered K/V byte is read once.
+  - 'gather_grouped' (gpu; tpu for other head sizes): one [G, H] x [H, block] matmul per kv
+    head and K/V block, so each gathered K/V byte is read once.
+  - 'ragged_paged_attention' (tpu, head_dim a multiple of 128): JAX's TPU ragged paged
+    attention kernel (models/tpu_paged.py). It reads the pool as [L, Pg, page, 2K, H] (k/v
+    heads interleaved), so choosing it changes the pool's layout (`PagedLayout.combined`),
+    and each layer writes its token into the pool before the kernel reads it.
+    'ragged_paged_attention_reference' is the same wiring with a jittable pure-JAX reference
+    of the kernel (CPU tests).
 
 Both scale float32 scores by H**-0.5 as the trainer's kernels do (models/attention.py), so
 `attention.sampler_mismatch` compares like with like.
@@ -32,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 TRAIN_KERNELS = ("plain", "blockwise", "splash", "cudnn", "pallas_flash")
-DECODE_KERNELS = ("gather_per_head", "gather_grouped")
+RPA_KERNELS = ("ragged_paged_attention", "ragged_paged_attention_reference")
+DECODE_KERNELS = ("gather_per_head", "gather_grouped", *RPA_KERNELS)
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -65,9 +72,13 @@ def train_kernel(platform: str, impl: str, dtype=None, packed: bool = False) -> 
 
 
 def decode_kernel(platform: str, cfg=None) -> str:
-  """The paged decode attention formulation on `platform` (cfg: the ModelConfig; every
-  formulation here fits any head grouping, so it is not consulted yet)."""
-  del cfg
+  """The paged decode attention formulation on `platform` for the ModelConfig `cfg`.
+
+  The TPU kernel needs head_dim a multiple of 128 (its softmax statistics span the 128 lanes);
+  other head sizes, or an unknown cfg, gather ('gather_grouped').
+  """
+  if platform == "tpu" and cfg is not None and cfg.head_dim % 128 == 0:
+    return "ragged_paged_attention"
   return "gather_per_head" if platform == "cpu" else "gather_grouped"
 
 

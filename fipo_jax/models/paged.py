@@ -1,14 +1,19 @@
 """A paged KV cache for decoding: a page pool, a page table per slot, length-aware attention.
 
-Layout: the pool k, v [L, K, Pg, page, H] (Pg pages of `page` tokens; pool[layer] is what the
-TPU Pallas paged_attention kernel takes), a page table int32[B, M] (M = pages per slot at most)
-and lengths int32[B]. A slot holds its tokens contiguously in its pages, so token j of slot b
-sits in page page_table[b, j // page] at offset j % page and is valid iff j < lengths[b].
+Layout: the pool k, v [L, K, Pg, page, H] (Pg pages of `page` tokens), a page table
+int32[B, M] (M = pages per slot at most) and lengths int32[B]. A slot holds its tokens
+contiguously in its pages, so token j of slot b sits in page page_table[b, j // page] at
+offset j % page and is valid iff j < lengths[b].
 
 Decode attention reads the pool as a loop invariant and gathers only the pages of the blocks
 up to the batch's last live one (a dynamic trip count), with an online softmax seeded by the
 new token's own k/v; the new k/v of every layer come back from the layer scan and are
 scattered into the pool once per step (`write_tokens`), so no step copies the pool.
+
+With the TPU ragged paged attention kernel (kernels.RPA_KERNELS, `PagedLayout.combined`) the
+pool is one array k [L, Pg, page, 2K, H] (k/v heads interleaved, v None), the layout that
+kernel reads; the decode layer scan carries it and each layer writes its token before the
+kernel reads the pool (`write_and_attend`, models/tpu_paged.py).
 
 Sharding: with a mesh whose batch axes split the B slots over D shards, the pool's pages are
 split the same way and a slot's page ids are local to its shard; attention and writes run
@@ -29,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from fipo_jax.models import kernels
+from fipo_jax.models import kernels, tpu_paged
 
 _NEG = -1e30
 
@@ -44,6 +49,7 @@ class PagedLayout:
   batch_axes: tuple[str, ...] = ()  # mesh axes splitting slots and pages
   kv_axes: tuple[str, ...] = ()  # mesh axes splitting kv (and query) heads
   kernel: str | None = None  # decode formulation (kernels.DECODE_KERNELS); None: by platform
+  # (the engine sets it from kernels.decode_kernel(platform, model cfg))
 
   @property
   def decode_kernel(self) -> str:
@@ -52,12 +58,19 @@ class PagedLayout:
     return self.kernel or kernels.decode_kernel(kernels.platform_of(self.mesh))
 
   @property
+  def combined(self) -> bool:
+    """The pool is one [L, Pg, page, 2K, H] array (the ragged paged attention kernel's)."""
+    return self.decode_kernel in kernels.RPA_KERNELS
+
+  @property
   def num_shards(self) -> int:
     if self.mesh is None:
       return 1
     return math.prod(self.mesh.shape[a] for a in self.batch_axes)
 
   def pool_spec(self) -> PartitionSpec:
+    if self.combined:  # [L, Pg, page, 2K, H]: a kv head's k and v are adjacent, split together
+      return PartitionSpec(None, _axes(self.batch_axes), None, _axes(self.kv_axes), None)
     return PartitionSpec(None, _axes(self.kv_axes), _axes(self.batch_axes), None, None)
 
   def slot_spec(self, ndim: int) -> PartitionSpec:
@@ -70,8 +83,8 @@ def _axes(axes: tuple[str, ...]):
 
 @flax.struct.dataclass
 class PagedCache:
-  k: jax.Array  # [L, K, Pg, page, H]
-  v: jax.Array  # [L, K, Pg, page, H]
+  k: jax.Array  # [L, K, Pg, page, H]; layout.combined: k and v [L, Pg, page, 2K, H]
+  v: jax.Array | None  # [L, K, Pg, page, H]; layout.combined: None
   page_table: jax.Array  # int32[B, M] page ids, local to the slot's shard
   lengths: jax.Array  # int32[B] tokens held (the next write position)
   layout: PagedLayout = flax.struct.field(pytree_node=False)
@@ -83,9 +96,11 @@ def init_paged_cache(
   """Zeros pool of `num_pages` pages (all shards together) and empty slots."""
   dtype = jnp.dtype(dtype or cfg.dtype)
   shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, layout.page_size, cfg.head_dim)
+  if layout.combined:
+    shape = (cfg.num_layers, num_pages, layout.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
   return PagedCache(
     k=jnp.zeros(shape, dtype),
-    v=jnp.zeros(shape, dtype),
+    v=None if layout.combined else jnp.zeros(shape, dtype),
     page_table=jnp.zeros((num_slots, max_pages), jnp.int32),
     lengths=jnp.zeros((num_slots,), jnp.int32),
     layout=layout,
@@ -114,8 +129,8 @@ def decode_attention(q, k_new, v_new, cache: PagedCache, layer, live) -> jax.Arr
   heads = _axes(lay.kv_axes)
   bspec = _axes(lay.batch_axes)
   kernel = lay.decode_kernel
-  if kernel not in kernels.DECODE_KERNELS:
-    raise ValueError(f"unknown decode kernel {kernel!r}; known: {kernels.DECODE_KERNELS}")
+  if kernel not in kernels.DECODE_KERNELS or lay.combined:
+    raise ValueError(f"not a gather decode kernel: {kernel!r}; known: {kernels.DECODE_KERNELS}")
   fn = _sharded(
     lay, lambda *a: _attend_local(*a, pages_per_block=lay.pages_per_block, kernel=kernel),
     in_specs=(PartitionSpec(bspec, heads, None), PartitionSpec(bspec, heads, None),
@@ -195,6 +210,28 @@ def _per_head(fn, x):
   return jnp.stack([fn(x[:, :, g]) for g in range(x.shape[2])], axis=2)
 
 
+def write_and_attend(q, k_new, v_new, pool, cache: PagedCache, layer, active):
+  """One layer's decode on the combined pool (layout.combined): writes each active slot's
+  k_new/v_new [B, K, H] at its length in layer `layer`, then attends q [B, N, H] to its
+  tokens and the new one through the ragged paged attention kernel (or its reference).
+
+  pool [L, Pg, page, 2K, H] is the layer scan's carry (not cache.k, which is the step's input);
+  cache gives the page table, lengths and layout. Returns (pool, out [B, N, H]).
+  """
+  lay = cache.layout
+  heads, bspec = _axes(lay.kv_axes), _axes(lay.batch_axes)
+  ref = lay.decode_kernel == "ragged_paged_attention_reference"
+  fn = _sharded(
+    lay, lambda p, lyr, *a: tpu_paged.write_and_attend(
+      p, lyr, *a, pages_per_block=lay.pages_per_block, reference=ref),
+    in_specs=(lay.pool_spec(), PartitionSpec(), PartitionSpec(bspec, heads, None),
+              PartitionSpec(bspec, heads, None), PartitionSpec(bspec, heads, None),
+              lay.slot_spec(2), lay.slot_spec(1), lay.slot_spec(1)),
+    out_specs=(lay.pool_spec(), PartitionSpec(bspec, heads, None)),
+  )  # fmt: skip
+  return fn(pool, layer, q, k_new, v_new, cache.page_table, cache.lengths, active)
+
+
 # ------------------------------------------------------------------ writes
 
 
@@ -238,22 +275,40 @@ def insert_prompts(cache: PagedCache, k, v, pages, shard, lengths) -> PagedCache
   heads = _axes(lay.kv_axes)
   kv_spec = PartitionSpec(None, None, None, heads, None)  # every shard sees every request
   rep = PartitionSpec()
-  fn = _sharded(lay, lambda *a: _insert_local(*a, batch_axes=lay.batch_axes if lay.mesh is not
-                                              None and lay.mesh.size > 1 else ()),
+  axes = lay.batch_axes if lay.mesh is not None and lay.mesh.size > 1 else ()
+  if lay.combined:
+    fn = _sharded(lay, lambda *a: _insert_combined(*a, batch_axes=axes),
+                  in_specs=(lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
+                  out_specs=lay.pool_spec())  # fmt: skip
+    return cache.replace(k=fn(cache.k, k, v, pages, shard, lengths))
+  fn = _sharded(lay, lambda *a: _insert_local(*a, batch_axes=axes),
                 in_specs=(lay.pool_spec(), lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
                 out_specs=(lay.pool_spec(), lay.pool_spec()))  # fmt: skip
   pk, pv = fn(cache.k, cache.v, k, v, pages, shard, lengths)
   return cache.replace(k=pk, v=pv)
 
 
-def _insert_local(pool_k, pool_v, k, v, pages, shard, lengths, *, batch_axes):
-  page = pool_k.shape[3]
+def _insert_rows(pages, shard, lengths, prompt_len, page, num_pages, batch_axes):
+  """(page ids, offsets) int32[R, P] of each prompt token in its shard's pool; tokens past
+  a prompt's length, or of another shard's request, get page id num_pages (dropped)."""
   me = jax.lax.axis_index(batch_axes) if batch_axes else 0
-  j = jnp.arange(k.shape[2], dtype=jnp.int32)
+  j = jnp.arange(prompt_len, dtype=jnp.int32)
   ids = jnp.take(pages, j // page, axis=1, mode="clip")  # [R, P]
   keep = (j[None] < lengths[:, None]) & (shard == me)[:, None]
-  ids = jnp.where(keep, ids, pool_k.shape[2])  # out of range: dropped
-  off = jnp.broadcast_to(j % page, ids.shape)
+  return jnp.where(keep, ids, num_pages), jnp.broadcast_to(j % page, ids.shape)
+
+
+def _insert_combined(pool, k, v, pages, shard, lengths, *, batch_axes):
+  """pool [L, Pg, page, 2K, H] (one shard's); k, v [L, R, P, K, H]."""
+  ids, off = _insert_rows(pages, shard, lengths, k.shape[2], pool.shape[2], pool.shape[1],
+                          batch_axes)  # fmt: skip
+  upd = tpu_paged.combine(k, v).astype(pool.dtype)  # [L, R, P, 2K, H] = pool[:, ids, off]
+  return pool.at[:, ids, off].set(upd, mode="drop")
+
+
+def _insert_local(pool_k, pool_v, k, v, pages, shard, lengths, *, batch_axes):
+  ids, off = _insert_rows(pages, shard, lengths, k.shape[2], pool_k.shape[3], pool_k.shape[2],
+                          batch_axes)  # fmt: skip
 
   def put(pool, new):  # pool[:, :, ids, off] is [L, K, R, P, H]
     upd = new.transpose(0, 3, 1, 2, 4).astype(pool.dtype)

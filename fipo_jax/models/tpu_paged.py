@@ -13,11 +13,12 @@ instead makes XLA materialise one layer's pool per layer per step (libtpu 0.0.52
 tests/test_tpu_paged_aot.py pins the difference. The kernel scales float32 scores by
 H**-0.5, as the trainer's kernels do.
 
-Not yet wired into the engine: the engine's pool is [L, K, Pg, page, H] k and v apart, and its
-layer scan reads the pool without carrying it (models/transformer.py). This module is the
-kernel's seam: the write-first layer step, its parity with plain attention (through JAX's
-reference of the kernel on CPU; neither Pallas interpreter of jax 0.10.2 runs this kernel) and
-its in-place compile for TPU.
+The engine calls it through models/paged.py (`write_and_attend`) when kernels.decode_kernel
+chooses 'ragged_paged_attention' (TPU); the pool then has this layout and the decode layer
+scan carries it (models/transformer.py). Neither Pallas interpreter of jax 0.10.2 runs this
+kernel, and JAX's own reference (`ref_ragged_paged_attention`) is eager only (it loops over
+concrete lengths), so CPU runs `reference_attention`: the kernel's decode semantics in
+jittable JAX, pinned to JAX's reference in tests/test_tpu_paged.py.
 
 Shapes: B slots, N query heads, K kv heads, H head_dim, L layers, Pg pages per layer, M pages
 per slot at most.
@@ -46,9 +47,7 @@ def write_and_attend(
   pool [L, Pg, page, 2K, H]; layer int32[]; q [B, N, H]; k_new, v_new [B, K, H]; page_table
   int32[B, M] (page ids within a layer); lengths int32[B] tokens held before this one; active
   bool[B] (an inactive slot writes nothing; its output is garbage and unused).
-  reference: run JAX's pure-JAX reference of the kernel instead (same signature and semantics;
-  eager only, it loops over concrete lengths; the CPU tests' path, as the Pallas interpreters
-  of jax 0.10.2 cannot run this kernel).
+  reference: run `reference_attention` instead of the kernel (CPU; jittable).
   Returns (pool, out [B, N, H]).
   """
   num_layers, num_pages, page = pool.shape[:3]
@@ -61,7 +60,7 @@ def write_and_attend(
   # An inactive slot reads one token of its first page (kv_lens >= 1 keeps its softmax finite).
   kv_lens = jnp.where(active, lengths + 1, 1).astype(jnp.int32)
   if reference:
-    kernel = rpa.ref_ragged_paged_attention
+    kernel = reference_attention
   else:
     kernel = functools.partial(
       rpa.ragged_paged_attention, num_queries_per_block=queries_per_block,
@@ -72,3 +71,24 @@ def write_and_attend(
     jnp.array([b], jnp.int32), sm_scale=q.shape[-1] ** -0.5,
   )  # fmt: skip
   return flat.reshape(pool.shape), out
+
+
+def reference_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
+  """rpa.ragged_paged_attention for one query per sequence (decode), in jittable JAX.
+
+  q [B, N, H]; kv_pages [P, page, 2K, H] (k/v interleaved); kv_lens int32[B]; page_indices
+  int32[B, M]; cu_q_lens must be arange(B + 1) and num_seqs [B] (decode: not read). As JAX's
+  `ref_ragged_paged_attention`: float32 scores times sm_scale, the softmax cast to the pool's
+  dtype before meeting V. Returns [B, N, H] in q's dtype.
+  """
+  del cu_q_lens, num_seqs
+  b, n, h = q.shape
+  kh = kv_pages.shape[2] // 2
+  kv = kv_pages[page_indices].reshape(b, -1, 2 * kh, h)  # [B, M * page, 2K, H]
+  k, v = kv[:, :, 0::2], kv[:, :, 1::2]
+  qg = q.reshape(b, kh, n // kh, h)
+  s = jnp.einsum("bkgh,bskh->bkgs", qg, k, preferred_element_type=jnp.float32) * sm_scale
+  valid = jnp.arange(kv.shape[1], dtype=jnp.int32)[None] < kv_lens[:, None]  # [B, S]
+  s = jnp.where(valid[:, None, None], s, rpa.DEFAULT_MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgs,bskh->bkgh", p, v).reshape(b, n, h).astype(q.dtype)

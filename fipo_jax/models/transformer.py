@@ -236,8 +236,10 @@ class Transformer(nnx.Module):
     """One decode token per slot against a paged cache: input_ids int32[B, 1], positions
     int32[B, 1], attention_mask [B, 1] (1 = the slot is active: its token is written).
 
-    The pool is read, not carried, by the layer scan; each layer's new k/v [B, K, H] come back
-    as scan outputs and are written into the pool once after the scan.
+    Gather kernels: the pool is read, not carried, by the layer scan; each layer's new k/v
+    [B, K, H] come back as scan outputs and are written into the pool once after the scan.
+    The ragged paged attention kernel (layout.combined) reads its token from the pool, so the
+    scan carries the pool and each layer writes its token before attending.
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
@@ -249,19 +251,36 @@ class Transformer(nnx.Module):
       positions = cache.lengths[:, None]
     cos, sin = layers.rope_cos_sin(positions.astype(jnp.int32), cfg.head_dim, cfg.rope_theta)
     x = sharding.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dtype), _RESIDUAL)
-
-    def body(x, inputs):
-      p, layer = inputs
-
-      def attend(q, k, v):
-        out = paged_lib.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, layer, live)
-        return out[:, None], (k[:, 0], v[:, 0])
-
-      return _block_with(cfg, p, x, cos, sin, attend)
-
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    x, (k_new, v_new) = self._run_layers(body, x, (self.layers.values(), layer_ids), stack=True)
-    cache = paged_lib.write_tokens(cache, k_new, v_new, active)
+    xs = (self.layers.values(), layer_ids)
+
+    if cache.layout.combined:
+
+      def carried(carry, inputs):
+        (x, pool), (p, layer) = carry, inputs
+
+        def attend(q, k, v):
+          pool_, out = paged_lib.write_and_attend(q[:, 0], k[:, 0], v[:, 0], pool, cache, layer,
+                                                  active)  # fmt: skip
+          return out[:, None], pool_
+
+        return _block_with(cfg, p, x, cos, sin, attend), None
+
+      x, pool = self._run_layers(carried, (x, cache.k), xs)
+      cache = cache.replace(k=pool, lengths=cache.lengths + active.astype(jnp.int32))
+    else:
+
+      def body(x, inputs):
+        p, layer = inputs
+
+        def attend(q, k, v):
+          out = paged_lib.decode_attention(q[:, 0], k[:, 0], v[:, 0], cache, layer, live)
+          return out[:, None], (k[:, 0], v[:, 0])
+
+        return _block_with(cfg, p, x, cos, sin, attend)
+
+      x, (k_new, v_new) = self._run_layers(body, x, xs, stack=True)
+      cache = paged_lib.write_tokens(cache, k_new, v_new, active)
     hidden = sharding.constrain(
       layers.rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), _RESIDUAL
     )

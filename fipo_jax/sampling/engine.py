@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import models, sharding
-from fipo_jax.models import paged
+from fipo_jax.models import kernels, paged
 from fipo_jax.sampling import params as params_lib
 from fipo_jax.sampling import steps
 from fipo_jax.sampling.steps import DecodeState, Prefix, ResultTokens
@@ -415,13 +415,15 @@ def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
 
 def _paged_layout(model_cfg, cfg: EngineConfig, mesh) -> paged.PagedLayout:
   """Slots and pages over the mesh axes that split the slots; kv heads over `tensor` when it
-  splits both the kv and the query heads (as the params' projections do)."""
+  splits both the kv and the query heads (as the params' projections do); the decode kernel
+  (and with it the pool's layout) from kernels.decode_kernel."""
   kv = sharding.mesh_axes("kv_heads", model_cfg.num_kv_heads, mesh)
   if sharding.mesh_axes("heads", model_cfg.num_heads, mesh) != kv:
     kv = ()
   return paged.PagedLayout(
     page_size=cfg.page, pages_per_block=max(1, cfg.decode_block // cfg.page), mesh=mesh,
     batch_axes=sharding.mesh_axes("cache_batch", cfg.num_slots, mesh), kv_axes=kv,
+    kernel=kernels.decode_kernel(kernels.platform_of(mesh), model_cfg),
   )  # fmt: skip
 
 
