@@ -26,7 +26,7 @@ from fipo_jax import recipes
 
 def get_config(arg=None):
   c = recipes.base()
-  c.total_steps = 30  # RL steps
+  c.total_steps = 20  # RL steps
   c.eval_every = 5  # eval on the held-out prompts (and at step 0)
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
@@ -92,8 +92,8 @@ def get_config(arg=None):
   c.sft.warmup_steps = 50
   c.sft.lr = 3e-3
   c.sft.batch_size = 64
-  c.sft.chain_fraction = 0.2  # the base model writes the chain 1 time in 5
-  c.sft.mix_steps = 150
+  c.sft.chain_fraction = 0.1  # the base model writes the chain 1 time in 10
+  c.sft.mix_steps = 100
   if arg:
     raise ValueError(f"unknown config arg {arg!r} (expected nothing)")
   return c
