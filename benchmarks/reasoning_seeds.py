@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = (
   "--config.sft.steps=40",
   "--config.sft.loss_threshold=0",
+  "--config.sft.mix_steps=10",
   "--config.total_steps=2",
   "--config.eval_every=2",
   "--config.data.synthetic.num_val=8",

@@ -9,16 +9,16 @@ exist: the direct answer (10 tokens with EOS) and a chain of thought, the runnin
 (Tsilivis et al., ICLR 2026): length buys accuracy and nothing else does. A tiny transformer
 cannot compute the parity of 14 bits in one token, so direct answers stay at chance on held-out
 prompts, while each chain step is one XOR of the token it reads and the bit at a fixed offset,
-which it learns. The
-supervised warm start (the "base model", sft.*) sees the chain for a share sft.chain_fraction of
-its examples and the direct answer otherwise, so it samples the short form most of the time. RL
+which it learns. The supervised warm start (the "base model", sft.*) first learns the chain (to
+sft.loss_threshold), then sees it in a share sft.chain_fraction of its examples and the direct
+answer otherwise, so it samples the short form most of the time. RL
 rewarded only by the verifier must move it to the long form: the response length grows and
 accuracy follows. The decision is the first response token, early in a long response, which is
 where FIPO's Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
 on the first and move on the others).
 
 Eval uses the official val_kwargs (temperature 1.0, top-p 0.7), so at step 0 top-p keeps mostly
-the base model's dominant short form; train/response_length/mean is the sampling policy's own.
+the base model's dominant short form; response_length/mean is the sampling policy's own.
 """
 
 from fipo_jax import recipes
