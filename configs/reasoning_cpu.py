@@ -9,16 +9,16 @@ exist: the direct answer (10 tokens with EOS) and a chain of thought, the runnin
 (Tsilivis et al., ICLR 2026): length buys accuracy and nothing else does. A tiny transformer
 cannot compute the parity of 14 bits in one token, so direct answers stay at chance on held-out
 prompts, while each chain step is one XOR of the token it reads and the bit at a fixed offset,
-which it learns. The
-supervised warm start (the "base model", sft.*) sees the chain for a share sft.chain_fraction of
-its examples and the direct answer otherwise, so it samples the short form most of the time. RL
+which it learns. The supervised warm start (the "base model", sft.*) first learns the chain (to
+sft.loss_threshold), then sees it in a share sft.chain_fraction of its examples and the direct
+answer otherwise, so it samples the short form most of the time. RL
 rewarded only by the verifier must move it to the long form: the response length grows and
 accuracy follows. The decision is the first response token, early in a long response, which is
 where FIPO's Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
 on the first and move on the others).
 
 Eval uses the official val_kwargs (temperature 1.0, top-p 0.7), so at step 0 top-p keeps mostly
-the base model's dominant short form; train/response_length/mean is the sampling policy's own.
+the base model's dominant short form; response_length/mean is the sampling policy's own.
 """
 
 from fipo_jax import recipes
@@ -26,7 +26,7 @@ from fipo_jax import recipes
 
 def get_config(arg=None):
   c = recipes.base()
-  c.total_steps = 30  # RL steps
+  c.total_steps = 20  # RL steps
   c.eval_every = 5  # eval on the held-out prompts (and at step 0)
   c.checkpoint_every = 10
   c.keep_checkpoints = 2
@@ -92,6 +92,8 @@ def get_config(arg=None):
   c.sft.warmup_steps = 50
   c.sft.lr = 3e-3
   c.sft.batch_size = 64
+  # Measured (seed 0): at 0.2 RL moves the policy to the chain within ~10 steps; at
+  # 0.1 it stays on direct answers (held-out length 10.0 at steps 0 and 5): too few chains.
   c.sft.chain_fraction = 0.2  # the base model writes the chain 1 time in 5
   c.sft.mix_steps = 150
   if arg:

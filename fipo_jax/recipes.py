@@ -100,7 +100,8 @@ def base() -> ml_collections.ConfigDict:
   c.rl.filter_groups_metric = "acc"
   c.rl.max_num_gen_batches = 10  # generation rounds per RL step before giving up (0 = no cap)
   # Stop (exit 2, checkpoint kept) after k RL steps in a row whose max_num_gen_batches rounds
-  # found no group of mixed accuracy, as verl's "generated too many batches" (0 = never).
+  # found no group of mixed accuracy, as verl's "generated too many batches" (0 = never). A
+  # step whose sampled responses are mostly right (a solved batch) is skipped, not counted.
   c.rl.max_empty_steps = 1
   c.rl.norm_adv_by_std_in_grpo = True  # (R - mean) / (std + 1e-6), unbiased std
   c.rl.use_kl_loss = False  # KL-to-reference term (needs a reference model)

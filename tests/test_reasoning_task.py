@@ -4,6 +4,7 @@ learn: a warm start above its loss threshold, no mixed group at the step-0 eval 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -102,7 +103,9 @@ def test_readme_command_with_a_cut_warm_start_exits_2_in_one_line(tmp_path):
   argv[argv.index("--workdir") + 1] = str(tmp_path / "w")
   res = _main(*argv, "--config.sft.steps=3")
   assert res.returncode == 2, res.stderr[-3000:]
-  lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "warm start (SFT)" not in ln]
+  # The progress bars (carriage returns) aside, stderr is one line.
+  lines = [ln for ln in re.split(r"[\r\n]", res.stderr)
+           if ln.strip() and not ln.startswith("warm start (SFT")]  # fmt: skip
   assert len(lines) == 1 and lines[0].startswith("cannot learn: the warm start ended"), lines
   assert "Traceback" not in res.stderr
   assert not (tmp_path / "w" / "sft").exists() and not (tmp_path / "w" / "metrics.jsonl").exists()
@@ -123,8 +126,61 @@ def test_no_mixed_group_stops_with_a_checkpoint(tmp_path):
   )
   assert res.returncode == 2, res.stderr[-3000:]
   last = res.stderr.strip().splitlines()[-1]
-  assert last.startswith("cannot learn: 1 RL step(s) in a row found no group"), last
+  assert last.startswith("cannot learn: 1 RL step(s) in a row found no group of mixed"), last
   assert "Traceback" not in res.stderr
   assert (tmp_path / "b" / "checkpoints" / "1").is_dir()  # the state is kept
   rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1] and rows[0]["train/empty_steps"] == 1
+
+
+def _run_with_empty_steps(tmp_path, monkeypatch, acc: float, max_empty_steps: int):
+  """tiny_cpu:runlocal (no warm start, eval off) whose every RL step finds no mixed group, with
+  `acc` the share of right sampled responses."""
+  from configs import tiny_cpu
+
+  config = tiny_cpu.get_config("runlocal")
+  config.sft.steps, config.eval_every, config.checkpoint_every = 0, 0, 0
+  config.total_steps, config.rl.max_empty_steps = 5, max_empty_steps
+  monkeypatch.setattr(
+    trainer,
+    "rl_step",
+    lambda rc, env, steps, state: (
+      state.replace(step=state.step + 1),
+      {"train/nonfinite_updates": 0, "train/empty_steps": 1, "train/acc_mean": acc},
+    ),
+  )
+  return lambda: trainer.run(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_empty_steps_stop_a_stuck_run_not_a_solved_one(tmp_path, monkeypatch):
+  run = _run_with_empty_steps(tmp_path / "stuck", monkeypatch, acc=0.0, max_empty_steps=2)
+  with pytest.raises(trainer.CannotLearn, match="2 RL step"):
+    run()
+  rows = [json.loads(x) for x in (tmp_path / "stuck" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]  # stopped at the second empty step ...
+  assert (tmp_path / "stuck" / "checkpoints" / "2").is_dir()  # ... with its state kept
+  # Every group all right (a solved batch): skipped, but the run goes on to its end.
+  _run_with_empty_steps(tmp_path / "solved", monkeypatch, acc=1.0, max_empty_steps=2)()
+  rows = [json.loads(x) for x in (tmp_path / "solved" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--smoke",
+         "--seeds", "3", "4", "--jobs", "2", "--workdir", str(tmp_path)]  # fmt: skip
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["smoke"] and [r["seed"] for r in summary["seeds"]] == [3, 4]
+  for r in summary["seeds"]:
+    assert r["exit"] == 0 and (r["start_step"], r["end_step"]) == (0, 2), r
+    for key in ("start_acc", "end_acc", "start_len", "end_len", "wall_s", "cpu_s"):
+      assert r[key] >= 0, (key, r)
+    assert isinstance(r["learns"], bool)
+  assert summary["all_learn"] == all(r["learns"] for r in summary["seeds"])
+  rows = [ln.split() for ln in out.stdout.splitlines()[1:-1]]
+  assert [row[0] for row in rows] == ["3", "4"]  # the per-seed table

@@ -302,9 +302,13 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   t0 = time.perf_counter()
   res, sampled = _dynamic_sampling(rc, env, params, step)
   t_gen = time.perf_counter() - t0
-  metrics: dict[str, Any] = {"train/num_gen_batches": res.num_gen_batches, "timing_s/gen": t_gen}
+  metrics: dict[str, Any] = {
+    "train/num_gen_batches": res.num_gen_batches, "timing_s/gen": t_gen,
+    # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.
+    "train/acc_mean": float(np.concatenate(sampled["acc"]).mean()),
+  }
   r = res.rollouts
-  if len(r) == 0:
+  if len(r) == 0:  # the trainer tells a solved batch (acc ~1) from a run that cannot learn
     return [], metrics
   adv = adv_lib.grpo_outcome_advantages(
     r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
@@ -314,8 +318,6 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
     kept.append((r, adv))
   lengths = np.asarray([len(x) for x in r.response_ids])
   metrics.update({
-    # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.
-    "train/acc_mean": float(np.concatenate(sampled["acc"]).mean()),
     "train/kept_acc_mean": float(np.mean(r.acc)),
     "critic/score/mean": float(np.mean(r.scores)),
     "critic/advantages/mean": _token_mean(r, adv, packed, rc.rl.max_response_length),

@@ -187,11 +187,13 @@ class _Loop:
     """Counts, evaluates, logs and checkpoints RL step `state.step`; True: stop the run."""
     rc, done = self.rc, state.step
     # Non-finite updates count towards divergence; steps with no mixed group (nothing to
-    # learn from after dynamic sampling) towards rl.max_empty_steps.
+    # learn from after dynamic sampling) towards rl.max_empty_steps, unless most sampled
+    # responses were right: then the groups are all right, a solved batch, not a stuck run.
     skipped = int(metrics.pop("train/nonfinite_updates"))
     self.skipped_total += skipped
     self.bad_steps = self.bad_steps + 1 if skipped else 0
-    self.empty_steps = self.empty_steps + 1 if metrics.get("train/empty_steps") else 0
+    stuck = metrics.get("train/empty_steps") and metrics.get("train/acc_mean", 0.0) < 0.5
+    self.empty_steps = self.empty_steps + 1 if stuck else 0
     metrics["train/skipped_steps"] = self.skipped_total
     if self.checkpoints_skipped:  # only in runs that fell back past an unreadable checkpoint
       metrics["train/checkpoints_skipped"] = self.checkpoints_skipped
@@ -222,7 +224,8 @@ class _Loop:
     if starved:
       self.ckpt.wait()
       raise CannotLearn(
-        f"{self.empty_steps} RL step(s) in a row found no group of mixed accuracy in "
+        f"{self.empty_steps} RL step(s) in a row found no group of mixed accuracy (most "
+        f"responses wrong) in "
         f"rl.max_num_gen_batches={rc.rl.max_num_gen_batches} generation rounds (limit "
         f"rl.max_empty_steps={rc.rl.max_empty_steps}): the policy has nothing to learn from; "
         f"checkpointed at step {done} in {self.env.workdir}/checkpoints"

@@ -182,8 +182,9 @@ def sft_warm_start(rc, env, params, workdir: str):
   if rc.sft.loss_threshold > 0 and not loss <= rc.sft.loss_threshold:
     raise CannotLearn(
       f"the warm start ended at loss {loss:.3f} after {steps} steps, above sft.loss_threshold="
-      f"{rc.sft.loss_threshold} (mean of its last {LOSS_WINDOW} steps): the base model has not "
-      f"learnt the task, so RL would get no signal; raise sft.steps or change sft.lr")
+      f"{rc.sft.loss_threshold} (mean of its last {min(steps, LOSS_WINDOW)} steps): the base "
+      f"model has not learnt the task, so RL would get no signal; raise sft.steps or change "
+      f"sft.lr")
   logging.info("warm start: loss %.4f after %d steps", loss, steps)
   ckptr.save(cache, nnx.to_pure_dict(params))
   ckptr.wait_until_finished()
