@@ -1,0 +1,316 @@
+"""A performance model read from compiled programs: FLOPs, HBM bytes, collective bytes, roofline.
+
+Pure functions over the optimized HLO text of one compiled program (`compiled.as_text()`, the
+per-chip program after SPMD partitioning) and a chip table. XLA's `cost_analysis()` counts the
+body of a loop once; here every computation is weighted by how often it runs:
+
+  - a while loop's body and condition run `known_trip_count` times (scans over layers and
+    micro-batches carry it); a loop without one (decode's `generate` loop, the paged attention
+    loop over K/V blocks, whose trip count follows the live lengths) takes the next entry of
+    `unknown_trips`, outermost first (decode: one step, then the blocks live at a stated fill);
+  - HBM bytes per top-level instruction are its operands plus its result, as XLA's cost analysis
+    counts a fusion: an operand the fusion only slices (dynamic-slice, slice, gather) counts the
+    slices, an in-place dynamic-update-slice counts the update. A custom call (a Pallas kernel)
+    counts its cost estimate when the backend config carries one, else its operands and
+    results: never 0;
+  - FLOPs are 2 x output x contracted size of every dot and convolution (fused or not);
+  - collective bytes by kind (all-gather: the gathered result; all-reduce, reduce-scatter,
+    all-to-all, collective-permute: the operand).
+
+Shapes: none (scalars and dicts). Times in seconds, bytes per chip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  hbm_bytes: int  # what the compiler lets one program use (its RESOURCE_EXHAUSTED limit)
+  bf16_flops: float  # peak dense bf16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+  ici_bandwidth: float  # bytes/s out of one chip, all links
+
+
+# HBM as libtpu reports it when a program does not fit (95.74G / 31.25G / 15.75G GiB); peaks,
+# HBM and ICI bandwidth (4,800 / 3,584 / 1,600 Gbps per chip) from the Cloud TPU
+# system-architecture pages.
+CHIPS = {
+  "v5p": Chip(int(95.74 * GiB), 459e12, 2765e9, 600e9),
+  "v6e": Chip(int(31.25 * GiB), 918e12, 1640e9, 448e9),
+  "v5e": Chip(int(15.75 * GiB), 197e12, 819e9, 200e9),
+}
+
+_DTYPE_BYTES = {
+  "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+  "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
+}
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_NO_BYTES = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+             "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
+             "add-dependency", "domain", "copy-done", "async-done", "all-gather-done",
+             "all-reduce-done", "collective-permute-done", "send-done", "recv-done"}
+_SLICERS = {"dynamic-slice", "slice", "gather"}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of an HLO shape string (arrays summed over a tuple; layouts ignored)."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    size = _DTYPE_BYTES.get(dtype)
+    if size is not None:
+      total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  shape: str  # result shape string
+  op: str
+  operands: list[str]
+  attrs: str
+  args: str = ""  # the operand text as written (a parameter's number)
+
+
+def _split_rhs(rhs: str) -> tuple[str, str, str, str]:
+  """'SHAPE op(operands), attrs' -> (shape, op, operands, attrs)."""
+  if rhs.startswith("("):  # a tuple shape: up to the matching parenthesis
+    end = _closing(rhs, 0)
+    shape, rest = rhs[: end + 1], rhs[end + 2:]
+  else:
+    shape, _, rest = rhs.partition(" ")
+  op, _, rest = rest.partition("(")
+  end = _closing(rest, 1)
+  return shape, op.strip(), rest[:end], rest[end + 1:]
+
+
+def _closing(text: str, depth: int) -> int:
+  """Index of the parenthesis that closes at `depth` open ones before text (len if none)."""
+  for i, ch in enumerate(text):
+    depth += (ch == "(") - (ch == ")")
+    if depth == 0:
+      return i
+  return len(text)
+
+
+def parse_hlo(text: str) -> tuple[dict[str, list[Instr]], str]:
+  """{computation name: instructions}, the entry computation's name."""
+  comps: dict[str, list[Instr]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    head = _HEADER.match(line)
+    if head:
+      current = head.group(2)
+      comps[current] = []
+      entry = current if head.group(1) else entry
+      continue
+    if current is None or line.strip() == "}":
+      continue
+    m = _INSTR.match(line)
+    if m:
+      shape, op, operands, attrs = _split_rhs(m.group(2))
+      comps[current].append(Instr(m.group(1), shape, op, re.findall(r"%([\w.\-]+)", operands),
+                                  attrs, operands.strip()))
+  return comps, entry
+
+
+def _callees(ins: Instr) -> list[tuple[str, str]]:
+  """(computation, edge kind) pairs an instruction calls."""
+  out = []
+  for key in ("body", "condition", "calls", "to_apply", "true_computation", "false_computation"):
+    for name in re.findall(rf"\b{key}=%?([\w.\-]+)", ins.attrs):
+      out.append((name, key))
+  for group in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
+    out += [(n, "branch") for n in re.findall(r"%?([\w.\-]+)", group)]
+  return out
+
+
+def multipliers(comps: dict[str, list[Instr]], entry: str, unknown_trips: Sequence[int] = (1,)
+                ) -> tuple[dict[str, float], set[str]]:
+  """({computation: times it runs per call of the program}, control computations).
+
+  Control computations (entry, loop bodies and conditions, called and branch computations) hold
+  the instructions that touch HBM; the others (fusion bodies, reducers) are inside one.
+  """
+  mult: dict[str, float] = {}
+  control: set[str] = set()
+
+  def visit(name: str, times: float, unknown_depth: int, is_control: bool) -> None:
+    mult[name] = mult.get(name, 0.0) + times
+    if is_control:
+      control.add(name)
+    for ins in comps.get(name, ()):
+      trips, depth = 1.0, unknown_depth
+      if ins.op == "while":
+        known = _TRIP.search(ins.attrs)
+        if known:
+          trips = float(known.group(1))
+        else:
+          trips = float(unknown_trips[min(unknown_depth, len(unknown_trips) - 1)])
+          depth += 1
+      for callee, kind in _callees(ins):
+        if callee not in comps:
+          continue
+        loop = kind in ("body", "condition")
+        ctrl = is_control and (loop or kind in ("branch", "true_computation",
+                                                "false_computation")
+                               or (kind == "to_apply" and ins.op == "call"))
+        visit(callee, times * (trips if loop else 1.0), depth if loop else unknown_depth, ctrl)
+
+  visit(entry, 1.0, 0, True)
+  return mult, control
+
+
+def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> float:
+  """HBM bytes of one fusion: sliced operands count their slices, in-place updates theirs."""
+  index_of = {i.name: int(i.args) for i in body if i.op == "parameter" and i.args.isdigit()}
+  users: dict[str, list[Instr]] = {}
+  for i in body:
+    for o in i.operands:
+      users.setdefault(o, []).append(i)
+  by_index = {v: k for k, v in index_of.items()}
+  total = 0.0
+  for n, operand in enumerate(ins.operands):
+    full = shape_bytes(shapes.get(operand, ""))
+    p = by_index.get(n)
+    use = users.get(p, []) if p else []
+    if use and all(u.op in _SLICERS and u.operands[0] == p for u in use):
+      total += sum(shape_bytes(u.shape) for u in use)
+    elif use and all(u.op == "dynamic-update-slice" and u.operands[0] == p for u in use):
+      total += 0.0  # the buffer updated in place: only the update moves (counted below)
+    else:
+      total += full
+  root = body[-1] if body else None
+  roots = [root] if root is not None and root.op != "tuple" else \
+    [i for i in body if root is not None and i.name in root.operands]
+  for r in roots:
+    if r.op == "dynamic-update-slice":
+      total += 2 * shape_bytes(_shape_in(body, r.operands[1]))
+    else:
+      total += shape_bytes(r.shape)
+  return total
+
+
+def _shape_in(body: list[Instr], name: str) -> str:
+  return next((i.shape for i in body if i.name == name), "")
+
+
+def _custom_call_estimate(ins: Instr) -> tuple[float, float] | None:
+  """(flops, bytes) of a custom call whose backend config carries a cost estimate."""
+  f = re.search(r'"flops"\s*:\s*"?(\d+)', ins.attrs)
+  b = re.search(r'"bytes_accessed"\s*:\s*"?(\d+)', ins.attrs)
+  return (float(f.group(1)), float(b.group(1))) if f and b else None
+
+
+def _dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
+  out = math.prod(_dims(ins.shape))
+  if ins.op == "dot":
+    lhs = _dims(shapes.get(ins.operands[0], ""))
+    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
+    k = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
+    return 2.0 * out * k
+  rhs = _dims(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else []
+  m = re.search(r"dim_labels=\w*_(\w+)->", ins.attrs)  # convolution: kernel dims but 'o'
+  if m and rhs:
+    k = math.prod(d for d, lab in zip(rhs, m.group(1), strict=False) if lab != "o")
+    return 2.0 * out * k
+  return 0.0
+
+
+@dataclasses.dataclass
+class ProgramCost:
+  """Per chip, per call of the program, loops counted by their trip counts."""
+
+  flops: float
+  hbm_bytes: float
+  collective_bytes: dict[str, float]  # by kind (COLLECTIVES)
+  all_gathers: list[tuple[str, float]]  # (result shape, bytes x times run) of each all-gather
+  custom_calls: int  # custom calls counted (with or without a cost estimate)
+
+  @property
+  def total_collective_bytes(self) -> float:
+    return sum(self.collective_bytes.values())
+
+
+def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,)) -> ProgramCost:
+  """The cost of one compiled program (its optimized HLO text); see the module docstring."""
+  comps, entry = parse_hlo(hlo_text)
+  mult, control = multipliers(comps, entry, unknown_trips)
+  flops = hbm = 0.0
+  coll = dict.fromkeys(COLLECTIVES, 0.0)
+  gathers: list[tuple[str, float]] = []
+  customs = 0
+  for name, body in comps.items():
+    times = mult.get(name, 0.0)
+    if not times:
+      continue
+    shapes = {i.name: i.shape for i in body}
+    for ins in body:
+      if ins.op in ("dot", "convolution"):
+        flops += times * _dot_flops(ins, shapes)
+      if name not in control or ins.op in _NO_BYTES:
+        continue
+      operands = sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
+      kind = ins.op.removesuffix("-start")
+      if kind in COLLECTIVES:
+        leaves = [float(shape_bytes(f"{d}[{s}]")) for d, s in _ARRAY.findall(ins.shape)]
+        moved = max(leaves, default=0.0) if kind == "all-gather" else operands
+        coll[kind] += times * moved
+        if kind == "all-gather":
+          gathers.append((ins.shape, times * moved))
+        hbm += times * (operands + max(leaves, default=0.0))
+      elif ins.op == "fusion":
+        callee = re.search(r"calls=%?([\w.\-]+)", ins.attrs)
+        body_f = comps.get(callee.group(1), []) if callee else []
+        hbm += times * _fusion_bytes(ins, body_f, shapes)
+      elif ins.op == "custom-call":
+        customs += 1
+        est = _custom_call_estimate(ins)
+        if est is not None:
+          flops += times * est[0]
+          hbm += times * est[1]
+        else:
+          hbm += times * (operands + shape_bytes(ins.shape))
+      elif ins.op in _SLICERS:
+        hbm += times * 2 * shape_bytes(ins.shape)
+      elif ins.op == "dynamic-update-slice":
+        hbm += times * 2 * shape_bytes(shapes.get(ins.operands[1], ""))
+      else:
+        hbm += times * (operands + shape_bytes(ins.shape))
+  return ProgramCost(flops, hbm, coll, gathers, customs)
+
+
+def roofline_seconds(flops: float, hbm_bytes: float, collective_bytes: float, chip: Chip
+                     ) -> float:
+  """The slowest of compute at peak, HBM at full bandwidth, collectives over all ICI links."""
+  return max(flops / chip.bf16_flops, hbm_bytes / chip.hbm_bandwidth,
+             collective_bytes / chip.ici_bandwidth)
+
+
+def weight_allgather_bytes(gathers: Sequence[tuple[str, float]], weight_shapes) -> float:
+  """Bytes of the all-gathers whose result is a weight (whole, or one layer of a stacked one).
+
+  weight_shapes: the unsharded shapes of the params; shapes compare with size-1 dims dropped.
+  """
+  squeeze = lambda s: tuple(d for d in s if d != 1)
+  wanted = set()
+  for s in weight_shapes:
+    wanted.add(squeeze(s))
+    wanted.add(squeeze(s[1:]))
+  return sum(b for shape, b in gathers if squeeze(tuple(_dims(shape))) in wanted)
