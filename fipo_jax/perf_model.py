@@ -4,15 +4,16 @@ Pure functions over the optimized HLO text of one compiled program (`compiled.as
 per-chip program after SPMD partitioning) and a chip table. XLA's `cost_analysis()` counts the
 body of a loop once; here every computation is weighted by how often it runs:
 
-  - a while loop's body and condition run `known_trip_count` times (scans over layers and
-    micro-batches carry it); a loop without one (decode's `generate` loop, the paged attention
-    loop over K/V blocks, whose trip count follows the live lengths) takes the next entry of
-    `unknown_trips`, outermost first (decode: one step, then the blocks live at a stated fill);
-  - HBM bytes per top-level instruction are its operands plus its result, as XLA's cost analysis
-    counts a fusion: an operand the fusion only slices (dynamic-slice, slice, gather) counts the
-    slices, an in-place dynamic-update-slice counts the update. A custom call (a Pallas kernel)
-    counts its cost estimate when the backend config carries one, else its operands and
-    results: never 0;
+  - a while loop's body and condition run `known_trip_count` times (XLA:CPU's scans carry it;
+    on TPU the condition `counter < constant` gives it); a loop without one (decode's
+    `generate` loop, the paged attention loop over K/V blocks, whose trip count follows the
+    live lengths) takes the next entry of `unknown_trips`, outermost first (decode: the steps
+    of one call, then the blocks live at a stated fill);
+  - HBM bytes per top-level instruction are its operands plus its result, as XLA's cost
+    analysis counts a fusion: an operand the fusion only slices (dynamic-slice, slice, gather)
+    counts the slices, an in-place dynamic-update-slice or scatter counts the update. A custom
+    call (a Pallas kernel) counts its cost estimate when the backend config carries one, else
+    its operands and results: never 0;
   - FLOPs are 2 x output x contracted size of every dot and convolution (fused or not);
   - collective bytes by kind (all-gather: the gathered result; all-reduce, reduce-scatter,
     all-to-all, collective-permute: the operand).
@@ -57,9 +58,11 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _NO_BYTES = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
              "conditional", "after-all", "partition-id", "replica-id", "opt-barrier",
-             "add-dependency", "domain", "copy-done", "async-done", "all-gather-done",
-             "all-reduce-done", "collective-permute-done", "send-done", "recv-done"}
+             "add-dependency", "domain", "copy-done", "async-start", "async-update", "async-done",
+             "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done",
+             "recv-done"}
 _SLICERS = {"dynamic-slice", "slice", "gather"}
+_IN_PLACE = {"dynamic-update-slice", "scatter"}  # their operand 0 is updated in place
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -159,8 +162,10 @@ def multipliers(comps: dict[str, list[Instr]], entry: str, unknown_trips: Sequen
       trips, depth = 1.0, unknown_depth
       if ins.op == "while":
         known = _TRIP.search(ins.attrs)
-        if known:
-          trips = float(known.group(1))
+        cond = re.search(r"condition=%?([\w.\-]+)", ins.attrs)
+        bound = _constant_bound(comps.get(cond.group(1), [])) if cond else None
+        if known or bound:
+          trips = float(known.group(1)) if known else float(bound)
         else:
           trips = float(unknown_trips[min(unknown_depth, len(unknown_trips) - 1)])
           depth += 1
@@ -170,11 +175,23 @@ def multipliers(comps: dict[str, list[Instr]], entry: str, unknown_trips: Sequen
         loop = kind in ("body", "condition")
         ctrl = is_control and (loop or kind in ("branch", "true_computation",
                                                 "false_computation")
-                               or (kind == "to_apply" and ins.op == "call"))
+                               or (kind == "to_apply" and ins.op == "call")
+                               or (kind == "calls" and ins.op.startswith("async")))
         visit(callee, times * (trips if loop else 1.0), depth if loop else unknown_depth, ctrl)
 
   visit(entry, 1.0, 0, True)
   return mult, control
+
+
+def _constant_bound(cond: list[Instr]) -> int | None:
+  """N of a loop condition `counter < N` with N a constant (a scan: counter from 0 by 1; TPU
+  programs carry no known_trip_count), else None."""
+  root = cond[-1] if cond else None
+  if root is None or root.op != "compare" or "direction=LT" not in root.attrs:
+    return None
+  consts = {i.name: i.args for i in cond if i.op == "constant"}
+  rhs = consts.get(root.operands[1]) if len(root.operands) == 2 else None
+  return int(rhs) if rhs is not None and rhs.lstrip("-").isdigit() else None
 
 
 def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> float:
@@ -192,7 +209,7 @@ def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> floa
     use = users.get(p, []) if p else []
     if use and all(u.op in _SLICERS and u.operands[0] == p for u in use):
       total += sum(shape_bytes(u.shape) for u in use)
-    elif use and all(u.op == "dynamic-update-slice" and u.operands[0] == p for u in use):
+    elif use and all(u.op in _IN_PLACE and u.operands[0] == p for u in use):
       total += 0.0  # the buffer updated in place: only the update moves (counted below)
     else:
       total += full
@@ -200,8 +217,9 @@ def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> floa
   roots = [root] if root is not None and root.op != "tuple" else \
     [i for i in body if root is not None and i.name in root.operands]
   for r in roots:
-    if r.op == "dynamic-update-slice":
-      total += 2 * shape_bytes(_shape_in(body, r.operands[1]))
+    if r.op in _IN_PLACE:  # the update is read and written; a scatter reads its indices too
+      update = r.operands[1] if r.op == "dynamic-update-slice" else r.operands[-1]
+      total += 2 * shape_bytes(_shape_in(body, update))
     else:
       total += shape_bytes(r.shape)
   return total
@@ -242,19 +260,25 @@ class ProgramCost:
   collective_bytes: dict[str, float]  # by kind (COLLECTIVES)
   all_gathers: list[tuple[str, float]]  # (result shape, bytes x times run) of each all-gather
   custom_calls: int  # custom calls counted (with or without a cost estimate)
+  top: list = dataclasses.field(default_factory=list)  # (bytes, name, op, times), most first
 
   @property
   def total_collective_bytes(self) -> float:
     return sum(self.collective_bytes.values())
 
 
-def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,)) -> ProgramCost:
-  """The cost of one compiled program (its optimized HLO text); see the module docstring."""
+def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,), *, top: int = 0
+                 ) -> ProgramCost:
+  """The cost of one compiled program (its optimized HLO text); see the module docstring.
+
+  top > 0: also keep the `top` instructions that move the most HBM bytes (ProgramCost.top).
+  """
   comps, entry = parse_hlo(hlo_text)
   mult, control = multipliers(comps, entry, unknown_trips)
-  flops = hbm = 0.0
+  flops = 0.0
   coll = dict.fromkeys(COLLECTIVES, 0.0)
   gathers: list[tuple[str, float]] = []
+  moved: list[tuple[float, str, str, float]] = []  # (bytes x times, name, op, times)
   customs = 0
   for name, body in comps.items():
     times = mult.get(name, 0.0)
@@ -266,34 +290,42 @@ def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,)) -> ProgramC
         flops += times * _dot_flops(ins, shapes)
       if name not in control or ins.op in _NO_BYTES:
         continue
-      operands = sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
       kind = ins.op.removesuffix("-start")
       if kind in COLLECTIVES:
+        operands = sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
         leaves = [float(shape_bytes(f"{d}[{s}]")) for d, s in _ARRAY.findall(ins.shape)]
-        moved = max(leaves, default=0.0) if kind == "all-gather" else operands
-        coll[kind] += times * moved
+        sent = max(leaves, default=0.0) if kind == "all-gather" else operands
+        coll[kind] += times * sent
         if kind == "all-gather":
-          gathers.append((ins.shape, times * moved))
-        hbm += times * (operands + max(leaves, default=0.0))
-      elif ins.op == "fusion":
-        callee = re.search(r"calls=%?([\w.\-]+)", ins.attrs)
-        body_f = comps.get(callee.group(1), []) if callee else []
-        hbm += times * _fusion_bytes(ins, body_f, shapes)
-      elif ins.op == "custom-call":
+          gathers.append((ins.shape, times * sent))
+      if ins.op == "custom-call":
         customs += 1
         est = _custom_call_estimate(ins)
-        if est is not None:
-          flops += times * est[0]
-          hbm += times * est[1]
-        else:
-          hbm += times * (operands + shape_bytes(ins.shape))
-      elif ins.op in _SLICERS:
-        hbm += times * 2 * shape_bytes(ins.shape)
-      elif ins.op == "dynamic-update-slice":
-        hbm += times * 2 * shape_bytes(shapes.get(ins.operands[1], ""))
-      else:
-        hbm += times * (operands + shape_bytes(ins.shape))
-  return ProgramCost(flops, hbm, coll, gathers, customs)
+        flops += times * est[0] if est else 0.0
+      moved.append((times * _instr_bytes(ins, comps, shapes), ins.name, ins.op, times))
+  cost = ProgramCost(flops, sum(m[0] for m in moved), coll, gathers, customs)
+  cost.top = sorted(moved, reverse=True)[:top]
+  return cost
+
+
+def _instr_bytes(ins: Instr, comps: dict[str, list[Instr]], shapes: dict[str, str]) -> float:
+  """HBM bytes one top-level instruction moves (see the module docstring)."""
+  operands = sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
+  if ins.op.removesuffix("-start") in COLLECTIVES:
+    leaves = [float(shape_bytes(f"{d}[{s}]")) for d, s in _ARRAY.findall(ins.shape)]
+    return operands + max(leaves, default=0.0)
+  if ins.op == "fusion":
+    callee = re.search(r"calls=%?([\w.\-]+)", ins.attrs)
+    return _fusion_bytes(ins, comps.get(callee.group(1), []) if callee else [], shapes)
+  if ins.op == "custom-call":
+    est = _custom_call_estimate(ins)
+    return est[1] if est else operands + shape_bytes(ins.shape)
+  if ins.op in _SLICERS:
+    return 2 * shape_bytes(ins.shape)
+  if ins.op in _IN_PLACE:
+    update = ins.operands[1] if ins.op == "dynamic-update-slice" else ins.operands[-1]
+    return 2 * shape_bytes(shapes.get(update, ""))
+  return operands + shape_bytes(ins.shape)
 
 
 def roofline_seconds(flops: float, hbm_bytes: float, collective_bytes: float, chip: Chip
@@ -314,3 +346,43 @@ def weight_allgather_bytes(gathers: Sequence[tuple[str, float]], weight_shapes) 
     wanted.add(squeeze(s))
     wanted.add(squeeze(s[1:]))
   return sum(b for shape, b in gathers if squeeze(tuple(_dims(shape))) in wanted)
+
+
+# verl's measured share of an RL step (generate / old log-probs / update), DAPO-style runs.
+VERL_SPLIT = {"generate": (0.41, 0.50), "old_log_prob": (0.12, 0.19), "update": (0.32, 0.38)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStep:
+  """The work of one RL step, in calls of each compiled program."""
+
+  prompts: int  # rl.train_batch_size (dynamic sampling's extra rounds not counted)
+  responses: int  # prompts x rl.n
+  mean_prompt: int
+  mean_response: int
+  num_slots: int  # concurrent decode slots, all busy (the long tail not counted)
+  prefill_rows: int  # prompts per prefill call
+  insert_rows: int  # requests per insert call
+  updates: int  # rl.num_mini_batches x rl.ppo_epochs train_step calls
+  log_prob_passes: int  # rl.num_mini_batches x (1, or 2 with the KL term's reference pass)
+
+
+def rl_step_seconds(step: RLStep, seconds: dict[str, float], chips: int) -> dict:
+  """The predicted RL step from each program's roofline seconds per call.
+
+  seconds: train_step, old_log_prob, handover, prefill, insert, and `decode` = one decode step
+  of all slots at the mean fill. Returns the step's seconds, its split, tokens/s per chip.
+  """
+  decode_steps = math.ceil(step.responses * step.mean_response / step.num_slots)
+  generate = (decode_steps * seconds["decode"] + seconds["handover"]
+              + math.ceil(step.prompts / step.prefill_rows) * seconds["prefill"]
+              + math.ceil(step.responses / step.insert_rows) * seconds["insert"])
+  parts = {"generate": generate,
+           "old_log_prob": step.log_prob_passes * seconds["old_log_prob"],
+           "update": step.updates * seconds["train_step"]}
+  total = sum(parts.values())
+  tokens = step.responses * (step.mean_prompt + step.mean_response)
+  return dict(rl_step_seconds=total, rl_step_seconds_by_phase=parts,
+              rl_step_split={k: v / total for k, v in parts.items()},
+              verl_split=VERL_SPLIT, decode_steps_per_rl_step=decode_steps,
+              rl_tokens_per_s_per_chip=tokens / total / chips)

@@ -420,6 +420,16 @@ class Engine:
       sampling=sampling, steps=self.cfg.steps_per_call,
     )  # fmt: skip
 
+  def trace_insert(self, prefix) -> jax.stages.Traced:
+    """The largest insert (I = batch_bucket(num_slots) requests of `prefix`) into the abstract
+    decode state, traced. prefix: a Prefix of sharded ShapeDtypeStructs (prefill's output)."""
+    bsz = self.cfg.batch_bucket(self.cfg.num_slots)
+    rep = sharding.replicated(self.mesh)
+    arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+    stop = jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32, sharding=rep)
+    return self._insert.trace(prefix, self.abstract_decode_state(), arg(bsz), arg(bsz),
+                              arg(bsz, self.cfg.pages_per_slot), arg(bsz), arg(bsz), stop)
+
 
 def _cast_dtype(x, dtype) -> jnp.dtype:
   """The dtype a param leaf is held in by the sampler: `dtype` for floating leaves."""
