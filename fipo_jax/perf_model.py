@@ -335,17 +335,27 @@ def roofline_seconds(flops: float, hbm_bytes: float, collective_bytes: float, ch
              collective_bytes / chip.ici_bandwidth)
 
 
+_FLOATS = {"bf16", "f16", "f32", "f64"}
+
+
 def weight_allgather_bytes(gathers: Sequence[tuple[str, float]], weight_shapes) -> float:
   """Bytes of the all-gathers whose result is a weight (whole, or one layer of a stacked one).
 
   weight_shapes: the unsharded shapes of the params; shapes compare with size-1 dims dropped.
+  Only floating-point gathers count (not token ids or masks of a matching shape); any float
+  dtype, as XLA:CPU gathers bf16 weights in float32.
   """
   squeeze = lambda s: tuple(d for d in s if d != 1)
   wanted = set()
   for s in weight_shapes:
     wanted.add(squeeze(s))
     wanted.add(squeeze(s[1:]))
-  return sum(b for shape, b in gathers if squeeze(tuple(_dims(shape))) in wanted)
+  out = 0.0
+  for shape, b in gathers:
+    m = _ARRAY.search(shape)
+    if m and m.group(1) in _FLOATS and squeeze(tuple(_dims(shape))) in wanted:
+      out += b
+  return out
 
 
 # verl's measured share of an RL step (generate / old log-probs / update), DAPO-style runs.

@@ -68,6 +68,8 @@ def test_collectives_by_kind_and_weight_allgathers():
   assert cost.collective_bytes["all-gather"] == 64 * 32 * 4
   assert pm.weight_allgather_bytes(cost.all_gathers, [(64, 32)]) == 64 * 32 * 4
   assert pm.weight_allgather_bytes(cost.all_gathers, [(3, 5)]) == 0
+  ids = [("s32[64,32]{1,0}", 8192.0), ("pred[64,32]{1,0}", 2048.0)]  # not weights
+  assert pm.weight_allgather_bytes(ids, [(64, 32)]) == 0
 
 
 _CUSTOM = """HloModule m
