@@ -53,6 +53,8 @@ _DECODE_SLOTS = flags.DEFINE_integer(
   "instead of sampling.num_slots (then not the trainer's sampler)")
 _MEAN_RESPONSE = flags.DEFINE_integer(
   "mean_response_length", 8192, "mean response tokens (the paper's ~8k)")
+_HLO_DIR = flags.DEFINE_string(
+  "hlo_dir", None, "write each phase's optimized HLO here (<phase>.hlo.txt), for the perf model")
 _MEAN_PROMPT = flags.DEFINE_integer(
   "mean_prompt_length", 256, "mean prompt tokens, chat template included (DAPO-Math: 100-200)")
 
@@ -260,7 +262,7 @@ def report(out: dict, chip: perf_model.Chip) -> None:
 
 
 def run_aot(config, topology: str, steps=PHASES, num_layers=None, mean_prompt: int = 256,
-            mean_response: int = 8192, decode_slots=None) -> dict:
+            mean_response: int = 8192, decode_slots=None, hlo_dir: str | None = None) -> dict:
   """Compiles the recipe's phases for `topology`; returns the summary dict (the JSON line)."""
   import importlib.metadata as md
 
@@ -276,6 +278,12 @@ def run_aot(config, topology: str, steps=PHASES, num_layers=None, mean_prompt: i
   mcfg = model_config(run, num_layers)
   p = aot_phases.build(run, mcfg, devices, num_slots=decode_slots)
   phases = compile_phases(p, steps, chip, mean_prompt, mean_response)
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    for name, ph in phases.items():
+      if ph.hlo:
+        with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+          f.write(ph.hlo)
   out = dict(topology=topology, chips=chips, hbm_per_chip_bytes=chip.hbm_bytes,
              libtpu_version=md.version("libtpu"), jax_version=jax.__version__,
              model=run.model.preset, num_layers=mcfg.num_layers)
@@ -300,7 +308,7 @@ def main(argv) -> int:
   if unknown:
     raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from {PHASES}")
   out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _MEAN_PROMPT.value,
-                _MEAN_RESPONSE.value, _DECODE_SLOTS.value)
+                _MEAN_RESPONSE.value, _DECODE_SLOTS.value, _HLO_DIR.value)
   print(json.dumps(out), flush=True)
   return 0 if out["fits"] else 1
 
