@@ -32,6 +32,7 @@ does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -99,6 +100,21 @@ def model_config(run, num_layers: int | None = None, platform: str = "tpu"):
   return mcfg.replace(attention_impl=impl, num_layers=num_layers or mcfg.num_layers)
 
 
+@contextlib.contextmanager
+def as_platform(platform: str):
+  """Traces as if `platform` were this process's backend: the code picks kernels by
+  `jax.default_backend()` (splash runs the Pallas interpreter off TPU), and aot runs on the CPU
+  backend while it compiles for a TPU."""
+  import jax
+
+  real = jax.default_backend
+  jax.default_backend = lambda: platform
+  try:
+    yield
+  finally:
+    jax.default_backend = real
+
+
 def phase_kernel(name: str, p: aot_phases.Programs) -> str:
   """The attention kernel phase `name` compiles with: models.attention.kernel_for_phase when the
   kernels module provides it, else what this code path runs."""
@@ -133,7 +149,8 @@ def _gib(b) -> str:
 
 
 def compile_phases(p: aot_phases.Programs, names, chip: perf_model.Chip, mean_prompt: int,
-                   mean_response: int) -> dict[str, aot_phases.Phase]:
+                   mean_response: int, hlo_dir: str | None = None
+                   ) -> dict[str, aot_phases.Phase]:
   """Compiles each phase; decode's costs are per decode step at the mean fill."""
   import jax.numpy as jnp
 
@@ -159,8 +176,14 @@ def compile_phases(p: aot_phases.Programs, names, chip: perf_model.Chip, mean_pr
                              dtype, phase_kernel(name, p), shapes, tokens)
     trips = (k, _blocks(p, _fill(p.run, mean_prompt, mean_response))) if name == "decode" \
       else (1,)
-    out[name] = aot_phases.compile_phase(phase, aot_phases.traced(p, name, batch), trips)
+    with as_platform("tpu"):  # every per-platform choice (splash, kernels) takes its TPU path
+      traced = aot_phases.traced(p, name, batch)
+      out[name] = aot_phases.compile_phase(phase, traced, trips)
     out[name].resident = aot_phases.resident(p, name)
+    if hlo_dir and out[name].hlo:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+        f.write(out[name].hlo)
   return out
 
 
@@ -277,13 +300,7 @@ def run_aot(config, topology: str, steps=PHASES, num_layers=None, mean_prompt: i
   chip, chips = CHIPS[TOPOLOGIES[topology][0]], len(devices)
   mcfg = model_config(run, num_layers)
   p = aot_phases.build(run, mcfg, devices, num_slots=decode_slots)
-  phases = compile_phases(p, steps, chip, mean_prompt, mean_response)
-  if hlo_dir:
-    os.makedirs(hlo_dir, exist_ok=True)
-    for name, ph in phases.items():
-      if ph.hlo:
-        with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
-          f.write(ph.hlo)
+  phases = compile_phases(p, steps, chip, mean_prompt, mean_response, hlo_dir)
   out = dict(topology=topology, chips=chips, hbm_per_chip_bytes=chip.hbm_bytes,
              libtpu_version=md.version("libtpu"), jax_version=jax.__version__,
              model=run.model.preset, num_layers=mcfg.num_layers)
