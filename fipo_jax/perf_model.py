@@ -243,12 +243,22 @@ def _dot_flops(ins: Instr, shapes: dict[str, str]) -> float:
     m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
     k = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
     return 2.0 * out * k
+  lhs = _dims(shapes.get(ins.operands[0], ""))
   rhs = _dims(shapes.get(ins.operands[1], "")) if len(ins.operands) > 1 else []
-  m = re.search(r"dim_labels=\w*_(\w+)->", ins.attrs)  # convolution: kernel dims but 'o'
-  if m and rhs:
-    k = math.prod(d for d, lab in zip(rhs, m.group(1), strict=False) if lab != "o")
-    return 2.0 * out * k
-  return 0.0
+  m = re.search(r"dim_labels=(\w+)_(\w+)->", ins.attrs)
+  if not (m and lhs and rhs):
+    return 0.0
+  # A convolution (how the TPU compiler writes many dots): each output sums over the kernel's
+  # input features and, per spatial dim, the window positions that overlap the input (a window
+  # over padding, as in a dot written as a convolution, adds no MACs).
+  lhs_size = dict(zip(m.group(1), lhs, strict=False))
+  k = 1
+  for label, size in zip(m.group(2), rhs, strict=False):
+    if label == "i":
+      k *= size
+    elif label != "o":
+      k *= min(size, lhs_size.get(label, size))
+  return 2.0 * out * k
 
 
 @dataclasses.dataclass

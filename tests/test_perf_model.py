@@ -143,3 +143,20 @@ def test_roofline_and_the_rl_step():
   assert out["rl_step_seconds"] == gen + 8.0
   assert sum(out["rl_step_split"].values()) == pytest.approx(1.0)
   np.testing.assert_allclose(out["rl_tokens_per_s_per_chip"], 16 * 110 / (gen + 8.0) / 2)
+
+
+_CONV = """HloModule c
+
+ENTRY %main (a: bf16[12288,2,224,1], b: bf16[2,224,28,128]) -> bf16[12288,28,128,1] {
+  %a = bf16[12288,2,224,1]{0,2,1,3} parameter(0)
+  %b = bf16[2,224,28,128]{3,1,0,2} parameter(1)
+  ROOT %c = bf16[12288,28,128,1]{2,0,3,1} convolution(%a, %b), WINDOW
+}
+""".replace("WINDOW",
+           "window={size=28x2 pad=27_27x0_0 rhs_reversal=1x0}, dim_labels=b1f0_1i0o->b0f1")
+
+
+def test_a_dot_written_as_a_convolution_counts_its_real_macs():
+  # The TPU compiler's form of [12288, 448] x [448, 28 x 128]: the window of 28 lies over
+  # padding but for one position, so each output sums 2 x 224 products.
+  assert pm.program_cost(_CONV).flops == 2 * 12288 * 28 * 128 * 2 * 224
