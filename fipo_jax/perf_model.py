@@ -406,3 +406,25 @@ def rl_step_seconds(step: RLStep, seconds: dict[str, float], chips: int) -> dict
               rl_step_split={k: v / total for k, v in parts.items()},
               verl_split=VERL_SPLIT, decode_steps_per_rl_step=decode_steps,
               rl_tokens_per_s_per_chip=tokens / total / chips)
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m fipo_jax.perf_model HLO_DIR CHIP STEPS_PER_CALL BLOCKS`: each phase's cost from
+  the HLO `fipo_jax.aot --hlo_dir` saved (decode per step, its attention loop at BLOCKS)."""
+  import pathlib  # noqa: PLC0415
+
+  hlo_dir, chip = pathlib.Path(argv[0]), CHIPS[argv[1]]
+  k, blocks = int(argv[2]), int(argv[3])
+  for path in sorted(hlo_dir.glob("*.hlo.txt")):
+    name = path.name.removesuffix(".hlo.txt")
+    per = k if name == "decode" else 1
+    c = program_cost(path.read_text(), (k, blocks) if name == "decode" else (1,))
+    f, b, x = c.flops / per, c.hbm_bytes / per, c.total_collective_bytes / per
+    print(f"{name:<13} flops {f:10.3e}  hbm {b / 1e9:10.3f} GB  collectives {x / 1e9:8.3f} GB  "
+          f"roofline {roofline_seconds(f, b, x, chip) * 1e3:10.2f} ms")
+
+
+if __name__ == "__main__":
+  import sys
+
+  main(sys.argv[1:])
