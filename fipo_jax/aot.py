@@ -1,83 +1,67 @@
-r"""Ahead-of-time proof that a recipe fits a TPU topology, compiled on any machine with libtpu.
+r"""Ahead-of-time proof that a recipe fits a TPU topology, and what it would run at.
 
   pip install -e ".[tpu]"   # libtpu from PyPI; no TPU needed
   python -m fipo_jax.aot --config configs/fipo_qwen2_5_32b.py --topology v5p-128
 
-Builds the model abstractly (no allocation), lays it out on a mesh of the topology's devices with
-the one rules table, and compiles for that TPU, without running:
-  train_step  one mini-batch update (micro-batch gradient accumulation, remat, AdamW). With
-              rl.use_remove_padding (every recipe) the packed step (fipo_jax.rl.packed_step):
-              micro-batches of one row of rl.ppo_max_token_len_per_device tokens per chip (the
-              memory is that of one row, whatever the lengths), as many as a mini-batch of
-              sequences with the mean lengths below fills; otherwise the padded step
-              (fipo_jax.rl.train_step), every sequence at the full P + T (the worst case);
-  prefill     the sampler's prefill of sampling.num_slots prompts of data.max_prompt_length;
-  decode      one decode step of all sampling.num_slots slots with a P + T cache.
-and prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity and
-FLOPs. The last line is one JSON object; the exit code is 1 if anything does not fit.
+Compiles the trainer's own programs for that TPU, without running: fipo_jax.aot_phases.build
+makes them with the builders fipo_jax.rl.setup.build uses (the same meshes, dtypes, shardings and
+jitted functions) and adds only abstract inputs. Phases (fipo_jax.aot_phases.PHASES):
+  train_step    one mini-batch update: the packed step (rl.use_remove_padding, every recipe) at the
+                layout a mini-batch of sequences of the mean lengths fills, else the padded one;
+  old_log_prob  the old-log-prob pass over one mini-batch (also the reference pass with the KL
+                term: the same program on the reference params);
+  handover      the train params (float32, train mesh) -> the sampler's weights (rl.sampler_dtype,
+                default the compute dtype, on the sampler mesh): one jitted reshard and cast;
+  prefill       the sampler's prefill of sampling.num_slots prompts of data.max_prompt_length;
+  insert        as many requests into the decode state;
+  decode        one `generate` call (sampling.decode_steps_per_call steps of all slots), reported
+                per decode step.
+The sampler mesh is the trainer's: sampler_mesh when the recipe sets it, else the layout rule
+(fipo_jax.sharding.sampler_mesh_sizes).
 
-FLOPs per RL step: train_batch_size / ppo_mini_batch_size x ppo_epochs updates plus the
-old-log-prob pass (and the reference pass with a KL term), for responses of
---mean_response_length tokens (the paper's ~8k) and prompts of --mean_prompt_length, beside the
-same for the padded layout (traced for the count, not compiled).
-
-FLOPs: XLA's cost_analysis() counts the body of a loop once (scan over layers, over
-micro-batches), so `flops` is counted from the step's jaxpr with every scan multiplied by its
-length (dot products; Pallas kernels through their cost estimate when they give one), divided by
-the chips; `xla_flops` is cost_analysis() as reported. The estimate beside it is the usual 6N
-(train; 2N inference) per token plus causal attention.
+Per phase: HBM per chip as the run holds it (the program, plus what other phases keep resident:
+fipo_jax.aot_phases.resident), and a performance model read from the optimized HLO
+(fipo_jax.perf_model: FLOPs, HBM bytes and collective bytes with loops at their trip counts, the
+roofline time on the chip). Derived at the paper's lengths (--mean_prompt_length 256,
+--mean_response_length 8192, rl.n, the recipe's batch): decode tokens/s per chip, decode bytes per
+step over the ideal (the sampler's weights plus the live KV, per chip) at half the response budget
+live, weight all-gather bytes per decode step, the train step's MFU bound, the RL step's split and
+seconds. It prints a table; the last line is one JSON object; the exit code is 1 if any phase
+does not fit.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib.util
+import contextlib
 import json
 import math
 import os
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from fipo_jax import aot_batches
+from fipo_jax import aot_phases, perf_model
+from fipo_jax.aot_flops import jaxpr_flops, rl_step_flops  # noqa: F401 (public here)
+from fipo_jax.aot_phases import PHASES, bytes_per_chip, model_flops_per_token  # noqa: F401
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128", "TPU slice name (see TOPOLOGIES)")
-_STEPS = flags.DEFINE_list("steps", "train_step,prefill,decode", "which steps to compile")
+_STEPS = flags.DEFINE_list("steps", ",".join(PHASES), "which phases to compile")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "override L (compile-time-vs-depth check)")
 _DECODE_SLOTS = flags.DEFINE_integer(
-  "decode_slots", None, "decode: compile this many slots (a page pool sized to them) instead of "
-  "sampling.num_slots")
+  "decode_slots", None, "compile the sampler with this many slots (a page pool sized to them) "
+  "instead of sampling.num_slots (then not the trainer's sampler)")
 _MEAN_RESPONSE = flags.DEFINE_integer(
-  "mean_response_length", 8192, "mean response tokens for the packed train step's micro-batch "
-  "count and FLOPs per RL step (the paper's ~8k)")
+  "mean_response_length", 8192, "mean response tokens (the paper's ~8k)")
+_HLO_DIR = flags.DEFINE_string(
+  "hlo_dir", None, "write each phase's optimized HLO here (<phase>.hlo.txt), for the perf model")
 _MEAN_PROMPT = flags.DEFINE_integer(
   "mean_prompt_length", 256, "mean prompt tokens, chat template included (DAPO-Math: 100-200)")
-_DECODE_MESH = flags.DEFINE_string(
-  "decode_mesh", "auto", "sampler mesh 'data,fsdp,tensor' (-1 = the rest); 'auto' = the "
-  "config's sampler_mesh if set, else tensor-parallel over min(8, K) chips, data-parallel over "
-  "the rest; 'train' = the train mesh")
 
 GiB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  hbm_bytes: int  # what the TPU compiler lets one program use (its RESOURCE_EXHAUSTED limit)
-  bf16_flops: float  # peak dense bf16 FLOP/s
-  hbm_bandwidth: float  # bytes/s
-
-
-# HBM as libtpu 0.0.42 reports it when a program does not fit (95.74G / 31.25G / 15.75G GiB);
-# peaks from the Cloud TPU system-architecture pages.
-CHIPS = {
-  "v5p": Chip(int(95.74 * GiB), 459e12, 2765e9),
-  "v6e": Chip(int(31.25 * GiB), 918e12, 1640e9),
-  "v5e": Chip(int(15.75 * GiB), 197e12, 819e9),
-}
+CHIPS = perf_model.CHIPS
+Chip = perf_model.Chip
 
 # Slice name (as `gcloud --accelerator-type`, v5e as v5e-N) -> (chip, libtpu topology string).
 # v5p names count TensorCores (2 per chip): v5p-128 is 64 chips.
@@ -91,8 +75,9 @@ TOPOLOGIES = {
   "v5e-4": ("v5e", "v5e:2x2"),
   "v5e-256": ("v5e", "v5e:16x16"),
 }
-
-STEPS = ("train_step", "prefill", "decode")
+# Published anchors (output tokens/s per chip; RL tokens/s per GPU), beside the prediction.
+ANCHORS = {"vllm_tpu_qwen3_32b_ironwood_1k_in_8k_out_tokens_per_s_per_chip": 3960,
+           "nemo_rl_qwen3_32b_grpo_tokens_per_s_per_gpu": 665}
 
 
 def topology_devices(name: str):
@@ -104,359 +89,230 @@ def topology_devices(name: str):
   return topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[name][1]).devices
 
 
-# ----------------------------------------------------------------------------- FLOP counting
-
-
-def jaxpr_flops(jaxpr) -> tuple[float, int]:
-  """(FLOPs of a (closed) jaxpr with scans multiplied by their length, uncounted kernels).
-
-  Counts dot_general (2 * out size * contracted size) and Pallas kernels with a cost estimate;
-  while loops count one iteration (decode compiles one step); cond counts its costliest branch.
-  """
-  import jax
-
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total, uncounted = 0.0, 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (lhs_c, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_c)
-      continue
-    if name == "pallas_call":
-      est = eqn.params.get("cost_estimate")
-      if est is not None and getattr(est, "flops", None):
-        total += float(est.flops)
-      else:
-        uncounted += 1
-      continue
-    subs = [v for v in eqn.params.values() if isinstance(v, jax.extend.core.ClosedJaxpr | tuple)]
-    sub = [jaxpr_flops(j) for v in subs for j in (v if isinstance(v, tuple) else (v,))
-           if hasattr(j, "eqns") or hasattr(j, "jaxpr")]
-    if name == "cond":
-      f, u = max(sub, default=(0.0, 0))
-    else:
-      f, u = sum(s[0] for s in sub), sum(s[1] for s in sub)
-    if name == "scan":
-      f *= eqn.params["length"]
-    if name == "shard_map":  # the body sees one shard; FLOPs are summed over the mesh
-      f *= eqn.params["mesh"].size
-    for v in eqn.params.values():  # pjit, remat, custom_vjp carry a bare Jaxpr
-      if isinstance(v, jax.extend.core.Jaxpr):
-        f2, u2 = jaxpr_flops(v)
-        f, u = f + f2, u + u2
-    total, uncounted = total + f, uncounted + u
-  return total, uncounted
-
-
-def model_flops_per_token(mcfg, context: float, *, train: bool) -> float:
-  """6N (train) or 2N (inference) over the matmul params, plus attention at `context` keys."""
-  d, f, n, k, h, v, layers = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads,
-                              mcfg.num_kv_heads, mcfg.head_dim, mcfg.vocab_size, mcfg.num_layers)
-  matmul_params = layers * (d * (n + 2 * k) * h + n * h * d + 3 * d * f) + d * v
-  attn = 4.0 * layers * n * h * context  # q.k and p.v, 2 FLOPs per MAC
-  return (3.0 if train else 1.0) * (2.0 * matmul_params + attn)
-
-
-# ----------------------------------------------------------------------------- the steps
-
-
-@dataclasses.dataclass
-class Result:
-  name: str
-  mesh: dict
-  shapes: str
-  tokens: int  # tokens processed by one call
-  est_flops_per_token: float
-  memory: dict | None = None  # per chip: argument/output/alias/temp/code/total bytes
-  flops: float | None = None  # per chip, loops unrolled in the count
-  xla_flops: float | None = None  # per chip, cost_analysis() (loop bodies once)
-  uncounted_kernels: int = 0
-  compile_seconds: float | None = None
-  error: str | None = None
-  rl_step_flops: dict | None = None  # train step only: FLOPs per RL step, packed and padded
-
-
-def _sds(tree, shardings):
-  import jax
-
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _compile(traced, result: Result, chips: int) -> Result:
-  """Lowers and compiles a jax.stages.Traced; fills memory, FLOPs and compile time."""
-  flops, uncounted = jaxpr_flops(traced.jaxpr)
-  result.flops, result.uncounted_kernels = flops / chips, uncounted
-  start = time.perf_counter()
-  try:
-    compiled = traced.lower().compile()
-  except Exception as e:  # noqa: BLE001 (the TPU compiler reports HBM overflow this way)
-    result.compile_seconds = time.perf_counter() - start
-    result.error = str(e).split("\n")[0][:500]
-    return result
-  result.compile_seconds = time.perf_counter() - start
-  m = compiled.memory_analysis()
-  mem = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-             alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
-             code=m.generated_code_size_in_bytes)
-  mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
-  result.memory = mem
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  result.xla_flops = float(cost.get("flops", 0.0)) if cost else None
-  return result
-
-
-def _train_inputs(run, mcfg, mesh):
-  """(graphdef, params, param shardings, tx, opt_state, opt shardings) as the trainer has them."""
-  import jax
-
-  from fipo_jax import sharding
-  from fipo_jax.models import build
-  from fipo_jax.rl import optimizer
-
-  tx, _ = optimizer.make_optimizer(run.optim, total_updates=run.total_updates)  # the trainer's
-  graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
-  params = _sds(abs_params, param_sh)
-  # Adam's mu and nu take their param's sharding; scalars (the step count) are replicated.
-  opt_sh = sharding.optimizer_shardings(tx, params, mesh)
-  opt_state = _sds(jax.eval_shape(tx.init, params), opt_sh)
-  return graphdef, params, param_sh, tx, opt_state, opt_sh
-
-
-def rl_step_flops(run, mcfg, mesh, mean_prompt: int, mean_response: int) -> dict:
-  """FLOPs of one RL step's model passes (all chips), packed and padded, traced not compiled.
-
-  Updates: rl.num_mini_batches x ppo_epochs train steps; plus one old-log-prob pass per
-  mini-batch (two with the KL term's reference pass). Returns {packed, padded, shape}.
-  """
-  from fipo_jax.rl import packed_step, setup
-  from fipo_jax.rl import train_step as ts
-
-  graphdef, params, param_sh, tx, opt_state, opt_sh = _train_inputs(run, mcfg, mesh)
-  p, t = run.data.max_prompt_length, run.rl.max_response_length
-  cfg = setup.update_config(run, mesh, p + t)
-  shape = aot_batches.packed_shape(run, mesh, cfg, mean_prompt, mean_response)
-  passes = 2 if cfg.use_kl_loss else 1
-  out = {"shape": dataclasses.asdict(shape)}
-  for name, lib, batch in (("packed", packed_step, aot_batches.packed_batch(run, mesh, shape, cfg)),
-                           ("padded", ts, aot_batches.padded_batch(run, mesh, cfg))):
-    steps = lib.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
-    train = jaxpr_flops(steps.train.trace(params, opt_state, batch).jaxpr)[0]
-    logp = jaxpr_flops(steps.log_prob.trace(params, batch).jaxpr)[0]
-    out[name] = run.rl.num_mini_batches * (run.rl.ppo_epochs * train + passes * logp)
-  return out
-
-
-def train_step_result(run, mcfg, mesh, chips: int, mean_prompt: int = 256,
-                      mean_response: int = 8192) -> Result:
-  from fipo_jax.rl import packed_step, setup
-  from fipo_jax.rl import train_step as ts
-
-  p, t = run.data.max_prompt_length, run.rl.max_response_length
-  seq = p + t
-  rows = run.rl.ppo_mini_batch_size * run.rl.n  # M responses per optimizer step
-  cfg = setup.update_config(run, mesh, seq)  # the trainer's micro-batching
-  graphdef, params, param_sh, tx, opt_state, opt_sh = _train_inputs(run, mcfg, mesh)
-  ref = " +reference params" if cfg.use_kl_loss else ""
-  if run.rl.use_remove_padding:
-    shape = aot_batches.packed_shape(run, mesh, cfg, mean_prompt, mean_response)
-    batch, lib = aot_batches.packed_batch(run, mesh, shape, cfg), packed_step
-    tokens = shape.num_micro * shape.num_shards * shape.rows * shape.row_len
-    shapes = (f"packed M={rows} into {shape.num_micro} micro-batches x {shape.num_shards} x "
-              f"{shape.rows} row of {shape.row_len} (mean P {mean_prompt} + T {mean_response}) "
-              f"remat={mcfg.remat_policy}{ref}")
-    context = min(mean_prompt + mean_response, shape.row_len) / 2
-  else:
-    micro = rows // cfg.num_micro_batches
-    batch, lib, tokens = aot_batches.padded_batch(run, mesh, cfg), ts, rows * seq
-    shapes = (f"M={rows} micro={micro}x{cfg.num_micro_batches} S={seq} (P={p} T={t}) "
-              f"remat={mcfg.remat_policy}{ref}")
-    context = seq / 2
-  steps = lib.jit_steps(graphdef, cfg=cfg, tx=tx, param_sharding=param_sh, opt_sharding=opt_sh)
-  res = Result("train_step", dict(mesh.shape), shapes, tokens,
-               model_flops_per_token(mcfg, context, train=True))
-  res = _compile(steps.train.trace(params, opt_state, batch), res, chips)
-  if cfg.use_kl_loss and res.memory is not None:
-    # The KL term's frozen reference (a copy of the params in their shardings) is no argument
-    # of the step but stays resident in HBM beside it.
-    res.memory["reference"] = bytes_per_chip(params)
-    res.memory["total"] += res.memory["reference"]
-  res.rl_step_flops = rl_step_flops(run, mcfg, mesh, mean_prompt, mean_response)
-  res.rl_step_flops.update(mean_prompt=mean_prompt, mean_response=mean_response)
-  return res
-
-
-def bytes_per_chip(tree) -> int:
-  """HBM one chip holds for a pytree of sharded ShapeDtypeStructs (or arrays): one shard each."""
-  import jax
-
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(tree))
-
-
-def _engine(run, mcfg, mesh, num_slots=None):
-  """(Engine on `mesh`, sampler params as sharded ShapeDtypeStructs, sampling method); the paged
-  pool is sized to `num_slots` (default sampling.num_slots) slots of the longest sequence."""
-  import jax
-  import jax.numpy as jnp
-
-  from fipo_jax.models import build
-  from fipo_jax.rl import setup
-  from fipo_jax.sampling import engine as engine_lib
-
-  ecfg = engine_lib.EngineConfig(
-    num_slots=num_slots or run.sampling.num_slots, max_prompt_len=run.data.max_prompt_length,
-    max_new_tokens=run.rl.max_response_length, steps_per_call=1)
-  graphdef, abs_params, param_sh = build.param_shardings(mcfg, mesh)
-  # The sampler holds weights in the compute dtype (the trainer's float32 master copy is cast
-  # on handover), as vLLM does in the official run.
-  params = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(mcfg.dtype), sharding=s),
-    abs_params, param_sh)
-  sampling = setup.sampling_method(run.sampling.temperature, run.sampling.top_p,
-                                   run.sampling.top_k)
-  return engine_lib.Engine(mcfg, graphdef, ecfg, mesh=mesh), params, sampling
-
-
-def prefill_result(run, mcfg, mesh, chips: int) -> Result:
-  engine, params, sampling = _engine(run, mcfg, mesh)
-  ecfg = engine.cfg
-  bsz, plen = ecfg.batch_bucket(ecfg.num_slots), ecfg.max_prefill_len
-  res = Result("prefill", dict(mesh.shape), f"Bp={bsz} P={plen}", bsz * plen,
-               model_flops_per_token(mcfg, plen / 2, train=False))
-  return _compile(engine.trace_prefill(params, sampling=sampling), res, chips)
-
-
-def decode_result(run, mcfg, mesh, chips: int, num_slots=None) -> Result:
-  engine, params, sampling = _engine(run, mcfg, mesh, num_slots)  # steps_per_call=1: one step
-  ecfg = engine.cfg
-  pool = f" {engine.num_pages}x{ecfg.page} pages" if engine.paged else ""
-  shapes = f"slots={ecfg.num_slots} S={ecfg.cache_len}{pool} (1 step)"
-  res = Result("decode", dict(mesh.shape), shapes,
-               ecfg.num_slots, model_flops_per_token(mcfg, ecfg.cache_len, train=False))
-  import jax
-
-  with jax.set_mesh(mesh):  # Pallas TPU kernels (ragged paged attention) lower for its chips
-    return _compile(engine.trace_generate(params, sampling=sampling), res, chips)
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def model_config(run, num_layers: int | None = None):
-  """The trainer's ModelConfig, compiled for TPU: 'auto' attention is splash whatever this
-  process's backend is."""
+def model_config(run, num_layers: int | None = None, platform: str = "tpu"):
+  """The trainer's ModelConfig as it resolves on `platform` ('auto' attention: splash on TPU)."""
   from fipo_jax import policy
 
   mcfg = policy.model_config(run)
-  impl = "splash" if mcfg.attention_impl == "auto" else mcfg.attention_impl
-  if impl == "splash" and importlib.util.find_spec("fipo_jax.models.splash") is None:
-    print("warning: fipo_jax.models.splash not found; compiling 'blockwise' attention",
-          file=sys.stderr)
-    impl = "blockwise"
+  impl = mcfg.attention_impl
+  if impl == "auto":
+    impl = "splash" if platform == "tpu" else "blockwise"
   return mcfg.replace(attention_impl=impl, num_layers=num_layers or mcfg.num_layers)
 
 
-def decode_mesh_sizes(spec: str, mcfg, train_sizes, chips: int, configured=None
-                      ) -> tuple[int, int, int]:
-  """The sampler mesh to compile prefill/decode on; `configured`: the config's sampler_mesh."""
-  if spec == "train":
-    return tuple(train_sizes)
-  if spec == "auto" and configured is not None:  # what the trainer would run
-    return tuple(configured)
-  if spec == "auto":
-    tensor = math.gcd(mcfg.num_kv_heads, 8, chips)
-    return (chips // tensor, 1, tensor)
-  sizes = tuple(int(s) for s in spec.split(","))
-  if len(sizes) != 3:
-    raise ValueError(f"--decode_mesh wants 'data,fsdp,tensor', got {spec!r}")
-  return sizes
+@contextlib.contextmanager
+def as_platform(platform: str):
+  """Traces as if `platform` were this process's backend: the code picks kernels by
+  `jax.default_backend()` (splash runs the Pallas interpreter off TPU), and aot runs on the CPU
+  backend while it compiles for a TPU."""
+  import jax
+
+  real = jax.default_backend
+  jax.default_backend = lambda: platform
+  try:
+    yield
+  finally:
+    jax.default_backend = real
 
 
+def phase_kernel(name: str, p: aot_phases.Programs) -> str:
+  """The attention kernel phase `name` compiles with, from the one per-platform table
+  (fipo_jax.models.kernels) as the TPU run would choose it."""
+  from fipo_jax.models import kernels
+
+  if name in ("train_step", "old_log_prob"):
+    return kernels.train_kernel("tpu", p.mcfg.attention_impl, p.mcfg.dtype,
+                                packed=p.run.rl.use_remove_padding)
+  if name == "decode":
+    return p.engine.layout.decode_kernel if p.engine.paged else "dense cache (XLA)"
+  if name == "prefill":
+    return kernels.train_kernel("tpu", p.mcfg.attention_impl, p.mcfg.dtype, packed=False)
+  return "none"
+
+
+def train_step_result(run, mcfg, mesh, chips: int, mean_prompt: int = 256,
+                      mean_response: int = 8192) -> aot_phases.Phase:
+  """The train step compiled on `mesh`'s devices; memory["reference"] is the KL term's frozen
+  reference held beside it (counted in memory["total"])."""
+  del chips
+  p = aot_phases.build(run, mcfg, list(mesh.devices.flat))
+  batch, shapes, tokens = aot_phases.train_batch(p, mean_prompt, mean_response)
+  res = aot_phases.Phase("train_step", dict(mesh.shape), mcfg.param_dtype, mcfg.attention_impl,
+                         shapes, tokens)
+  res = aot_phases.compile_phase(res, aot_phases.traced(p, "train_step", batch))
+  if p.update_cfg.use_kl_loss and res.memory is not None:
+    res.memory["reference"] = bytes_per_chip(p.params)
+    res.memory["total"] += res.memory["reference"]
+  return res
 def _gib(b) -> str:
-  return "-" if b is None else f"{b / GiB:7.2f}"
+  return "      -" if b is None else f"{b / GiB:7.2f}"
 
 
-def report(results: list[Result], chip: Chip, chips: int, mcfg) -> None:
-  print(f"{'step':<11} {'mesh (d,f,t)':<13} {'args':>7} {'out':>7} {'alias':>7} {'temp':>7} "
-        f"{'total':>7} GiB/chip of {chip.hbm_bytes / GiB:.2f}  {'compile':>8}")
-  for r in results:
-    mesh = ",".join(str(r.mesh[a]) for a in ("data", "fsdp", "tensor"))
-    m = r.memory or {}
-    print(f"{r.name:<11} {mesh:<13} {_gib(m.get('argument'))} {_gib(m.get('output'))} "
-          f"{_gib(m.get('alias'))} {_gib(m.get('temp'))} {_gib(m.get('total'))} "
-          f"{'fits' if r.memory and m['total'] <= chip.hbm_bytes else 'DOES NOT FIT':<18}"
-          f"{r.compile_seconds or 0:7.1f}s   {r.shapes}")
-    if r.error:
-      print(f"    error: {r.error}")
-  print(f"\nFLOPs per step (per chip; counted from the jaxpr, loops unrolled) vs the estimate "
-        f"(model {mcfg.num_layers} layers, {chips} chips, peak {chip.bf16_flops / 1e12:.0f} TF/s)")
-  for r in results:
-    if r.flops is None:
+def compile_phases(p: aot_phases.Programs, names, chip: perf_model.Chip, mean_prompt: int,
+                   mean_response: int, hlo_dir: str | None = None
+                   ) -> dict[str, aot_phases.Phase]:
+  """Compiles each phase; decode's costs are per decode step at the mean fill."""
+  import jax
+  import jax.numpy as jnp
+
+  out = {}
+  k = p.engine.cfg.steps_per_call
+  for name in names:
+    on_train = name in aot_phases.TRAIN_PHASES[:2]
+    mesh = p.mesh if on_train else p.engine.mesh
+    dtype = p.mcfg.param_dtype if on_train else jnp.dtype(p.engine.param_dtype).name
+    ecfg = p.engine.cfg
+    batch, tokens = None, 0
+    if on_train:
+      batch, shapes, tokens = aot_phases.train_batch(p, mean_prompt, mean_response)
+    elif name == "decode":
+      shapes = (f"slots={ecfg.num_slots} S={ecfg.cache_len} {p.engine.num_pages}x{ecfg.page} "
+                f"pages ({k} steps per call)")
+    elif name == "handover":
+      shapes = f"{p.mcfg.param_dtype} {dict(p.mesh.shape)} -> {dtype}"
+    else:
+      shapes = f"{ecfg.batch_bucket(ecfg.num_slots)} x {ecfg.max_prefill_len}"
+    print(f"compiling {name} on {dict(mesh.shape)} ...", file=sys.stderr, flush=True)
+    phase = aot_phases.Phase(name, {a: int(mesh.shape[a]) for a in ("data", "fsdp", "tensor")},
+                             dtype, phase_kernel(name, p), shapes, tokens)
+    trips = (k, _blocks(p, _fill(p.run, mean_prompt, mean_response))) if name == "decode" \
+      else (1,)
+    # Every per-platform choice (splash, kernels) takes its TPU path; decode lowers under its
+    # mesh, since the Pallas TPU kernel's lowering reads the chip kind from the current mesh.
+    with as_platform("tpu"), (jax.set_mesh(mesh) if name == "decode" else contextlib.nullcontext()):
+      traced = aot_phases.traced(p, name, batch)
+      out[name] = aot_phases.compile_phase(phase, traced, trips)
+    out[name].resident = aot_phases.resident(p, name)
+    if hlo_dir and out[name].hlo:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as f:
+        f.write(out[name].hlo)
+  return out
+
+
+def _fill(run, mean_prompt: int, mean_response: float) -> float:
+  """Tokens live in a slot halfway through a response of `mean_response` tokens (clipped to
+  the recipe's lengths): the mean fill over its decode steps."""
+  return (min(mean_prompt, run.data.max_prompt_length)
+          + min(mean_response, run.rl.max_response_length) / 2)
+
+
+def _blocks(p: aot_phases.Programs, live_tokens: float) -> int:
+  """Trips of the paged attention loop over K/V blocks with `live_tokens` in a slot."""
+  return math.ceil(live_tokens / p.engine.cfg.decode_block)
+
+
+def _phase_numbers(ph: aot_phases.Phase, chip: perf_model.Chip, per: int = 1) -> dict:
+  c = ph.cost
+  flops, hbm = (c.flops / per, c.hbm_bytes / per) if c else (None, None)
+  coll = {k: v / per for k, v in c.collective_bytes.items()} if c else {}
+  return dict(
+    total_bytes_per_chip=ph.total_bytes, program_bytes_per_chip=ph.memory and ph.memory["total"],
+    resident_bytes_per_chip=ph.resident, hbm_bytes=hbm, collective_bytes=sum(coll.values()),
+    collective_bytes_by_kind=coll, flops=flops, xla_flops=ph.xla_flops,
+    xla_bytes_accessed=ph.xla_bytes, roofline_seconds=c and perf_model.roofline_seconds(
+      flops, hbm, sum(coll.values()), chip),
+    mesh=ph.mesh, param_dtype=ph.param_dtype, kernel=ph.kernel, shapes=ph.shapes,
+    compile_seconds=ph.compile_seconds, error=ph.error)
+
+
+def derive(p: aot_phases.Programs, phases, out: dict, chip, chips: int, mean_prompt: int,
+           mean_response: int) -> dict:
+  """The perf_model object: decode figures, MFU bound, the RL step's split and seconds."""
+  import jax
+
+  run, eng = p.run, p.engine
+  k = eng.cfg.steps_per_call
+  model: dict = dict(mean_prompt=mean_prompt, mean_response=mean_response, anchors=ANCHORS)
+  if "decode" in phases and phases["decode"].cost:
+    dec, slots = phases["decode"], eng.cfg.num_slots
+    step_s = out["decode"]["roofline_seconds"]
+    half = _fill(run, mean_prompt, run.rl.max_response_length)
+    at_half = perf_model.program_cost(dec.hlo, (k, _blocks(p, half)))
+    ideal = bytes_per_chip(p.sampler_params) + aot_phases.kv_bytes_per_chip(p, half)
+    weights = [x.shape for x in jax.tree.leaves(p.params)]
+    model.update(
+      decode_fill_tokens=_fill(run, mean_prompt, mean_response), decode_step_seconds=step_s,
+      decode_tokens_per_s_per_chip=slots / step_s / chips,
+      decode_half_budget_fill_tokens=half, decode_bytes_per_step=at_half.hbm_bytes / k,
+      decode_ideal_bytes_per_step=ideal, decode_bytes_over_ideal=at_half.hbm_bytes / k / ideal,
+      decode_collective_bytes_per_step=at_half.total_collective_bytes / k,
+      decode_weight_allgather_bytes=perf_model.weight_allgather_bytes(at_half.all_gathers,
+                                                                      weights) / k)
+  if "train_step" in out and out["train_step"]["roofline_seconds"]:
+    ts_ = phases["train_step"]
+    ctx = (min(mean_prompt, run.data.max_prompt_length) + mean_response) / 2
+    useful = ts_.tokens * model_flops_per_token(p.mcfg, ctx, train=True)
+    model["train_mfu_bound"] = useful / (chips * chip.bf16_flops
+                                         * out["train_step"]["roofline_seconds"])
+  if all(n in out and out[n]["roofline_seconds"] for n in PHASES):
+    rows = eng.cfg.batch_bucket(eng.cfg.num_slots)
+    step = perf_model.RLStep(
+      prompts=run.rl.train_batch_size, responses=run.rl.train_batch_size * run.rl.n,
+      mean_prompt=mean_prompt, mean_response=mean_response, num_slots=eng.cfg.num_slots,
+      prefill_rows=rows, insert_rows=rows, updates=run.rl.num_mini_batches * run.rl.ppo_epochs,
+      log_prob_passes=run.rl.num_mini_batches * (2 if p.update_cfg.use_kl_loss else 1))
+    seconds = {n: out[n]["roofline_seconds"] for n in PHASES}
+    model.update(perf_model.rl_step_seconds(step, seconds, chips))
+  return model
+
+
+def report(out: dict, chip: perf_model.Chip) -> None:
+  print(f"{'phase':<13}{'mesh d,f,t':<11}{'dtype':<9}{'program':>8}{'resident':>9}{'total':>8}"
+        f"  GiB/chip of {chip.hbm_bytes / GiB:.2f}  {'HBM GB':>8}{'coll GB':>8}{'TFLOP':>8}"
+        f"{'roofline':>10}{'compile':>8}  kernel; shapes")
+  for name in PHASES:
+    r = out.get(name)
+    if r is None:
       continue
-    per_tok = r.flops * chips / r.tokens
-    note = f"  ({r.uncounted_kernels} Pallas kernels without a cost estimate)" \
-      if r.uncounted_kernels else ""
-    print(f"{r.name:<11} {r.flops:10.3e}  per token {per_tok:10.3e} vs 6N/2N+attn "
-          f"{r.est_flops_per_token:10.3e} (x{per_tok / r.est_flops_per_token:.2f})  "
-          f"xla cost_analysis {r.xla_flops or 0:10.3e}  at peak {r.flops / chip.bf16_flops:8.3f}s"
-          f"{note}")
-  for r in results:
-    f = r.rl_step_flops
-    if f:
-      print(f"\nFLOPs per RL step, all chips, responses of {f['mean_response']} and prompts of "
-            f"{f['mean_prompt']} tokens on average: packed {f['packed']:.3e}, padded "
-            f"{f['padded']:.3e} ({f['padded'] / f['packed']:.2f}x); at peak on {chips} chips "
-            f"{f['packed'] / (chips * chip.bf16_flops):.1f} s packed, "
-            f"{f['padded'] / (chips * chip.bf16_flops):.1f} s padded")
+    mesh = ",".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+    res = sum(r["resident_bytes_per_chip"].values())
+    fits = r["total_bytes_per_chip"] is not None and r["total_bytes_per_chip"] <= chip.hbm_bytes
+    num = lambda x, scale: "       -" if x is None else f"{x / scale:8.2f}"
+    print(f"{name:<13}{mesh:<11}{r['param_dtype']:<9}{_gib(r['program_bytes_per_chip']):>8}"
+          f"{_gib(res):>9}{_gib(r['total_bytes_per_chip']):>8}  "
+          f"{'fits' if fits else 'DOES NOT FIT':<18}{num(r['hbm_bytes'], 1e9)}"
+          f"{num(r['collective_bytes'], 1e9)}{num(r['flops'], 1e12)}"
+          f"{num(r['roofline_seconds'], 1e-3)}ms{r['compile_seconds'] or 0:7.1f}s  "
+          f"{r['kernel']}; {r['shapes']}")
+    if r["error"]:
+      print(f"    error: {r['error']}")
+  m = out["perf_model"]
+  print("\nperformance model (per chip; decode per step; roofline on "
+        f"{chip.bf16_flops / 1e12:.0f} TF/s, {chip.hbm_bandwidth / 1e9:.0f} GB/s HBM, "
+        f"{chip.ici_bandwidth / 1e9:.0f} GB/s ICI):")
+  for key, v in m.items():
+    if key not in ("anchors", "verl_split"):
+      print(f"  {key}: {json.dumps(v) if isinstance(v, dict) else v}")
+  print(f"  verl measured split: {m.get('verl_split')}; anchors: {ANCHORS}")
 
 
-def run_aot(config, topology: str, steps=STEPS, num_layers=None, decode_mesh="auto",
-            mean_prompt: int = 256, mean_response: int = 8192, decode_slots=None) -> dict:
-  """Compiles the recipe's steps for `topology`; returns the summary dict (the JSON line)."""
+def run_aot(config, topology: str, steps=PHASES, num_layers=None, mean_prompt: int = 256,
+            mean_response: int = 8192, decode_slots=None, hlo_dir: str | None = None) -> dict:
+  """Compiles the recipe's phases for `topology`; returns the summary dict (the JSON line)."""
+  import importlib.metadata as md
+
   import jax
 
   from fipo_jax import config as config_lib
-  from fipo_jax import sharding
 
   if config.model.get("tokenizer_dir") is None and config.model.get("hf_dir") is None:
     config.model.tokenizer_dir = "(not read by aot)"  # validate() asks for one on verl data
   run = config_lib.validate(config, check_paths=False)
   devices = topology_devices(topology)  # raises on an unknown name
-  chip = CHIPS[TOPOLOGIES[topology][0]]
-  chips = len(devices)
+  chip, chips = CHIPS[TOPOLOGIES[topology][0]], len(devices)
   mcfg = model_config(run, num_layers)
-  train_sizes = run.mesh.resolve(chips)
-  train_mesh = sharding.make_mesh(*train_sizes, devices=devices)
-  dec_sizes = decode_mesh_sizes(decode_mesh, mcfg, train_sizes, chips,
-                               run.sampler_mesh.resolve(chips))
-  dec_mesh = sharding.make_mesh(*dec_sizes, devices=devices)
-  train = functools.partial(train_step_result, mean_prompt=mean_prompt,
-                            mean_response=mean_response)
-  builders = {"train_step": (train, train_mesh), "prefill": (prefill_result, dec_mesh),
-              "decode": (functools.partial(decode_result, num_slots=decode_slots), dec_mesh)}
-  results = []
-  for name in steps:
-    fn, mesh = builders[name]
-    print(f"compiling {name} on {dict(mesh.shape)} ...", file=sys.stderr, flush=True)
-    results.append(fn(run, mcfg, mesh, chips))
-  report(results, chip, chips, mcfg)
-  fits = all(r.memory is not None and r.memory["total"] <= chip.hbm_bytes for r in results)
-  import importlib.metadata as md
-
+  p = aot_phases.build(run, mcfg, devices, num_slots=decode_slots)
+  phases = compile_phases(p, steps, chip, mean_prompt, mean_response, hlo_dir)
   out = dict(topology=topology, chips=chips, hbm_per_chip_bytes=chip.hbm_bytes,
              libtpu_version=md.version("libtpu"), jax_version=jax.__version__,
              model=run.model.preset, num_layers=mcfg.num_layers)
-  for r in results:
-    out[r.name] = dict(total_bytes_per_chip=r.memory and r.memory["total"], flops=r.flops,
-                       xla_flops=r.xla_flops, compile_seconds=r.compile_seconds,
-                       mesh=r.mesh, shapes=r.shapes, error=r.error)
-    if r.rl_step_flops:
-      out[r.name]["rl_step_flops"] = r.rl_step_flops
-  out["fits"] = fits
+  for name, ph in phases.items():
+    out[name] = _phase_numbers(ph, chip, p.engine.cfg.steps_per_call if name == "decode" else 1)
+  out["perf_model"] = derive(p, phases, out, chip, chips, mean_prompt, mean_response)
+  report(out, chip)
+  out["fits"] = all(out[n]["total_bytes_per_chip"] is not None
+                    and out[n]["total_bytes_per_chip"] <= chip.hbm_bytes for n in phases)
   return out
 
 
@@ -468,11 +324,11 @@ def main(argv) -> int:
 
   jax.config.update("jax_platforms", "cpu")
   steps = [s for s in _STEPS.value if s]
-  unknown = set(steps) - set(STEPS)
+  unknown = set(steps) - set(PHASES)
   if unknown:
-    raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from {STEPS}")
-  out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _DECODE_MESH.value,
-                _MEAN_PROMPT.value, _MEAN_RESPONSE.value, _DECODE_SLOTS.value)
+    raise app.UsageError(f"--steps: unknown {sorted(unknown)}; choose from {PHASES}")
+  out = run_aot(_CONFIG.value, _TOPOLOGY.value, steps, _NUM_LAYERS.value, _MEAN_PROMPT.value,
+                _MEAN_RESPONSE.value, _DECODE_SLOTS.value, _HLO_DIR.value)
   print(json.dumps(out), flush=True)
   return 0 if out["fits"] else 1
 

@@ -58,6 +58,23 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   return Mesh(np.asarray(devices, dtype=object).reshape(sizes), AXES)
 
 
+def sampler_mesh_sizes(num_heads: int, num_kv_heads: int, devices: Sequence[jax.Device]
+                       ) -> tuple[int, int, int]:
+  """The sampler's (data, fsdp, tensor) when a recipe leaves `sampler_mesh` unset.
+
+  Decode is memory-bound: each step must read every weight byte once from local HBM and never
+  gather weights over the interconnect, so no FSDP. Tensor-parallel over the KV heads within a
+  host (the largest size dividing the KV heads, the query heads and the host's devices: the
+  paged cache splits its KV heads over `tensor` only when both divide), slots data-parallel
+  over the rest: (devices / tensor, 1, tensor).
+  """
+  devices = list(devices)
+  host = sum(1 for d in devices if getattr(d, "process_index", 0)
+             == getattr(devices[0], "process_index", 0))
+  tensor = math.gcd(num_heads, num_kv_heads, host, len(devices))
+  return (len(devices) // tensor, 1, tensor)
+
+
 def mesh_axes(logical: str | None, size: int | None = None, mesh=None,
               used: Sequence[str] = ()) -> tuple[str, ...]:
   """The mesh axes RULES maps `logical` to, less those in `used` (an earlier dimension's).

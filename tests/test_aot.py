@@ -15,8 +15,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# libtpu comes with the `test` extra (jax[tpu]); skipped only where it could not be installed.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="libtpu not installed (pip install -e '.[tpu]')")
+                                reason="libtpu not installed (pip install -e '.[test]')")
 
 
 def _run_aot(*args):
@@ -28,20 +29,41 @@ def _run_aot(*args):
   return proc, json.loads(lines[-1]) if lines else None
 
 
+PHASES = ("train_step", "old_log_prob", "handover", "prefill", "insert", "decode")
+
+
 @pytest.mark.slow
-def test_aot_tiny_recipe_fits_v5p_8():
-  proc, out = _run_aot("--topology", "v5p-8")
+def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model():
+  proc, out = _run_aot("--topology", "v5p-8", "--config.model.dtype=bfloat16")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert out["topology"] == "v5p-8" and out["chips"] == 4
   assert out["hbm_per_chip_bytes"] > 90 * 2**30
   assert out["libtpu_version"]
-  for step in ("train_step", "prefill", "decode"):
+  for step in PHASES:
     s = out[step]
-    assert s["error"] is None
+    assert s["error"] is None, (step, s["error"])
     assert 0 < s["total_bytes_per_chip"] < out["hbm_per_chip_bytes"]
-    assert s["flops"] > 0 and s["compile_seconds"] > 0
-  # The train step does forward + backward: more FLOPs per call than one decode step.
-  assert out["train_step"]["flops"] > out["decode"]["flops"]
+    assert s["total_bytes_per_chip"] >= s["program_bytes_per_chip"]
+    assert s["hbm_bytes"] > 0 and s["roofline_seconds"] > 0 and s["compile_seconds"] > 0
+    assert s["collective_bytes"] >= 0 and s["kernel"]
+  # The train state is resident while sampling: float32 params, both Adam moments (+ counters).
+  res = out["decode"]["resident_bytes_per_chip"]
+  assert 0 < 2 * res["train_params"] <= res["opt_state"] < 2 * res["train_params"] + 1024
+  # Train in float32 masters on the train mesh (all FSDP); sample in bf16 on the trainer's own
+  # sampler layout: tensor-parallel over the 2 KV heads, slots over the other 2 chips.
+  assert out["train_step"]["param_dtype"] == "float32"
+  assert out["train_step"]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  for step in ("handover", "prefill", "insert", "decode"):
+    assert out[step]["param_dtype"] == "bfloat16"
+    assert out[step]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert out["train_step"]["flops"] > out["decode"]["flops"] > 0
+  m = out["perf_model"]
+  assert m["decode_weight_allgather_bytes"] == 0
+  assert m["decode_tokens_per_s_per_chip"] > 0 and m["decode_bytes_over_ideal"] > 1
+  assert 0 < m["train_mfu_bound"] <= 1
+  assert set(m["rl_step_split"]) == {"generate", "old_log_prob", "update"}
+  assert sum(m["rl_step_split"].values()) == pytest.approx(1.0)
+  assert m["rl_step_seconds"] > 0
   assert out["fits"] is True
 
 

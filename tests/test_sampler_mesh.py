@@ -1,8 +1,10 @@
-"""The sampler on its own mesh layout (`c.sampler_mesh`): validation, on-device handover, parity.
+"""The sampler on its own mesh layout: validation, the layout rule, on-device handover, parity.
 
-Train mesh fsdp=8 (ZeRO-3 weights) against a tensor-parallel sampler mesh data=4 x tensor=2 on
-the suite's 8 CPU devices: the handover reshards on device, the engine's params carry the rules
-table's shardings for the sampler mesh, and greedy rollouts match the same-mesh sampler.
+Train mesh fsdp=8 (ZeRO-3 weights) on the suite's 8 CPU devices. With `c.sampler_mesh` unset
+the trainer derives the sampler's layout (`sharding.sampler_mesh_sizes`): tensor-parallel over
+the tiny model's 2 KV heads, slots over the other 4 devices. The handover reshards on device,
+the engine's params carry the rules table's shardings for the sampler mesh, and greedy
+rollouts match a sampler set to the train mesh (`sampler_mesh` = (1, 8, 1)).
 """
 
 import jax
@@ -50,10 +52,19 @@ def envs(tmp_path_factory):
   """((env, state) on the train mesh, (env, state) with a sampler mesh): the same seed, so the
   same initial params."""
   out = []
-  for name, sm in (("same", {}), ("tp", dict(data=4, fsdp=1, tensor=2))):
+  for name, sm in (("same", dict(data=1, fsdp=8, tensor=1)), ("tp", {})):
     rc = config_lib.validate(_config(**sm), num_devices=jax.device_count())
     out.append(setup_lib.build(rc, str(tmp_path_factory.mktemp(name))))
   return tuple(out)
+
+
+def test_sampler_layout_rule():
+  devices = jax.devices()
+  assert sharding.sampler_mesh_sizes(4, 2, devices) == (4, 1, 2)  # the tiny model: K = 2
+  assert sharding.sampler_mesh_sizes(40, 8, devices) == (1, 1, 8)  # Qwen2.5-32B: K = 8
+  assert sharding.sampler_mesh_sizes(28, 4, devices) == (2, 1, 4)  # Qwen2.5-7B: K = 4
+  assert sharding.sampler_mesh_sizes(40, 8, devices[:4]) == (1, 1, 4)  # a host of 4 chips
+  assert sharding.sampler_mesh_sizes(14, 2, devices[:1]) == (1, 1, 1)
 
 
 def test_handover_reshards_on_device_into_the_rules_table_layout(envs):

@@ -199,7 +199,11 @@ def jit_steps(
     out_shardings=(param_sharding, opt_sharding, None),
     donate_argnums=(0, 1),
   )
-  log_prob = jax.jit(under(functools.partial(log_prob_step, graphdef, cfg=cfg)))
+  # Pinned like the batch (shards on axis 1), never left replicated by the compiler.
+  shards = None if mesh is None else jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(None, sharding.mesh_axes("batch")))
+  log_prob = jax.jit(under(functools.partial(log_prob_step, graphdef, cfg=cfg)),
+                     out_shardings=shards)
   return ts.CompiledSteps(train=train, log_prob=log_prob)
 
 

@@ -26,7 +26,7 @@ from fipo_jax import policy as policy_lib
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.rl import optimizer, packed_step, sampler_policy, warmstart
+from fipo_jax.rl import optimizer, packed_step, warmstart
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
@@ -76,8 +76,9 @@ class Env:
   ref_params: nnx.State | None = None
 
   def sampler_params(self, params: nnx.State) -> nnx.State:
-    """The trainer's params in the sampler's layout: resharded on device if its mesh differs."""
-    return params if self.engine.mesh is self.mesh else self.engine.load_params(params)
+    """The trainer's params in the sampler's layout and dtype: one jitted reshard and cast on
+    device (`Engine.load_params`), or the params themselves when they already are."""
+    return self.engine.load_params(params)
 
 
 def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConfig:
@@ -109,7 +110,7 @@ def sampling_method(temperature: float, top_p: float, top_k: int):
 
 def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
   """The run's environment and its initial state (step 0, before any warm start)."""
-  mesh = sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor)
+  mesh = train_mesh(rc)
   # Every host builds the same data; files written into a shared workdir one host at a time.
   with distributed.primary_first("setup.data"):
     tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
@@ -126,7 +127,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
     eos_ids=tok_lib.eos_token_ids(tokenizer), max_prompt_length=rc.data.max_prompt_length,
     train_data=train_data, val_examples=val_examples,
-    engine=_engine(rc, *sampler_policy.sampler_model(cfg, graphdef, rc.rl.sampler_dtype), mesh),
+    engine=make_engine(rc, *sampler_model(rc, cfg), sampler_mesh(rc, cfg, mesh)),
     train_sampling=sampling_method(rc.sampling.temperature, rc.sampling.top_p,
                                    rc.sampling.top_k),
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
@@ -135,6 +136,60 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
   )
   env.ref_params = reference_params(rc, env, params, workdir) if rc.rl.use_kl_loss else None
   return env, TrainState(params=params, opt_state=opt_state)
+
+
+# The builders the trainer and fipo_jax.aot share: the same meshes, dtypes, shardings and jitted
+# steps from the recipe (aot passes a TPU topology's devices and abstract inputs).
+
+
+def train_mesh(rc: config_lib.RunConfig, devices=None) -> jax.sharding.Mesh:
+  """The train mesh (rc.mesh) over `devices` (default: every device of every host)."""
+  return sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor, devices=devices)
+
+
+def sampler_mesh(rc: config_lib.RunConfig, cfg: models.ModelConfig,
+                 train: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """The sampler's mesh over the train mesh's devices: rc.sampler_mesh when set, else the
+  layout rule `sharding.sampler_mesh_sizes` (tensor-parallel over the KV heads within a host,
+  slots data-parallel over the rest, never FSDP). The train mesh itself when they agree."""
+  devices = list(train.devices.flat)
+  sizes = (rc.sampler_mesh.resolve(len(devices)) if rc.sampler_mesh.is_set
+           else sharding.sampler_mesh_sizes(cfg.num_heads, cfg.num_kv_heads, devices))
+  if tuple(sizes) == tuple(train.devices.shape):
+    return train
+  return sharding.make_mesh(*sizes, devices=devices)
+
+
+def sampler_model(rc: config_lib.RunConfig, cfg: models.ModelConfig
+                  ) -> tuple[models.ModelConfig, nnx.GraphDef]:
+  """(ModelConfig, GraphDef) the sampler runs: compute and weights in rl.sampler_dtype (default:
+  the trainer's compute dtype). The trainer casts its float32 masters to that dtype at every
+  use, so weights stored in it give the same numbers (models.attention.sampler_mismatch)."""
+  dtype = rc.rl.sampler_dtype or cfg.dtype
+  scfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+  return scfg, nnx.split(models.abstract_model(scfg))[0]
+
+
+def make_engine(rc: config_lib.RunConfig, cfg: models.ModelConfig, graphdef: nnx.GraphDef,
+                mesh: jax.sharding.Mesh, *, num_slots: int | None = None,
+                steps_per_call: int | None = None) -> engine_lib.Engine:
+  """The rollout sampler on `mesh` (aot: `num_slots`, one step per call)."""
+  return engine_lib.Engine(
+    cfg, graphdef,
+    engine_lib.EngineConfig(num_slots=num_slots or rc.sampling.num_slots,
+                            max_prompt_len=rc.data.max_prompt_length,
+                            max_new_tokens=rc.rl.max_response_length,
+                            steps_per_call=steps_per_call or rc.sampling.decode_steps_per_call),
+    mesh=mesh,
+  )
+
+
+def jit_steps(rc: config_lib.RunConfig, graphdef: nnx.GraphDef, upd: ts.UpdateConfig, tx,
+              param_sharding, opt_sharding) -> ts.CompiledSteps:
+  """The update and log-prob steps jitted on the run's batch layout (packed or padded)."""
+  lib = packed_step if rc.rl.use_remove_padding else ts
+  return lib.jit_steps(graphdef, cfg=upd, tx=tx, param_sharding=param_sharding,
+                       opt_sharding=opt_sharding)
 
 
 def _influence_fn(rc: config_lib.RunConfig, graphdef: nnx.GraphDef, upd: ts.UpdateConfig
@@ -159,21 +214,6 @@ def _model(rc: config_lib.RunConfig, mesh) -> tuple[models.ModelConfig, nnx.Grap
   graphdef, params = nnx.split(model)
   logging.info("model: %s, %.2fM params", cfg.model_type, models.count_params(params) / 1e6)
   return cfg, graphdef, params
-
-
-def _engine(rc: config_lib.RunConfig, cfg: models.ModelConfig, graphdef: nnx.GraphDef,
-            mesh) -> engine_lib.Engine:
-  """The rollout sampler: every device (of every host), or its own mesh (rc.sampler_mesh)."""
-  sampler_mesh = (sharding.make_mesh(*rc.sampler_mesh.as_tuple()) if rc.sampler_mesh.is_set
-                  else mesh)  # then Env.sampler_params reshards the params on device
-  return engine_lib.Engine(
-    cfg, graphdef,
-    engine_lib.EngineConfig(num_slots=rc.sampling.num_slots,
-                            max_prompt_len=rc.data.max_prompt_length,
-                            max_new_tokens=rc.rl.max_response_length,
-                            steps_per_call=rc.sampling.decode_steps_per_call),
-    mesh=sampler_mesh,
-  )
 
 
 def frozen_copy(params, shardings):

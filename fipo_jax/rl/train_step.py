@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fipo_jax import models
+from fipo_jax import models, sharding
 from fipo_jax.algo import aggregation
 from fipo_jax.algo import losses as losses_lib
 
@@ -274,5 +274,9 @@ def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_shard
     out_shardings=state_outs,
     donate_argnums=(0, 1),
   )
-  log_prob = jax.jit(_under_mesh(mesh, functools.partial(log_prob_step, graphdef, cfg=cfg)))
+  # Pinned like the batch (rows over the batch axes), never left replicated by the compiler.
+  rows = None if mesh is None else jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(sharding.mesh_axes("batch")))
+  log_prob = jax.jit(_under_mesh(mesh, functools.partial(log_prob_step, graphdef, cfg=cfg)),
+                     out_shardings=rows)
   return CompiledSteps(train=train, log_prob=log_prob)

@@ -86,9 +86,8 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
   state = loop.initial_state(state)
-  jit_steps = packed_step.jit_steps if rc.rl.use_remove_padding else ts.jit_steps
-  steps = jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
-                    param_sharding=env.param_sharding, opt_sharding=env.opt_sharding)
+  steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
+                              env.opt_sharding)  # the same builder fipo_jax.aot compiles
   last: dict[str, Any] = {}
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env, state.params, step=0)

@@ -151,7 +151,7 @@ class Engine:
     # state whose sharding drifted between calls would recompile), and donation applies.
     self.state_shardings = decode_state_shardings(abstract, self.mesh)
     replicated = sharding.replicated(self.mesh)
-    self._reshard = None  # built by the first load_params of on-device params
+    self._reshard = None  # the handover, built by the first load_params
     self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
     self._prefill = jax.jit(steps.prefill, static_argnames=("graphdef", "cfg", "sampling"))
     self._insert = jax.jit(steps.insert, donate_argnames=("state",),
@@ -182,24 +182,40 @@ class Engine:
   def samples_per_slot(self) -> int:
     return 1
 
-  def load_params(self, params: nnx.State) -> nnx.State:
-    """Places params on the engine's mesh with the training rules table's shardings.
+  @property
+  def param_dtype(self) -> jnp.dtype:
+    """The dtype the sampler holds its weights in (its model config's param_dtype)."""
+    return jnp.dtype(self.model_cfg.param_dtype)
 
-    Params already spread over the mesh's devices (the trainer's, in another layout) are
-    resharded by one jitted identity, device to device (`jax.device_put` between two meshes of
-    the same devices trips the host-to-device transfer guard on jax 0.10 CPU: it stages through
-    the host). Anything else (one-device or host params) is placed with `device_put`.
+  def load_params(self, params: nnx.State) -> nnx.State:
+    """Params on the engine's mesh, in the training rules table's shardings and `param_dtype`.
+
+    Params already spread over the mesh's devices (the trainer's float32 masters, in its
+    layout) go through `handover`: one jitted reshard plus cast, device to device
+    (`jax.device_put` between two meshes of the same devices trips the host-to-device transfer
+    guard on jax 0.10 CPU: it stages through the host). Params already in the layout and dtype
+    are returned as they are. Anything else (one-device or host params) is placed with
+    `device_put`, then cast.
     """
     targets = sharding.state_shardings(params, self.mesh)
     devices = set(self.mesh.devices.flat)
     pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(targets), strict=True))
     if not all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x, _ in pairs):
-      return sharding.shard_params(params, self.mesh)
-    if all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in pairs):
-      return params  # already in the engine's layout: no copy
-    if self._reshard is None:  # jitted once: the params' structure never changes
-      self._reshard = jax.jit(lambda p: p, out_shardings=targets)
-    return self._reshard(params)
+      params = sharding.shard_params(params, self.mesh)
+    elif all(x.sharding.is_equivalent_to(s, x.ndim) and x.dtype == _cast_dtype(x, self.param_dtype)
+             for x, s in pairs):
+      return params  # already in the engine's layout and dtype: no copy
+    return self.handover(params)(params)
+
+  def handover(self, params) -> jax.stages.Wrapped:
+    """The jitted handover (params in any layout -> the engine's shardings, cast to
+    `param_dtype`), built once: the params' structure never changes. `params`: arrays or
+    ShapeDtypeStructs of that structure. fipo_jax.aot compiles it from the train layout."""
+    if self._reshard is None:
+      targets = sharding.state_shardings(params, self.mesh)
+      cast = lambda p: jax.tree.map(lambda x: x.astype(_cast_dtype(x, self.param_dtype)), p)
+      self._reshard = jax.jit(cast, out_shardings=targets)
+    return self._reshard
 
   def init_decode_state(self) -> DecodeState:
     """All slots empty (every page free); placed with `state_shardings`."""
@@ -403,6 +419,21 @@ class Engine:
       self.graphdef, params, self.abstract_decode_state(), stop, min_free,
       sampling=sampling, steps=self.cfg.steps_per_call,
     )  # fmt: skip
+
+  def trace_insert(self, prefix) -> jax.stages.Traced:
+    """The largest insert (I = batch_bucket(num_slots) requests of `prefix`) into the abstract
+    decode state, traced. prefix: a Prefix of sharded ShapeDtypeStructs (prefill's output)."""
+    bsz = self.cfg.batch_bucket(self.cfg.num_slots)
+    rep = sharding.replicated(self.mesh)
+    arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+    stop = jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32, sharding=rep)
+    return self._insert.trace(prefix, self.abstract_decode_state(), arg(bsz), arg(bsz),
+                              arg(bsz, self.cfg.pages_per_slot), arg(bsz), arg(bsz), stop)
+
+
+def _cast_dtype(x, dtype) -> jnp.dtype:
+  """The dtype a param leaf is held in by the sampler: `dtype` for floating leaves."""
+  return jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
 
 
 def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:

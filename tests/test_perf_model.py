@@ -1,0 +1,162 @@
+"""fipo_jax.perf_model on small programs compiled for the CPU, and on hand-written HLO."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fipo_jax import perf_model as pm
+from fipo_jax import sharding
+
+
+def _hlo(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled.as_text(), compiled.cost_analysis()
+
+
+def _scan(w, x):
+  return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+
+def test_a_loop_free_program_costs_what_xla_says():
+  text, xla = _hlo(lambda w, x: jnp.tanh(x @ w), jnp.ones((64, 32)), jnp.ones((8, 64)))
+  cost = pm.program_cost(text)
+  assert cost.flops == 2 * 8 * 64 * 32 <= xla["flops"]  # XLA adds the elementwise ops
+  # The matmul reads both operands and writes its result, tanh reads and writes that again.
+  assert cost.hbm_bytes == xla["bytes accessed"] == 4 * (64 * 32 + 8 * 64 + 3 * 8 * 32)
+  assert cost.total_collective_bytes == 0
+
+
+def test_scans_count_every_iteration():
+  x = jnp.ones((8, 64))
+  costs = {n: pm.program_cost(_hlo(_scan, jnp.ones((n, 64, 64)), x)[0]) for n in (2, 4, 8)}
+  for n, c in costs.items():
+    assert c.flops == n * 2 * 8 * 64 * 64
+  # Bytes grow linearly with the length: each layer reads its weights (64 x 64 f32) once.
+  per_layer = (costs[8].hbm_bytes - costs[4].hbm_bytes) / 4
+  assert per_layer == pytest.approx((costs[4].hbm_bytes - costs[2].hbm_bytes) / 2)
+  assert per_layer >= 64 * 64 * 4
+  _, xla = _hlo(_scan, jnp.ones((8, 64, 64)), x)
+  assert xla["flops"] < costs[8].flops  # XLA counts the body once
+
+
+def test_loops_of_unknown_length_take_the_stated_trips():
+  def fn(w, x, n):
+    return jax.lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x)
+
+  text, _ = _hlo(fn, jnp.ones((64, 64)), jnp.ones((8, 64)), jnp.int32(3))
+  one, ten = pm.program_cost(text, (1,)), pm.program_cost(text, (10,))
+  assert one.flops == 2 * 8 * 64 * 64 and ten.flops == 10 * one.flops
+  assert ten.hbm_bytes > 9 * 64 * 64 * 4
+
+
+def test_collectives_by_kind_and_weight_allgathers():
+  mesh = sharding.make_mesh(1, 8, 1)
+  w = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, PartitionSpec("fsdp")))
+  x = jax.device_put(jnp.ones((16, 64)), NamedSharding(mesh, PartitionSpec()))
+  gather = jax.jit(lambda w, x: x @ w, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  cost = pm.program_cost(gather.lower(w, x).compile().as_text())
+  got = cost.collective_bytes
+  assert sum(got.values()) > 0 and set(k for k, v in got.items() if v) <= set(pm.COLLECTIVES)
+  # Whichever way XLA partitions it, something crosses chips; a weight gather is recognised
+  # by its result's shape.
+  gathered = pm.weight_allgather_bytes(cost.all_gathers, [(64, 32)])
+  assert gathered in (0, 64 * 32 * 4)
+  ag = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  cost = pm.program_cost(ag.lower(w).compile().as_text())
+  assert cost.collective_bytes["all-gather"] == 64 * 32 * 4
+  assert pm.weight_allgather_bytes(cost.all_gathers, [(64, 32)]) == 64 * 32 * 4
+  assert pm.weight_allgather_bytes(cost.all_gathers, [(3, 5)]) == 0
+  ids = [("s32[64,32]{1,0}", 8192.0), ("pred[64,32]{1,0}", 2048.0)]  # not weights
+  assert pm.weight_allgather_bytes(ids, [(64, 32)]) == 0
+
+
+_CUSTOM = """HloModule m
+
+ENTRY %main (p0: f32[128,256], p1: bf16[64]) -> f32[16] {
+  %p0 = f32[128,256]{1,0} parameter(0)
+  %p1 = bf16[64]{0} parameter(1)
+  %k = f32[16]{0} custom-call(%p0, %p1), custom_call_target="tpu_custom_call"%s
+  ROOT %n = f32[16]{0} negate(%k)
+}
+"""
+
+
+def test_custom_calls_count_their_operands_or_their_estimate():
+  cost = pm.program_cost(_CUSTOM.replace("%s", ""))
+  kernel = 128 * 256 * 4 + 64 * 2 + 16 * 4
+  assert cost.hbm_bytes == kernel + 2 * 16 * 4 and cost.custom_calls == 1 and cost.flops == 0
+  est = ', backend_config={"cost_estimate":{"flops":"1000","bytes_accessed":"777"}}'
+  cost = pm.program_cost(_CUSTOM.replace("%s", est))
+  assert cost.hbm_bytes == 777 + 2 * 16 * 4 and cost.flops == 1000
+
+
+_WHILE = """HloModule w
+
+%cond (p: (s32[], f32[32])) -> pred[] {
+  %p = (s32[], f32[32]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (q: (s32[], f32[32])) -> (s32[], f32[32]) {
+  %q = (s32[], f32[32]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %x = f32[32]{0} get-tuple-element(%q), index=1
+  %y = f32[32]{0} exponential(%x)
+  %one = s32[] constant(1)
+  %k = s32[] add(%j, %one)
+  ROOT %t = (s32[], f32[32]{0}) tuple(%k, %y)
+}
+
+ENTRY %main (a: f32[32]) -> f32[32] {
+  %a = f32[32]{0} parameter(0)
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[32]{0}) tuple(%z, %a)
+  %w = (s32[], f32[32]{0}) while(%t0), condition=%cond, body=%body
+  ROOT %r = f32[32]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_a_constant_loop_bound_is_its_trip_count():
+  cost = pm.program_cost(_WHILE, (99,), top=3)
+  # 5 x (exp: 256 bytes, add: 12 bytes), the compare runs 5 times (12 bytes each)
+  assert cost.hbm_bytes == 5 * (32 * 4 * 2 + 12) + 5 * 9
+  assert cost.top[0][1] == "y" and cost.top[0][3] == 5
+
+
+def test_roofline_and_the_rl_step():
+  chip = pm.CHIPS["v5p"]
+  assert pm.roofline_seconds(chip.bf16_flops, 0, 0, chip) == 1.0
+  assert pm.roofline_seconds(0, 2 * chip.hbm_bandwidth, 0, chip) == 2.0
+  assert pm.roofline_seconds(1, 1, 3 * chip.ici_bandwidth, chip) == 3.0
+  step = pm.RLStep(prompts=4, responses=16, mean_prompt=10, mean_response=100, num_slots=8,
+                   prefill_rows=4, insert_rows=8, updates=2, log_prob_passes=1)
+  secs = dict(decode=0.01, handover=1.0, prefill=0.5, insert=0.25, old_log_prob=2.0,
+              train_step=3.0)
+  out = pm.rl_step_seconds(step, secs, chips=2)
+  gen = 200 * 0.01 + 1.0 + 1 * 0.5 + 2 * 0.25
+  assert out["rl_step_seconds_by_phase"] == {"generate": gen, "old_log_prob": 2.0, "update": 6.0}
+  assert out["rl_step_seconds"] == gen + 8.0
+  assert sum(out["rl_step_split"].values()) == pytest.approx(1.0)
+  np.testing.assert_allclose(out["rl_tokens_per_s_per_chip"], 16 * 110 / (gen + 8.0) / 2)
+
+
+_CONV = """HloModule c
+
+ENTRY %main (a: bf16[12288,2,224,1], b: bf16[2,224,28,128]) -> bf16[12288,28,128,1] {
+  %a = bf16[12288,2,224,1]{0,2,1,3} parameter(0)
+  %b = bf16[2,224,28,128]{3,1,0,2} parameter(1)
+  ROOT %c = bf16[12288,28,128,1]{2,0,3,1} convolution(%a, %b), WINDOW
+}
+""".replace("WINDOW",
+           "window={size=28x2 pad=27_27x0_0 rhs_reversal=1x0}, dim_labels=b1f0_1i0o->b0f1")
+
+
+def test_a_dot_written_as_a_convolution_counts_its_real_macs():
+  # The TPU compiler's form of [12288, 448] x [448, 28 x 128]: the window of 28 lies over
+  # padding but for one position, so each output sums 2 x 224 products.
+  assert pm.program_cost(_CONV).flops == 2 * 12288 * 28 * 128 * 2 * 224
