@@ -36,7 +36,7 @@ from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
 from fipo_jax.algo import rollout_correction
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, optimizer, packed_step, sampler_policy, warmstart
+from fipo_jax.rl import evaluation, optimizer, sampler_policy, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import rollout_dump as dump_lib
 from fipo_jax.rl import setup as setup_lib
