@@ -175,13 +175,14 @@ def compile_phases(p: aot_phases.Programs, names, chip: perf_model.Chip, mean_pr
     print(f"compiling {name} on {dict(mesh.shape)} ...", file=sys.stderr, flush=True)
     phase = aot_phases.Phase(name, {a: int(mesh.shape[a]) for a in ("data", "fsdp", "tensor")},
                              dtype, phase_kernel(name, p), shapes, tokens)
-    trips = (k, _blocks(p, _fill(p.run, mean_prompt, mean_response))) if name == "decode" \
-      else (1,)
+    fill = _fill(p.run, mean_prompt, mean_response)
+    trips = (k, _blocks(p, fill)) if name == "decode" else (1,)
+    kernels = decode_kernel_bytes(p, fill) if name == "decode" else None
     # Every per-platform choice (splash, kernels) takes its TPU path; decode lowers under its
     # mesh, since the Pallas TPU kernel's lowering reads the chip kind from the current mesh.
     with as_platform("tpu"), (jax.set_mesh(mesh) if name == "decode" else contextlib.nullcontext()):
       traced = aot_phases.traced(p, name, batch)
-      out[name] = aot_phases.compile_phase(phase, traced, trips)
+      out[name] = aot_phases.compile_phase(phase, traced, trips, kernels)
     out[name].resident = aot_phases.resident(p, name)
     if hlo_dir and out[name].hlo:
       os.makedirs(hlo_dir, exist_ok=True)
@@ -200,6 +201,21 @@ def _fill(run, mean_prompt: int, mean_response: float) -> float:
 def _blocks(p: aot_phases.Programs, live_tokens: float) -> int:
   """Trips of the paged attention loop over K/V blocks with `live_tokens` in a slot."""
   return math.ceil(live_tokens / p.engine.cfg.decode_block)
+
+
+def decode_kernel_bytes(p: aot_phases.Programs, live_tokens: float) -> dict[str, float] | None:
+  """{kernel: HBM bytes per call} for program_cost: the TPU ragged paged attention kernel reads
+  the live K/V of one layer (`live_tokens` in every slot) plus its q and writes its out, per
+  chip; its operands are the whole pool of every layer. None for the other decode kernels."""
+  if not (p.engine.paged and p.engine.layout.decode_kernel == "ragged_paged_attention"):
+    return None
+  m = p.engine.model_cfg
+  kv = aot_phases.kv_bytes_per_chip(p, live_tokens) / m.num_layers
+  shape = p.engine.mesh.shape
+  slots = math.ceil(p.engine.cfg.num_slots / (shape.get("data", 1) * shape.get("fsdp", 1)))
+  q = slots * math.ceil(m.num_heads / shape.get("tensor", 1)) * m.head_dim \
+    * p.engine.param_dtype.itemsize  # slots over (data, fsdp), heads over tensor
+  return {"ragged_paged_attention": kv + 2 * q}
 
 
 def _phase_numbers(ph: aot_phases.Phase, chip: perf_model.Chip, per: int = 1) -> dict:
@@ -228,7 +244,8 @@ def derive(p: aot_phases.Programs, phases, out: dict, chip, chips: int, mean_pro
     dec, slots = phases["decode"], eng.cfg.num_slots
     step_s = out["decode"]["roofline_seconds"]
     half = _fill(run, mean_prompt, run.rl.max_response_length)
-    at_half = perf_model.program_cost(dec.hlo, (k, _blocks(p, half)))
+    at_half = perf_model.program_cost(dec.hlo, (k, _blocks(p, half)),
+                                      kernel_bytes=decode_kernel_bytes(p, half))
     ideal = bytes_per_chip(p.sampler_params) + aot_phases.kv_bytes_per_chip(p, half)
     weights = [x.shape for x in jax.tree.leaves(p.params)]
     model.update(

@@ -149,8 +149,9 @@ def traced(p: Programs, name: str, batch=None):
   raise ValueError(f"unknown phase {name!r}; known: {PHASES}")
 
 
-def compile_phase(phase: Phase, traced_fn, unknown_trips=(1,)) -> Phase:
-  """Lowers and compiles; fills memory, cost (loops at their trip counts) and compile time."""
+def compile_phase(phase: Phase, traced_fn, unknown_trips=(1,), kernel_bytes=None) -> Phase:
+  """Lowers and compiles; fills memory, cost (loops at their trip counts, the kernels named in
+  `kernel_bytes` at the bytes per call stated: perf_model.program_cost) and compile time."""
   start = time.perf_counter()
   # The optimized HLO from XLA's dump: `compiled.as_text()` fails on some TPU programs (libtpu
   # 0.0.52: "async-update instruction should have 1 operands").
@@ -176,7 +177,7 @@ def compile_phase(phase: Phase, traced_fn, unknown_trips=(1,)) -> Phase:
   if cost:
     phase.xla_flops = float(cost.get("flops", 0.0))
     phase.xla_bytes = float(cost.get("bytes accessed", 0.0))
-  phase.cost = perf_model.program_cost(phase.hlo, unknown_trips)
+  phase.cost = perf_model.program_cost(phase.hlo, unknown_trips, kernel_bytes=kernel_bytes)
   return phase
 
 

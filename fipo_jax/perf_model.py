@@ -10,10 +10,11 @@ body of a loop once; here every computation is weighted by how often it runs:
     live lengths) takes the next entry of `unknown_trips`, outermost first (decode: the steps
     of one call, then the blocks live at a stated fill);
   - HBM bytes per top-level instruction are its operands plus its result, as XLA's cost
-    analysis counts a fusion: an operand the fusion only slices (dynamic-slice, slice, gather)
-    counts the slices, an in-place dynamic-update-slice or scatter counts the update. A custom
-    call (a Pallas kernel) counts its cost estimate when the backend config carries one, else
-    its operands and results: never 0;
+    analysis counts a fusion: an operand the fusion only slices (dynamic-slice, slice, gather;
+    also through bitcasts, reshapes, converts or a nested fusion) counts the slices, an in-place
+    dynamic-update-slice or scatter counts the update. A custom call (a Pallas kernel) counts
+    the bytes per call stated for it (program_cost's kernel_bytes), else its cost estimate when
+    the backend config carries one, else its operands and results: never 0;
   - FLOPs are 2 x output x contracted size of every dot and convolution (fused or not);
   - collective bytes by kind (all-gather: the gathered result; all-reduce, reduce-scatter,
     all-to-all, collective-permute: the operand).
@@ -194,7 +195,8 @@ def _constant_bound(cond: list[Instr]) -> int | None:
   return int(rhs) if rhs is not None and rhs.lstrip("-").isdigit() else None
 
 
-def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> float:
+def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str],
+                  comps: dict[str, list[Instr]]) -> float:
   """HBM bytes of one fusion: sliced operands count their slices, in-place updates theirs."""
   index_of = {i.name: int(i.args) for i in body if i.op == "parameter" and i.args.isdigit()}
   users: dict[str, list[Instr]] = {}
@@ -207,8 +209,9 @@ def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> floa
     full = shape_bytes(shapes.get(operand, ""))
     p = by_index.get(n)
     use = users.get(p, []) if p else []
-    if use and all(u.op in _SLICERS and u.operands[0] == p for u in use):
-      total += sum(shape_bytes(u.shape) for u in use)
+    sliced = _sliced_bytes(p, body, comps) if p else None
+    if sliced is not None:
+      total += sliced
     elif use and all(u.op in _IN_PLACE and u.operands[0] == p for u in use):
       total += 0.0  # the buffer updated in place: only the update moves (counted below)
     else:
@@ -222,6 +225,41 @@ def _fusion_bytes(ins: Instr, body: list[Instr], shapes: dict[str, str]) -> floa
       total += 2 * shape_bytes(_shape_in(body, update))
     else:
       total += shape_bytes(r.shape)
+  return total
+
+
+_VIEWS = {"bitcast", "reshape", "convert", "copy"}  # same elements, maybe another dtype
+
+
+def _sliced_bytes(name: str, body: list[Instr], comps: dict[str, list[Instr]]) -> float | None:
+  """Bytes read of `name` (in its dtype) when every use only slices it, else None.
+
+  Uses may reach the slice through element-preserving views (bitcast, reshape, convert, copy)
+  or a nested fusion whose parameter is only sliced: how the TPU compiler fuses a layer scan's
+  `stacked_weights[layer]` into the matmul that reads it.
+  """
+  use = [u for u in body if name in u.operands]
+  if not use:
+    return None
+  total = 0.0
+  for u in use:
+    if u.op in _SLICERS and u.operands[0] == name and name not in u.operands[1:]:
+      total += shape_bytes(u.shape)
+      continue
+    if u.op in _VIEWS:
+      inner = _sliced_bytes(u.name, body, comps)
+      ratio = shape_bytes(_shape_in(body, name)) / max(shape_bytes(u.shape), 1e-9)
+    elif u.op == "fusion" and (callee := re.search(r"calls=%?([\w.\-]+)", u.attrs)):
+      sub = comps.get(callee.group(1), [])
+      params = {int(i.args): i.name for i in sub if i.op == "parameter" and i.args.isdigit()}
+      parts = [_sliced_bytes(params[k], sub, comps) if k in params else None
+               for k, o in enumerate(u.operands) if o == name]
+      inner, ratio = (None if None in parts else sum(parts)), 1.0
+    else:
+      return None
+    if inner is None:
+      return None
+    total += inner * ratio
   return total
 
 
@@ -277,12 +315,18 @@ class ProgramCost:
     return sum(self.collective_bytes.values())
 
 
-def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,), *, top: int = 0
-                 ) -> ProgramCost:
+def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,), *, top: int = 0,
+                 kernel_bytes: dict[str, float] | None = None) -> ProgramCost:
   """The cost of one compiled program (its optimized HLO text); see the module docstring.
 
   top > 0: also keep the `top` instructions that move the most HBM bytes (ProgramCost.top).
+  kernel_bytes: {key: HBM bytes per call} for custom calls whose name or attributes (target,
+  metadata) contain the key: a kernel whose reads follow data its operands do not show (the
+  paged attention kernel reads the live pages of one layer, not the whole pool) counted at a
+  stated fill. Must be > 0; it wins over the call's own cost estimate.
   """
+  if any(b <= 0 for b in (kernel_bytes or {}).values()):
+    raise ValueError(f"kernel_bytes must be > 0: {kernel_bytes}")
   comps, entry = parse_hlo(hlo_text)
   mult, control = multipliers(comps, entry, unknown_trips)
   flops = 0.0
@@ -312,10 +356,19 @@ def program_cost(hlo_text: str, unknown_trips: Sequence[int] = (1,), *, top: int
         customs += 1
         est = _custom_call_estimate(ins)
         flops += times * est[0] if est else 0.0
-      moved.append((times * _instr_bytes(ins, comps, shapes), ins.name, ins.op, times))
+      b = _kernel_bytes(ins, kernel_bytes) or _instr_bytes(ins, comps, shapes)
+      moved.append((times * b, ins.name, ins.op, times))
   cost = ProgramCost(flops, sum(m[0] for m in moved), coll, gathers, customs)
   cost.top = sorted(moved, reverse=True)[:top]
   return cost
+
+
+def _kernel_bytes(ins: Instr, kernel_bytes: dict[str, float] | None) -> float | None:
+  """The stated bytes per call of a custom call named by a key of kernel_bytes, else None."""
+  if ins.op != "custom-call":
+    return None
+  return next((b for key, b in (kernel_bytes or {}).items()
+               if key in ins.name or key in ins.attrs), None)
 
 
 def _instr_bytes(ins: Instr, comps: dict[str, list[Instr]], shapes: dict[str, str]) -> float:
@@ -326,7 +379,7 @@ def _instr_bytes(ins: Instr, comps: dict[str, list[Instr]], shapes: dict[str, st
     return operands + max(leaves, default=0.0)
   if ins.op == "fusion":
     callee = re.search(r"calls=%?([\w.\-]+)", ins.attrs)
-    return _fusion_bytes(ins, comps.get(callee.group(1), []) if callee else [], shapes)
+    return _fusion_bytes(ins, comps.get(callee.group(1), []) if callee else [], shapes, comps)
   if ins.op == "custom-call":
     est = _custom_call_estimate(ins)
     return est[1] if est else operands + shape_bytes(ins.shape)

@@ -160,3 +160,96 @@ def test_a_dot_written_as_a_convolution_counts_its_real_macs():
   # The TPU compiler's form of [12288, 448] x [448, 28 x 128]: the window of 28 lies over
   # padding but for one position, so each output sums 2 x 224 products.
   assert pm.program_cost(_CONV).flops == 2 * 12288 * 28 * 128 * 2 * 224
+
+
+# A layer scan's matmul as the TPU compiler fuses it: the stacked weights of all 8 layers go in
+# whole, a nested fusion slices out the current layer (dynamic-slice, bitcast), a convert reads
+# it as f32.
+_NESTED = """HloModule n
+
+%slice_layer (w0: bf16[8,64,32], i0: s32[]) -> bf16[64,32] {
+  %w0 = bf16[8,64,32]{2,1,0} parameter(0)
+  %i0 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %ds = bf16[1,64,32]{2,1,0} dynamic-slice(%w0, %i0, %zero, %zero), dynamic_slice_sizes={1,64,32}
+  ROOT %bc = bf16[64,32]{1,0} bitcast(%ds)
+}
+
+%matmul (w1: bf16[8,64,32], i1: s32[], x1: f32[4,64]) -> f32[4,32] {
+  %w1 = bf16[8,64,32]{2,1,0} parameter(0)
+  %i1 = s32[] parameter(1)
+  %x1 = f32[4,64]{1,0} parameter(2)
+  %cv = f32[8,64,32]{2,1,0} convert(%w1)
+  %layer = f32[64,32]{1,0} fusion(%cv, %i1), kind=kLoop, calls=%slice_layer_f32
+  ROOT %d = f32[4,32]{1,0} dot(%x1, %layer), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%slice_layer_f32 (w2: f32[8,64,32], i2: s32[]) -> f32[64,32] {
+  %w2 = f32[8,64,32]{2,1,0} parameter(0)
+  %i2 = s32[] parameter(1)
+  %zero2 = s32[] constant(0)
+  %ds2 = f32[1,64,32]{2,1,0} dynamic-slice(%w2, %i2, %zero2, %zero2), dynamic_slice_sizes={1,64,32}
+  ROOT %bc2 = f32[64,32]{1,0} bitcast(%ds2)
+}
+
+%matmul2 (w3: bf16[8,64,32], i3: s32[], x3: bf16[4,64]) -> bf16[4,32] {
+  %w3 = bf16[8,64,32]{2,1,0} parameter(0)
+  %i3 = s32[] parameter(1)
+  %x3 = bf16[4,64]{1,0} parameter(2)
+  %layer3 = bf16[64,32]{1,0} fusion(%w3, %i3), kind=kLoop, calls=%slice_layer
+  ROOT %d3 = bf16[4,32]{1,0} convolution(%x3, %layer3), dim_labels=bf_io->bf
+}
+
+ENTRY %main (w: bf16[8,64,32], i: s32[], x: f32[4,64], y: bf16[4,64]) -> (f32[4,32], bf16[4,32]) {
+  %w = bf16[8,64,32]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %x = f32[4,64]{1,0} parameter(2)
+  %y = bf16[4,64]{1,0} parameter(3)
+  %f = f32[4,32]{1,0} fusion(%w, %i, %x), kind=kOutput, calls=%matmul
+  %g = bf16[4,32]{1,0} fusion(%w, %i, %y), kind=kOutput, calls=%matmul2
+  ROOT %t = (f32[4,32]{1,0}, bf16[4,32]{1,0}) tuple(%f, %g)
+}
+"""
+
+
+def test_stacked_weights_read_through_a_nested_slice_count_one_layer():
+  cost = pm.program_cost(_NESTED, top=2)
+  layer = 64 * 32 * 2  # one layer of the bf16 weights, not all 8
+  f = layer + 4 + 4 * 64 * 4 + 4 * 32 * 4  # via the convert: its bf16 source bytes
+  g = layer + 4 + 4 * 64 * 2 + 4 * 32 * 2
+  assert {t[1]: t[0] for t in cost.top} == {"f": f, "g": g}
+  # Another use of the stacked weights than a slice reads them whole.
+  whole = pm.program_cost(_NESTED.replace("%d3 = bf16[4,32]{1,0} convolution(%x3, %layer3)",
+                                          "%d3 = bf16[4,32]{1,0} convolution(%x3, %w3)"), top=2)
+  assert {t[1]: t[0] for t in whole.top}["g"] == 8 * layer + 4 + 4 * 64 * 2 + 4 * 32 * 2
+
+
+def test_a_named_kernel_counts_the_bytes_stated_for_it():
+  meta = ', metadata={op_name="jit(f)/ragged_paged_attention_kernel/pallas_call"}'
+  est = ', backend_config={"cost_estimate":{"flops":"1000","bytes_accessed":"777"}}'
+  for attrs in (meta, meta + est):
+    text = _CUSTOM.replace("%s", attrs)
+    cost = pm.program_cost(text, kernel_bytes={"ragged_paged_attention": 5000.0})
+    assert cost.hbm_bytes == 5000 + 2 * 16 * 4
+    other = pm.program_cost(text, kernel_bytes={"flash_attention": 5000.0})
+    assert other.hbm_bytes != cost.hbm_bytes  # a key the call does not carry changes nothing
+  with pytest.raises(ValueError, match="> 0"):
+    pm.program_cost(text, kernel_bytes={"ragged_paged_attention": 0})
+
+
+def test_aot_states_the_ragged_kernel_at_its_fill(monkeypatch):
+  from types import SimpleNamespace as NS  # noqa: PLC0415
+
+  from fipo_jax import aot, aot_phases  # noqa: PLC0415
+
+  monkeypatch.setattr(aot_phases, "kv_bytes_per_chip", lambda p, live: 1000.0 * live)
+  layout = NS(decode_kernel="ragged_paged_attention")
+  eng = NS(paged=True, layout=layout, mesh=NS(shape={"data": 2, "fsdp": 1, "tensor": 2}),
+           model_cfg=NS(num_layers=4, num_heads=8, head_dim=128), cfg=NS(num_slots=32),
+           param_dtype=jnp.dtype(jnp.bfloat16))
+  p = NS(engine=eng)
+  # One layer's live K/V, plus q in and out: 16 local slots x 4 local heads x 128 x bf16.
+  want = 1000.0 * 100 / 4 + 2 * 16 * 4 * 128 * 2
+  assert aot.decode_kernel_bytes(p, 100) == {"ragged_paged_attention": want}
+  layout.decode_kernel = "gather_grouped"  # its reads show in its HLO: no stated bytes
+  assert aot.decode_kernel_bytes(p, 100) is None
