@@ -37,6 +37,7 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -328,3 +329,13 @@ def first_restorable(steps: Sequence[int], try_restore: Callable[[int], Any],
     failed = [p for p, ok in enumerate(oks) if not ok]
     failures[step] = why or f"it did not restore on process {', '.join(map(str, failed))}"
   return None, failures
+
+
+def exit_if_unreadable(error: object, code: int = 2) -> None:
+  """Ends the process at once (os._exit) when `error` is a CheckpointUnreadable, after the
+  caller printed its one line: the failed restore leaves TensorStore reads in flight whose
+  callbacks would print tracebacks on the closed event loop at interpreter exit."""
+  if isinstance(error, CheckpointUnreadable):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -26,6 +26,9 @@ PROBE = "Q: copy 4831=\nWhat is 3 + 4? Answer: 7."
 def _fail(message: Any) -> None:
   """One line on stderr, exit code 2 (a bad input, not a crash)."""
   print(f"export: {' '.join(str(message).split())}", file=sys.stderr)
+  ckpt = sys.modules.get("fipo_jax.checkpoints")  # imported only when a checkpoint was read
+  if ckpt is not None:
+    ckpt.exit_if_unreadable(message)
   sys.exit(2)
 
 

@@ -70,6 +70,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _fail(message: Any) -> None:
   """One line on stderr, exit code 2 (a bad input, not a crash)."""
   print(f"generate: {' '.join(str(message).split())}", file=sys.stderr)
+  ckpt = sys.modules.get("fipo_jax.checkpoints")  # imported only when a checkpoint was read
+  if ckpt is not None:
+    ckpt.exit_if_unreadable(message)
   sys.exit(2)
 
 

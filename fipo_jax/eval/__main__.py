@@ -35,6 +35,9 @@ _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", -1, "Evaluate only the first 
 def _fail(message) -> None:
   """One line on stderr, exit code 2 (a bad input, not a crash)."""
   print(f"eval: {' '.join(str(message).split())}", file=sys.stderr)
+  ckpt = sys.modules.get("fipo_jax.checkpoints")  # imported only when a checkpoint was read
+  if ckpt is not None:
+    ckpt.exit_if_unreadable(message)
   sys.exit(2)
 
 
