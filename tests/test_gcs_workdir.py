@@ -29,6 +29,8 @@ def bucket(tmp_path, monkeypatch):
 def test_train_on_a_bucket(bucket, capsys):
   config = tiny_cpu.get_config("runlocal")
   config.total_steps, config.sft.steps = 1, 2
+  # A plumbing check of the paths: no warm-start threshold, no stop on groups without a mix.
+  config.sft.loss_threshold, config.rl.max_empty_steps = 0.0, 0
   trainer.run(config, "gs://b/run")
   printed = capsys.readouterr().out
   run = bucket / "b" / "run"

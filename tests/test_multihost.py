@@ -24,9 +24,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Small enough for 2 shared CPU cores. A short warm start rarely samples a right answer, so group
 # filtering is off: the overlong penalty (responses past 16 tokens) still varies within groups,
-# which gives non-zero advantages and real FIPO updates on every step.
+# which gives non-zero advantages and real FIPO updates on every step. No warm-start threshold:
+# 20 steps are a plumbing check, not a base model (the threshold would stop the run, exit 2).
 OVERRIDES = (
   "--config.sft.steps=20",
+  "--config.sft.loss_threshold=0",
   "--config.eval_every=0",
   "--config.rl.filter_groups_enable=false",
   "--config.mesh.data=1",
