@@ -4,17 +4,22 @@ r"""The main job: FIPO grows a chain of thought on a laptop (parity of 14 bits, 
 
 The task (data.synthetic.kind='parity'): "Q: parity 10110010111001=" is answered "Answer: 0"
 and scored by the math_dapo "Answer: ..." verifier, as real math data. Two right responses
-exist: the direct answer (10 tokens with EOS) and a chain of thought, the running parity
-"11011100101110 Answer: 0" (25 tokens). Why parity with a running-parity chain
-(Tsilivis et al., ICLR 2026): length buys accuracy and nothing else does. A tiny transformer
-cannot compute the parity of 14 bits in one token, so direct answers stay at chance on held-out
-prompts, while each chain step is one XOR of the token it reads and the bit at a fixed offset,
-which it learns. The supervised warm start (the "base model", sft.*) first learns the chain (to
+exist: the direct answer (10 tokens with EOS) and a chain of thought, the running parity with
+the bit it reads, digit 2*bit + parity per step: "31231120323112 Answer: 0" (25 tokens). Why
+parity with a running-parity chain (Tsilivis et al., ICLR 2026): length buys accuracy and
+nothing else does. A tiny transformer cannot compute the parity of 14 bits in one token, so
+direct answers stay at chance on held-out prompts, while each chain step copies the bit at a
+fixed offset and XORs it with the parity in the token it reads, which it learns. The bit in
+each digit matters: with parities alone ("11011100101110") the fixed-offset attention got no
+gradient until the XOR worked, and the warm start of seeds 1 and 2 sat on its plateau (loss
+0.42) past 700 steps; with the bit, seeds 0-4 reach sft.loss_threshold in 148-303 steps.
+
+The supervised warm start (the "base model", sft.*) first learns the chain (to
 sft.loss_threshold), then sees it in a share sft.chain_fraction of its examples and the direct
-answer otherwise, so it samples the short form most of the time. RL
-rewarded only by the verifier must move it to the long form: the response length grows and
-accuracy follows. The decision is the first response token, early in a long response, which is
-where FIPO's Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
+answer otherwise, so it samples the short form most of the time. RL rewarded only by the
+verifier must move it to the long form: the response length grows and accuracy follows. The
+decision is the first response token, early in a long response, which is where FIPO's
+Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
 on the first and move on the others).
 
 Eval uses the official val_kwargs (temperature 1.0, top-p 0.7), so at step 0 top-p keeps mostly
@@ -33,8 +38,9 @@ def get_config(arg=None):
 
   c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
   c.model.overrides = recipes.tiny_model()  # ... shrunk to ~0.1M parameters
-  # Measured: at 1e4 the warm start stayed on its plateau for 400+ steps; at 300 the chain's
-  # fixed-offset attention forms within ~260 (more positional frequencies resolve 14 tokens).
+  # Measured (with the parity-only chain): at 1e4 the warm start stayed on its plateau for 400+
+  # steps; at 300 the fixed-offset attention formed within ~260 on seed 0 (more positional
+  # frequencies resolve 14 tokens).
   c.model.overrides.rope_theta = 300.0
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
@@ -85,7 +91,7 @@ def get_config(arg=None):
   c.mesh.tensor = 1
 
   # Warm start (cached in WORKDIR/sft): chains only until the loss is <= sft.loss_threshold
-  # (at most sft.steps steps; a plateau of seed-dependent length comes first), then
+  # (at most sft.steps steps; a short plateau of seed-dependent length comes first), then
   # sft.mix_steps steps on the base model's mix.
   c.sft.steps = 1500
   c.sft.loss_threshold = 0.01
