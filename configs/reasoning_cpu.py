@@ -94,12 +94,15 @@ def get_config(arg=None):
   # (at most sft.steps steps; a short plateau of seed-dependent length comes first), then
   # sft.mix_steps steps on the base model's mix.
   c.sft.steps = 1500
+  # 0.003, not 0.01: RL needs chains sampled at temperature 1 to be right (at 0.01 seed 2's
+  # sampled chains scored below direct answers and RL left it on the short form).
   c.sft.loss_threshold = 0.003
   c.sft.warmup_steps = 50
   c.sft.lr = 3e-3
   c.sft.batch_size = 64
-  # Measured (seed 0): at 0.2 RL moves the policy to the chain within ~10 steps; at
-  # 0.1 it stays on direct answers (held-out length 10.0 at steps 0 and 5): too few chains.
+  # Measured (seed 0, parity-only chain): at 0.2 RL moved the policy to the chain within ~10
+  # steps; at 0.1 it stayed on direct answers (held-out length 10.0 at steps 0 and 5). Above
+  # ~0.3 top-p 0.7 keeps the chain at step 0 and the 2x length growth has no room.
   c.sft.chain_fraction = 0.25  # the base model writes the chain 1 time in 4
   c.sft.mix_steps = 150
   if arg:
