@@ -4,17 +4,22 @@ r"""The main job: FIPO grows a chain of thought on a laptop (parity of 14 bits, 
 
 The task (data.synthetic.kind='parity'): "Q: parity 10110010111001=" is answered "Answer: 0"
 and scored by the math_dapo "Answer: ..." verifier, as real math data. Two right responses
-exist: the direct answer (10 tokens with EOS) and a chain of thought, the running parity
-"11011100101110 Answer: 0" (25 tokens). Why parity with a running-parity chain
-(Tsilivis et al., ICLR 2026): length buys accuracy and nothing else does. A tiny transformer
-cannot compute the parity of 14 bits in one token, so direct answers stay at chance on held-out
-prompts, while each chain step is one XOR of the token it reads and the bit at a fixed offset,
-which it learns. The supervised warm start (the "base model", sft.*) first learns the chain (to
+exist: the direct answer (10 tokens with EOS) and a chain of thought, the running parity with
+the bit it reads, digit 2*bit + parity per step: "31231120323112 Answer: 0" (25 tokens). Why
+parity with a running-parity chain (Tsilivis et al., ICLR 2026): length buys accuracy and
+nothing else does. A tiny transformer cannot compute the parity of 14 bits in one token, so
+direct answers stay at chance on held-out prompts, while each chain step copies the bit at a
+fixed offset and XORs it with the parity in the token it reads, which it learns. The bit in
+each digit matters: with parities alone ("11011100101110") the fixed-offset attention got no
+gradient until the XOR worked, and the warm start of seeds 1 and 2 sat on its plateau (loss
+0.42) past 700 steps; with the bit, seeds 0-4 reach loss 0.01 in 148-303 steps (0.003 in 212-339).
+
+The supervised warm start (the "base model", sft.*) first learns the chain (to
 sft.loss_threshold), then sees it in a share sft.chain_fraction of its examples and the direct
-answer otherwise, so it samples the short form most of the time. RL
-rewarded only by the verifier must move it to the long form: the response length grows and
-accuracy follows. The decision is the first response token, early in a long response, which is
-where FIPO's Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
+answer otherwise, so it samples the short form most of the time. RL rewarded only by the
+verifier must move it to the long form: the response length grows and accuracy follows. The
+decision is the first response token, early in a long response, which is where FIPO's
+Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
 on the first and move on the others).
 
 Eval uses the official val_kwargs (temperature 1.0, top-p 0.7), so at step 0 top-p keeps mostly
@@ -33,8 +38,9 @@ def get_config(arg=None):
 
   c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
   c.model.overrides = recipes.tiny_model()  # ... shrunk to ~0.1M parameters
-  # Measured: at 1e4 the warm start stayed on its plateau for 400+ steps; at 300 the chain's
-  # fixed-offset attention forms within ~260 (more positional frequencies resolve 14 tokens).
+  # Measured (with the parity-only chain): at 1e4 the warm start stayed on its plateau for 400+
+  # steps; at 300 the fixed-offset attention formed within ~260 on seed 0 (more positional
+  # frequencies resolve 14 tokens).
   c.model.overrides.rope_theta = 300.0
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
@@ -85,16 +91,19 @@ def get_config(arg=None):
   c.mesh.tensor = 1
 
   # Warm start (cached in WORKDIR/sft): chains only until the loss is <= sft.loss_threshold
-  # (at most sft.steps steps; a plateau of seed-dependent length comes first), then
+  # (at most sft.steps steps; a short plateau of seed-dependent length comes first), then
   # sft.mix_steps steps on the base model's mix.
   c.sft.steps = 1500
-  c.sft.loss_threshold = 0.01
+  # 0.003, not 0.01: RL needs chains sampled at temperature 1 to be right (at 0.01 seed 2's
+  # sampled chains scored below direct answers and RL left it on the short form).
+  c.sft.loss_threshold = 0.003
   c.sft.warmup_steps = 50
   c.sft.lr = 3e-3
   c.sft.batch_size = 64
-  # Measured (seed 0): at 0.2 RL moves the policy to the chain within ~10 steps; at
-  # 0.1 it stays on direct answers (held-out length 10.0 at steps 0 and 5): too few chains.
-  c.sft.chain_fraction = 0.2  # the base model writes the chain 1 time in 5
+  # Measured (seed 0, parity-only chain): at 0.2 RL moved the policy to the chain within ~10
+  # steps; at 0.1 it stayed on direct answers (held-out length 10.0 at steps 0 and 5). Above
+  # ~0.3 top-p 0.7 keeps the chain at step 0 and the 2x length growth has no room.
+  c.sft.chain_fraction = 0.25  # the base model writes the chain 1 time in 4
   c.sft.mix_steps = 150
   if arg:
     raise ValueError(f"unknown config arg {arg!r} (expected nothing)")

@@ -33,7 +33,7 @@ def test_parity_rows_chain_and_direct_answers_are_verified(tok):
     bits = synthetic.parity_bits(question)
     assert question == f"Q: parity {bits}=" and truth == str(bits.count("1") % 2)
     text = tok.decode(c["response_ids"], skip_special_tokens=True)
-    running = "".join(str(bits[: i + 1].count("1") % 2) for i in range(len(bits)))
+    running = "".join(str(2 * int(b) + bits[: i + 1].count("1") % 2) for i, b in enumerate(bits))
     for ex, want in ((d, f"Answer: {truth}"), (c, f"{running} Answer: {truth}")):
       assert ex["response_ids"][-1] == tok.eos_token_id
       response = tok.decode(ex["response_ids"], skip_special_tokens=True)
@@ -42,6 +42,7 @@ def test_parity_rows_chain_and_direct_answers_are_verified(tok):
     # Length buys accuracy: the chain is more than twice the direct answer.
     assert len(c["response_ids"]) > 2 * len(d["response_ids"])
   assert synthetic.chain_response("Q: copy 1234=") is None
+  assert synthetic.chain_response("Q: parity 1011=") == "3123 Answer: 1"
 
 
 def test_reasoning_recipe_validates_and_updates_four_times_per_batch():

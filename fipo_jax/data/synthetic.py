@@ -8,10 +8,14 @@ exactly those of real data. Difficulty: digits per operand and number of operand
 
 'copy': "Q: copy 4831=" -> "Answer: 4831". 'parity' (configs/reasoning_cpu.py): "Q: parity
 1011=" -> "Answer: 1", the parity of min_digits..max_digits bits. It has two right responses, the
-direct one and one with a chain of thought, the running parity: "1101 Answer: 1"
+direct one and one with a chain of thought, the running parity with the bit it reads: step i
+writes the digit 2*b_i + p_i (p_i the parity of bits 1..i), "1011=" -> "3123 Answer: 1"
 (`chain_response`). Chain digit i is predicted at digit i-1, a fixed number of tokens after bit
-i, so a tiny transformer learns the chain (one XOR of the token it reads and one bit at a fixed
-offset), while a direct answer needs all bits at once and stays at chance.
+i, so a tiny transformer learns the chain: its bit part is a copy at a fixed offset, which a
+gradient finds directly, and its parity part one XOR of that bit and the parity in the token it
+reads. A chain of parities alone is an XOR of two inputs neither of which predicts it, and its
+warm start sat on a plateau for a seed-dependent time (700+ steps on some seeds). A direct
+answer needs all bits at once and stays at chance.
 """
 
 from __future__ import annotations
@@ -110,16 +114,17 @@ def parity_bits(question: str) -> str | None:
 def chain_response(question: str) -> str | None:
   """The chain-of-thought completion of a parity question (EOS not included), or None.
 
-  'Q: parity 1011=' -> '1101 Answer: 1': the running parity after each bit, then the answer.
+  'Q: parity 1011=' -> '3123 Answer: 1': digit i is 2*b_i + p_i, bit i and the running parity
+  p_i after it (so p_i = digit % 2), then the answer.
   """
   bits = parity_bits(question)
   if bits is None:
     return None
-  running, p = [], 0
+  steps, p = [], 0
   for b in bits:
     p ^= int(b)
-    running.append(str(p))
-  return f"{''.join(running)} {gold_response(running[-1])}"
+    steps.append(str(2 * int(b) + p))
+  return f"{''.join(steps)} {gold_response(str(p))}"
 
 
 def sft_examples(tokenizer: Any, rows: Sequence[dict[str, Any]], *,
