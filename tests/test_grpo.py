@@ -215,13 +215,14 @@ def test_train_step_with_kl_term_averages_micro_batches_and_needs_reference():
     total_updates=1)
   step = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))
   new_params, _, m = step(params, tx.init(params), batch)
-  # Micro-batch j holds rows j, j + 2 (strided); verl averages the metric over micro-batches.
+  # Micro-batch j holds rows j, j + 2 (strided). verl's dp_actor logs each micro-batch's kl loss
+  # times its loss scale (1 / gradient accumulation = 1/2) and averages the list over the step.
   mask = np.asarray(batch.response_mask)
   per_micro = [
     ((0.5 * (lp - ref) ** 2)[j::2] * _np_agg_weights(mask[j::2], "token-mean")).sum()
     for j in range(2)
   ]
-  np.testing.assert_allclose(m["actor/kl_loss"], np.mean(per_micro), rtol=1e-5)
+  np.testing.assert_allclose(m["actor/kl_loss"], np.mean(per_micro) / 2, rtol=1e-5)
   assert float(m["train/skipped_step"]) == 0.0 and float(m["actor/kl_coef"]) == np.float32(0.01)
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)))
   with pytest.raises(ValueError, match="ref_log_probs"):
