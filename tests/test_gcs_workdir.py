@@ -57,7 +57,8 @@ def test_train_on_a_bucket(bucket, capsys):
   # eval and generate load the policy from the bucket; export writes to it.
   policy = policy_lib.load_policy(checkpoint_dir="gs://b/run")
   assert pathlib.Path(policy.tokenizer_dir, "tokenizer.json").exists()  # a local cached copy
-  args = argparse.Namespace(checkpoint="gs://b/run", hf_dir=None, tokenizer_dir=None, dtype=None)
+  args = argparse.Namespace(checkpoint="gs://b/run", hf_dir=None, tokenizer_dir=None, dtype=None,
+                            step=None)
   model, _ = generate.load_model(args)  # generate --checkpoint gs://b/run
   assert model.cfg == policy.model_cfg and args.tokenizer_dir == policy.tokenizer_dir
   export.main(["--checkpoint", "gs://b/run", "--out", "gs://b/export"])
