@@ -293,7 +293,10 @@ def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path):
   )
   assert sorted(trainer) == sorted(sampler)
   for k, v in trainer.items():
-    assert math.isclose(sampler[k], v, rel_tol=1e-5, abs_tol=1e-5), (k, sampler[k], v)
+    # FIPO's weights are exp of a discounted sum of up to T = 20 per-token log-ratios, so the
+    # sampler's per-token differences (<= 4e-6, checked below) add up to <= 20 * 4e-6 = 8e-5 there.
+    tol = 1e-4 if k.startswith("actor/influence_weights") else 1e-5
+    assert math.isclose(sampler[k], v, rel_tol=tol, abs_tol=tol), (k, sampler[k], v)
   for k in MISMATCH_KEYS:
     assert 0.0 <= abs(trainer[k]) <= 1e-5, (k, trainer[k])
   assert trainer["rollout_corr/rollout_is_ratio_fraction_high"] == 0.0
