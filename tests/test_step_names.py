@@ -24,7 +24,8 @@ def test_a_step_traced_under_a_mesh_keeps_its_name():
 
 @pytest.mark.parametrize("module", [ts, packed_step])
 def test_jit_steps_are_named_after_their_steps(module):
-  mesh = jax.make_mesh((1,), ("data",))
+  # The run's mesh axes: the log-prob pass pins its output to the (data, fsdp) batch axes.
+  mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
   shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   steps = module.jit_steps(None, cfg=ts.UpdateConfig(), tx=optax.sgd(0.1),
                            param_sharding={"w": shard}, opt_sharding=None)
