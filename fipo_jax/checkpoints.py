@@ -171,14 +171,18 @@ class CheckpointManager:
     in a barrier of all processes, which one whose restore raised never reaches (see
     `first_restorable`). Each process reads only its own shards either way."""
     step_dir = self._step_dir(step)
-    return Restored(
-      step=int(step),
-      params=ocp.StandardCheckpointHandler().restore(
-        step_dir / "params", args=ocp.args.StandardRestore(abstract_tree(params))),
-      opt_state=ocp.StandardCheckpointHandler().restore(
-        step_dir / "opt_state", args=ocp.args.StandardRestore(abstract_tree(opt_state))),
-      extra=dict(ocp.JsonCheckpointHandler().restore(step_dir / "extra") or {}),
-    )
+    try:
+      return Restored(
+        step=int(step),
+        params=ocp.StandardCheckpointHandler().restore(
+          step_dir / "params", args=ocp.args.StandardRestore(abstract_tree(params))),
+        opt_state=ocp.StandardCheckpointHandler().restore(
+          step_dir / "opt_state", args=ocp.args.StandardRestore(abstract_tree(opt_state))),
+        extra=dict(ocp.JsonCheckpointHandler().restore(step_dir / "extra") or {}),
+      )
+    except Exception:
+      quiet_abandoned_reads()
+      raise
 
   def restore_params(self, *, params: Any, step: int | None = None) -> tuple[int, Any]:
     """(step, params) of `step` (default: the latest) without reading the optimizer state,
@@ -329,6 +333,31 @@ def first_restorable(steps: Sequence[int], try_restore: Callable[[int], Any],
     failed = [p for p, ok in enumerate(oks) if not ok]
     failures[step] = why or f"it did not restore on process {', '.join(map(str, failed))}"
   return None, failures
+
+
+# orbax's per-array read coroutines; the ones a failed restore leaves behind are collected later.
+_ABANDONED_READS = ("_read_array_index_and_device_put",)
+
+
+def quiet_abandoned_reads() -> None:
+  """Drops the "Exception ignored in <coroutine>" reports of the reads a failed restore left in
+  flight. When one array of a damaged step fails, orbax raises at once; its sibling reads of
+  the same step fail later and, never awaited, are reported with a traceback when collected
+  (often at exit), after the step was already named in one line. Other reports pass through.
+  Idempotent."""
+  if getattr(sys.unraisablehook, "_fipo_quiet_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    name = getattr(unraisable.object, "__qualname__", "") or ""
+    if any(name.endswith(n) for n in _ABANDONED_READS):
+      log.debug("abandoned checkpoint read failed: %s", unraisable.exc_value)
+      return
+    previous(unraisable)
+
+  hook._fipo_quiet_reads = True
+  sys.unraisablehook = hook
 
 
 def exit_if_unreadable(error: object, code: int = 2) -> None:

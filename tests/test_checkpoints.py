@@ -1,7 +1,10 @@
 """Orbax checkpoints: sharded round trip on the 8-device CPU mesh, keep-k plus best, resume."""
 
+import gc
 import json
+import sys
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -267,3 +270,35 @@ def test_move_aside_on_a_bucket_never_deletes(tmp_path, monkeypatch):
     assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2.unreadable", "2.unreadable.2"]
   finally:
     fake_gcs.clear_caches()
+
+
+def _collect_failing_read(name: str) -> None:
+  """Starts a coroutine called `name` that raises when closed, then drops it: Python reports
+  the exception through sys.unraisablehook ("Exception ignored in <coroutine ...>")."""
+
+  @types.coroutine
+  def suspend():
+    yield
+
+  async def body():
+    try:
+      await suspend()
+    finally:
+      raise RuntimeError("read failed")  # noqa: B012 - the abandoned read's late failure
+
+  body.__qualname__ = name
+  coro = body()
+  coro.send(None)  # suspended in the sleep, like a read still in flight
+  del coro
+  gc.collect()
+
+
+def test_reads_abandoned_by_a_failed_restore_do_not_print_tracebacks(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoints.quiet_abandoned_reads()
+  checkpoints.quiet_abandoned_reads()  # idempotent: one wrapper
+  _collect_failing_read("_read_array_index_and_device_put")
+  assert seen == []
+  _collect_failing_read("some_other_coroutine")  # everything else still reaches the old hook
+  assert [str(u.exc_value) for u in seen] == ["read failed"]

@@ -4,8 +4,8 @@ One uninterrupted reference run (module fixture) is compared with runs that are 
 preempted (SIGTERM) or killed inside a checkpoint save and then restarted with the same command:
 every step's metrics must equal the reference's to the last bit (timings excluded).
 
-The runs use `tiny_cpu:runlocal` with group filtering off (every step then updates: the overlong
-shaping makes advantages non-zero) and a checkpoint every step. A persistent compilation cache
+The runs use `tiny_cpu:runlocal` with group filtering off (most steps then update) and a
+checkpoint every step. A persistent compilation cache
 shared by the module's processes keeps the restarts cheap on 2 cores.
 """
 
@@ -106,8 +106,11 @@ def reference(tmp_path_factory, cache_dir) -> list[dict]:
   assert rc == 0, err[-3000:]
   rows = _metrics(workdir)
   assert [r["step"] for r in rows] == list(range(TOTAL_STEPS + 1))
-  # The comparison is only meaningful if the steps really update the policy.
-  assert all(r["train/num_prompts_kept"] > 0 and r["actor/grad_norm"] > 0 for r in rows[1:])
+  # The comparison is only meaningful if the steps really update the policy, before and after
+  # the checkpoints the interrupted runs resume from (steps 2-3). A step whose groups all score
+  # alike has zero advantages, hence a zero gradient, and that is part of the run, not a fault.
+  updated = [r["step"] for r in rows[1:] if r["actor/grad_norm"] > 0]
+  assert len(updated) >= TOTAL_STEPS // 2 and min(updated) <= 3 < max(updated), updated
   return rows
 
 
