@@ -6,12 +6,30 @@ is the only place that sets XLA_FLAGS for the test suite.
 
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _compilation_cache_dir() -> pathlib.Path:
+  """One persistent compilation cache per test run, shared by the xdist workers and by the runs
+  they start as subprocesses (which inherit the environment): dozens of tests compile the same
+  small programs (tiny_cpu's steps, the sampler). Caches of runs over a day old are removed."""
+  root = pathlib.Path(tempfile.gettempdir()) / "fipo_jax_test_jax_cache"
+  for old in root.glob("*") if root.is_dir() else ():
+    if time.time() - old.stat().st_mtime > 86400:
+      shutil.rmtree(old, ignore_errors=True)
+  return root / os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}")
+
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_compilation_cache_dir())
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
