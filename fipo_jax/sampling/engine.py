@@ -454,7 +454,7 @@ def _paged_layout(model_cfg, cfg: EngineConfig, mesh) -> paged.PagedLayout:
   return paged.PagedLayout(
     page_size=cfg.page, pages_per_block=max(1, cfg.decode_block // cfg.page), mesh=mesh,
     batch_axes=sharding.mesh_axes("cache_batch", cfg.num_slots, mesh), kv_axes=kv,
-    kernel=kernels.decode_kernel(kernels.platform_of(mesh), model_cfg),
+    kernel=kernels.decode_kernel(kernels.platform_of(mesh), model_cfg, cfg.page),
   )  # fmt: skip
 
 
