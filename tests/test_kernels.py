@@ -55,3 +55,13 @@ def test_splash_off_tpu_is_a_one_line_config_error():
   with pytest.raises(config_lib.ConfigError, match=r"model.attention_impl: 'splash' is a TPU") as e:
     config_lib.validate(c, num_devices=8, check_paths=False)
   assert "\n" not in str(e.value)
+
+
+def test_sampler_mismatch_names_the_gpu_decode_kernels_scaling(monkeypatch):
+  """In 16-bit on GPU the Pallas paged decode kernel scales q before its dot (it takes no
+  scale): validation says so even where the trainer's kernel alone would compute alike."""
+  assert attention.sampler_mismatch("bfloat16", None, "plain") is None  # CPU: gather decode
+  monkeypatch.setattr(kernels, "platform_of", lambda mesh=None: "gpu")
+  why = attention.sampler_mismatch("bfloat16", None, "plain")
+  assert why and "pallas_paged_attention" in why and "scales q" in why, why
+  assert attention.sampler_mismatch("float32", None, "plain") is None  # gather_grouped in f32
