@@ -6,6 +6,8 @@ log-probs then equal the gather path's, on one device and under a sampler mesh, 
 of 5 and 7, ragged prompt and response lengths, slots left empty, pages handed out of order and
 partial last pages."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -71,3 +73,24 @@ def test_blocking_pads_the_table_to_power_of_two_blocks():
     assert padded >= m and padded % (splits * block) == 0 and splits <= 16
     assert padded - m < splits * block  # no split holds only padding
   assert gpu_paged.blocking(1000, 16, 8) == (16, 8, 1024)
+
+
+@pytest.mark.slow
+def test_gpu_paged_generate_never_gathers_the_pool(monkeypatch):
+  """The folded pools on a data x fsdp x tensor mesh: kv heads over `tensor`, pages over the
+  slots' axes; the compiled decode step moves no array as large as one shard's pool between
+  devices (the kernel reads its shard's pools in place of a gathered copy)."""
+  monkeypatch.setattr(kernels, "decode_kernel", lambda *a, **k: "pallas_paged_attention_interpret")
+  cfg = engine_lib.EngineConfig(num_slots=4, max_prompt_len=16, max_new_tokens=240,
+                                steps_per_call=2, page_size=4)  # fmt: skip
+  eng, params = _engine(_model(5), cfg, _MESH)
+  hlo = eng.trace_generate(params, sampling=params_lib.Greedy()).lower().compile().as_text()
+  pool = eng.abstract_decode_state().cache.k
+  local = pool.sharding.shard_shape(pool.shape)
+  assert local == (1, 2, 64, 4, 8)  # 2 kv heads 2 ways, 256 pages 4 ways
+  pattern = re.compile(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|all-reduce)\(")
+  sizes = [(m[2], int(np.prod([int(d) for d in m[1].split(",") if d]))) for m in
+           pattern.finditer(hlo)]  # fmt: skip
+  assert any(op == "all-gather" for op, _ in sizes)  # the pattern sees the weights' gathers
+  big = [(op, n) for op, n in sizes if n >= np.prod(local)]
+  assert not big, big
