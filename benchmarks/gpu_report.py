@@ -12,7 +12,9 @@ one whole RL step's phase split, each attention kernel against its fallback, the
   over the chip's dense bf16 peak; the compiled cost analysis is printed beside it.
 - decode: the sampling engine at `--slots` slots, tokens/s and its share of the HBM roofline
   (each step reads the weights once and the live KV cache); and the paged decode attention
-  alone at those slots, the platform's formulation against the other one.
+  alone at those slots, the platform's kernel (on a GPU in bf16, JAX's Pallas paged attention,
+  models/gpu_paged.py) against 'gather_grouped' (where that is the kernel, 'gather_per_head'),
+  with the largest difference of their outputs.
 - rl_step: one RL step of configs/tiny_cpu.py:runlocal (no warm start, groups kept unfiltered)
   through `trainer.run`, split into generate / old log-probs / update (the trainer's timings);
   on a GPU at the 0.5B preset's shapes in bf16.
@@ -127,32 +129,63 @@ def train_report(cfg, a) -> dict:
   return out
 
 
+def _decode_attention_step(name: str, pools, cache, q, kv):
+  """(step, carry) timing one layer's paged decode attention with kernel `name`: step(carry)
+  -> (carry, out [B, N, H]). A carried-pool kernel writes the token into its donated pools
+  first (as the engine's layer scan does); a gather kernel reads the pools and merges it."""
+  layout = paged.PagedLayout(page_size=cache.layout.page_size,
+                             pages_per_block=cache.layout.pages_per_block, kernel=name)  # fmt: skip
+  active = jnp.ones(cache.lengths.shape, bool)
+  if name in kernels.GPU_PAGED_KERNELS:  # folded pools [K, L, Pg, page, H]
+    c = cache.replace(k=None, v=None, layout=layout)
+    f = jax.jit(lambda p, c, q: paged.write_and_attend(q, kv, kv, p, c, 0, active),
+                donate_argnums=0)  # fmt: skip
+    return (lambda p: f(p, c, q)), tuple(x.swapaxes(0, 1) for x in pools)
+  c = cache.replace(k=pools[0], v=pools[1], layout=layout)
+  f = jax.jit(lambda c, q: paged.decode_attention(q, kv, kv, c, 0, c.lengths))
+  return (lambda p: (p, f(c, q))), pools
+
+
 def decode_attention_report(cfg, slots: int, context: int, iters: int) -> dict:
-  """The paged decode attention alone (one layer, `slots` slots of `context` tokens): the
-  platform's formulation and the other one -> seconds per call of each."""
+  """The paged decode attention alone (one layer, `slots` slots of `context` tokens, the last
+  one new): the platform's kernel (kernels.decode_kernel) against 'gather_grouped' (or, where
+  that is the kernel, 'gather_per_head') -> seconds per call of each, and the largest output
+  difference. Off GPU, the GPU kernel also runs in the Pallas interpreter (a correctness
+  check of its wiring, not a speed)."""
   page = 16
   pages = -(-context // page)
   rng = np.random.default_rng(0)
   dt = jnp.dtype(cfg.dtype)
   shape = (1, cfg.num_kv_heads, slots * pages, page, cfg.head_dim)
-  pool = [jnp.asarray(rng.standard_normal(shape), dt) for _ in range(2)]
+  pools = tuple(jnp.asarray(rng.standard_normal(shape), dt) for _ in range(2))
   table = jnp.asarray(rng.permutation(slots * pages).reshape(slots, pages), jnp.int32)
-  lengths = jnp.full((slots,), context, jnp.int32)
   q = jnp.asarray(rng.standard_normal((slots, cfg.num_heads, cfg.head_dim)), dt)
   kv = jnp.asarray(rng.standard_normal((slots, cfg.num_kv_heads, cfg.head_dim)), dt)
-  chosen = kernels.decode_kernel(kernels.platform_of(), cfg)
-  other = next(k for k in kernels.DECODE_KERNELS if k != chosen)
-  out = {}
-  for name in (chosen, other):
-    layout = paged.PagedLayout(page_size=page, pages_per_block=max(1, 512 // page), kernel=name)
-    cache = paged.PagedCache(k=pool[0], v=pool[1], page_table=table, lengths=lengths,
-                             layout=layout)  # fmt: skip
-    fn = jax.jit(lambda c, q=q, kv=kv: paged.decode_attention(q, kv, kv, c, 0, c.lengths))
-    out[name] = _timed(lambda f=fn, c=cache: f(c), iters)
+  layout = paged.PagedLayout(page_size=page, pages_per_block=max(1, 512 // page))
+  cache = paged.PagedCache(k=None, v=None, page_table=table, layout=layout,
+                           lengths=jnp.full((slots,), context - 1, jnp.int32))  # fmt: skip
+  platform = kernels.platform_of()
+  chosen = kernels.decode_kernel(platform, cfg, page)
+  other = "gather_per_head" if chosen == "gather_grouped" else "gather_grouped"
+  names = [chosen, other] + (["pallas_paged_attention_interpret"] if platform != "gpu" else [])
+  secs, outs = {}, {}
+  for name in names:
+    step, carry = _decode_attention_step(name, pools, cache, q, kv)
+    carry, outs[name] = step(carry)  # compile
+    jax.block_until_ready(outs[name])
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      carry, out = step(carry)
+    jax.block_until_ready(out)
+    secs[name] = (time.perf_counter() - t0) / iters
+  diff = lambda n: float(jnp.max(jnp.abs(outs[n].astype(jnp.float32) - outs[other])))
   kv_bytes = 2 * slots * context * cfg.num_kv_heads * cfg.head_dim * dt.itemsize
-  return {"kernel": chosen, "fallback": other, "kernel_s": out[chosen], "fallback_s": out[other],
-          "kernel_speedup": out[other] / out[chosen],
-          "kernel_kv_gb_per_s": kv_bytes / out[chosen] / 1e9}  # fmt: skip
+  res = {"kernel": chosen, "fallback": other, "kernel_s": secs[chosen], "fallback_s": secs[other],
+         "kernel_speedup": secs[other] / secs[chosen], "max_abs_diff": diff(chosen),
+         "kernel_kv_gb_per_s": kv_bytes / secs[chosen] / 1e9}  # fmt: skip
+  if len(names) > 2:
+    res["interpret_max_abs_diff"] = diff(names[2])
+  return res
 
 
 def decode_report(cfg, a) -> dict:

@@ -24,9 +24,11 @@ def test_write_and_attend_matches_plain(group):
   table = rng.permutation(per_layer).reshape(b, m).astype(np.int32)  # pages out of order
   q = rng.normal(size=(b, n, h)).astype(np.float32)
   k_new, v_new = (rng.normal(size=(b, kh, h)).astype(np.float32) for _ in range(2))
-  step = jax.jit(gpu_paged.write_and_attend, static_argnames=("num_layers", "interpret"))
-  new_k, new_v, got = step(*pools, jnp.int32(layer), q, k_new, v_new, table, lengths, active,
-                           num_layers=num_layers, interpret=True)  # fmt: skip
+  step = jax.jit(gpu_paged.write_and_attend, static_argnames=("interpret",))
+  unfold = lambda x: x.reshape(kh, num_layers, per_layer, page, h)  # [K, L, Pg, page, H]
+  new_k, new_v, got = step(*map(unfold, pools), jnp.int32(layer), q, k_new, v_new, table,
+                           lengths, active, interpret=True)  # fmt: skip
+  new_k, new_v = (np.asarray(x).reshape(pools[0].shape) for x in (new_k, new_v))
   ks, vs = (np.zeros((b, m * page, kh, h), np.float32) for _ in range(2))
   valid = np.zeros((b, m * page), bool)
   for i in range(b):

@@ -109,3 +109,28 @@ def test_paged_decode_on_gpu_is_grouped_and_matches_plain():
   cache = paged.PagedCache(k=pool[0], v=pool[1], page_table=table, lengths=lengths, layout=layout)
   got = jax.jit(paged.decode_attention)(q, kv[0], kv[1], cache, 0, lengths)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)  # float32 (no TF32 in einsum)
+
+
+def test_pallas_paged_decode_compiled_matches_gather_bf16():
+  """JAX's Pallas GPU paged attention compiled (Triton), written-first on the folded pools,
+  against the gather path on the same bf16 pool; the table picks it for a bf16 model."""
+  from fipo_jax.models import kernels, paged
+
+  cfg = models.ModelConfig(head_dim=64, dtype="bfloat16")
+  assert kernels.decode_kernel("gpu", cfg, 16) == "pallas_paged_attention"
+  rng = np.random.default_rng(1)
+  b, n, kh, h, page, m, layers = 8, 14, 2, 64, 16, 8, 2
+  bf = lambda *s: jnp.asarray(rng.normal(size=s), jnp.bfloat16)
+  pool = [bf(layers, kh, b * m, page, h) for _ in range(2)]
+  table = jnp.asarray(rng.permutation(b * m).reshape(b, m), jnp.int32)
+  lengths = jnp.asarray([0, 1, 15, 16, 17, 100, 126, 127], jnp.int32)
+  q, k_new, v_new = bf(b, n, h), bf(b, kh, h), bf(b, kh, h)
+  gather = paged.PagedLayout(page_size=page, pages_per_block=2, kernel="gather_grouped")
+  cache = paged.PagedCache(k=pool[0], v=pool[1], page_table=table, lengths=lengths, layout=gather)
+  want = jax.jit(paged.decode_attention)(q, k_new, v_new, cache, 1, lengths)
+  folded = paged.PagedLayout(page_size=page, pages_per_block=2, kernel="pallas_paged_attention")
+  active = jnp.ones((b,), bool)
+  step = jax.jit(lambda p, c: paged.write_and_attend(q, k_new, v_new, p, c, 1, active))
+  _, got = step(tuple(x.swapaxes(0, 1) for x in pool), cache.replace(layout=folded))
+  err = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max()
+  assert err < 2e-2, err  # bf16 outputs; the kernel scales q in bf16 (models/gpu_paged.py)

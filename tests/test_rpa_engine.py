@@ -43,7 +43,7 @@ def test_rpa_engine_equals_gather_engine(model, mesh, monkeypatch):
   kw = dict(n=2, budgets=budgets, sampling=params_lib.Greedy(), seed=4, shared=True)
   want = _rollout(*_engine(model, _PAGED, mesh), prompts, **kw)
   monkeypatch.setattr(kernels, "decode_kernel",
-                      lambda platform, cfg=None: "ragged_paged_attention_reference")  # fmt: skip
+                      lambda *a, **k: "ragged_paged_attention_reference")  # fmt: skip
   eng, params = _engine(model, _PAGED, mesh)
   assert eng.layout.combined
   state = eng.init_decode_state()
@@ -62,7 +62,7 @@ def test_rpa_generate_never_gathers_the_pool(model, monkeypatch):
   around the reference's gather fused with the write; the kernel's in-place compile for TPU is
   tests/test_rpa_engine_aot.py's.)"""
   monkeypatch.setattr(kernels, "decode_kernel",
-                      lambda platform, cfg=None: "ragged_paged_attention_reference")  # fmt: skip
+                      lambda *a, **k: "ragged_paged_attention_reference")  # fmt: skip
   cfg = engine_lib.EngineConfig(num_slots=4, max_prompt_len=16, max_new_tokens=240,
                                 steps_per_call=2, page_size=4)  # fmt: skip
   eng, params = _engine(model, cfg, _MESH)

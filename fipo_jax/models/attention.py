@@ -49,13 +49,21 @@ def sampler_mismatch(
 
   The sampler runs `sampler_dtype` (None: the model's) and, with its KV cache, the portable
   XLA attention (paged decode: kernels.decode_kernel, the same float32 scores, scale and
-  online softmax as 'blockwise'); the trainer runs `attention_impl` resolved on this backend
+  online softmax as 'blockwise', except the GPU paged kernel in 16-bit, which scales q before
+  its dot: models/gpu_paged.py); the trainer runs `attention_impl` resolved on this backend
   for packed rows.
   """
   if sampler_dtype is not None and sampler_dtype != model_dtype:
     return (
       f"the sampler computes in {sampler_dtype} (rl.sampler_dtype) and the trainer in "
       f"{model_dtype} (model.dtype)"
+    )
+  sampler = jnp.dtype(sampler_dtype or model_dtype)
+  if kernels.platform_of() == "gpu" and sampler.itemsize == 2:
+    return (
+      f"on GPU in {sampler.name} the sampler's decode kernel 'pallas_paged_attention' (where it "
+      f"fits the model, kernels.decode_kernel) scales q by head_dim**-0.5 in {sampler.name} "
+      "before its dot, the trainer scales float32 scores"
     )
   kernel = resolve_impl(attention_impl, jnp.dtype(model_dtype), packed=True)
   if kernel not in _CACHED_KERNELS:

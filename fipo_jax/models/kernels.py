@@ -27,9 +27,24 @@ Decode attention (one token per slot against the page pool, models/paged.py):
     and each layer writes its token into the pool before the kernel reads it.
     'ragged_paged_attention_reference' is the same wiring with a jittable pure-JAX reference
     of the kernel (CPU tests).
+  - 'pallas_paged_attention' (gpu, 16-bit compute, head_dim a power of two >= 16, pages a
+    power of two; else 'gather_grouped'): JAX's Pallas GPU (Triton) paged attention
+    (models/gpu_paged.py). Its pool is k, v [K, L, Pg, page, H] each (`PagedLayout.folded`),
+    each layer writes its token before the kernel reads it. In float32 it stays on
+    'gather_grouped', as training does ('blockwise'): Triton's float32 dot may round through
+    TF32. 'pallas_paged_attention_interpret' is the same kernel and wiring in the Pallas
+    interpreter (CPU tests).
 
-Both scale float32 scores by H**-0.5 as the trainer's kernels do (models/attention.py), so
-`attention.sampler_mismatch` compares like with like.
+  | platform | decode kernel (pool layout)                                   | otherwise        |
+  | -------- | ------------------------------------------------------------- | ---------------- |
+  | tpu      | 'ragged_paged_attention' (combined) if H % 128 == 0            | 'gather_grouped' |
+  | gpu      | 'pallas_paged_attention' (folded) if 16-bit, H and page pow2   | 'gather_grouped' |
+  | cpu      | 'gather_per_head' (the gather pools)                           |                  |
+
+The gather kernels and 'ragged_paged_attention' scale float32 scores by H**-0.5 as the trainer's
+kernels do (models/attention.py). The GPU kernel does not scale: q is scaled in float32 and cast
+back before it, so in 16-bit its scores differ from the trainer's, and
+`attention.sampler_mismatch` says so.
 """
 
 from __future__ import annotations
@@ -39,7 +54,8 @@ import jax.numpy as jnp
 
 TRAIN_KERNELS = ("plain", "blockwise", "splash", "cudnn", "pallas_flash")
 RPA_KERNELS = ("ragged_paged_attention", "ragged_paged_attention_reference")
-DECODE_KERNELS = ("gather_per_head", "gather_grouped", *RPA_KERNELS)
+GPU_PAGED_KERNELS = ("pallas_paged_attention", "pallas_paged_attention_interpret")
+DECODE_KERNELS = ("gather_per_head", "gather_grouped", *RPA_KERNELS, *GPU_PAGED_KERNELS)
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -71,15 +87,28 @@ def train_kernel(platform: str, impl: str, dtype=None, packed: bool = False) -> 
   return impl
 
 
-def decode_kernel(platform: str, cfg=None) -> str:
-  """The paged decode attention formulation on `platform` for the ModelConfig `cfg`.
+def decode_kernel(platform: str, cfg=None, page_size: int | None = None) -> str:
+  """The paged decode attention formulation on `platform` for the ModelConfig `cfg` and pages
+  of `page_size` tokens (None: unknown).
 
   The TPU kernel needs head_dim a multiple of 128 (its softmax statistics span the 128 lanes);
-  other head sizes, or an unknown cfg, gather ('gather_grouped').
+  the GPU kernel 16-bit compute and `gpu_paged_fits`. Otherwise, or with an unknown cfg,
+  they gather ('gather_grouped').
   """
   if platform == "tpu" and cfg is not None and cfg.head_dim % 128 == 0:
     return "ragged_paged_attention"
+  if platform == "gpu" and cfg is not None and gpu_paged_fits(cfg, page_size):
+    return "pallas_paged_attention"
   return "gather_per_head" if platform == "cpu" else "gather_grouped"
+
+
+def gpu_paged_fits(cfg, page_size: int | None) -> bool:
+  """Whether JAX's Pallas GPU paged attention takes this model and page size: 16-bit compute,
+  head_dim a power of two >= 16 (Triton's power-of-two blocks and 16-row dots) and pages a
+  power of two. Any head grouping fits (the kernel pads a kv head's G query heads to 16)."""
+  pow2 = lambda n: n > 0 and n & (n - 1) == 0
+  sixteen = jnp.dtype(cfg.dtype).itemsize == 2
+  return sixteen and cfg.head_dim >= 16 and pow2(cfg.head_dim) and pow2(page_size or 0)
 
 
 def unsupported(impl: str, platform: str) -> str | None:

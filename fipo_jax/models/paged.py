@@ -13,7 +13,9 @@ scattered into the pool once per step (`write_tokens`), so no step copies the po
 With the TPU ragged paged attention kernel (kernels.RPA_KERNELS, `PagedLayout.combined`) the
 pool is one array k [L, Pg, page, 2K, H] (k/v heads interleaved, v None), the layout that
 kernel reads; the decode layer scan carries it and each layer writes its token before the
-kernel reads the pool (`write_and_attend`, models/tpu_paged.py).
+kernel reads the pool (`write_and_attend`, models/tpu_paged.py). With the GPU Pallas paged
+attention kernel (kernels.GPU_PAGED_KERNELS, `PagedLayout.folded`) the pools are k, v
+[K, L, Pg, page, H] and the scan carries them the same way (models/gpu_paged.py).
 
 Sharding: with a mesh whose batch axes split the B slots over D shards, the pool's pages are
 split the same way and a slot's page ids are local to its shard; attention and writes run
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from fipo_jax.models import kernels, tpu_paged
+from fipo_jax.models import gpu_paged, kernels, tpu_paged
 
 _NEG = -1e30
 
@@ -63,6 +65,17 @@ class PagedLayout:
     return self.decode_kernel in kernels.RPA_KERNELS
 
   @property
+  def folded(self) -> bool:
+    """The pools are k, v [K, L, Pg, page, H] (the GPU paged attention kernel's)."""
+    return self.decode_kernel in kernels.GPU_PAGED_KERNELS
+
+  @property
+  def carried(self) -> bool:
+    """The decode layer scan carries the pool and each layer writes its token before its
+    kernel reads the pool (`write_and_attend`); else the pool is read and written after."""
+    return self.combined or self.folded
+
+  @property
   def num_shards(self) -> int:
     if self.mesh is None:
       return 1
@@ -71,6 +84,8 @@ class PagedLayout:
   def pool_spec(self) -> PartitionSpec:
     if self.combined:  # [L, Pg, page, 2K, H]: a kv head's k and v are adjacent, split together
       return PartitionSpec(None, _axes(self.batch_axes), None, _axes(self.kv_axes), None)
+    if self.folded:  # [K, L, Pg, page, H]
+      return PartitionSpec(_axes(self.kv_axes), None, _axes(self.batch_axes), None, None)
     return PartitionSpec(None, _axes(self.kv_axes), _axes(self.batch_axes), None, None)
 
   def slot_spec(self, ndim: int) -> PartitionSpec:
@@ -83,8 +98,8 @@ def _axes(axes: tuple[str, ...]):
 
 @flax.struct.dataclass
 class PagedCache:
-  k: jax.Array  # [L, K, Pg, page, H]; layout.combined: k and v [L, Pg, page, 2K, H]
-  v: jax.Array | None  # [L, K, Pg, page, H]; layout.combined: None
+  k: jax.Array  # [L, K, Pg, page, H]; combined: k and v [L, Pg, page, 2K, H]; folded: [K, L, ..]
+  v: jax.Array | None  # [L, K, Pg, page, H]; layout.combined: None; folded: [K, L, Pg, page, H]
   page_table: jax.Array  # int32[B, M] page ids, local to the slot's shard
   lengths: jax.Array  # int32[B] tokens held (the next write position)
   layout: PagedLayout = flax.struct.field(pytree_node=False)
@@ -98,6 +113,8 @@ def init_paged_cache(
   shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, layout.page_size, cfg.head_dim)
   if layout.combined:
     shape = (cfg.num_layers, num_pages, layout.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+  elif layout.folded:
+    shape = (cfg.num_kv_heads, cfg.num_layers, num_pages, layout.page_size, cfg.head_dim)
   return PagedCache(
     k=jnp.zeros(shape, dtype),
     v=None if layout.combined else jnp.zeros(shape, dtype),
@@ -129,7 +146,7 @@ def decode_attention(q, k_new, v_new, cache: PagedCache, layer, live) -> jax.Arr
   heads = _axes(lay.kv_axes)
   bspec = _axes(lay.batch_axes)
   kernel = lay.decode_kernel
-  if kernel not in kernels.DECODE_KERNELS or lay.combined:
+  if kernel not in kernels.DECODE_KERNELS or lay.carried:
     raise ValueError(f"not a gather decode kernel: {kernel!r}; known: {kernels.DECODE_KERNELS}")
   fn = _sharded(
     lay, lambda *a: _attend_local(*a, pages_per_block=lay.pages_per_block, kernel=kernel),
@@ -210,26 +227,42 @@ def _per_head(fn, x):
   return jnp.stack([fn(x[:, :, g]) for g in range(x.shape[2])], axis=2)
 
 
-def write_and_attend(q, k_new, v_new, pool, cache: PagedCache, layer, active):
-  """One layer's decode on the combined pool (layout.combined): writes each active slot's
+def write_and_attend(q, k_new, v_new, pools, cache: PagedCache, layer, active):
+  """One layer's decode on a carried pool (layout.carried): writes each active slot's
   k_new/v_new [B, K, H] at its length in layer `layer`, then attends q [B, N, H] to its
-  tokens and the new one through the ragged paged attention kernel (or its reference).
+  tokens and the new one through the layout's kernel.
 
-  pool [L, Pg, page, 2K, H] is the layer scan's carry (not cache.k, which is the step's input);
-  cache gives the page table, lengths and layout. Returns (pool, out [B, N, H]).
+  pools (k, v) is the layer scan's carry (not the cache's arrays, which are the step's input):
+  combined, k [L, Pg, page, 2K, H] and v None (the ragged paged attention kernel or its
+  reference); folded, k and v [K, L, Pg, page, H] (the GPU Pallas paged attention kernel, or
+  it in the Pallas interpreter). cache gives the page table, lengths and layout.
+  Returns ((k, v), out [B, N, H]).
   """
   lay = cache.layout
   heads, bspec = _axes(lay.kv_axes), _axes(lay.batch_axes)
-  ref = lay.decode_kernel == "ragged_paged_attention_reference"
+  qspec = PartitionSpec(bspec, heads, None)
+  slots = (lay.slot_spec(2), lay.slot_spec(1), lay.slot_spec(1))
+  if lay.combined:
+    ref = lay.decode_kernel == "ragged_paged_attention_reference"
+    fn = _sharded(
+      lay, lambda p, lyr, *a: tpu_paged.write_and_attend(
+        p, lyr, *a, pages_per_block=lay.pages_per_block, reference=ref),
+      in_specs=(lay.pool_spec(), PartitionSpec(), qspec, qspec, qspec, *slots),
+      out_specs=(lay.pool_spec(), qspec),
+    )  # fmt: skip
+    pool, out = fn(pools[0], layer, q, k_new, v_new, cache.page_table, cache.lengths, active)
+    return (pool, None), out
+  if not lay.folded:
+    raise ValueError(f"not a carried-pool decode kernel: {lay.decode_kernel!r}")
+  interpret = lay.decode_kernel == "pallas_paged_attention_interpret"
   fn = _sharded(
-    lay, lambda p, lyr, *a: tpu_paged.write_and_attend(
-      p, lyr, *a, pages_per_block=lay.pages_per_block, reference=ref),
-    in_specs=(lay.pool_spec(), PartitionSpec(), PartitionSpec(bspec, heads, None),
-              PartitionSpec(bspec, heads, None), PartitionSpec(bspec, heads, None),
-              lay.slot_spec(2), lay.slot_spec(1), lay.slot_spec(1)),
-    out_specs=(lay.pool_spec(), PartitionSpec(bspec, heads, None)),
+    lay, lambda *a: gpu_paged.write_and_attend(
+      *a, pages_per_block=lay.pages_per_block, interpret=interpret),
+    in_specs=(lay.pool_spec(), lay.pool_spec(), PartitionSpec(), qspec, qspec, qspec, *slots),
+    out_specs=(lay.pool_spec(), lay.pool_spec(), qspec),
   )  # fmt: skip
-  return fn(pool, layer, q, k_new, v_new, cache.page_table, cache.lengths, active)
+  pk, pv, out = fn(*pools, layer, q, k_new, v_new, cache.page_table, cache.lengths, active)
+  return (pk, pv), out
 
 
 # ------------------------------------------------------------------ writes
@@ -281,7 +314,7 @@ def insert_prompts(cache: PagedCache, k, v, pages, shard, lengths) -> PagedCache
                   in_specs=(lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
                   out_specs=lay.pool_spec())  # fmt: skip
     return cache.replace(k=fn(cache.k, k, v, pages, shard, lengths))
-  fn = _sharded(lay, lambda *a: _insert_local(*a, batch_axes=axes),
+  fn = _sharded(lay, lambda *a: _insert_local(*a, batch_axes=axes, folded=lay.folded),
                 in_specs=(lay.pool_spec(), lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
                 out_specs=(lay.pool_spec(), lay.pool_spec()))  # fmt: skip
   pk, pv = fn(cache.k, cache.v, k, v, pages, shard, lengths)
@@ -306,12 +339,14 @@ def _insert_combined(pool, k, v, pages, shard, lengths, *, batch_axes):
   return pool.at[:, ids, off].set(upd, mode="drop")
 
 
-def _insert_local(pool_k, pool_v, k, v, pages, shard, lengths, *, batch_axes):
+def _insert_local(pool_k, pool_v, k, v, pages, shard, lengths, *, batch_axes, folded=False):
+  """pool_k, pool_v [L, K, Pg, page, H] (folded: [K, L, Pg, page, H]); k, v [L, R, P, K, H]."""
   ids, off = _insert_rows(pages, shard, lengths, k.shape[2], pool_k.shape[3], pool_k.shape[2],
                           batch_axes)  # fmt: skip
+  order = (3, 0, 1, 2, 4) if folded else (0, 3, 1, 2, 4)
 
-  def put(pool, new):  # pool[:, :, ids, off] is [L, K, R, P, H]
-    upd = new.transpose(0, 3, 1, 2, 4).astype(pool.dtype)
+  def put(pool, new):  # pool[:, :, ids, off] is [L, K, R, P, H] (folded: [K, L, R, P, H])
+    upd = new.transpose(order).astype(pool.dtype)
     return pool.at[:, :, ids, off].set(upd, mode="drop")
 
   return put(pool_k, k), put(pool_v, v)

@@ -238,8 +238,9 @@ class Transformer(nnx.Module):
 
     Gather kernels: the pool is read, not carried, by the layer scan; each layer's new k/v
     [B, K, H] come back as scan outputs and are written into the pool once after the scan.
-    The ragged paged attention kernel (layout.combined) reads its token from the pool, so the
-    scan carries the pool and each layer writes its token before attending.
+    The ragged paged attention and GPU paged attention kernels (layout.carried) read their
+    token from the pool, so the scan carries the pool and each layer writes its token before
+    attending.
     """
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
@@ -254,20 +255,20 @@ class Transformer(nnx.Module):
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     xs = (self.layers.values(), layer_ids)
 
-    if cache.layout.combined:
+    if cache.layout.carried:
 
       def carried(carry, inputs):
-        (x, pool), (p, layer) = carry, inputs
+        (x, pools), (p, layer) = carry, inputs
 
         def attend(q, k, v):
-          pool_, out = paged_lib.write_and_attend(q[:, 0], k[:, 0], v[:, 0], pool, cache, layer,
-                                                  active)  # fmt: skip
-          return out[:, None], pool_
+          pools_, out = paged_lib.write_and_attend(q[:, 0], k[:, 0], v[:, 0], pools, cache,
+                                                   layer, active)  # fmt: skip
+          return out[:, None], pools_
 
         return _block_with(cfg, p, x, cos, sin, attend), None
 
-      x, pool = self._run_layers(carried, (x, cache.k), xs)
-      cache = cache.replace(k=pool, lengths=cache.lengths + active.astype(jnp.int32))
+      x, (pool_k, pool_v) = self._run_layers(carried, (x, (cache.k, cache.v)), xs)
+      cache = cache.replace(k=pool_k, v=pool_v, lengths=cache.lengths + active.astype(jnp.int32))
     else:
 
       def body(x, inputs):

@@ -10,7 +10,9 @@ slot or batch it ran in).
 Two KV layouts (`EngineConfig.kv_layout`): 'paged' (default; models/paged.py: a page pool,
 a page table per slot, decode attention whose work follows the live lengths) and 'dense'
 (a [L, B, S, K, H] cache; the reference mode and the test oracle: both give the same
-tokens and log-probs).
+tokens and log-probs). The sizes are `EngineConfig` (sampling/engine_config.py); each
+layout's wiring (the pool and decode kernel a model gets on a mesh, the fresh cache, the decode
+state's shardings) is sampling/layouts.py.
 
 Shapes: Up prefill batch of distinct prompts (bucketed to a power of two <= num_slots), P
 bucketed prompt length, Rb requests of a prefill (a power of two), I inserted requests
@@ -25,7 +27,6 @@ may return early so the host can refill freed slots) -> `release` (a finished sl
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -34,83 +35,18 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import models, sharding
-from fipo_jax.models import kernels, paged
+from fipo_jax.models import paged
+from fipo_jax.sampling import layouts, steps
 from fipo_jax.sampling import params as params_lib
-from fipo_jax.sampling import steps
+from fipo_jax.sampling.engine_config import EngineConfig
+from fipo_jax.sampling.engine_config import next_pow2 as _next_pow2
+from fipo_jax.sampling.layouts import decode_state_shardings
 from fipo_jax.sampling.steps import DecodeState, Prefix, ResultTokens
 
-__all__ = ["DecodeState", "Engine", "EngineConfig", "Prefix", "ResultTokens"]
+__all__ = ["DecodeState", "Engine", "EngineConfig", "Prefix", "ResultTokens",
+           "decode_state_shardings"]  # fmt: skip
 
-_MIN_PREFILL_BUCKET = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  """Static engine sizes; the KV cache is sized from them once."""
-
-  num_slots: int = 8  # B: concurrent decodes
-  max_prompt_len: int = 512  # longest prompt accepted
-  max_new_tokens: int = 512  # longest response
-  steps_per_call: int = 16  # k: decode steps per jitted generate call
-  min_prefill_bucket: int = _MIN_PREFILL_BUCKET
-  kv_layout: str = "paged"  # 'paged' | 'dense' (the reference)
-  page_size: int = 128  # tokens per page (capped at the cache length's power of two)
-  num_pages: int | None = None  # pool size; None: num_slots * pages_per_slot (dense's memory)
-  decode_block: int = 128  # tokens per paged attention loop step (CPU: one page is fastest)
-
-  def __post_init__(self):
-    for name in (
-      "num_slots",
-      "max_prompt_len",
-      "max_new_tokens",
-      "steps_per_call",
-      "min_prefill_bucket",
-      "page_size",
-      "decode_block",
-    ):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
-    if self.kv_layout not in ("paged", "dense"):
-      raise ValueError(f"EngineConfig.kv_layout must be 'paged' or 'dense', got {self.kv_layout!r}")
-    if self.num_pages is not None and self.num_pages <= 0:
-      raise ValueError(f"EngineConfig.num_pages must be positive, got {self.num_pages}")
-
-  @property
-  def page(self) -> int:
-    """The page size in use: page_size, at most the cache length's power of two."""
-    return min(self.page_size, _next_pow2(self.cache_len))
-
-  @property
-  def pages_per_slot(self) -> int:
-    """M: pages one slot can hold (ceil(S / page))."""
-    return -(-self.cache_len // self.page)
-
-  def pages_needed(self, prompt_len: int, max_new: int) -> int:
-    """A slot's reservation: its worst case, ceil((prompt_len + max_new) / page)."""
-    return -(-(prompt_len + max_new) // self.page)
-
-  @property
-  def max_prefill_len(self) -> int:
-    """Largest prefill bucket (a power of two >= max_prompt_len)."""
-    return _next_pow2(max(self.max_prompt_len, self.min_prefill_bucket))
-
-  @property
-  def cache_len(self) -> int:
-    """S: a slot must hold its prefill bucket and then prompt + response."""
-    return max(self.max_prefill_len, self.max_prompt_len + self.max_new_tokens)
-
-  def prefill_bucket(self, length: int) -> int:
-    if length > self.max_prompt_len:
-      raise ValueError(f"prompt of {length} tokens exceeds max_prompt_len={self.max_prompt_len}")
-    return min(_next_pow2(max(length, self.min_prefill_bucket)), self.max_prefill_len)
-
-  def batch_bucket(self, n: int) -> int:
-    return min(_next_pow2(n), _next_pow2(self.num_slots))
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
+_DEFAULT_CONFIG = EngineConfig()  # a frozen dataclass: one shared default
 
 # ---------------------------------------------------------------- the engine
 
@@ -131,7 +67,7 @@ class Engine:
     self,
     model_cfg: models.ModelConfig,
     graphdef: nnx.GraphDef,
-    cfg: EngineConfig = EngineConfig(),
+    cfg: EngineConfig = _DEFAULT_CONFIG,
     *,
     mesh: jax.sharding.Mesh | None = None,
   ):
@@ -140,7 +76,7 @@ class Engine:
     self.cfg = cfg
     # Without a mesh: the one-device mesh that models.init_model / from_pretrained use.
     self.mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    self.layout = _paged_layout(model_cfg, cfg, self.mesh)
+    self.layout = layouts.paged_layout(model_cfg, cfg, self.mesh)
     shards = self.layout.num_shards
     # The pool splits over the slots' shards: round it up to a multiple of their count.
     pool = cfg.num_pages or cfg.num_slots * cfg.pages_per_slot
@@ -149,7 +85,7 @@ class Engine:
     abstract = jax.eval_shape(self._zero_state)
     # Fixed output shardings: the state fed back into the next call never changes type (a
     # state whose sharding drifted between calls would recompile), and donation applies.
-    self.state_shardings = decode_state_shardings(abstract, self.mesh)
+    self.state_shardings = layouts.decode_state_shardings(abstract, self.mesh)
     replicated = sharding.replicated(self.mesh)
     self._reshard = None  # the handover, built by the first load_params
     self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
@@ -162,7 +98,7 @@ class Engine:
     )  # fmt: skip
 
   @classmethod
-  def from_model(cls, model: nnx.Module, cfg: EngineConfig = EngineConfig(), **kwargs):
+  def from_model(cls, model: nnx.Module, cfg: EngineConfig = _DEFAULT_CONFIG, **kwargs):
     """Splits `model` once; returns (engine, params state placed on the engine's mesh)."""
     graphdef, state = nnx.split(model)
     engine = cls(model.cfg, graphdef, cfg, **kwargs)
@@ -241,13 +177,8 @@ class Engine:
 
   def _zero_state(self) -> DecodeState:
     b, cfg = self.cfg.num_slots, self.cfg
-    if self.paged:
-      cache = paged.init_paged_cache(self.model_cfg, self.layout, b, self.num_pages,
-                                     cfg.pages_per_slot)  # fmt: skip
-    else:
-      cache = models.init_cache(self.model_cfg, b, cfg.cache_len)
     return DecodeState(
-      cache=cache,
+      cache=layouts.init_cache(self.model_cfg, cfg, self.layout, self.num_pages),
       tokens=jnp.zeros((b,), jnp.int32),
       positions=jnp.zeros((b,), jnp.int32),
       num_generated=jnp.zeros((b,), jnp.int32),
@@ -444,20 +375,6 @@ def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
   return out
 
 
-def _paged_layout(model_cfg, cfg: EngineConfig, mesh) -> paged.PagedLayout:
-  """Slots and pages over the mesh axes that split the slots; kv heads over `tensor` when it
-  splits both the kv and the query heads (as the params' projections do); the decode kernel
-  (and with it the pool's layout) from kernels.decode_kernel."""
-  kv = sharding.mesh_axes("kv_heads", model_cfg.num_kv_heads, mesh)
-  if sharding.mesh_axes("heads", model_cfg.num_heads, mesh) != kv:
-    kv = ()
-  return paged.PagedLayout(
-    page_size=cfg.page, pages_per_block=max(1, cfg.decode_block // cfg.page), mesh=mesh,
-    batch_axes=sharding.mesh_axes("cache_batch", cfg.num_slots, mesh), kv_axes=kv,
-    kernel=kernels.decode_kernel(kernels.platform_of(mesh), model_cfg),
-  )  # fmt: skip
-
-
 def _request_array(requests, num_prompts: int) -> np.ndarray:
   """int32[R, 3] (row, prompt_index, sample_index); (prompt, sample) pairs mean row = index."""
   reqs = [tuple(int(x) for x in r) for r in requests]
@@ -471,22 +388,3 @@ def _request_array(requests, num_prompts: int) -> np.ndarray:
   if out.shape[1:] != (3,) or out[:, 0].min() < 0 or out[:, 0].max() >= num_prompts:
     raise ValueError(f"requests must be (row, prompt_index, sample_index), row < {num_prompts}")
   return out
-
-
-def decode_state_shardings(state: DecodeState, mesh: jax.sharding.Mesh):
-  """Slots over the batch mesh axes, kv heads over `tensor` (the training rules table); a page
-  pool's pages over the slots' axes (`PagedLayout`)."""
-  cache_axes = ("layers", "cache_batch", "seq", "kv_heads", "head_dim")
-  layout = getattr(state.cache, "layout", None)
-
-  def one(path, x):
-    name = jax.tree_util.keystr(path)
-    if layout is not None and name.startswith(".cache"):
-      if name.endswith(".k") or name.endswith(".v"):
-        return jax.sharding.NamedSharding(mesh, layout.pool_spec())
-      return jax.sharding.NamedSharding(mesh, layout.slot_spec(x.ndim))
-    if name.endswith(".k") or name.endswith(".v"):
-      return sharding.named_sharding(mesh, cache_axes, x.shape)
-    return sharding.named_sharding(mesh, ("cache_batch",) + (None,) * (x.ndim - 1), x.shape)
-
-  return jax.tree_util.tree_map_with_path(one, state)
