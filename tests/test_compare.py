@@ -115,7 +115,6 @@ def test_readme_command_on_a_fipo_and_a_dapo_run(tmp_path):
     cwd=ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
     check=False,
   )
   assert proc.returncode == 0, proc.stderr
@@ -213,7 +212,6 @@ def test_errors_are_one_line_exit_2(tmp_path, args, message):
     cwd=ROOT,
     capture_output=True,
     text=True,
-    timeout=120,
     check=False,
   )
   assert proc.returncode == 2, proc.stderr

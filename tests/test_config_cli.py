@@ -103,11 +103,11 @@ def test_data_files_from_the_command_line(value, files, run_dir):
   assert rc.data.train_files == rc.data.val_files == files
 
 
-def _cli(module: str, *args: str, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
+def _cli(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+                        capture_output=True, text=True, check=False)
 
 
 def _main(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -233,7 +233,7 @@ def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tm
   res = _main("--config", "configs/fipo_qwen2_5_7b_math.py:runlocal", "--workdir", str(w),
               f"--config.model.hf_dir={qwen_model_dir}", f"--config.data.train_files={train}",
               f"--config.data.val_files={val}", "--config.total_steps=1",
-              "--config.eval.top_p=1.0", timeout=900)
+              "--config.eval.top_p=1.0")
   assert res.returncode == 0, res.stderr[-3000:]
   assert [m["step"] for m in _metrics(w)] == [0, 1]
   assert all(m["eval/num_prompts"] == 2 for m in _metrics(w))

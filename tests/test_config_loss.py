@@ -119,12 +119,12 @@ def test_recipe_args_are_typed():
     assert c.seed == 3 and c.total_steps == 2
 
 
-def _cli(*args, cwd=ROOT, timeout=600):
+def _cli(*args, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(
     None, [os.environ.get("PYTHONPATH")])]))
   env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "-m", "fipo_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+                        capture_output=True, text=True, check=False)
 
 
 def test_typed_recipe_args_on_the_command_line():

@@ -15,7 +15,7 @@ SCRIPT = ROOT / "launch" / "tpu_vm.sh"
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
   full = {**os.environ, "PROJECT": "proj", **(env or {})}
   return subprocess.run(
-    ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=60, cwd=ROOT
+    ["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, cwd=ROOT
   )
 
 

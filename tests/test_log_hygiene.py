@@ -43,7 +43,7 @@ def test_outputs_summary_names_every_output(tmp_path):
 
 
 def _stderr_of(code: str) -> str:
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   return proc.stderr
 

@@ -82,7 +82,6 @@ def _main(*args: str) -> subprocess.CompletedProcess:
     env=env,
     capture_output=True,
     text=True,
-    timeout=900,
   )
 
 
@@ -173,7 +172,7 @@ def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
   env.pop("XLA_FLAGS", None)
   cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--smoke",
          "--seeds", "3", "4", "--jobs", "2", "--workdir", str(tmp_path)]  # fmt: skip
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["smoke"] and [r["seed"] for r in summary["seeds"]] == [3, 4]

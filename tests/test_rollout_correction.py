@@ -275,7 +275,7 @@ def test_cli_refuses_a_bfloat16_sampler_in_one_line(tmp_path):
     "--config.rl.old_log_prob_source=sampler",
     "--config.rl.sampler_dtype=bfloat16",
   ]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [x for x in proc.stderr.splitlines() if x.strip()]
   assert len(lines) == 1 and "rl.accept_sampler_mismatch=True" in lines[0], proc.stderr
