@@ -178,11 +178,12 @@ def compile_phases(p: aot_phases.Programs, names, chip: perf_model.Chip, mean_pr
     fill = _fill(p.run, mean_prompt, mean_response)
     trips = (k, _blocks(p, fill)) if name == "decode" else (1,)
     kernels = decode_kernel_bytes(p, fill) if name == "decode" else None
+    flops = aot_phases.train_kernel_flops(p, batch) if on_train else None
     # Every per-platform choice (splash, kernels) takes its TPU path; decode lowers under its
     # mesh, since the Pallas TPU kernel's lowering reads the chip kind from the current mesh.
     with as_platform("tpu"), (jax.set_mesh(mesh) if name == "decode" else contextlib.nullcontext()):
       traced = aot_phases.traced(p, name, batch)
-      out[name] = aot_phases.compile_phase(phase, traced, trips, kernels)
+      out[name] = aot_phases.compile_phase(phase, traced, trips, kernels, flops)
     out[name].resident = aot_phases.resident(p, name)
     if hlo_dir and out[name].hlo:
       os.makedirs(hlo_dir, exist_ok=True)
