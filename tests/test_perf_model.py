@@ -402,3 +402,21 @@ def test_splash_states_the_flops_of_its_live_causal_blocks():
   # Heads split over the tensor axis with the KV heads.
   tp = aot_phases.splash_kernel_flops(mcfg, sharding.make_mesh(1, 4, 2), 3, 1000)
   assert tp["splash_mha_fwd"] == per_matmul
+
+
+def test_the_cli_recounts_saved_hlo(tmp_path):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  # As the README shows: `python -m fipo_jax.perf_model DIR v5p 64 34`, here with TOP = 1.
+  (tmp_path / "train_step.hlo.txt").write_text(_LOOPS.replace("BOUND", "8").replace(
+    "STEP", "2").replace("INIT", "0"))
+  (tmp_path / "decode.hlo.txt").write_text(_WHILE)
+  out = subprocess.run([sys.executable, "-m", "fipo_jax.perf_model", str(tmp_path), "v5p", "5",
+                        "34", "1"], capture_output=True, text=True, check=True).stdout.splitlines()
+  assert out[0].startswith("decode ") and out[2].startswith("train_step ")
+  # decode: the loop of 5 trips per call of 5 steps is one step; per step, the exponential.
+  assert out[1].split()[:4] == [f"{32 * 4 * 2 / 1e9:.3f}", "GB", "exponential", "y"]
+  assert out[1].split()[4] == "x1"
+  assert out[3].split()[2:5] == ["exponential", "y", "x12"]
+  assert "kernels without FLOPs 0" in out[2]
