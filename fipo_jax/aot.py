@@ -260,6 +260,8 @@ def derive(p: aot_phases.Programs, phases, out: dict, chip, chips: int, mean_pro
   if "train_step" in out and out["train_step"]["roofline_seconds"]:
     ts_ = phases["train_step"]
     ctx = (min(mean_prompt, run.data.max_prompt_length) + mean_response) / 2
+    # Model FLOPs (6N + causal attention at the mean context; no remat, no masked blocks) over
+    # peak x the roofline time, the slowest of compute (kernels' FLOPs included), HBM and ICI.
     useful = ts_.tokens * model_flops_per_token(p.mcfg, ctx, train=True)
     model["train_mfu_bound"] = useful / (chips * chip.bf16_flops
                                          * out["train_step"]["roofline_seconds"])
