@@ -227,6 +227,7 @@ def _phase_numbers(ph: aot_phases.Phase, chip: perf_model.Chip, per: int = 1) ->
     total_bytes_per_chip=ph.total_bytes, program_bytes_per_chip=ph.memory and ph.memory["total"],
     resident_bytes_per_chip=ph.resident, hbm_bytes=hbm, collective_bytes=sum(coll.values()),
     collective_bytes_by_kind=coll, flops=flops, xla_flops=ph.xla_flops,
+    kernels_without_flops=c and len(c.flopless_kernels),
     xla_bytes_accessed=ph.xla_bytes, roofline_seconds=c and perf_model.roofline_seconds(
       flops, hbm, sum(coll.values()), chip),
     mesh=ph.mesh, param_dtype=ph.param_dtype, kernel=ph.kernel, shapes=ph.shapes,
