@@ -178,11 +178,12 @@ def compile_phases(p: aot_phases.Programs, names, chip: perf_model.Chip, mean_pr
     fill = _fill(p.run, mean_prompt, mean_response)
     trips = (k, _blocks(p, fill)) if name == "decode" else (1,)
     kernels = decode_kernel_bytes(p, fill) if name == "decode" else None
+    flops = aot_phases.train_kernel_flops(p, batch) if on_train else None
     # Every per-platform choice (splash, kernels) takes its TPU path; decode lowers under its
     # mesh, since the Pallas TPU kernel's lowering reads the chip kind from the current mesh.
     with as_platform("tpu"), (jax.set_mesh(mesh) if name == "decode" else contextlib.nullcontext()):
       traced = aot_phases.traced(p, name, batch)
-      out[name] = aot_phases.compile_phase(phase, traced, trips, kernels)
+      out[name] = aot_phases.compile_phase(phase, traced, trips, kernels, flops)
     out[name].resident = aot_phases.resident(p, name)
     if hlo_dir and out[name].hlo:
       os.makedirs(hlo_dir, exist_ok=True)
@@ -226,6 +227,7 @@ def _phase_numbers(ph: aot_phases.Phase, chip: perf_model.Chip, per: int = 1) ->
     total_bytes_per_chip=ph.total_bytes, program_bytes_per_chip=ph.memory and ph.memory["total"],
     resident_bytes_per_chip=ph.resident, hbm_bytes=hbm, collective_bytes=sum(coll.values()),
     collective_bytes_by_kind=coll, flops=flops, xla_flops=ph.xla_flops,
+    kernels_without_flops=c and len(c.flopless_kernels),
     xla_bytes_accessed=ph.xla_bytes, roofline_seconds=c and perf_model.roofline_seconds(
       flops, hbm, sum(coll.values()), chip),
     mesh=ph.mesh, param_dtype=ph.param_dtype, kernel=ph.kernel, shapes=ph.shapes,
@@ -259,6 +261,8 @@ def derive(p: aot_phases.Programs, phases, out: dict, chip, chips: int, mean_pro
   if "train_step" in out and out["train_step"]["roofline_seconds"]:
     ts_ = phases["train_step"]
     ctx = (min(mean_prompt, run.data.max_prompt_length) + mean_response) / 2
+    # Model FLOPs (6N + causal attention at the mean context; no remat, no masked blocks) over
+    # peak x the roofline time, the slowest of compute (kernels' FLOPs included), HBM and ICI.
     useful = ts_.tokens * model_flops_per_token(p.mcfg, ctx, train=True)
     model["train_mfu_bound"] = useful / (chips * chip.bf16_flops
                                          * out["train_step"]["roofline_seconds"])

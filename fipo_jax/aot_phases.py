@@ -149,9 +149,11 @@ def traced(p: Programs, name: str, batch=None):
   raise ValueError(f"unknown phase {name!r}; known: {PHASES}")
 
 
-def compile_phase(phase: Phase, traced_fn, unknown_trips=(1,), kernel_bytes=None) -> Phase:
+def compile_phase(phase: Phase, traced_fn, unknown_trips=(1,), kernel_bytes=None,
+                  kernel_flops=None) -> Phase:
   """Lowers and compiles; fills memory, cost (loops at their trip counts, the kernels named in
-  `kernel_bytes` at the bytes per call stated: perf_model.program_cost) and compile time."""
+  `kernel_bytes` / `kernel_flops` at the bytes / FLOPs per call stated:
+  perf_model.program_cost) and compile time."""
   start = time.perf_counter()
   # The optimized HLO from XLA's dump: `compiled.as_text()` fails on some TPU programs (libtpu
   # 0.0.52: "async-update instruction should have 1 operands").
@@ -177,7 +179,8 @@ def compile_phase(phase: Phase, traced_fn, unknown_trips=(1,), kernel_bytes=None
   if cost:
     phase.xla_flops = float(cost.get("flops", 0.0))
     phase.xla_bytes = float(cost.get("bytes accessed", 0.0))
-  phase.cost = perf_model.program_cost(phase.hlo, unknown_trips, kernel_bytes=kernel_bytes)
+  phase.cost = perf_model.program_cost(phase.hlo, unknown_trips, kernel_bytes=kernel_bytes,
+                                       kernel_flops=kernel_flops)
   return phase
 
 
@@ -215,3 +218,41 @@ def model_flops_per_token(mcfg, context: float, *, train: bool) -> float:
   matmul_params = layers * (d * (n + 2 * k) * h + n * h * d + 3 * d * f) + d * v
   attn = 4.0 * layers * n * h * context  # q.k and p.v, 2 FLOPs per MAC
   return (3.0 if train else 1.0) * (2.0 * matmul_params + attn)
+
+
+# Matmuls per (q block, kv block, head) of each splash kernel (jax's splash_attention_kernel):
+# forward q.k and p.v; dq recomputes q.k, then dO.v and dS.k; dkv recomputes q.k, then p.dO,
+# dO.v and dS.q.
+SPLASH_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+
+
+def splash_kernel_flops(mcfg, mesh, rows: int, seq: int) -> dict[str, float]:
+  """{splash kernel: FLOPs per call, per chip} for `rows` local rows of `seq` tokens.
+
+  The kernel carries no cost estimate. It computes every block its static causal mask leaves
+  live, nb (nb + 1) / 2 of nb = padded seq / block per head, whatever the segment ids mask
+  inside them (packed rows' cross-sequence blocks included), for the heads local to a chip.
+  """
+  from fipo_jax import sharding as sharding_lib
+  from fipo_jax.models import splash
+
+  t = seq + (-seq) % 128
+  block = splash._block(t, mcfg.attention_block_size)
+  nb = t // block
+  axes = sharding_lib.mesh_axes("kv_heads", mcfg.num_kv_heads, mesh)
+  heads = mcfg.num_heads // math.prod(mesh.shape[a] for a in axes)
+  per_matmul = 2.0 * rows * heads * nb * (nb + 1) / 2 * block * block * mcfg.head_dim
+  return {k: m * per_matmul for k, m in SPLASH_MATMULS.items()}
+
+
+def train_kernel_flops(p: Programs, batch) -> dict[str, float] | None:
+  """splash_kernel_flops for one micro-batch of the train or log-prob step on `batch` (packed
+  [micro, shards, rows, L], or padded [M, S] in update_cfg.num_micro_batches), else None."""
+  if p.mcfg.attention_impl != "splash":
+    return None
+  ids = batch.input_ids
+  local = ids.sharding.shard_shape(ids.shape)
+  if ids.ndim == 4:
+    return splash_kernel_flops(p.mcfg, p.mesh, local[1] * local[2], ids.shape[-1])
+  rows = max(1, local[0] // p.update_cfg.num_micro_batches)
+  return splash_kernel_flops(p.mcfg, p.mesh, rows, ids.shape[-1])

@@ -57,6 +57,9 @@ def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model():
     assert out[step]["param_dtype"] == "bfloat16"
     assert out[step]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
   assert out["train_step"]["flops"] > out["decode"]["flops"] > 0
+  # Splash carries no cost estimate: aot states its FLOPs, so no train kernel goes uncounted.
+  for step in ("train_step", "old_log_prob"):
+    assert out[step]["kernels_without_flops"] == 0, step
   m = out["perf_model"]
   assert m["decode_weight_allgather_bytes"] == 0
   assert m["decode_tokens_per_s_per_chip"] > 0 and m["decode_bytes_over_ideal"] > 1

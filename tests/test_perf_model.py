@@ -253,3 +253,170 @@ def test_aot_states_the_ragged_kernel_at_its_fill(monkeypatch):
   assert aot.decode_kernel_bytes(p, 100) == {"ragged_paged_attention": want}
   layout.decode_kernel = "gather_grouped"  # its reads show in its HLO: no stated bytes
   assert aot.decode_kernel_bytes(p, 100) is None
+
+
+# A counted loop as the TPU compiler writes it: `i = INIT; while i < BOUND: i += STEP` (the
+# windowed einsums of an FSDP matmul step by 2), nested in an outer loop of 3.
+_LOOPS = """HloModule l
+
+%icond (p: (s32[], f32[32])) -> pred[] {
+  %p = (s32[], f32[32]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(BOUND)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%ibody (q: (s32[], f32[32])) -> (s32[], f32[32]) {
+  %q = (s32[], f32[32]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %x = f32[32]{0} get-tuple-element(%q), index=1
+  %y = f32[32]{0} exponential(%x)
+  %step = s32[] constant(STEP)
+  %k = s32[] add(%j, %step)
+  ROOT %t = (s32[], f32[32]{0}) tuple(%k, %y)
+}
+
+%ocond (op: (s32[], f32[32])) -> pred[] {
+  %op = (s32[], f32[32]{0}) parameter(0)
+  %oi = s32[] get-tuple-element(%op), index=0
+  %three = s32[] constant(3)
+  ROOT %olt = pred[] compare(%oi, %three), direction=LT
+}
+
+%obody (oq: (s32[], f32[32])) -> (s32[], f32[32]) {
+  %oq = (s32[], f32[32]{0}) parameter(0)
+  %oj = s32[] get-tuple-element(%oq), index=0
+  %ox = f32[32]{0} get-tuple-element(%oq), index=1
+  %init = s32[] constant(INIT)
+  %i0 = s32[] copy(%init)
+  %it = (s32[], f32[32]{0}) tuple(%i0, %ox)
+  %w = (s32[], f32[32]{0}) while(%it), condition=%icond, body=%ibody
+  %oy = f32[32]{0} get-tuple-element(%w), index=1
+  %one = s32[] constant(1)
+  %ok = s32[] add(%oj, %one)
+  ROOT %ot = (s32[], f32[32]{0}) tuple(%ok, %oy)
+}
+
+ENTRY %main (a: f32[32]) -> f32[32] {
+  %a = f32[32]{0} parameter(0)
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[32]{0}) tuple(%z, %a)
+  %ow = (s32[], f32[32]{0}) while(%t0), condition=%ocond, body=%obody
+  ROOT %r = f32[32]{0} get-tuple-element(%ow), index=1
+}
+"""
+
+
+def _loops(bound, step, init=0):
+  """(bytes, name, op, times) of the inner body's exponential."""
+  text = _LOOPS.replace("BOUND", str(bound)).replace("STEP", str(step))
+  top = pm.program_cost(text.replace("INIT", str(init)), (7,), top=99).top
+  return next((t for t in top if t[1] == "y"), (0.0, "y", "exponential", 0))
+
+
+def test_a_counted_loop_runs_bound_minus_init_over_step_times_per_outer_trip():
+  exp = 32 * 4 * 2  # the exponential reads and writes f32[32]
+  assert _loops(8, 1)[3] == 3 * 8
+  assert _loops(8, 2) == (3 * 4 * exp, "y", "exponential", 12)  # was 24: the step was taken as 1
+  assert _loops(8, 3, init=2)[3] == 3 * 2
+  assert _loops(2, 1, init=5)[3] == 0
+  # A counter moved by something else than a constant: the loop's length is unknown.
+  text = _LOOPS.replace("BOUND", "8").replace("INIT", "0")
+  text = text.replace("%step = s32[] constant(STEP)", "%step = s32[] multiply(%j, %j)")
+  assert next(t for t in pm.program_cost(text, (7,), top=99).top if t[1] == "y")[3] == 3 * 7
+
+
+# A micro-batch guard: a conditional whose cheap branch skips the work of the other.
+_COND = """HloModule c
+
+%skip (s: f32[1024]) -> f32[1024] {
+  ROOT %s = f32[1024]{0} parameter(0)
+}
+
+%work (x: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %e = f32[1024]{0} exponential(%x)
+  ROOT %l = f32[1024]{0} log(%e)
+}
+
+ENTRY %main (p: pred[], a: f32[1024]) -> f32[1024] {
+  %p = pred[] parameter(0)
+  %a = f32[1024]{0} parameter(1)
+  %n = f32[1024]{0} negate(%a)
+  ROOT %c = f32[1024]{0} conditional(%p, %n, %n), true_computation=%work, false_computation=%skip
+}
+"""
+
+
+def test_a_conditional_costs_its_costliest_branch_once():
+  arr = 1024 * 4
+  work = 2 * 2 * arr  # exp and log each read and write f32[1024]
+  assert pm.program_cost(_COND).hbm_bytes == 2 * arr + work
+  both = _COND.replace("ROOT %s = f32[1024]{0} parameter(0)", "%s0 = f32[1024]{0} parameter(0)\n"
+                       "  ROOT %s = f32[1024]{0} sine(%s0)")
+  assert pm.program_cost(both).hbm_bytes == 2 * arr + work  # not work + the sine's 2 x arr
+  swapped = both.replace("true_computation=%work, false_computation=%skip",
+                         "branch_computations={%skip, %work}")
+  assert pm.program_cost(swapped).hbm_bytes == 2 * arr + work
+
+
+# A Pallas kernel as the TPU compiler prints it: its metadata string carries a newline, and its
+# backend config (here with a cost estimate) follows on the next lines.
+_PALLAS = """HloModule p
+
+ENTRY %main (q: bf16[4,256,128]) -> bf16[4,256,128] {
+  %q = bf16[4,256,128]{2,1,0} parameter(0)
+  %k = bf16[4,256,128]{2,1,0} custom-call(%q), TARGET, frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="jit(f)/splash_mha_fwd_segmented/pallas_call"}, backend_config=ESTIMATE
+  ROOT %n = bf16[4,256,128]{2,1,0} negate(%k)
+}
+""".replace("TARGET", 'custom_call_target="tpu_custom_call"')
+
+
+def test_a_kernel_on_several_lines_keeps_its_estimate_or_states_its_flops():
+  est = '{"cost_estimate":{"flops":"4000","bytes_accessed":"900"}}'
+  cost = pm.program_cost(_PALLAS.replace("ESTIMATE", est))
+  arr = 4 * 256 * 128 * 2
+  assert cost.flops == 4000 and cost.hbm_bytes == 900 + 2 * arr and not cost.flopless_kernels
+  bare = _PALLAS.replace("ESTIMATE", '{"custom_call_config":{}}')
+  cost = pm.program_cost(bare)
+  assert cost.flops == 0 and cost.flopless_kernels == ["k"] and cost.hbm_bytes == 4 * arr
+  stated = pm.program_cost(bare, kernel_flops={"splash_mha_fwd": 1e9, "splash_mha_dq": 5.0})
+  assert stated.flops == 1e9 and not stated.flopless_kernels
+  with pytest.raises(ValueError, match="kernel_flops must be > 0"):
+    pm.program_cost(bare, kernel_flops={"splash_mha_fwd": 0.0})
+
+
+def test_splash_states_the_flops_of_its_live_causal_blocks():
+  from types import SimpleNamespace as NS  # noqa: PLC0415
+
+  from fipo_jax import aot_phases  # noqa: PLC0415
+
+  mcfg = NS(num_heads=8, num_kv_heads=2, head_dim=64, attention_block_size=512)
+  # 1000 tokens pad to 1024 = 2 blocks of 512: 3 live blocks of 512 x 512 per head.
+  per_matmul = 2.0 * 3 * 8 * 3 * 512 * 512 * 64  # 3 rows, 8 heads
+  got = aot_phases.splash_kernel_flops(mcfg, sharding.make_mesh(1, 8, 1), 3, 1000)
+  assert got == {"splash_mha_fwd": 2 * per_matmul, "splash_mha_dq": 3 * per_matmul,
+                 "splash_mha_dkv": 4 * per_matmul}
+  # Heads split over the tensor axis with the KV heads.
+  tp = aot_phases.splash_kernel_flops(mcfg, sharding.make_mesh(1, 4, 2), 3, 1000)
+  assert tp["splash_mha_fwd"] == per_matmul
+
+
+def test_the_cli_recounts_saved_hlo(tmp_path):
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  # As the README shows: `python -m fipo_jax.perf_model DIR v5p 64 34`, here with TOP = 1.
+  (tmp_path / "train_step.hlo.txt").write_text(_LOOPS.replace("BOUND", "8").replace(
+    "STEP", "2").replace("INIT", "0"))
+  (tmp_path / "decode.hlo.txt").write_text(_WHILE)
+  out = subprocess.run([sys.executable, "-m", "fipo_jax.perf_model", str(tmp_path), "v5p", "5",
+                        "34", "1"], capture_output=True, text=True, check=True).stdout.splitlines()
+  assert out[0].startswith("decode ") and out[2].startswith("train_step ")
+  # decode: the loop of 5 trips per call of 5 steps is one step; per step, the exponential.
+  assert out[1].split()[:4] == [f"{32 * 4 * 2 / 1e9:.3f}", "GB", "exponential", "y"]
+  assert out[1].split()[4] == "x1"
+  assert out[3].split()[2:5] == ["exponential", "y", "x12"]
+  assert "kernels without FLOPs 0" in out[2]
