@@ -354,7 +354,7 @@ def _write_prompts(pools, k, v, ids, off, combined):
   """k, v [L, I, P, K, H] into pages ids int32[I, P] at offsets off (out of range: dropped)."""
   if combined:  # pool [L, Pg, page, 2K, H]; pool[l, ids, off] is [I, P, 2K, H]
     # One scatter per layer: with the layer inside the update window the TPU compiler re-lays
-    # the whole pool out (libtpu 0.0.52, 32B v5p-128 AOT: 55 GiB program instead of 33).
+    # the whole pool out (docs/kernels.md).
     (pool,) = pools
     upd = tpu_paged.combine(k, v).astype(pool.dtype)
     put = lambda lyr, pool: pool.at[lyr, ids, off].set(upd[lyr], mode="drop")
