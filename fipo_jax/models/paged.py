@@ -273,8 +273,7 @@ def prefix_spec(layout: PagedLayout, num_rows: int) -> PartitionSpec:
 
 
 def shard_prefix(layout: PagedLayout, k, v):
-  """k, v [L, Up, P, K, H] constrained to `prefix_spec` (prefill's output; as is on one
-  device)."""
+  """k, v [L, Up, P, K, H] constrained to `prefix_spec` (prefill's output)."""
   if layout.mesh is None or layout.mesh.size == 1:
     return k, v
   spec = jax.sharding.NamedSharding(layout.mesh, prefix_spec(layout, k.shape[1]))
@@ -290,14 +289,11 @@ def insert_prompts(cache: PagedCache, k, v, rows, pages, shard, lengths) -> Page
   shard-major: request i belongs to shard i // (I / D) or is dropped, so each shard gets only
   its own requests. The page table and lengths of the slots are the caller's.
 
-  No shard ever holds the whole prefix (at 32B / v5p-128 that is 34 GiB per chip): the D
-  blocks of prefix rows pass round the ring of shards (`ppermute`), and each shard copies the
-  rows its requests need from the block it holds, so it holds two blocks at a time.
+  No shard holds the whole prefix: the D blocks of prefix rows pass round the ring of shards
+  (`ppermute`); each shard copies its requests' rows from the block it holds (two at a time).
   """
   lay = cache.layout
-  bspec = _axes(lay.batch_axes)
-  req = PartitionSpec(bspec)
-  kv_spec = prefix_spec(lay, k.shape[1])
+  req, kv_spec = PartitionSpec(_axes(lay.batch_axes)), prefix_spec(lay, k.shape[1])
   axes = lay.batch_axes if lay.mesh is not None and lay.mesh.size > 1 else ()
   ring = lay.num_shards if axes and kv_spec[1] is not None else 1
   body = functools.partial(_insert_ring, batch_axes=axes, ring=ring, combined=lay.combined)
@@ -315,20 +311,17 @@ def insert_prompts(cache: PagedCache, k, v, rows, pages, shard, lengths) -> Page
 
 
 def _insert_ring(pools, k, v, rows, pages, shard, lengths, *, batch_axes, ring, combined):
-  """One shard's insert: pools (pool,) combined or (pool_k, pool_v); k, v [L, Ub, P, K, H]
-  this shard's block of prefix rows (all Up rows when ring == 1); rows, pages, shard,
-  lengths of this shard's requests. Step s writes the requests whose row is in the block of
-  shard me - s, then passes the block on."""
+  """One shard's insert: pools (pool,) or (pool_k, pool_v); k, v [L, Ub, P, K, H] its block of
+  prefix rows (all Up when ring == 1); rows, pages, shard, lengths its requests'. Step s writes
+  the requests whose row is in shard me - s's block, then passes the block on."""
   me = jax.lax.axis_index(batch_axes) if batch_axes else 0
   num_pages, page = (pools[0].shape[1], pools[0].shape[2]) if combined else pools[0].shape[2:4]
   ids, off = _insert_rows(pages, shard, lengths, k.shape[2], page, num_pages, me)
-  block = k.shape[1]
-  local = rows % block
-  perm = [(i, (i + 1) % ring) for i in range(ring)]
+  block, perm = k.shape[1], [(i, (i + 1) % ring) for i in range(ring)]
 
   def write(s, pools, k, v):
     mine = (rows // block == (me - s) % ring)[:, None]  # [I] its row is in this block
-    kb, vb = k[:, local], v[:, local]  # [L, I, P, K, H]: only this shard's requests
+    kb, vb = k[:, rows % block], v[:, rows % block]  # [L, I, P, K, H]: this shard's requests
     return _write_prompts(pools, kb, vb, jnp.where(mine, ids, num_pages), off, combined)
 
   def step(s, carry):
@@ -353,8 +346,7 @@ def _insert_rows(pages, shard, lengths, prompt_len, page, num_pages, me):
 def _write_prompts(pools, k, v, ids, off, combined):
   """k, v [L, I, P, K, H] into pages ids int32[I, P] at offsets off (out of range: dropped)."""
   if combined:  # pool [L, Pg, page, 2K, H]; pool[l, ids, off] is [I, P, 2K, H]
-    # One scatter per layer: with the layer inside the update window the TPU compiler re-lays
-    # the whole pool out (docs/kernels.md).
+    # A scatter per layer: the layer in the update window re-lays the pool out on TPU.
     (pool,) = pools
     upd = tpu_paged.combine(k, v).astype(pool.dtype)
     put = lambda lyr, pool: pool.at[lyr, ids, off].set(upd[lyr], mode="drop")
