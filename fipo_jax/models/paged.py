@@ -29,6 +29,7 @@ shard inside shard_map), R inserted requests, P prefill bucket length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.struct
@@ -297,59 +298,102 @@ def _write_local(pool_k, pool_v, k_new, v_new, table, lengths, active):
   return put(pool_k, k_new), put(pool_v, v_new)
 
 
-def insert_prompts(cache: PagedCache, k, v, pages, shard, lengths) -> PagedCache:
-  """Copies R prompts' real tokens into their pages.
+def prefix_spec(layout: PagedLayout, num_rows: int) -> PartitionSpec:
+  """The spec of prefix caches [L, Up, P, K, H]: rows over the batch axes (when they split Up)
+  and kv heads over the kv axes, so a shard holds 1/D of the prompts (see `insert_prompts`)."""
+  rows = _axes(layout.batch_axes) if num_rows % layout.num_shards == 0 else None
+  return PartitionSpec(None, rows, None, _axes(layout.kv_axes), None)
 
-  k, v [L, R, P, K, H] prefix caches (right-padded prompts), pages int32[R, M] each request's
-  page ids (local to its shard `shard` int32[R]; a negative shard drops the request), lengths
-  int32[R] real prompt tokens. The page table and lengths of the slots are the caller's.
+
+def shard_prefix(layout: PagedLayout, k, v):
+  """k, v [L, Up, P, K, H] constrained to `prefix_spec` (prefill's output)."""
+  if layout.mesh is None or layout.mesh.size == 1:
+    return k, v
+  spec = jax.sharding.NamedSharding(layout.mesh, prefix_spec(layout, k.shape[1]))
+  return jax.lax.with_sharding_constraint(k, spec), jax.lax.with_sharding_constraint(v, spec)
+
+
+def insert_prompts(cache: PagedCache, k, v, rows, pages, shard, lengths) -> PagedCache:
+  """Copies I requests' real prompt tokens from the prefix caches into their pages.
+
+  k, v [L, Up, P, K, H] prefix caches (right-padded prompts, `prefix_spec`), rows int32[I] each
+  request's prefix row, pages int32[I, M] its page ids (local to its shard `shard` int32[I]; a
+  negative shard drops the request), lengths int32[I] real prompt tokens. The requests come
+  shard-major: request i belongs to shard i // (I / D) or is dropped, so each shard gets only
+  its own requests. The page table and lengths of the slots are the caller's.
+
+  No shard holds the whole prefix: the D blocks of prefix rows pass round the ring of shards
+  (`ppermute`); each shard copies its requests' rows from the block it holds (two at a time).
   """
   lay = cache.layout
-  heads = _axes(lay.kv_axes)
-  kv_spec = PartitionSpec(None, None, None, heads, None)  # every shard sees every request
-  rep = PartitionSpec()
+  req, kv_spec = PartitionSpec(_axes(lay.batch_axes)), prefix_spec(lay, k.shape[1])
   axes = lay.batch_axes if lay.mesh is not None and lay.mesh.size > 1 else ()
+  ring = lay.num_shards if axes and kv_spec[1] is not None else 1
+  body = functools.partial(_insert_ring, batch_axes=axes, ring=ring, combined=lay.combined,
+                           folded=lay.folded)
   if lay.combined:
-    fn = _sharded(lay, lambda *a: _insert_combined(*a, batch_axes=axes),
-                  in_specs=(lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
+    fn = _sharded(lay, lambda pool, *a: body((pool,), *a)[0],
+                  in_specs=(lay.pool_spec(), kv_spec, kv_spec, req, lay.slot_spec(2), req, req),
                   out_specs=lay.pool_spec())  # fmt: skip
-    return cache.replace(k=fn(cache.k, k, v, pages, shard, lengths))
-  fn = _sharded(lay, lambda *a: _insert_local(*a, batch_axes=axes, folded=lay.folded),
-                in_specs=(lay.pool_spec(), lay.pool_spec(), kv_spec, kv_spec, rep, rep, rep),
+    return cache.replace(k=fn(cache.k, k, v, rows, pages, shard, lengths))
+  fn = _sharded(lay, lambda pk, pv, *a: body((pk, pv), *a),
+                in_specs=(lay.pool_spec(), lay.pool_spec(), kv_spec, kv_spec, req,
+                          lay.slot_spec(2), req, req),
                 out_specs=(lay.pool_spec(), lay.pool_spec()))  # fmt: skip
-  pk, pv = fn(cache.k, cache.v, k, v, pages, shard, lengths)
+  pk, pv = fn(cache.k, cache.v, k, v, rows, pages, shard, lengths)
   return cache.replace(k=pk, v=pv)
 
 
-def _insert_rows(pages, shard, lengths, prompt_len, page, num_pages, batch_axes):
-  """(page ids, offsets) int32[R, P] of each prompt token in its shard's pool; tokens past
-  a prompt's length, or of another shard's request, get page id num_pages (dropped)."""
+def _insert_ring(pools, k, v, rows, pages, shard, lengths, *, batch_axes, ring, combined,
+                 folded=False):
+  """One shard's insert: pools (pool,) or (pool_k, pool_v); k, v [L, Ub, P, K, H] its block of
+  prefix rows (all Up when ring == 1); rows, pages, shard, lengths its requests'. Step s writes
+  the requests whose row is in shard me - s's block, then passes the block on."""
   me = jax.lax.axis_index(batch_axes) if batch_axes else 0
+  num_pages, page = (pools[0].shape[1], pools[0].shape[2]) if combined else pools[0].shape[2:4]
+  ids, off = _insert_rows(pages, shard, lengths, k.shape[2], page, num_pages, me)
+  block, perm = k.shape[1], [(i, (i + 1) % ring) for i in range(ring)]
+
+  def write(s, pools, k, v):
+    mine = (rows // block == (me - s) % ring)[:, None]  # [I] its row is in this block
+    kb, vb = k[:, rows % block], v[:, rows % block]  # [L, I, P, K, H]: this shard's requests
+    return _write_prompts(pools, kb, vb, jnp.where(mine, ids, num_pages), off, combined, folded)
+
+  def step(s, carry):
+    pools, k, v = carry
+    pools = write(s, pools, k, v)
+    return pools, *(jax.lax.ppermute(x, batch_axes, perm) for x in (k, v))
+
+  if ring > 1:
+    pools, k, v = jax.lax.fori_loop(0, ring - 1, step, (pools, k, v))
+  return write(ring - 1, pools, k, v)
+
+
+def _insert_rows(pages, shard, lengths, prompt_len, page, num_pages, me):
+  """(page ids, offsets) int32[I, P] of each prompt token in shard `me`'s pool; tokens past
+  a prompt's length, or of another shard's request, get page id num_pages (dropped)."""
   j = jnp.arange(prompt_len, dtype=jnp.int32)
-  ids = jnp.take(pages, j // page, axis=1, mode="clip")  # [R, P]
+  ids = jnp.take(pages, j // page, axis=1, mode="clip")  # [I, P]
   keep = (j[None] < lengths[:, None]) & (shard == me)[:, None]
   return jnp.where(keep, ids, num_pages), jnp.broadcast_to(j % page, ids.shape)
 
 
-def _insert_combined(pool, k, v, pages, shard, lengths, *, batch_axes):
-  """pool [L, Pg, page, 2K, H] (one shard's); k, v [L, R, P, K, H]."""
-  ids, off = _insert_rows(pages, shard, lengths, k.shape[2], pool.shape[2], pool.shape[1],
-                          batch_axes)  # fmt: skip
-  upd = tpu_paged.combine(k, v).astype(pool.dtype)  # [L, R, P, 2K, H] = pool[:, ids, off]
-  return pool.at[:, ids, off].set(upd, mode="drop")
+def _write_prompts(pools, k, v, ids, off, combined, folded=False):
+  """k, v [L, I, P, K, H] into pages ids int32[I, P] at offsets off (out of range: dropped)."""
+  if combined:  # pool [L, Pg, page, 2K, H]; pool[l, ids, off] is [I, P, 2K, H]
+    # A scatter per layer: the layer in the update window re-lays the pool out on TPU.
+    (pool,) = pools
+    upd = tpu_paged.combine(k, v).astype(pool.dtype)
+    put = lambda lyr, pool: pool.at[lyr, ids, off].set(upd[lyr], mode="drop")
+    return (jax.lax.fori_loop(0, pool.shape[0], put, pool),)
 
-
-def _insert_local(pool_k, pool_v, k, v, pages, shard, lengths, *, batch_axes, folded=False):
-  """pool_k, pool_v [L, K, Pg, page, H] (folded: [K, L, Pg, page, H]); k, v [L, R, P, K, H]."""
-  ids, off = _insert_rows(pages, shard, lengths, k.shape[2], pool_k.shape[3], pool_k.shape[2],
-                          batch_axes)  # fmt: skip
   order = (3, 0, 1, 2, 4) if folded else (0, 3, 1, 2, 4)
 
-  def put(pool, new):  # pool[:, :, ids, off] is [L, K, R, P, H] (folded: [K, L, R, P, H])
+  def put(pool, new):  # pool[:, :, ids, off] is [L, K, I, P, H] (folded pool: [K, L, I, P, H])
     upd = new.transpose(order).astype(pool.dtype)
     return pool.at[:, :, ids, off].set(upd, mode="drop")
 
-  return put(pool_k, k), put(pool_v, v)
+  return tuple(put(pool, new) for pool, new in zip(pools, (k, v), strict=True))
 
 
 # ------------------------------------------------------------------ host-side pages

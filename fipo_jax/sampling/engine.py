@@ -27,6 +27,7 @@ may return early so the host can refill freed slots) -> `release` (a finished sl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -89,7 +90,9 @@ class Engine:
     replicated = sharding.replicated(self.mesh)
     self._reshard = None  # the handover, built by the first load_params
     self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
-    self._prefill = jax.jit(steps.prefill, static_argnames=("graphdef", "cfg", "sampling"))
+    # Paged: the prefix leaves with its rows split over the slots' shards (insert_prompts).
+    prefill = functools.partial(steps.prefill, layout=self.layout if self.paged else None)
+    self._prefill = jax.jit(prefill, static_argnames=("graphdef", "cfg", "sampling"))
     self._insert = jax.jit(steps.insert, donate_argnames=("state",),
                            out_shardings=self.state_shardings)  # fmt: skip
     self._generate = jax.jit(
@@ -254,25 +257,38 @@ class Engine:
       )
     if prefix.host is None or max(request_rows) >= len(prefix.host.rows) or min(request_rows) < 0:
       raise ValueError("insert: request_rows must index the requests of an Engine.prefill")
-    bsz = self.cfg.batch_bucket(num)
-    slot_arr = np.full((bsz,), self.cfg.num_slots, np.int32)  # out of range: dropped
-    slot_arr[:num] = slots
-    req = np.zeros((bsz,), np.int32)
-    req[:num] = request_rows
-    budget = np.ones((bsz,), np.int32)
-    budget[:num] = max_new_tokens
-    pages = np.zeros((bsz, self.cfg.pages_per_slot), np.int32)
-    shards = np.full((bsz,), -1, np.int32)
     if self.paged:
       lens = [prefix.host.prompt_lens[prefix.host.rows[r]] for r in request_rows]
       budgets = zip(lens, max_new_tokens, strict=True)
       self._reserve(slots, [self.cfg.pages_needed(n, m) for n, m in budgets])
-      for i, slot in enumerate(slots):
+    bsz, at = self._request_order(slots)
+    slot_arr = np.full((bsz,), self.cfg.num_slots, np.int32)  # out of range: dropped
+    slot_arr[at] = slots
+    req = np.zeros((bsz,), np.int32)
+    req[at] = request_rows
+    budget = np.ones((bsz,), np.int32)
+    budget[at] = max_new_tokens
+    pages = np.zeros((bsz, self.cfg.pages_per_slot), np.int32)
+    shards = np.full((bsz,), -1, np.int32)
+    if self.paged:
+      for i, slot in zip(at, slots, strict=True):
         held = self.allocator.held[int(slot)]
         pages[i, : len(held)] = held
         shards[i] = self.allocator.shard(int(slot))
     return self._insert(prefix.replace(host=None), state, slot_arr, req, pages, shards, budget,
                         _stop_array(stop_ids))  # fmt: skip
+
+  def _request_order(self, slots: Sequence[int]) -> tuple[int, list[int]]:
+    """(I, the index of each slot's request in insert's arrays). Paged: shard-major, C =
+    a power of two entries per shard (paged.insert_prompts gives each shard its own C); dense:
+    in order, I = batch_bucket(len(slots))."""
+    if not self.paged:
+      return self.cfg.batch_bucket(len(slots)), list(range(len(slots)))
+    shard_of = [self.allocator.shard(int(s)) for s in slots]
+    counts = [shard_of.count(d) for d in range(self.layout.num_shards)]
+    per_shard = min(_next_pow2(max(counts)), _next_pow2(self.allocator.slots_per_shard))
+    at = [d * per_shard + shard_of[:i].count(d) for i, d in enumerate(shard_of)]
+    return self.layout.num_shards * per_shard, at
 
   def _reserve(self, slots: Sequence[int], needs: Sequence[int]) -> None:
     """Reserves needs[i] pages for slots[i], all or none."""
@@ -352,10 +368,15 @@ class Engine:
     )  # fmt: skip
 
   def trace_insert(self, prefix) -> jax.stages.Traced:
-    """The largest insert (I = batch_bucket(num_slots) requests of `prefix`) into the abstract
+    """The largest insert (every slot: I = num_slots rounded up, shard-major) into the abstract
     decode state, traced. prefix: a Prefix of sharded ShapeDtypeStructs (prefill's output)."""
-    bsz = self.cfg.batch_bucket(self.cfg.num_slots)
+    bsz = self._request_order(range(self.cfg.num_slots))[0]
     rep = sharding.replicated(self.mesh)
+    if self.paged:  # prefill's output sharding (traced out_info carries none)
+      spec = jax.NamedSharding(self.mesh, paged.prefix_spec(self.layout, prefix.cache.k.shape[1]))
+      kv = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec)
+      cache = prefix.cache.replace(k=kv(prefix.cache.k), v=kv(prefix.cache.v))
+      prefix = prefix.replace(cache=cache)
     arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
     stop = jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32, sharding=rep)
     return self._insert.trace(prefix, self.abstract_decode_state(), arg(bsz), arg(bsz),

@@ -80,10 +80,13 @@ def token_keys(key_data: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda kd, t: jax.random.fold_in(jax.random.wrap_key_data(kd), t))(key_data, step)
 
 
-def prefill(graphdef, params, tokens, lengths, requests, seed, *, cfg, sampling) -> Prefix:
+def prefill(
+  graphdef, params, tokens, lengths, requests, seed, *, cfg, sampling, layout=None
+) -> Prefix:
   """tokens int32[Up, P] right-padded, lengths int32[Up], requests int32[Rb, 3] = (row,
   prompt_index, sample_index) -> Prefix. Each prompt row is run once; request r's first token
-  comes from row requests[r, 0]'s last logits with the key of (seed, prompt, sample)."""
+  comes from row requests[r, 0]'s last logits with the key of (seed, prompt, sample).
+  layout: the paged pool's PagedLayout; the prefix caches then leave in paged.prefix_spec."""
   batch, length = tokens.shape
   model = nnx.merge(graphdef, params)
   mask = jnp.arange(length)[None, :] < lengths[:, None]  # [Up, P]
@@ -98,6 +101,9 @@ def prefill(graphdef, params, tokens, lengths, requests, seed, *, cfg, sampling)
   rows = requests[:, 0]
   key_data = request_key_data(seed, requests[:, 1:])
   first, log_probs = sampling.select(last[rows], token_keys(key_data, jnp.zeros_like(rows)))
+  if layout is not None:
+    k, v = paged.shard_prefix(layout, cache.k, cache.v)
+    cache = cache.replace(k=k, v=v)
   return Prefix(
     cache=cache, lengths=lengths, rows=rows, tokens=first, log_probs=log_probs, key_data=key_data
   )
@@ -109,17 +115,18 @@ def insert(
   """Puts request reqs[i] (an index into the prefix's requests) into slot slots[i] int32[I].
 
   Out-of-range slots are padding (dropped). Paged: pages int32[I, M] are the slot's reserved
-  page ids (local to its shard shards[i]); dense: both unused.
+  page ids (local to its shard shards[i]; the requests come shard-major, see
+  paged.insert_prompts); dense: both unused.
   """
   rows = prefix.rows[reqs]
   plens = prefix.lengths[rows]
   cache = state.cache
-  new_k, new_v = prefix.cache.k[:, rows], prefix.cache.v[:, rows]  # [L, I, P, K, H]
-  if isinstance(cache, paged.PagedCache):
-    cache = paged.insert_prompts(cache, new_k, new_v, pages, shards, plens)
+  if isinstance(cache, paged.PagedCache):  # each shard reads only its requests' prefix rows
+    cache = paged.insert_prompts(cache, prefix.cache.k, prefix.cache.v, rows, pages, shards, plens)
     cache = cache.replace(page_table=cache.page_table.at[slots].set(pages, mode="drop"),
                           lengths=cache.lengths.at[slots].set(plens, mode="drop"))  # fmt: skip
   else:
+    new_k, new_v = prefix.cache.k[:, rows], prefix.cache.v[:, rows]  # [L, I, P, K, H]
     plen = new_k.shape[2]
     k = cache.k.at[:, slots, :plen].set(new_k.astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, slots, :plen].set(new_v.astype(cache.v.dtype), mode="drop")
