@@ -36,13 +36,15 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import models, sharding
-from fipo_jax.models import paged
+from fipo_jax.models import page_allocator
 from fipo_jax.sampling import layouts, steps
 from fipo_jax.sampling import params as params_lib
 from fipo_jax.sampling.engine_config import EngineConfig
 from fipo_jax.sampling.engine_config import next_pow2 as _next_pow2
+from fipo_jax.sampling.engine_config import stop_array as _stop_array
 from fipo_jax.sampling.layouts import decode_state_shardings
 from fipo_jax.sampling.steps import DecodeState, Prefix, ResultTokens
+from fipo_jax.sampling.traces import Traces
 
 __all__ = ["DecodeState", "Engine", "EngineConfig", "Prefix", "ResultTokens",
            "decode_state_shardings"]  # fmt: skip
@@ -52,7 +54,7 @@ _DEFAULT_CONFIG = EngineConfig()  # a frozen dataclass: one shared default
 # ---------------------------------------------------------------- the engine
 
 
-class Engine:
+class Engine(Traces):
   """JetStream-shaped engine over a fipo_jax Transformer (graphdef fixed, params passed in).
 
   Methods mirror `jetstream.engine.engine_api.Engine`: `load_params`, `init_decode_state`,
@@ -82,7 +84,7 @@ class Engine:
     # The pool splits over the slots' shards: round it up to a multiple of their count.
     pool = cfg.num_pages or cfg.num_slots * cfg.pages_per_slot
     self.num_pages = -(-pool // shards) * shards
-    self.allocator = paged.PageAllocator(cfg.num_slots, self.num_pages, shards)
+    self.allocator = page_allocator.PageAllocator(cfg.num_slots, self.num_pages, shards)
     abstract = jax.eval_shape(self._zero_state)
     # Fixed output shardings: the state fed back into the next call never changes type (a
     # state whose sharding drifted between calls would recompile), and donation applies.
@@ -158,7 +160,7 @@ class Engine:
 
   def init_decode_state(self) -> DecodeState:
     """All slots empty (every page free); placed with `state_shardings`."""
-    self.allocator = paged.PageAllocator(self.cfg.num_slots, self.num_pages,
+    self.allocator = page_allocator.PageAllocator(self.cfg.num_slots, self.num_pages,
                                          self.layout.num_shards)  # fmt: skip
     return self._init()
 
@@ -330,70 +332,10 @@ class Engine:
       steps=self.cfg.steps_per_call,
     )
 
-  # Ahead-of-time compilation (fipo_jax.aot): the jitted steps on abstract inputs -----------
-
-  def abstract_decode_state(self) -> DecodeState:
-    """`init_decode_state()` as sharded ShapeDtypeStructs (nothing allocated)."""
-    return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      jax.eval_shape(self._zero_state), self.state_shardings,
-    )  # fmt: skip
-
-  def trace_prefill(self, params, *, sampling: params_lib.SamplingMethod) -> jax.stages.Traced:
-    """The largest prefill (Up = Rb = batch_bucket(num_slots), P = max_prefill_len), traced.
-
-    params: arrays or sharded ShapeDtypeStructs; token inputs are sharded over the batch axes.
-    """
-    bsz, plen = self.cfg.batch_bucket(self.cfg.num_slots), self.cfg.max_prefill_len
-
-    def arg(shape, dtype):
-      return jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape))
-      )
-
-    seed = jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(self.mesh))
-    return self._prefill.trace(
-      self.graphdef, params, arg((bsz, plen), jnp.int32), arg((bsz,), jnp.int32),
-      arg((bsz, 3), jnp.int32), seed, cfg=self.model_cfg, sampling=sampling,
-    )  # fmt: skip
-
-  def trace_generate(self, params, *, sampling: params_lib.SamplingMethod) -> jax.stages.Traced:
-    """One `generate` call (steps_per_call decode steps of all B slots, S cache), traced."""
-    rep = sharding.replicated(self.mesh)
-    stop = jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32, sharding=rep)
-    min_free = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-    return self._generate.trace(
-      self.graphdef, params, self.abstract_decode_state(), stop, min_free,
-      sampling=sampling, steps=self.cfg.steps_per_call,
-    )  # fmt: skip
-
-  def trace_insert(self, prefix) -> jax.stages.Traced:
-    """The largest insert (every slot: I = num_slots rounded up, shard-major) into the abstract
-    decode state, traced. prefix: a Prefix of sharded ShapeDtypeStructs (prefill's output)."""
-    bsz = self._request_order(range(self.cfg.num_slots))[0]
-    rep = sharding.replicated(self.mesh)
-    if self.paged:  # prefill's output sharding (traced out_info carries none)
-      spec = jax.NamedSharding(self.mesh, paged.prefix_spec(self.layout, prefix.cache.k.shape[1]))
-      kv = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec)
-      cache = prefix.cache.replace(k=kv(prefix.cache.k), v=kv(prefix.cache.v))
-      prefix = prefix.replace(cache=cache)
-    arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-    stop = jax.ShapeDtypeStruct(_stop_array([0]).shape, jnp.int32, sharding=rep)
-    return self._insert.trace(prefix, self.abstract_decode_state(), arg(bsz), arg(bsz),
-                              arg(bsz, self.cfg.pages_per_slot), arg(bsz), arg(bsz), stop)
-
 
 def _cast_dtype(x, dtype) -> jnp.dtype:
   """The dtype a param leaf is held in by the sampler: `dtype` for floating leaves."""
   return jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-
-
-def _stop_array(stop_ids: Sequence[int]) -> np.ndarray:
-  """int32[n] stop ids padded with -1 to n, a power of two (no recompiles for small changes)."""
-  ids = sorted(set(int(i) for i in stop_ids))
-  out = np.full((_next_pow2(max(len(ids), 1)),), -1, np.int32)
-  out[: len(ids)] = ids
-  return out
 
 
 def _request_array(requests, num_prompts: int) -> np.ndarray:

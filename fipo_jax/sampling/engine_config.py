@@ -8,6 +8,9 @@ Shapes: B = num_slots, S cache length, M pages per slot, P prefill bucket length
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
 
 _MIN_PREFILL_BUCKET = 16
 
@@ -79,3 +82,11 @@ class EngineConfig:
 def next_pow2(n: int) -> int:
   """The least power of two >= n (1 for n <= 1)."""
   return 1 << max(0, int(n) - 1).bit_length()
+
+
+def stop_array(stop_ids: Sequence[int]) -> np.ndarray:
+  """int32[n] stop ids padded with -1 to n, a power of two (no recompiles for small changes)."""
+  ids = sorted(set(int(i) for i in stop_ids))
+  out = np.full((next_pow2(max(len(ids), 1)),), -1, np.int32)
+  out[: len(ids)] = ids
+  return out
