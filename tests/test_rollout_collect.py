@@ -58,20 +58,19 @@ def _run(tokenizer, max_rounds=3):
       use_remove_padding=False,  # the padded layout (packed rows: tests/test_packing_step.py)
     ),
     sampling=types.SimpleNamespace(refill_fraction=0.125),
+    data=types.SimpleNamespace(max_prompt_length=P),
   )
-  env = types.SimpleNamespace(
-    mesh=mesh,
-    engine=FakeEngine(num_slots=5, steps_per_call=3),
-    sampler_params=lambda p: p,
-    train_data=_Data(),
-    train_sampling=params_lib.Sampling(temperature=1.0),
+  engine = FakeEngine(num_slots=5, steps_per_call=3)
+  engine.load_params = lambda p: p
+  sampler = rollout.Sampler(
+    engine=engine,
+    method=params_lib.Sampling(temperature=1.0),
     eos_ids=[0],
     tokenizer=tokenizer,
-    max_prompt_length=P,
-    pad_id=9,
     reward_cfg=rewards.RewardConfig(max_response_length=T, overlong_buffer_enable=False),
   )
-  return rollout.collect(rc, env, None, step=0), mesh
+  out = rollout.collect(rc, sampler, _Data(), None, step=0, mesh=mesh, update_cfg=None, pad_id=9)
+  return out, mesh
 
 
 def test_collect_returns_placed_mini_batches_of_kept_groups_with_their_advantages():

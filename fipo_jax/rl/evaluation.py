@@ -53,14 +53,15 @@ def evaluate_examples(engine, params, examples: Sequence[dict], *, tokenizer, eo
   return metrics, records
 
 
-def evaluate(rc, env, params, *, step: int) -> dict:
-  """In-training eval on the held-out prompts (eval.max_prompts of them; -1 = all)."""
-  examples = env.val_examples
+def evaluate(rc, sampler: rollout_lib.Sampler, examples: Sequence[dict], params, *,
+             step: int) -> dict:
+  """In-training eval on the held-out `examples` (eval.max_prompts of them; -1 = all), with
+  the eval sampling method of `sampler`."""
   if rc.eval.max_prompts > 0:
     examples = examples[: rc.eval.max_prompts]
   metrics, _ = evaluate_examples(
-    env.engine, env.sampler_params(params), examples, tokenizer=env.tokenizer, eos_ids=env.eos_ids,
-    reward_cfg=env.reward_cfg, n=rc.eval.n, sampling=env.eval_sampling,
+    sampler.engine, sampler.engine.load_params(params), examples, tokenizer=sampler.tokenizer,
+    eos_ids=sampler.eos_ids, reward_cfg=sampler.reward_cfg, n=rc.eval.n, sampling=sampler.method,
     seed=seeds.seed_for(rc.seed, "eval", step), max_new_tokens=rc.rl.max_response_length,
   )
   return metrics

@@ -1,10 +1,10 @@
 """One RL step's training data on the host: sample, score, dynamic sampling, advantages, pack.
 
-`collect(rc, env, params, step) -> (mini-batches, metrics)` (docs/fipo_spec.md §4): each
-dynamic-sampling round samples `gen_batch_size` prompts x `n` responses with the sampler
-(`sampling.driver`), scores them with the verifier plus overlong shaping
-(`rewards.score_responses`; split over processes by `score_shard`), and keeps the groups whose
-`rl.filter_groups_metric` (official: `acc`) is not all-equal; rounds repeat (up to
+`collect(rc, sampler, data, params, step, ...) -> (mini-batches, metrics)`
+(docs/fipo_spec.md §4): each dynamic-sampling round samples `gen_batch_size` prompts x `n`
+responses with the sampler (`sampling.driver`), scores them with the verifier plus overlong
+shaping (`rewards.score_responses`; split over processes by `score_shard`), and keeps the
+groups whose `rl.filter_groups_metric` (official: `acc`) is not all-equal; rounds repeat (up to
 `max_num_gen_batches`) until `train_batch_size` prompts are kept, and the kept groups are
 truncated to exactly `train_batch_size` x `n` responses (`collect_with_dynamic_sampling`).
 Then GRPO group advantages, and `pack_batch` lays the responses out as PolicyBatch arrays (left-
@@ -28,14 +28,17 @@ from fipo_jax import config as config_lib
 from fipo_jax import distributed, seeds, sharding
 from fipo_jax import metrics as metrics_lib
 from fipo_jax.algo import advantages as adv_lib
-from fipo_jax.rl import packed_step
+from fipo_jax.rl import packed_step, packing
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.rl.rewards import RewardConfig, ScoreFn
 from fipo_jax.sampling import driver as driver_lib
 
 if TYPE_CHECKING:
-  from fipo_jax.rl import setup as setup_lib
+  import transformers
+
+  from fipo_jax.sampling import engine as engine_lib
+  from fipo_jax.sampling import params as sampling_params
 
 # rl.filter_groups_metric -> the per-response value whose spread within a group keeps it
 # (verl recipe/dapo: `acc` and `score` from the reward function's extra info; `seq_reward` =
@@ -48,6 +51,19 @@ FILTER_METRICS = {
   "seq_reward": lambda r: r.scores,
   "seq_final_reward": lambda r: r.scores,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """What sampling and scoring prompts takes (`collect`, `evaluation.evaluate`): the engine, its
+  sampling method, the stop tokens, the tokenizer that decodes responses for the verifier, and
+  the verifier and overlong-shaping settings."""
+
+  engine: engine_lib.Engine
+  method: sampling_params.SamplingMethod
+  eos_ids: Sequence[int]
+  tokenizer: transformers.PreTrainedTokenizerBase
+  reward_cfg: RewardConfig
 
 
 @dataclasses.dataclass
@@ -249,58 +265,35 @@ def pack_batch(
   max_response_length: int,
   pad_id: int,
 ) -> dict[str, np.ndarray]:
-  """Left-pad prompts to P, right-pad responses to T, and lay out the arrays of a PolicyBatch.
+  """The PolicyBatch arrays of `rollouts` on the padded layout (`packing.pad_rows`).
 
-  Returns numpy arrays: input_ids/attention_mask/positions int32[B, S] (S = P + T), response_mask,
-  old_log_probs (the sampler's; the actor's recomputation replaces them unless
-  rl.old_log_prob_source='sampler') and advantages f32[B, T] (the per-sequence advantage
-  broadcast and multiplied by the mask).
+  old_log_probs are the sampler's (the actor's recomputation replaces them unless
+  rl.old_log_prob_source='sampler'); advantages f32[B] are broadcast over each response.
   """
-  r, p, t = len(rollouts), max_prompt_length, max_response_length
-  ids = np.full((r, p + t), pad_id, np.int32)
-  attn = np.zeros((r, p + t), np.int32)
-  resp_mask = np.zeros((r, t), np.float32)
-  sampler_lp = np.zeros((r, t), np.float32)
-  for i, (pid, rid, lp) in enumerate(
-    zip(rollouts.prompt_ids, rollouts.response_ids, rollouts.response_logprobs, strict=True)
-  ):
-    pid = np.asarray(pid, np.int32)[-p:]
-    rid = np.asarray(rid, np.int32)[:t]
-    ids[i, p - len(pid) : p] = pid
-    attn[i, p - len(pid) : p] = 1
-    ids[i, p : p + len(rid)] = rid
-    attn[i, p : p + len(rid)] = 1
-    resp_mask[i, : len(rid)] = 1.0
-    sampler_lp[i, : len(rid)] = np.asarray(lp, np.float32)[: len(rid)]
-  positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
-  adv = (np.asarray(advantages, np.float32)[:, None] * resp_mask).astype(np.float32)
-  return {
-    "input_ids": ids,
-    "attention_mask": attn,
-    "positions": positions,
-    "response_mask": resp_mask,
-    "old_log_probs": sampler_lp,
-    "advantages": adv,
-  }
+  return packing.pad_rows(rollouts.prompt_ids, rollouts.response_ids, rollouts.response_logprobs,
+                          advantages, max_prompt_length=max_prompt_length,
+                          max_response_length=max_response_length, pad_id=pad_id)
 
 
 # --- One RL step's training data: collect() = sample -> score -> filter -> advantages -> pack.
 
 
-def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, step: int,
-            *, kept: list | None = None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
+def collect(rc: config_lib.RunConfig, sampler: Sampler, data, params: nnx.State, step: int,
+            *, mesh: jax.sharding.Mesh, update_cfg: ts.UpdateConfig, pad_id: int,
+            kept: list | None = None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
   """The training data of RL step `step` (0-based), sampled with `params`.
 
-  Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts x n) and scoring until
-  rl.train_batch_size prompts are kept, then group advantages, then packing into
-  `train_batch_size / ppo_mini_batch_size` mini-batches placed on env.mesh. Each host packs
-  only the rows its own devices hold. `old_log_probs` are the sampler's; the trainer replaces
-  them with the actor's (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no
-  group was kept; rollout metrics). `kept` (a list, for the rollout dump) receives the kept
-  Rollouts and their advantages f32[B], in mini-batch order.
+  Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts of `data.next_batch` x n) and
+  scoring until rl.train_batch_size prompts are kept, then group advantages, then packing into
+  `train_batch_size / ppo_mini_batch_size` mini-batches placed on `mesh` (`update_cfg` gives the
+  packed layout's micro-batches). Each host packs only the rows its own devices hold.
+  `old_log_probs` are the sampler's; the trainer replaces them with the actor's
+  (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no group was kept; rollout
+  metrics). `kept` (a list, for the rollout dump) receives the kept Rollouts and their
+  advantages f32[B], in mini-batch order.
   """
   t0 = time.perf_counter()
-  res, sampled = _dynamic_sampling(rc, env, params, step)
+  res, sampled = _dynamic_sampling(rc, sampler, data, params, step)
   t_gen = time.perf_counter() - t0
   metrics: dict[str, Any] = {
     "train/num_gen_batches": res.num_gen_batches, "timing_s/gen": t_gen,
@@ -313,7 +306,7 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   adv = adv_lib.grpo_outcome_advantages(
     r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
   )
-  batches, packed = _mini_batches(rc, env, r, adv)
+  batches, packed = _mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
   if kept is not None:
     kept.append((r, adv))
   lengths = np.asarray([len(x) for x in r.response_ids])
@@ -332,22 +325,24 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   return batches, metrics
 
 
-def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State,
+def _dynamic_sampling(rc: config_lib.RunConfig, sampler: Sampler, data, params: nnx.State,
                       step: int) -> tuple[DynamicSamplingResult, dict[str, Any]]:
   """The step's dynamic-sampling rounds; also returns what was sampled before filtering:
   {'tokens': sampled, 'acc': [bool[B] per round], 'scored': responses this process scored}."""
   sampled: dict[str, Any] = {"tokens": 0, "acc": [], "scored": 0, "stats": []}
-  params = env.sampler_params(params)  # once per step: the params do not change while sampling
+  # Once per step (the params do not change while sampling): the trainer's params in the
+  # sampler's layout and dtype, one jitted reshard and cast on device.
+  params = sampler.engine.load_params(params)
 
   def sample_round(round_idx: int) -> Rollouts:
-    examples = env.train_data.next_batch(rc.rl.gen_batch_size)
+    examples = data.next_batch(rc.rl.gen_batch_size)
     res = driver_lib.run(
-      env.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
-      max_new_tokens=rc.rl.max_response_length, sampling=env.train_sampling,
-      eos_ids=env.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
+      sampler.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
+      max_new_tokens=rc.rl.max_response_length, sampling=sampler.method,
+      eos_ids=sampler.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
       refill_fraction=rc.sampling.refill_fraction,
     )
-    r = make_rollouts(env.tokenizer, env.reward_cfg, examples, res.samples,
+    r = make_rollouts(sampler.tokenizer, sampler.reward_cfg, examples, res.samples,
                       group_offset=round_idx * rc.rl.gen_batch_size)
     sampled["tokens"] += res.stats.tokens_generated
     sampled["stats"].append(res.stats)
@@ -374,26 +369,26 @@ def _sampler_perf(stats: Sequence[driver_lib.SamplerStats]) -> dict[str, float]:
   }
 
 
-def _mini_batches(rc: config_lib.RunConfig, env: setup_lib.Env, r: Rollouts, adv: np.ndarray
+def _mini_batches(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, r: Rollouts, adv: np.ndarray,
+                  *, update_cfg: ts.UpdateConfig, pad_id: int
                   ) -> tuple[list[ts.PolicyBatch], dict[str, np.ndarray]]:
-  """[B] rollouts -> B / mini mini-batches on env.mesh, each from this host's rows of it.
+  """[B] rollouts -> B / mini mini-batches on `mesh`, each from this host's rows of it.
 
   Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked). With
   rl.use_remove_padding the mini-batches are packed rows instead (rl/packed_step.py)."""
   if rc.rl.use_remove_padding:
-    return packed_step.mini_batches(rc, env.mesh, r, adv, update_cfg=env.update_cfg,
-                                    pad_id=env.pad_id)
+    return packed_step.mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
   mini = rc.rl.ppo_mini_batch_size * rc.rl.n
   num_mini = len(r) // mini
-  rows = _local_rows(env.mesh, mini)
+  rows = _local_rows(mesh, mini)
   local = np.concatenate([np.arange(i * mini + rows.start, i * mini + rows.stop)
                           for i in range(num_mini)])
   packed = pack_batch(
-    r.select(local), adv[local], max_prompt_length=env.max_prompt_length,
-    max_response_length=rc.rl.max_response_length, pad_id=env.pad_id,
+    r.select(local), adv[local], max_prompt_length=rc.data.max_prompt_length,
+    max_response_length=rc.rl.max_response_length, pad_id=pad_id,
   )
   k = rows.stop - rows.start
-  batches = [_device_batch(env.mesh, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
+  batches = [_device_batch(mesh, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
              for i in range(num_mini)]
   return batches, packed
 
