@@ -11,7 +11,7 @@ import pytest
 from test_sampling_driver import FakeEngine, _log_prob, _token
 
 from fipo_jax import sharding
-from fipo_jax.rl import rewards, rollout
+from fipo_jax.rl import rewards, rollout, scoring
 from fipo_jax.sampling import params as params_lib
 
 N, GEN, TRAIN, MINI, T, P = 4, 3, 4, 2, 8, 6  # MINI prompts x N = 8 rows: one per device
@@ -62,7 +62,7 @@ def _run(tokenizer, max_rounds=3):
   )
   engine = FakeEngine(num_slots=5, steps_per_call=3)
   engine.load_params = lambda p: p
-  sampler = rollout.Sampler(
+  sampler = scoring.Sampler(
     engine=engine,
     method=params_lib.Sampling(temperature=1.0),
     eos_ids=[0],
@@ -113,7 +113,7 @@ def test_collect_with_no_mixed_group_returns_no_batches():
 
 def test_sampler_perf_pools_the_steps_rounds():
   """perf/sampler_device_busy and slot utilisation are ratios of sums over the rounds."""
-  from fipo_jax.sampling.driver import SamplerStats
+  from fipo_jax.sampling.batching import SamplerStats
 
   rounds = [
     SamplerStats(wall_time_s=2.0, device_time_s=1.8, active_slot_steps=30, total_slot_steps=40),

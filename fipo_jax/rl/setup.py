@@ -26,9 +26,8 @@ from fipo_jax import policy as policy_lib
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.rl import optimizer, packed_step
+from fipo_jax.rl import optimizer, packed_step, scoring
 from fipo_jax.rl import rewards as rewards_lib
-from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
 from fipo_jax.sampling import params as sampling_params
@@ -81,14 +80,14 @@ class Env:
     device (`Engine.load_params`), or the params themselves when they already are."""
     return self.engine.load_params(params)
 
-  def train_sampler(self) -> rollout_lib.Sampler:
+  def train_sampler(self) -> scoring.Sampler:
     """What `rollout.collect` samples and scores with."""
-    return rollout_lib.Sampler(self.engine, self.train_sampling, self.eos_ids, self.tokenizer,
+    return scoring.Sampler(self.engine, self.train_sampling, self.eos_ids, self.tokenizer,
                                self.reward_cfg)
 
-  def eval_sampler(self) -> rollout_lib.Sampler:
+  def eval_sampler(self) -> scoring.Sampler:
     """What `evaluation.evaluate` samples and scores with: the eval sampling method."""
-    return rollout_lib.Sampler(self.engine, self.eval_sampling, self.eos_ids, self.tokenizer,
+    return scoring.Sampler(self.engine, self.eval_sampling, self.eos_ids, self.tokenizer,
                                self.reward_cfg)
 
 
