@@ -78,12 +78,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   paths.makedirs(workdir)  # local or gs://: every write below goes through fipo_jax.paths
   stop = _StopRequested()
   stop.install()
-  try:
-    env, state = setup_lib.build(rc, workdir)
-    if env.ref_params is not None and rc.sft.steps > 0:  # the reference RL starts from
-      env.ref_params = _warm_start(rc, env, env.ref_params)
-  except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
-    raise SetupError(f"{type(e).__name__}: {e}") from e
+  env, state = build(rc, workdir)
   policy_lib.save_run_config(config, workdir)
   _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
@@ -101,6 +96,18 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
       break
   loop.close()
   return last
+
+
+def build(rc: config_lib.RunConfig, workdir: str) -> tuple[setup_lib.Env, setup_lib.TrainState]:
+  """`setup.build`, then with the KL term and sft.steps > 0 the reference warm-started: the
+  policy RL starts from (a fresh run and a resumed one get the same one)."""
+  try:
+    env, state = setup_lib.build(rc, workdir)
+    if env.ref_params is not None and rc.sft.steps > 0:
+      env.ref_params = _warm_start(rc, env, env.ref_params)
+  except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
+    raise SetupError(f"{type(e).__name__}: {e}") from e
+  return env, state
 
 
 def _warm_start(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State) -> nnx.State:
