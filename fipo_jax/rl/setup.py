@@ -237,7 +237,7 @@ def reference_params(env: Env, params: nnx.State) -> nnx.State:
   frozen, in their shardings.
 
   With sft.steps > 0 the trainer runs the warm start on this copy before any update
-  (`trainer.run`), so the reference is the policy RL starts from. Built before
+  (`trainer.build`), so the reference is the policy RL starts from. Built before
   any update, it is the same on a fresh start and on resume: checkpoints never store it.
   """
   return frozen_copy(params, env.param_sharding)
