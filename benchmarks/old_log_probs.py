@@ -88,9 +88,13 @@ def measure(args) -> dict:
     env, state = setup_lib.build(rc, workdir)
     steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
                                 env.opt_sharding)  # the trainer's own builder
-    rollout_lib.collect(rc, env, state.params, 0)  # compiles the sampler
+    rollout_lib.collect(
+      rc, env.train_sampler(), env.train_data, state.params, 0, mesh=env.mesh,
+      update_cfg=env.update_cfg, pad_id=env.pad_id)  # compiles the sampler
     t0 = time.perf_counter()
-    batches, collect_metrics = rollout_lib.collect(rc, env, state.params, 0)
+    batches, collect_metrics = rollout_lib.collect(
+      rc, env.train_sampler(), env.train_data, state.params, 0, mesh=env.mesh,
+      update_cfg=env.update_cfg, pad_id=env.pad_id)
     gen_s = time.perf_counter() - t0
     tokens = float(sum(jnp.sum(b.response_mask) for b in batches))
     print(

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from fipo_jax import models  # noqa: E402
-from fipo_jax.sampling import driver  # noqa: E402
+from fipo_jax.sampling import batching, driver  # noqa: E402
 from fipo_jax.sampling import engine as engine_lib  # noqa: E402
 from fipo_jax.sampling import params as params_lib  # noqa: E402
 
@@ -89,7 +89,7 @@ def hf_generate(hf_model, prompts, max_new: int) -> tuple[float, int]:
   return seconds, int(out[:, width:].numel())
 
 
-def ours(engine, params, prompts, max_new, mode="continuous") -> tuple[float, int, driver.Result]:
+def ours(engine, params, prompts, max_new, mode="continuous") -> tuple[float, int, batching.Result]:
   res = driver.run(engine, params, prompts, max_new_tokens=max_new, mode=mode)
   return res.stats.wall_time_s, sum(s.length for s in res.samples), res
 
@@ -168,7 +168,7 @@ jax.monitoring.register_event_duration_secs_listener(
 )
 
 
-def compiled_run(name: str, engine, params, prompts, kw: dict, tries: int = 3) -> driver.Result:
+def compiled_run(name: str, engine, params, prompts, kw: dict, tries: int = 3) -> batching.Result:
   """A driver run with nothing left to compile: a warm-up at budgets capped at 8 (most shapes,
   cheaply), then full runs until one compiles nothing (its stats are returned)."""
   start = time.perf_counter()

@@ -19,17 +19,15 @@ exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fipo_jax import cli, paths, plots, wandb_backend
 from fipo_jax import config as config_lib
 from fipo_jax import metrics as metrics_lib
-from fipo_jax import paths, plots, wandb_backend
 
 X_AXES = {
   "rl_step": "RL step",
@@ -291,14 +289,8 @@ def compare(
   return write_figures(runs, out_dir, x=x, k=k), table(runs, last)
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse would print its usage first)
-    sys.stderr.write(f"compare: {message} (see --help)\n")
-    sys.exit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-  p = _Parser(prog="python -m fipo_jax.compare", description=__doc__.splitlines()[0])
+  p = cli.Parser("compare", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", help="trainer workdirs (local or gs://)")
   p.add_argument("--out", required=True, help="directory for the PNGs (local or gs://)")
   p.add_argument("--x", choices=tuple(X_AXES), default="rl_step", help="x axis")
@@ -312,8 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     files, text = compare(a.workdirs, a.out, x=a.x, k=a.smooth, last=a.last, labels=labels)
   except (CompareError, OSError, json.JSONDecodeError) as e:
-    sys.stderr.write(f"compare: {e}\n")
-    sys.exit(2)
+    p.fail(e)
   print(text)
   print(f"figures in {a.out}: {', '.join(f.rstrip('/').rsplit('/', 1)[-1] for f in files)}")
 

@@ -21,16 +21,14 @@ Bad arguments, a missing dump or metrics file: one line on stderr, exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from fipo_jax import cli, paths, plots, token_plots
 from fipo_jax import metrics as metrics_lib
-from fipo_jax import paths, plots, token_plots
 from fipo_jax.rl import rollout_dump
 
 EVAL_ACC, EVAL_LEN = "eval/acc_mean", "eval/response_length/mean"
@@ -189,14 +187,8 @@ def inspect(
   return files, f"{text}\nheat map: {tokens} tokens of {drawn} responses"
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse would print its usage first)
-    sys.stderr.write(f"inspect: {message} (see --help)\n")
-    sys.exit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-  p = _Parser(prog="python -m fipo_jax.inspect", description=__doc__.splitlines()[0])
+  p = cli.Parser("inspect", description=__doc__.splitlines()[0])
   p.add_argument("workdir", help="a trainer workdir run with dump_influence (local or gs://)")
   p.add_argument("--step", type=int, required=True, help="the RL step (1-based) to show")
   p.add_argument("--out", default=None, help="directory for the PNGs (default WORKDIR/inspect)")
@@ -212,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       a.workdir, a.step, a.out, rows=a.rows, threshold=a.threshold, top=a.top, stages=a.stages
     )
   except (InspectError, OSError, json.JSONDecodeError, KeyError) as e:
-    sys.stderr.write(f"inspect: {e}\n")
-    sys.exit(2)
+    p.fail(e)
   print(text)
   print(f"figures: {', '.join(files)}")
 

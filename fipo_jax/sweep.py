@@ -25,7 +25,6 @@ that fails is left out of the statistics, named on stderr, and the exit code is 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
@@ -34,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fipo_jax import compare, paths, sweep_stats
+from fipo_jax import cli, compare, paths, sweep_stats
 from fipo_jax import config as config_lib
 
 DONE = "sweep_done"  # written into a run's workdir when its trainer exits 0
@@ -196,12 +195,6 @@ def aggregate(cells: dict[str, list[compare.Run]], out: str, threshold: float) -
   return files, text
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, exit 2 (argparse would print its usage first)
-    sys.stderr.write(f"sweep: {message} (see --help)\n")
-    sys.exit(2)
-
-
 def _seeds(text: str) -> list[int]:
   try:
     seeds = [int(s) for s in text.split(",")]
@@ -239,7 +232,7 @@ def _main(a) -> tuple[list[str], str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  p = _Parser(prog="python -m fipo_jax.sweep", description=__doc__.splitlines()[0])
+  p = cli.Parser("sweep", description=__doc__.splitlines()[0])
   p.add_argument("--config", help="recipe file (with :arg) for the runs")
   p.add_argument("--grid", action="append", default=[], help="KEY=V1,V2 (repeatable)")
   p.add_argument("--set", action="append", default=[], help="KEY=V for every run (repeatable)")
@@ -257,8 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   try:
     files, text, failures = _main(a)
   except (SweepError, compare.CompareError, OSError, json.JSONDecodeError) as e:
-    sys.stderr.write(f"sweep: {e}\n")
-    sys.exit(2)
+    p.fail(e)
   print(text)
   print(f"figures in {a.out}: {', '.join(f.rstrip('/').rsplit('/', 1)[-1] for f in files)}")
   if failures:

@@ -6,13 +6,13 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from fipo_jax.rl import rewards, rollout
+from fipo_jax.rl import rewards, rollout, scoring
 
 
-def _rollouts(group_ids, acc, verifier_scores, penalties) -> rollout.Rollouts:
+def _rollouts(group_ids, acc, verifier_scores, penalties) -> scoring.Rollouts:
   r = len(group_ids)
   verifier_scores = np.asarray(verifier_scores, np.float32)
-  return rollout.Rollouts(
+  return scoring.Rollouts(
     prompt_ids=[np.array([1], np.int32)] * r,
     response_ids=[np.array([2], np.int32)] * r,
     response_logprobs=[np.zeros(1, np.float32)] * r,
@@ -26,7 +26,7 @@ def _rollouts(group_ids, acc, verifier_scores, penalties) -> rollout.Rollouts:
   )
 
 
-def _verl_kept_uids(r: rollout.Rollouts, metric: str) -> set[int]:
+def _verl_kept_uids(r: scoring.Rollouts, metric: str) -> set[int]:
   """verl recipe/dapo/dapo_ray_trainer.py: `score`/`acc` from reward_extra_info,
   seq_reward = token_level_scores.sum(-1), seq_final_reward = token_level_rewards.sum(-1)
   (= token_level_scores without an in-reward KL); keep std > 0 or a single member."""

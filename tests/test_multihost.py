@@ -220,7 +220,7 @@ _SCORE_CHILD = """
 import json, sys
 from fipo_jax import distributed
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from fipo_jax.rl import rollout
+from fipo_jax.rl import rewards, scoring
 
 def score(text, gt):
   if text == "boom":
@@ -228,8 +228,8 @@ def score(text, gt):
   return {"score": 1.0 if text == gt else -1.0, "acc": text == gt, "pred": text * 2}
 
 texts = ["1", "22", "boom", "é", "55555", "6", "ü7"]
-cfg = rollout.RewardConfig(max_response_length=4, overlong_buffer_len=2)
-s, mine = rollout.score_shard(
+cfg = rewards.RewardConfig(max_response_length=4, overlong_buffer_len=2)
+s, mine = scoring.score_shard(
   texts, [1, 2, 3, 4, 5, 1, 2], ["1", "2", "3", "é", "55555", "0", "ü7"], cfg, score,
   index=int(sys.argv[2]), count=2)
 print("RESULT " + json.dumps(dict(scores=s.scores.tolist(), acc=s.acc.tolist(), preds=s.preds,

@@ -176,11 +176,11 @@ class _TextTokenizer:
 
 
 def _score_like_the_trainer(reward_fn: str, responses: list[str], ground_truth: str):
-  """rl.reward_fn -> validated config -> the Env's RewardConfig -> rollout.make_rollouts."""
+  """rl.reward_fn -> validated config -> the Env's RewardConfig -> scoring.make_rollouts."""
   from fipo_jax import config as config_lib  # noqa: PLC0415
   from fipo_jax import recipes  # noqa: PLC0415
-  from fipo_jax.rl import rollout  # noqa: PLC0415
-  from fipo_jax.sampling.driver import Sample  # noqa: PLC0415
+  from fipo_jax.rl import scoring  # noqa: PLC0415
+  from fipo_jax.sampling.batching import Sample  # noqa: PLC0415
 
   c = recipes.base()
   c.rl.reward_fn = reward_fn
@@ -190,7 +190,7 @@ def _score_like_the_trainer(reward_fn: str, responses: list[str], ground_truth: 
   samples = [Sample(prompt_index=0, sample_index=i, prompt_ids=np.zeros(1, np.int32),
                     response_ids=np.array([i], np.int32), response_logprobs=np.zeros(1, np.float32),
                     finish_reason="stop", length=1) for i in range(len(responses))]
-  return rollout.make_rollouts(_TextTokenizer(responses), cfg, [{"ground_truth": ground_truth}],
+  return scoring.make_rollouts(_TextTokenizer(responses), cfg, [{"ground_truth": ground_truth}],
                                samples)
 
 

@@ -11,7 +11,7 @@ import pytest
 from test_sampling_driver import FakeEngine, _log_prob, _token
 
 from fipo_jax import sharding
-from fipo_jax.rl import rewards, rollout
+from fipo_jax.rl import rewards, rollout, scoring
 from fipo_jax.sampling import params as params_lib
 
 N, GEN, TRAIN, MINI, T, P = 4, 3, 4, 2, 8, 6  # MINI prompts x N = 8 rows: one per device
@@ -58,20 +58,19 @@ def _run(tokenizer, max_rounds=3):
       use_remove_padding=False,  # the padded layout (packed rows: tests/test_packing_step.py)
     ),
     sampling=types.SimpleNamespace(refill_fraction=0.125),
+    data=types.SimpleNamespace(max_prompt_length=P),
   )
-  env = types.SimpleNamespace(
-    mesh=mesh,
-    engine=FakeEngine(num_slots=5, steps_per_call=3),
-    sampler_params=lambda p: p,
-    train_data=_Data(),
-    train_sampling=params_lib.Sampling(temperature=1.0),
+  engine = FakeEngine(num_slots=5, steps_per_call=3)
+  engine.load_params = lambda p: p
+  sampler = scoring.Sampler(
+    engine=engine,
+    method=params_lib.Sampling(temperature=1.0),
     eos_ids=[0],
     tokenizer=tokenizer,
-    max_prompt_length=P,
-    pad_id=9,
     reward_cfg=rewards.RewardConfig(max_response_length=T, overlong_buffer_enable=False),
   )
-  return rollout.collect(rc, env, None, step=0), mesh
+  out = rollout.collect(rc, sampler, _Data(), None, step=0, mesh=mesh, update_cfg=None, pad_id=9)
+  return out, mesh
 
 
 def test_collect_returns_placed_mini_batches_of_kept_groups_with_their_advantages():
@@ -114,7 +113,7 @@ def test_collect_with_no_mixed_group_returns_no_batches():
 
 def test_sampler_perf_pools_the_steps_rounds():
   """perf/sampler_device_busy and slot utilisation are ratios of sums over the rounds."""
-  from fipo_jax.sampling.driver import SamplerStats
+  from fipo_jax.sampling.batching import SamplerStats
 
   rounds = [
     SamplerStats(wall_time_s=2.0, device_time_s=1.8, active_slot_steps=30, total_slot_steps=40),

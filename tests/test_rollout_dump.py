@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from fipo_jax.rl import packed_step, packing, rollout, rollout_dump
+from fipo_jax.rl import packed_step, packing, rollout, rollout_dump, scoring
 from fipo_jax.rl import train_step as ts
 
 P, T, MINI, NUM_MINI, EPOCHS = 6, 7, 4, 3, 2
@@ -25,11 +25,11 @@ class _Tok:
     return "".join(chr(97 + int(i) % 26) for i in ids)
 
 
-def _rollouts(rng) -> tuple[rollout.Rollouts, np.ndarray]:
+def _rollouts(rng) -> tuple[scoring.Rollouts, np.ndarray]:
   b = MINI * NUM_MINI
   lengths = rng.integers(1, T + 1, size=b)
   resp = [rng.integers(0, 26, size=n).astype(np.int32) for n in lengths]
-  r = rollout.Rollouts(
+  r = scoring.Rollouts(
     prompt_ids=[
       rng.integers(0, 26, size=rng.integers(2, P + 1)).astype(np.int32) for _ in range(b)
     ],

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fipo_jax.sampling import driver
+from fipo_jax.sampling import batching, driver
 
 _STOP = 0
 
@@ -256,7 +256,7 @@ def test_overlap_reads_a_call_only_after_dispatching_the_next(monkeypatch):
   """Call i's tokens are read after call i+1 is dispatched; its `active` flags before."""
   events = []
   engine = FakeEngine(4, 3)
-  generate, fetch = engine.generate, driver.distributed.fetch
+  generate, fetch = engine.generate, batching.distributed.fetch
 
   def logged_generate(*args, **kwargs):
     state, out = generate(*args, **kwargs)
@@ -273,7 +273,7 @@ def test_overlap_reads_a_call_only_after_dispatching_the_next(monkeypatch):
     return fetch(tree)
 
   monkeypatch.setattr(engine, "generate", logged_generate)
-  monkeypatch.setattr(driver.distributed, "fetch", logged_fetch)
+  monkeypatch.setattr(batching.distributed, "fetch", logged_fetch)
   prompts = _long_tailed_prompts(6, seed=5)
   res = driver.run(engine, None, prompts, n=2, max_new_tokens=20, eos_ids=(_STOP,))
   _check_samples(res, prompts, 2, [20] * 6)

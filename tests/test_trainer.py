@@ -13,7 +13,7 @@ from configs import fipo_qwen2_5_32b, tiny_cpu
 from fipo_jax import config as config_lib
 from fipo_jax import models
 from fipo_jax import policy as policy_lib
-from fipo_jax.rl import optimizer
+from fipo_jax.rl import optimizer, scoring
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
@@ -26,7 +26,7 @@ def _round(accs_per_group, n, offset):
   g = len(accs_per_group)
   groups = np.repeat(np.arange(g) + offset, n)
   r = len(acc)
-  return rollout_lib.Rollouts(
+  return scoring.Rollouts(
     prompt_ids=[np.array([1, 2], np.int32)] * r,
     response_ids=[np.array([3, 4, 5], np.int32)] * r,
     response_logprobs=[np.zeros(3, np.float32)] * r,

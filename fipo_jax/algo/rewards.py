@@ -50,44 +50,19 @@ def _first_dollar_pair(s: str) -> str:
   return "\n".join(lines)
 
 
-def _unwrap_lazy(s: str, prefix: str) -> str:
-  """`re.sub(prefix + r"(.*?)(\\})", "\\2", s)` with `prefix` a literal like `\\text{`: the
-  text up to the first `}` on the same line replaces the wrapper; without one, no match."""
+def _unwrap(s: str, prefix: str, *, greedy: bool = False) -> str:
+  """`re.sub(prefix + r"(.*?)(\\})", "\\2", s)` (greedy: `(.*)`) with `prefix` a literal like
+  `\\text{`: the text up to the first (greedy: the last) `}` on the same line replaces the
+  wrapper; without one, no match. Each wrapper looks no further than its own line: linear time."""
   out, i = [], 0
-  while True:
-    p = s.find(prefix, i)
-    if p < 0:
-      break
+  while (p := s.find(prefix, i)) >= 0:
     start = p + len(prefix)
-    q = s.find("}", start)
-    if q < 0:  # no closing brace anywhere after: no later wrapper can match either
-      break
-    nl = s.find("\n", start, q)
-    if nl >= 0:  # the brace is on a later line: nothing on this line can match
-      out.append(s[i:nl])
-      i = nl
-      continue
-    out.append(s[i:p])
-    out.append(s[start:q])
-    i = q + 1
-  out.append(s[i:])
-  return "".join(out)
-
-
-def _unwrap_greedy(s: str, prefix: str) -> str:
-  """`re.sub(prefix + r"(.*)(\\})", "\\2", s)`: up to the LAST `}` on the same line."""
-  out, i = [], 0
-  while True:
-    p = s.find(prefix, i)
-    if p < 0:
-      break
-    start = p + len(prefix)
-    line_end = s.find("\n", start)
-    line_end = len(s) if line_end < 0 else line_end
-    q = s.rfind("}", start, line_end)
-    if q < 0:
-      out.append(s[i:line_end])
-      i = line_end
+    end = s.find("\n", start)
+    end = len(s) if end < 0 else end
+    q = s.rfind("}", start, end) if greedy else s.find("}", start, end)
+    if q < 0:  # no `}` on this line: nothing on it can match
+      out.append(s[i:end])
+      i = end
       continue
     out.append(s[i:p])
     out.append(s[start:q])
@@ -104,10 +79,10 @@ def normalize_final_answer(answer: str) -> str:
   for expr in _REMOVED_EXPRESSIONS:
     answer = answer.replace(expr, "")
   answer = _first_dollar_pair(answer)
-  answer = _unwrap_lazy(answer, "\\text{")
-  answer = _unwrap_lazy(answer, "\\textbf{")
-  answer = _unwrap_lazy(answer, "\\overline{")
-  answer = _unwrap_greedy(answer, "\\boxed{")
+  answer = _unwrap(answer, "\\text{")
+  answer = _unwrap(answer, "\\textbf{")
+  answer = _unwrap(answer, "\\overline{")
+  answer = _unwrap(answer, "\\boxed{", greedy=True)
   answer = _FRAC_RE.sub("frac{\\2}{\\3}", answer)
   answer = _SQRT_RE.sub("sqrt{\\2}", answer)
   answer = answer.replace("$", "")

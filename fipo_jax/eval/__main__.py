@@ -83,8 +83,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax's INFO lines drown the table
   from fipo_jax.data import tokenizer as tok_lib
   from fipo_jax.eval import cli
-  from fipo_jax.rl import evaluation
-  from fipo_jax.rl import rollout as rollout_lib
+  from fipo_jax.rl import evaluation, rewards
   from fipo_jax.sampling import engine as engine_lib
   from fipo_jax.sampling import params as sampling_params
 
@@ -102,7 +101,7 @@ def main(argv) -> None:
   metrics, records = evaluation.evaluate_examples(
     engine, policy.params, examples, tokenizer=tokenizer,
     eos_ids=tok_lib.eos_token_ids(tokenizer),
-    reward_cfg=rollout_lib.RewardConfig(max_response_length=max_new, overlong_buffer_enable=False,
+    reward_cfg=rewards.RewardConfig(max_response_length=max_new, overlong_buffer_enable=False,
                                         reward_fn=run.get("reward_fn", "math_dapo")),  # the run's
     n=_N.value, sampling=method,
     seed=_SEED.value, max_new_tokens=max_new, progress=True,

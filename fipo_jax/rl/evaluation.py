@@ -15,19 +15,19 @@ import numpy as np
 
 from fipo_jax import estimators, seeds
 from fipo_jax import metrics as metrics_lib
-from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import rewards, scoring
 from fipo_jax.sampling import driver as driver_lib
 
 
 def evaluate_examples(engine, params, examples: Sequence[dict], *, tokenizer, eos_ids,
-                      reward_cfg: rollout_lib.RewardConfig, n: int, sampling, seed: int,
+                      reward_cfg: rewards.RewardConfig, n: int, sampling, seed: int,
                       max_new_tokens: int, progress: bool = False) -> tuple[dict, list[dict]]:
   """Samples n responses per example and scores them. Returns (metrics, per-sample records)."""
   t0 = time.perf_counter()
   res = driver_lib.run(engine, params, [e["prompt_ids"] for e in examples], n=n,
                        max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                        seed=seed, progress=progress)
-  r = rollout_lib.make_rollouts(tokenizer, reward_cfg, examples, res.samples)
+  r = scoring.make_rollouts(tokenizer, reward_cfg, examples, res.samples)
   correct = r.acc.reshape(len(examples), n)
   preds = np.asarray(r.preds, dtype=object).reshape(len(examples), n)
   lengths = np.asarray([len(x) for x in r.response_ids])
@@ -53,14 +53,15 @@ def evaluate_examples(engine, params, examples: Sequence[dict], *, tokenizer, eo
   return metrics, records
 
 
-def evaluate(rc, env, params, *, step: int) -> dict:
-  """In-training eval on the held-out prompts (eval.max_prompts of them; -1 = all)."""
-  examples = env.val_examples
+def evaluate(rc, sampler: scoring.Sampler, examples: Sequence[dict], params, *,
+             step: int) -> dict:
+  """In-training eval on the held-out `examples` (eval.max_prompts of them; -1 = all), with
+  the eval sampling method of `sampler`."""
   if rc.eval.max_prompts > 0:
     examples = examples[: rc.eval.max_prompts]
   metrics, _ = evaluate_examples(
-    env.engine, env.sampler_params(params), examples, tokenizer=env.tokenizer, eos_ids=env.eos_ids,
-    reward_cfg=env.reward_cfg, n=rc.eval.n, sampling=env.eval_sampling,
+    sampler.engine, sampler.engine.load_params(params), examples, tokenizer=sampler.tokenizer,
+    eos_ids=sampler.eos_ids, reward_cfg=sampler.reward_cfg, n=rc.eval.n, sampling=sampler.method,
     seed=seeds.seed_for(rc.seed, "eval", step), max_new_tokens=rc.rl.max_response_length,
   )
   return metrics

@@ -274,7 +274,7 @@ def response_arrays(
   advantages: np.ndarray,
   response_len: int,
 ) -> dict[str, np.ndarray]:
-  """The response layout [M, T] of rollout.pack_batch: mask, sampler log-probs, advantages."""
+  """The response layout [M, T] of both layouts: mask, sampler log-probs, advantages."""
   m = len(responses)
   mask = np.zeros((m, response_len), np.float32)
   lp = np.zeros((m, response_len), np.float32)
@@ -284,6 +284,37 @@ def response_arrays(
     lp[i, :n] = np.asarray(x, np.float32)[:n]
   adv = (np.asarray(advantages, np.float32)[:, None] * mask).astype(np.float32)
   return {"response_mask": mask, "old_log_probs": lp, "advantages": adv}
+
+
+def pad_rows(
+  prompts: Sequence[np.ndarray],
+  responses: Sequence[np.ndarray],
+  logprobs: Sequence[np.ndarray],
+  advantages: np.ndarray,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  pad_id: int,
+) -> dict[str, np.ndarray]:
+  """The padded layout: one sequence per row, prompts left-padded to P, responses right-padded
+  to T (S = P + T).
+
+  Returns input_ids/attention_mask/positions int32[B, S] and the response layout f32[B, T] of
+  `response_arrays` (response_mask, old_log_probs, advantages).
+  """
+  b, p, t = len(prompts), max_prompt_length, max_response_length
+  ids = np.full((b, p + t), pad_id, np.int32)
+  attn = np.zeros((b, p + t), np.int32)
+  for i, (pid, rid) in enumerate(zip(prompts, responses, strict=True)):
+    pid = np.asarray(pid, np.int32)[-p:]
+    rid = np.asarray(rid, np.int32)[:t]
+    ids[i, p - len(pid) : p] = pid
+    attn[i, p - len(pid) : p] = 1
+    ids[i, p : p + len(rid)] = rid
+    attn[i, p : p + len(rid)] = 1
+  positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
+  return {"input_ids": ids, "attention_mask": attn, "positions": positions,
+          **response_arrays(responses, logprobs, advantages, t)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +344,7 @@ def pack_rollouts(
   """Packs R = k * mini sequences, mini-batch by mini-batch, into one shared static Shape.
 
   Prompts keep their last max_prompt_length tokens and responses their first
-  max_response_length (as rollout.pack_batch). Every process plans all mini-batches (the
+  max_response_length (as `pad_rows`). Every process plans all mini-batches (the
   plans agree everywhere) and fills only the batch shards `shards` its devices hold.
   """
   prompts = [np.asarray(p, np.int32)[-max_prompt_length:] for p in prompts]

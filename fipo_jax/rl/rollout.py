@@ -1,10 +1,10 @@
 """One RL step's training data on the host: sample, score, dynamic sampling, advantages, pack.
 
-`collect(rc, env, params, step) -> (mini-batches, metrics)` (docs/fipo_spec.md §4): each
-dynamic-sampling round samples `gen_batch_size` prompts x `n` responses with the sampler
-(`sampling.driver`), scores them with the verifier plus overlong shaping
-(`rewards.score_responses`; split over processes by `score_shard`), and keeps the groups whose
-`rl.filter_groups_metric` (official: `acc`) is not all-equal; rounds repeat (up to
+`collect(rc, sampler, data, params, step, ...) -> (mini-batches, metrics)`
+(docs/fipo_spec.md §4): each dynamic-sampling round samples `gen_batch_size` prompts x `n`
+responses with the sampler (`sampling.driver`), scores them with the verifier plus overlong
+shaping (`rewards.score_responses`; split over processes by `score_shard`), and keeps the
+groups whose `rl.filter_groups_metric` (official: `acc`) is not all-equal; rounds repeat (up to
 `max_num_gen_batches`) until `train_batch_size` prompts are kept, and the kept groups are
 truncated to exactly `train_batch_size` x `n` responses (`collect_with_dynamic_sampling`).
 Then GRPO group advantages, and `pack_batch` lays the responses out as PolicyBatch arrays (left-
@@ -18,24 +18,20 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
 from fipo_jax import config as config_lib
-from fipo_jax import distributed, seeds, sharding
 from fipo_jax import metrics as metrics_lib
+from fipo_jax import seeds, sharding
 from fipo_jax.algo import advantages as adv_lib
-from fipo_jax.rl import packed_step
-from fipo_jax.rl import rewards as rewards_lib
+from fipo_jax.rl import packed_step, packing, scoring
 from fipo_jax.rl import train_step as ts
-from fipo_jax.rl.rewards import RewardConfig, ScoreFn
+from fipo_jax.sampling import batching
 from fipo_jax.sampling import driver as driver_lib
-
-if TYPE_CHECKING:
-  from fipo_jax.rl import setup as setup_lib
 
 # rl.filter_groups_metric -> the per-response value whose spread within a group keeps it
 # (verl recipe/dapo: `acc` and `score` from the reward function's extra info; `seq_reward` =
@@ -50,126 +46,7 @@ FILTER_METRICS = {
 }
 
 
-@dataclasses.dataclass
-class Rollouts:
-  """Host-side rollouts, one entry per response (B responses in total, groups of G = rl.n)."""
-
-  prompt_ids: list[np.ndarray]  # B x int32[P_i]
-  response_ids: list[np.ndarray]  # B x int32[T_i]
-  response_logprobs: list[np.ndarray]  # B x f32[T_i], from the sampler
-  finish_reasons: list[str]
-  group_ids: np.ndarray  # int64[B], one id per prompt
-  scores: np.ndarray  # f32[B], verifier score + overlong penalty (what advantages use)
-  verifier_scores: np.ndarray  # f32[B], the verifier's score alone
-  acc: np.ndarray  # bool[B]
-  preds: list[str]
-  overlong: np.ndarray  # bool[B], penalty < 0
-  reward_errors: int = 0
-  scored_here: int = 0  # responses this process scored (all of them on one process)
-
-  def __len__(self) -> int:
-    return len(self.response_ids)
-
-  def select(self, idx: Sequence[int]) -> Rollouts:
-    idx = list(idx)
-    pick = lambda xs: [xs[i] for i in idx]
-    return Rollouts(
-      prompt_ids=pick(self.prompt_ids),
-      response_ids=pick(self.response_ids),
-      response_logprobs=pick(self.response_logprobs),
-      finish_reasons=pick(self.finish_reasons),
-      group_ids=self.group_ids[idx],
-      scores=self.scores[idx],
-      verifier_scores=self.verifier_scores[idx],
-      acc=self.acc[idx],
-      preds=pick(self.preds),
-      overlong=self.overlong[idx],
-      reward_errors=self.reward_errors,
-      scored_here=self.scored_here,
-    )
-
-  @staticmethod
-  def concat(parts: Sequence[Rollouts]) -> Rollouts:
-    cat = lambda name: [x for p in parts for x in getattr(p, name)]
-    return Rollouts(
-      prompt_ids=cat("prompt_ids"),
-      response_ids=cat("response_ids"),
-      response_logprobs=cat("response_logprobs"),
-      finish_reasons=cat("finish_reasons"),
-      group_ids=np.concatenate([p.group_ids for p in parts]),
-      scores=np.concatenate([p.scores for p in parts]).astype(np.float32),
-      verifier_scores=np.concatenate([p.verifier_scores for p in parts]).astype(np.float32),
-      acc=np.concatenate([p.acc for p in parts]).astype(bool),
-      preds=cat("preds"),
-      overlong=np.concatenate([p.overlong for p in parts]).astype(bool),
-      reward_errors=sum(p.reward_errors for p in parts),
-      scored_here=sum(p.scored_here for p in parts),
-    )
-
-
-def score_shard(
-  texts: Sequence[str],
-  lengths: Sequence[int],
-  ground_truths: Sequence[str],
-  cfg: RewardConfig,
-  score_fn: ScoreFn | None = None,
-  *,
-  index: int = 0,
-  count: int = 1,
-) -> tuple[rewards_lib.Scores, int]:
-  """`rewards.score_responses` split over `count` processes, all-gathered.
-
-  Process `index` scores the responses i with i % count == index (only those entries of the
-  [B] inputs are read; every process has the same B responses), then the results are
-  all-gathered, so every process returns the scores of all B and dynamic sampling takes the
-  same decisions everywhere. A collective when count > 1.
-  Returns (the Scores of all B responses, the number this process scored).
-  """
-  if count == 1:
-    return rewards_lib.score_responses(texts, lengths, ground_truths, cfg, score_fn), len(texts)
-  mine = range(index, len(texts), count)
-  s = rewards_lib.score_responses(
-    [texts[i] for i in mine], [lengths[i] for i in mine], [ground_truths[i] for i in mine],
-    cfg, score_fn,
-  )
-  total = len(texts)
-  out = distributed.allgather_strided({"scores": s.scores, "verifier_scores": s.verifier_scores,
-                                       "acc": s.acc, "overlong": s.overlong}, total)
-  preds = distributed.allgather_strings_strided(s.preds, total)
-  errors = int(distributed.allgather_strided(np.asarray([s.errors], np.int32), count).sum())
-  return rewards_lib.Scores(
-    out["scores"].astype(np.float32), out["verifier_scores"].astype(np.float32),
-    out["acc"].astype(bool), preds, out["overlong"].astype(bool), errors), len(mine)
-
-
-def make_rollouts(tokenizer, reward_cfg: RewardConfig, examples: Sequence[dict], samples, *,
-                  group_offset: int = 0, score_fn: ScoreFn | None = None) -> Rollouts:
-  """Scores the sampler's output (samples of examples[s.prompt_index]) into Rollouts.
-
-  The verifier is `reward_cfg.reward_fn`'s (or `score_fn`). The response is decoded without
-  special tokens, as verl's DAPO reward manager does. On several processes each scores its
-  share of the responses (`score_shard`; all of them call this).
-  """
-  index, count = jax.process_index(), jax.process_count()
-  texts: list[str | None] = [None] * len(samples)  # only this process's share is decoded
-  texts[index::count] = tokenizer.batch_decode(
-    [s.response_ids for s in samples[index::count]], skip_special_tokens=True)
-  gts = [examples[s.prompt_index]["ground_truth"] for s in samples]
-  scored, scored_here = score_shard(
-    texts, [s.length for s in samples], gts, reward_cfg, score_fn, index=index, count=count)
-  return Rollouts(
-    prompt_ids=[s.prompt_ids for s in samples],
-    response_ids=[s.response_ids for s in samples],
-    response_logprobs=[s.response_logprobs for s in samples],
-    finish_reasons=[s.finish_reason for s in samples],
-    group_ids=np.asarray([group_offset + s.prompt_index for s in samples], np.int64),
-    scores=scored.scores, verifier_scores=scored.verifier_scores, acc=scored.acc,
-    preds=scored.preds, overlong=scored.overlong, reward_errors=scored.errors,
-    scored_here=scored_here,
-  )
-
-
-def kept_groups(rollouts: Rollouts, metric: str) -> np.ndarray:
+def kept_groups(rollouts: scoring.Rollouts, metric: str) -> np.ndarray:
   """bool[B]: the responses of the groups that dynamic sampling keeps under `metric`, those
   whose metric values differ (verl: population std > 0) or that have a single response."""
   if metric not in FILTER_METRICS:
@@ -179,14 +56,14 @@ def kept_groups(rollouts: Rollouts, metric: str) -> np.ndarray:
 
 @dataclasses.dataclass
 class DynamicSamplingResult:
-  rollouts: Rollouts
+  rollouts: scoring.Rollouts
   num_gen_batches: int
   num_prompts_kept: int
   round_stats: list[dict[str, float]]
 
 
 def collect_with_dynamic_sampling(
-  sample_round: Callable[[int], Rollouts],
+  sample_round: Callable[[int], scoring.Rollouts],
   *,
   train_batch_size: int,
   n: int,
@@ -204,7 +81,7 @@ def collect_with_dynamic_sampling(
   mini-batch size) instead of verl's hard error, so a long run does not die on one hard batch;
   fewer than `min_prompts` kept prompts yield an empty result (the caller skips the step).
   """
-  kept: list[Rollouts] = []
+  kept: list[scoring.Rollouts] = []
   num_kept, rounds, stats = 0, 0, []
   while True:
     part = sample_round(rounds)
@@ -226,10 +103,11 @@ def collect_with_dynamic_sampling(
       break
   if not kept:
     f32 = np.zeros(0, np.float32)
-    empty = Rollouts([], [], [], [], np.zeros(0, np.int64), f32, f32, np.zeros(0, bool), [],
+    empty = scoring.Rollouts([], [], [], [], np.zeros(0, np.int64), f32, f32, np.zeros(0, bool),
+                             [],
                      np.zeros(0, bool))
     return DynamicSamplingResult(empty, rounds, 0, stats)
-  allr = Rollouts.concat(kept)
+  allr = scoring.Rollouts.concat(kept)
   full = num_kept >= train_batch_size
   target = train_batch_size if full else (num_kept // min_prompts) * min_prompts
   # Groups are kept whole and in order; responses of a group are contiguous in each round.
@@ -242,65 +120,42 @@ def collect_with_dynamic_sampling(
 
 
 def pack_batch(
-  rollouts: Rollouts,
+  rollouts: scoring.Rollouts,
   advantages: np.ndarray,
   *,
   max_prompt_length: int,
   max_response_length: int,
   pad_id: int,
 ) -> dict[str, np.ndarray]:
-  """Left-pad prompts to P, right-pad responses to T, and lay out the arrays of a PolicyBatch.
+  """The PolicyBatch arrays of `rollouts` on the padded layout (`packing.pad_rows`).
 
-  Returns numpy arrays: input_ids/attention_mask/positions int32[B, S] (S = P + T), response_mask,
-  old_log_probs (the sampler's; the actor's recomputation replaces them unless
-  rl.old_log_prob_source='sampler') and advantages f32[B, T] (the per-sequence advantage
-  broadcast and multiplied by the mask).
+  old_log_probs are the sampler's (the actor's recomputation replaces them unless
+  rl.old_log_prob_source='sampler'); advantages f32[B] are broadcast over each response.
   """
-  r, p, t = len(rollouts), max_prompt_length, max_response_length
-  ids = np.full((r, p + t), pad_id, np.int32)
-  attn = np.zeros((r, p + t), np.int32)
-  resp_mask = np.zeros((r, t), np.float32)
-  sampler_lp = np.zeros((r, t), np.float32)
-  for i, (pid, rid, lp) in enumerate(
-    zip(rollouts.prompt_ids, rollouts.response_ids, rollouts.response_logprobs, strict=True)
-  ):
-    pid = np.asarray(pid, np.int32)[-p:]
-    rid = np.asarray(rid, np.int32)[:t]
-    ids[i, p - len(pid) : p] = pid
-    attn[i, p - len(pid) : p] = 1
-    ids[i, p : p + len(rid)] = rid
-    attn[i, p : p + len(rid)] = 1
-    resp_mask[i, : len(rid)] = 1.0
-    sampler_lp[i, : len(rid)] = np.asarray(lp, np.float32)[: len(rid)]
-  positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
-  adv = (np.asarray(advantages, np.float32)[:, None] * resp_mask).astype(np.float32)
-  return {
-    "input_ids": ids,
-    "attention_mask": attn,
-    "positions": positions,
-    "response_mask": resp_mask,
-    "old_log_probs": sampler_lp,
-    "advantages": adv,
-  }
+  return packing.pad_rows(rollouts.prompt_ids, rollouts.response_ids, rollouts.response_logprobs,
+                          advantages, max_prompt_length=max_prompt_length,
+                          max_response_length=max_response_length, pad_id=pad_id)
 
 
 # --- One RL step's training data: collect() = sample -> score -> filter -> advantages -> pack.
 
 
-def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, step: int,
-            *, kept: list | None = None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
+def collect(rc: config_lib.RunConfig, sampler: scoring.Sampler, data, params: nnx.State,
+            step: int, *, mesh: jax.sharding.Mesh, update_cfg: ts.UpdateConfig, pad_id: int,
+            kept: list | None = None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
   """The training data of RL step `step` (0-based), sampled with `params`.
 
-  Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts x n) and scoring until
-  rl.train_batch_size prompts are kept, then group advantages, then packing into
-  `train_batch_size / ppo_mini_batch_size` mini-batches placed on env.mesh. Each host packs
-  only the rows its own devices hold. `old_log_probs` are the sampler's; the trainer replaces
-  them with the actor's (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no
-  group was kept; rollout metrics). `kept` (a list, for the rollout dump) receives the kept
-  Rollouts and their advantages f32[B], in mini-batch order.
+  Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts of `data.next_batch` x n) and
+  scoring until rl.train_batch_size prompts are kept, then group advantages, then packing into
+  `train_batch_size / ppo_mini_batch_size` mini-batches placed on `mesh` (`update_cfg` gives the
+  packed layout's micro-batches). Each host packs only the rows its own devices hold.
+  `old_log_probs` are the sampler's; the trainer replaces them with the actor's
+  (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no group was kept; rollout
+  metrics). `kept` (a list, for the rollout dump) receives the kept Rollouts and their
+  advantages f32[B], in mini-batch order.
   """
   t0 = time.perf_counter()
-  res, sampled = _dynamic_sampling(rc, env, params, step)
+  res, sampled = _dynamic_sampling(rc, sampler, data, params, step)
   t_gen = time.perf_counter() - t0
   metrics: dict[str, Any] = {
     "train/num_gen_batches": res.num_gen_batches, "timing_s/gen": t_gen,
@@ -313,7 +168,7 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   adv = adv_lib.grpo_outcome_advantages(
     r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
   )
-  batches, packed = _mini_batches(rc, env, r, adv)
+  batches, packed = _mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
   if kept is not None:
     kept.append((r, adv))
   lengths = np.asarray([len(x) for x in r.response_ids])
@@ -332,22 +187,24 @@ def collect(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State, ste
   return batches, metrics
 
 
-def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State,
-                      step: int) -> tuple[DynamicSamplingResult, dict[str, Any]]:
+def _dynamic_sampling(rc: config_lib.RunConfig, sampler: scoring.Sampler, data,
+                      params: nnx.State, step: int) -> tuple[DynamicSamplingResult, dict[str, Any]]:
   """The step's dynamic-sampling rounds; also returns what was sampled before filtering:
   {'tokens': sampled, 'acc': [bool[B] per round], 'scored': responses this process scored}."""
   sampled: dict[str, Any] = {"tokens": 0, "acc": [], "scored": 0, "stats": []}
-  params = env.sampler_params(params)  # once per step: the params do not change while sampling
+  # Once per step (the params do not change while sampling): the trainer's params in the
+  # sampler's layout and dtype, one jitted reshard and cast on device.
+  params = sampler.engine.load_params(params)
 
-  def sample_round(round_idx: int) -> Rollouts:
-    examples = env.train_data.next_batch(rc.rl.gen_batch_size)
+  def sample_round(round_idx: int) -> scoring.Rollouts:
+    examples = data.next_batch(rc.rl.gen_batch_size)
     res = driver_lib.run(
-      env.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
-      max_new_tokens=rc.rl.max_response_length, sampling=env.train_sampling,
-      eos_ids=env.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
+      sampler.engine, params, [e["prompt_ids"] for e in examples], n=rc.rl.n,
+      max_new_tokens=rc.rl.max_response_length, sampling=sampler.method,
+      eos_ids=sampler.eos_ids, seed=seeds.seed_for(rc.seed, "sampling", step, round_idx),
       refill_fraction=rc.sampling.refill_fraction,
     )
-    r = make_rollouts(env.tokenizer, env.reward_cfg, examples, res.samples,
+    r = scoring.make_rollouts(sampler.tokenizer, sampler.reward_cfg, examples, res.samples,
                       group_offset=round_idx * rc.rl.gen_batch_size)
     sampled["tokens"] += res.stats.tokens_generated
     sampled["stats"].append(res.stats)
@@ -363,7 +220,7 @@ def _dynamic_sampling(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.
   return res, sampled
 
 
-def _sampler_perf(stats: Sequence[driver_lib.SamplerStats]) -> dict[str, float]:
+def _sampler_perf(stats: Sequence[batching.SamplerStats]) -> dict[str, float]:
   """The rollout sampler's device-busy share (time blocked on the device / wall time) and
   slot utilisation over the step's dynamic-sampling rounds."""
   wall = sum(s.wall_time_s for s in stats)
@@ -374,26 +231,26 @@ def _sampler_perf(stats: Sequence[driver_lib.SamplerStats]) -> dict[str, float]:
   }
 
 
-def _mini_batches(rc: config_lib.RunConfig, env: setup_lib.Env, r: Rollouts, adv: np.ndarray
+def _mini_batches(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, r: scoring.Rollouts,
+                  adv: np.ndarray, *, update_cfg: ts.UpdateConfig, pad_id: int
                   ) -> tuple[list[ts.PolicyBatch], dict[str, np.ndarray]]:
-  """[B] rollouts -> B / mini mini-batches on env.mesh, each from this host's rows of it.
+  """[B] rollouts -> B / mini mini-batches on `mesh`, each from this host's rows of it.
 
   Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked). With
   rl.use_remove_padding the mini-batches are packed rows instead (rl/packed_step.py)."""
   if rc.rl.use_remove_padding:
-    return packed_step.mini_batches(rc, env.mesh, r, adv, update_cfg=env.update_cfg,
-                                    pad_id=env.pad_id)
+    return packed_step.mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
   mini = rc.rl.ppo_mini_batch_size * rc.rl.n
   num_mini = len(r) // mini
-  rows = _local_rows(env.mesh, mini)
+  rows = _local_rows(mesh, mini)
   local = np.concatenate([np.arange(i * mini + rows.start, i * mini + rows.stop)
                           for i in range(num_mini)])
   packed = pack_batch(
-    r.select(local), adv[local], max_prompt_length=env.max_prompt_length,
-    max_response_length=rc.rl.max_response_length, pad_id=env.pad_id,
+    r.select(local), adv[local], max_prompt_length=rc.data.max_prompt_length,
+    max_response_length=rc.rl.max_response_length, pad_id=pad_id,
   )
   k = rows.stop - rows.start
-  batches = [_device_batch(env.mesh, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
+  batches = [_device_batch(mesh, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
              for i in range(num_mini)]
   return batches, packed
 
@@ -419,8 +276,8 @@ def _device_batch(mesh: jax.sharding.Mesh, arrays: dict[str, np.ndarray], rows: 
   return ts.PolicyBatch(**{k: put(v) for k, v in arrays.items()})
 
 
-def _token_mean(r: Rollouts, adv: np.ndarray, packed: dict[str, np.ndarray], max_len: int
-                ) -> float:
+def _token_mean(r: scoring.Rollouts, adv: np.ndarray, packed: dict[str, np.ndarray],
+                max_len: int) -> float:
   """The token-mean advantage of the whole batch.
 
   One process holds every row and reads its packed arrays; on several, each holds a share of

@@ -26,7 +26,7 @@ from fipo_jax import policy as policy_lib
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.rl import optimizer, packed_step, warmstart
+from fipo_jax.rl import optimizer, packed_step, scoring
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
@@ -80,6 +80,16 @@ class Env:
     device (`Engine.load_params`), or the params themselves when they already are."""
     return self.engine.load_params(params)
 
+  def train_sampler(self) -> scoring.Sampler:
+    """What `rollout.collect` samples and scores with."""
+    return scoring.Sampler(self.engine, self.train_sampling, self.eos_ids, self.tokenizer,
+                               self.reward_cfg)
+
+  def eval_sampler(self) -> scoring.Sampler:
+    """What `evaluation.evaluate` samples and scores with: the eval sampling method."""
+    return scoring.Sampler(self.engine, self.eval_sampling, self.eos_ids, self.tokenizer,
+                               self.reward_cfg)
+
 
 def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConfig:
   """Static update settings, incl. how many micro-batches a mini-batch is split into."""
@@ -109,7 +119,8 @@ def sampling_method(temperature: float, top_p: float, top_k: int):
 
 
 def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
-  """The run's environment and its initial state (step 0, before any warm start)."""
+  """The run's environment and its initial state (step 0, before any warm start: the
+  trainer runs it on the reference and the initial state)."""
   mesh = train_mesh(rc)
   # Every host builds the same data; files written into a shared workdir one host at a time.
   with distributed.primary_first("setup.data"):
@@ -134,7 +145,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
     reward_cfg=rewards_lib.RewardConfig.from_section(rc.rl),  # rl.reward_fn and the shaping
     influence_fn=_influence_fn(rc, graphdef, upd) if rc.dump_influence else None,
   )
-  env.ref_params = reference_params(rc, env, params, workdir) if rc.rl.use_kl_loss else None
+  env.ref_params = reference_params(env, params) if rc.rl.use_kl_loss else None
   return env, TrainState(params=params, opt_state=opt_state)
 
 
@@ -221,15 +232,12 @@ def frozen_copy(params, shardings):
   return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
 
 
-def reference_params(rc: config_lib.RunConfig, env: Env, params: nnx.State,
-                     workdir: str) -> nnx.State:
-  """The KL term's reference policy: the params RL starts from, frozen, in their shardings.
+def reference_params(env: Env, params: nnx.State) -> nnx.State:
+  """The KL term's reference policy: the initial params (from model.hf_dir, or from the seed),
+  frozen, in their shardings.
 
-  That is the initial params (from model.hf_dir, or from the seed), after the SFT warm start
-  when sft.steps > 0 (from its WORKDIR/sft cache when there is one). Built before any update,
-  it is the same on a fresh start and on resume, so checkpoints never store it.
+  With sft.steps > 0 the trainer runs the warm start on this copy before any update
+  (`trainer.build`), so the reference is the policy RL starts from. Built before
+  any update, it is the same on a fresh start and on resume: checkpoints never store it.
   """
-  ref = frozen_copy(params, env.param_sharding)
-  if rc.sft.steps > 0:
-    ref = warmstart.sft_warm_start(rc, env, ref, workdir)
-  return ref
+  return frozen_copy(params, env.param_sharding)

@@ -78,10 +78,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   paths.makedirs(workdir)  # local or gs://: every write below goes through fipo_jax.paths
   stop = _StopRequested()
   stop.install()
-  try:
-    env, state = setup_lib.build(rc, workdir)
-  except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
-    raise SetupError(f"{type(e).__name__}: {e}") from e
+  env, state = build(rc, workdir)
   policy_lib.save_run_config(config, workdir)
   _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
@@ -90,7 +87,7 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
                               env.opt_sharding)  # the same builder fipo_jax.aot compiles
   last: dict[str, Any] = {}
   if state.step == 0 and rc.eval_every > 0:
-    last = evaluation.evaluate(rc, env, state.params, step=0)
+    last = evaluation.evaluate(rc, env.eval_sampler(), env.val_examples, state.params, step=0)
     loop.writer.write(0, last)
     _check_mixed_eval(rc, last)
   for _ in loop.progress_bar(state.step):
@@ -99,6 +96,25 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
       break
   loop.close()
   return last
+
+
+def build(rc: config_lib.RunConfig, workdir: str) -> tuple[setup_lib.Env, setup_lib.TrainState]:
+  """`setup.build`, then with the KL term and sft.steps > 0 the reference warm-started: the
+  policy RL starts from (a fresh run and a resumed one get the same one)."""
+  try:
+    env, state = setup_lib.build(rc, workdir)
+    if env.ref_params is not None and rc.sft.steps > 0:
+      env.ref_params = _warm_start(rc, env, env.ref_params)
+  except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path
+    raise SetupError(f"{type(e).__name__}: {e}") from e
+  return env, state
+
+
+def _warm_start(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State) -> nnx.State:
+  """`params` after the SFT warm start (from its WORKDIR/sft cache when there is one)."""
+  return warmstart.sft_warm_start(rc, params, env.workdir, graphdef=env.graphdef,
+                                  update_cfg=env.update_cfg, mesh=env.mesh,
+                                  tokenizer=env.tokenizer, pad_id=env.pad_id)
 
 
 def _check_mixed_eval(rc: config_lib.RunConfig, metrics: dict[str, Any]) -> None:
@@ -170,7 +186,7 @@ class _Loop:
       logging.warning("resumed from step %d", restored.step)  # visible at the CLI's WARNING level
       return setup_lib.TrainState(restored.params, restored.opt_state, restored.step)
     if self.rc.sft.steps > 0:
-      params = warmstart.sft_warm_start(self.rc, env, state.params, env.workdir)
+      params = _warm_start(self.rc, env, state.params)
       # jit with the state's shardings: eager init would leave it on one device (one host).
       opt_state = jax.jit(env.tx.init, out_shardings=env.opt_sharding)(params)
       return setup_lib.TrainState(params, opt_state, 0)
@@ -199,7 +215,8 @@ class _Loop:
     metrics.update(self.env.train_data.metrics())
     evaluated = rc.eval_every > 0 and (done % rc.eval_every == 0 or done == rc.total_steps)
     if evaluated:
-      metrics.update(evaluation.evaluate(rc, self.env, state.params, step=done))
+      metrics.update(evaluation.evaluate(rc, self.env.eval_sampler(), self.env.val_examples,
+                                         state.params, step=done))
     diverged = self.bad_steps >= rc.max_consecutive_bad_steps > 0
     starved = self.empty_steps >= rc.rl.max_empty_steps > 0
     stopping = diverged or starved or self.stop.signum is not None
@@ -255,7 +272,9 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
   """RL step `state.step`: collect -> old (and reference) log-probs -> updates -> metrics."""
   t0 = time.perf_counter()
   kept: list = []  # the kept rollouts, for the dump
-  batches, metrics = rollout_lib.collect(rc, env, state.params, state.step, kept=kept)
+  batches, metrics = rollout_lib.collect(
+    rc, env.train_sampler(), env.train_data, state.params, state.step, mesh=env.mesh,
+    update_cfg=env.update_cfg, pad_id=env.pad_id, kept=kept)
   if not batches:
     logging.warning("step %d: no prompt group with mixed accuracy; update skipped", state.step)
     metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1})

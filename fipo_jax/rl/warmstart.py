@@ -34,7 +34,7 @@ from flax import nnx
 
 from fipo_jax import paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
-from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.rl import packing
 from fipo_jax.rl import train_step as ts
 
 LOSS_WINDOW = 10  # steps averaged for the loss-threshold test (one batch's loss is noisy)
@@ -89,33 +89,29 @@ def sft_rows(rc, workdir: str) -> list[dict]:
   return out
 
 
-def _batch(examples, idx, *, max_prompt_length: int, max_response_length: int, pad_id: int):
-  r = rollout_lib.Rollouts(
-    prompt_ids=[examples[i]["prompt_ids"] for i in idx],
-    response_ids=[examples[i]["response_ids"] for i in idx],
-    response_logprobs=[np.zeros(len(examples[i]["response_ids"]), np.float32) for i in idx],
-    finish_reasons=["stop"] * len(idx), group_ids=np.arange(len(idx)),
-    scores=np.zeros(len(idx), np.float32), verifier_scores=np.zeros(len(idx), np.float32),
-    acc=np.zeros(len(idx), bool), preds=[""] * len(idx),
-    overlong=np.zeros(len(idx), bool),
-  )
-  arrays = rollout_lib.pack_batch(r, np.zeros(len(idx), np.float32),
-                                  max_prompt_length=max_prompt_length,
-                                  max_response_length=max_response_length, pad_id=pad_id)
+def _batch(examples, *, max_prompt_length: int, max_response_length: int, pad_id: int
+           ) -> ts.PolicyBatch:
+  """Supervised examples on the padded layout; the loss reads only the response mask."""
+  arrays = packing.pad_rows(
+    [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples],
+    [np.zeros(len(e["response_ids"]), np.float32) for e in examples],
+    np.zeros(len(examples), np.float32), max_prompt_length=max_prompt_length,
+    max_response_length=max_response_length, pad_id=pad_id)
   return ts.PolicyBatch(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
 
 
-def _examples(rc, env, workdir: str) -> tuple[list[dict], list[dict]]:
+def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
   """(direct examples, chain examples; [] unless sft.chain_fraction > 0), one per train row."""
   rows = sft_rows(rc, workdir)
   kw = dict(apply_chat_template=rc.data.apply_chat_template)
-  direct = synthetic.sft_examples(env.tokenizer, rows, **kw)
+  direct = synthetic.sft_examples(tokenizer, rows, **kw)
   if rc.sft.chain_fraction <= 0.0:
     return direct, []
-  return direct, synthetic.sft_examples(env.tokenizer, rows, chain=True, **kw)
+  return direct, synthetic.sft_examples(tokenizer, rows, chain=True, **kw)
 
 
-def _train(rc, env, params, direct: list[dict], chain: list[dict]):
+def _train(rc, params, direct: list[dict], chain: list[dict], *, graphdef, update_cfg, mesh,
+           pad_id: int):
   """Supervised steps: to sft.loss_threshold (at most sft.steps), then sft.mix_steps on the mix.
 
   With chains (parity) the first stage trains on chains only, the part whose learning time
@@ -126,11 +122,12 @@ def _train(rc, env, params, direct: list[dict], chain: list[dict]):
   sft = rc.sft
   schedule = optax.linear_schedule(0.0, sft.lr, sft.warmup_steps) if sft.warmup_steps else sft.lr
   tx = optax.adamw(schedule, weight_decay=0.0)
-  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, env.mesh))(
+  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(
     params)  # the moments in the params' shards (multi-host: not on one device)
   # Outputs pinned to the inputs' shardings: step 2 must not recompile.
-  shardings = (env.param_sharding, jax.tree.map(lambda x: x.sharding, opt_state), None)
-  step_fn = jax.jit(functools.partial(ts.sft_step, env.graphdef, cfg=env.update_cfg, tx=tx),
+  shardings = (jax.tree.map(lambda x: x.sharding, params),
+               jax.tree.map(lambda x: x.sharding, opt_state), None)
+  step_fn = jax.jit(functools.partial(ts.sft_step, graphdef, cfg=update_cfg, tx=tx),
                     out_shardings=shardings, donate_argnums=(0, 1))
   rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
 
@@ -142,8 +139,8 @@ def _train(rc, env, params, direct: list[dict], chain: list[dict]):
       idx = rng.choice(len(direct), size=sft.batch_size, replace=False)
       use_chain = rng.random(sft.batch_size) < chain_share  # all False without a chain
       examples = [chain[i] if c else direct[i] for i, c in zip(idx, use_chain, strict=True)]
-      batch = _batch(examples, range(len(examples)), max_prompt_length=env.max_prompt_length,
-                     max_response_length=rc.rl.max_response_length, pad_id=env.pad_id)
+      batch = _batch(examples, max_prompt_length=rc.data.max_prompt_length,
+                     max_response_length=rc.rl.max_response_length, pad_id=pad_id)
       params, opt_state, m = step_fn(params, opt_state, batch)
       losses.append(float(m["sft/loss"]))
       mean = float(np.mean(losses[-LOSS_WINDOW:]))
@@ -162,8 +159,12 @@ def _train(rc, env, params, direct: list[dict], chain: list[dict]):
   return params, steps, loss
 
 
-def sft_warm_start(rc, env, params, workdir: str):
+def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, tokenizer,
+                   pad_id: int):
   """Returns params after the supervised warm start (or the cached result in WORKDIR/sft).
+
+  `params` (the policy's, in their shardings on `mesh`) are trained with `ts.sft_step` of
+  `graphdef` under `update_cfg`, on the train split tokenized by `tokenizer`.
 
   Raises CannotLearn when the loss ends above sft.loss_threshold (nothing is cached then).
   """
@@ -177,8 +178,9 @@ def sft_warm_start(rc, env, params, workdir: str):
     nnx.replace_by_pure_dict(params, restored)
     return params
 
-  direct, chain = _examples(rc, env, workdir)
-  params, steps, loss = _train(rc, env, params, direct, chain)
+  direct, chain = _examples(rc, tokenizer, workdir)
+  params, steps, loss = _train(rc, params, direct, chain, graphdef=graphdef,
+                               update_cfg=update_cfg, mesh=mesh, pad_id=pad_id)
   if rc.sft.loss_threshold > 0 and not loss <= rc.sft.loss_threshold:
     raise CannotLearn(
       f"the warm start ended at loss {loss:.3f} after {steps} steps, above sft.loss_threshold="
@@ -189,3 +191,4 @@ def sft_warm_start(rc, env, params, workdir: str):
   ckptr.save(cache, nnx.to_pure_dict(params))
   ckptr.wait_until_finished()
   return params
+

@@ -3,7 +3,8 @@
 Public API:
   Greedy, Sampling, from_flags, TOP_K_OFF        params.py (sampling methods)
   Engine, EngineConfig, DecodeState, Prefix      engine.py (prefill / insert / generate)
-  generate_samples, run, Sample, SamplerStats    driver.py (prompts x n -> samples)
+  generate_samples, run                          driver.py (prompts x n -> samples)
+  Sample, SamplerStats, Result                   batching.py (the driver's slots and results)
 
 Typical use (rollouts, eval, the generate CLI):
 
@@ -19,7 +20,8 @@ with EngineConfig(kv_layout='dense') is the previous path (the benchmark's refer
 both give the same samples for a seed.
 """
 
-from fipo_jax.sampling.driver import Result, Sample, SamplerStats, generate_samples, run
+from fipo_jax.sampling.batching import Result, Sample, SamplerStats
+from fipo_jax.sampling.driver import generate_samples, run
 from fipo_jax.sampling.engine import DecodeState, Engine, EngineConfig, Prefix, ResultTokens
 from fipo_jax.sampling.params import TOP_K_OFF, Greedy, Sampling, SamplingMethod, from_flags
 
