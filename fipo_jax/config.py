@@ -24,7 +24,7 @@ import numpy as np
 
 from fipo_jax import config_rl, config_schema, paths
 from fipo_jax.config_mesh import MeshSection, SamplerMeshSection
-from fipo_jax.config_rl import RLSection
+from fipo_jax.config_rl import RLSection, SFTSection
 from fipo_jax.config_schema import DTYPES, ConfigError, Section
 
 # Enum values of settings whose owners sit above this module (rl/, data/, metrics): restated
@@ -203,29 +203,6 @@ class OptimSection(Section):
     self._require(0.0 <= self.b1 < 1.0, "b1", "must be in [0, 1)")
     self._require(0.0 <= self.b2 < 1.0, "b2", "must be in [0, 1)")
     self._require(self.eps > 0.0, "eps", "must be > 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTSection(Section):
-  SECTION: ClassVar[str] = "sft"
-  steps: int = 0
-  lr: float = 1e-3
-  batch_size: int = 32
-  wrong_fraction: float = 0.0
-  loss_threshold: float = 0.0
-  warmup_steps: int = 0
-  chain_fraction: float = 0.0
-  mix_steps: int = 0
-
-  def __post_init__(self):
-    self._require(self.steps >= 0, "steps", "must be >= 0 (0 = no warm start)")
-    self._require(self.loss_threshold >= 0.0, "loss_threshold", "must be >= 0 (0 = none)")
-    self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-    self._require(0.0 <= self.chain_fraction <= 1.0, "chain_fraction", "must be in [0, 1]")
-    self._require(self.mix_steps >= 0, "mix_steps", "must be >= 0")
-    self._require(0.0 <= self.wrong_fraction <= 1.0, "wrong_fraction", "must be in [0, 1]")
-    self._require(self.lr > 0.0, "lr", "must be > 0")
-    self._require(self.batch_size > 0, "batch_size", "must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The `rl` section of the run config: validated once, frozen.
+"""The `rl` and `sft` (the supervised warm start before RL) sections of the run config: validated
+once, frozen.
 
 Its loss settings take their defaults from `fipo_jax.algo.losses.PolicyLossConfig` and their
 allowed values from the algorithm package (the registered losses, aggregation modes, KL types,
@@ -166,3 +167,26 @@ class RLSection(Section):
   def num_mini_batches(self) -> int:
     """Optimizer steps per rollout batch and epoch (8 in the 32B FIPO recipe)."""
     return self.train_batch_size // self.ppo_mini_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSection(Section):
+  SECTION: ClassVar[str] = "sft"
+  steps: int = 0
+  lr: float = 1e-3
+  batch_size: int = 32
+  wrong_fraction: float = 0.0
+  loss_threshold: float = 0.0
+  warmup_steps: int = 0
+  chain_fraction: float = 0.0
+  mix_steps: int = 0
+
+  def __post_init__(self):
+    self._require(self.steps >= 0, "steps", "must be >= 0 (0 = no warm start)")
+    self._require(self.loss_threshold >= 0.0, "loss_threshold", "must be >= 0 (0 = none)")
+    self._require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    self._require(0.0 <= self.chain_fraction <= 1.0, "chain_fraction", "must be in [0, 1]")
+    self._require(self.mix_steps >= 0, "mix_steps", "must be >= 0")
+    self._require(0.0 <= self.wrong_fraction <= 1.0, "wrong_fraction", "must be in [0, 1]")
+    self._require(self.lr > 0.0, "lr", "must be > 0")
+    self._require(self.batch_size > 0, "batch_size", "must be > 0")
