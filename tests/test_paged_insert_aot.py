@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 _PAGE, _K, _H, _P, _L = 16, 2, 128, 128, 16
 
 
-def _one_scatter(pools, k, v, ids, off, combined):
+def _one_scatter(pools, k, v, ids, off, combined, folded=False):
   """Counter-example: all layers in one scatter (the layer inside the update window)."""
   from fipo_jax.models import tpu_paged
 

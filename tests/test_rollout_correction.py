@@ -281,7 +281,8 @@ def test_cli_refuses_a_bfloat16_sampler_in_one_line(tmp_path):
   assert len(lines) == 1 and "rl.accept_sampler_mismatch=True" in lines[0], proc.stderr
 
 
-WEIGHT_BOUND_KEYS = ("actor/influence_weights", "actor/neg_is_", "actor/pos_is_")
+WEIGHT_BOUND_KEYS = ("actor/influence_weights", "actor/raw_influence_weights", "actor/neg_is_",
+                     "actor/pos_is_")
 
 
 @pytest.mark.slow
