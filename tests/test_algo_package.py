@@ -8,6 +8,7 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import fipo_jax.rl as rl
 from fipo_jax import algo
@@ -67,6 +68,7 @@ def test_public_names_reexported_by_rl():
     assert getattr(rl, name) is getattr(algo, name), name
 
 
+@pytest.mark.slow
 def test_readme_loss_snippet_runs():
   text = (ROOT / "README.md").read_text()
   block = re.search(r"```python\n(from fipo_jax import algo.*?)```", text, re.S)

@@ -205,6 +205,7 @@ def test_gs_workdirs(tmp_path, monkeypatch):
     (["{tmp}/f"], "required: --out"),
   ],
 )
+@pytest.mark.slow
 def test_errors_are_one_line_exit_2(tmp_path, args, message):
   _write_run(tmp_path / "f", "fipo")
   proc = subprocess.run(

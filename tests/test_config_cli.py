@@ -141,6 +141,7 @@ TINY = ("--config", "configs/tiny_cpu.py", "--workdir")
   ("--config.mesh.tensor=3", "config error: mesh.tensor: fixed mesh axes (mesh.data=1, "
    "mesh.fsdp=-1, mesh.tensor=3, product 3) do not divide the 1 devices"),
 ])
+@pytest.mark.slow
 def test_config_errors_through_the_cli(override, line, tmp_path):
   assert _one_line_error(_main(*TINY, str(tmp_path / "w"), override)) == line
   assert not (tmp_path / "w").exists()
@@ -166,6 +167,7 @@ def test_a_list_in_a_users_config_file_is_named(run_dir):
 
 
 @pytest.mark.parametrize("empty", ["", "[]"])
+@pytest.mark.slow
 def test_no_val_files_with_evals_is_refused(empty, run_dir):
   args = _local(["--config", "configs/fipo_qwen2_5_7b_math.py", "--workdir", "w",
                  "--config.model.hf_dir=/models/Qwen2.5-Math-7B",

@@ -243,6 +243,7 @@ def test_keys_consumed_by_validation_are_not_read_elsewhere_and_do_take_effect()
   assert config_lib.validate(c, check_paths=False).model.overrides["num_layers"] == 3
 
 
+@pytest.mark.slow
 def test_the_check_flags_a_key_that_no_code_reads():
   """A dummy key added to a copy of the schema is flagged, whether it is absent from the code,
   only validated, or only a same-named attribute of something else; reading it clears it."""
@@ -283,6 +284,7 @@ def test_the_check_flags_a_key_that_no_code_reads():
     ("optim", "schedule"),
   ],
 )
+@pytest.mark.slow
 def test_the_keys_of_issue_15_are_read(path):
   assert path in reads(package_sources(), leaf_keys(recipes.base()))
 

@@ -81,6 +81,7 @@ def our_greedy(workdir):
   return ids, samples
 
 
+@pytest.mark.slow
 def test_export_writes_token_ids_and_generation_config(exported):
   cfg = json.loads((exported / "config.json").read_text())
   assert cfg["model_type"] == "qwen2"
@@ -178,6 +179,7 @@ def _word_level_tokenizer(out_dir):
     eos_token=tokenizer_lib.IM_END).save_pretrained(out_dir)
 
 
+@pytest.mark.slow
 def test_export_refuses_a_tokenizer_transformers_would_load_differently(workdir, tmp_path):
   old = shutil.copytree(workdir, tmp_path / "old_run")
   shutil.rmtree(old / "tokenizer")
@@ -193,6 +195,7 @@ def test_export_refuses_a_tokenizer_transformers_would_load_differently(workdir,
   assert _cli("fipo_jax.export", "--checkpoint", old, "--out", tmp_path / "hf").returncode == 0
 
 
+@pytest.mark.slow
 def test_qwen2_5_export_round_trip(qwen_model_dir, tmp_path):
   trainer_tok = tokenizer_lib.load_tokenizer(str(qwen_model_dir))
   model = models.from_pretrained(qwen_model_dir, param_dtype=jnp.float32)
@@ -224,6 +227,7 @@ def test_qwen2_5_export_round_trip(qwen_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("tool", ["export", "eval"])
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(tool, workdir, tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")

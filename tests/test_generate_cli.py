@@ -37,6 +37,7 @@ def _read(path):
   return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_cli_text_prompts_with_chat_template_by_default_greedy(model_dirs, tmp_path):
   hf_dir, _ = model_dirs
   prompts_file = tmp_path / "in.jsonl"
@@ -69,6 +70,7 @@ def test_cli_text_prompts_with_chat_template_by_default_greedy(model_dirs, tmp_p
     assert r["response"] == tok.decode(r["response_ids"], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_cli_prompt_ids_sampling_without_tokenizer(model_dirs, tmp_path, capsys):
   _, bare = model_dirs
   prompts_file = tmp_path / "in.jsonl"
@@ -101,6 +103,7 @@ def _greedy(hf_dir, prompts_file, out, *flags):
   return [r["response_ids"] for r in _read(out)]
 
 
+@pytest.mark.slow
 def test_cli_reads_verl_rows_and_no_chat_turns_the_template_off(model_dirs, tmp_path):
   hf_dir, _ = model_dirs
   tok = tokenizer_lib.load_tokenizer(str(hf_dir))
@@ -151,6 +154,7 @@ def _run_cli(*args):
   return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
   _, bare = model_dirs
   ids_file = _write_jsonl(tmp_path / "ids.jsonl", [{"prompt_ids": [1, 2]}])
@@ -177,6 +181,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_top_k_off_is_minus_one_and_zero_is_refused(model_dirs, tmp_path, capsys):
   """One "off" value for top-k (-1, as in the configs) in generate and eval: 0 exits 2."""
   _, bare = model_dirs

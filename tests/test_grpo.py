@@ -152,6 +152,7 @@ _CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
     ("low_var_kl", "token-mean"),
   ],
 )
+@pytest.mark.slow
 def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
   """One micro-batch of the GRPO update: loss, KL metrics and parameter gradient vs numpy."""
   graphdef, params = _tiny()
@@ -199,6 +200,7 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
     np.testing.assert_allclose(g, wg, rtol=2e-4, atol=1e-6 * max(1.0, float(jnp.abs(wg).max())))
 
 
+@pytest.mark.slow
 def test_train_step_with_kl_term_averages_micro_batches_and_needs_reference():
   graphdef, params = _tiny()
   cfg = ts.UpdateConfig(
@@ -283,6 +285,7 @@ def test_reference_is_a_frozen_copy_rebuilt_identically(tmp_path):
   assert all(jax.tree.leaves(jax.tree.map(same, ref, again)))
 
 
+@pytest.mark.slow
 def test_aot_counts_the_reference_params():
   aot = pytest.importorskip("fipo_jax.aot")
   from fipo_jax import sharding  # noqa: PLC0415
@@ -354,6 +357,7 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
   assert last["step"] == 3 and last["actor/kl_loss"] > 0.0
 
 
+@pytest.mark.slow
 def test_logged_losses_are_scaled_as_verls_dp_actor():
   """verl logs each micro-batch's pg_loss and kl_loss times 1/gradient_accumulation and averages
   the list: with 2 micro-batches the logged value is half the mean unscaled micro-batch loss."""

@@ -4,6 +4,7 @@ so validation may call the two alike (models.attention.sampler_mismatch)."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from fipo_jax import models
@@ -17,6 +18,7 @@ def _cfg(**kw):
                             head_dim=8, dtype="bfloat16", attention_impl="blockwise", **kw)
 
 
+@pytest.mark.slow
 def test_bf16_sampler_weights_compute_as_the_float32_masters():
   cfg = _cfg()
   graphdef, masters = nnx.split(models.init_model(cfg, seed=0))

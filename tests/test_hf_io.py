@@ -66,6 +66,7 @@ def test_sharded_save_multiple_files_and_tokenizer(hf_dir, tmp_path):
   assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+@pytest.mark.slow
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
   cfg = models.ModelConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_layers=1,
                            num_heads=2, num_kv_heads=1, head_dim=8)

@@ -37,6 +37,7 @@ def _real_positions_max_err(a, b, mask):
 
 
 @pytest.mark.parametrize("impl", ["plain", "blockwise"])
+@pytest.mark.slow
 def test_logits_match_transformers(hf_pair, impl):
   model_type, hf, path = hf_pair
   model = models.from_pretrained(path, attention_impl=impl, attention_block_size=4)
@@ -58,6 +59,7 @@ def test_default_positions_unpadded(hf_pair):
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_matches_full_forward(hf_pair):
   """Prefill a left-padded prompt, then decode one token at a time: same logits as full."""
   _, _, path = hf_pair
@@ -89,6 +91,7 @@ def test_kv_cache_decode_matches_full_forward(hf_pair):
   np.testing.assert_array_equal(np.asarray(cache.index), [17, 17, 17])
 
 
+@pytest.mark.slow
 def test_kv_cache_rows_at_different_lengths(hf_pair):
   """Continuous batching: rows whose caches hold different lengths decode independently."""
   _, _, path = hf_pair
@@ -133,6 +136,7 @@ def test_round_trip_save_pretrained(hf_pair, tmp_path):
   assert _real_positions_max_err(ours, ref, mask) < 1e-4
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_agree(hf_pair):
   _, _, path = hf_pair
   ids, mask, pos = _batch(96, seed=6)

@@ -36,6 +36,7 @@ def _grads(fn, q, k, v, valid):
 
 
 @pytest.mark.parametrize("t,block", [(13, 4), (16, 16), (37, 8), (8, 64)])
+@pytest.mark.slow
 def test_blockwise_self_attention_matches_plain(t, block):
   q, k, v = _qkv(3, t, t, 4, 2, 8)
   valid, slots = _padded_valid(3, t), _causal_slots(3, t)
@@ -61,6 +62,7 @@ def test_blockwise_cache_masks_match_plain():
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_splash_interpreted_matches_plain():
   b, t = 2, 200  # not a multiple of 128: exercises the padding
   q, k, v = _qkv(b, t, t, 4, 2, 16, seed=3)

@@ -38,6 +38,7 @@ def _naive(model, ids, mask, pos, t, temperature):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 9, 64])
+@pytest.mark.slow
 def test_matches_naive(tiny_model, chunk_size):
   ids, mask, pos, t = _inputs(tiny_model.cfg.vocab_size)
   logp, ent = models.sequence_log_probs(tiny_model, ids, mask, pos, num_response_tokens=t,
@@ -52,6 +53,7 @@ def test_matches_naive(tiny_model, chunk_size):
   np.testing.assert_allclose(np.asarray(only), np.asarray(logp), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_gradients_match_naive(tiny_model):
   ids, mask, pos, t = _inputs(tiny_model.cfg.vocab_size)
   graphdef, state = nnx.split(tiny_model)

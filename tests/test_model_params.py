@@ -47,6 +47,7 @@ def test_presets_round_trip_hf_config():
 
 @pytest.mark.parametrize("param_dtype,dtype", [("float32", "float32"), ("bfloat16", "bfloat16"),
                                                ("float32", "bfloat16")])
+@pytest.mark.slow
 def test_every_param_leaf_dtype(param_dtype, dtype):
   cfg = models.ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32,
                            intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,

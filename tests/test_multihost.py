@@ -284,6 +284,7 @@ def test_initialize_is_a_noop_for_one_process(monkeypatch):
     distributed.initialize()
 
 
+@pytest.mark.slow
 def test_library_modules_define_no_flags():
   """Only the entry points (main, eval, aot) register absl flags: importing the library (the
   sampler, the trainer, fipo_jax.distributed) adds none."""

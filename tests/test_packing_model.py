@@ -56,6 +56,7 @@ def _packed(fn, lengths, total, seed=0):
 
 
 @pytest.mark.parametrize("block", [4, 5, 64])
+@pytest.mark.slow
 def test_blockwise_segments_match_each_sequence_alone(block):
   lengths = (9, 3, 14, 1)
   fn = lambda *a, **kw: attention.blockwise_attention(*a, block_size=block, **kw)
@@ -68,6 +69,7 @@ def test_plain_segments_match_each_sequence_alone():
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_blockwise_segment_gradients_match_plain():
   lengths, total = (7, 10, 5), 24
   q, k, v = _qkv(2, total, 4, 2, 8, seed=1)

@@ -141,6 +141,7 @@ def _steps(s, cfg, step_fn):
   return lambda batch: fn(s["params"], tx.init(s["params"]), batch)[2]
 
 
+@pytest.mark.slow
 def test_fixed_micro_batches_packed_equal_padded(setup):
   s = setup
   cfg = dataclasses.replace(s["upd"], num_micro_batches=2)
@@ -195,6 +196,7 @@ def _dynamic_reference(s, plan, cfg):
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.slow
 def test_token_budget_micro_batches_follow_verls_scaling(setup, agg):
   s = setup
   policy = dataclasses.replace(s["upd"].policy_loss, loss_agg_mode=agg)

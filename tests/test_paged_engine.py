@@ -94,6 +94,7 @@ def _assert_same(got, want):
 
 
 @pytest.mark.parametrize("method", [_SAMPLING, params_lib.Greedy()], ids=str)
+@pytest.mark.slow
 def test_paged_shared_prefill_equals_dense_per_sample_prefill(model, method):
   """n = 3 samples of 4 prompts (12 requests on 4 slots, several fills, budgets varied): one
   prefill per prompt on pages == one prefill per request on the dense cache."""
@@ -107,6 +108,7 @@ def test_paged_shared_prefill_equals_dense_per_sample_prefill(model, method):
     assert len({tuple(want[(1, s)][0]) for s in range(3)}) > 1
 
 
+@pytest.mark.slow
 def test_paged_samples_independent_of_slot_count_and_mesh(model):
   prompts, budgets = _prompts([5, 11, 2, 8]), [7, 10, 12, 4]
   kw = dict(n=2, budgets=budgets, sampling=_SAMPLING, seed=7)
@@ -204,6 +206,7 @@ def test_paged_writes_append_at_each_active_slots_length():
   assert np.count_nonzero(k) == new[:, :2].size  # the idle slot wrote nothing
 
 
+@pytest.mark.slow
 def test_generate_never_gathers_or_copies_the_pool(model):
   """The compiled decode step on a data x fsdp x tensor mesh moves (all-gathers, copies) no
   array as large as one shard's pool: attention and writes read only local pages."""

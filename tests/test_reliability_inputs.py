@@ -132,6 +132,7 @@ def _batch(advantages: float, b: int = 4, p: int = 3, t: int = 4) -> ts.PolicyBa
 
 
 @pytest.mark.parametrize("poison", [np.inf, np.nan])
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped_and_params_untouched(poison):
   graphdef, params = _tiny()
   tx, _ = optimizer.make_optimizer(

@@ -159,6 +159,7 @@ def _np_vanilla(lp, old, adv, mask, w, cfg):
 
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 @pytest.mark.parametrize("loss_mode", ["dapo", "grpo", "fipo"])
+@pytest.mark.slow
 def test_weights_multiply_the_per_token_policy_loss(loss_mode, mode):
   rng = np.random.default_rng(1)
   b, t = 4, 7
@@ -187,6 +188,7 @@ def test_weights_multiply_the_per_token_policy_loss(loss_mode, mode):
   assert not np.any(np.asarray(jax.grad(total)(jnp.asarray(old))))
 
 
+@pytest.mark.slow
 def test_packed_and_padded_steps_apply_the_same_weights(setup):  # noqa: F811
   s = setup
   rng = np.random.default_rng(2)
@@ -384,6 +386,7 @@ def test_sampler_source_keeps_its_log_probs_and_skips_the_pass(step):
     assert o.old_log_probs is b.old_log_probs and o.rollout_is_weights is None
 
 
+@pytest.mark.slow
 def test_bfloat16_sampler_model_runs_the_trainers_params():
   cfg = models.ModelConfig(
     model_type="qwen2",

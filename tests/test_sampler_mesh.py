@@ -93,6 +93,7 @@ def test_handover_reshards_on_device_into_the_rules_table_layout(envs):
   assert all(x.sharding.mesh == tp.mesh for x in jax.tree.leaves(tp_state.params))
 
 
+@pytest.mark.slow
 def test_tensor_parallel_sampler_matches_the_train_mesh_sampler(envs):
   (same, same_state), (tp, tp_state) = envs
   prompts = [e["prompt_ids"] for e in same.val_examples[:6]]

@@ -78,6 +78,7 @@ def _hf_greedy(hf_model, prompts, max_new, eos=None):
   return rows
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(hf_pair):
   hf_model, model = hf_pair
   prompts = _prompts()
@@ -117,6 +118,7 @@ def _trainer_log_probs(model, samples, temperature):
 
 
 @pytest.mark.parametrize("method", [_SAMPLING, params_lib.Greedy()], ids=str)
+@pytest.mark.slow
 def test_sampler_log_probs_equal_trainer_log_probs(tiny, method):
   model, engine, params = tiny
   samples = driver.generate_samples(
@@ -202,6 +204,7 @@ def test_sharded_engine_matches_unsharded(tiny):
     np.testing.assert_allclose(x.response_logprobs, y.response_logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_aot_traces_are_the_engines_steps(tiny):
   """trace_prefill / trace_generate (what fipo_jax.aot compiles) on abstract params compile and,
   run on real inputs, give what the engine's own prefill and generate give."""

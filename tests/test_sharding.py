@@ -130,6 +130,7 @@ def test_init_model_sharded_equals_unsharded():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(vb.get_value()))
 
 
+@pytest.mark.slow
 def test_shard_params_and_batch_sharding():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
