@@ -47,6 +47,7 @@ def _assert_same(a, b):
       assert x.sharding.is_equivalent_to(y.sharding, x.ndim)
 
 
+@pytest.mark.slow
 def test_round_trip_sharded_with_extra(tmp_path, mesh):
   params, opt_state = _state(mesh, 0)
   rng = jax.random.key(42)

@@ -104,6 +104,7 @@ def _has_colour(img: np.ndarray, rgb, min_pixels: int = 50) -> bool:
   return bool((np.abs(img - np.asarray(rgb)).max(axis=-1) <= 8).sum() >= min_pixels)
 
 
+@pytest.mark.slow
 def test_readme_command_on_a_fipo_and_a_dapo_run(tmp_path):
   argv = _readme_compare_command()
   assert argv[:2] == ["/tmp/fipo_tiny", "/tmp/dapo_tiny"] and "--out" in argv

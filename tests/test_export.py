@@ -94,6 +94,7 @@ def test_export_writes_token_ids_and_generation_config(exported):
                                  "max_response_length": MAX_NEW, "reward_fn": "math_dapo"}
 
 
+@pytest.mark.slow
 def test_transformers_on_the_export_matches_the_trainer(exported, our_greedy):
   ids, ours = our_greedy
   hf_tok = transformers.AutoTokenizer.from_pretrained(exported)

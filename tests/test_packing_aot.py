@@ -6,6 +6,7 @@ padded ones.
 """
 
 import jax
+import pytest
 
 from configs import fipo_qwen2_5_32b
 from fipo_jax import aot, policy, sharding
@@ -18,6 +19,7 @@ def _run():
   return config_lib.validate(c, check_paths=False)
 
 
+@pytest.mark.slow
 def test_packed_flops_per_rl_step_follow_the_real_tokens():
   run = _run()
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])

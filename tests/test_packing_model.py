@@ -180,6 +180,7 @@ def _pad_rows(seqs):
 
 
 @pytest.mark.parametrize("impl", ["plain", "blockwise"])
+@pytest.mark.slow
 def test_packed_row_of_three_sequences_gives_each_sequences_log_probs(tiny, impl):
   graphdef, params = tiny[impl]
   rng = np.random.default_rng(0)

@@ -153,6 +153,7 @@ def test_page_allocation_reserves_the_worst_case_per_shard(model):
 
 
 @pytest.mark.parametrize("kernel", [None, "gather_grouped"])
+@pytest.mark.slow
 def test_decode_attention_matches_dense_reference(kernel):
   """Random pool, shuffled page tables, lengths 0..S: == plain attention over the slot's tokens
   followed by the new one; one device and shard_map over a data x fsdp x tensor mesh; the CPU

@@ -28,6 +28,7 @@ def engine():
   return eng, eng.load_params(state)
 
 
+@pytest.mark.slow
 def test_insert_reads_only_its_shards_block_of_the_prefix(engine):
   """The compiled largest insert takes the prefix with its rows split over the 4 shards and
   moves no array as large as one shard's block by all-gather, all-to-all or all-reduce (a

@@ -188,6 +188,7 @@ def test_prefill_buckets():
     cfg.prefill_bucket(101)
 
 
+@pytest.mark.slow
 def test_sharded_engine_matches_unsharded(tiny):
   model, engine, params = tiny
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)

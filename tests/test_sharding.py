@@ -102,6 +102,7 @@ def _forward(model, ids, mask, pos):
 
 
 @pytest.mark.parametrize("fsdp,tensor", [(4, 2), (8, 1)])
+@pytest.mark.slow
 def test_sharded_load_matches_single_device(hf_dir, fsdp, tensor):
   ids, mask, pos = mh.padded_batch(np.random.default_rng(0), 96, [7, 5], [1, 3], 8)
   args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos))
@@ -117,6 +118,7 @@ def test_sharded_load_matches_single_device(hf_dir, fsdp, tensor):
   np.testing.assert_allclose(_forward(sharded, *args), _forward(single, *args), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_init_model_sharded_equals_unsharded():
   cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=8)
