@@ -156,7 +156,7 @@ def main():
     ours, floor = tm["ours"], tm["cumsum"]
     print(
       f"{t:>6} {ours * 1e3:>8.3f} {official * 1e3:>12.1f} {floor * 1e3:>10.3f} "
-      f"{official / ours:>9.0f} {ours / floor:>12.2f} {tm['fipo'] * 1e3:>8.3f} "
+      f"{official / ours:>9.2f} {ours / floor:>12.2f} {tm['fipo'] * 1e3:>8.3f} "
       f"{tm['dapo'] * 1e3:>8.3f} {tm['fipo'] / tm['dapo']:>10.2f} "
       f"{tm['fipo+m'] * 1e3:>15.3f} {tm['dapo+m'] * 1e3:>6.3f} "
       f"{tm['fipo+m'] / tm['dapo+m']:>10.2f}   (max |ours - official| {err:.1e})"
