@@ -6,6 +6,7 @@ is the only place that sets XLA_FLAGS for the test suite.
 
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -45,6 +47,14 @@ TESTDATA = ROOT / "tests" / "testdata"
 # FIPO_GOLDEN_DIR points the tests at another copy, e.g. the full set with held-out cases.
 GOLDEN_DIR = pathlib.Path(os.environ.get("FIPO_GOLDEN_DIR", TESTDATA / "golden"))
 sys.path.insert(0, str(ROOT))
+
+
+def hlo_op_sizes(hlo: str, ops) -> list[tuple[str, int]]:
+  """(op, elements of its result) of each instruction of optimized HLO text whose op is one of
+  `ops` (e.g. the collectives, to find one that moves a pool- or block-sized array)."""
+  pattern = re.compile(rf"= \w+\[([\d,]*)\]\S* ({'|'.join(map(re.escape, ops))})\(")
+  return [(m[2], int(np.prod([int(d) for d in m[1].split(",") if d])))
+          for m in pattern.finditer(hlo)]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ log-probs then equal the gather path's, on one device and under a sampler mesh, 
 of 5 and 7, ragged prompt and response lengths, slots left empty, pages handed out of order and
 partial last pages."""
 
-import re
 
 import numpy as np
 import pytest
+from conftest import hlo_op_sizes
 
 from fipo_jax import models
 from fipo_jax.models import gpu_paged, kernels
@@ -88,9 +88,7 @@ def test_gpu_paged_generate_never_gathers_the_pool(monkeypatch):
   pool = eng.abstract_decode_state().cache.k
   local = pool.sharding.shard_shape(pool.shape)
   assert local == (1, 2, 64, 4, 8)  # 2 kv heads 2 ways, 256 pages 4 ways
-  pattern = re.compile(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|all-reduce)\(")
-  sizes = [(m[2], int(np.prod([int(d) for d in m[1].split(",") if d]))) for m in
-           pattern.finditer(hlo)]  # fmt: skip
+  sizes = hlo_op_sizes(hlo, ("all-gather", "all-to-all", "all-reduce"))
   assert any(op == "all-gather" for op, _ in sizes)  # the pattern sees the weights' gathers
   big = [(op, n) for op, n in sizes if n >= np.prod(local)]
   assert not big, big

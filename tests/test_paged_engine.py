@@ -1,12 +1,12 @@
 """The paged KV cache: decode attention vs a dense reference, paged == dense engine, the page
 allocator, one prefill per prompt, and no pool all-gather or copy under a sampler mesh."""
 
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hlo_op_sizes
 from flax import nnx
 
 from fipo_jax import models, sharding
@@ -218,9 +218,7 @@ def test_generate_never_gathers_or_copies_the_pool(model):
   pool = eng.abstract_decode_state().cache.k
   local = pool.sharding.shard_shape(pool.shape)
   assert local == (2, 1, 64, 4, 8)  # 256 pages split 4 ways, kv heads 2 ways
-  pattern = re.compile(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|all-reduce|copy)\(")
-  sizes = [(m[2], int(np.prod([int(d) for d in m[1].split(",") if d]))) for m in
-           pattern.finditer(hlo)]  # fmt: skip
+  sizes = hlo_op_sizes(hlo, ("all-gather", "all-to-all", "all-reduce", "copy"))
   assert any(op == "all-gather" for op, _ in sizes)  # the pattern sees the weights' gathers
   big = [(op, n) for op, n in sizes if n >= np.prod(local)]
   assert not big, big

@@ -2,11 +2,11 @@
 prompt row sits on another shard still lands in its slot's pages (the ring in
 paged.insert_prompts)."""
 
-import re
 
 import jax
 import numpy as np
 import pytest
+from conftest import hlo_op_sizes
 from flax import nnx
 
 from fipo_jax import models, sharding
@@ -42,10 +42,7 @@ def test_insert_reads_only_its_shards_block_of_the_prefix(engine):
   compiled = eng.trace_insert(sds).lower().compile()
   assert compiled.input_shardings[0][0].cache.k.shard_shape(k.shape) == block
   hlo = compiled.as_text()
-  pattern = re.compile(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|all-reduce|"
-                       r"collective-permute)\(")  # fmt: skip
-  sizes = [(m[2], int(np.prod([int(d) for d in m[1].split(",") if d]))) for m in
-           pattern.finditer(hlo)]  # fmt: skip
+  sizes = hlo_op_sizes(hlo, ("all-gather", "all-to-all", "all-reduce", "collective-permute"))
   assert ("collective-permute", np.prod(block)) in sizes  # the blocks pass round the ring
   big = [(op, n) for op, n in sizes if n >= np.prod(block) and op != "collective-permute"]
   assert not big, big

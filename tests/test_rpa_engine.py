@@ -4,10 +4,10 @@ first). On CPU the kernel is replaced by `tpu_paged.reference_attention` (the ke
 forced), which is pinned here to JAX's own eager reference of the kernel; the engine's tokens
 and log-probs then equal the gather path's, on one device and under a sampler mesh."""
 
-import re
 
 import numpy as np
 import pytest
+from conftest import hlo_op_sizes
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
 
 from fipo_jax.models import kernels, tpu_paged
@@ -70,9 +70,7 @@ def test_rpa_generate_never_gathers_the_pool(model, monkeypatch):
   pool = eng.abstract_decode_state().cache.k
   local = pool.sharding.shard_shape(pool.shape)
   assert local == (2, 64, 4, 2, 8)  # 256 pages split 4 ways, 2 kv heads (4 k/v rows) 2 ways
-  pattern = re.compile(r"= \w+\[([\d,]*)\]\S* (all-gather|all-to-all|all-reduce)\(")
-  sizes = [(m[2], int(np.prod([int(d) for d in m[1].split(",") if d]))) for m in
-           pattern.finditer(hlo)]  # fmt: skip
+  sizes = hlo_op_sizes(hlo, ("all-gather", "all-to-all", "all-reduce"))
   assert any(op == "all-gather" for op, _ in sizes)  # the pattern sees the weights' gathers
   big = [(op, n) for op, n in sizes if n >= np.prod(local)]
   assert not big, big
