@@ -22,9 +22,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fipo_jax import config_rl, config_schema, paths
+from fipo_jax import config_rl, config_rollout, config_schema, paths
 from fipo_jax.config_mesh import MeshSection, SamplerMeshSection
 from fipo_jax.config_rl import RLSection, SFTSection
+from fipo_jax.config_rollout import RolloutSection
 from fipo_jax.config_schema import DTYPES, ConfigError, Section
 
 # Enum values of settings whose owners sit above this module (rl/, data/, metrics): restated
@@ -244,6 +245,7 @@ class RunConfig(Section):
   sampler_mesh: SamplerMeshSection
   sft: SFTSection
   metrics: MetricsSection
+  rollout: RolloutSection
   seed: int = 0
   total_steps: int = 600
   eval_every: int = 5
@@ -288,6 +290,7 @@ class RunConfig(Section):
         raise ConfigError("rl.old_log_prob_source",
                           f"'sampler' needs the sampler to compute as the trainer does, but {why}; "
                           "set rl.accept_sampler_mismatch=True to accept it")
+    config_rollout.check(self)
     if self.model.preset:
       presets = _model_presets()
       if presets is not None and self.model.preset not in presets:

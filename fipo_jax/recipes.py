@@ -165,6 +165,16 @@ def base() -> ml_collections.ConfigDict:
   c.sampler_mesh.fsdp = 0  # -1 = all remaining devices, as in c.mesh
   c.sampler_mesh.tensor = 0  # heads / kv heads / mlp / vocab split over tensor
 
+  # Rollouts: 'sync' (sample the whole batch, then train) | 'partial' (sampling stops once the
+  # batch is full; unfinished groups resume under the next policy, fipo_jax/rl/partial.py) |
+  # 'disaggregated' (not built yet).
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.mode = "sync"
+  c.rollout.max_staleness = 1  # eta: a group with a token older than this many steps is dropped
+  # partial: truncated IS weight min(pi_prox / pi_behav, rl.rollout_is_threshold) on each
+  # token's loss, outside Future-KL: 'token' | 'sequence' | 'none'
+  c.rollout.staleness_is = "token"
+
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0  # at most this many supervised warm-start steps before RL (synthetic; 0 = none)
   # Stop the warm start once its mean loss over 10 steps is <= this; still above it after

@@ -89,6 +89,7 @@ def batch_stats(old_log_probs, rollout_log_probs, mask, *, mode: str, threshold:
     "diff_mean": diff_mean,
     "diff_m2": jnp.sum(jnp.where(m, jnp.square(diff - diff_mean), 0.0)),
     "kl_sum": -jnp.sum(lr),  # sum of log pi_sampler - log pi_old
+    "abs_log_ratio_sum": jnp.sum(jnp.abs(lr)),  # partial rollouts: |lp_prox - lp_behav|
     "k3_sum": jnp.sum(jnp.where(m, jnp.expm1(lr_safe) - lr_safe, 0.0)),
     "log_ppl_diff_sum": jnp.sum(log_ppl_diff),
     "log_ppl_abs_diff_sum": jnp.sum(jnp.abs(log_ppl_diff)),

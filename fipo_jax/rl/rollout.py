@@ -142,7 +142,7 @@ def pack_batch(
 
 def collect(rc: config_lib.RunConfig, sampler: scoring.Sampler, data, params: nnx.State,
             step: int, *, mesh: jax.sharding.Mesh, update_cfg: ts.UpdateConfig, pad_id: int,
-            kept: list | None = None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
+            kept: list | None = None, carry=None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
   """The training data of RL step `step` (0-based), sampled with `params`.
 
   Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts of `data.next_batch` x n) and
@@ -152,15 +152,18 @@ def collect(rc: config_lib.RunConfig, sampler: scoring.Sampler, data, params: nn
   `old_log_probs` are the sampler's; the trainer replaces them with the actor's
   (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no group was kept; rollout
   metrics). `kept` (a list, for the rollout dump) receives the kept Rollouts and their
-  advantages f32[B], in mini-batch order.
+  advantages f32[B], in mini-batch order. `carry` (rollout.mode='partial'): the groups in flight
+  across steps, whose `dynamic_sampling` replaces this one (rl/partial_sampling.py).
   """
   t0 = time.perf_counter()
-  res, sampled = _dynamic_sampling(rc, sampler, data, params, step)
+  sample = _dynamic_sampling if carry is None else carry.dynamic_sampling
+  res, sampled = sample(rc, sampler, data, params, step)
   t_gen = time.perf_counter() - t0
   metrics: dict[str, Any] = {
     "train/num_gen_batches": res.num_gen_batches, "timing_s/gen": t_gen,
     # Accuracy over every sampled response; the kept (mixed-accuracy) groups are biased.
     "train/acc_mean": float(np.concatenate(sampled["acc"]).mean()),
+    **sampled.get("metrics", {}),  # partial mode: staleness and carry-over
   }
   r = res.rollouts
   if len(r) == 0:  # the trainer tells a solved batch (acc ~1) from a run that cannot learn

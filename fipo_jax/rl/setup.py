@@ -26,7 +26,7 @@ from fipo_jax import policy as policy_lib
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.rl import optimizer, packed_step, scoring
+from fipo_jax.rl import optimizer, packed_step, partial_sampling, scoring
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
@@ -74,6 +74,8 @@ class Env:
   influence_fn: InfluenceFn | None = None  # set when rc.dump_influence
   # The frozen reference policy of the KL term (rl.use_kl_loss), in the params' shardings.
   ref_params: nnx.State | None = None
+  # rollout.mode='partial': the groups in flight across steps (rl/partial_sampling.py).
+  carry: partial_sampling.PartialRollouts | None = None
 
   def sampler_params(self, params: nnx.State) -> nnx.State:
     """The trainer's params in the sampler's layout and dtype: one jitted reshard and cast on
@@ -144,6 +146,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
     reward_cfg=rewards_lib.RewardConfig.from_section(rc.rl),  # rl.reward_fn and the shaping
     influence_fn=_influence_fn(rc, graphdef, upd) if rc.dump_influence else None,
+    carry=partial_sampling.PartialRollouts() if rc.rollout.mode == "partial" else None,
   )
   env.ref_params = reference_params(env, params) if rc.rl.use_kl_loss else None
   return env, TrainState(params=params, opt_state=opt_state)
@@ -188,7 +191,9 @@ def make_engine(rc: config_lib.RunConfig, cfg: models.ModelConfig, graphdef: nnx
   return engine_lib.Engine(
     cfg, graphdef,
     engine_lib.EngineConfig(num_slots=num_slots or rc.sampling.num_slots,
-                            max_prompt_len=rc.data.max_prompt_length,
+                            # partial rollouts resume from prompt + generated prefix
+                            max_prompt_len=rc.data.max_prompt_length + (
+                              rc.rl.max_response_length if rc.rollout.resumes else 0),
                             max_new_tokens=rc.rl.max_response_length,
                             steps_per_call=steps_per_call or rc.sampling.decode_steps_per_call),
     mesh=mesh,

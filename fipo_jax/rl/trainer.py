@@ -36,7 +36,7 @@ from fipo_jax import metrics as metrics_lib
 from fipo_jax import policy as policy_lib
 from fipo_jax.algo import rollout_correction
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, optimizer, sampler_policy, warmstart
+from fipo_jax.rl import evaluation, optimizer, partial_sampling, sampler_policy, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import rollout_dump as dump_lib
 from fipo_jax.rl import setup as setup_lib
@@ -230,6 +230,8 @@ class _Loop:
                             "consecutive_bad_steps": self.bad_steps,
                             "skipped_steps": self.skipped_total,
                             "checkpoints_skipped": self.checkpoints_skipped})
+      if self.env.carry is not None:  # partial rollouts: in-flight groups are not checkpointed,
+        self.env.carry.clear()  # so they are dropped here too (a resume equals no interruption)
     if diverged:
       self.ckpt.wait()
       raise TrainingDiverged(
@@ -274,7 +276,7 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
   kept: list = []  # the kept rollouts, for the dump
   batches, metrics = rollout_lib.collect(
     rc, env.train_sampler(), env.train_data, state.params, state.step, mesh=env.mesh,
-    update_cfg=env.update_cfg, pad_id=env.pad_id, kept=kept)
+    update_cfg=env.update_cfg, pad_id=env.pad_id, kept=kept, carry=env.carry)
   if not batches:
     logging.warning("step %d: no prompt group with mixed accuracy; update skipped", state.step)
     metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1})
@@ -328,17 +330,21 @@ def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nn
   weights) in the batches."""
   rl = rc.rl
   out, ent_sum, stats = [], 0.0, []
+  mode, threshold = partial_sampling.correction(rc)  # partial mode: the staleness correction
   for b in batches:
     old_lp, ent = steps.log_prob(params, b)
     weights, st = rollout_correction.correct(old_lp, b.old_log_probs, b.response_mask,
-                                             mode=rl.rollout_is, threshold=rl.rollout_is_threshold)
+                                             mode=mode, threshold=threshold)
     stats.append(st)
     ent_sum += jnp.sum(ent * b.response_mask)
     if rl.old_log_prob_source == "trainer":
       b = b.replace(old_log_probs=old_lp, rollout_is_weights=weights)
     out.append(b)
   metrics["actor/entropy"] = float(ent_sum / max(tokens, 1.0))
-  metrics.update(rollout_correction.combine(jax.device_get(stats), mode=rl.rollout_is))
+  stats = jax.device_get(stats)
+  metrics.update(rollout_correction.combine(stats, mode=mode))
+  if rc.rollout.mode == "partial":
+    metrics.update(partial_sampling.correction_metrics(stats, mode))
   return out
 
 

@@ -28,7 +28,7 @@ class Sample:
   prompt_ids: np.ndarray  # int32[P]
   response_ids: np.ndarray  # int32[T]
   response_logprobs: np.ndarray  # f32[T], log_softmax(logits / temperature), pre-truncation
-  finish_reason: str  # 'stop' | 'length'
+  finish_reason: str  # 'stop' | 'length' ('aborted': Loop.abort, unfinished)
   length: int  # T
 
 
@@ -111,13 +111,16 @@ class Loop:
 
   def __init__(self, engine, prompts: list[np.ndarray], *, n: int, budgets: list[list[int]],
                stops: frozenset[int], mode: str, share_prefill: bool, refill_fraction: float,
-               overlap: bool, progress: bool):  # fmt: skip
+               overlap: bool, progress: bool, requests=None):  # fmt: skip
+    # requests: the (prompt, sample) pairs to run, in order (default: every prompt x n).
     self.engine, self.prompts, self.budgets, self.stops, self.mode = (
       engine, prompts, budgets, stops, mode)  # fmt: skip
     self.share_prefill, self.overlap = share_prefill, overlap
     self.num_slots = engine.max_concurrent_decodes
     self.refill = max(1, math.ceil(refill_fraction * self.num_slots - 1e-9))
-    self.waiting = collections.deque((p, s) for p in range(len(prompts)) for s in range(n))
+    self.waiting = collections.deque(
+      requests if requests is not None else ((p, s) for p in range(len(prompts))
+                                             for s in range(n)))  # fmt: skip
     self.live: collections.deque[_Prefill] = collections.deque()  # prefixes with requests left
     self.stats = SamplerStats(num_requests=len(self.waiting))
     self.slots: list[_Running | None] = [None] * self.num_slots
@@ -346,13 +349,30 @@ class Loop:
     if waiting:
       st.idle_slot_steps_while_waiting += int((~valid).sum())
 
-  def _complete(self, run_: _Running) -> None:
+  def abort(self) -> list[Sample]:
+    """Stops the run here (partial rollouts): the requests still in a slot come back as
+    Samples of the tokens they have (finish_reason 'aborted'; their pages released), the ones
+    not in a slot yet are dropped. `done` keeps the finished ones."""
+    self.drain()
+    busy = [i for i, run_ in enumerate(self.slots) if run_ is not None]
+    out = [self._sample(self.slots[i], "aborted") for i in busy]
+    self.slots = [None] * self.num_slots
+    self.engine.release(busy)
+    self.waiting.clear()
+    self.live.clear()
+    return out
+
+  def _sample(self, run_: _Running, reason: str | None = None) -> Sample:
     first, first_lp = run_.source.first(run_.request)
     response = np.concatenate([first, *run_.tokens]).astype(np.int32)
     logprobs = np.concatenate([first_lp, *run_.log_probs]).astype(np.float32)
-    reason = "stop" if response.size and int(response[-1]) in self.stops else "length"
-    self.done.append(Sample(run_.prompt_index, run_.sample_index, self.prompts[run_.prompt_index],
-                            response, logprobs, reason, int(response.size)))  # fmt: skip
+    if reason is None:
+      reason = "stop" if response.size and int(response[-1]) in self.stops else "length"
+    return Sample(run_.prompt_index, run_.sample_index, self.prompts[run_.prompt_index],
+                  response, logprobs, reason, int(response.size))  # fmt: skip
+
+  def _complete(self, run_: _Running) -> None:
+    self.done.append(self._sample(run_))
     self.bar.update(1)
     elapsed = time.perf_counter() - self.start
     self.bar.set_postfix(tok_s=f"{self.stats.tokens_generated / elapsed:.1f}")

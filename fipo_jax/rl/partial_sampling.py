@@ -1,0 +1,172 @@
+"""The engine side of partial rollouts: `rl/partial.py`'s scheduler on the real sampler.
+
+`PartialRollouts` (held by the trainer's Env in rollout.mode='partial') plugs into
+`rollout.collect` in place of its synchronous dynamic sampling; `EngineBackend` runs a round's
+requests through the engine's continuous-batching loop (`sampling.batching.Loop`, driven as
+`sampling.driver.run` drives it) and stops it when the scheduler says the batch is full; the
+score function turns finished groups into scored `Rollouts`. Also the trainer's hooks:
+`correction` (the staleness IS weights' mode) and `correction_metrics`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fipo_jax import seeds
+from fipo_jax.rl import partial, scoring
+from fipo_jax.rl import rollout as rollout_lib
+from fipo_jax.sampling import batching
+
+
+@dataclasses.dataclass
+class EngineBackend:
+  """Samples a round's unfinished requests with the engine (partial.Backend)."""
+
+  engine: Any
+  params: Any  # in the sampler's layout (engine.load_params)
+  sampling: Any
+  eos_ids: Sequence[int]
+  max_len: int  # rl.max_response_length: a response's whole budget
+  n: int
+  seed: int  # the run's seed
+  step: int
+  refill_fraction: float
+
+  def run(self, groups: Sequence[partial.Group], *, version: int, seed_round: int,
+          on_done: Callable[[list[int]], bool]) -> batching.SamplerStats:
+    """One round. Fresh requests of a group share one prefill of its prompt (entry = the
+    group's position when nothing resumes, so a round of new groups is sync's round); a request
+    with tokens resumes alone from its prompt + tokens, with the budget it has left."""
+    prompts, budgets, requests, owner = [], [], [], []
+    for gi, g in enumerate(groups):
+      for s, r in enumerate(g.requests):
+        if r.tokens.size and not r.done:  # resumed: re-prefill the prefix under `version`
+          owner.append({0: (gi, s)})
+          prompts.append(np.concatenate([g.example["prompt_ids"], r.tokens]).astype(np.int32))
+          budgets.append([self.max_len - r.tokens.size])
+          requests.append((len(prompts) - 1, 0))
+    for gi, g in enumerate(groups):
+      fresh = [s for s, r in enumerate(g.requests) if not r.tokens.size and not r.done]
+      if fresh:
+        owner.append({s: (gi, s) for s in fresh})
+        prompts.append(np.asarray(g.example["prompt_ids"], np.int32))
+        budgets.append([self.max_len] * self.n)
+        requests += [(len(prompts) - 1, s) for s in fresh]
+    loop = batching.Loop(self.engine, prompts, n=self.n, budgets=budgets,
+                         stops=frozenset(int(i) for i in self.eos_ids), mode="continuous",
+                         share_prefill=True, refill_fraction=self.refill_fraction, overlap=True,
+                         progress=False, requests=requests)  # as driver.run's defaults
+    seed = seeds.seed_for(self.seed, "sampling", self.step, seed_round)
+
+    def apply(samples: Sequence[batching.Sample]) -> list[int]:
+      """Extends the requests; returns the groups they finished (in order)."""
+      finished = set()
+      for smp in samples:
+        gi, s = owner[smp.prompt_index][smp.sample_index]
+        reason = None if smp.finish_reason == "aborted" else smp.finish_reason
+        groups[gi].requests[s].extend(smp.response_ids, smp.response_logprobs, version, reason)
+        if reason is not None and groups[gi].done:
+          finished.add(gi)
+      return sorted(finished)
+
+    seen = 0
+    while loop.unplaced() or loop.busy():  # driver.run's loop, with a stop after each call
+      if loop.unplaced() and loop.may_fill():
+        loop.fill(self.params, seed=seed, sampling=self.sampling)
+      loop.step(self.params, sampling=self.sampling)
+      finished, seen = apply(loop.done[seen:]), len(loop.done)
+      if finished and on_done(finished):
+        aborted = loop.abort()
+        finished, seen = apply(loop.done[seen:]), len(loop.done)  # done in the last call
+        if finished:
+          on_done(finished)
+        apply(aborted)
+        return loop.result().stats
+    loop.drain()
+    finished = apply(loop.done[seen:])
+    if finished:
+      on_done(finished)
+    return loop.result().stats
+
+
+def score_groups(sampler: scoring.Sampler, filter_enable: bool, metric: str
+                 ) -> partial.ScoreFn:
+  """Scores finished groups together (one verifier batch): each gets its Rollouts and keep."""
+
+  def score(groups: Sequence[partial.Group]) -> None:
+    samples = [batching.Sample(i, s, np.asarray(g.example["prompt_ids"], np.int32), r.tokens,
+                               r.log_probs, r.finish_reason, int(r.tokens.size))
+               for i, g in enumerate(groups) for s, r in enumerate(g.requests)]  # fmt: skip
+    r = scoring.make_rollouts(sampler.tokenizer, sampler.reward_cfg,
+                              [g.example for g in groups], samples)
+    keep = rollout_lib.kept_groups(r, metric) if filter_enable else np.ones(len(r), bool)
+    for i, g in enumerate(groups):
+      rows = np.flatnonzero(r.group_ids == i)
+      g.scored, g.keep = r.select(rows), bool(keep[rows].all())
+
+  return score
+
+
+@dataclasses.dataclass
+class PartialRollouts:
+  """rollout.mode='partial': the groups in flight, and the step's dynamic sampling."""
+
+  carry: partial.Carry = dataclasses.field(default_factory=partial.Carry)
+
+  def clear(self) -> int:
+    return self.carry.clear()
+
+  def dynamic_sampling(self, rc, sampler: scoring.Sampler, data, params, step: int
+                       ) -> tuple[rollout_lib.DynamicSamplingResult, dict[str, Any]]:
+    """`rollout._dynamic_sampling`'s contract, with groups carried across steps."""
+    rl = rc.rl
+    backend = EngineBackend(sampler.engine, sampler.engine.load_params(params), sampler.method,
+                            sampler.eos_ids, rl.max_response_length, rl.n, rc.seed, step,
+                            rc.sampling.refill_fraction)
+    res = self.carry.step(backend, score_groups(sampler, rl.filter_groups_enable,
+                                                rl.filter_groups_metric),
+                          data.next_batch, step=step, eta=rc.rollout.max_staleness, n=rl.n,
+                          train_batch_size=rl.train_batch_size, gen_batch_size=rl.gen_batch_size,
+                          max_num_gen_batches=rl.max_num_gen_batches,
+                          min_prompts=rl.ppo_mini_batch_size)
+    if res.groups:
+      rollouts = scoring.Rollouts.concat([g.scored for g in res.groups])
+      rollouts.group_ids = np.repeat(np.arange(len(res.groups), dtype=np.int64), rl.n)
+    else:
+      rollouts = _empty_rollouts()
+    stats = res.sampler_stats
+    sampled = {
+      "tokens": sum(s.tokens_generated for s in stats), "stats": stats,
+      # every group scored in this step (or, when carried groups filled it, the batch's)
+      "acc": [g.scored.acc for g in res.scored or res.groups] or [np.zeros(0, bool)],
+      "scored": sum(g.scored.scored_here for g in res.scored), "metrics": res.metrics,
+    }
+    return rollout_lib.DynamicSamplingResult(rollouts, res.num_gen_batches, len(res.groups),
+                                             res.round_stats), sampled
+
+
+def _empty_rollouts() -> scoring.Rollouts:
+  f32 = np.zeros(0, np.float32)
+  return scoring.Rollouts([], [], [], [], np.zeros(0, np.int64), f32, f32, np.zeros(0, bool), [],
+                          np.zeros(0, bool))
+
+
+def correction(rc) -> tuple[str, float]:
+  """(mode, threshold) of the IS weights the trainer's old-log-prob pass puts on the loss:
+  rl.rollout_is's, or in partial mode rollout.staleness_is's min(pi_prox / pi_behav, thr)."""
+  mode = rc.rollout.staleness_is if rc.rollout.mode == "partial" else rc.rl.rollout_is
+  return mode, rc.rl.rollout_is_threshold
+
+
+def correction_metrics(stats: Sequence[dict], mode: str) -> dict[str, float]:
+  """Partial mode: the share of tokens whose IS weight was truncated and the token mean of
+  |lp_prox - lp_behav| over the step's batches (`rollout_correction.batch_stats`)."""
+  n_tok = max(sum(float(s["n_tok"]) for s in stats), 1.0)
+  out = {"rollout/abs_log_ratio_mean": sum(float(s["abs_log_ratio_sum"]) for s in stats) / n_tok}
+  if mode != "sequence":
+    out["rollout/is_truncated_frac"] = sum(float(s["is_high"]) for s in stats) / n_tok
+  return out

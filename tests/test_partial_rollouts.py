@@ -1,0 +1,78 @@
+"""Partial rollouts (rollout.mode='partial') in the real trainer, on tiny_cpu's stored warm start.
+
+eta = 0 is the synchronous run bit for bit; with eta in {1, 2} groups carry over (staleness > 0
+is logged) while FIPO's raw influence weights stay exactly 1 on mini-batch 1, because the old
+log-probs are the trainer's recompute at step start; under bypass (the sampler's log-probs as
+the old ones) they are not.
+"""
+
+import conftest
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny_cpu
+from fipo_jax import config as config_lib
+from fipo_jax.rl import setup as setup_lib
+from fipo_jax.rl import trainer
+
+MB1 = "actor/influence_weights_mean_raw/mb1"
+
+
+def _run(workdir, steps: int, **rollout) -> tuple[dict, list[dict]]:
+  """`steps` tiny_cpu RL steps from the stored warm start: (params as numpy, per-step metrics).
+  `rollout`: rollout.* values, plus `bypass=True` for rl.old_log_prob_source='sampler'."""
+  conftest.write_tiny_cpu_sft_cache(workdir)
+  config = tiny_cpu.get_config()
+  config.eval_every = 0
+  config.checkpoint_every = 0
+  if rollout.pop("bypass", False):
+    config.rl.old_log_prob_source = "sampler"
+    config.rl.mismatch_metrics_every = 0
+    config.rollout.staleness_is = "none"
+  for key, value in rollout.items():
+    config.rollout[key] = value
+  rc = config_lib.validate(config, num_devices=jax.device_count())
+  env, state = trainer.build(rc, str(workdir))
+  loop = trainer._Loop.open(rc, env, trainer._StopRequested())
+  state = loop.initial_state(state)
+  loop.ckpt.close()
+  loop.writer.close()
+  jitted = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
+                               env.opt_sharding)
+  history = []
+  for _ in range(steps):
+    state, metrics = trainer.rl_step(rc, env, jitted, state)
+    history.append(metrics)
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)), history
+
+
+@pytest.mark.slow  # two 3-step tiny_cpu runs
+def test_eta0_partial_is_the_sync_run_bit_for_bit(tmp_path):
+  sync, _ = _run(tmp_path / "sync", 3)
+  part, hist = _run(tmp_path / "partial", 3, mode="partial", max_staleness=0)
+  assert all(m["rollout/staleness_max"] == 0 for m in hist)
+  flat_sync, flat_part = jax.tree.leaves(sync), jax.tree.leaves(part)
+  assert len(flat_sync) == len(flat_part)
+  for a, b in zip(flat_sync, flat_part, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # two 3-step tiny_cpu runs
+@pytest.mark.parametrize("eta", [1, 2])
+def test_influence_weights_are_one_on_mb1_under_staleness(tmp_path, eta):
+  _, hist = _run(tmp_path, 3, mode="partial", max_staleness=eta)
+  assert max(m["rollout/staleness_max"] for m in hist) >= 1  # groups really carried over
+  assert all(m["rollout/staleness_max"] <= eta for m in hist)
+  assert all(m[MB1] == 1.0 for m in hist), [m[MB1] for m in hist]
+  assert any(m["rollout/abs_log_ratio_mean"] > 0 for m in hist)
+  assert all(0.0 <= m["rollout/is_truncated_frac"] <= 1.0 for m in hist)
+
+
+@pytest.mark.slow  # one 3-step tiny_cpu run
+def test_bypass_moves_mb1_weights_under_staleness(tmp_path):
+  _, hist = _run(tmp_path, 3, mode="partial", max_staleness=1, bypass=True)
+  stale = [m for m in hist if m["rollout/staleness_max"] >= 1]
+  assert stale, "no step trained on carried-over groups"
+  assert all(m[MB1] != 1.0 for m in stale), [m[MB1] for m in stale]

@@ -1,0 +1,112 @@
+"""The partial-rollout scheduler (fipo_jax/rl/partial.py) over 50 cheap RL steps, with a fake
+sampler: long-tailed response lengths, a fixed number of slots, a few tokens per device call.
+
+The lag of every admitted response never exceeds eta, groups are admitted whole and once, and
+with eta >= 1 groups really carry over (and the stalest are dropped)."""
+
+import numpy as np
+import pytest
+
+from fipo_jax.rl import partial
+
+N, TRAIN, GEN, SLOTS, PER_CALL, CAP = 4, 4, 8, 12, 8, 512
+
+
+class FakeBackend:
+  """Each request has a log-normal target length (median 30, cap 512); a call gives every
+  request in one of SLOTS slots (oldest groups first) PER_CALL more tokens."""
+
+  def __init__(self):
+    self.rng = np.random.default_rng(0)
+    self.target: dict[tuple[int, int], int] = {}
+    self.calls = 0
+
+  def length(self, g: partial.Group, s: int) -> int:
+    key = (g.example["id"], s)
+    if key not in self.target:
+      self.target[key] = int(min(CAP, max(1, self.rng.lognormal(np.log(30), 1.0))))
+    return self.target[key]
+
+  def run(self, groups, *, version, seed_round, on_done):
+    del seed_round
+    while True:
+      todo = [(gi, s) for gi, g in enumerate(groups) for s, r in enumerate(g.requests)
+              if not r.done][:SLOTS]  # fmt: skip
+      if not todo:
+        return {"calls": self.calls}
+      self.calls += 1
+      finished = []
+      for gi, s in todo:
+        g = groups[gi]
+        r = g.requests[s]
+        k = min(PER_CALL, self.length(g, s) - r.tokens.size)
+        done = r.tokens.size + k == self.length(g, s)
+        r.extend(np.full(k, 7), np.full(k, -1.0), version, "stop" if done else None)
+        if done and g.done:
+          finished.append(gi)
+      if finished and on_done(sorted(finished)):
+        return {"calls": self.calls}
+
+
+def _score(groups):
+  for g in groups:
+    g.scored, g.keep = g.example["id"], g.example["id"] % 3 != 0  # a third fail the filter
+
+
+def _draw():
+  counter = iter(range(10**6))
+  return lambda k: [{"id": next(counter), "prompt_ids": np.arange(5)} for _ in range(k)]
+
+
+def _steps(eta: int, steps: int = 50):
+  carry, backend, draw = partial.Carry(), FakeBackend(), _draw()
+  for step in range(steps):
+    res = carry.step(backend, _score, draw, step=step, eta=eta, n=N, train_batch_size=TRAIN,
+                     gen_batch_size=GEN, max_num_gen_batches=0, min_prompts=2)
+    yield step, res, carry, backend
+
+
+@pytest.mark.parametrize("eta", [0, 1, 2])
+def test_lag_never_exceeds_eta_and_groups_are_admitted_whole_once(eta):
+  seen: set[int] = set()
+  lags, dropped, carried = [], 0, 0
+  for step, res, carry, backend in _steps(eta):
+    assert len(res.groups) == TRAIN
+    for g in res.groups:
+      assert g.example["id"] not in seen  # admitted once
+      seen.add(g.example["id"])
+      assert len(g.requests) == N and g.done and g.keep  # whole, finished, passing
+      for s, r in enumerate(g.requests):
+        assert r.tokens.size == backend.target[(g.example["id"], s)]  # none lost on a resume
+        assert np.all(np.diff(r.versions) >= 0) and r.versions.max() <= step
+      lag = g.lag(step)
+      assert 0 <= lag <= eta, (step, lag)
+      lags.append(lag)
+    assert res.metrics["rollout/staleness_max"] == max(g.lag(step) for g in res.groups)
+    for g in carry.groups:  # nothing admitted stays in flight
+      assert g.example["id"] not in seen
+    dropped += res.metrics["rollout/dropped_stale_groups"]
+    carried += res.metrics["rollout/carried_groups"]
+  if eta == 0:
+    assert max(lags) == 0
+  else:
+    assert max(lags) == eta and carried > 0  # stale groups were trained on, up to eta
+  if eta == 1:
+    assert dropped > 0  # the long tail outlives eta: dropped whole
+
+
+def test_eta0_runs_every_round_to_its_end():
+  """eta = 0: no carried group could ever be admitted, so nothing stops early, and the only
+  groups left in flight are finished passing ones beyond the batch (then dropped as stale)."""
+  for _, res, carry, _ in _steps(0, steps=10):
+    assert all(g.done for g in carry.groups)
+    assert res.metrics["rollout/resumed_requests"] == 0
+
+
+def test_clear_drops_everything_in_flight():
+  steps = _steps(1, steps=3)
+  for _, _, carry, _ in steps:
+    pass
+  assert carry.groups
+  n = len(carry.groups)
+  assert carry.clear() == n and carry.groups == []
