@@ -6,6 +6,12 @@ log-probs are the trainer's recompute at step start; under bypass (the sampler's
 the old ones) they are not.
 """
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import conftest
 import jax
 import numpy as np
@@ -18,6 +24,7 @@ from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import trainer
 
 MB1 = "actor/influence_weights_mean_raw/mb1"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(workdir, steps: int, **rollout) -> tuple[dict, list[dict]]:
@@ -76,3 +83,40 @@ def test_bypass_moves_mb1_weights_under_staleness(tmp_path):
   stale = [m for m in hist if m["rollout/staleness_max"] >= 1]
   assert stale, "no step trained on carried-over groups"
   assert all(m[MB1] != 1.0 for m in stale), [m[MB1] for m in stale]
+
+
+def _cli(workdir, *overrides: str) -> list[dict]:
+  """`python -m fipo_jax.main --config configs/tiny_cpu.py --config.rollout.mode=partial
+  --config.rollout.max_staleness=1` (the README's command) from the stored warm start, on one
+  device (bitwise reproducible across processes), no evals; returns metrics.jsonl's rows."""
+  conftest.write_tiny_cpu_sft_cache(workdir)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
+         "--config.rollout.mode=partial", "--config.rollout.max_staleness=1",
+         "--workdir", str(workdir), "--config.eval_every=0", *overrides]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # a 3-step CLI run
+def test_readme_partial_command_trains_with_exact_mb1_weights(tmp_path):
+  rows = _cli(tmp_path, "--config.total_steps=3", "--config.checkpoint_every=0")
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(r["rollout/staleness_max"] <= 1 for r in rows)
+  assert any(r["rollout/staleness_max"] == 1 for r in rows)
+  assert all(r[MB1] == 1.0 for r in rows), [r[MB1] for r in rows]
+
+
+@pytest.mark.slow  # 4 + 2 + 2 CLI steps
+def test_resume_at_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+  """In-flight groups are dropped at every checkpoint, in both runs alike."""
+  whole = _cli(tmp_path / "whole", "--config.total_steps=4", "--config.checkpoint_every=2")
+  _cli(tmp_path / "cut", "--config.total_steps=2", "--config.checkpoint_every=2")
+  cut = _cli(tmp_path / "cut", "--config.total_steps=4", "--config.checkpoint_every=2")
+  volatile = ("timing_s/", "perf/")
+  strip = lambda r: {k: v for k, v in r.items() if not k.startswith(volatile)}
+  assert [strip(r) for r in cut] == [strip(r) for r in whole]
+  assert whole[2]["rollout/carried_groups"] == 0  # step 3 starts after the step-2 checkpoint
+  assert any(r["rollout/staleness_max"] == 1 for r in whole)
