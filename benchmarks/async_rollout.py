@@ -46,7 +46,7 @@ from fipo_jax.sampling import params as params_lib  # noqa: E402
 
 FULL = {"n": 8, "train": 8, "gen": 16, "slots": 32, "cap": 512, "median": 30, "sigma": 1.0,
         "prompt": 16, "warmup": 4, "steps": 8, "eta": 1}  # fmt: skip
-QUICK = {**FULL, "train": 2, "gen": 4, "slots": 8, "cap": 64, "median": 8, "warmup": 2,
+QUICK = {**FULL, "train": 2, "gen": 4, "slots": 8, "cap": 32, "median": 8, "warmup": 4,
          "steps": 2}  # fmt: skip
 VOCAB = 256
 _COMPILES = [0]

@@ -28,7 +28,8 @@ from fipo_jax import recipes
 from fipo_jax.config_schema import Section
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "fipo_jax"
-SCHEMA_MODULES = ("config.py", "config_mesh.py", "config_rl.py", "config_schema.py")
+SCHEMA_MODULES = ("config.py", "config_mesh.py", "config_rl.py", "config_rollout.py",
+                  "config_schema.py")
 # Consumed by validation itself, which turns them into a field that code reads.
 CONSUMED_BY_VALIDATION = {
   ("model", "preset_overrides"): "merged into model.overrides (on the preset only)",

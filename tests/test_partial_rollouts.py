@@ -89,7 +89,8 @@ def _cli(workdir, *overrides: str) -> list[dict]:
   """`python -m fipo_jax.main --config configs/tiny_cpu.py --config.rollout.mode=partial
   --config.rollout.max_staleness=1` (the README's command) from the stored warm start, on one
   device (bitwise reproducible across processes), no evals; returns metrics.jsonl's rows."""
-  conftest.write_tiny_cpu_sft_cache(workdir)
+  if not (workdir / "sft").exists():  # a resumed run finds it there
+    conftest.write_tiny_cpu_sft_cache(workdir)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
