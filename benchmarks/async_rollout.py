@@ -6,15 +6,18 @@
 The workload: groups of n = 8 responses whose lengths are log-normal (median 30, sigma 1, cap
 512), forced through per-request budgets on a tiny random model without EOS (every response
 is exactly its length); a third of the groups fail the DAPO filter. Each RL step samples until
-train_batch groups pass (rounds of gen_batch groups, the real engine and continuous batching,
-through the scheduler of fipo_jax/rl/partial.py), then runs one jitted update (gradient of the
-batch's sequence log-probs, padded to the cap, and an SGD step), so the next step samples with
-new weights. 'sync' is the scheduler with eta = 0 (every round runs to its end; the trainer
-test pins that to the synchronous run bit for bit); 'partial' stops each step once its batch is
-full, and the unfinished groups resume at the next step by re-prefilling their prefixes (a
-real cost, included). Each mode runs warm-up steps, then is timed over steps that compiled
-nothing (a resumed prefix brings new prefill shapes for a while; steps that compiled are printed
-and left out, both modes alike).
+train groups pass (rounds of gen = 4 x train groups, the FIPO recipe's ratio; the real engine
+and continuous batching, through the scheduler of fipo_jax/rl/partial.py), then runs one
+jitted update whose cost follows the batch's real tokens (gradient of their log-probs packed
+end to end into a fixed buffer, an SGD step), so the next step samples with new weights.
+Partial gains twice: the step stops waiting for the long tail, and passing groups beyond the
+batch carry over instead of being discarded (sync discards them, as verl's DAPO does); the
+sampled tokens per step are printed for both. 'sync' is the scheduler with eta = 0 (every
+round runs to its end; the trainer test pins that to the synchronous run bit for bit);
+'partial' stops each step once its batch is full, and the unfinished groups resume at the next
+step by re-prefilling their prefixes (a real cost, included). Each mode runs warm-up steps,
+then is timed over steps that compiled nothing (a resumed prefix brings new prefill shapes for
+a while; steps that compiled are printed and left out, both modes alike).
 
 The last line of stdout is one JSON object: partial_over_sync (mean sync RL-step time over mean
 partial RL-step time; target >= 1.3), the same ratio for the sampling phase alone, the step
@@ -44,10 +47,11 @@ from fipo_jax.rl import partial, partial_sampling  # noqa: E402
 from fipo_jax.sampling import engine as engine_lib  # noqa: E402
 from fipo_jax.sampling import params as params_lib  # noqa: E402
 
-FULL = {"n": 8, "train": 8, "gen": 16, "slots": 32, "cap": 512, "median": 30, "sigma": 1.0,
-        "prompt": 16, "warmup": 4, "steps": 8, "eta": 1}  # fmt: skip
+# gen = 4 x train, as the FIPO recipe's rl.gen_batch_size / rl.train_batch_size (2048 / 512).
+FULL = {"n": 8, "train": 4, "gen": 16, "slots": 32, "cap": 512, "median": 30, "sigma": 1.0,
+        "prompt": 16, "warmup": 3, "steps": 5, "eta": 1, "row": 512}  # fmt: skip
 QUICK = {**FULL, "train": 2, "gen": 4, "slots": 8, "cap": 32, "median": 8, "warmup": 4,
-         "steps": 2}  # fmt: skip
+         "steps": 2, "row": 64}  # fmt: skip
 VOCAB = 256
 _COMPILES = [0]
 jax.monitoring.register_event_duration_secs_listener(
@@ -81,15 +85,24 @@ def _draw(sizes: dict, rng: np.random.Generator):
   return draw
 
 
+def _rows(sizes: dict) -> int:
+  """Rows of the update's packed buffer: the batch's expected real tokens (prompt + mean
+  log-normal length per response) in rows of `row` tokens, rounded up."""
+  mean = min(sizes["cap"], sizes["median"] * math.exp(sizes["sigma"] ** 2 / 2))
+  return math.ceil(sizes["train"] * sizes["n"] * (sizes["prompt"] + mean) / sizes["row"])
+
+
 def _update_fn(graphdef, sizes: dict):
-  """A training-like update: the gradient of the batch's mean sequence log-prob over
-  [train x n, prompt + cap] tokens (the same shape every step), then an SGD step."""
+  """A training-like update whose cost follows the batch's real tokens, as the trainer's packed
+  layout does: the gradient of the mean log-prob of the batch's tokens packed end to end into
+  a fixed [rows, row] buffer (the shape never changes), then an SGD step."""
 
   def loss(params, ids):
     model = nnx.merge(graphdef, params)
-    s = ids.shape[1]
-    lp = logprob.sequence_log_probs(model, ids, jnp.ones_like(ids), jnp.arange(s)[None, :]
-                                    .repeat(ids.shape[0], 0), num_response_tokens=sizes["cap"])
+    b, s = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(s)[None, :], (b, s))
+    lp = logprob.sequence_log_probs(model, ids, jnp.ones_like(ids), positions,
+                                    num_response_tokens=s - 1)
     return -jnp.mean(lp)
 
   def update(params, ids):
@@ -100,14 +113,13 @@ def _update_fn(graphdef, sizes: dict):
 
 
 def _batch(groups: list[partial.Group], sizes: dict) -> np.ndarray:
-  rows = []
-  for g in groups:
-    for r in g.requests:
-      row = np.zeros(sizes["prompt"] + sizes["cap"], np.int32)
-      seq = np.concatenate([g.example["prompt_ids"], r.tokens])
-      row[: seq.size] = seq
-      rows.append(row)
-  return np.stack(rows)
+  """The batch's prompt + response tokens end to end in the update's [rows, row] buffer
+  (tokens past its end are left out, a shortfall stays 0)."""
+  flat = np.concatenate([np.concatenate([g.example["prompt_ids"], r.tokens])
+                         for g in groups for r in g.requests])  # fmt: skip
+  buf = np.zeros(_rows(sizes) * sizes["row"], np.int32)
+  buf[: min(flat.size, buf.size)] = flat[: buf.size]
+  return buf.reshape(-1, sizes["row"])
 
 
 def run_mode(name: str, eta: int, sizes: dict, engine, params, update, seed: int) -> dict:
@@ -127,6 +139,7 @@ def run_mode(name: str, eta: int, sizes: dict, engine, params, update, seed: int
                      train_batch_size=sizes["train"], gen_batch_size=sizes["gen"],
                      max_num_gen_batches=0, min_prompts=1)
     t_sample = time.perf_counter() - t0
+    tokens = sum(st.tokens_generated for st in res.sampler_stats)
     params = jax.block_until_ready(update(params, _batch(res.groups, sizes)))
     t_step = time.perf_counter() - t0
     m = res.metrics
@@ -135,18 +148,20 @@ def run_mode(name: str, eta: int, sizes: dict, engine, params, update, seed: int
     if step >= sizes["warmup"]:
       compiled += not clean
       if clean:
-        times.append((t_step, t_sample))
+        times.append((t_step, t_sample, tokens))
         lags.append(m["rollout/staleness_max"])
         dropped += m["rollout/dropped_stale_groups"]
-    print(f"{name:7s} step {step:2d} ({note}): {t_step:6.2f} s (sampling {t_sample:5.2f} s), "
+    print(f"{name:7s} step {step:2d} ({note}): {t_step:6.2f} s (sampling {t_sample:5.2f} s, "
+          f"{tokens} tokens), "
           f"staleness max {m['rollout/staleness_max']:.0f}, carried {m['rollout/carried_groups']}"
           f", dropped {m['rollout/dropped_stale_groups']}, in flight "
           f"{m['rollout/in_flight_groups']}", flush=True)
     step += 1
   if not times:
     raise RuntimeError(f"{name}: every step compiled; raise --warmup")
-  return {"step_s": float(np.mean([t for t, _ in times])),
-          "sampling_s": float(np.mean([s for _, s in times])), "timed_steps": len(times),
+  return {"step_s": float(np.mean([t[0] for t in times])),
+          "sampling_s": float(np.mean([t[1] for t in times])),
+          "sampled_tokens": float(np.mean([t[2] for t in times])), "timed_steps": len(times),
           "staleness_max": max(lags), "dropped_stale_groups": dropped,
           "steps_left_out_compiling": compiled}  # fmt: skip
 
@@ -156,9 +171,10 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true", help="smaller shapes: a smoke check")
   ap.add_argument("--eta", type=int, default=None, help="rollout.max_staleness of 'partial'")
   ap.add_argument("--warmup", type=int, default=None, help="untimed steps per mode")
+  ap.add_argument("--gen", type=int, default=None, help="groups per round (default 4 x train)")
   args = ap.parse_args()
   sizes = dict(QUICK if args.quick else FULL)
-  for key in ("eta", "warmup"):
+  for key in ("eta", "warmup", "gen"):
     if getattr(args, key) is not None:
       sizes[key] = getattr(args, key)
   cfg = models.ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -181,7 +197,9 @@ def main() -> None:
   }
   print(f"RL step: sync {sync['step_s']:.2f} s, partial (eta {sizes['eta']}) "
         f"{part['step_s']:.2f} s: partial_over_sync {summary['partial_over_sync']:.2f}x "
-        f"(target >= 1.3); sampling alone {summary['sampling_partial_over_sync']:.2f}x")
+        f"(target >= 1.3); sampling alone {summary['sampling_partial_over_sync']:.2f}x; "
+        f"sampled tokens per step: sync {sync['sampled_tokens']:.0f}, partial "
+        f"{part['sampled_tokens']:.0f}")
   print(json.dumps(summary))
 
 
