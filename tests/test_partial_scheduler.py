@@ -104,9 +104,7 @@ def test_eta0_runs_every_round_to_its_end():
 
 
 def test_clear_drops_everything_in_flight():
-  steps = _steps(1, steps=3)
-  for _, _, carry, _ in steps:
-    pass
+  *_, (_, _, carry, _) = _steps(1, steps=3)
   assert carry.groups
   n = len(carry.groups)
   assert carry.clear() == n and carry.groups == []
