@@ -38,6 +38,7 @@ from fipo_jax import config as config_lib  # noqa: E402
 from fipo_jax import models  # noqa: E402
 from fipo_jax.rl import rollout as rollout_lib  # noqa: E402
 from fipo_jax.rl import setup as setup_lib  # noqa: E402
+from fipo_jax.rl import steps as steps_lib  # noqa: E402
 from fipo_jax.rl import trainer  # noqa: E402
 
 
@@ -86,8 +87,9 @@ def measure(args) -> dict:
   rc = run_config(args)
   with tempfile.TemporaryDirectory() as workdir:
     env, state = setup_lib.build(rc, workdir)
-    steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
-                                env.opt_sharding)  # the trainer's own builder
+    steps = steps_lib.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                                param_sharding=env.param_sharding,
+                                opt_sharding=env.opt_sharding)  # the trainer's own builder
     rollout_lib.collect(
       rc, env.train_sampler(), env.train_data, state.params, 0, mesh=env.mesh,
       update_cfg=env.update_cfg, pad_id=env.pad_id)  # compiles the sampler

@@ -14,15 +14,19 @@ One mini-batch of M sequences becomes, for W batch shards (devices along the bat
 
 Micro-batch membership:
   - fixed (`num_micro` given, verl without dynamic batch size): micro-batch j holds rows
-    j, j + NM, j + 2 NM, ... of the mini-batch, exactly the padded path's `split_micro_batches`,
+    j, j + NM, j + 2 NM, ... of the mini-batch, exactly verl's micro-batch split,
     and slot i of it goes to shard i // ceil(M / NM / W), where the padded layout puts it;
     each (micro-batch, shard) packs its sequences first-fit decreasing into R rows.
   - dynamic (verl's use_dynamic_bsz): all M sequences are packed first-fit decreasing into rows
     of S tokens (a budget of real tokens per device per micro-batch, as verl's
     ppo_max_token_len_per_gpu); row b goes to micro-batch b // W, shard b % W (R = 1).
 
+  - padded (`plan_padded`, rl.use_remove_padding=False): one sequence per row of P + T tokens,
+    the prompt left-padded, the response right-padded (E = R); micro-batches as in fixed mode.
+
 Shapes are static: NM (dynamic mode), R and E are rounded up to `bucket` sizes, so a new length
 mix reuses a compiled step. Padding micro-batches hold no sequence; the train step skips them.
+rl/layouts.py packs a rollout batch on a run's `Layout` with these pieces.
 """
 
 from __future__ import annotations
@@ -160,6 +164,42 @@ def plan_mini_batch(
   return dataclasses.replace(plan, num_micro=num_micro)
 
 
+def plan_padded(
+  prompt_lengths: Sequence[int],
+  response_lengths: Sequence[int],
+  *,
+  num_shards: int,
+  num_micro: int,
+  max_prompt_length: int,
+  max_response_length: int,
+) -> Plan:
+  """The padded layout as a plan: one sequence per row of P + T tokens, its prompt ending at
+  P (left padding) and its response starting there (right padding).
+
+  Micro-batch j is sequences j, j + NM, ... (verl's split); slot (= row) i of it goes to shard
+  i // ceil(M / NM / W), so every shard holds a contiguous share, as the fixed mode above.
+  """
+  prompt_lengths = np.asarray(prompt_lengths, np.int64)
+  m = len(prompt_lengths)
+  if m % num_micro:
+    raise ValueError(f"{m} sequences do not split into {num_micro} equal micro-batches")
+  per_shard = -(-(m // num_micro) // num_shards)
+  k = np.arange(m) // num_micro  # position within the micro-batch
+  return Plan(
+    micro=np.arange(m) % num_micro,
+    shard=k // per_shard,
+    row=k % per_shard,
+    offset=max_prompt_length - prompt_lengths,
+    slot=k % per_shard,
+    lengths=prompt_lengths + np.asarray(response_lengths, np.int64),
+    num_micro=num_micro,
+    rows=per_shard,
+    slots=per_shard,
+    num_shards=num_shards,
+    row_len=max_prompt_length + max_response_length,
+  )
+
+
 def layout_shape(
   plans: Sequence[Plan], *, dynamic: bool, buckets: Sequence[int] = DEFAULT_BUCKETS
 ) -> Shape:
@@ -243,24 +283,6 @@ def from_slots(plan: Plan, y: np.ndarray) -> np.ndarray:
   return np.asarray(y)[plan.micro, plan.shard, plan.slot]
 
 
-def rows_from_slots(seq_index: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """`from_slots` without the plan: seq_index int[NM, W, E] (-1 = empty) says each slot's row."""
-  seq_index, y = np.asarray(seq_index), np.asarray(y)
-  used = seq_index >= 0
-  out = np.zeros((int(used.sum()),) + y.shape[seq_index.ndim :], y.dtype)
-  out[seq_index[used]] = y[used]
-  return out
-
-
-def response_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
-  """The response token ids [NM, W, E, T] of a packed batch (token_index points one before)."""
-  ids = np.asarray(batch["input_ids"])
-  flat = ids.reshape(ids.shape[:2] + (-1,))
-  nxt = np.minimum(np.asarray(batch["token_index"]) + 1, flat.shape[-1] - 1)
-  got = np.take_along_axis(flat[:, :, None, :], nxt.reshape(nxt.shape[:3] + (-1,)), axis=-1)
-  return np.where(np.asarray(batch["response_mask"]) > 0, got, 0)
-
-
 def useful_fraction(plan: Plan, shape: Shape) -> float:
   """Real tokens / tokens the packed layout runs the model on."""
   return float(plan.lengths.sum()) / float(
@@ -284,94 +306,3 @@ def response_arrays(
     lp[i, :n] = np.asarray(x, np.float32)[:n]
   adv = (np.asarray(advantages, np.float32)[:, None] * mask).astype(np.float32)
   return {"response_mask": mask, "old_log_probs": lp, "advantages": adv}
-
-
-def pad_rows(
-  prompts: Sequence[np.ndarray],
-  responses: Sequence[np.ndarray],
-  logprobs: Sequence[np.ndarray],
-  advantages: np.ndarray,
-  *,
-  max_prompt_length: int,
-  max_response_length: int,
-  pad_id: int,
-) -> dict[str, np.ndarray]:
-  """The padded layout: one sequence per row, prompts left-padded to P, responses right-padded
-  to T (S = P + T).
-
-  Returns input_ids/attention_mask/positions int32[B, S] and the response layout f32[B, T] of
-  `response_arrays` (response_mask, old_log_probs, advantages).
-  """
-  b, p, t = len(prompts), max_prompt_length, max_response_length
-  ids = np.full((b, p + t), pad_id, np.int32)
-  attn = np.zeros((b, p + t), np.int32)
-  for i, (pid, rid) in enumerate(zip(prompts, responses, strict=True)):
-    pid = np.asarray(pid, np.int32)[-p:]
-    rid = np.asarray(rid, np.int32)[:t]
-    ids[i, p - len(pid) : p] = pid
-    attn[i, p - len(pid) : p] = 1
-    ids[i, p : p + len(rid)] = rid
-    attn[i, p : p + len(rid)] = 1
-  positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
-  return {"input_ids": ids, "attention_mask": attn, "positions": positions,
-          **response_arrays(responses, logprobs, advantages, t)}
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedRollouts:
-  """Every mini-batch of a rollout batch on one packed layout."""
-
-  batches: list[dict[str, np.ndarray]]  # PackedBatch fields per mini-batch (selected shards)
-  plans: list[Plan]
-  shape: Shape
-
-
-def pack_rollouts(
-  prompts: Sequence[np.ndarray],
-  responses: Sequence[np.ndarray],
-  logprobs: Sequence[np.ndarray],
-  advantages: np.ndarray,
-  *,
-  mini: int,
-  max_prompt_length: int,
-  max_response_length: int,
-  row_len: int,
-  num_shards: int,
-  num_micro: int | None,
-  pad_id: int,
-  shards: slice | None = None,
-) -> PackedRollouts:
-  """Packs R = k * mini sequences, mini-batch by mini-batch, into one shared static Shape.
-
-  Prompts keep their last max_prompt_length tokens and responses their first
-  max_response_length (as `pad_rows`). Every process plans all mini-batches (the
-  plans agree everywhere) and fills only the batch shards `shards` its devices hold.
-  """
-  prompts = [np.asarray(p, np.int32)[-max_prompt_length:] for p in prompts]
-  responses = [np.asarray(r, np.int32)[:max_response_length] for r in responses]
-  lengths = np.asarray([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)])
-  parts = [slice(i, i + mini) for i in range(0, len(prompts), mini)]
-  plans = [
-    plan_mini_batch(lengths[s], num_shards=num_shards, row_len=row_len, num_micro=num_micro)
-    for s in parts
-  ]
-  shape = layout_shape(plans, dynamic=num_micro is None)
-  resp = response_arrays(responses, logprobs, np.asarray(advantages), max_response_length)
-  batches = []
-  for s, plan in zip(parts, plans, strict=True):
-    arrays = pack_tokens(
-      plan,
-      shape,
-      prompts[s],
-      responses[s],
-      response_len=max_response_length,
-      pad_id=pad_id,
-      shards=shards,
-    )
-    for key, value in resp.items():
-      arrays[key] = to_slots(plan, shape, value[s], shards=shards)
-    rows = np.arange(len(plan.lengths), dtype=np.int32)
-    arrays["seq_index"] = to_slots(plan, shape, rows, shards=shards, fill=-1)
-    arrays["seq_mask"] = (arrays["seq_index"] >= 0).astype(np.float32)
-    batches.append(arrays)
-  return PackedRollouts(batches=batches, plans=plans, shape=shape)

@@ -17,8 +17,8 @@ RL step k (1-based, the step metrics.jsonl logs) holds both, and FIPO's weights:
   WORKDIR/influence/step_{k}.npz: every row's weights as arrays [U, M, T] (U updates, M rows
     of a mini-batch) with response_mask, advantages and response_ids [num mini-batches, M, T].
 
-Rows come back from the packed layout through `packed_step.dump_rows`; padded rows are already
-[M, T]. Only process 0 writes (the arrays were gathered on every host).
+Rows come back from the batch layout (padded or packed) through `layouts.dump_rows`. Only
+process 0 writes (the arrays were gathered on every host).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from fipo_jax import paths
-from fipo_jax.rl import packed_step
+from fipo_jax.rl import layouts
 
 DIR = "rollout_data"
 _DIGITS = 6  # decimals kept in the JSONL (float32 log-ratios are ~1e-7 apart near 0)
@@ -44,18 +44,7 @@ def dump_path(workdir: str, step: int) -> str:
 def row_arrays(dumps: Sequence[dict], batches: Sequence[Any]):
   """Per-update dumps and the host mini-batches -> ([U] {key: [M, T]}, [num_mini] {response_mask,
   advantages, response_ids: [M, T]}); update u belongs to mini-batch u % num_mini."""
-  if isinstance(batches[0], packed_step.PackedBatch):
-    return packed_step.dump_rows(list(dumps), list(batches))
-  p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
-  fields = [
-    {
-      "response_mask": np.asarray(b.response_mask),
-      "advantages": np.asarray(b.advantages),
-      "response_ids": np.asarray(b.input_ids)[:, p:],
-    }
-    for b in batches
-  ]
-  return [{k: np.asarray(v) for k, v in d.items()} for d in dumps], fields
+  return layouts.dump_rows(list(dumps), list(batches))
 
 
 def _write_npz(workdir: str, step: int, rows: list[dict], fields: list[dict]) -> None:

@@ -40,7 +40,7 @@ from fipo_jax.rl import evaluation, optimizer, sampler_policy, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import rollout_dump as dump_lib
 from fipo_jax.rl import setup as setup_lib
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import steps as steps_lib
 
 
 class _StopRequested:
@@ -83,8 +83,9 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
   state = loop.initial_state(state)
-  steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
-                              env.opt_sharding)  # the same builder fipo_jax.aot compiles
+  steps = steps_lib.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                              param_sharding=env.param_sharding,
+                              opt_sharding=env.opt_sharding)  # the builder fipo_jax.aot compiles
   last: dict[str, Any] = {}
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env.eval_sampler(), env.val_examples, state.params, step=0)
@@ -267,7 +268,7 @@ def logs_step(rc, done: int, *, evaluated: bool, stopping: bool) -> bool:
   return done % rc.log_every == 0 or evaluated or stopping or done == rc.total_steps
 
 
-def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
+def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: steps_lib.CompiledSteps,
             state: setup_lib.TrainState) -> tuple[setup_lib.TrainState, dict[str, Any]]:
   """RL step `state.step`: collect -> old (and reference) log-probs -> updates -> metrics."""
   t0 = time.perf_counter()
@@ -294,9 +295,9 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
   return state, metrics
 
 
-def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
-               state: setup_lib.TrainState, batches: list[ts.PolicyBatch],
-               metrics: dict[str, Any]) -> tuple[list[ts.PolicyBatch], float]:
+def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: steps_lib.CompiledSteps,
+               state: setup_lib.TrainState, batches: list[steps_lib.Batch],
+               metrics: dict[str, Any]) -> tuple[list[steps_lib.Batch], float]:
   """The step's old log-probs and, with the KL term, the reference's (same jitted pass).
 
   The batches arrive with the sampler's log-probs as old_log_probs. The actor's pass (before
@@ -320,9 +321,9 @@ def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledS
   return out, tokens
 
 
-def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nnx.State,
-                   batches: list[ts.PolicyBatch], metrics: dict[str, Any], tokens: float
-                   ) -> list[ts.PolicyBatch]:
+def _old_log_probs(rc: config_lib.RunConfig, steps: steps_lib.CompiledSteps, params: nnx.State,
+                   batches: list[steps_lib.Batch], metrics: dict[str, Any], tokens: float
+                   ) -> list[steps_lib.Batch]:
   """The actor's pass over the batches: entropy, mismatch metrics against the sampler's
   log-probs, and with rl.old_log_prob_source='trainer' its old log-probs (and rl.rollout_is's
   weights) in the batches."""
@@ -342,8 +343,8 @@ def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nn
   return out
 
 
-def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
-             state: setup_lib.TrainState, batches: list[ts.PolicyBatch], kept: list
+def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: steps_lib.CompiledSteps,
+             state: setup_lib.TrainState, batches: list[steps_lib.Batch], kept: list
              ) -> tuple[setup_lib.TrainState, list[dict[str, Any]]]:
   """rl.ppo_epochs passes over the mini-batches, one optimizer update each. With
   rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
