@@ -4,7 +4,7 @@ one whole RL step's phase split, each attention kernel against its fallback, the
   python benchmarks/gpu_report.py            # on a GPU host (bf16, Qwen2.5-0.5B and 1.5B shapes)
   python benchmarks/gpu_report.py --smoke    # tiny shapes on CPU (the test suite runs this)
 
-- train: the trainer's packed update (`rl.layouts.pack_rollouts` + `rl.steps.train_step`,
+- train: the trainer's packed update (`rl.packing.pack_rollouts` + `rl.steps.train_step`,
   FIPO loss, AdamW) on random Qwen2.5-shaped weights in bf16 compute, once with the platform's
   training kernel (models/kernels.py: 'pallas_flash' on a GPU) and once with the 'blockwise'
   fallback. MFU = model FLOPs per second (6 N per real token for the dense layers, 6 V D per
@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from fipo_jax import models, recipes  # noqa: E402
 from fipo_jax.algo import losses as losses_lib  # noqa: E402
 from fipo_jax.models import kernels, paged  # noqa: E402
-from fipo_jax.rl import layouts, steps  # noqa: E402
+from fipo_jax.rl import packing, steps  # noqa: E402
 from fipo_jax.sampling import driver  # noqa: E402
 from fipo_jax.sampling import engine as engine_lib  # noqa: E402
 from fipo_jax.sampling import params as sampling_params  # noqa: E402
@@ -74,11 +74,11 @@ def _packed_batch(cfg, rng, seqs: int, prompt: int, response: int):
   plen = rng.integers(max(1, prompt // 20), max(2, prompt // 7) + 1, seqs)
   rlen = np.clip(np.round(rng.lognormal(np.log(response / 2) - 0.18, 0.6, seqs)), 1, response)
   ids = lambda n: rng.integers(1, cfg.vocab_size, int(n)).astype(np.int32)
-  out = layouts.pack_rollouts(
+  out = packing.pack_rollouts(
     [ids(n) for n in plen], [ids(n) for n in rlen],
     [-rng.random(int(n)).astype(np.float32) for n in rlen],
     rng.standard_normal(seqs).astype(np.float32), mini=seqs, max_prompt_length=prompt,
-    max_response_length=response, layout=layouts.Layout(prompt + response, None, 1), pad_id=0,
+    max_response_length=response, layout=packing.Layout(prompt + response, None, 1), pad_id=0,
   )  # fmt: skip
   batch = steps.Batch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
   return batch, np.stack([plen, rlen], axis=1).astype(np.int64)

@@ -3,7 +3,7 @@
   python benchmarks/packing.py [--layers 4 --hidden 256 --prompt 256 --response 1792
                                 --batch 16 --repeats 3 --means 0.3 0.5]
 
-The trainer's own code on both sides: `layouts.pack_rollouts` + `steps.train_step` on the padded
+The trainer's own code on both sides: `packing.pack_rollouts` + `steps.train_step` on the padded
 layout (rows of P + T tokens, one sequence each; verl's token budget of one full sequence per
 device per micro-batch means one row per micro-batch) against the same on the packed layout
 (packed rows of the same budget, token-budget micro-batches). Lengths follow the paper's shape
@@ -38,12 +38,12 @@ from flax import nnx  # noqa: E402
 from fipo_jax import models  # noqa: E402
 from fipo_jax.algo import advantages as adv_lib  # noqa: E402
 from fipo_jax.algo import losses as losses_lib  # noqa: E402
-from fipo_jax.rl import layouts, steps  # noqa: E402
+from fipo_jax.rl import packing, steps  # noqa: E402
 
 
 @dataclasses.dataclass
 class _Rollouts:
-  """What layouts.pack_rollouts reads."""
+  """What packing.pack_rollouts reads."""
 
   prompt_ids: list
   response_ids: list
@@ -100,7 +100,7 @@ def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
   opt = tx.init(params)
 
   def pack(layout):
-    return layouts.pack_rollouts(
+    return packing.pack_rollouts(
       r.prompt_ids,
       r.response_ids,
       r.response_logprobs,
@@ -112,9 +112,9 @@ def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
       pad_id=0,
     )
 
-  padded = pack(layouts.Layout(budget, m, 1, padded=True)).batches[0]
+  padded = pack(packing.Layout(budget, m, 1, padded=True)).batches[0]
   padded = steps.Batch(**{k: jnp.asarray(v) for k, v in padded.items()})
-  out = pack(layouts.Layout(budget, None, 1))
+  out = pack(packing.Layout(budget, None, 1))
   packed = steps.Batch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
   (plan,), shape = out.plans, out.shape
 

@@ -15,26 +15,43 @@ import numpy as np
 from flax import nnx
 
 from fipo_jax import models
-from fipo_jax.rl import layouts, steps
+from fipo_jax.rl import packing, rollout_dump, steps
 
 
-def batch(prompts, responses, advantages, *, p: int, t: int, num_micro: int = 1,
-          num_shards: int = 1, logprobs=None, **rows) -> steps.Batch:
+def batch(
+  prompts,
+  responses,
+  advantages,
+  *,
+  p: int,
+  t: int,
+  num_micro: int = 1,
+  num_shards: int = 1,
+  logprobs=None,
+  **rows,
+) -> steps.Batch:
   """A steps.Batch of the padded layout from M prompts and responses (id lists); `rows` are
   more response-layout fields as [M, T] (old_log_probs, ref_log_probs, ...)."""
   if logprobs is None:
     logprobs = [np.zeros(len(r), np.float32) for r in responses]
-  out = layouts.pack_rollouts(
-    prompts, responses, logprobs, np.asarray(advantages, np.float32), mini=len(prompts),
-    max_prompt_length=p, max_response_length=t, pad_id=0,
-    layout=layouts.Layout(p + t, num_micro, num_shards, padded=True))
+  out = packing.pack_rollouts(
+    prompts,
+    responses,
+    logprobs,
+    np.asarray(advantages, np.float32),
+    mini=len(prompts),
+    max_prompt_length=p,
+    max_response_length=t,
+    pad_id=0,
+    layout=packing.Layout(p + t, num_micro, num_shards, padded=True),
+  )
   b = steps.Batch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
   return b.replace(**{k: slots(b, v) for k, v in rows.items()})
 
 
 def rows_of(b: steps.Batch, x) -> np.ndarray:
   """The response layout x [NM, W, E, ...] of batch b -> rows [M, ...] in mini-batch order."""
-  return layouts.rows_from_slots(np.asarray(b.seq_index), np.asarray(x))
+  return rollout_dump.rows_from_slots(np.asarray(b.seq_index), np.asarray(x))
 
 
 def slots(b: steps.Batch, x) -> jax.Array:
@@ -65,12 +82,27 @@ def log_probs(graphdef, params, tokens, *, t: int, cfg: steps.UpdateConfig, entr
   """Oracle response log-probs (, entropy) f32[M, T] of `tokens` = (ids, attention, positions)."""
   ids, attn, pos = tokens
   return models.sequence_log_probs(
-    nnx.merge(graphdef, params), ids, attn, pos, num_response_tokens=t,
-    temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size, return_entropy=entropy)
+    nnx.merge(graphdef, params),
+    ids,
+    attn,
+    pos,
+    num_response_tokens=t,
+    temperature=cfg.temperature,
+    chunk_size=cfg.logprob_chunk_size,
+    return_entropy=entropy,
+  )
 
 
-def micro_loss(params, graphdef, tokens, resp: steps.Responses, *, t: int,
-               cfg: steps.UpdateConfig, scale: float = 1.0):
+def micro_loss(
+  params,
+  graphdef,
+  tokens,
+  resp: steps.Responses,
+  *,
+  t: int,
+  cfg: steps.UpdateConfig,
+  scale: float = 1.0,
+):
   """Oracle loss of one micro-batch of rows, times `scale` (logged losses alike)."""
   need_entropy = cfg.entropy_coeff != 0.0
   out = log_probs(graphdef, params, tokens, t=t, cfg=cfg, entropy=need_entropy)
@@ -80,8 +112,9 @@ def micro_loss(params, graphdef, tokens, resp: steps.Responses, *, t: int,
   return loss * scale, {k: v * scale if k in scaled else v for k, v in metrics.items()}
 
 
-def train_reference(params, graphdef, tokens, resp: steps.Responses, *, t: int,
-                    cfg: steps.UpdateConfig):
+def train_reference(
+  params, graphdef, tokens, resp: steps.Responses, *, t: int, cfg: steps.UpdateConfig
+):
   """Oracle mini-batch: verl's strided micro-batches, each loss / NM, gradients summed and
   metrics averaged. -> (grads, loss, metrics)."""
   nm = cfg.num_micro_batches
@@ -89,10 +122,21 @@ def train_reference(params, graphdef, tokens, resp: steps.Responses, *, t: int,
   total, loss, metrics = None, 0.0, []
   for j in range(nm):
     pick = lambda x, j=j: None if x is None else x[j::nm]
-    part = steps.Responses(*(pick(getattr(resp, f)) for f in (
-      "old_log_probs", "advantages", "response_mask", "ref_log_probs", "rollout_is_weights")))
-    (lj, mj), g = grad(params, graphdef, tuple(x[j::nm] for x in tokens), part, t=t, cfg=cfg,
-                       scale=1.0 / nm)
+    part = steps.Responses(
+      *(
+        pick(getattr(resp, f))
+        for f in (
+          "old_log_probs",
+          "advantages",
+          "response_mask",
+          "ref_log_probs",
+          "rollout_is_weights",
+        )
+      )
+    )
+    (lj, mj), g = grad(
+      params, graphdef, tuple(x[j::nm] for x in tokens), part, t=t, cfg=cfg, scale=1.0 / nm
+    )
     total = g if total is None else jax.tree.map(jnp.add, total, g)
     loss += lj
     metrics.append(mj)

@@ -20,7 +20,7 @@ from fipo_jax import config as config_lib
 from fipo_jax import models, policy, sharding
 from fipo_jax.algo import advantages as adv_lib
 from fipo_jax.algo import losses as losses_lib
-from fipo_jax.rl import layouts, packing, steps
+from fipo_jax.rl import layouts, packing, rollout_dump, steps
 from fipo_jax.rl import setup as setup_lib
 
 P, T, GROUPS, N = 8, 12, 4, 4  # max prompt / response length; M = 16 sequences
@@ -66,17 +66,25 @@ def setup():
     "advantages": adv[:, None] * mask,
     "response_mask": mask,
   }
-  return dict(graphdef=graphdef, params=params, prompts=prompts, responses=responses, adv=adv,
-              tokens=tokens, rows=rows, upd=upd)
+  return dict(
+    graphdef=graphdef,
+    params=params,
+    prompts=prompts,
+    responses=responses,
+    adv=adv,
+    tokens=tokens,
+    rows=rows,
+    upd=upd,
+  )
 
 
 def _resp(s, **changes) -> steps.Responses:
   return steps.Responses(**{k: jnp.asarray(v) for k, v in {**s["rows"], **changes}.items()})
 
 
-def _batch(s, layout: layouts.Layout):
+def _batch(s, layout: packing.Layout):
   """The rollouts on `layout`, old log-probs from the setup -> (Batch, plan, shape)."""
-  out = layouts.pack_rollouts(
+  out = packing.pack_rollouts(
     s["prompts"],
     s["responses"],
     [np.zeros(len(r), np.float32) for r in s["responses"]],
@@ -93,11 +101,11 @@ def _batch(s, layout: layouts.Layout):
 
 
 def _padded(s, num_micro=1, num_shards=1):
-  return _batch(s, layouts.Layout(P + T, num_micro, num_shards, padded=True))
+  return _batch(s, packing.Layout(P + T, num_micro, num_shards, padded=True))
 
 
 def _packed(s, *, row_len, num_micro, num_shards=1):
-  return _batch(s, layouts.Layout(row_len, num_micro, num_shards))
+  return _batch(s, packing.Layout(row_len, num_micro, num_shards))
 
 
 def _assert_same_grads(a, b):
@@ -247,7 +255,7 @@ def test_influence_dump_rows_equal_the_padded_reference(setup, layout):
   r = _resp(s)
   ref = steps.influence_terms(lp, r.old_log_probs, r.advantages, r.response_mask, s["upd"])
   # Two epochs over one mini-batch: every dump maps back through its mini-batch.
-  dumps, (fields,) = layouts.dump_rows([jax.device_get(got)] * 2, [jax.device_get(batch)])
+  dumps, (fields,) = rollout_dump.row_arrays([jax.device_get(got)] * 2, [jax.device_get(batch)])
   mask = s["rows"]["response_mask"] > 0
   for dump in dumps:
     for k, v in ref.items():
@@ -268,7 +276,7 @@ def test_32b_recipe_packed_train_step_builds_abstractly():
   opt = jax.eval_shape(tx.init, abstract)
   mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 64, "tensor": 1})
   upd = setup_lib.update_config(rc, mesh, rc.data.max_prompt_length + rc.rl.max_response_length)
-  assert layouts.for_run(rc, mesh, upd) == layouts.Layout(22528, None, 64)
+  assert layouts.for_run(rc, mesh, upd) == packing.Layout(22528, None, 64)
   # 1024 responses of ~8k tokens on 64 chips: ~6 rows of 22528 tokens per chip.
   shape = packing.Shape(num_micro=8, num_shards=64, rows=1, slots=4, row_len=22528)
   batch = layouts.abstract_batch(shape, rc.rl.max_response_length)

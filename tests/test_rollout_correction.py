@@ -31,7 +31,7 @@ from fipo_jax import models, recipes
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.algo import rollout_correction as rc_lib
 from fipo_jax.config_schema import ConfigError
-from fipo_jax.rl import packing, sampler_policy, steps, trainer
+from fipo_jax.rl import log_probs, packing, sampler_policy, steps
 from fipo_jax.rl import setup as setup_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -361,7 +361,7 @@ def _run_log_probs(step: int, **rl):
   fake, metrics = _FakeSteps(), {}
   env = types.SimpleNamespace(ref_params=None)
   state = setup_lib.TrainState(params=None, opt_state=None, step=step)
-  out, tokens = trainer._log_probs(rc, env, fake, state, batches, metrics)  # noqa: SLF001
+  out, tokens = log_probs.compute(rc, env, fake, state, batches, metrics)
   assert tokens == 2 * mask.sum()
   return batches, out, fake.calls, metrics
 

@@ -1,6 +1,6 @@
 """rl/rollout_dump.py: the per-step JSONL from padded and from packed mini-batches.
 
-Rollouts of known lengths go through the real layouts (layouts.pack_rollouts, padded and packed);
+Rollouts of known lengths go through the real layouts (packing.pack_rollouts, padded and packed);
 the influence dumps hold a value that names (update, row, position), so every JSON list must
 come back to its own response, update and token, under the row cap.
 """
@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from fipo_jax.rl import layouts, rollout_dump, scoring, steps
+from fipo_jax.rl import packing, rollout_dump, scoring, steps
 
 P, T, MINI, NUM_MINI, EPOCHS = 6, 7, 4, 3, 2
 
@@ -50,9 +50,9 @@ def _value(u: int, row, t):
   return 100.0 * u + row + t / 10.0
 
 
-def _batches(r, adv, layout: layouts.Layout):
+def _batches(r, adv, layout: packing.Layout):
   """The mini-batches on `layout` and a fake influence step whose value names its token."""
-  packed = layouts.pack_rollouts(
+  packed = packing.pack_rollouts(
     r.prompt_ids,
     r.response_ids,
     r.response_logprobs,
@@ -75,11 +75,11 @@ def _batches(r, adv, layout: layouts.Layout):
 
 
 def _padded(r, adv):
-  return _batches(r, adv, layouts.Layout(P + T, 2, num_shards=2, padded=True))
+  return _batches(r, adv, packing.Layout(P + T, 2, num_shards=2, padded=True))
 
 
 def _packed(r, adv):
-  return _batches(r, adv, layouts.Layout(P + T + 3, None, num_shards=2))
+  return _batches(r, adv, packing.Layout(P + T + 3, None, num_shards=2))
 
 
 @pytest.mark.parametrize("layout", [_padded, _packed], ids=["padded", "packed"])

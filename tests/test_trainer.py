@@ -12,7 +12,7 @@ from configs import fipo_qwen2_5_32b, tiny_cpu
 from fipo_jax import aot_batches, models
 from fipo_jax import config as config_lib
 from fipo_jax import policy as policy_lib
-from fipo_jax.rl import layouts, optimizer, scoring, steps
+from fipo_jax.rl import layouts, optimizer, packing, scoring, steps
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
@@ -88,10 +88,10 @@ def test_padded_layout_is_one_sequence_per_row():
   r.prompt_ids = [np.array([7, 8, 9], np.int32), np.array([5], np.int32)]
   r.response_ids = [np.array([1, 2], np.int32), np.array([3, 4, 6, 2], np.int32)]
   r.response_logprobs = [np.array([-1, -2], np.float32), np.array([-3, -4, -5, -6], np.float32)]
-  packed = layouts.pack_rollouts(
+  packed = packing.pack_rollouts(
     r.prompt_ids, r.response_ids, r.response_logprobs, np.array([0.5, -0.5], np.float32), mini=2,
     max_prompt_length=4, max_response_length=3, pad_id=0,
-    layout=layouts.Layout(7, num_micro=1, num_shards=1, padded=True))
+    layout=packing.Layout(7, num_micro=1, num_shards=1, padded=True))
   out = {k: v[0, 0] for k, v in packed.batches[0].items()}  # micro-batch 0, shard 0
   np.testing.assert_array_equal(out["input_ids"], [[0, 7, 8, 9, 1, 2, 0], [0, 0, 0, 5, 3, 4, 6]])
   np.testing.assert_array_equal(out["segment_ids"], [[0, 1, 1, 1, 1, 1, 0],
@@ -147,10 +147,10 @@ def test_32b_recipe_batch_arithmetic():
 
 def test_padded_micro_batches_split_strided():
   """verl's split: micro-batch j holds rows j, j + NM, ...; each shard a contiguous share."""
-  packed = layouts.pack_rollouts(
+  packed = packing.pack_rollouts(
     [np.array([i], np.int32) for i in range(12)], [np.array([1], np.int32)] * 12,
     [np.zeros(1, np.float32)] * 12, np.zeros(12, np.float32), mini=12, max_prompt_length=1,
-    max_response_length=2, pad_id=0, layout=layouts.Layout(3, 3, num_shards=2, padded=True))
+    max_response_length=2, pad_id=0, layout=packing.Layout(3, 3, num_shards=2, padded=True))
   index = packed.batches[0]["seq_index"]
   assert index.shape == (3, 2, 2)  # [NM, W, E]
   np.testing.assert_array_equal(index[0], [[0, 3], [6, 9]])  # rows 0, 3 | 6, 9

@@ -26,7 +26,7 @@ Micro-batch membership:
 
 Shapes are static: NM (dynamic mode), R and E are rounded up to `bucket` sizes, so a new length
 mix reuses a compiled step. Padding micro-batches hold no sequence; the train step skips them.
-rl/layouts.py packs a rollout batch on a run's `Layout` with these pieces.
+`pack_rollouts` packs a rollout batch on a `Layout` (rl/layouts.py: a run's).
 """
 
 from __future__ import annotations
@@ -100,6 +100,25 @@ class Shape:
   row_len: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The packer's settings for a run's mini-batches (`layouts.for_run` builds a run's).
+
+  padded: one sequence per row of row_len = P + T tokens (rl.use_remove_padding=False), the
+  fixed micro-batches of `num_micro`; else packed rows of row_len tokens, num_micro None for
+  token-budget micro-batches (verl's use_dynamic_bsz).
+  """
+
+  row_len: int
+  num_micro: int | None
+  num_shards: int
+  padded: bool = False
+
+  def __post_init__(self):
+    if self.padded and self.num_micro is None:
+      raise ValueError("the padded layout has fixed micro-batches (num_micro)")
+
+
 def _place(
   groups: list[tuple[int, int, list[int]]], lengths: np.ndarray, row_len: int, num_shards: int
 ) -> Plan:
@@ -171,16 +190,19 @@ def plan_padded(
   num_shards: int,
   num_micro: int,
   max_prompt_length: int,
-  max_response_length: int,
+  row_len: int,
 ) -> Plan:
-  """The padded layout as a plan: one sequence per row of P + T tokens, its prompt ending at
+  """The padded layout as a plan: one sequence per row (of row_len = P + T), its prompt ending at
   P (left padding) and its response starting there (right padding).
 
   Micro-batch j is sequences j, j + NM, ... (verl's split); slot (= row) i of it goes to shard
   i // ceil(M / NM / W), so every shard holds a contiguous share, as the fixed mode above.
   """
   prompt_lengths = np.asarray(prompt_lengths, np.int64)
+  lengths = prompt_lengths + np.asarray(response_lengths, np.int64)
   m = len(prompt_lengths)
+  if m and (max_prompt_length + lengths - prompt_lengths).max() > row_len:
+    raise ValueError(f"a padded row of {row_len} tokens cannot hold P + a response")
   if m % num_micro:
     raise ValueError(f"{m} sequences do not split into {num_micro} equal micro-batches")
   per_shard = -(-(m // num_micro) // num_shards)
@@ -191,12 +213,12 @@ def plan_padded(
     row=k % per_shard,
     offset=max_prompt_length - prompt_lengths,
     slot=k % per_shard,
-    lengths=prompt_lengths + np.asarray(response_lengths, np.int64),
+    lengths=lengths,
     num_micro=num_micro,
     rows=per_shard,
     slots=per_shard,
     num_shards=num_shards,
-    row_len=max_prompt_length + max_response_length,
+    row_len=row_len,
   )
 
 
@@ -306,3 +328,70 @@ def response_arrays(
     lp[i, :n] = np.asarray(x, np.float32)[:n]
   adv = (np.asarray(advantages, np.float32)[:, None] * mask).astype(np.float32)
   return {"response_mask": mask, "old_log_probs": lp, "advantages": adv}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRollouts:
+  """Every mini-batch of a rollout batch on one packed layout."""
+
+  batches: list[dict[str, np.ndarray]]  # steps.Batch fields per mini-batch (selected shards)
+  plans: list[Plan]
+  shape: Shape
+  useful: float  # real tokens / tokens the model runs on, over the mini-batches
+
+
+def _plan(layout: Layout, prompt_lengths, response_lengths, max_prompt_length: int) -> Plan:
+  """The plan of one mini-batch of (prompt, response) lengths int[M] on `layout`."""
+  kw = dict(num_shards=layout.num_shards, num_micro=layout.num_micro, row_len=layout.row_len)
+  if layout.padded:
+    return plan_padded(prompt_lengths, response_lengths, max_prompt_length=max_prompt_length, **kw)
+  return plan_mini_batch(prompt_lengths + response_lengths, **kw)
+
+
+def pack_rollouts(
+  prompts: Sequence[np.ndarray],
+  responses: Sequence[np.ndarray],
+  logprobs: Sequence[np.ndarray],
+  advantages: np.ndarray,
+  *,
+  mini: int,
+  max_prompt_length: int,
+  max_response_length: int,
+  layout: Layout,
+  pad_id: int,
+  shards: slice | None = None,
+) -> PackedRollouts:
+  """Packs R = k * mini sequences, mini-batch by mini-batch, into one shared static Shape.
+
+  Prompts keep their last max_prompt_length tokens and responses their first
+  max_response_length. Every process plans all mini-batches (the plans agree everywhere) and
+  fills only the batch shards `shards` its devices hold. The padded layout's shape is exact
+  (R = E = its rows per shard), a packed one's is bucketed.
+  """
+  prompts = [np.asarray(p, np.int32)[-max_prompt_length:] for p in prompts]
+  responses = [np.asarray(r, np.int32)[:max_response_length] for r in responses]
+  plen, rlen = (np.asarray([len(x) for x in xs], np.int64) for xs in (prompts, responses))
+  parts = [slice(i, i + mini) for i in range(0, len(prompts), mini)]
+  plans = [_plan(layout, plen[s], rlen[s], max_prompt_length) for s in parts]
+  buckets = () if layout.padded else DEFAULT_BUCKETS
+  shape = layout_shape(plans, dynamic=layout.num_micro is None, buckets=buckets)
+  resp = response_arrays(responses, logprobs, np.asarray(advantages), max_response_length)
+  batches = []
+  for s, plan in zip(parts, plans, strict=True):
+    arrays = pack_tokens(
+      plan,
+      shape,
+      prompts[s],
+      responses[s],
+      response_len=max_response_length,
+      pad_id=pad_id,
+      shards=shards,
+    )
+    for key, value in resp.items():
+      arrays[key] = to_slots(plan, shape, value[s], shards=shards)
+    rows = np.arange(len(plan.lengths), dtype=np.int32)
+    arrays["seq_index"] = to_slots(plan, shape, rows, shards=shards, fill=-1)
+    arrays["seq_mask"] = (arrays["seq_index"] >= 0).astype(np.float32)
+    batches.append(arrays)
+  useful = float(np.mean([useful_fraction(p, shape) for p in plans]))
+  return PackedRollouts(batches=batches, plans=plans, shape=shape, useful=useful)

@@ -157,7 +157,9 @@ def collect(rc: config_lib.RunConfig, sampler: scoring.Sampler, data, params: nn
   metrics.update({
     "train/kept_acc_mean": float(np.mean(r.acc)),
     "critic/score/mean": float(np.mean(r.scores)),
-    "critic/advantages/mean": _token_mean(r, adv, packed, rc.rl.max_response_length),
+    "critic/advantages/mean": metrics_lib.advantage_token_mean(
+      adv, np.minimum(lengths, rc.rl.max_response_length),
+      packed if jax.process_count() == 1 else None),  # one process holds every row
     "reward/errors": int(r.reward_errors),
     "reward/overlong_frac": float(np.mean(r.overlong)),
     "train/num_prompts_kept": res.num_prompts_kept,
@@ -211,17 +213,3 @@ def _sampler_perf(stats: Sequence[batching.SamplerStats]) -> dict[str, float]:
     "perf/sampler_device_busy": sum(s.device_time_s for s in stats) / max(wall, 1e-9),
     "perf/sampler_slot_utilisation": sum(s.active_slot_steps for s in stats) / max(slot_steps, 1),
   }
-
-
-def _token_mean(r: scoring.Rollouts, adv: np.ndarray, packed: dict[str, np.ndarray],
-                max_len: int) -> float:
-  """The token-mean advantage of the whole batch.
-
-  One process holds every row and reads its packed arrays; on several, each holds a share of
-  the rows, so the global number comes from the [B] rollouts every host has.
-  """
-  if jax.process_count() == 1:
-    mask = packed["response_mask"]
-    return float(np.sum(packed["advantages"] * mask) / max(mask.sum(), 1.0))
-  lengths = np.asarray([min(len(x), max_len) for x in r.response_ids], np.float64)
-  return float(np.sum(np.asarray(adv, np.float64) * lengths) / max(lengths.sum(), 1.0))

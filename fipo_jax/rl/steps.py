@@ -106,17 +106,27 @@ def _rows(x):
 
 def responses(micro: Batch) -> Responses:
   """One micro-batch's response fields as [W * E, T] rows."""
-  return Responses(_rows(micro.old_log_probs), _rows(micro.advantages),
-                   _rows(micro.response_mask), _rows(micro.ref_log_probs),
-                   _rows(micro.rollout_is_weights))
+  return Responses(
+    _rows(micro.old_log_probs),
+    _rows(micro.advantages),
+    _rows(micro.response_mask),
+    _rows(micro.ref_log_probs),
+    _rows(micro.rollout_is_weights),
+  )
 
 
 def _log_probs(graphdef, params, micro: Batch, *, cfg: UpdateConfig, entropy: bool):
   """Response log-probs f32[W, E, T] (, entropy) of one micro-batch."""
   return models.packed_response_log_probs(
-    nnx.merge(graphdef, params), micro.input_ids, micro.segment_ids, micro.positions,
-    micro.token_index, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size,
-    return_entropy=entropy)
+    nnx.merge(graphdef, params),
+    micro.input_ids,
+    micro.segment_ids,
+    micro.positions,
+    micro.token_index,
+    temperature=cfg.temperature,
+    chunk_size=cfg.logprob_chunk_size,
+    return_entropy=entropy,
+  )
 
 
 def actor_objective(log_prob, ent, resp: Responses, *, cfg: UpdateConfig):
@@ -127,14 +137,21 @@ def actor_objective(log_prob, ent, resp: Responses, *, cfg: UpdateConfig):
   (None: off) multiply the per-token policy loss only. -> (loss, metrics).
   """
   loss_fn = losses_lib.get_policy_loss(cfg.loss_mode)
-  loss, metrics = loss_fn(log_prob, resp.old_log_probs, resp.advantages, resp.response_mask,
-                          cfg.policy_loss, **losses_lib.weights_kwarg(resp.rollout_is_weights))
+  loss, metrics = loss_fn(
+    log_prob,
+    resp.old_log_probs,
+    resp.advantages,
+    resp.response_mask,
+    cfg.policy_loss,
+    **losses_lib.weights_kwarg(resp.rollout_is_weights),
+  )
   agg_mode = cfg.policy_loss.loss_agg_mode
   if cfg.entropy_coeff != 0.0:
     loss = loss - cfg.entropy_coeff * aggregation.agg_loss(ent, resp.response_mask, agg_mode)
   if cfg.use_kl_loss:
-    kl = losses_lib.kl_loss(log_prob, resp.ref_log_probs, resp.response_mask,
-                            cfg.kl_loss_type, agg_mode)
+    kl = losses_lib.kl_loss(
+      log_prob, resp.ref_log_probs, resp.response_mask, cfg.kl_loss_type, agg_mode
+    )
     loss = loss + cfg.kl_loss_coef * kl
     metrics = {**metrics, "actor/kl_loss": kl, "actor/kl_coef": jnp.float32(cfg.kl_loss_coef)}
   return loss, metrics
@@ -254,8 +271,7 @@ INFLUENCE_KEYS = ("influence_weights", "raw_influence_weights", "log_ratio")
 
 def influence_terms(log_prob, old_log_prob, advantages, response_mask, cfg: UpdateConfig):
   """INFLUENCE_KEYS -> f32[B, T] from the current log-probs [B, T]."""
-  terms = losses_lib.fipo_terms(log_prob, old_log_prob, advantages, response_mask,
-                                cfg.policy_loss)
+  terms = losses_lib.fipo_terms(log_prob, old_log_prob, advantages, response_mask, cfg.policy_loss)
   terms["log_ratio"] = terms["negative_approx_kl"] * response_mask
   return {k: terms[k] for k in INFLUENCE_KEYS}
 
@@ -265,8 +281,9 @@ def influence_step(graphdef, params, batch: Batch, *, cfg: UpdateConfig):
 
   def one(micro):
     log_prob = _rows(_log_probs(graphdef, params, micro, cfg=cfg, entropy=False))
-    terms = influence_terms(log_prob, _rows(micro.old_log_probs), _rows(micro.advantages),
-                            _rows(micro.response_mask), cfg)
+    terms = influence_terms(
+      log_prob, _rows(micro.old_log_probs), _rows(micro.advantages), _rows(micro.response_mask), cfg
+    )
     return {k: terms[k].reshape(micro.response_mask.shape) for k in INFLUENCE_KEYS}
 
   shape = jax.ShapeDtypeStruct(batch.response_mask.shape[1:], jnp.float32)
@@ -306,8 +323,9 @@ def under_mesh(mesh, fn):
   return wrapped
 
 
-def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_sharding=None
-              ) -> CompiledSteps:
+def jit_steps(
+  graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_sharding=None
+) -> CompiledSteps:
   """jit the steps once, donating params and optimizer state.
 
   Input shardings come from the arguments (params are created in their shards, batches are put
@@ -321,8 +339,14 @@ def jit_steps(graphdef, *, cfg: UpdateConfig, tx, param_sharding=None, opt_shard
     donate_argnums=(0, 1),
   )
   # Pinned like the batch (shards on axis 1), never left replicated by the compiler.
-  shards = None if mesh is None else jax.sharding.NamedSharding(
-    mesh, jax.sharding.PartitionSpec(None, sharding.mesh_axes("batch")))
-  log_prob = jax.jit(under_mesh(mesh, functools.partial(log_prob_step, graphdef, cfg=cfg)),
-                     out_shardings=shards)
+  shards = (
+    None
+    if mesh is None
+    else jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, sharding.mesh_axes("batch"))
+    )
+  )
+  log_prob = jax.jit(
+    under_mesh(mesh, functools.partial(log_prob_step, graphdef, cfg=cfg)), out_shardings=shards
+  )
   return CompiledSteps(train=train, log_prob=log_prob)

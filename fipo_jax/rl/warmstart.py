@@ -34,7 +34,7 @@ from flax import nnx
 
 from fipo_jax import paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
-from fipo_jax.rl import layouts
+from fipo_jax.rl import packing
 from fipo_jax.rl import steps as steps_lib
 
 LOSS_WINDOW = 10  # steps averaged for the loss-threshold test (one batch's loss is noisy)
@@ -94,11 +94,11 @@ def _batch(examples, *, max_prompt_length: int, max_response_length: int, pad_id
   """Supervised examples on the padded layout, one micro-batch on one shard; the loss reads
   only the response mask."""
   p, t = max_prompt_length, max_response_length
-  packed = layouts.pack_rollouts(
+  packed = packing.pack_rollouts(
     [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples],
     [np.zeros(len(e["response_ids"]), np.float32) for e in examples],
     np.zeros(len(examples), np.float32), mini=len(examples), max_prompt_length=p,
-    max_response_length=t, layout=layouts.Layout(p + t, 1, 1, padded=True), pad_id=pad_id)
+    max_response_length=t, layout=packing.Layout(p + t, 1, 1, padded=True), pad_id=pad_id)
   return steps_lib.Batch(**{k: jax.numpy.asarray(v) for k, v in packed.batches[0].items()})
 
 
