@@ -251,7 +251,8 @@ def test_influence_dump_rows_equal_the_padded_reference(setup, layout):
   got = jax.jit(functools.partial(steps.influence_step, s["graphdef"], cfg=s["upd"]))(
     s["params"], batch
   )
-  lp = pl.log_probs(s["graphdef"], s["params"], s["tokens"], t=T, cfg=s["upd"], entropy=False)
+  ref_lp = functools.partial(pl.log_probs, s["graphdef"], t=T, cfg=s["upd"], entropy=False)
+  lp = jax.jit(ref_lp)(s["params"], s["tokens"])
   r = _resp(s)
   ref = steps.influence_terms(lp, r.old_log_probs, r.advantages, r.response_mask, s["upd"])
   # Two epochs over one mini-batch: every dump maps back through its mini-batch.
