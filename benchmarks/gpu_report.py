@@ -4,7 +4,7 @@ one whole RL step's phase split, each attention kernel against its fallback, the
   python benchmarks/gpu_report.py            # on a GPU host (bf16, Qwen2.5-0.5B and 1.5B shapes)
   python benchmarks/gpu_report.py --smoke    # tiny shapes on CPU (the test suite runs this)
 
-- train: the trainer's packed update (`rl.packing.pack_rollouts` + `rl.packed_step.train_step`,
+- train: the trainer's packed update (`rl.packing.pack_rollouts` + `rl.steps.train_step`,
   FIPO loss, AdamW) on random Qwen2.5-shaped weights in bf16 compute, once with the platform's
   training kernel (models/kernels.py: 'pallas_flash' on a GPU) and once with the 'blockwise'
   fallback. MFU = model FLOPs per second (6 N per real token for the dense layers, 6 V D per
@@ -43,9 +43,7 @@ from flax import nnx  # noqa: E402
 from fipo_jax import models, recipes  # noqa: E402
 from fipo_jax.algo import losses as losses_lib  # noqa: E402
 from fipo_jax.models import kernels, paged  # noqa: E402
-from fipo_jax.rl import packed_step as ps  # noqa: E402
-from fipo_jax.rl import packing  # noqa: E402
-from fipo_jax.rl import train_step as ts  # noqa: E402
+from fipo_jax.rl import packing, steps  # noqa: E402
 from fipo_jax.sampling import driver  # noqa: E402
 from fipo_jax.sampling import engine as engine_lib  # noqa: E402
 from fipo_jax.sampling import params as sampling_params  # noqa: E402
@@ -72,7 +70,7 @@ def _timed(fn, iters: int) -> float:
 
 def _packed_batch(cfg, rng, seqs: int, prompt: int, response: int):
   """One packed mini-batch of `seqs` sequences (prompt 5-15%, responses log-normal around half
-  of `response`) in rows of prompt + response tokens -> (PackedBatch, lengths [seqs, 2])."""
+  of `response`) in rows of prompt + response tokens -> (steps.Batch, lengths [seqs, 2])."""
   plen = rng.integers(max(1, prompt // 20), max(2, prompt // 7) + 1, seqs)
   rlen = np.clip(np.round(rng.lognormal(np.log(response / 2) - 0.18, 0.6, seqs)), 1, response)
   ids = lambda n: rng.integers(1, cfg.vocab_size, int(n)).astype(np.int32)
@@ -80,10 +78,9 @@ def _packed_batch(cfg, rng, seqs: int, prompt: int, response: int):
     [ids(n) for n in plen], [ids(n) for n in rlen],
     [-rng.random(int(n)).astype(np.float32) for n in rlen],
     rng.standard_normal(seqs).astype(np.float32), mini=seqs, max_prompt_length=prompt,
-    max_response_length=response, row_len=prompt + response, num_shards=1, num_micro=None,
-    pad_id=0,
+    max_response_length=response, layout=packing.Layout(prompt + response, None, 1), pad_id=0,
   )  # fmt: skip
-  batch = ps.PackedBatch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
+  batch = steps.Batch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
   return batch, np.stack([plen, rlen], axis=1).astype(np.int64)
 
 
@@ -100,8 +97,8 @@ def _model_flops(cfg, params, lengths: np.ndarray) -> float:
 def train_report(cfg, a) -> dict:
   """The packed train step with the platform's kernel and with 'blockwise' (see the docstring)."""
   batch, lengths = _packed_batch(cfg, np.random.default_rng(0), a.seqs, a.prompt, a.response)
-  ucfg = ts.UpdateConfig(policy_loss=losses_lib.PolicyLossConfig(chunk_size=min(128, a.response)),
-                         num_micro_batches=1, logprob_chunk_size=512)  # fmt: skip
+  loss_cfg = losses_lib.PolicyLossConfig(chunk_size=min(128, a.response))
+  ucfg = steps.UpdateConfig(policy_loss=loss_cfg, num_micro_batches=1, logprob_chunk_size=512)
   tx = optax.adamw(1e-6)
   platform = kernels.platform_of()
   out = {"real_tokens": int(lengths.sum()), "row_tokens": int(np.prod(batch.input_ids.shape))}
@@ -112,7 +109,7 @@ def train_report(cfg, a) -> dict:
     mcfg = cfg.replace(attention_impl=impl)
     graphdef, params = nnx.split(models.init_model(mcfg, seed=0))
     opt = tx.init(params)
-    step = jax.jit(lambda p, o, b, g=graphdef: ps.train_step(g, p, o, b, cfg=ucfg, tx=tx))
+    step = jax.jit(lambda p, o, b, g=graphdef: steps.train_step(g, p, o, b, cfg=ucfg, tx=tx))
     compiled = step.lower(params, opt, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -36,9 +36,10 @@ import jax.numpy as jnp  # noqa: E402
 from configs import tiny_cpu  # noqa: E402
 from fipo_jax import config as config_lib  # noqa: E402
 from fipo_jax import models  # noqa: E402
+from fipo_jax.rl import log_probs, updates  # noqa: E402
 from fipo_jax.rl import rollout as rollout_lib  # noqa: E402
 from fipo_jax.rl import setup as setup_lib  # noqa: E402
-from fipo_jax.rl import trainer  # noqa: E402
+from fipo_jax.rl import steps as steps_lib  # noqa: E402
 
 
 def run_config(args) -> config_lib.RunConfig:
@@ -74,10 +75,10 @@ def train_half(rc, env, steps, state, batches) -> tuple[float, float]:
   jax.block_until_ready(state.params)
   metrics: dict = {}
   t0 = time.perf_counter()
-  logp_batches, _ = trainer._log_probs(rc, env, steps, state, batches, metrics)  # noqa: SLF001
+  logp_batches, _ = log_probs.compute(rc, env, steps, state, batches, metrics)
   jax.block_until_ready([b.old_log_probs for b in logp_batches])
   t1 = time.perf_counter()
-  state, _ = trainer._updates(rc, env, steps, state, logp_batches, [])  # noqa: SLF001
+  state, _ = updates.run(rc, env, steps, state, logp_batches, [])
   jax.block_until_ready(state.params)
   return t1 - t0, time.perf_counter() - t1
 
@@ -86,8 +87,9 @@ def measure(args) -> dict:
   rc = run_config(args)
   with tempfile.TemporaryDirectory() as workdir:
     env, state = setup_lib.build(rc, workdir)
-    steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
-                                env.opt_sharding)  # the trainer's own builder
+    steps = steps_lib.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                                param_sharding=env.param_sharding,
+                                opt_sharding=env.opt_sharding)  # the trainer's own builder
     rollout_lib.collect(
       rc, env.train_sampler(), env.train_data, state.params, 0, mesh=env.mesh,
       update_cfg=env.update_cfg, pad_id=env.pad_id)  # compiles the sampler

@@ -3,14 +3,15 @@
   python benchmarks/packing.py [--layers 4 --hidden 256 --prompt 256 --response 1792
                                 --batch 16 --repeats 3 --means 0.3 0.5]
 
-The trainer's own code on both sides: `rollout.pack_batch` + `train_step.train_step` (padded
-rows of P + T tokens; verl's token budget of one full sequence per device per micro-batch means
-one row per micro-batch) against `packing.pack_rollouts` + `packed_step.train_step` (packed rows
-of the same budget, token-budget micro-batches). Lengths follow the paper's shape scaled to the
-CPU: prompts 5-15% of P, responses log-normal with a mean of `--means` x T (sigma 0.6) and a
-tail clipped at T. Per case it prints the useful-token fraction of each layout (real tokens /
-tokens the model runs on), the ideal speedup (padded tokens / packed tokens) and the measured
-one (padded time / packed time, best of `--repeats` alternating calls after a compile run).
+The trainer's own code on both sides: `packing.pack_rollouts` + `steps.train_step` on the padded
+layout (rows of P + T tokens, one sequence each; verl's token budget of one full sequence per
+device per micro-batch means one row per micro-batch) against the same on the packed layout
+(packed rows of the same budget, token-budget micro-batches). Lengths follow the paper's shape
+scaled to the CPU: prompts 5-15% of P, responses log-normal with a mean of `--means` x T (sigma
+0.6) and a tail clipped at T. Per case it prints the useful-token fraction of each layout (real
+tokens / tokens the model runs on), the ideal speedup (padded tokens / packed tokens) and the
+measured one (padded time / packed time, best of `--repeats` alternating calls after a compile
+run).
 The last line is JSON:
 {"cases": [{"mean": ..., "useful_padded", "useful_packed", "ideal_speedup", "speedup"}, ...]}.
 """
@@ -37,15 +38,12 @@ from flax import nnx  # noqa: E402
 from fipo_jax import models  # noqa: E402
 from fipo_jax.algo import advantages as adv_lib  # noqa: E402
 from fipo_jax.algo import losses as losses_lib  # noqa: E402
-from fipo_jax.rl import packed_step as ps  # noqa: E402
-from fipo_jax.rl import packing  # noqa: E402
-from fipo_jax.rl import rollout as rollout_lib  # noqa: E402
-from fipo_jax.rl import train_step as ts  # noqa: E402
+from fipo_jax.rl import packing, steps  # noqa: E402
 
 
 @dataclasses.dataclass
 class _Rollouts:
-  """What rollout.pack_batch reads."""
+  """What packing.pack_rollouts reads."""
 
   prompt_ids: list
   response_ids: list
@@ -97,32 +95,32 @@ def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
   )
   budget = p + t  # verl's ppo_max_token_len_per_gpu = P + T in the recipes
   loss_cfg = losses_lib.PolicyLossConfig(chunk_size=min(128, t))
-  cfg = ts.UpdateConfig(policy_loss=loss_cfg, num_micro_batches=m, logprob_chunk_size=512)
+  cfg = steps.UpdateConfig(policy_loss=loss_cfg, num_micro_batches=m, logprob_chunk_size=512)
   tx = optax.adamw(1e-6)
   opt = tx.init(params)
 
-  arrays = rollout_lib.pack_batch(r, adv, max_prompt_length=p, max_response_length=t, pad_id=0)
-  padded = ts.PolicyBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
-  out = packing.pack_rollouts(
-    r.prompt_ids,
-    r.response_ids,
-    r.response_logprobs,
-    adv,
-    mini=m,
-    max_prompt_length=p,
-    max_response_length=t,
-    row_len=budget,
-    num_shards=1,
-    num_micro=None,
-    pad_id=0,
-  )
-  packed = ps.PackedBatch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
+  def pack(layout):
+    return packing.pack_rollouts(
+      r.prompt_ids,
+      r.response_ids,
+      r.response_logprobs,
+      adv,
+      mini=m,
+      max_prompt_length=p,
+      max_response_length=t,
+      layout=layout,
+      pad_id=0,
+    )
+
+  padded = pack(packing.Layout(budget, m, 1, padded=True)).batches[0]
+  padded = steps.Batch(**{k: jnp.asarray(v) for k, v in padded.items()})
+  out = pack(packing.Layout(budget, None, 1))
+  packed = steps.Batch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
   (plan,), shape = out.plans, out.shape
 
-  step = lambda fn, batch: lambda: fn(params, opt, batch)[2]["actor/loss"]
-  pad_fn = jax.jit(functools.partial(ts.train_step, graphdef, cfg=cfg, tx=tx))
-  pack_fn = jax.jit(functools.partial(ps.train_step, graphdef, cfg=cfg, tx=tx))
-  t_pad, t_pack = timed_pair([step(pad_fn, padded), step(pack_fn, packed)], args.repeats)
+  fn = jax.jit(functools.partial(steps.train_step, graphdef, cfg=cfg, tx=tx))
+  step = lambda batch: lambda: fn(params, opt, batch)[2]["actor/loss"]
+  t_pad, t_pack = timed_pair([step(padded), step(packed)], args.repeats)
 
   real = float(plan.lengths.sum())
   padded_tokens = m * budget

@@ -6,8 +6,8 @@ r"""Ahead-of-time proof that a recipe fits a TPU topology, and what it would run
 Compiles the trainer's own programs for that TPU, without running: fipo_jax.aot_phases.build
 makes them with the builders fipo_jax.rl.setup.build uses (the same meshes, dtypes, shardings and
 jitted functions) and adds only abstract inputs. Phases (fipo_jax.aot_phases.PHASES):
-  train_step    one mini-batch update: the packed step (rl.use_remove_padding, every recipe) at the
-                layout a mini-batch of sequences of the mean lengths fills, else the padded one;
+  train_step    one mini-batch update on the packed layout (rl.use_remove_padding, every recipe)
+                a mini-batch of sequences of the mean lengths fills, else on padded rows;
   old_log_prob  the old-log-prob pass over one mini-batch (also the reference pass with the KL
                 term: the same program on the reference params);
   handover      the train params (float32, train mesh) -> the sampler's weights (rl.sampler_dtype,
@@ -121,8 +121,8 @@ def phase_kernel(name: str, p: aot_phases.Programs) -> str:
   from fipo_jax.models import kernels
 
   if name in ("train_step", "old_log_prob"):
-    return kernels.train_kernel("tpu", p.mcfg.attention_impl, p.mcfg.dtype,
-                                packed=p.run.rl.use_remove_padding)
+    # Both layouts pass segment ids (padded rows: one segment per row).
+    return kernels.train_kernel("tpu", p.mcfg.attention_impl, p.mcfg.dtype, packed=True)
   if name == "decode":
     return p.engine.layout.decode_kernel if p.engine.paged else "dense cache (XLA)"
   if name == "prefill":

@@ -61,8 +61,7 @@ def rl_step_flops(run, mcfg, mesh, mean_prompt: int, mean_response: int) -> dict
   Updates: rl.num_mini_batches x ppo_epochs train steps; plus one old-log-prob pass per
   mini-batch (two with the KL term's reference pass). Returns {packed, padded, shape}.
   """
-  from fipo_jax.rl import packed_step
-  from fipo_jax.rl import train_step as ts
+  from fipo_jax.rl import steps as steps_lib
 
   prog = aot_phases.build(run, mcfg, list(mesh.devices.flat))
   graphdef, params, opt_state, cfg = prog.graphdef, prog.params, prog.opt_state, prog.update_cfg
@@ -71,10 +70,10 @@ def rl_step_flops(run, mcfg, mesh, mean_prompt: int, mean_response: int) -> dict
   shape = aot_batches.packed_shape(run, mesh, cfg, mean_prompt, mean_response)
   passes = 2 if cfg.use_kl_loss else 1
   out = {"shape": dataclasses.asdict(shape)}
-  for name, lib, batch in (("packed", packed_step, aot_batches.packed_batch(run, mesh, shape, cfg)),
-                           ("padded", ts, aot_batches.padded_batch(run, mesh, cfg))):
-    steps = lib.jit_steps(graphdef, cfg=cfg, tx=prog.tx, param_sharding=param_sh,
-                          opt_sharding=opt_sh)
+  steps = steps_lib.jit_steps(graphdef, cfg=cfg, tx=prog.tx, param_sharding=param_sh,
+                              opt_sharding=opt_sh)  # one set of steps, two layouts
+  for name, layout in (("packed", shape), ("padded", aot_batches.padded_shape(run, mesh, cfg))):
+    batch = aot_batches.batch(run, mesh, layout, cfg)
     train = jaxpr_flops(steps.train.trace(params, opt_state, batch).jaxpr)[0]
     logp = jaxpr_flops(steps.log_prob.trace(params, batch).jaxpr)[0]
     out[name] = run.rl.num_mini_batches * (run.rl.ppo_epochs * train + passes * logp)

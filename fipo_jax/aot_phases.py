@@ -88,6 +88,7 @@ def build(run, mcfg, devices, *, num_slots: int | None = None) -> Programs:
   from fipo_jax import sharding
   from fipo_jax.models import build as build_lib
   from fipo_jax.rl import optimizer, setup
+  from fipo_jax.rl import steps as steps_lib
 
   mesh = setup.train_mesh(run, devices)
   graphdef, abs_params, param_sh = build_lib.param_shardings(mcfg, mesh)
@@ -96,7 +97,8 @@ def build(run, mcfg, devices, *, num_slots: int | None = None) -> Programs:
   opt_sh = sharding.optimizer_shardings(tx, params, mesh)
   opt_state = _sds(jax.eval_shape(tx.init, params), opt_sh)
   upd = setup.update_config(run, mesh, run.data.max_prompt_length + run.rl.max_response_length)
-  steps = setup.jit_steps(run, graphdef, upd, tx, param_sh, opt_sh)
+  steps = steps_lib.jit_steps(graphdef, cfg=upd, tx=tx, param_sharding=param_sh,
+                              opt_sharding=opt_sh)
   engine = setup.make_engine(run, *setup.sampler_model(run, mcfg),
                              setup.sampler_mesh(run, mcfg, mesh), num_slots=num_slots)
   sparams = engine.handover(params).trace(params).out_info
@@ -124,11 +126,12 @@ def train_batch(p: Programs, mean_prompt: int, mean_response: int):
     text = (f"packed M={rows} into {shape.num_micro} micro-batches x {shape.num_shards} x "
             f"{shape.rows} row of {shape.row_len} (mean P {mean_prompt} + T {mean_response}) "
             f"remat={p.mcfg.remat_policy}{ref}")
-    return aot_batches.packed_batch(run, p.mesh, shape, cfg), text, tokens
+    return aot_batches.batch(run, p.mesh, shape, cfg), text, tokens
   seq = run.data.max_prompt_length + run.rl.max_response_length
   text = (f"M={rows} micro={rows // cfg.num_micro_batches}x{cfg.num_micro_batches} S={seq} "
           f"remat={p.mcfg.remat_policy}{ref}")
-  return aot_batches.padded_batch(run, p.mesh, cfg), text, rows * seq
+  shape = aot_batches.padded_shape(run, p.mesh, cfg)
+  return aot_batches.batch(run, p.mesh, shape, cfg), text, rows * seq
 
 
 def traced(p: Programs, name: str, batch=None):

@@ -49,6 +49,21 @@ def response_length_metrics(
   return {prefix + k: v for k, v in stats.items()}
 
 
+def advantage_token_mean(advantages: np.ndarray, response_lengths: np.ndarray,
+                         arrays: Mapping[str, np.ndarray] | None = None) -> float:
+  """The token-mean advantage of a batch (`critic/advantages/mean`).
+
+  `arrays` {response_mask, advantages}: this process's response layout, when it holds every
+  row (one process); else the [B] advantages and response lengths (clipped at T) every host
+  has give the global number.
+  """
+  if arrays is not None:
+    mask = arrays["response_mask"]
+    return float(np.sum(arrays["advantages"] * mask) / max(mask.sum(), 1.0))
+  lengths = np.asarray(response_lengths, np.float64)
+  return float(np.sum(np.asarray(advantages, np.float64) * lengths) / max(lengths.sum(), 1.0))
+
+
 def to_scalar(value: Any) -> float | int | bool | str | None:
   """A JSON-able scalar for `value` (numpy/jax 0-d or size-1 arrays included); None if the
   value is not a scalar."""

@@ -14,6 +14,7 @@ from configs import tiny_cpu
 from fipo_jax import aot, aot_phases, perf_model, policy
 from fipo_jax import config as config_lib
 from fipo_jax.rl import setup as setup_lib
+from fipo_jax.rl import steps as steps_lib
 
 
 def _run(**sampler_mesh):
@@ -60,8 +61,9 @@ def test_the_trainers_decode_and_aots_lower_to_the_same_hlo(both):
 @pytest.mark.slow
 def test_the_trainers_train_step_and_aots_lower_to_the_same_hlo(both):
   rc, env, state, progs = both
-  steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
-                              env.opt_sharding)  # what trainer.run calls
+  steps = steps_lib.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                              param_sharding=env.param_sharding,
+                              opt_sharding=env.opt_sharding)  # what trainer.run calls
   batch, _, _ = aot_phases.train_batch(progs, 16, 16)
   trainer = steps.train.trace(_sds(state.params), _sds(state.opt_state), batch).lower()
   ours = aot_phases.traced(progs, "train_step", batch).lower()

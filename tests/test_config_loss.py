@@ -15,8 +15,7 @@ import pytest
 from fipo_jax import config as config_lib
 from fipo_jax import config_rl, recipes
 from fipo_jax.algo import aggregation, kl, losses, rollout_correction
-from fipo_jax.rl import rewards, rollout
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import rewards, rollout, steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS_FIELDS = [f.name for f in dataclasses.fields(losses.PolicyLossConfig)
@@ -65,7 +64,7 @@ def test_enum_tuples_come_from_or_agree_with_their_owners():
 
 def test_loss_defaults_have_one_home():
   want = losses.PolicyLossConfig()
-  base, section, update = recipes.base().rl, config_lib.RLSection(), ts.UpdateConfig()
+  base, section, update = recipes.base().rl, config_lib.RLSection(), steps.UpdateConfig()
   for name in LOSS_FIELDS:
     assert base[name] == getattr(section, name) == getattr(want, name), name
   assert base.loss_mode == section.loss_mode == update.loss_mode == losses.DEFAULT_LOSS_MODE

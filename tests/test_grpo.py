@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import padded_layout as pl
 import pytest
 from flax import nnx
 
@@ -29,9 +30,8 @@ from fipo_jax import models, recipes
 from fipo_jax import policy as policy_lib
 from fipo_jax.algo import losses
 from fipo_jax.models import build as build_lib
-from fipo_jax.rl import optimizer
+from fipo_jax.rl import optimizer, steps
 from fipo_jax.rl import setup as setup_lib
-from fipo_jax.rl import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -117,26 +117,30 @@ def _tiny():
 
 @functools.cache
 def _log_prob_fns():
-  """Jitted (log_prob [B, T], vjp of log_prob wrt params): the pass the update differentiates."""
+  """Jitted (log_prob [NM, W, E, T], vjp of log_prob wrt params): the pass the update
+  differentiates, in the batch's response layout (rows: `pl.rows_of`)."""
   graphdef, _ = _tiny()
-  lp_fn = lambda p, b: ts.log_prob_step(graphdef, p, b, cfg=ts.UpdateConfig())[0]  # noqa: E731
+  lp_fn = lambda p, b: steps.log_prob_step(graphdef, p, b, cfg=steps.UpdateConfig())[0]  # noqa: E731
   vjp = lambda p, b, ct: jax.vjp(lambda q: lp_fn(q, b), p)[1](ct)[0]  # noqa: E731
   return jax.jit(lp_fn), jax.jit(vjp)
 
 
-def _batch(b=4, p=3, t=6) -> ts.PolicyBatch:
+def _batch(b=4, p=3, t=6, num_micro=1) -> steps.Batch:
+  """Four sequences of a P-token prompt and 6, 4, 6 and 3 response tokens, padded layout."""
   ids = (np.arange(b * (p + t)).reshape(b, p + t) * 7 % 50 + 3).astype(np.int32)
-  mask = (np.arange(t)[None] < np.array([t, t - 2, t, 3])[:, None]).astype(np.float32)
-  adv = np.array([1.0, -1.0, 0.5, -0.7], np.float32)[:, None] * mask
-  zeros = jnp.zeros((b, t), jnp.float32)
-  return ts.PolicyBatch(
-    input_ids=jnp.asarray(ids),
-    attention_mask=jnp.ones((b, p + t), jnp.int32),
-    positions=jnp.broadcast_to(jnp.arange(p + t, dtype=jnp.int32), (b, p + t)),
-    response_mask=jnp.asarray(mask),
-    old_log_probs=zeros,
-    advantages=jnp.asarray(adv),
-  )
+  lengths = [t, t - 2, t, 3]
+  responses = [ids[i, p : p + n] for i, n in enumerate(lengths)]
+  adv = np.array([1.0, -1.0, 0.5, -0.7], np.float32)
+  return pl.batch(list(ids[:, :p]), responses, adv, p=p, t=t, num_micro=num_micro)
+
+
+def _micro(batch, j: int = 0):
+  return jax.tree.map(lambda x: x[j], batch)
+
+
+def _loss(params, graphdef, micro, *, cfg):
+  """A micro-batch's loss, unscaled (its own sequences are the mini-batch)."""
+  return steps.micro_batch_loss(params, graphdef, micro, jnp.sum(micro.seq_mask), cfg=cfg)
 
 
 _CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
@@ -158,7 +162,7 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
   graphdef, params = _tiny()
   lp_fn, vjp_fn = _log_prob_fns()
   coef = 0.3
-  cfg = ts.UpdateConfig(
+  cfg = steps.UpdateConfig(
     loss_mode="grpo",
     policy_loss=losses.PolicyLossConfig(loss_agg_mode=agg, **_CLIP),
     use_kl_loss=True,
@@ -166,24 +170,23 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
     kl_loss_type=kind,
   )
   batch = _batch()
-  lp64 = np.asarray(lp_fn(params, batch), np.float64)
+  lp64 = pl.rows_of(batch, lp_fn(params, batch)).astype(np.float64)
   rng = np.random.default_rng(1)
   # old: clip-higher, lower clip and dual clip all active; ref: both KL clamps reached.
   old = lp64 - rng.choice([-0.5, -0.1, 0.0, 0.15, 0.25, 1.5], lp64.shape)
   ref = lp64 + rng.normal(0.0, 0.4, lp64.shape)
   ref[0, :2] += [24.0, 4.5]
   batch = batch.replace(
-    old_log_probs=jnp.asarray(old, jnp.float32), ref_log_probs=jnp.asarray(ref, jnp.float32)
+    old_log_probs=pl.slots(batch, old.astype(np.float32)),
+    ref_log_probs=pl.slots(batch, ref.astype(np.float32)),
   )
   (loss, metrics), grads = jax.jit(
-    jax.value_and_grad(lambda p, b: ts.micro_batch_loss(p, graphdef, b, cfg=cfg), has_aux=True)
+    jax.value_and_grad(lambda p, b: _loss(p, graphdef, _micro(b), cfg=cfg), has_aux=True)
   )(params, batch)
 
-  mask, adv = np.asarray(batch.response_mask), np.asarray(batch.advantages, np.float64)
-  old, ref = (
-    np.asarray(batch.old_log_probs, np.float64),
-    np.asarray(batch.ref_log_probs, np.float64),
-  )
+  rows = lambda x: pl.rows_of(batch, x).astype(np.float64)
+  mask, adv = rows(batch.response_mask), rows(batch.advantages)
+  old, ref = rows(batch.old_log_probs), rows(batch.ref_log_probs)
   w = _np_agg_weights(mask, agg)
   pg, dpg = _np_vanilla(
     lp64, old, adv, _CLIP["clip_ratio_low"], _CLIP["clip_ratio_high"], _CLIP["clip_ratio_c"]
@@ -195,7 +198,7 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
   np.testing.assert_allclose(metrics["actor/pg_loss"], (pg * w).sum(), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(loss, (pg * w).sum() + coef * want_kl, rtol=1e-5, atol=1e-7)
   # d loss / d params = J^T (d loss / d log_prob): the chain rule through the same model pass.
-  want_grads = vjp_fn(params, batch, jnp.asarray((dpg + coef * dkl) * w, jnp.float32))
+  want_grads = vjp_fn(params, batch, pl.slots(batch, ((dpg + coef * dkl) * w).astype(np.float32)))
   for g, wg in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, wg, rtol=2e-4, atol=1e-6 * max(1.0, float(jnp.abs(wg).max())))
 
@@ -203,23 +206,24 @@ def test_grpo_update_with_kl_term_matches_numpy(kind, agg):
 @pytest.mark.slow
 def test_train_step_with_kl_term_averages_micro_batches_and_needs_reference():
   graphdef, params = _tiny()
-  cfg = ts.UpdateConfig(
+  cfg = steps.UpdateConfig(
     loss_mode="grpo", num_micro_batches=2, use_kl_loss=True, kl_loss_coef=0.01, kl_loss_type="mse"
   )
-  batch = _batch()
-  lp = np.asarray(_log_prob_fns()[0](params, batch), np.float64)
+  batch = _batch(num_micro=2)
+  lp = pl.rows_of(batch, _log_prob_fns()[0](params, batch)).astype(np.float64)
   ref = lp + np.linspace(-1.0, 1.0, lp.size).reshape(lp.shape)
   batch = batch.replace(
-    old_log_probs=jnp.asarray(lp, jnp.float32), ref_log_probs=jnp.asarray(ref, jnp.float32)
+    old_log_probs=pl.slots(batch, lp.astype(np.float32)),
+    ref_log_probs=pl.slots(batch, ref.astype(np.float32)),
   )
   tx, _ = optimizer.make_optimizer(
     config_lib.OptimSection(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
     total_updates=1)
-  step = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))
+  step = jax.jit(lambda p, o, b: steps.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))
   new_params, _, m = step(params, tx.init(params), batch)
   # Micro-batch j holds rows j, j + 2 (strided). verl's dp_actor logs each micro-batch's kl loss
   # times its loss scale (1 / gradient accumulation = 1/2) and averages the list over the step.
-  mask = np.asarray(batch.response_mask)
+  mask = pl.rows_of(batch, batch.response_mask)
   per_micro = [
     ((0.5 * (lp - ref) ** 2)[j::2] * _np_agg_weights(mask[j::2], "token-mean")).sum()
     for j in range(2)
@@ -228,7 +232,7 @@ def test_train_step_with_kl_term_averages_micro_batches_and_needs_reference():
   assert float(m["train/skipped_step"]) == 0.0 and float(m["actor/kl_coef"]) == np.float32(0.01)
   assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)))
   with pytest.raises(ValueError, match="ref_log_probs"):
-    ts.micro_batch_loss(params, graphdef, _batch(), cfg=cfg)
+    _loss(params, graphdef, _micro(_batch()), cfg=cfg)
 
 
 def test_grpo_loss_is_verl_vanilla_with_both_clip_ratios():
@@ -262,9 +266,9 @@ def test_loss_config_is_built_once_from_the_rl_section():
   assert upd.kl_loss_coef == 0.001
   assert hash(upd) == hash(setup_lib.update_config(rc, mesh, 10240))  # a static jit argument
   with pytest.raises(ValueError, match="kl_loss_type"):
-    ts.UpdateConfig(kl_loss_type="full")
+    steps.UpdateConfig(kl_loss_type="full")
   with pytest.raises(ValueError, match="unknown policy loss"):
-    ts.UpdateConfig(loss_mode="ppo2")
+    steps.UpdateConfig(loss_mode="ppo2")
 
 
 @pytest.mark.slow  # two full setups (data, model, engine): ~50 s on 2 busy cores
@@ -363,18 +367,17 @@ def test_logged_losses_are_scaled_as_verls_dp_actor():
   the list: with 2 micro-batches the logged value is half the mean unscaled micro-batch loss."""
   graphdef, params = _tiny()
   lp_fn, _ = _log_prob_fns()
-  batch = _batch()
+  batch = _batch(num_micro=2)
   lp = np.asarray(lp_fn(params, batch))
   old = lp - np.random.default_rng(3).normal(0.0, 0.3, lp.shape)
   batch = batch.replace(old_log_probs=jnp.asarray(old, jnp.float32),
                         ref_log_probs=jnp.asarray(lp + 0.2, jnp.float32))
   kw = dict(loss_mode="grpo", use_kl_loss=True, kl_loss_coef=0.1)
-  cfg = ts.UpdateConfig(num_micro_batches=2, **kw)
+  cfg = steps.UpdateConfig(num_micro_batches=2, **kw)
   tx = optax.sgd(0.0)
-  _, _, got = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))(
+  _, _, got = jax.jit(lambda p, o, b: steps.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))(
     params, tx.init(params), batch)
-  one = ts.UpdateConfig(num_micro_batches=1, **kw)
-  parts = [ts.micro_batch_loss(params, graphdef, m, cfg=one) for m in _micro_split(batch, 2)]
+  parts = [_loss(params, graphdef, _micro(batch, j), cfg=cfg) for j in range(2)]
   for key in ("actor/pg_loss", "actor/kl_loss"):
     unscaled = np.mean([float(m[key]) for _, m in parts])
     np.testing.assert_allclose(got[key], unscaled / 2, rtol=1e-5)
@@ -383,7 +386,3 @@ def test_logged_losses_are_scaled_as_verls_dp_actor():
   np.testing.assert_allclose(got["actor/pg_clipfrac"], frac, rtol=1e-6)
   np.testing.assert_allclose(got["actor/loss"], sum(float(x) for x, _ in parts) / 2, rtol=1e-5)
 
-
-def _micro_split(batch, n):
-  split = ts.split_micro_batches(batch, n)
-  return [jax.tree.map(lambda x, j=j: x[j], split) for j in range(n)]

@@ -106,7 +106,7 @@ def test_fixed_plan_keeps_the_padded_micro_batches_row_for_row():
   plan = packing.plan_mini_batch(lengths, num_shards=nd, row_len=40, num_micro=nm)
   shape = packing.layout_shape([plan], dynamic=False)
   assert shape.num_micro == nm and shape.slots == m // nm // nd
-  # split_micro_batches: micro-batch j = rows j, j + nm, ...; its row i on shard i // 4.
+  # verl's split: micro-batch j = rows j, j + nm, ...; its row i on shard i // 4.
   for i in range(m):
     j, k = i % nm, i // nm
     assert (plan.micro[i], plan.shard[i], plan.slot[i]) == (j, k // 4, k % 4)

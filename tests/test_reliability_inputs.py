@@ -13,12 +13,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import padded_layout
 import pytest
 
 from fipo_jax import config as config_lib
 from fipo_jax import models, recipes
-from fipo_jax.rl import optimizer, rewards
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import optimizer, rewards, steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,14 +121,11 @@ def _tiny():
   return nnx.split(models.init_model(cfg, seed=0))
 
 
-def _batch(advantages: float, b: int = 4, p: int = 3, t: int = 4) -> ts.PolicyBatch:
+def _batch(advantages: float, b: int = 4, p: int = 3, t: int = 4) -> steps.Batch:
   ids = (np.arange(b * (p + t)).reshape(b, p + t) % 50 + 3).astype(np.int32)
-  mask = np.ones((b, t), np.float32)
-  return ts.PolicyBatch(
-    input_ids=jnp.asarray(ids), attention_mask=jnp.ones((b, p + t), jnp.int32),
-    positions=jnp.broadcast_to(jnp.arange(p + t, dtype=jnp.int32), (b, p + t)),
-    response_mask=jnp.asarray(mask), old_log_probs=jnp.full((b, t), -4.0, jnp.float32),
-    advantages=jnp.asarray(np.linspace(-1, 1, b, dtype=np.float32)[:, None] * mask * advantages))
+  return padded_layout.batch(
+    list(ids[:, :p]), list(ids[:, p:]), np.linspace(-1, 1, b, dtype=np.float32) * advantages,
+    p=p, t=t, old_log_probs=np.full((b, t), -4.0, np.float32))
 
 
 @pytest.mark.parametrize("poison", [np.inf, np.nan])
@@ -138,7 +135,8 @@ def test_nonfinite_update_is_skipped_and_params_untouched(poison):
   tx, _ = optimizer.make_optimizer(
     config_lib.OptimSection(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1.0),
     total_updates=1)
-  step = jax.jit(lambda p, o, b: ts.train_step(graphdef, p, o, b, cfg=ts.UpdateConfig(), tx=tx))
+  cfg = steps.UpdateConfig()
+  step = jax.jit(lambda p, o, b: steps.train_step(graphdef, p, o, b, cfg=cfg, tx=tx))
   opt = tx.init(params)
   good_params, good_opt, m = step(params, opt, _batch(1.0))
   assert float(m["train/skipped_step"]) == 0.0

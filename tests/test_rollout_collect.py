@@ -7,11 +7,12 @@ Runs against the driver tests' fake engine (deterministic tokens, no model) on t
 import types
 
 import numpy as np
+import padded_layout as pl
 import pytest
 from test_sampling_driver import FakeEngine, _log_prob, _token
 
 from fipo_jax import sharding
-from fipo_jax.rl import rewards, rollout, scoring
+from fipo_jax.rl import rewards, rollout, scoring, steps
 from fipo_jax.sampling import params as params_lib
 
 N, GEN, TRAIN, MINI, T, P = 4, 3, 4, 2, 8, 6  # MINI prompts x N = 8 rows: one per device
@@ -69,7 +70,8 @@ def _run(tokenizer, max_rounds=3):
     tokenizer=tokenizer,
     reward_cfg=rewards.RewardConfig(max_response_length=T, overlong_buffer_enable=False),
   )
-  out = rollout.collect(rc, sampler, _Data(), None, step=0, mesh=mesh, update_cfg=None, pad_id=9)
+  upd = steps.UpdateConfig(num_micro_batches=1)
+  out = rollout.collect(rc, sampler, _Data(), None, step=0, mesh=mesh, update_cfg=upd, pad_id=9)
   return out, mesh
 
 
@@ -79,10 +81,12 @@ def test_collect_returns_placed_mini_batches_of_kept_groups_with_their_advantage
   # The kept groups are mixed: within each group, odd second tokens are right (+1), even wrong.
   seconds = []
   for b in batches:
-    assert b.input_ids.shape == (MINI * N, P + T) and b.advantages.shape == (MINI * N, T)
+    w = mesh.size  # one row per sequence, [NM, W, E, ...]
+    assert b.input_ids.shape == (1, w, MINI * N // w, P + T)
+    assert b.advantages.shape == (1, w, MINI * N // w, T)
     assert b.input_ids.sharding.mesh == mesh
     ids, mask, adv, lp = (
-      np.asarray(x) for x in (b.input_ids, b.response_mask, b.advantages, b.old_log_probs)
+      pl.rows_of(b, x) for x in (b.input_ids, b.response_mask, b.advantages, b.old_log_probs)
     )
     np.testing.assert_array_equal(mask.sum(1), 5)  # 4 tokens and the stop token
     np.testing.assert_array_equal(ids[:, P + 4], 0)
@@ -97,7 +101,7 @@ def test_collect_returns_placed_mini_batches_of_kept_groups_with_their_advantage
       np.testing.assert_allclose(adv[rows], want[:, None] * mask[rows], rtol=1e-5, atol=1e-6)
       assert 0 < right[rows].sum() < N
   # The rows are the fake engine's samples, in order: prompt g's sample s.
-  first = np.asarray(batches[0].input_ids)
+  first = pl.rows_of(batches[0], batches[0].input_ids)
   assert first[1, P + 1] == _token(first[1, P - 3 : P], 1, 1)
   assert metrics["train/num_prompts_kept"] == TRAIN
   assert metrics["train/kept_acc_mean"] == pytest.approx(np.concatenate(seconds).mean())

@@ -20,20 +20,19 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import padded_layout as pl
 import pytest
 import test_tiny_golden as golden
 from flax import nnx
-from test_packing_step import P, T, _packed, _padded, setup  # noqa: F401 (fixture)
+from test_packing_step import P, T, _packed, _padded, _resp, setup  # noqa: F401 (fixture)
 
 from fipo_jax import config as config_lib
 from fipo_jax import models, recipes
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.algo import rollout_correction as rc_lib
 from fipo_jax.config_schema import ConfigError
-from fipo_jax.rl import packed_step as ps
-from fipo_jax.rl import packing, sampler_policy, trainer
+from fipo_jax.rl import log_probs, packing, sampler_policy, steps
 from fipo_jax.rl import setup as setup_lib
-from fipo_jax.rl import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MISMATCH_KEYS = (
@@ -189,31 +188,32 @@ def test_weights_multiply_the_per_token_policy_loss(loss_mode, mode):
 
 
 @pytest.mark.slow
-def test_packed_and_padded_steps_apply_the_same_weights(setup):  # noqa: F811
+def test_both_layouts_apply_the_weights_as_the_padded_reference(setup):  # noqa: F811
   s = setup
   rng = np.random.default_rng(2)
-  mask = s["arrays"]["response_mask"]
+  mask = s["rows"]["response_mask"]
   w = (rng.uniform(0.2, 2.0, mask.shape) * mask).astype(np.float32)
   cfg = dataclasses.replace(s["upd"], num_micro_batches=2)
-  packed, plan, shape = _packed(s, row_len=2 * (P + T), num_micro=2)
-  packed_w = packed.replace(rollout_is_weights=jnp.asarray(packing.to_slots(plan, shape, w)))
   # Forward only (compiles fast): the sum of the scaled micro-batch losses of each layout.
-  packed_loss = jax.jit(functools.partial(ps.micro_batch_loss, cfg=cfg), static_argnums=1)
-  padded_loss = jax.jit(functools.partial(ts.micro_batch_loss, cfg=cfg), static_argnums=1)
+  loss = jax.jit(functools.partial(steps.micro_batch_loss, cfg=cfg), static_argnums=1)
   micro = lambda b, j: jax.tree.map(lambda x: x[j], b)
 
-  def packed_total(b):
+  def total(b):
     seqs = jnp.sum(b.seq_mask)
     return sum(
-      float(packed_loss(s["params"], s["graphdef"], micro(b, j), seqs)[0])
+      float(loss(s["params"], s["graphdef"], micro(b, j), seqs)[0])
       for j in range(b.seq_mask.shape[0])
     )
 
-  split = ts.split_micro_batches(_padded(s, rollout_is_weights=w), 2)
-  want = sum(float(padded_loss(s["params"], s["graphdef"], micro(split, j))[0]) for j in range(2))
-  got = packed_total(packed_w)
-  assert math.isclose(got, want, rel_tol=1e-5)
-  assert abs(got - packed_total(packed)) > 1e-4
+  ref = jax.jit(functools.partial(pl.micro_loss, t=T, cfg=cfg, scale=0.5), static_argnums=1)
+  resp = _resp(s, rollout_is_weights=w)
+  pick = lambda j: (tuple(x[j::2] for x in s["tokens"]), jax.tree.map(lambda x: x[j::2], resp))
+  want = sum(float(ref(s["params"], s["graphdef"], *pick(j))[0]) for j in range(2))
+  for batch, plan, shape in (_packed(s, row_len=2 * (P + T), num_micro=2), _padded(s, 2)):
+    weighted = batch.replace(rollout_is_weights=jnp.asarray(packing.to_slots(plan, shape, w)))
+    got = total(weighted)
+    assert math.isclose(got, want, rel_tol=1e-5)
+    assert abs(got - total(batch)) > 1e-4
 
 
 def _config(**rl):
@@ -344,23 +344,26 @@ def _run_log_probs(step: int, **rl):
   rng = np.random.default_rng(3)
   mask = (np.arange(5) < np.array([[5], [2], [0]])).astype(np.float32)
   batches = [
-    ts.PolicyBatch(
+    steps.Batch(
       input_ids=None,
-      attention_mask=None,
+      segment_ids=None,
       positions=None,
+      token_index=None,
       response_mask=jnp.asarray(mask),
       advantages=jnp.asarray(mask),
       old_log_probs=jnp.asarray(-rng.uniform(0, 2, mask.shape) * mask),
+      seq_mask=None,
+      seq_index=None,
     )
     for _ in range(2)
   ]
   rc = config_lib.validate(_config(**rl), check_paths=False)
-  steps, metrics = _FakeSteps(), {}
+  fake, metrics = _FakeSteps(), {}
   env = types.SimpleNamespace(ref_params=None)
   state = setup_lib.TrainState(params=None, opt_state=None, step=step)
-  out, tokens = trainer._log_probs(rc, env, steps, state, batches, metrics)  # noqa: SLF001
+  out, tokens = log_probs.compute(rc, env, fake, state, batches, metrics)
   assert tokens == 2 * mask.sum()
-  return batches, out, steps.calls, metrics
+  return batches, out, fake.calls, metrics
 
 
 def test_trainer_source_replaces_old_log_probs_and_weighs():

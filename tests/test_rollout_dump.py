@@ -1,6 +1,6 @@
 """rl/rollout_dump.py: the per-step JSONL from padded and from packed mini-batches.
 
-Rollouts of known lengths go through the real layouts (rollout.pack_batch, packing.pack_rollouts);
+Rollouts of known lengths go through the real layouts (packing.pack_rollouts, padded and packed);
 the influence dumps hold a value that names (update, row, position), so every JSON list must
 come back to its own response, update and token, under the row cap.
 """
@@ -12,8 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from fipo_jax.rl import packed_step, packing, rollout, rollout_dump, scoring
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import packing, rollout_dump, scoring, steps
 
 P, T, MINI, NUM_MINI, EPOCHS = 6, 7, 4, 3, 2
 
@@ -51,20 +50,8 @@ def _value(u: int, row, t):
   return 100.0 * u + row + t / 10.0
 
 
-def _padded(r, adv):
-  arrays = rollout.pack_batch(r, adv, max_prompt_length=P, max_response_length=T, pad_id=0)
-  batches = [
-    ts.PolicyBatch(**{k: v[j * MINI : (j + 1) * MINI] for k, v in arrays.items()})
-    for j in range(NUM_MINI)
-  ]
-  row, t = np.meshgrid(np.arange(MINI), np.arange(T), indexing="ij")
-  dump = lambda u, b: {
-    k: np.where(b.response_mask > 0, _value(u, row, t), 0.0) for k in ts.INFLUENCE_KEYS
-  }
-  return batches, dump
-
-
-def _packed(r, adv):
+def _batches(r, adv, layout: packing.Layout):
+  """The mini-batches on `layout` and a fake influence step whose value names its token."""
   packed = packing.pack_rollouts(
     r.prompt_ids,
     r.response_ids,
@@ -73,20 +60,26 @@ def _packed(r, adv):
     mini=MINI,
     max_prompt_length=P,
     max_response_length=T,
-    row_len=P + T + 3,
-    num_shards=2,
-    num_micro=None,
+    layout=layout,
     pad_id=0,
   )
-  batches = [packed_step.PackedBatch(**a) for a in packed.batches]
+  batches = [steps.Batch(**a) for a in packed.batches]
   t = np.arange(T)
 
   def dump(u, b):
     row = np.asarray(b.seq_index)[..., None]
     val = np.where((np.asarray(b.response_mask) > 0) & (row >= 0), _value(u, row, t), 0.0)
-    return dict.fromkeys(ts.INFLUENCE_KEYS, val)
+    return dict.fromkeys(steps.INFLUENCE_KEYS, val)
 
   return batches, dump
+
+
+def _padded(r, adv):
+  return _batches(r, adv, packing.Layout(P + T, 2, num_shards=2, padded=True))
+
+
+def _packed(r, adv):
+  return _batches(r, adv, packing.Layout(P + T + 3, None, num_shards=2))
 
 
 @pytest.mark.parametrize("layout", [_padded, _packed], ids=["padded", "packed"])

@@ -5,19 +5,17 @@ import functools
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import fipo_qwen2_5_32b, tiny_cpu
+from fipo_jax import aot_batches, models
 from fipo_jax import config as config_lib
-from fipo_jax import models
 from fipo_jax import policy as policy_lib
-from fipo_jax.rl import optimizer, scoring
+from fipo_jax.rl import layouts, optimizer, packing, scoring, steps
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
-from fipo_jax.rl import train_step as ts
 
 
 def _round(accs_per_group, n, offset):
@@ -84,20 +82,27 @@ def test_dynamic_sampling_without_filter_takes_everything():
   assert res.num_prompts_kept == 2 and res.num_gen_batches == 1
 
 
-def test_pack_batch_layout():
+def test_padded_layout_is_one_sequence_per_row():
+  """Prompts left-padded to P = 4 and responses right-padded to T = 3 (truncated), one row each."""
   r = _round([[1, 0]], 2, offset=0)
   r.prompt_ids = [np.array([7, 8, 9], np.int32), np.array([5], np.int32)]
   r.response_ids = [np.array([1, 2], np.int32), np.array([3, 4, 6, 2], np.int32)]
   r.response_logprobs = [np.array([-1, -2], np.float32), np.array([-3, -4, -5, -6], np.float32)]
-  out = rollout_lib.pack_batch(r, np.array([0.5, -0.5], np.float32), max_prompt_length=4,
-                               max_response_length=3, pad_id=0)
+  packed = packing.pack_rollouts(
+    r.prompt_ids, r.response_ids, r.response_logprobs, np.array([0.5, -0.5], np.float32), mini=2,
+    max_prompt_length=4, max_response_length=3, pad_id=0,
+    layout=packing.Layout(7, num_micro=1, num_shards=1, padded=True))
+  out = {k: v[0, 0] for k, v in packed.batches[0].items()}  # micro-batch 0, shard 0
   np.testing.assert_array_equal(out["input_ids"], [[0, 7, 8, 9, 1, 2, 0], [0, 0, 0, 5, 3, 4, 6]])
-  np.testing.assert_array_equal(out["attention_mask"], [[0, 1, 1, 1, 1, 1, 0],
-                                                        [0, 0, 0, 1, 1, 1, 1]])
-  np.testing.assert_array_equal(out["positions"], [[0, 0, 1, 2, 3, 4, 4], [0, 0, 0, 0, 1, 2, 3]])
+  np.testing.assert_array_equal(out["segment_ids"], [[0, 1, 1, 1, 1, 1, 0],
+                                                     [0, 0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(out["positions"], [[0, 0, 1, 2, 3, 4, 0], [0, 0, 0, 0, 1, 2, 3]])
+  # Response token t of row e is predicted at flat position e * 7 + P - 1 + t.
+  np.testing.assert_array_equal(out["token_index"], [[3, 4, 0], [10, 11, 12]])
   np.testing.assert_array_equal(out["response_mask"], [[1, 1, 0], [1, 1, 1]])
   np.testing.assert_allclose(out["advantages"], [[0.5, 0.5, 0], [-0.5, -0.5, -0.5]])
   np.testing.assert_allclose(out["old_log_probs"], [[-1, -2, 0], [-3, -4, -5]])
+  np.testing.assert_array_equal(out["seq_index"], [0, 1])
 
 
 def test_overlong_shaping_counts_tokens():
@@ -140,11 +145,16 @@ def test_32b_recipe_batch_arithmetic():
   assert setup_lib.update_config(rc, _mesh_like(2, 64), seq).num_micro_batches == 8
 
 
-def test_micro_batches_split_strided():
-  x = jnp.arange(12).reshape(6, 2)
-  parts = ts.split_micro_batches(x, 3)
-  assert parts.shape == (3, 2, 2)
-  np.testing.assert_array_equal(parts[0], [[0, 1], [6, 7]])  # rows 0 and 3
+def test_padded_micro_batches_split_strided():
+  """verl's split: micro-batch j holds rows j, j + NM, ...; each shard a contiguous share."""
+  packed = packing.pack_rollouts(
+    [np.array([i], np.int32) for i in range(12)], [np.array([1], np.int32)] * 12,
+    [np.zeros(1, np.float32)] * 12, np.zeros(12, np.float32), mini=12, max_prompt_length=1,
+    max_response_length=2, pad_id=0, layout=packing.Layout(3, 3, num_shards=2, padded=True))
+  index = packed.batches[0]["seq_index"]
+  assert index.shape == (3, 2, 2)  # [NM, W, E]
+  np.testing.assert_array_equal(index[0], [[0, 3], [6, 9]])  # rows 0, 3 | 6, 9
+  np.testing.assert_array_equal(packed.batches[0]["input_ids"][1, :, :, 0], [[1, 4], [7, 10]])
 
 
 @pytest.mark.slow
@@ -159,12 +169,10 @@ def test_32b_recipe_train_step_builds_abstractly():
   p, t = rc.data.max_prompt_length, rc.rl.max_response_length
   m = rc.rl.ppo_mini_batch_size * rc.rl.n  # 1024 responses per optimizer step
   upd = setup_lib.update_config(rc, _mesh_like(1, 64), p + t)
-  sds = jax.ShapeDtypeStruct
-  batch = ts.PolicyBatch(
-    input_ids=sds((m, p + t), jnp.int32), attention_mask=sds((m, p + t), jnp.int32),
-    positions=sds((m, p + t), jnp.int32), response_mask=sds((m, t), jnp.float32),
-    old_log_probs=sds((m, t), jnp.float32), advantages=sds((m, t), jnp.float32))
-  fn = functools.partial(ts.train_step, graphdef, cfg=upd, tx=tx)
+  shape = aot_batches.padded_shape(rc, _mesh_like(1, 64), upd)  # the padded layout
+  assert (shape.num_micro * shape.num_shards * shape.rows, shape.row_len) == (m, p + t)
+  batch = layouts.abstract_batch(shape, t)
+  fn = functools.partial(steps.train_step, graphdef, cfg=upd, tx=tx)
   new_params, new_opt, metrics = jax.eval_shape(fn, abstract, opt, batch)
   assert models.count_params(new_params) == 32_763_876_352
   assert jax.tree.structure(new_opt) == jax.tree.structure(opt)

@@ -14,15 +14,19 @@ One mini-batch of M sequences becomes, for W batch shards (devices along the bat
 
 Micro-batch membership:
   - fixed (`num_micro` given, verl without dynamic batch size): micro-batch j holds rows
-    j, j + NM, j + 2 NM, ... of the mini-batch, exactly the padded path's `split_micro_batches`,
+    j, j + NM, j + 2 NM, ... of the mini-batch, exactly verl's micro-batch split,
     and slot i of it goes to shard i // ceil(M / NM / W), where the padded layout puts it;
     each (micro-batch, shard) packs its sequences first-fit decreasing into R rows.
   - dynamic (verl's use_dynamic_bsz): all M sequences are packed first-fit decreasing into rows
     of S tokens (a budget of real tokens per device per micro-batch, as verl's
     ppo_max_token_len_per_gpu); row b goes to micro-batch b // W, shard b % W (R = 1).
 
+  - padded (`plan_padded`, rl.use_remove_padding=False): one sequence per row of P + T tokens,
+    the prompt left-padded, the response right-padded (E = R); micro-batches as in fixed mode.
+
 Shapes are static: NM (dynamic mode), R and E are rounded up to `bucket` sizes, so a new length
 mix reuses a compiled step. Padding micro-batches hold no sequence; the train step skips them.
+`pack_rollouts` packs a rollout batch on a `Layout` (rl/layouts.py: a run's).
 """
 
 from __future__ import annotations
@@ -96,6 +100,25 @@ class Shape:
   row_len: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The packer's settings for a run's mini-batches (`layouts.for_run` builds a run's).
+
+  padded: one sequence per row of row_len = P + T tokens (rl.use_remove_padding=False), the
+  fixed micro-batches of `num_micro`; else packed rows of row_len tokens, num_micro None for
+  token-budget micro-batches (verl's use_dynamic_bsz).
+  """
+
+  row_len: int
+  num_micro: int | None
+  num_shards: int
+  padded: bool = False
+
+  def __post_init__(self):
+    if self.padded and self.num_micro is None:
+      raise ValueError("the padded layout has fixed micro-batches (num_micro)")
+
+
 def _place(
   groups: list[tuple[int, int, list[int]]], lengths: np.ndarray, row_len: int, num_shards: int
 ) -> Plan:
@@ -158,6 +181,45 @@ def plan_mini_batch(
         groups.append((j, d, sorted(int(mine[i]) for i in items)))
   plan = _place(groups, lengths, row_len, num_shards)
   return dataclasses.replace(plan, num_micro=num_micro)
+
+
+def plan_padded(
+  prompt_lengths: Sequence[int],
+  response_lengths: Sequence[int],
+  *,
+  num_shards: int,
+  num_micro: int,
+  max_prompt_length: int,
+  row_len: int,
+) -> Plan:
+  """The padded layout as a plan: one sequence per row (of row_len = P + T), its prompt ending at
+  P (left padding) and its response starting there (right padding).
+
+  Micro-batch j is sequences j, j + NM, ... (verl's split); slot (= row) i of it goes to shard
+  i // ceil(M / NM / W), so every shard holds a contiguous share, as the fixed mode above.
+  """
+  prompt_lengths = np.asarray(prompt_lengths, np.int64)
+  lengths = prompt_lengths + np.asarray(response_lengths, np.int64)
+  m = len(prompt_lengths)
+  if m and (max_prompt_length + lengths - prompt_lengths).max() > row_len:
+    raise ValueError(f"a padded row of {row_len} tokens cannot hold P + a response")
+  if m % num_micro:
+    raise ValueError(f"{m} sequences do not split into {num_micro} equal micro-batches")
+  per_shard = -(-(m // num_micro) // num_shards)
+  k = np.arange(m) // num_micro  # position within the micro-batch
+  return Plan(
+    micro=np.arange(m) % num_micro,
+    shard=k // per_shard,
+    row=k % per_shard,
+    offset=max_prompt_length - prompt_lengths,
+    slot=k % per_shard,
+    lengths=lengths,
+    num_micro=num_micro,
+    rows=per_shard,
+    slots=per_shard,
+    num_shards=num_shards,
+    row_len=row_len,
+  )
 
 
 def layout_shape(
@@ -243,24 +305,6 @@ def from_slots(plan: Plan, y: np.ndarray) -> np.ndarray:
   return np.asarray(y)[plan.micro, plan.shard, plan.slot]
 
 
-def rows_from_slots(seq_index: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """`from_slots` without the plan: seq_index int[NM, W, E] (-1 = empty) says each slot's row."""
-  seq_index, y = np.asarray(seq_index), np.asarray(y)
-  used = seq_index >= 0
-  out = np.zeros((int(used.sum()),) + y.shape[seq_index.ndim :], y.dtype)
-  out[seq_index[used]] = y[used]
-  return out
-
-
-def response_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
-  """The response token ids [NM, W, E, T] of a packed batch (token_index points one before)."""
-  ids = np.asarray(batch["input_ids"])
-  flat = ids.reshape(ids.shape[:2] + (-1,))
-  nxt = np.minimum(np.asarray(batch["token_index"]) + 1, flat.shape[-1] - 1)
-  got = np.take_along_axis(flat[:, :, None, :], nxt.reshape(nxt.shape[:3] + (-1,)), axis=-1)
-  return np.where(np.asarray(batch["response_mask"]) > 0, got, 0)
-
-
 def useful_fraction(plan: Plan, shape: Shape) -> float:
   """Real tokens / tokens the packed layout runs the model on."""
   return float(plan.lengths.sum()) / float(
@@ -286,44 +330,22 @@ def response_arrays(
   return {"response_mask": mask, "old_log_probs": lp, "advantages": adv}
 
 
-def pad_rows(
-  prompts: Sequence[np.ndarray],
-  responses: Sequence[np.ndarray],
-  logprobs: Sequence[np.ndarray],
-  advantages: np.ndarray,
-  *,
-  max_prompt_length: int,
-  max_response_length: int,
-  pad_id: int,
-) -> dict[str, np.ndarray]:
-  """The padded layout: one sequence per row, prompts left-padded to P, responses right-padded
-  to T (S = P + T).
-
-  Returns input_ids/attention_mask/positions int32[B, S] and the response layout f32[B, T] of
-  `response_arrays` (response_mask, old_log_probs, advantages).
-  """
-  b, p, t = len(prompts), max_prompt_length, max_response_length
-  ids = np.full((b, p + t), pad_id, np.int32)
-  attn = np.zeros((b, p + t), np.int32)
-  for i, (pid, rid) in enumerate(zip(prompts, responses, strict=True)):
-    pid = np.asarray(pid, np.int32)[-p:]
-    rid = np.asarray(rid, np.int32)[:t]
-    ids[i, p - len(pid) : p] = pid
-    attn[i, p - len(pid) : p] = 1
-    ids[i, p : p + len(rid)] = rid
-    attn[i, p : p + len(rid)] = 1
-  positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
-  return {"input_ids": ids, "attention_mask": attn, "positions": positions,
-          **response_arrays(responses, logprobs, advantages, t)}
-
-
 @dataclasses.dataclass(frozen=True)
 class PackedRollouts:
   """Every mini-batch of a rollout batch on one packed layout."""
 
-  batches: list[dict[str, np.ndarray]]  # PackedBatch fields per mini-batch (selected shards)
+  batches: list[dict[str, np.ndarray]]  # steps.Batch fields per mini-batch (selected shards)
   plans: list[Plan]
   shape: Shape
+  useful: float  # real tokens / tokens the model runs on, over the mini-batches
+
+
+def _plan(layout: Layout, prompt_lengths, response_lengths, max_prompt_length: int) -> Plan:
+  """The plan of one mini-batch of (prompt, response) lengths int[M] on `layout`."""
+  kw = dict(num_shards=layout.num_shards, num_micro=layout.num_micro, row_len=layout.row_len)
+  if layout.padded:
+    return plan_padded(prompt_lengths, response_lengths, max_prompt_length=max_prompt_length, **kw)
+  return plan_mini_batch(prompt_lengths + response_lengths, **kw)
 
 
 def pack_rollouts(
@@ -335,27 +357,24 @@ def pack_rollouts(
   mini: int,
   max_prompt_length: int,
   max_response_length: int,
-  row_len: int,
-  num_shards: int,
-  num_micro: int | None,
+  layout: Layout,
   pad_id: int,
   shards: slice | None = None,
 ) -> PackedRollouts:
   """Packs R = k * mini sequences, mini-batch by mini-batch, into one shared static Shape.
 
   Prompts keep their last max_prompt_length tokens and responses their first
-  max_response_length (as `pad_rows`). Every process plans all mini-batches (the
-  plans agree everywhere) and fills only the batch shards `shards` its devices hold.
+  max_response_length. Every process plans all mini-batches (the plans agree everywhere) and
+  fills only the batch shards `shards` its devices hold. The padded layout's shape is exact
+  (R = E = its rows per shard), a packed one's is bucketed.
   """
   prompts = [np.asarray(p, np.int32)[-max_prompt_length:] for p in prompts]
   responses = [np.asarray(r, np.int32)[:max_response_length] for r in responses]
-  lengths = np.asarray([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)])
+  plen, rlen = (np.asarray([len(x) for x in xs], np.int64) for xs in (prompts, responses))
   parts = [slice(i, i + mini) for i in range(0, len(prompts), mini)]
-  plans = [
-    plan_mini_batch(lengths[s], num_shards=num_shards, row_len=row_len, num_micro=num_micro)
-    for s in parts
-  ]
-  shape = layout_shape(plans, dynamic=num_micro is None)
+  plans = [_plan(layout, plen[s], rlen[s], max_prompt_length) for s in parts]
+  buckets = () if layout.padded else DEFAULT_BUCKETS
+  shape = layout_shape(plans, dynamic=layout.num_micro is None, buckets=buckets)
   resp = response_arrays(responses, logprobs, np.asarray(advantages), max_response_length)
   batches = []
   for s, plan in zip(parts, plans, strict=True):
@@ -374,4 +393,5 @@ def pack_rollouts(
     arrays["seq_index"] = to_slots(plan, shape, rows, shards=shards, fill=-1)
     arrays["seq_mask"] = (arrays["seq_index"] >= 0).astype(np.float32)
     batches.append(arrays)
-  return PackedRollouts(batches=batches, plans=plans, shape=shape)
+  useful = float(np.mean([useful_fraction(p, shape) for p in plans]))
+  return PackedRollouts(batches=batches, plans=plans, shape=shape, useful=useful)

@@ -7,9 +7,10 @@ shaping (`rewards.score_responses`; split over processes by `score_shard`), and 
 groups whose `rl.filter_groups_metric` (official: `acc`) is not all-equal; rounds repeat (up to
 `max_num_gen_batches`) until `train_batch_size` prompts are kept, and the kept groups are
 truncated to exactly `train_batch_size` x `n` responses (`collect_with_dynamic_sampling`).
-Then GRPO group advantages, and `pack_batch` lays the responses out as PolicyBatch arrays (left-
-padded prompts, right-padded responses), one mini-batch per `ppo_mini_batch_size` prompts, each
-placed on the train mesh from the rows this host's devices hold.
+Then GRPO group advantages, and `layouts.mini_batches` lays the responses out on the run's layout
+(packed rows, or padded rows with rl.use_remove_padding=False), one mini-batch per
+`ppo_mini_batch_size` prompts, each placed on the train mesh from the shards this host's devices
+hold.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from flax import nnx
 
 from fipo_jax import config as config_lib
 from fipo_jax import metrics as metrics_lib
-from fipo_jax import seeds, sharding
+from fipo_jax import seeds
 from fipo_jax.algo import advantages as adv_lib
-from fipo_jax.rl import packed_step, packing, scoring
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import layouts, scoring, steps
 from fipo_jax.sampling import batching
 from fipo_jax.sampling import driver as driver_lib
 
@@ -119,36 +119,18 @@ def collect_with_dynamic_sampling(
   return DynamicSamplingResult(result, rounds, target, stats)
 
 
-def pack_batch(
-  rollouts: scoring.Rollouts,
-  advantages: np.ndarray,
-  *,
-  max_prompt_length: int,
-  max_response_length: int,
-  pad_id: int,
-) -> dict[str, np.ndarray]:
-  """The PolicyBatch arrays of `rollouts` on the padded layout (`packing.pad_rows`).
-
-  old_log_probs are the sampler's (the actor's recomputation replaces them unless
-  rl.old_log_prob_source='sampler'); advantages f32[B] are broadcast over each response.
-  """
-  return packing.pad_rows(rollouts.prompt_ids, rollouts.response_ids, rollouts.response_logprobs,
-                          advantages, max_prompt_length=max_prompt_length,
-                          max_response_length=max_response_length, pad_id=pad_id)
-
-
 # --- One RL step's training data: collect() = sample -> score -> filter -> advantages -> pack.
 
 
 def collect(rc: config_lib.RunConfig, sampler: scoring.Sampler, data, params: nnx.State,
-            step: int, *, mesh: jax.sharding.Mesh, update_cfg: ts.UpdateConfig, pad_id: int,
-            kept: list | None = None, carry=None) -> tuple[list[ts.PolicyBatch], dict[str, Any]]:
+            step: int, *, mesh: jax.sharding.Mesh, update_cfg: steps.UpdateConfig, pad_id: int,
+            kept: list | None = None, carry=None) -> tuple[list[steps.Batch], dict[str, Any]]:
   """The training data of RL step `step` (0-based), sampled with `params`.
 
   Dynamic-sampling rounds of sampling (rl.gen_batch_size prompts of `data.next_batch` x n) and
   scoring until rl.train_batch_size prompts are kept, then group advantages, then packing into
   `train_batch_size / ppo_mini_batch_size` mini-batches placed on `mesh` (`update_cfg` gives the
-  packed layout's micro-batches). Each host packs only the rows its own devices hold.
+  layout's micro-batches). Each host packs only the batch shards its own devices hold.
   `old_log_probs` are the sampler's; the trainer replaces them with the actor's
   (rl.old_log_prob_source='trainer'). Returns (mini-batches, [] when no group was kept; rollout
   metrics). `kept` (a list, for the rollout dump) receives the kept Rollouts and their
@@ -171,14 +153,16 @@ def collect(rc: config_lib.RunConfig, sampler: scoring.Sampler, data, params: nn
   adv = adv_lib.grpo_outcome_advantages(
     r.scores, r.group_ids, norm_by_std=rc.rl.norm_adv_by_std_in_grpo
   )
-  batches, packed = _mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
+  batches, packed = layouts.mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
   if kept is not None:
     kept.append((r, adv))
   lengths = np.asarray([len(x) for x in r.response_ids])
   metrics.update({
     "train/kept_acc_mean": float(np.mean(r.acc)),
     "critic/score/mean": float(np.mean(r.scores)),
-    "critic/advantages/mean": _token_mean(r, adv, packed, rc.rl.max_response_length),
+    "critic/advantages/mean": metrics_lib.advantage_token_mean(
+      adv, np.minimum(lengths, rc.rl.max_response_length),
+      packed if jax.process_count() == 1 else None),  # one process holds every row
     "reward/errors": int(r.reward_errors),
     "reward/overlong_frac": float(np.mean(r.overlong)),
     "train/num_prompts_kept": res.num_prompts_kept,
@@ -232,62 +216,3 @@ def _sampler_perf(stats: Sequence[batching.SamplerStats]) -> dict[str, float]:
     "perf/sampler_device_busy": sum(s.device_time_s for s in stats) / max(wall, 1e-9),
     "perf/sampler_slot_utilisation": sum(s.active_slot_steps for s in stats) / max(slot_steps, 1),
   }
-
-
-def _mini_batches(rc: config_lib.RunConfig, mesh: jax.sharding.Mesh, r: scoring.Rollouts,
-                  adv: np.ndarray, *, update_cfg: ts.UpdateConfig, pad_id: int
-                  ) -> tuple[list[ts.PolicyBatch], dict[str, np.ndarray]]:
-  """[B] rollouts -> B / mini mini-batches on `mesh`, each from this host's rows of it.
-
-  Returns (the mini-batches, this host's packed numpy arrays of all of them, stacked). With
-  rl.use_remove_padding the mini-batches are packed rows instead (rl/packed_step.py)."""
-  if rc.rl.use_remove_padding:
-    return packed_step.mini_batches(rc, mesh, r, adv, update_cfg=update_cfg, pad_id=pad_id)
-  mini = rc.rl.ppo_mini_batch_size * rc.rl.n
-  num_mini = len(r) // mini
-  rows = _local_rows(mesh, mini)
-  local = np.concatenate([np.arange(i * mini + rows.start, i * mini + rows.stop)
-                          for i in range(num_mini)])
-  packed = pack_batch(
-    r.select(local), adv[local], max_prompt_length=rc.data.max_prompt_length,
-    max_response_length=rc.rl.max_response_length, pad_id=pad_id,
-  )
-  k = rows.stop - rows.start
-  batches = [_device_batch(mesh, {n: v[i * k:(i + 1) * k] for n, v in packed.items()}, mini)
-             for i in range(num_mini)]
-  return batches, packed
-
-
-def _local_rows(mesh: jax.sharding.Mesh, rows: int) -> slice:
-  """Rows [lo, hi) of an [rows, ...] batch that this process's devices hold."""
-  held = sharding.process_rows(sharding.batch_sharding(mesh, 1, (rows,)), rows)
-  if held is None:  # devices not grouped by process: every host packs every row
-    logging.warning("batch rows of this host are not contiguous; packing all %d rows", rows)
-    return slice(0, rows)
-  return held
-
-
-def _device_batch(mesh: jax.sharding.Mesh, arrays: dict[str, np.ndarray], rows: int
-                  ) -> ts.PolicyBatch:
-  """Global [rows, ...] arrays from this process's rows (all rows also work: then global)."""
-
-  def put(x):
-    shape = (rows,) + x.shape[1:]
-    return jax.make_array_from_process_local_data(
-      sharding.batch_sharding(mesh, x.ndim, shape), x, shape)
-
-  return ts.PolicyBatch(**{k: put(v) for k, v in arrays.items()})
-
-
-def _token_mean(r: scoring.Rollouts, adv: np.ndarray, packed: dict[str, np.ndarray],
-                max_len: int) -> float:
-  """The token-mean advantage of the whole batch.
-
-  One process holds every row and reads its packed arrays; on several, each holds a share of
-  the rows, so the global number comes from the [B] rollouts every host has.
-  """
-  if jax.process_count() == 1:
-    mask = packed["response_mask"]
-    return float(np.sum(packed["advantages"] * mask) / max(mask.sum(), 1.0))
-  lengths = np.asarray([min(len(x), max_len) for x in r.response_ids], np.float64)
-  return float(np.sum(np.asarray(adv, np.float64) * lengths) / max(lengths.sum(), 1.0))

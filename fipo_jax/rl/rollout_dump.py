@@ -17,8 +17,8 @@ RL step k (1-based, the step metrics.jsonl logs) holds both, and FIPO's weights:
   WORKDIR/influence/step_{k}.npz: every row's weights as arrays [U, M, T] (U updates, M rows
     of a mini-batch) with response_mask, advantages and response_ids [num mini-batches, M, T].
 
-Rows come back from the packed layout through `packed_step.dump_rows`; padded rows are already
-[M, T]. Only process 0 writes (the arrays were gathered on every host).
+Rows come back from the batch layout (padded or packed) through `row_arrays`. Only
+process 0 writes (the arrays were gathered on every host).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import numpy as np
 from etils import epath
 
 from fipo_jax import paths
-from fipo_jax.rl import packed_step
 
 DIR = "rollout_data"
 _DIGITS = 6  # decimals kept in the JSONL (float32 log-ratios are ~1e-7 apart near 0)
@@ -41,21 +40,44 @@ def dump_path(workdir: str, step: int) -> str:
   return paths.join(workdir, DIR, f"{step}.jsonl")
 
 
+def rows_from_slots(seq_index: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """The response layout y [NM, W, E, ...] -> per-sequence rows [M, ...]; seq_index
+  int[NM, W, E] (-1 = empty) says each slot's row (`packing.from_slots` without the plan)."""
+  seq_index, y = np.asarray(seq_index), np.asarray(y)
+  used = seq_index >= 0
+  out = np.zeros((int(used.sum()),) + y.shape[seq_index.ndim :], y.dtype)
+  out[seq_index[used]] = y[used]
+  return out
+
+
+def response_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
+  """The response token ids [NM, W, E, T] of a batch (token_index points one before)."""
+  ids = np.asarray(batch["input_ids"])
+  flat = ids.reshape(ids.shape[:2] + (-1,))
+  nxt = np.minimum(np.asarray(batch["token_index"]) + 1, flat.shape[-1] - 1)
+  got = np.take_along_axis(flat[:, :, None, :], nxt.reshape(nxt.shape[:3] + (-1,)), axis=-1)
+  return np.where(np.asarray(batch["response_mask"]) > 0, got, 0)
+
+
 def row_arrays(dumps: Sequence[dict], batches: Sequence[Any]):
-  """Per-update dumps and the host mini-batches -> ([U] {key: [M, T]}, [num_mini] {response_mask,
-  advantages, response_ids: [M, T]}); update u belongs to mini-batch u % num_mini."""
-  if isinstance(batches[0], packed_step.PackedBatch):
-    return packed_step.dump_rows(list(dumps), list(batches))
-  p = batches[0].input_ids.shape[1] - batches[0].response_mask.shape[1]
-  fields = [
-    {
-      "response_mask": np.asarray(b.response_mask),
-      "advantages": np.asarray(b.advantages),
-      "response_ids": np.asarray(b.input_ids)[:, p:],
-    }
-    for b in batches
-  ]
-  return [{k: np.asarray(v) for k, v in d.items()} for d in dumps], fields
+  """Influence dumps (one per update: epochs x mini-batches) and the mini-batches, on the
+  host -> [M, T] rows: (dumps, per mini-batch {response_mask, advantages, response_ids});
+  update u belongs to mini-batch u % num_mini."""
+  rows = lambda b, x: rows_from_slots(np.asarray(b.seq_index), np.asarray(x))
+  out = [{k: rows(batches[i % len(batches)], v) for k, v in d.items()} for i, d in enumerate(dumps)]
+  fields = []
+  for b in batches:
+    ids = response_ids(
+      {k: np.asarray(getattr(b, k)) for k in ("input_ids", "token_index", "response_mask")}
+    )
+    fields.append(
+      {
+        "response_mask": rows(b, b.response_mask),
+        "advantages": rows(b, b.advantages),
+        "response_ids": rows(b, ids),
+      }
+    )
+  return out, fields
 
 
 def _write_npz(workdir: str, step: int, rows: list[dict], fields: list[dict]) -> None:

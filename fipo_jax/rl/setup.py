@@ -26,17 +26,16 @@ from fipo_jax import policy as policy_lib
 from fipo_jax.algo import losses as losses_lib
 from fipo_jax.data import pipeline as pipeline_lib
 from fipo_jax.data import tokenizer as tok_lib
-from fipo_jax.rl import optimizer, packed_step, partial_sampling, scoring
+from fipo_jax.rl import optimizer, partial_sampling, scoring, steps
 from fipo_jax.rl import rewards as rewards_lib
-from fipo_jax.rl import train_step as ts
 from fipo_jax.sampling import engine as engine_lib
 from fipo_jax.sampling import params as sampling_params
 
 if TYPE_CHECKING:
   import transformers
 
-# (params, mini-batch) -> FIPO's per-token weights of it (`ts.influence_step`, jitted).
-InfluenceFn = Callable[[nnx.State, ts.PolicyBatch], dict[str, jax.Array]]
+# (params, mini-batch) -> FIPO's per-token weights of it (`steps.influence_step`, jitted).
+InfluenceFn = Callable[[nnx.State, steps.Batch], dict[str, jax.Array]]
 
 
 @flax.struct.dataclass
@@ -60,7 +59,7 @@ class Env:
   opt_sharding: optax.OptState  # a NamedSharding per optimizer-state leaf, in its tree
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule  # lr per optimizer update count: what tx uses, and what is logged
-  update_cfg: ts.UpdateConfig
+  update_cfg: steps.UpdateConfig
   tokenizer: transformers.PreTrainedTokenizerBase
   pad_id: int
   eos_ids: list[int]
@@ -93,7 +92,7 @@ class Env:
                                self.reward_cfg)
 
 
-def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConfig:
+def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> steps.UpdateConfig:
   """Static update settings, incl. how many micro-batches a mini-batch is split into."""
   mini = rc.rl.ppo_mini_batch_size * rc.rl.n
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -104,7 +103,7 @@ def update_config(rc: config_lib.RunConfig, mesh, seq_len: int) -> ts.UpdateConf
   micro = min(mini, per_device * batch_devices)
   while mini % micro:  # equal micro-batches: the largest divisor of the mini-batch that fits
     micro -= 1
-  return ts.UpdateConfig(
+  return steps.UpdateConfig(
     loss_mode=rc.rl.loss_mode,
     policy_loss=losses_lib.PolicyLossConfig.from_config(rc.rl),
     num_micro_batches=mini // micro,
@@ -145,7 +144,7 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
                                    rc.sampling.top_k),
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
     reward_cfg=rewards_lib.RewardConfig.from_section(rc.rl),  # rl.reward_fn and the shaping
-    influence_fn=_influence_fn(rc, graphdef, upd) if rc.dump_influence else None,
+    influence_fn=_influence_fn(graphdef, upd) if rc.dump_influence else None,
     carry=partial_sampling.PartialRollouts() if rc.rollout.mode == "partial" else None,
   )
   env.ref_params = reference_params(env, params) if rc.rl.use_kl_loss else None
@@ -200,19 +199,9 @@ def make_engine(rc: config_lib.RunConfig, cfg: models.ModelConfig, graphdef: nnx
   )
 
 
-def jit_steps(rc: config_lib.RunConfig, graphdef: nnx.GraphDef, upd: ts.UpdateConfig, tx,
-              param_sharding, opt_sharding) -> ts.CompiledSteps:
-  """The update and log-prob steps jitted on the run's batch layout (packed or padded)."""
-  lib = packed_step if rc.rl.use_remove_padding else ts
-  return lib.jit_steps(graphdef, cfg=upd, tx=tx, param_sharding=param_sharding,
-                       opt_sharding=opt_sharding)
-
-
-def _influence_fn(rc: config_lib.RunConfig, graphdef: nnx.GraphDef, upd: ts.UpdateConfig
-                  ) -> InfluenceFn:
-  """FIPO's per-token weights of a mini-batch, on the layout the run's batches have."""
-  step = packed_step.influence_step if rc.rl.use_remove_padding else ts.influence_step
-  return jax.jit(functools.partial(step, graphdef, cfg=upd))
+def _influence_fn(graphdef: nnx.GraphDef, upd: steps.UpdateConfig) -> InfluenceFn:
+  """FIPO's per-token weights of a mini-batch (jitted)."""
+  return jax.jit(functools.partial(steps.influence_step, graphdef, cfg=upd))
 
 
 def _model(rc: config_lib.RunConfig, mesh) -> tuple[models.ModelConfig, nnx.GraphDef, nnx.State]:

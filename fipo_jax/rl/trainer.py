@@ -3,12 +3,12 @@
 `run(config, workdir)` is what `python -m fipo_jax.main` calls. Per RL step, `rl_step`:
 
   rollout.collect (gen_batch_size prompts x n sampled and scored, dynamic sampling until
-  train_batch_size prompts are kept, group advantages, mini-batches on the mesh)
-  -> old log-probs (the actor's, or the sampler's with rl.old_log_prob_source='sampler'; the
-     sampler-trainer mismatch metrics and rollout IS weights; the frozen reference's with the
-     KL term; jit)
-  -> train_batch_size / ppo_mini_batch_size x ppo_epochs optimizer updates (jit, micro-batch
-     accumulation) -> metrics;
+  train_batch_size prompts are kept, group advantages, mini-batches on the mesh: layouts.py)
+  -> log_probs.compute: old log-probs (the actor's, or the sampler's with
+     rl.old_log_prob_source='sampler'; the sampler-trainer mismatch metrics and rollout IS
+     weights; the frozen reference's with the KL term; jit)
+  -> updates.run: train_batch_size / ppo_mini_batch_size x ppo_epochs optimizer updates (jit,
+     micro-batch accumulation, steps.py) -> metrics;
 
 then `_Loop.end_step` evaluates, logs (jsonl, TensorBoard, plots) and checkpoints. The loop
 threads a `setup.TrainState` (params, optimizer state, step) through `rl_step`; the `setup.Env`
@@ -24,23 +24,19 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import tqdm
 from flax import nnx
 
 from fipo_jax import checkpoints as ckpt_lib
 from fipo_jax import config as config_lib
-from fipo_jax import distributed, paths
 from fipo_jax import metrics as metrics_lib
+from fipo_jax import paths
 from fipo_jax import policy as policy_lib
-from fipo_jax.algo import rollout_correction
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, optimizer, partial_sampling, sampler_policy, warmstart
+from fipo_jax.rl import evaluation, log_probs, optimizer, updates, warmstart
 from fipo_jax.rl import rollout as rollout_lib
-from fipo_jax.rl import rollout_dump as dump_lib
 from fipo_jax.rl import setup as setup_lib
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import steps as steps_lib
 
 
 class _StopRequested:
@@ -83,8 +79,9 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
   state = loop.initial_state(state)
-  steps = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
-                              env.opt_sharding)  # the same builder fipo_jax.aot compiles
+  steps = steps_lib.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                              param_sharding=env.param_sharding,
+                              opt_sharding=env.opt_sharding)  # the builder fipo_jax.aot compiles
   last: dict[str, Any] = {}
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env.eval_sampler(), env.val_examples, state.params, step=0)
@@ -269,7 +266,7 @@ def logs_step(rc, done: int, *, evaluated: bool, stopping: bool) -> bool:
   return done % rc.log_every == 0 or evaluated or stopping or done == rc.total_steps
 
 
-def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
+def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: steps_lib.CompiledSteps,
             state: setup_lib.TrainState) -> tuple[setup_lib.TrainState, dict[str, Any]]:
   """RL step `state.step`: collect -> old (and reference) log-probs -> updates -> metrics."""
   t0 = time.perf_counter()
@@ -281,11 +278,11 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
     logging.warning("step %d: no prompt group with mixed accuracy; update skipped", state.step)
     metrics.update({"train/nonfinite_updates": 0, "train/empty_steps": 1})
     return state.replace(step=state.step + 1), metrics
-  batches, num_tokens = _log_probs(rc, env, steps, state, batches, metrics)
+  batches, num_tokens = log_probs.compute(rc, env, steps, state, batches, metrics)
   t_update = time.perf_counter()
-  state, per_mb = _updates(rc, env, steps, state, batches, kept)
+  state, per_mb = updates.run(rc, env, steps, state, batches, kept)
   t_update = time.perf_counter() - t_update
-  metrics.update(_update_metrics(per_mb))
+  metrics.update(updates.metrics(per_mb))
   metrics.update({
     "actor/lr": optimizer.last_update_lr(env.lr_schedule, state.opt_state),  # the last update's
     "train/empty_steps": 0,
@@ -294,103 +291,3 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledStep
     "perf/train_tokens_per_s": num_tokens * rc.rl.ppo_epochs / max(t_update, 1e-9),
   })
   return state, metrics
-
-
-def _log_probs(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
-               state: setup_lib.TrainState, batches: list[ts.PolicyBatch],
-               metrics: dict[str, Any]) -> tuple[list[ts.PolicyBatch], float]:
-  """The step's old log-probs and, with the KL term, the reference's (same jitted pass).
-
-  The batches arrive with the sampler's log-probs as old_log_probs. The actor's pass (before
-  any update of the step, as verl) runs when `sampler_policy.metrics_due`: always with
-  rl.old_log_prob_source='trainer' (its log-probs replace the sampler's), every
-  rl.mismatch_metrics_every steps with 'sampler' (metrics only). Adds the entropy (when the
-  pass ran), the mismatch metrics and timings to `metrics`.
-  Returns (the batches, the response tokens of all of them)."""
-  t0 = time.perf_counter()
-  out, tokens = batches, 0.0
-  for b in batches:
-    tokens += jnp.sum(b.response_mask)
-  tokens = float(tokens)
-  if sampler_policy.metrics_due(rc.rl, state.step):
-    out = _old_log_probs(rc, steps, state.params, batches, metrics, tokens)
-  metrics["timing_s/old_log_prob"] = time.perf_counter() - t0
-  if env.ref_params is not None:  # the KL term: the frozen reference
-    t1 = time.perf_counter()
-    out = [b.replace(ref_log_probs=steps.log_prob(env.ref_params, b)[0]) for b in out]
-    metrics["timing_s/ref"] = time.perf_counter() - t1
-  return out, tokens
-
-
-def _old_log_probs(rc: config_lib.RunConfig, steps: ts.CompiledSteps, params: nnx.State,
-                   batches: list[ts.PolicyBatch], metrics: dict[str, Any], tokens: float
-                   ) -> list[ts.PolicyBatch]:
-  """The actor's pass over the batches: entropy, mismatch metrics against the sampler's
-  log-probs, and with rl.old_log_prob_source='trainer' its old log-probs (and rl.rollout_is's
-  weights) in the batches."""
-  rl = rc.rl
-  out, ent_sum, stats = [], 0.0, []
-  mode, threshold = partial_sampling.correction(rc)  # partial mode: the staleness correction
-  for b in batches:
-    old_lp, ent = steps.log_prob(params, b)
-    weights, st = rollout_correction.correct(old_lp, b.old_log_probs, b.response_mask,
-                                             mode=mode, threshold=threshold)
-    stats.append(st)
-    ent_sum += jnp.sum(ent * b.response_mask)
-    if rl.old_log_prob_source == "trainer":
-      b = b.replace(old_log_probs=old_lp, rollout_is_weights=weights)
-    out.append(b)
-  metrics["actor/entropy"] = float(ent_sum / max(tokens, 1.0))
-  stats = jax.device_get(stats)
-  metrics.update(rollout_correction.combine(stats, mode=mode))
-  if rc.rollout.mode == "partial":
-    metrics.update(partial_sampling.correction_metrics(stats, mode))
-  return out
-
-
-def _updates(rc: config_lib.RunConfig, env: setup_lib.Env, steps: ts.CompiledSteps,
-             state: setup_lib.TrainState, batches: list[ts.PolicyBatch], kept: list
-             ) -> tuple[setup_lib.TrainState, list[dict[str, Any]]]:
-  """rl.ppo_epochs passes over the mini-batches, one optimizer update each. With
-  rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
-  after the last update, for the step's dump (rl/rollout_dump.py).
-  Returns (the state after the step, each update's metrics on the host)."""
-  params, opt_state = state.params, state.opt_state
-  per_mb, dumps = [], []
-  for _ in range(rc.rl.ppo_epochs):
-    for b in batches:
-      if env.influence_fn is not None:
-        dumps.append(distributed.fetch(env.influence_fn(params, b)))  # all hosts gather
-      params, opt_state, m = steps.train(params, opt_state, b)
-      per_mb.append(m)
-  per_mb = jax.device_get(per_mb)
-  if dumps:
-    after = [distributed.fetch(env.influence_fn(params, b)) for b in batches]
-    _dump_influence(rc, env, state.step + 1, dumps, after, batches, kept)
-  return setup_lib.TrainState(params, opt_state, state.step + 1), per_mb
-
-
-def _update_metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
-  """verl averages every actor metric over the step's updates; FIPO's influence weights and
-  the PPO KL also per mini-batch (the weights are 1 on the first and move on the later ones)."""
-  keys = per_mb[0].keys() if per_mb else []
-  metrics: dict[str, Any] = {k: float(np.mean([float(m[k]) for m in per_mb])) for k in keys
-                             if k != "train/skipped_step"}
-  metrics["train/nonfinite_updates"] = int(sum(m["train/skipped_step"] for m in per_mb))
-  for key in ("actor/influence_weights_mean_raw", "actor/influence_weights_mean", "actor/ppo_kl"):
-    for i, m in enumerate(per_mb):
-      if key in m:
-        metrics[f"{key}/mb{i + 1}"] = float(m[key])
-  return metrics
-
-
-def _dump_influence(rc: config_lib.RunConfig, env: setup_lib.Env, step: int, dumps, after,
-                    batches, kept: list) -> None:
-  """RL step `step`'s rollout dump (WORKDIR/rollout_data/{step}.jsonl and the .npz)."""
-  host_batches = distributed.fetch(batches)  # collective: every host calls it
-  if jax.process_index() != 0:
-    return
-  (rollouts, advantages), = kept
-  dump_lib.write_step(env.workdir, step, before=dumps, after=after, batches=host_batches,
-                          rollouts=rollouts, advantages=advantages, tokenizer=env.tokenizer,
-                          max_rows=rc.dump_max_rows, loss_mode=rc.rl.loss_mode)

@@ -35,7 +35,7 @@ from flax import nnx
 from fipo_jax import paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import packing
-from fipo_jax.rl import train_step as ts
+from fipo_jax.rl import steps as steps_lib
 
 LOSS_WINDOW = 10  # steps averaged for the loss-threshold test (one batch's loss is noisy)
 
@@ -90,14 +90,16 @@ def sft_rows(rc, workdir: str) -> list[dict]:
 
 
 def _batch(examples, *, max_prompt_length: int, max_response_length: int, pad_id: int
-           ) -> ts.PolicyBatch:
-  """Supervised examples on the padded layout; the loss reads only the response mask."""
-  arrays = packing.pad_rows(
+           ) -> steps_lib.Batch:
+  """Supervised examples on the padded layout, one micro-batch on one shard; the loss reads
+  only the response mask."""
+  p, t = max_prompt_length, max_response_length
+  packed = packing.pack_rollouts(
     [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples],
     [np.zeros(len(e["response_ids"]), np.float32) for e in examples],
-    np.zeros(len(examples), np.float32), max_prompt_length=max_prompt_length,
-    max_response_length=max_response_length, pad_id=pad_id)
-  return ts.PolicyBatch(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
+    np.zeros(len(examples), np.float32), mini=len(examples), max_prompt_length=p,
+    max_response_length=t, layout=packing.Layout(p + t, 1, 1, padded=True), pad_id=pad_id)
+  return steps_lib.Batch(**{k: jax.numpy.asarray(v) for k, v in packed.batches[0].items()})
 
 
 def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
@@ -127,7 +129,7 @@ def _train(rc, params, direct: list[dict], chain: list[dict], *, graphdef, updat
   # Outputs pinned to the inputs' shardings: step 2 must not recompile.
   shardings = (jax.tree.map(lambda x: x.sharding, params),
                jax.tree.map(lambda x: x.sharding, opt_state), None)
-  step_fn = jax.jit(functools.partial(ts.sft_step, graphdef, cfg=update_cfg, tx=tx),
+  step_fn = jax.jit(functools.partial(steps_lib.sft_step, graphdef, cfg=update_cfg, tx=tx),
                     out_shardings=shardings, donate_argnums=(0, 1))
   rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
 
@@ -163,7 +165,7 @@ def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, toke
                    pad_id: int):
   """Returns params after the supervised warm start (or the cached result in WORKDIR/sft).
 
-  `params` (the policy's, in their shardings on `mesh`) are trained with `ts.sft_step` of
+  `params` (the policy's, in their shardings on `mesh`) are trained with `steps.sft_step` of
   `graphdef` under `update_cfg`, on the train split tokenized by `tokenizer`.
 
   Raises CannotLearn when the loss ends above sft.loss_threshold (nothing is cached then).

@@ -1,0 +1,67 @@
+"""Stage 3 of an RL step: rl.ppo_epochs passes over the mini-batches, one optimizer update each,
+and the step's influence dump (rl.dump_influence).
+
+`run(rc, env, steps, state, batches, kept) -> (state, per-update metrics)`;
+`metrics(per_update) -> the step's actor metrics`, averaged as verl averages them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from fipo_jax import config as config_lib
+from fipo_jax import distributed
+from fipo_jax.rl import rollout_dump as dump_lib
+from fipo_jax.rl import setup
+from fipo_jax.rl import steps as steps_lib
+
+
+def run(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps,
+        state: setup.TrainState, batches: list[steps_lib.Batch], kept: list
+        ) -> tuple[setup.TrainState, list[dict[str, Any]]]:
+  """rl.ppo_epochs passes over the mini-batches, one optimizer update each. With
+  rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
+  after the last update, for the step's dump (rl/rollout_dump.py).
+  Returns (the state after the step, each update's metrics on the host)."""
+  params, opt_state = state.params, state.opt_state
+  per_mb, dumps = [], []
+  for _ in range(rc.rl.ppo_epochs):
+    for b in batches:
+      if env.influence_fn is not None:
+        dumps.append(distributed.fetch(env.influence_fn(params, b)))  # all hosts gather
+      params, opt_state, m = steps.train(params, opt_state, b)
+      per_mb.append(m)
+  per_mb = jax.device_get(per_mb)
+  if dumps:
+    after = [distributed.fetch(env.influence_fn(params, b)) for b in batches]
+    _dump_influence(rc, env, state.step + 1, dumps, after, batches, kept)
+  return setup.TrainState(params, opt_state, state.step + 1), per_mb
+
+
+def metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
+  """verl averages every actor metric over the step's updates; FIPO's influence weights and
+  the PPO KL also per mini-batch (the weights are 1 on the first and move on the later ones)."""
+  keys = per_mb[0].keys() if per_mb else []
+  metrics: dict[str, Any] = {k: float(np.mean([float(m[k]) for m in per_mb])) for k in keys
+                             if k != "train/skipped_step"}
+  metrics["train/nonfinite_updates"] = int(sum(m["train/skipped_step"] for m in per_mb))
+  for key in ("actor/influence_weights_mean_raw", "actor/influence_weights_mean", "actor/ppo_kl"):
+    for i, m in enumerate(per_mb):
+      if key in m:
+        metrics[f"{key}/mb{i + 1}"] = float(m[key])
+  return metrics
+
+
+def _dump_influence(rc: config_lib.RunConfig, env: setup.Env, step: int, dumps, after,
+                    batches, kept: list) -> None:
+  """RL step `step`'s rollout dump (WORKDIR/rollout_data/{step}.jsonl and the .npz)."""
+  host_batches = distributed.fetch(batches)  # collective: every host calls it
+  if jax.process_index() != 0:
+    return
+  (rollouts, advantages), = kept
+  dump_lib.write_step(env.workdir, step, before=dumps, after=after, batches=host_batches,
+                          rollouts=rollouts, advantages=advantages, tokenizer=env.tokenizer,
+                          max_rows=rc.dump_max_rows, loss_mode=rc.rl.loss_mode)
