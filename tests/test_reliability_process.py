@@ -5,7 +5,7 @@ preempted (SIGTERM) or killed inside a checkpoint save and then restarted with t
 every step's metrics must equal the reference's to the last bit (timings excluded).
 
 The runs use `tiny_cpu:runlocal` with group filtering off (most steps then update) and a
-checkpoint every step. A persistent compilation cache shared by the module's processes keeps the
+checkpoint every step. The persistent compilation cache shared by the suite's processes keeps the
 restarts cheap on 2 cores, and every run starts from the reference run's supervised warm start
 (its WORKDIR/sft cache, copied): the warm start is deterministic and ahead of every fault.
 """
@@ -101,7 +101,10 @@ def _assert_same_run(workdir: pathlib.Path, reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp("jax_cache")
+  """The test run's persistent compilation cache (conftest.py), so these one-device tiny_cpu
+  runs share compiled programs with the others of the suite (test_config_cli, test_inspect)."""
+  return pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                      or tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")
