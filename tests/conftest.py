@@ -57,6 +57,26 @@ def hlo_op_sizes(hlo: str, ops) -> list[tuple[str, int]]:
           for m in pattern.finditer(hlo)]  # fmt: skip
 
 
+# CPU seconds per test file of a full run (tests/durations.json), to start the longest files
+# first: `--dist loadfile` (pyproject.toml) hands each file whole to one xdist worker (so module
+# fixtures run once), and two workers finish together only if no long file is left for the end.
+# Rough numbers suffice (a file's sum of `pytest --durations=0` will do); a new file runs last.
+DURATIONS = ROOT / "tests" / "durations.json"
+
+
+def pytest_collection_modifyitems(config, items):
+  """Orders the files longest first (files missing from tests/durations.json last), keeping the
+  order of tests within a file. xdist workers collect alike, so the order is the same on each."""
+  import json  # noqa: PLC0415
+
+  seconds = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+  first_seen = {}
+  for i, item in enumerate(items):
+    first_seen.setdefault(item.nodeid.split("::")[0], i)
+  items.sort(key=lambda item: (-seconds.get(path := item.nodeid.split("::")[0], 0.0),
+                               first_seen[path]))
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
   if not GOLDEN_DIR.exists():

@@ -71,7 +71,10 @@ def _error_lines(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp("jax_cache")
+  """The test run's persistent compilation cache (conftest.py), so these one-device tiny_cpu
+  runs share compiled programs with the others of the suite (test_config_cli, test_inspect)."""
+  return pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                      or tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,10 @@ def test_gpu_report_smoke_ends_with_its_json():
   assert dec["tokens_per_s"] > 0 and dec["slot_utilisation"] > 0
   att = dec["attention"]
   assert (att["kernel"], att["fallback"]) == ("gather_per_head", "gather_grouped")
-  assert att["max_abs_diff"] < 0.05  # bf16 outputs of the same attention
-  assert att["interpret_max_abs_diff"] < 0.05  # the GPU kernel in the Pallas interpreter
+  # bf16 outputs of the same attention: on a CPU the two formulations agree exactly and the
+  # Pallas interpreter is 2**-7 off (one bf16 step between 1 and 2); twice that is the bound.
+  assert att["max_abs_diff"] <= 2 * 2**-7
+  assert att["interpret_max_abs_diff"] <= 2 * 2**-7  # the GPU kernel in the Pallas interpreter
   split = report["rl_step"]["split"]
   assert set(split) == {"gen", "old_log_prob", "update_actor"}
   assert all(v > 0 for v in split.values())

@@ -7,6 +7,7 @@ verbatim (their /tmp paths moved under tmp_path) on a real tiny_cpu:runlocal run
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -108,8 +109,10 @@ def _readme_commands() -> list[list[str]]:
 def test_readme_dump_and_inspect_commands_on_a_real_run(tmp_path):
   local = lambda argv: [str(tmp_path / a[5:]) if a.startswith("/tmp/") else a for a in argv]
   train, insp = (local(c) for c in _readme_commands())
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop (and the quickest to compile)
   proc = subprocess.run(
-    [sys.executable, *train[1:]], cwd=ROOT, capture_output=True, text=True, check=False
+    [sys.executable, *train[1:]], cwd=ROOT, env=env, capture_output=True, text=True, check=False
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   workdir = pathlib.Path(train[train.index("--workdir") + 1])

@@ -48,7 +48,9 @@ def test_logits_match_transformers(hf_pair, impl):
   ref = mh.hf_logits(hf, ids, mask, pos)
   assert ours.dtype == np.float32
   assert np.std(ref[mask.astype(bool)]) > 0.5  # random weights give non-trivial logits
-  assert _real_positions_max_err(ours, ref, mask) < 1e-4
+  # float32 against torch float32: the largest error over the three model types and both
+  # attention implementations is ~5e-6 (logits of std ~1.2); 2e-5 leaves 4x for other CPUs.
+  assert _real_positions_max_err(ours, ref, mask) < 2e-5
 
 
 def test_default_positions_unpadded(hf_pair):
@@ -56,7 +58,7 @@ def test_default_positions_unpadded(hf_pair):
   model = models.from_pretrained(path)
   ids = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (2, 9)).astype(np.int32)
   ref = mh.hf_logits(hf, ids, np.ones_like(ids), np.broadcast_to(np.arange(9), ids.shape).copy())
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), ref, atol=2e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -133,7 +135,9 @@ def test_round_trip_save_pretrained(hf_pair, tmp_path):
   reloaded = models.from_pretrained(tmp_path / "out")
   ours = np.asarray(reloaded(jnp.asarray(ids), positions=jnp.asarray(pos),
                              attention_mask=jnp.asarray(mask)))
-  assert _real_positions_max_err(ours, ref, mask) < 1e-4
+  # float32 against torch float32: the largest error over the three model types and both
+  # attention implementations is ~5e-6 (logits of std ~1.2); 2e-5 leaves 4x for other CPUs.
+  assert _real_positions_max_err(ours, ref, mask) < 2e-5
 
 
 @pytest.mark.slow

@@ -170,8 +170,10 @@ def test_empty_steps_stop_a_stuck_run_not_a_solved_one(tmp_path, monkeypatch):
 def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
+  # One run at a time: the second seed's run then reuses the first's compiled programs (the
+  # suite's persistent compilation cache, conftest.py) instead of compiling them alongside it.
   cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--smoke",
-         "--seeds", "3", "4", "--jobs", "2", "--workdir", str(tmp_path)]  # fmt: skip
+         "--seeds", "3", "4", "--jobs", "1", "--workdir", str(tmp_path)]  # fmt: skip
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])

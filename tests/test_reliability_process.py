@@ -5,8 +5,9 @@ preempted (SIGTERM) or killed inside a checkpoint save and then restarted with t
 every step's metrics must equal the reference's to the last bit (timings excluded).
 
 The runs use `tiny_cpu:runlocal` with group filtering off (most steps then update) and a
-checkpoint every step. A persistent compilation cache
-shared by the module's processes keeps the restarts cheap on 2 cores.
+checkpoint every step. The persistent compilation cache shared by the suite's processes keeps the
+restarts cheap on 2 cores, and every run starts from the reference run's supervised warm start
+(its WORKDIR/sft cache, copied): the warm start is deterministic and ahead of every fault.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +47,11 @@ def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   return env
 
 
-def _start(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN
-           ) -> subprocess.Popen:
+def _start(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN,
+           warm_start: pathlib.Path | None = None) -> subprocess.Popen:
+  """Starts a run in `workdir`, with `warm_start` (a WORKDIR/sft cache) copied there if given."""
+  if warm_start is not None:
+    shutil.copytree(warm_start, workdir / "sft")
   # Output goes to a file, not a pipe: a full pipe would block the child mid-run.
   log = open(workdir.with_name(workdir.name + ".log"), "w+")  # noqa: SIM115 - closed in _finish
   proc = subprocess.Popen([sys.executable, *entry, *ARGS, "--workdir", str(workdir)],
@@ -63,9 +68,9 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
   return proc.returncode, out
 
 
-def _run(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN
-         ) -> tuple[int, str]:
-  return _finish(_start(workdir, cache_dir, entry))
+def _run(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN,
+         warm_start: pathlib.Path | None = None) -> tuple[int, str]:
+  return _finish(_start(workdir, cache_dir, entry, warm_start))
 
 
 def _finalised_steps(workdir: pathlib.Path) -> list[int]:
@@ -96,15 +101,30 @@ def _assert_same_run(workdir: pathlib.Path, reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp("jax_cache")
+  """The test run's persistent compilation cache (conftest.py), so these one-device tiny_cpu
+  runs share compiled programs with the others of the suite (test_config_cli, test_inspect)."""
+  return pathlib.Path(os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                      or tmp_path_factory.mktemp("jax_cache"))
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir) -> list[dict]:
+def reference_dir(tmp_path_factory, cache_dir) -> pathlib.Path:
+  """The uninterrupted run's workdir (metrics.jsonl, its warm start in sft/)."""
   workdir = tmp_path_factory.mktemp("reference")
   rc, err = _run(workdir, cache_dir)
   assert rc == 0, err[-3000:]
-  rows = _metrics(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def warm_start(reference_dir) -> pathlib.Path:
+  """The reference run's warm start (WORKDIR/sft), which every other run starts from."""
+  return reference_dir / "sft"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir) -> list[dict]:
+  rows = _metrics(reference_dir)
   assert [r["step"] for r in rows] == list(range(TOTAL_STEPS + 1))
   # The comparison is only meaningful if the steps really update the policy, before and after
   # the checkpoints the interrupted runs resume from (steps 2-3). A step whose groups all score
@@ -114,8 +134,9 @@ def reference(tmp_path_factory, cache_dir) -> list[dict]:
   return rows
 
 
-def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, cache_dir, reference):
-  proc = _start(tmp_path, cache_dir)
+def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, cache_dir, reference,
+                                                         warm_start):
+  proc = _start(tmp_path, cache_dir, warm_start=warm_start)
   _wait_for_checkpoint(proc, tmp_path, 2)
   time.sleep(random.uniform(0.0, 0.6))
   assert proc.poll() is None, "run finished before it could be killed; make it longer"
@@ -131,8 +152,8 @@ def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, cache_dir, re
   _assert_same_run(tmp_path, reference)
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, reference):
-  proc = _start(tmp_path, cache_dir)
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, reference, warm_start):
+  proc = _start(tmp_path, cache_dir, warm_start=warm_start)
   _wait_for_checkpoint(proc, tmp_path, 2)
   assert proc.poll() is None, "run finished before the signal; make it longer"
   proc.send_signal(signal.SIGTERM)
@@ -149,8 +170,9 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, referen
   _assert_same_run(tmp_path, reference)
 
 
-def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, cache_dir, reference):
-  rc, log = _run(tmp_path, cache_dir, KILL_IN_SAVE_3)
+def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, cache_dir, reference,
+                                                          warm_start):
+  rc, log = _run(tmp_path, cache_dir, KILL_IN_SAVE_3, warm_start)
   assert "Traceback" not in log, log[-3000:]
   assert rc == -signal.SIGKILL
   assert _finalised_steps(tmp_path)[-1] == 2  # step 3 was being written: never finalised

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 import shlex
@@ -61,9 +62,12 @@ def _local(argv: list[str], tmp_path: pathlib.Path) -> list[str]:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop (and the quickest to compile)
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.sweep", *argv],
     cwd=ROOT,
+    env=env,
     capture_output=True,
     text=True,
     check=False,
@@ -204,6 +208,16 @@ def test_runs_a_real_grid_and_resumes(tmp_path):
     "3",
     "--set",
     "total_steps=1",
+    # A short warm start, not a base model: the grid's plumbing is the point, not its scores (no
+    # warm-start threshold, no group filtering, no stop on steps without a mixed group).
+    "--set",
+    "sft.steps=20",
+    "--set",
+    "sft.loss_threshold=0",
+    "--set",
+    "rl.filter_groups_enable=false",
+    "--set",
+    "rl.max_empty_steps=0",
     "--out",
     str(out),
     "--threshold",
