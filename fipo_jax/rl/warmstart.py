@@ -26,13 +26,14 @@ import logging
 import random
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
-from fipo_jax import paths, seeds, sharding
+from fipo_jax import models, paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import packing
 from fipo_jax.rl import train_step as ts
@@ -64,7 +65,7 @@ def swapped_middle(question: str) -> str | None:
   i = len(digits) // 2 - 1
   if len(digits) < 2 or not digits.isdigit() or digits[i] == digits[i + 1]:
     return None
-  return digits[:i] + digits[i + 1] + digits[i] + digits[i + 2:]
+  return digits[:i] + digits[i + 1] + digits[i] + digits[i + 2 :]
 
 
 def slipped_answer(kind: str, question: str) -> str | None:
@@ -84,64 +85,150 @@ def sft_rows(rc, workdir: str) -> list[dict]:
     slip = slipped_answer(rc.data.synthetic.kind, question)
     if slip is not None and slip != answer and rng.random() < rc.sft.wrong_fraction:
       answer = slip
-    out.append(verl.make_row(question, answer, data_source=row["data_source"],
-                             index=len(out), split="sft"))
+    out.append(
+      verl.make_row(question, answer, data_source=row["data_source"], index=len(out), split="sft")
+    )
   return out
 
 
-def _batch(examples, *, max_prompt_length: int, max_response_length: int, pad_id: int
-           ) -> ts.PolicyBatch:
+def _batch(
+  examples, *, max_prompt_length: int, max_response_length: int, pad_id: int
+) -> ts.PolicyBatch:
   """Supervised examples on the padded layout; the loss reads only the response mask."""
   arrays = packing.pad_rows(
-    [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples],
+    [e["prompt_ids"] for e in examples],
+    [e["response_ids"] for e in examples],
     [np.zeros(len(e["response_ids"]), np.float32) for e in examples],
-    np.zeros(len(examples), np.float32), max_prompt_length=max_prompt_length,
-    max_response_length=max_response_length, pad_id=pad_id)
+    np.zeros(len(examples), np.float32),
+    max_prompt_length=max_prompt_length,
+    max_response_length=max_response_length,
+    pad_id=pad_id,
+  )
   return ts.PolicyBatch(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
 
 
+def _alt_ids(examples, *, max_response_length: int, pad_id: int) -> np.ndarray:
+  """int32[B, T]: each example's `alt_ids` right-padded as `_batch` pads its responses."""
+  out = np.full((len(examples), max_response_length), pad_id, np.int32)
+  for row, e in zip(out, examples, strict=True):
+    row[: len(e["alt_ids"])] = e["alt_ids"]
+  return out
+
+
+def mix_step(
+  graphdef, params, opt_state, batch: ts.PolicyBatch, alt_ids, *, cfg: ts.UpdateConfig, tx
+):
+  """`ts.sft_step` whose loss at a token where alt_ids int32[B, T] differs from the response is
+  -log(p(token) + p(alt token)): a direct parity answer names no bit, since a model that cannot
+  compute the parity in one token would learn only noise there, on the answer step that the
+  chain's answer shares. Every other token: the negative log-likelihood."""
+  t = batch.response_mask.shape[1]
+  length = batch.input_ids.shape[1]
+  free = alt_ids != batch.input_ids[:, length - t :]  # bool[B, T]
+
+  def loss_fn(p):
+    model = nnx.merge(graphdef, p)
+    hidden = model.hidden_states(
+      batch.input_ids, positions=batch.positions, attention_mask=batch.attention_mask
+    )[:, length - t - 1 : -1]
+    kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
+    w = model.unembedding()
+    log_prob = models.token_log_probs_from_hidden(hidden, w, batch.input_ids[:, length - t :], **kw)
+    alt = models.token_log_probs_from_hidden(hidden, w, alt_ids, **kw)
+    log_prob = jnp.where(free, jnp.logaddexp(log_prob, alt), log_prob)
+    mask = batch.response_mask
+    return -jnp.sum(log_prob * mask) / (jnp.sum(mask) + 1e-8)
+
+  loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+
+
 def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
-  """(direct examples, chain examples; [] unless sft.chain_fraction > 0), one per train row."""
+  """(direct examples, chain examples; [] unless sft.chain_fraction > 0), one per train row.
+
+  With chains, each example also carries `alt_ids` int32[T]: a direct answer's response with
+  its bit flipped, a chain's response itself. The mix stage asks for a bit where they differ
+  without naming it (`mix_step`).
+  """
   rows = sft_rows(rc, workdir)
   kw = dict(apply_chat_template=rc.data.apply_chat_template)
   direct = synthetic.sft_examples(tokenizer, rows, **kw)
   if rc.sft.chain_fraction <= 0.0:
     return direct, []
-  return direct, synthetic.sft_examples(tokenizer, rows, chain=True, **kw)
+  flipped = [
+    verl.make_row(
+      r["prompt"][0]["content"],
+      str(1 - int(r["reward_model"]["ground_truth"])),
+      data_source=r["data_source"],
+      index=i,
+      split="sft",
+    )
+    for i, r in enumerate(rows)
+  ]
+  for e, f in zip(direct, synthetic.sft_examples(tokenizer, flipped, **kw), strict=True):
+    e["alt_ids"] = f["response_ids"]
+  chain = synthetic.sft_examples(tokenizer, rows, chain=True, **kw)
+  for e in chain:
+    e["alt_ids"] = e["response_ids"]  # no free token
+  return direct, chain
 
 
-def _train(rc, params, direct: list[dict], chain: list[dict], *, graphdef, update_cfg, mesh,
-           pad_id: int):
+def stage_lr(sft, i: int, *, mix: bool) -> float:
+  """The warm start's lr at step i of a stage (0-based). First stage: linear from 0 over
+  sft.warmup_steps, then sft.lr (optax.linear_schedule). Mix stage: sft.lr linearly to 0 over
+  sft.mix_steps, so the base model's chain share ends near sft.chain_fraction rather than
+  where the last noisy batches left it, and the chain learnt first drifts less."""
+  if mix:
+    return sft.lr * (1.0 - i / sft.mix_steps)
+  return sft.lr * min(i, sft.warmup_steps) / sft.warmup_steps if sft.warmup_steps else sft.lr
+
+
+def _train(
+  rc, params, direct: list[dict], chain: list[dict], *, graphdef, update_cfg, mesh, pad_id: int
+):
   """Supervised steps: to sft.loss_threshold (at most sft.steps), then sft.mix_steps on the mix.
 
   With chains (parity) the first stage trains on chains only, the part whose learning time
   varies from seed to seed (a plateau, then the fixed-offset attention forms), and the second
-  on the base model's mix: a share sft.chain_fraction of chains, direct answers otherwise.
+  on the base model's mix: a share sft.chain_fraction of chains, direct answers otherwise, with
+  the direct answer's bit left free (`mix_step`).
   Returns (params, first-stage steps, its final mean loss).
   """
   sft = rc.sft
-  schedule = optax.linear_schedule(0.0, sft.lr, sft.warmup_steps) if sft.warmup_steps else sft.lr
-  tx = optax.adamw(schedule, weight_decay=0.0)
+  # The lr is set per step (`stage_lr`): the first stage's length is known only when it ends.
+  tx = optax.inject_hyperparams(optax.adamw)(learning_rate=sft.lr, weight_decay=0.0)
   opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(
-    params)  # the moments in the params' shards (multi-host: not on one device)
+    params
+  )  # the moments in the params' shards (multi-host: not on one device)
   # Outputs pinned to the inputs' shardings: step 2 must not recompile.
-  shardings = (jax.tree.map(lambda x: x.sharding, params),
-               jax.tree.map(lambda x: x.sharding, opt_state), None)
-  step_fn = jax.jit(functools.partial(ts.sft_step, graphdef, cfg=update_cfg, tx=tx),
-                    out_shardings=shardings, donate_argnums=(0, 1))
+  shardings = (
+    jax.tree.map(lambda x: x.sharding, params),
+    jax.tree.map(lambda x: x.sharding, opt_state),
+    None,
+  )
+  jit = functools.partial(jax.jit, out_shardings=shardings, donate_argnums=(0, 1))
+  sft_fn = jit(functools.partial(ts.sft_step, graphdef, cfg=update_cfg, tx=tx))
+  mix_fn = jit(functools.partial(mix_step, graphdef, cfg=update_cfg, tx=tx))
   rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
+  shape = dict(max_response_length=rc.rl.max_response_length, pad_id=pad_id)
 
-  def run(steps: int, chain_share: float, desc: str, threshold: float):
+  def run(steps: int, chain_share: float, desc: str, threshold: float, lr_at):
     nonlocal params, opt_state
     bar = tqdm.trange(steps, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0)
     losses: list[float] = []
-    for _ in bar:
+    for step in bar:
+      lr = opt_state.hyperparams["learning_rate"]
+      opt_state.hyperparams["learning_rate"] = jax.device_put(np.float32(lr_at(step)), lr.sharding)
       idx = rng.choice(len(direct), size=sft.batch_size, replace=False)
       use_chain = rng.random(sft.batch_size) < chain_share  # all False without a chain
       examples = [chain[i] if c else direct[i] for i, c in zip(idx, use_chain, strict=True)]
-      batch = _batch(examples, max_prompt_length=rc.data.max_prompt_length,
-                     max_response_length=rc.rl.max_response_length, pad_id=pad_id)
-      params, opt_state, m = step_fn(params, opt_state, batch)
+      batch = _batch(examples, max_prompt_length=rc.data.max_prompt_length, **shape)
+      if chain and chain_share < 1.0:
+        params, opt_state, m = mix_fn(params, opt_state, batch, _alt_ids(examples, **shape))
+      else:
+        params, opt_state, m = sft_fn(params, opt_state, batch)
       losses.append(float(m["sft/loss"]))
       mean = float(np.mean(losses[-LOSS_WINDOW:]))
       bar.set_postfix(loss=f"{mean:.3f}")
@@ -151,16 +238,33 @@ def _train(rc, params, direct: list[dict], chain: list[dict], *, graphdef, updat
     return len(losses), float(np.mean(losses[-LOSS_WINDOW:])) if losses else float("nan")
 
   if not chain:
-    steps, loss = run(sft.steps, 0.0, "warm start (SFT)", sft.loss_threshold)
+    steps, loss = run(
+      sft.steps,
+      0.0,
+      "warm start (SFT)",
+      sft.loss_threshold,
+      functools.partial(stage_lr, sft, mix=False),
+    )
     return params, steps, loss
-  steps, loss = run(sft.steps, 1.0, "warm start (SFT, chains)", sft.loss_threshold)
+  steps, loss = run(
+    sft.steps,
+    1.0,
+    "warm start (SFT, chains)",
+    sft.loss_threshold,
+    functools.partial(stage_lr, sft, mix=False),
+  )
   if not sft.loss_threshold or loss <= sft.loss_threshold:
-    run(sft.mix_steps, sft.chain_fraction, "warm start (SFT, mix)", 0.0)
+    run(
+      sft.mix_steps,
+      sft.chain_fraction,
+      "warm start (SFT, mix)",
+      0.0,
+      functools.partial(stage_lr, sft, mix=True),
+    )
   return params, steps, loss
 
 
-def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, tokenizer,
-                   pad_id: int):
+def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, tokenizer, pad_id: int):
   """Returns params after the supervised warm start (or the cached result in WORKDIR/sft).
 
   `params` (the policy's, in their shardings on `mesh`) are trained with `ts.sft_step` of
@@ -172,23 +276,26 @@ def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, toke
   ckptr = ocp.StandardCheckpointer()
   if paths.isdir(cache):
     logging.info("warm start: reusing %s", cache)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          nnx.to_pure_dict(params))
+    target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      nnx.to_pure_dict(params),
+    )
     restored = ckptr.restore(cache, target)
     nnx.replace_by_pure_dict(params, restored)
     return params
 
   direct, chain = _examples(rc, tokenizer, workdir)
-  params, steps, loss = _train(rc, params, direct, chain, graphdef=graphdef,
-                               update_cfg=update_cfg, mesh=mesh, pad_id=pad_id)
+  params, steps, loss = _train(
+    rc, params, direct, chain, graphdef=graphdef, update_cfg=update_cfg, mesh=mesh, pad_id=pad_id
+  )
   if rc.sft.loss_threshold > 0 and not loss <= rc.sft.loss_threshold:
     raise CannotLearn(
       f"the warm start ended at loss {loss:.3f} after {steps} steps, above sft.loss_threshold="
       f"{rc.sft.loss_threshold} (mean of its last {min(steps, LOSS_WINDOW)} steps): the base "
       f"model has not learnt the task, so RL would get no signal; raise sft.steps or change "
-      f"sft.lr")
+      f"sft.lr"
+    )
   logging.info("warm start: loss %.4f after %d steps", loss, steps)
   ckptr.save(cache, nnx.to_pure_dict(params))
   ckptr.wait_until_finished()
   return params
-
