@@ -82,7 +82,10 @@ def get_config(arg=None):
   c.eval.n = 4  # eval/acc_mean = avg@4 over the held-out prompts
   c.eval.max_prompts = -1
 
-  c.optim.lr = 1e-3
+  # Measured (seeds 1 and 4, same warm starts): at 1e-3 RL adopted the chain and then broke it
+  # (chain digits at 0.5-0.7 teacher-forced by step 10, held-out accuracy 0.58 and 0.42 at
+  # step 20); at 3e-4 both reached 1.00.
+  c.optim.lr = 3e-4
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.0
 
