@@ -14,8 +14,11 @@ example and step; RL must move it to the long form.
 The warm start runs until the mean loss of its last `LOSS_WINDOW` steps is at most
 `sft.loss_threshold`, with at most `sft.steps` steps and a linear lr warmup over
 `sft.warmup_steps`. With chains, that stage sees chains only, and `sft.mix_steps` steps on the
-mix follow (`_train`). A warm start that ends above the threshold raises `CannotLearn` (the CLI:
-one line, exit 2) and caches nothing. The result is cached in WORKDIR/sft for restarts.
+mix follow (`_train`), their lr annealed to 0 (`stage_lr`). In the mix a direct answer's bit is
+asked for without being named (`mix_step`): trained on the true parity, which the model cannot
+compute in one token, it taught the answer step after the chain to guess. A warm start that
+ends above the threshold raises `CannotLearn` (the CLI: one line, exit 2) and caches nothing.
+The result is cached in WORKDIR/sft for restarts.
 """
 
 from __future__ import annotations
