@@ -1,8 +1,7 @@
 """The parity warm start's mix stage: a direct answer's bit is asked for without being named,
-and the lr anneals to 0 over the mix (fipo_jax/rl/warmstart.py)."""
+chains are held in place, and the lr anneals to 0 over the mix (fipo_jax/rl/warmstart.py)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -49,45 +48,49 @@ def _tiny_model():
 
 
 @pytest.mark.slow
-def test_mix_loss_is_minus_log_p0_plus_p1_at_a_direct_bit(setup):
-  """mix_step's loss against one computed from the model's full logits: -log(p('0') + p('1'))
-  at a direct answer's bit, the negative log-likelihood at every other response token."""
+def test_mix_loss_frees_the_direct_bit_and_holds_chains(setup):
+  """mix_step's two losses against ones computed from the model's full logits. The mix rows:
+  -log(p('0') + p('1')) at a direct answer's bit, the negative log-likelihood at every other
+  response token. The held chains: the NLL of every response token but the first."""
   rc, tok, direct, chain = setup
-  examples = [direct[0], chain[1], direct[2], chain[3]]
+  mix_rows, held_rows = [direct[0], chain[1], direct[2]], [chain[3], chain[4]]
   kw = dict(max_response_length=rc.rl.max_response_length, pad_id=tok.pad_token_id)
-  batch = warmstart._batch(examples, max_prompt_length=rc.data.max_prompt_length, **kw)
-  alt = warmstart._alt_ids(examples, **kw)
+  batch, alt, held = warmstart._mix_batch(
+    mix_rows, held_rows, max_prompt_length=rc.data.max_prompt_length, **kw
+  )
   graphdef, params = _tiny_model()
   tx = optax.sgd(0.0)
   cfg = ts.UpdateConfig()
-  mix = jax.jit(lambda p, o, b, a: warmstart.mix_step(graphdef, p, o, b, a, cfg=cfg, tx=tx))
-  _, _, m = mix(params, tx.init(params), batch, jnp.asarray(alt))
+  mix = jax.jit(lambda *a: warmstart.mix_step(graphdef, *a, cfg=cfg, tx=tx))
+  _, _, m = mix(params, tx.init(params), batch, alt, held)
 
   forward = jax.jit(
     lambda p, b: nnx.merge(graphdef, p)(
       b.input_ids, positions=b.positions, attention_mask=b.attention_mask
     )
   )
-  logits = forward(params, batch)
-  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-  ids, mask = np.asarray(batch.input_ids), np.asarray(batch.response_mask)
-  p, t = ids.shape[1] - mask.shape[1], mask.shape[1]
-  nll, free = [], 0
-  for b in range(len(examples)):
-    for j in range(t):
-      if not mask[b, j]:
-        continue
+  logp = np.asarray(jax.nn.log_softmax(forward(params, batch), axis=-1))
+  ids, alt = np.asarray(batch.input_ids), np.asarray(alt)
+  t = rc.rl.max_response_length
+  p = ids.shape[1] - t
+  nll = {"mix": [], "held": []}
+  free = 0
+  for b, e in enumerate(mix_rows + held_rows):
+    first = 0 if b < len(mix_rows) else 1  # a held chain's first token is out of its loss
+    for j in range(first, len(e["response_ids"])):
       row = logp[b, p + j - 1]  # the logits that predict response token j
       if alt[b, j] != ids[b, p + j]:
-        nll.append(-np.logaddexp(row[ids[b, p + j]], row[alt[b, j]]))
+        nll["mix"].append(-np.logaddexp(row[ids[b, p + j]], row[alt[b, j]]))
         free += 1
       else:
-        nll.append(-row[ids[b, p + j]])
+        nll["mix" if b < len(mix_rows) else "held"].append(-row[ids[b, p + j]])
   assert free == 2  # one bit in each direct answer
-  np.testing.assert_allclose(float(m["sft/loss"]), np.mean(nll), rtol=1e-5)
-  # The plain SFT loss names the bit: it is larger.
+  np.testing.assert_allclose(float(m["sft/loss"]), np.mean(nll["mix"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m["sft/held_chain_loss"]), np.mean(nll["held"]), rtol=1e-5)
+  # The plain SFT loss of the mix rows names the bit: it is larger.
+  plain_batch = warmstart._batch(mix_rows, max_prompt_length=rc.data.max_prompt_length, **kw)
   sft = jax.jit(lambda p, o, b: ts.sft_step(graphdef, p, o, b, cfg=cfg, tx=tx))
-  _, _, plain = sft(params, tx.init(params), batch)
+  _, _, plain = sft(params, tx.init(params), plain_batch)
   assert float(plain["sft/loss"]) > float(m["sft/loss"]) + 1e-3
 
 

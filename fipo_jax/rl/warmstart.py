@@ -119,12 +119,15 @@ def _alt_ids(examples, *, max_response_length: int, pad_id: int) -> np.ndarray:
 
 
 def mix_step(
-  graphdef, params, opt_state, batch: ts.PolicyBatch, alt_ids, *, cfg: ts.UpdateConfig, tx
+  graphdef, params, opt_state, batch: ts.PolicyBatch, alt_ids, held, *, cfg: ts.UpdateConfig, tx
 ):
-  """`ts.sft_step` whose loss at a token where alt_ids int32[B, T] differs from the response is
-  -log(p(token) + p(alt token)): a direct parity answer names no bit, since a model that cannot
-  compute the parity in one token would learn only noise there, on the answer step that the
-  chain's answer shares. Every other token: the negative log-likelihood."""
+  """`ts.sft_step` on the mix, plus the chain held in place. Rows with held f32[B] = 0 are the
+  mix: where alt_ids int32[B, T] differs from the response the loss is -log(p(token) + p(alt
+  token)), as a direct parity answer names no bit (a model that cannot compute the parity in one
+  token would learn only noise there, on the answer step the chain's answer shares); every other
+  token, the negative log-likelihood. Rows with held = 1 are chains whose response mask leaves
+  out the first token: they keep the chain and its answer trained without moving the share of
+  chains the model samples. Loss: the token mean over the mix plus the one over the held rows."""
   t = batch.response_mask.shape[1]
   length = batch.input_ids.shape[1]
   free = alt_ids != batch.input_ids[:, length - t :]  # bool[B, T]
@@ -139,13 +142,37 @@ def mix_step(
     log_prob = models.token_log_probs_from_hidden(hidden, w, batch.input_ids[:, length - t :], **kw)
     alt = models.token_log_probs_from_hidden(hidden, w, alt_ids, **kw)
     log_prob = jnp.where(free, jnp.logaddexp(log_prob, alt), log_prob)
-    mask = batch.response_mask
-    return -jnp.sum(log_prob * mask) / (jnp.sum(mask) + 1e-8)
+    mix_mask = batch.response_mask * (1.0 - held[:, None])
+    held_mask = batch.response_mask * held[:, None]
+    mix = -jnp.sum(log_prob * mix_mask) / (jnp.sum(mix_mask) + 1e-8)
+    kept = -jnp.sum(log_prob * held_mask) / (jnp.sum(held_mask) + 1e-8)
+    return mix + kept, (mix, kept)
 
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  (_, (mix, kept)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  return params, opt_state, {"sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+  metrics = {
+    "sft/loss": mix,
+    "sft/held_chain_loss": kept,
+    "sft/grad_norm": optax.global_norm(grads),
+  }
+  return params, opt_state, metrics
+
+
+def _mix_batch(examples, held, *, max_prompt_length: int, max_response_length: int, pad_id: int):
+  """(batch, alt_ids, held f32[B]): the mix's `examples`, then the `held` chains with the first
+  response token out of their mask."""
+  rows = [*examples, *held]
+  batch = _batch(
+    rows,
+    max_prompt_length=max_prompt_length,
+    max_response_length=max_response_length,
+    pad_id=pad_id,
+  )
+  is_held = np.r_[np.zeros(len(examples)), np.ones(len(held))].astype(np.float32)
+  mask = batch.response_mask.at[len(examples) :, 0].set(0.0)
+  alt = _alt_ids(rows, max_response_length=max_response_length, pad_id=pad_id)
+  return batch.replace(response_mask=mask), jnp.asarray(alt), jnp.asarray(is_held)
 
 
 def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
@@ -227,10 +254,12 @@ def _train(
       idx = rng.choice(len(direct), size=sft.batch_size, replace=False)
       use_chain = rng.random(sft.batch_size) < chain_share  # all False without a chain
       examples = [chain[i] if c else direct[i] for i, c in zip(idx, use_chain, strict=True)]
-      batch = _batch(examples, max_prompt_length=rc.data.max_prompt_length, **shape)
       if chain and chain_share < 1.0:
-        params, opt_state, m = mix_fn(params, opt_state, batch, _alt_ids(examples, **shape))
+        held = [chain[i] for i in rng.choice(len(chain), size=sft.batch_size, replace=False)]
+        batch = _mix_batch(examples, held, max_prompt_length=rc.data.max_prompt_length, **shape)
+        params, opt_state, m = mix_fn(params, opt_state, *batch)
       else:
+        batch = _batch(examples, max_prompt_length=rc.data.max_prompt_length, **shape)
         params, opt_state, m = sft_fn(params, opt_state, batch)
       losses.append(float(m["sft/loss"]))
       mean = float(np.mean(losses[-LOSS_WINDOW:]))
