@@ -16,9 +16,11 @@ The warm start runs until the mean loss of its last `LOSS_WINDOW` steps is at mo
 `sft.warmup_steps`. With chains, that stage sees chains only, and `sft.mix_steps` steps on the
 mix follow (`_train`), their lr annealed to 0 (`stage_lr`). In the mix a direct answer's bit is
 asked for without being named (`mix_step`): trained on the true parity, which the model cannot
-compute in one token, it taught the answer step after the chain to guess. A warm start that
-ends above the threshold raises `CannotLearn` (the CLI: one line, exit 2) and caches nothing.
-The result is cached in WORKDIR/sft for restarts.
+compute in one token, it taught the answer step after the chain to guess. A batch of chains
+with the first token out of the loss is held in place alongside the mix, so that answer step
+stays learnt while the share of chains the model samples moves. A warm start that ends above
+the threshold raises `CannotLearn` (the CLI: one line, exit 2) and caches nothing. The result
+is cached in WORKDIR/sft for restarts.
 """
 
 from __future__ import annotations
