@@ -217,6 +217,20 @@ def stage_lr(sft, i: int, *, mix: bool) -> float:
   return sft.lr * min(i, sft.warmup_steps) / sft.warmup_steps if sft.warmup_steps else sft.lr
 
 
+def _jit_steps(params, *, graphdef, update_cfg, mesh, lr: float):
+  """(opt_state, sft step, mix step): AdamW whose lr is set per step (`stage_lr`: the first
+  stage's length is known only when it ends), its moments in the params' shards (multi-host:
+  not on one device), the steps' outputs pinned to their inputs' shardings (no recompiles)."""
+  tx = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=0.0)
+  opt_shardings = sharding.optimizer_shardings(tx, params, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  shardings = (jax.tree.map(lambda x: x.sharding, params), opt_shardings, None)
+  jit = functools.partial(jax.jit, out_shardings=shardings, donate_argnums=(0, 1))
+  sft_fn = jit(functools.partial(ts.sft_step, graphdef, cfg=update_cfg, tx=tx))
+  mix_fn = jit(functools.partial(mix_step, graphdef, cfg=update_cfg, tx=tx))
+  return opt_state, sft_fn, mix_fn
+
+
 def _train(
   rc, params, direct: list[dict], chain: list[dict], *, graphdef, update_cfg, mesh, pad_id: int
 ):
@@ -224,45 +238,36 @@ def _train(
 
   With chains (parity) the first stage trains on chains only, the part whose learning time
   varies from seed to seed (a plateau, then the fixed-offset attention forms), and the second
-  on the base model's mix: a share sft.chain_fraction of chains, direct answers otherwise, with
-  the direct answer's bit left free (`mix_step`).
-  Returns (params, first-stage steps, its final mean loss).
+  on the base model's mix (`mix_step`): a share sft.chain_fraction of chains, direct answers
+  otherwise, and a batch of held chains. Returns (params, first-stage steps, its final mean loss).
   """
   sft = rc.sft
-  # The lr is set per step (`stage_lr`): the first stage's length is known only when it ends.
-  tx = optax.inject_hyperparams(optax.adamw)(learning_rate=sft.lr, weight_decay=0.0)
-  opt_state = jax.jit(tx.init, out_shardings=sharding.optimizer_shardings(tx, params, mesh))(
-    params
-  )  # the moments in the params' shards (multi-host: not on one device)
-  # Outputs pinned to the inputs' shardings: step 2 must not recompile.
-  shardings = (
-    jax.tree.map(lambda x: x.sharding, params),
-    jax.tree.map(lambda x: x.sharding, opt_state),
-    None,
+  opt_state, sft_fn, mix_fn = _jit_steps(
+    params, graphdef=graphdef, update_cfg=update_cfg, mesh=mesh, lr=sft.lr
   )
-  jit = functools.partial(jax.jit, out_shardings=shardings, donate_argnums=(0, 1))
-  sft_fn = jit(functools.partial(ts.sft_step, graphdef, cfg=update_cfg, tx=tx))
-  mix_fn = jit(functools.partial(mix_step, graphdef, cfg=update_cfg, tx=tx))
   rng = np.random.default_rng(seeds.seed_for(rc.seed, "sft_batches"))
-  shape = dict(max_response_length=rc.rl.max_response_length, pad_id=pad_id)
+  shape = dict(
+    max_prompt_length=rc.data.max_prompt_length,
+    max_response_length=rc.rl.max_response_length,
+    pad_id=pad_id,
+  )
 
-  def run(steps: int, chain_share: float, desc: str, threshold: float, lr_at):
+  def run(steps: int, chain_share: float, desc: str, threshold: float, mix: bool):
     nonlocal params, opt_state
     bar = tqdm.trange(steps, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0)
     losses: list[float] = []
     for step in bar:
       lr = opt_state.hyperparams["learning_rate"]
-      opt_state.hyperparams["learning_rate"] = jax.device_put(np.float32(lr_at(step)), lr.sharding)
+      new_lr = np.float32(stage_lr(sft, step, mix=mix))
+      opt_state.hyperparams["learning_rate"] = jax.device_put(new_lr, lr.sharding)
       idx = rng.choice(len(direct), size=sft.batch_size, replace=False)
       use_chain = rng.random(sft.batch_size) < chain_share  # all False without a chain
       examples = [chain[i] if c else direct[i] for i, c in zip(idx, use_chain, strict=True)]
-      if chain and chain_share < 1.0:
+      if mix:
         held = [chain[i] for i in rng.choice(len(chain), size=sft.batch_size, replace=False)]
-        batch = _mix_batch(examples, held, max_prompt_length=rc.data.max_prompt_length, **shape)
-        params, opt_state, m = mix_fn(params, opt_state, *batch)
+        params, opt_state, m = mix_fn(params, opt_state, *_mix_batch(examples, held, **shape))
       else:
-        batch = _batch(examples, max_prompt_length=rc.data.max_prompt_length, **shape)
-        params, opt_state, m = sft_fn(params, opt_state, batch)
+        params, opt_state, m = sft_fn(params, opt_state, _batch(examples, **shape))
       losses.append(float(m["sft/loss"]))
       mean = float(np.mean(losses[-LOSS_WINDOW:]))
       bar.set_postfix(loss=f"{mean:.3f}")
@@ -272,29 +277,11 @@ def _train(
     return len(losses), float(np.mean(losses[-LOSS_WINDOW:])) if losses else float("nan")
 
   if not chain:
-    steps, loss = run(
-      sft.steps,
-      0.0,
-      "warm start (SFT)",
-      sft.loss_threshold,
-      functools.partial(stage_lr, sft, mix=False),
-    )
+    steps, loss = run(sft.steps, 0.0, "warm start (SFT)", sft.loss_threshold, mix=False)
     return params, steps, loss
-  steps, loss = run(
-    sft.steps,
-    1.0,
-    "warm start (SFT, chains)",
-    sft.loss_threshold,
-    functools.partial(stage_lr, sft, mix=False),
-  )
+  steps, loss = run(sft.steps, 1.0, "warm start (SFT, chains)", sft.loss_threshold, mix=False)
   if not sft.loss_threshold or loss <= sft.loss_threshold:
-    run(
-      sft.mix_steps,
-      sft.chain_fraction,
-      "warm start (SFT, mix)",
-      0.0,
-      functools.partial(stage_lr, sft, mix=True),
-    )
+    run(sft.mix_steps, sft.chain_fraction, "warm start (SFT, mix)", 0.0, mix=True)
   return params, steps, loss
 
 
