@@ -16,11 +16,15 @@ gradient until the XOR worked, and the warm start of seeds 1 and 2 sat on its pl
 
 The supervised warm start (the "base model", sft.*) first learns the chain (to
 sft.loss_threshold), then sees it in a share sft.chain_fraction of its examples and the direct
-answer otherwise, so it samples the short form most of the time. RL rewarded only by the
-verifier must move it to the long form: the response length grows and accuracy follows. The
-decision is the first response token, early in a long response, which is where FIPO's
-Future-KL weights act (4 mini-batch updates per rollout batch: the weights are 1
-on the first and move on the others).
+answer otherwise, so it samples the short form most of the time. The direct answer's bit is
+asked for without being named (loss -log(p('0') + p('1'))), a batch of chains without their
+first token is trained alongside (the chain stays learnt while its sampled share moves), and
+the lr anneals to 0 over the mix: trained on the true bit, which it cannot compute in one
+token, the model learnt to guess at the answer step the chain shares (seeds 1 and 4 then
+answered after a right chain at chance). RL rewarded only by the verifier must move it to the
+long form: the response length grows and accuracy follows. The decision is the first response
+token, early in a long response, which is where FIPO's Future-KL weights act (4 mini-batch
+updates per rollout batch: the weights are 1 on the first and move on the others).
 
 Eval uses the official val_kwargs (temperature 1.0, top-p 0.7), so at step 0 top-p keeps mostly
 the base model's dominant short form; response_length/mean is the sampling policy's own.
@@ -82,7 +86,10 @@ def get_config(arg=None):
   c.eval.n = 4  # eval/acc_mean = avg@4 over the held-out prompts
   c.eval.max_prompts = -1
 
-  c.optim.lr = 1e-3
+  # Measured (seeds 1 and 4, same warm starts): at 1e-3 RL adopted the chain and then broke it
+  # (chain digits at 0.5-0.7 teacher-forced by step 10, held-out accuracy 0.58 and 0.42 at
+  # step 20); at 3e-4 both reached 1.00.
+  c.optim.lr = 3e-4
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.0
 
