@@ -8,6 +8,7 @@ Streams (name: indices -> what it seeds):
   init: -> the model's initial params when there is no model.hf_dir
   sampling: step, round -> the rollout sampler in dynamic-sampling round `round` of RL step `step`
   eval: step -> the in-training eval's sampler after `step` RL steps
+  eval_probe: step -> the step-0 check's sample of the held-out prompts at the rollout settings
   sft_rows: -> which of the warm start's supervised answers carry the slip
   sft_batches: -> the warm start's batch order (and, for parity, each example's form)
 
@@ -24,7 +25,7 @@ import zlib
 
 import jax
 
-STREAMS = ("init", "sampling", "eval", "sft_rows", "sft_batches")
+STREAMS = ("init", "sampling", "eval", "eval_probe", "sft_rows", "sft_batches")
 
 
 def stream_id(name: str) -> int:

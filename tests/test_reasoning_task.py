@@ -66,11 +66,22 @@ def test_step0_eval_without_a_mixed_group_stops_the_run():
   from configs import reasoning_cpu
 
   rc = config_lib.validate(reasoning_cpu.get_config())
-  n = rc.eval.n
+  n, g = rc.eval.n, rc.rl.n
   trainer._check_mixed_eval(rc, {"eval/acc_mean": 0.5, f"eval/pass@{n}": 0.75})  # mixed: fine
   for acc, passed in ((0.0, 0.0), (1.0, 1.0), (0.25, 0.25)):  # every prompt all or nothing
     with pytest.raises(trainer.CannotLearn, match="no prompt with mixed accuracy"):
       trainer._check_mixed_eval(rc, {"eval/acc_mean": acc, f"eval/pass@{n}": passed})
+    # The probe at the rollout settings (rl.n samples) decides: mixed there, the run goes on ...
+    probed = []
+    mixed = lambda seen=probed: seen.append(1) or {"eval/acc_mean": 0.4, f"eval/pass@{g}": 0.6}
+    trainer._check_mixed_eval(rc, {"eval/acc_mean": acc, f"eval/pass@{n}": passed}, probe=mixed)
+    assert probed == [1]
+    # ... all or nothing there too, it stops.
+    flat = lambda: {"eval/acc_mean": 0.5, f"eval/pass@{g}": 0.5}
+    with pytest.raises(trainer.CannotLearn, match="nor has sampling at the rollout's settings"):
+      trainer._check_mixed_eval(rc, {"eval/acc_mean": acc, f"eval/pass@{n}": passed}, probe=flat)
+  never = lambda: pytest.fail("a mixed eval needs no probe")
+  trainer._check_mixed_eval(rc, {"eval/acc_mean": 0.5, f"eval/pass@{n}": 0.75}, probe=never)
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:

@@ -54,14 +54,15 @@ def evaluate_examples(engine, params, examples: Sequence[dict], *, tokenizer, eo
 
 
 def evaluate(rc, sampler: scoring.Sampler, examples: Sequence[dict], params, *,
-             step: int) -> dict:
+             step: int, n: int | None = None, stream: str = "eval") -> dict:
   """In-training eval on the held-out `examples` (eval.max_prompts of them; -1 = all), with
-  the eval sampling method of `sampler`."""
+  the sampling method of `sampler`, n samples each (None: eval.n), seeded by `stream`."""
   if rc.eval.max_prompts > 0:
     examples = examples[: rc.eval.max_prompts]
   metrics, _ = evaluate_examples(
     sampler.engine, sampler.engine.load_params(params), examples, tokenizer=sampler.tokenizer,
-    eos_ids=sampler.eos_ids, reward_cfg=sampler.reward_cfg, n=rc.eval.n, sampling=sampler.method,
-    seed=seeds.seed_for(rc.seed, "eval", step), max_new_tokens=rc.rl.max_response_length,
+    eos_ids=sampler.eos_ids, reward_cfg=sampler.reward_cfg, n=n or rc.eval.n,
+    sampling=sampler.method, seed=seeds.seed_for(rc.seed, stream, step),
+    max_new_tokens=rc.rl.max_response_length,
   )
   return metrics

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,7 +87,9 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   if state.step == 0 and rc.eval_every > 0:
     last = evaluation.evaluate(rc, env.eval_sampler(), env.val_examples, state.params, step=0)
     loop.writer.write(0, last)
-    _check_mixed_eval(rc, last)
+    _check_mixed_eval(rc, last, probe=lambda: evaluation.evaluate(
+      rc, env.train_sampler(), env.val_examples, state.params, step=0, n=rc.rl.n,
+      stream="eval_probe"))
   for _ in loop.progress_bar(state.step):
     state, last = rl_step(rc, env, steps, state)
     if loop.end_step(state, last):
@@ -114,20 +117,32 @@ def _warm_start(rc: config_lib.RunConfig, env: setup_lib.Env, params: nnx.State)
                                   tokenizer=env.tokenizer, pad_id=env.pad_id)
 
 
-def _check_mixed_eval(rc: config_lib.RunConfig, metrics: dict[str, Any]) -> None:
+def _has_mixed_prompt(metrics: dict[str, Any], n: int) -> bool:
+  """A prompt with c of n right adds c/n to avg@n and 1 to pass@n when c > 0, so a mixed
+  prompt exists iff pass@n > avg@n."""
+  return metrics[f"eval/pass@{n}"] - metrics["eval/acc_mean"] > 1e-9
+
+
+def _check_mixed_eval(rc: config_lib.RunConfig, metrics: dict[str, Any],
+                      probe: Callable[[], dict[str, Any]] | None = None) -> None:
   """Raises CannotLearn when the step-0 eval has no prompt with mixed accuracy (each one all
-  right or all wrong: every group advantage would be 0). A prompt with c of n right adds c/n
-  to avg@n and 1 to pass@n when c > 0, so a mixed prompt exists iff pass@n > avg@n. Checked
-  when empty steps stop the run (rl.max_empty_steps > 0) and eval.n >= 2."""
+  right or all wrong: every group advantage would be 0) and neither has `probe` (when given):
+  rl.n samples per held-out prompt at the rollout's sampling settings, what RL's groups will
+  see (the eval's top-p can cut a form the rollouts sample). Checked when empty steps stop the
+  run (rl.max_empty_steps > 0) and eval.n >= 2."""
   n = rc.eval.n
   if rc.rl.max_empty_steps == 0 or not rc.rl.filter_groups_enable or n < 2:
     return
+  if _has_mixed_prompt(metrics, n):
+    return
+  if probe is not None and _has_mixed_prompt(probe(), rc.rl.n):
+    logging.info("the step-0 eval has no prompt with mixed accuracy, but rollout sampling does")
+    return
   acc, passed = metrics["eval/acc_mean"], metrics[f"eval/pass@{n}"]
-  if passed - acc <= 1e-9:
-    raise CannotLearn(
-      f"the step-0 eval has no prompt with mixed accuracy (eval/acc_mean {acc:.3f}, pass@{n} "
-      f"{passed:.3f}): every group advantage would be 0, so RL cannot start; train the warm "
-      f"start longer (sft.*) or use an easier task")
+  raise CannotLearn(
+    f"the step-0 eval has no prompt with mixed accuracy (eval/acc_mean {acc:.3f}, pass@{n} "
+    f"{passed:.3f}), nor has sampling at the rollout's settings: every group advantage would be "
+    f"0, so RL cannot start; train the warm start longer (sft.*) or use an easier task")
 
 
 def _warn_accepted_mismatch(rc: config_lib.RunConfig) -> None:
