@@ -34,68 +34,29 @@ from fipo_jax import recipes
 
 
 def get_config(arg=None):
-  c = recipes.base()
+  args = recipes.parse_arg(arg, seed=-1)  # `:seed=1`
+  c = recipes.tiny_cpu()  # the tiny model on CPU, 4 updates per rollout batch, but:
   c.total_steps = 20  # RL steps
-  c.eval_every = 5  # eval on the held-out prompts (and at step 0)
-  c.checkpoint_every = 10
-  c.keep_checkpoints = 2
 
-  c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
-  c.model.overrides = recipes.tiny_model()  # ... shrunk to ~0.1M parameters
   # Measured (with the parity-only chain): at 1e4 the warm start stayed on its plateau for 400+
   # steps; at 300 the fixed-offset attention formed within ~260 on seed 0 (more positional
   # frequencies resolve 14 tokens).
   c.model.overrides.rope_theta = 300.0
-  c.model.param_dtype = "float32"
-  c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
-  c.model.remat_policy = "none"
-  c.model.tokenizer_dir = None  # None: the synthetic tokenizer is built into WORKDIR/tokenizer
 
-  c.data.task = "synthetic"  # rows written in the verl schema to WORKDIR/data, read as real data
-  c.data.train_files = ()
-  c.data.val_files = ()
   c.data.max_prompt_length = 25  # "Q: parity " + 14 bits + "=" is 25 tokens
-  c.data.apply_chat_template = False  # plain prompts: half the tokens
   c.data.synthetic.kind = "parity"
-  c.data.synthetic.num_train = 4000  # of 16384 bit strings
-  c.data.synthetic.num_val = 64  # held out: no val string appears in train
+  c.data.synthetic.num_train = 4000  # of 16384 bit strings; 64 more held out
   c.data.synthetic.min_digits = 14  # bits
   c.data.synthetic.max_digits = 14
-  c.data.synthetic.seed = 0
 
-  c.rl.loss_mode = "fipo"
-  c.rl.n = 8  # G
-  c.rl.train_batch_size = 16  # prompts per step
-  c.rl.gen_batch_size = 32  # prompts per generation round
-  c.rl.ppo_mini_batch_size = 4  # -> 4 updates per step: FIPO active on mini-batches 2-4
   c.rl.max_response_length = 28  # the chain is 25 tokens with EOS
   c.rl.overlong_buffer_len = 2  # penalty only past 26 tokens
   c.rl.max_num_gen_batches = 4  # rounds per step; a step with no mixed group stops the run
-  c.rl.decay_rate = 32.0
-  c.rl.chunk_size = 16
-  c.rl.future_kl_clip_ratio = 0.2
-  c.rl.future_kl_clip_high_only = False  # small model: symmetric [0.8, 1.2] as at 7B
-  c.rl.safety_thresh = 3.0
-  c.rl.use_dynamic_bsz = False
-  c.rl.ppo_micro_batch_size_per_device = 32  # responses per micro-batch (one per mini-batch)
-  c.rl.ppo_max_token_len_per_device = 64
-
-  c.sampling.num_slots = 64
-  c.sampling.decode_steps_per_call = 16
-
-  c.eval.n = 4  # eval/acc_mean = avg@4 over the held-out prompts
-  c.eval.max_prompts = -1
 
   # Measured (seeds 1 and 4, same warm starts): at 1e-3 RL adopted the chain and then broke it
   # (chain digits at 0.5-0.7 teacher-forced by step 10, held-out accuracy 0.58 and 0.42 at
   # step 20); at 3e-4 both reached 1.00.
   c.optim.lr = 3e-4
-  c.optim.warmup_steps = 0
-  c.optim.weight_decay = 0.0
-
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
 
   # Warm start (cached in WORKDIR/sft): chains only until the loss is <= sft.loss_threshold
   # (at most sft.steps steps; a short plateau of seed-dependent length comes first), then
@@ -105,13 +66,9 @@ def get_config(arg=None):
   # sampled chains scored below direct answers and RL left it on the short form).
   c.sft.loss_threshold = 0.003
   c.sft.warmup_steps = 50
-  c.sft.lr = 3e-3
-  c.sft.batch_size = 64
   # Measured (seed 0, parity-only chain): at 0.2 RL moved the policy to the chain within ~10
   # steps; at 0.1 it stayed on direct answers (held-out length 10.0 at steps 0 and 5). Above
   # ~0.3 top-p 0.7 keeps the chain at step 0 and the 2x length growth has no room.
   c.sft.chain_fraction = 0.25  # the base model writes the chain 1 time in 4
   c.sft.mix_steps = 150
-  if arg:
-    raise ValueError(f"unknown config arg {arg!r} (expected nothing)")
-  return c
+  return recipes.finish(c, args)

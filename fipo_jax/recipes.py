@@ -253,9 +253,9 @@ def _typed(name: str, text: str | None, default):
 def finish(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict, shrink=None):
   """Applies the common recipe args to `c`: `seed` (when given), then `runlocal` with
   `shrink` (default: `runlocal` below). Returns `c`."""
-  if args.seed >= 0:
+  if args.get("seed", -1) >= 0:
     c.seed = args.seed
-  if args.runlocal:
+  if args.get("runlocal", False):
     (shrink or runlocal)(c)
   return c
 
@@ -309,6 +309,48 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
+  return c
+
+
+def tiny_cpu() -> ml_collections.ConfigDict:
+  """`base()` on 2 CPU cores: the tiny model, a synthetic task read as real verl data, and
+  FIPO's 4 updates per rollout batch. What the laptop recipes (configs/tiny_cpu.py,
+  configs/reasoning_cpu.py) share; each states only its task and what it tuned."""
+  c = base()
+  c.checkpoint_every = 10
+  c.keep_checkpoints = 2
+
+  c.model.preset = "qwen2.5-0.5b"  # Qwen2 architecture (qkv bias, RMSNorm, SwiGLU) ...
+  c.model.overrides = tiny_model()  # ... shrunk to ~0.1M parameters
+  c.model.dtype = "float32"  # CPU: no bfloat16 speed-up
+  c.model.remat_policy = "none"
+
+  c.data.task = "synthetic"  # rows written in the verl schema to WORKDIR/data, read as real data
+  c.data.train_files = ()
+  c.data.val_files = ()
+  c.data.apply_chat_template = False  # plain prompts: half the tokens
+
+  c.rl.n = 8  # G
+  c.rl.train_batch_size = 16  # prompts per step
+  c.rl.gen_batch_size = 32  # prompts per generation round
+  c.rl.ppo_mini_batch_size = 4  # -> 4 updates per step: FIPO active on mini-batches 2-4
+  c.rl.chunk_size = 16
+  c.rl.future_kl_clip_high_only = False  # small model: symmetric [0.8, 1.2] as at 7B
+  c.rl.safety_thresh = 3.0
+  c.rl.use_dynamic_bsz = False
+  c.rl.ppo_micro_batch_size_per_device = 32  # responses per micro-batch (one per mini-batch)
+  c.rl.ppo_max_token_len_per_device = 64
+
+  c.sampling.num_slots = 64
+  c.sampling.decode_steps_per_call = 16
+
+  c.eval.n = 4  # eval/acc_mean = avg@4 over the held-out prompts
+
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+
+  c.sft.lr = 3e-3  # the supervised warm start (the "base model"), cached in WORKDIR/sft
+  c.sft.batch_size = 64
   return c
 
 
