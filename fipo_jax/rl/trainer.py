@@ -198,7 +198,12 @@ class _Loop:
       logging.warning("resumed from step %d", restored.step)  # visible at the CLI's WARNING level
       return setup_lib.TrainState(restored.params, restored.opt_state, restored.step)
     if self.rc.sft.steps > 0:
-      params = _warm_start(self.rc, env, state.params)
+      try:
+        params = _warm_start(self.rc, env, state.params)
+      except warmstart.CacheMismatch as e:  # one line, as an unreadable checkpoint
+        self.ckpt.close()
+        self.writer.close()
+        raise SetupError(str(e)) from e
       # jit with the state's shardings: eager init would leave it on one device (one host).
       opt_state = jax.jit(env.tx.init, out_shardings=env.opt_sharding)(params)
       return setup_lib.TrainState(params, opt_state, 0)

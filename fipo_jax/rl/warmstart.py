@@ -25,10 +25,12 @@ is cached in WORKDIR/sft for restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import random
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -296,6 +298,7 @@ def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, toke
   cache = paths.join(paths.absolute(workdir), "sft")  # orbax: absolute, or gs://
   ckptr = ocp.StandardCheckpointer()
   if paths.isdir(cache):
+    check_cache(cache, rc)
     logging.info("warm start: reusing %s", cache)
     target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -319,4 +322,53 @@ def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, toke
   logging.info("warm start: loss %.4f after %d steps", loss, steps)
   ckptr.save(cache, nnx.to_pure_dict(params))
   ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    paths.write_text(paths.join(cache, CACHE_KEY_FILE), cache_key(rc))
   return params
+
+
+CACHE_KEY_FILE = "fipo_warm_start.json"  # in WORKDIR/sft: the settings that made it
+
+
+def cache_key(rc) -> str:
+  """JSON of what decides the warm start's params: the seed and the sft, model and data
+  sections (not rl.*: a sweep over RL settings shares one warm start per seed)."""
+  return json.dumps({name: _plain(getattr(rc, name)) for name in ("seed", "sft", "model", "data")},
+                    sort_keys=True, default=str)
+
+
+def _plain(x):
+  """Config sections (frozen dataclasses, read-only mappings) as plain JSON-able values."""
+  if dataclasses.is_dataclass(x):
+    return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, Mapping):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_plain(v) for v in x]
+  return x
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  """{"sft": {"lr": 1}} -> {"sft.lr": 1}."""
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  return {k2: v2 for k, v in tree.items() for k2, v2 in _flat(v, f"{prefix}{k}.").items()}
+
+
+class CacheMismatch(ValueError):
+  """WORKDIR/sft was made with other warm-start settings than the run's."""
+
+
+def check_cache(cache: str, rc) -> None:
+  """Raises CacheMismatch (one line) when the cached warm start was made with other settings than
+  `rc`'s, which reusing it would silently ignore. A cache without the key file (written by an
+  older version, or by hand) is reused as it is."""
+  path = paths.join(cache, CACHE_KEY_FILE)
+  if not paths.isfile(path):
+    return
+  cached, now = _flat(json.loads(paths.read_text(path))), _flat(json.loads(cache_key(rc)))
+  differ = sorted(k for k in set(cached) | set(now) if cached.get(k) != now.get(k))
+  if differ:
+    raise CacheMismatch(
+      f"{cache} holds a warm start made with other settings ({', '.join(differ[:4])}"
+      f"{' ...' if len(differ) > 4 else ''} differ): remove it, or use another --workdir")
