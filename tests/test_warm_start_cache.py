@@ -48,6 +48,10 @@ def test_rerun_with_another_warm_start_setting_exits_2(tmp_path):
   first = subprocess.run(cmd, capture_output=True, text=True, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
   assert (tmp_path / "w" / "sft" / warmstart.CACHE_KEY_FILE).is_file()
+  same = subprocess.run([*cmd, "--config.rl.decay_rate=8"], capture_output=True, text=True,
+                        env=env)  # RL settings may differ: the cache (and its key file) restores
+  assert same.returncode == 0, same.stderr[-3000:]
+  assert "warm start (SFT" not in same.stderr  # reused, not retrained
   again = subprocess.run([*cmd, "--config.sft.lr=0.01"], capture_output=True, text=True, env=env)
   assert again.returncode == 2, again.stderr[-3000:]
   last = again.stderr.strip().splitlines()[-1]
