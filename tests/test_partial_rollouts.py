@@ -20,7 +20,7 @@ from flax import nnx
 
 from configs import tiny_cpu
 from fipo_jax import config as config_lib
-from fipo_jax.rl import setup as setup_lib
+from fipo_jax.rl import steps as steps_lib
 from fipo_jax.rl import trainer
 
 MB1 = "actor/influence_weights_mean_raw/mb1"
@@ -46,8 +46,8 @@ def _run(workdir, steps: int, **rollout) -> tuple[dict, list[dict]]:
   state = loop.initial_state(state)
   loop.ckpt.close()
   loop.writer.close()
-  jitted = setup_lib.jit_steps(rc, env.graphdef, env.update_cfg, env.tx, env.param_sharding,
-                               env.opt_sharding)
+  jitted = steps_lib.jit_steps(env.graphdef, cfg=env.update_cfg, tx=env.tx,
+                               param_sharding=env.param_sharding, opt_sharding=env.opt_sharding)
   history = []
   for _ in range(steps):
     state, metrics = trainer.rl_step(rc, env, jitted, state)
