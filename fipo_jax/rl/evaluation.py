@@ -61,7 +61,7 @@ def evaluate(rc, sampler: scoring.Sampler, examples: Sequence[dict], params, *,
     examples = examples[: rc.eval.max_prompts]
   metrics, _ = evaluate_examples(
     sampler.engine, sampler.engine.load_params(params), examples, tokenizer=sampler.tokenizer,
-    eos_ids=sampler.eos_ids, reward_cfg=sampler.reward_cfg, n=n or rc.eval.n,
+    eos_ids=sampler.eos_ids, reward_cfg=sampler.reward_cfg, n=rc.eval.n if n is None else n,
     sampling=sampler.method, seed=seeds.seed_for(rc.seed, stream, step),
     max_new_tokens=rc.rl.max_response_length,
   )

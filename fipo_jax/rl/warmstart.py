@@ -25,12 +25,10 @@ is cached in WORKDIR/sft for restarts.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import random
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +38,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import nnx
 
-from fipo_jax import models, paths, seeds, sharding
+from fipo_jax import config_schema, models, paths, seeds, sharding
 from fipo_jax.data import synthetic, verl
 from fipo_jax.rl import packing
 from fipo_jax.rl import steps as steps_lib
@@ -333,19 +331,9 @@ CACHE_KEY_FILE = "fipo_warm_start.json"  # in WORKDIR/sft: the settings that mad
 def cache_key(rc) -> str:
   """JSON of what decides the warm start's params: the seed and the sft, model and data
   sections (not rl.*: a sweep over RL settings shares one warm start per seed)."""
-  return json.dumps({name: _plain(getattr(rc, name)) for name in ("seed", "sft", "model", "data")},
-                    sort_keys=True, default=str)
-
-
-def _plain(x):
-  """Config sections (frozen dataclasses, read-only mappings) as plain JSON-able values."""
-  if dataclasses.is_dataclass(x):
-    return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-  if isinstance(x, Mapping):
-    return {str(k): _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
-  return x
+  sections = ("seed", "sft", "model", "data")
+  key = {name: config_schema.as_dict(getattr(rc, name)) for name in sections}
+  return json.dumps(key, sort_keys=True, default=str)
 
 
 def _flat(tree, prefix: str = "") -> dict:
