@@ -95,13 +95,14 @@ def _scored_here(workdir: pathlib.Path) -> dict[int, int]:
   return {r["step"]: r["perf/responses_scored_here"] for r in rows}
 
 
-# Sampler-trainer mismatch metrics (docs/fipo_spec.md §11): unsigned magnitudes, and signed
-# means whose per-token terms cancel.
-MISMATCH_MAGNITUDES = (
-  "training/rollout_probs_diff_max", "training/rollout_probs_diff_mean",
-  "training/rollout_probs_diff_std", "rollout_corr/k3_kl", "rollout_corr/log_ppl_abs_diff",
-  "rollout_corr/seq_log_ratio_abs_max",
+# Sampler-trainer mismatch metrics (docs/fipo_spec.md §11): unsigned means, unsigned maxima,
+# and signed means whose per-token terms cancel.
+MISMATCH_MEANS = (
+  "training/rollout_probs_diff_mean", "training/rollout_probs_diff_std", "rollout_corr/k3_kl",
+  "rollout_corr/log_ppl_abs_diff",
 )
+MISMATCH_MAXIMA = ("training/rollout_probs_diff_max", "rollout_corr/seq_log_ratio_abs_max")
+MISMATCH_MAGNITUDES = MISMATCH_MEANS + MISMATCH_MAXIMA
 MISMATCH_SIGNED = {  # signed mean -> the magnitude that bounds it
   "rollout_corr/kl": "rollout_corr/k3_kl",
   "rollout_corr/log_ppl_diff": "rollout_corr/log_ppl_abs_diff",
@@ -112,17 +113,22 @@ MISMATCH_SIGNED = {  # signed mean -> the magnitude that bounds it
 def _assert_same_mismatch(got: dict, want: dict, step: int) -> None:
   """The sampler-trainer mismatch metrics across process counts, with a bfloat16 sampler.
 
-  The magnitudes (~2e-4 to 2e-2) are compared at rtol 5e-2. The sampler's bfloat16 log-probs
-  themselves round differently when its reductions run in another order; measured 2026-12-06
-  (1 step): relative differences up to 1.4e-2 (k3_kl), 8e-3 (log_ppl_abs_diff), 3e-3
-  (probs_diff_mean), 1e-5 (seq_log_ratio_abs_max). 5e-2 still catches a process-count error (a
-  local instead of a global count is a factor of 2). (A float32 sampler's mismatch is rounding,
-  <= 4e-6, which another reduction order changes entirely: no use for this comparison.) The
-  signed means are sums of cancelling terms (30% apart in the same run): held to
-  |mean| <= magnitude (k3 = KL to second order, so |kl| <= sqrt(2 k3) for small ratios).
+  The mismatch is the sampler's bfloat16 rounding, and its reductions run in another order on
+  another process count, so each token's rounding error is partly drawn anew. Statistics over
+  all tokens barely move: the means (~2e-4 to 2e-2) are compared at rtol 5e-2 (measured
+  2026-12-06: up to 1.4e-2 for k3_kl, 8e-3 for log_ppl_abs_diff). A maximum is one token or one
+  sequence's sum of errors, so it moves with that draw: seq_log_ratio_abs_max was 1e-5 apart on
+  the development host and 6.1e-2 apart in CI (0.02161 against 0.02036, same commit). The
+  maxima are compared at rtol 0.25. Both still catch a process-count error (a local instead
+  of a global count is a factor of 2). (A float32 sampler's mismatch is rounding, <= 4e-6,
+  which another reduction order changes entirely: no use for this comparison.) The signed
+  means are sums of cancelling terms (30% apart in the same run): held to |mean| <= magnitude
+  (k3 = KL to second order, so |kl| <= sqrt(2 k3) for small ratios).
   """
-  for key in MISMATCH_MAGNITUDES:
-    np.testing.assert_allclose(got[key], want[key], rtol=5e-2, atol=0, err_msg=f"step {step} {key}")
+  for keys, rtol in ((MISMATCH_MEANS, 5e-2), (MISMATCH_MAXIMA, 0.25)):
+    for key in keys:
+      np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=0,
+                                 err_msg=f"step {step} {key}")
   for key, bound in MISMATCH_SIGNED.items():
     for m in (got, want):
       limit = math.sqrt(2 * m[bound]) if key == "rollout_corr/kl" else m[bound]
