@@ -95,40 +95,43 @@ def _scored_here(workdir: pathlib.Path) -> dict[int, int]:
   return {r["step"]: r["perf/responses_scored_here"] for r in rows}
 
 
-# Sampler-trainer mismatch metrics (docs/fipo_spec.md §11): unsigned means, unsigned maxima,
-# and signed means whose per-token terms cancel.
-MISMATCH_MEANS = (
-  "training/rollout_probs_diff_mean", "training/rollout_probs_diff_std", "rollout_corr/k3_kl",
-  "rollout_corr/log_ppl_abs_diff",
+# Sampler-trainer mismatch metrics (docs/fipo_spec.md §11): unsigned magnitudes, and signed
+# means whose per-token terms cancel.
+MISMATCH_MAGNITUDES = (
+  "training/rollout_probs_diff_max", "training/rollout_probs_diff_mean",
+  "training/rollout_probs_diff_std", "rollout_corr/k3_kl", "rollout_corr/log_ppl_abs_diff",
+  "rollout_corr/seq_log_ratio_abs_max",
 )
-MISMATCH_MAXIMA = ("training/rollout_probs_diff_max", "rollout_corr/seq_log_ratio_abs_max")
-MISMATCH_MAGNITUDES = MISMATCH_MEANS + MISMATCH_MAXIMA
 MISMATCH_SIGNED = {  # signed mean -> the magnitude that bounds it
   "rollout_corr/kl": "rollout_corr/k3_kl",
   "rollout_corr/log_ppl_diff": "rollout_corr/log_ppl_abs_diff",
   "rollout_corr/seq_log_ratio_mean": "rollout_corr/seq_log_ratio_abs_max",
 }
+# A process-count error in these metrics is a factor of 2 or more (a local instead of a global
+# count or sum, over 2 processes); the spread of the same metric across process counts was
+# measured up to 6.1e-2 (_assert_same_mismatch). 0.25 lies between the two.
+MISMATCH_RTOL = 0.25
 
 
 def _assert_same_mismatch(got: dict, want: dict, step: int) -> None:
   """The sampler-trainer mismatch metrics across process counts, with a bfloat16 sampler.
 
-  The mismatch is the sampler's bfloat16 rounding, and its reductions run in another order on
-  another process count, so each token's rounding error is partly drawn anew. Statistics over
-  all tokens barely move: the means (~2e-4 to 2e-2) are compared at rtol 5e-2 (measured
-  2026-12-06: up to 1.4e-2 for k3_kl, 8e-3 for log_ppl_abs_diff). A maximum is one token or one
-  sequence's sum of errors, so it moves with that draw: seq_log_ratio_abs_max was 1e-5 apart on
-  the development host and 6.1e-2 apart in CI (0.02161 against 0.02036, same commit). The
-  maxima are compared at rtol 0.25. Both still catch a process-count error (a local instead
-  of a global count is a factor of 2). (A float32 sampler's mismatch is rounding, <= 4e-6,
-  which another reduction order changes entirely: no use for this comparison.) The signed
-  means are sums of cancelling terms (30% apart in the same run): held to |mean| <= magnitude
-  (k3 = KL to second order, so |kl| <= sqrt(2 k3) for small ratios).
+  The mismatch (~2e-4 to 2e-2) is the sampler's bfloat16 rounding. On another process count
+  its reductions run in another order, a few activations round to the other side, and the
+  change runs through the rest of the model: the mismatch of those tokens is drawn anew.
+  Measured 2026-12-06 (same commit, here and in CI alike), the largest relative difference
+  between 2 x 4 and 1 x 8 devices per magnitude over both steps: 6.1e-2 seq_log_ratio_abs_max
+  (one sequence's sum), 5.6e-2 log_ppl_abs_diff, 2.2e-2 probs_diff_std, 1.5e-2
+  probs_diff_mean, 1.2e-2 k3_kl, 5e-5 probs_diff_max; the run resumed in 1 process from the
+  2-process checkpoint differs alike (its float32 params differ in the last bits). They
+  are compared at MISMATCH_RTOL. (A float32 sampler's mismatch is rounding, <= 4e-6, which
+  another reduction order changes entirely: no use for this comparison.) The signed means are
+  sums of cancelling terms (30% apart in the same run): held to |mean| <= magnitude (k3 = KL
+  to second order, so |kl| <= sqrt(2 k3) for small ratios).
   """
-  for keys, rtol in ((MISMATCH_MEANS, 5e-2), (MISMATCH_MAXIMA, 0.25)):
-    for key in keys:
-      np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=0,
-                                 err_msg=f"step {step} {key}")
+  rel = {k: abs(got[k] - want[k]) / abs(want[k]) for k in MISMATCH_MAGNITUDES}
+  assert all(want[k] > 0 for k in MISMATCH_MAGNITUDES), (step, want)
+  assert max(rel.values()) <= MISMATCH_RTOL, f"step {step}: relative differences {rel}"
   for key, bound in MISMATCH_SIGNED.items():
     for m in (got, want):
       limit = math.sqrt(2 * m[bound]) if key == "rollout_corr/kl" else m[bound]
