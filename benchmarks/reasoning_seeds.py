@@ -3,6 +3,8 @@
   python benchmarks/reasoning_seeds.py [--seeds 0 1 2 3 4] [--workdir /tmp/fipo_reasoning_seeds]
       [--jobs 1]
   python benchmarks/reasoning_seeds.py --smoke   # tiny: 2 seeds, short warm start, 2 RL steps
+  python benchmarks/reasoning_seeds.py --seeds 1 2 3 --config.rollout.mode=partial \
+      --config.rollout.max_staleness=1   # any --config.* override is passed to every run
 
 Runs `python -m fipo_jax.main --config configs/reasoning_cpu.py --config.seed=S` once per seed
 (--jobs at a time; each in WORKDIR/seed_S, so a rerun resumes or reuses them) and reads each
@@ -99,10 +101,12 @@ def main() -> None:
   p.add_argument("--workdir", default="/tmp/fipo_reasoning_seeds")
   p.add_argument("--jobs", type=int, default=1, help="runs at a time (each takes ~2 cores)")
   p.add_argument("--smoke", action="store_true", help="2 seeds, tiny runs: checks the pipeline")
-  args = p.parse_args()
-  seeds, extra = args.seeds, ()
+  args, overrides = p.parse_known_args()
+  if any(not o.startswith("--config.") for o in overrides):
+    p.error(f"unrecognized arguments (only --config.* overrides pass through): {overrides}")
+  seeds, extra = args.seeds, tuple(overrides)
   if args.smoke:
-    seeds, extra = args.seeds[:2], SMOKE
+    seeds, extra = args.seeds[:2], SMOKE + extra
   print(
     f"{'seed':>4} {'exit':>4} {'acc 0 -> end':>14} {'len 0 -> end':>14} {'wall s':>7} "
     f"{'cpu s':>7} learns",

@@ -177,16 +177,27 @@ def test_empty_steps_stop_a_stuck_run_not_a_solved_one(tmp_path, monkeypatch):
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
 
 
+def test_seed_benchmark_refuses_an_argument_it_cannot_pass_on():
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--total_steps=3"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 2 and "only --config.* overrides" in out.stderr, out.stderr
+
+
 @pytest.mark.slow
 def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   # One run at a time: the second seed's run then reuses the first's compiled programs (the
   # suite's persistent compilation cache, conftest.py) instead of compiling them alongside it.
+  # A --config.* override reaches every run (here: partial rollouts, the stage-A check).
   cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--smoke",
-         "--seeds", "3", "4", "--jobs", "1", "--workdir", str(tmp_path)]  # fmt: skip
+         "--seeds", "3", "4", "--jobs", "1", "--workdir", str(tmp_path),
+         "--config.rollout.mode=partial"]  # fmt: skip
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
+  for seed in (3, 4):
+    run_cfg = json.loads((tmp_path / f"seed_{seed}" / "config.json").read_text())
+    assert run_cfg["seed"] == seed and run_cfg["rollout"]["mode"] == "partial", run_cfg
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["smoke"] and [r["seed"] for r in summary["seeds"]] == [3, 4]
   for r in summary["seeds"]:
