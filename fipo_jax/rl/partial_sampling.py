@@ -60,9 +60,13 @@ class EngineBackend:
         prompts.append(np.asarray(g.example["prompt_ids"], np.int32))
         budgets.append([self.budget(g, x) for x in range(self.n)])
         requests += [(len(prompts) - 1, s) for s in fresh]
+    # A resumed prefix longer than every prompt is prefilled alone: its prefill and insert
+    # shapes are then its length bucket only, not (rows x length x requests) mixes that
+    # compile anew for many steps. Fresh prompts (all of sync's) batch as before.
     loop = batching.Loop(self.engine, prompts, n=self.n, budgets=budgets, requests=requests,
                          stops=frozenset(int(i) for i in self.eos_ids),
-                         refill_fraction=self.refill_fraction)  # fmt: skip
+                         refill_fraction=self.refill_fraction,
+                         solo_len=max(len(g.example["prompt_ids"]) for g in groups))  # fmt: skip
 
     def stop(samples: Sequence[batching.Sample]) -> bool:
       """Extends the requests; asks the scheduler whether the groups they finished fill the

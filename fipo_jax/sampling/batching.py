@@ -111,11 +111,13 @@ class Loop:
   def __init__(self, engine, prompts: list[np.ndarray], *, n: int, budgets: list[list[int]],
                stops: frozenset[int], requests=None, mode: str = "continuous",
                share_prefill: bool = True, refill_fraction: float = 0.125, overlap: bool = True,
-               progress: bool = False):  # fmt: skip
+               progress: bool = False, solo_len: float = math.inf):  # fmt: skip
     # requests: the (prompt, sample) pairs to run, in order (default: every prompt x n).
+    # solo_len: a prompt longer than this is prefilled alone (partial rollouts' resumed
+    # prefixes: one row per call keeps their prefill and insert shapes to the length buckets).
     self.engine, self.prompts, self.budgets, self.stops, self.mode = (
       engine, prompts, budgets, stops, mode)  # fmt: skip
-    self.share_prefill, self.overlap = share_prefill, overlap
+    self.share_prefill, self.overlap, self.solo_len = share_prefill, overlap, solo_len
     self.num_slots = engine.max_concurrent_decodes
     self.refill = max(1, math.ceil(refill_fraction * self.num_slots - 1e-9))
     self.waiting = collections.deque(
@@ -216,8 +218,9 @@ class Loop:
     while self.waiting:
       p, s = self.waiting[0]
       if not self.share_prefill or not rows or rows[-1] != p:  # a new prefill row
-        if need >= num_free or len(rows) == self.num_slots:
-          break  # enough requests to fill every free slot
+        if need >= num_free or len(rows) == self.num_slots or (rows and max(
+            len(self.prompts[rows[0]]), len(self.prompts[p])) > self.solo_len):  # fmt: skip
+          break  # enough requests to fill every free slot, or a prompt to prefill alone
         rows.append(p)
       self.waiting.popleft()
       requests.append((len(rows) - 1, p, s))
@@ -370,8 +373,6 @@ class Loop:
     out = [self._sample(self.slots[i], "aborted") for i in busy]
     self.slots = [None] * self.num_slots
     self.engine.release(busy)
-    self.waiting.clear()
-    self.live.clear()
     return out
 
   def _sample(self, run_: _Running, reason: str | None = None) -> Sample:
