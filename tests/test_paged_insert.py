@@ -71,3 +71,12 @@ def test_insert_across_shards_copies_each_prompt_into_its_slots_pages(engine):
     for pool, pre in ((pool_k, pre_k), (pool_v, pre_v)):
       np.testing.assert_array_equal(pool[:, :, pages, j % 4], pre[:, row, j].transpose(0, 2, 1, 3))
   np.testing.assert_array_equal(np.asarray(state.cache.lengths)[slots], lengths)
+
+
+def test_insert_bucket_prefix_sizes_insert_by_the_prefix_requests(engine):
+  """Insert's request axis: by default a power of two of the requests per shard; with at least
+  `least` (insert_bucket='prefix': the prefix's request bucket) capped at a shard's slots."""
+  eng, _ = engine
+  assert eng._request_order([7, 0]) == (4, [3, 0])  # slots on shards 3 and 0: one entry each
+  assert eng._request_order([7, 0], least=2) == (8, [6, 0])
+  assert eng._request_order([7, 0], least=8) == (8, [6, 0])  # a shard holds 2 slots

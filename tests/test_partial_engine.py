@@ -22,7 +22,7 @@ def _setup():
                            num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
   model = models.init_model(cfg, seed=0)
   ecfg = engine_lib.EngineConfig(num_slots=4, max_prompt_len=PROMPT + LONG, max_new_tokens=LONG,
-                                 steps_per_call=4)
+                                 steps_per_call=4, insert_bucket="prefix")  # as partial mode's
   return engine_lib.Engine.from_model(model, ecfg)
 
 
@@ -59,3 +59,41 @@ def test_aborted_request_resumes_where_it_stopped():
     np.testing.assert_allclose(a.log_probs, b.log_probs, atol=1e-5)
     np.testing.assert_array_equal(b.versions, [0] * m + [1] * (LONG - m))
     assert b.finish_reason == "length"
+
+
+def _draw(rng):
+  """draw(k): k groups whose responses have long-tailed forced lengths (2..LONG)."""
+  ids = iter(range(10**6))
+
+  def draw(k):
+    return [{"id": next(ids), "prompt_ids": rng.integers(1, 64, PROMPT),
+             "lengths": np.clip(rng.lognormal(np.log(8), 1.0, N), 2, LONG).astype(int)}
+            for _ in range(k)]  # fmt: skip
+
+  return draw
+
+
+def _keep_two_of_three(groups):
+  for g in groups:
+    g.scored, g.keep = None, g.example["id"] % 3 != 2
+
+
+@pytest.mark.slow  # compiles a tiny engine's prefill and insert shapes (~40 s)
+def test_partial_steps_stop_compiling_new_prefill_and_insert_shapes():
+  """Resumed prefixes (prompt + tokens, any length) are prefilled one per call, and an insert
+  has its prefix's request bucket (insert_bucket='prefix'), so the shapes partial steps bring
+  are a few length buckets: the second half of 12 steps compiles no new prefill or insert
+  program (before, each step's mix of resumed rows x lengths x requests and of insert counts
+  kept compiling new ones until step 9 here)."""
+  engine, params = _setup()
+  carry, draw = partial.Carry(), _draw(np.random.default_rng(0))
+  sizes, resumed = [], 0
+  for step in range(12):
+    res = carry.step(_backend(engine, params, step), _keep_two_of_three, draw, step=step, eta=1,
+                     n=N, train_batch_size=2, gen_batch_size=6, max_num_gen_batches=0,
+                     min_prompts=1)  # fmt: skip
+    resumed += res.metrics["rollout/resumed_requests"]
+    sizes.append((engine._prefill._cache_size(), engine._insert._cache_size()))
+  assert resumed >= 12, resumed  # resumed prefixes of many lengths were prefilled
+  assert sizes[6:] == [sizes[5]] * 6, sizes  # the programs compiled by step 5 serve the rest
+  assert all(p == i for p, i in sizes), sizes  # one insert program per prefill program

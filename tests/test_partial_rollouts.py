@@ -42,6 +42,8 @@ def _run(workdir, steps: int, **rollout) -> tuple[dict, list[dict]]:
     config.rollout[key] = value
   rc = config_lib.validate(config, num_devices=jax.device_count())
   env, state = trainer.build(rc, str(workdir))
+  # a run that resumes prefixes sizes the sampler's inserts by their prefix (one shape each)
+  assert env.engine.cfg.insert_bucket == ("prefix" if rc.rollout.resumes else "count")
   loop = trainer._Loop.open(rc, env, trainer._StopRequested())
   state = loop.initial_state(state)
   loop.ckpt.close()

@@ -184,6 +184,8 @@ def test_prefill_buckets():
   assert engine_lib.EngineConfig(max_prompt_len=8, max_new_tokens=8).page == 16  # capped at S
   with pytest.raises(ValueError, match="kv_layout"):
     engine_lib.EngineConfig(kv_layout="ragged")
+  with pytest.raises(ValueError, match="insert_bucket"):
+    engine_lib.EngineConfig(insert_bucket="rows")
   with pytest.raises(ValueError, match="max_prompt_len"):
     cfg.prefill_bucket(101)
 

@@ -2,8 +2,8 @@
 
 `PartialRollouts` (held by the trainer's Env in rollout.mode='partial') plugs into
 `rollout.collect` in place of its synchronous dynamic sampling; `EngineBackend` runs a round's
-requests through the engine's continuous-batching loop (`sampling.batching.Loop`, driven as
-`sampling.driver.run` drives it) and stops it when the scheduler says the batch is full; the
+requests through the engine's continuous-batching loop (`sampling.batching.Loop.run`, as
+`sampling.driver.run` does) and stops it when the scheduler says the batch is full; the
 score function turns finished groups into scored `Rollouts`. Also the trainer's hooks:
 `correction` (the staleness IS weights' mode) and `correction_metrics`.
 """
@@ -60,14 +60,17 @@ class EngineBackend:
         prompts.append(np.asarray(g.example["prompt_ids"], np.int32))
         budgets.append([self.budget(g, x) for x in range(self.n)])
         requests += [(len(prompts) - 1, s) for s in fresh]
-    loop = batching.Loop(self.engine, prompts, n=self.n, budgets=budgets,
-                         stops=frozenset(int(i) for i in self.eos_ids), mode="continuous",
-                         share_prefill=True, refill_fraction=self.refill_fraction, overlap=True,
-                         progress=False, requests=requests)  # as driver.run's defaults
-    seed = seeds.seed_for(self.seed, "sampling", self.step, seed_round)
+    # A resumed prefix longer than every prompt is prefilled alone: its prefill and insert
+    # shapes are then its length bucket only, not (rows x length x requests) mixes that
+    # compile anew for many steps. Fresh prompts (all of sync's) batch as before.
+    loop = batching.Loop(self.engine, prompts, n=self.n, budgets=budgets, requests=requests,
+                         stops=frozenset(int(i) for i in self.eos_ids),
+                         refill_fraction=self.refill_fraction,
+                         solo_len=max(len(g.example["prompt_ids"]) for g in groups))  # fmt: skip
 
-    def apply(samples: Sequence[batching.Sample]) -> list[int]:
-      """Extends the requests; returns the groups they finished (in order)."""
+    def stop(samples: Sequence[batching.Sample]) -> bool:
+      """Extends the requests; asks the scheduler whether the groups they finished fill the
+      batch (aborted samples extend a request without finishing it)."""
       finished = set()
       for smp in samples:
         gi, s = owner[smp.prompt_index][smp.sample_index]
@@ -75,26 +78,10 @@ class EngineBackend:
         groups[gi].requests[s].extend(smp.response_ids, smp.response_logprobs, version, reason)
         if reason is not None and groups[gi].done:
           finished.add(gi)
-      return sorted(finished)
+      return bool(finished) and on_done(sorted(finished))
 
-    seen = 0
-    while loop.unplaced() or loop.busy():  # driver.run's loop, with a stop after each call
-      if loop.unplaced() and loop.may_fill():
-        loop.fill(self.params, seed=seed, sampling=self.sampling)
-      loop.step(self.params, sampling=self.sampling)
-      finished, seen = apply(loop.done[seen:]), len(loop.done)
-      if finished and on_done(finished):
-        aborted = loop.abort()
-        finished, seen = apply(loop.done[seen:]), len(loop.done)  # done in the last call
-        if finished:
-          on_done(finished)
-        apply(aborted)
-        return loop.result().stats
-    loop.drain()
-    finished = apply(loop.done[seen:])
-    if finished:
-      on_done(finished)
-    return loop.result().stats
+    seed = seeds.seed_for(self.seed, "sampling", self.step, seed_round)
+    return loop.run(self.params, seed=seed, sampling=self.sampling, stop=stop).stats
 
 
 def score_groups(sampler: scoring.Sampler, filter_enable: bool, metric: str

@@ -194,7 +194,9 @@ def make_engine(rc: config_lib.RunConfig, cfg: models.ModelConfig, graphdef: nnx
                             max_prompt_len=rc.data.max_prompt_length + (
                               rc.rl.max_response_length if rc.rollout.resumes else 0),
                             max_new_tokens=rc.rl.max_response_length,
-                            steps_per_call=steps_per_call or rc.sampling.decode_steps_per_call),
+                            steps_per_call=steps_per_call or rc.sampling.decode_steps_per_call,
+                            # resumed prefixes vary the inserts: one shape per prefill shape
+                            insert_bucket="prefix" if rc.rollout.resumes else "count"),
     mesh=mesh,
   )
 

@@ -1,9 +1,9 @@
 """The host side of one driver run: the request queue, the slots and the finished samples.
 
-`Loop` is what `driver.run` drives: it fills freed slots with waiting requests (one shared
-prefill per prompt), dispatches `generate` calls, decodes each call's tokens while the next one
-runs, and collects the finished `Sample`s with their `SamplerStats` (the scheduling knobs are
-described in `driver`'s docstring).
+`Loop.run` is the loop of `driver.run` (and of partial rollouts, which stop it early): it fills
+freed slots with waiting requests (one shared prefill per prompt), dispatches `generate` calls,
+decodes each call's tokens while the next one runs, and collects the finished `Sample`s with
+their `SamplerStats` (the scheduling knobs are described in `driver`'s docstring).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Sample:
   prompt_ids: np.ndarray  # int32[P]
   response_ids: np.ndarray  # int32[T]
   response_logprobs: np.ndarray  # f32[T], log_softmax(logits / temperature), pre-truncation
-  finish_reason: str  # 'stop' | 'length' ('aborted': Loop.abort, unfinished)
+  finish_reason: str  # 'stop' | 'length' ('aborted': stopped by Loop.run's stop, unfinished)
   length: int  # T
 
 
@@ -105,17 +105,19 @@ class _Running:
   ended: bool = False  # the engine finished it; its slot may already hold another request
 
 
-
 class Loop:
   """The host side of one `run`: the request queue, the slots, the finished samples."""
 
   def __init__(self, engine, prompts: list[np.ndarray], *, n: int, budgets: list[list[int]],
-               stops: frozenset[int], mode: str, share_prefill: bool, refill_fraction: float,
-               overlap: bool, progress: bool, requests=None):  # fmt: skip
+               stops: frozenset[int], requests=None, mode: str = "continuous",
+               share_prefill: bool = True, refill_fraction: float = 0.125, overlap: bool = True,
+               progress: bool = False, solo_len: float = math.inf):  # fmt: skip
     # requests: the (prompt, sample) pairs to run, in order (default: every prompt x n).
+    # solo_len: a prompt longer than this is prefilled alone (partial rollouts' resumed
+    # prefixes: one row per call keeps their prefill and insert shapes to the length buckets).
     self.engine, self.prompts, self.budgets, self.stops, self.mode = (
       engine, prompts, budgets, stops, mode)  # fmt: skip
-    self.share_prefill, self.overlap = share_prefill, overlap
+    self.share_prefill, self.overlap, self.solo_len = share_prefill, overlap, solo_len
     self.num_slots = engine.max_concurrent_decodes
     self.refill = max(1, math.ceil(refill_fraction * self.num_slots - 1e-9))
     self.waiting = collections.deque(
@@ -132,6 +134,26 @@ class Loop:
     self.bar = tqdm.tqdm(total=len(self.waiting), disable=not progress, unit="sample",
                          dynamic_ncols=True)  # fmt: skip
     self.start = time.perf_counter()
+
+  def run(self, params, *, seed: int, sampling, stop=None) -> Result:
+    """Fill free slots, one generate call, repeat until every request ended; then drain.
+
+    stop(samples) -> bool (partial rollouts) sees each sample once, when it ends: after each
+    generate call those it finished, True stopping the run there (`_abort`); last, those the
+    drain finished and, after a stop, the 'aborted' ones (its answer then unused)."""
+    seen, stopped = 0, False
+    while not stopped and (self.unplaced() or self.busy()):
+      if self.unplaced() and self.may_fill():
+        self.fill(params, seed=seed, sampling=sampling)
+      self.step(params, sampling=sampling)
+      if stop is not None:
+        stopped, seen = bool(stop(self.done[seen:])), len(self.done)
+    if self.pending is not None:  # the last call's tokens
+      self._collect(*self.pending)
+    self._complete_first_only()
+    if stop is not None:
+      stop(self.done[seen:] + (self._abort() if stopped else []))
+    return self.result()
 
   def busy(self) -> bool:
     return any(s is not None for s in self.slots)
@@ -196,8 +218,9 @@ class Loop:
     while self.waiting:
       p, s = self.waiting[0]
       if not self.share_prefill or not rows or rows[-1] != p:  # a new prefill row
-        if need >= num_free or len(rows) == self.num_slots:
-          break  # enough requests to fill every free slot
+        if need >= num_free or len(rows) == self.num_slots or (rows and max(
+            len(self.prompts[rows[0]]), len(self.prompts[p])) > self.solo_len):  # fmt: skip
+          break  # enough requests to fill every free slot, or a prompt to prefill alone
         rows.append(p)
       self.waiting.popleft()
       requests.append((len(rows) - 1, p, s))
@@ -293,12 +316,6 @@ class Loop:
     else:
       self._collect(res, snapshot, waiting)
 
-  def drain(self) -> None:
-    if self.pending is not None:
-      self._collect(*self.pending)
-      self.pending = None
-    self._complete_first_only()
-
   def _complete_first_only(self) -> None:
     for run_ in self.first_only:
       self._complete(run_)
@@ -349,17 +366,13 @@ class Loop:
     if waiting:
       st.idle_slot_steps_while_waiting += int((~valid).sum())
 
-  def abort(self) -> list[Sample]:
-    """Stops the run here (partial rollouts): the requests still in a slot come back as
-    Samples of the tokens they have (finish_reason 'aborted'; their pages released), the ones
-    not in a slot yet are dropped. `done` keeps the finished ones."""
-    self.drain()
+  def _abort(self) -> list[Sample]:
+    """Stops the run: the requests in a slot as Samples of the tokens they have (finish_reason
+    'aborted'; their pages released); those not in a slot yet are dropped."""
     busy = [i for i, run_ in enumerate(self.slots) if run_ is not None]
     out = [self._sample(self.slots[i], "aborted") for i in busy]
     self.slots = [None] * self.num_slots
     self.engine.release(busy)
-    self.waiting.clear()
-    self.live.clear()
     return out
 
   def _sample(self, run_: _Running, reason: str | None = None) -> Sample:

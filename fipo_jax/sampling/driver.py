@@ -90,12 +90,7 @@ def run(
                stops=frozenset(int(i) for i in (*eos_ids, *stop_ids)), mode=mode,
                share_prefill=share_prefill, refill_fraction=refill_fraction, overlap=overlap,
                progress=progress)  # fmt: skip
-  while loop.unplaced() or loop.busy():
-    if loop.unplaced() and loop.may_fill():
-      loop.fill(params, seed=seed, sampling=sampling)
-    loop.step(params, sampling=sampling)
-  loop.drain()
-  return loop.result()
+  return loop.run(params, seed=seed, sampling=sampling)
 
 
 def _budgets(max_new_tokens, num_prompts: int, n: int) -> list[list[int]]:

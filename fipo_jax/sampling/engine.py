@@ -263,7 +263,8 @@ class Engine(Traces):
       lens = [prefix.host.prompt_lens[prefix.host.rows[r]] for r in request_rows]
       budgets = zip(lens, max_new_tokens, strict=True)
       self._reserve(slots, [self.cfg.pages_needed(n, m) for n, m in budgets])
-    bsz, at = self._request_order(slots)
+    bsz, at = self._request_order(slots, least=prefix.tokens.shape[0]
+                                  if self.cfg.insert_bucket == "prefix" else 1)  # fmt: skip
     slot_arr = np.full((bsz,), self.cfg.num_slots, np.int32)  # out of range: dropped
     slot_arr[at] = slots
     req = np.zeros((bsz,), np.int32)
@@ -280,15 +281,15 @@ class Engine(Traces):
     return self._insert(prefix.replace(host=None), state, slot_arr, req, pages, shards, budget,
                         _stop_array(stop_ids))  # fmt: skip
 
-  def _request_order(self, slots: Sequence[int]) -> tuple[int, list[int]]:
-    """(I, the index of each slot's request in insert's arrays). Paged: shard-major, C =
-    a power of two entries per shard (paged.insert_prompts gives each shard its own C); dense:
-    in order, I = batch_bucket(len(slots))."""
+  def _request_order(self, slots: Sequence[int], least: int = 1) -> tuple[int, list[int]]:
+    """(I, the index of each slot's request in insert's arrays), with room for at least `least`
+    requests (a shard's). Paged: shard-major, C = a power of two entries per shard
+    (paged.insert_prompts gives each shard its own C); dense: in order, I = batch_bucket."""
     if not self.paged:
-      return self.cfg.batch_bucket(len(slots)), list(range(len(slots)))
+      return self.cfg.batch_bucket(max(len(slots), least)), list(range(len(slots)))
     shard_of = [self.allocator.shard(int(s)) for s in slots]
     counts = [shard_of.count(d) for d in range(self.layout.num_shards)]
-    per_shard = min(_next_pow2(max(counts)), _next_pow2(self.allocator.slots_per_shard))
+    per_shard = min(_next_pow2(max(*counts, least)), _next_pow2(self.allocator.slots_per_shard))
     at = [d * per_shard + shard_of[:i].count(d) for i, d in enumerate(shard_of)]
     return self.layout.num_shards * per_shard, at
 

@@ -28,6 +28,9 @@ class EngineConfig:
   page_size: int = 128  # tokens per page (capped at the cache length's power of two)
   num_pages: int | None = None  # pool size; None: num_slots * pages_per_slot (dense's memory)
   decode_block: int = 128  # tokens per paged attention loop step (CPU: one page is fastest)
+  # insert's request axis I: 'count' (the requests inserted, bucketed) or 'prefix' (their
+  # prefix's request bucket Rb, so one insert shape per prefill shape; partial rollouts).
+  insert_bucket: str = "count"
 
   def __post_init__(self):
     for name in (
@@ -43,6 +46,9 @@ class EngineConfig:
         raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
     if self.kv_layout not in ("paged", "dense"):
       raise ValueError(f"EngineConfig.kv_layout must be 'paged' or 'dense', got {self.kv_layout!r}")
+    if self.insert_bucket not in ("count", "prefix"):
+      raise ValueError(f"EngineConfig.insert_bucket must be 'count' or 'prefix', got "
+                       f"{self.insert_bucket!r}")  # fmt: skip
     if self.num_pages is not None and self.num_pages <= 0:
       raise ValueError(f"EngineConfig.num_pages must be positive, got {self.num_pages}")
 
