@@ -69,10 +69,12 @@ def test_mix_loss_frees_the_direct_bit_and_holds_chains(setup):
   _, _, m = mix(params, tx.init(params), batch, alt, held)
 
   # The padded layout: [1, 1, B, P + T] rows, one example per row.
-  ids, segments, pos = (np.asarray(x)[0, 0] for x in (batch.input_ids, batch.segment_ids,
-                                                       batch.positions))
-  logits = jax.jit(lambda p: nnx.merge(graphdef, p)(ids, positions=pos,
-                                                    attention_mask=(segments > 0).astype(int)))
+  ids, segments, pos = (
+    np.asarray(x)[0, 0] for x in (batch.input_ids, batch.segment_ids, batch.positions)
+  )
+  logits = jax.jit(
+    lambda p: nnx.merge(graphdef, p)(ids, positions=pos, attention_mask=(segments > 0).astype(int))
+  )
   logp = np.asarray(jax.nn.log_softmax(logits(params), axis=-1))
   alt = np.asarray(alt)
   t = rc.rl.max_response_length
@@ -94,8 +96,9 @@ def test_mix_loss_frees_the_direct_bit_and_holds_chains(setup):
         # The same as the log-softmax over every token but the alt: the alt's logit, the share
         # of direct answers, does not enter it.
         others = np.delete(row, alt[b, j])
-        np.testing.assert_allclose(conditional, row[token] - np.logaddexp.reduce(others),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+          conditional, row[token] - np.logaddexp.reduce(others), rtol=1e-4, atol=1e-5
+        )
         nll["held"].append(-conditional)
         given += 1
   assert free == 2  # one bit in each direct answer
