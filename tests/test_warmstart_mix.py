@@ -34,6 +34,9 @@ def test_direct_examples_free_only_the_answer_bit(setup):
   _, tok, direct, chain = setup
   for d, c in zip(direct, chain, strict=True):
     assert np.array_equal(c["alt_ids"], c["response_ids"])
+    # Held, a chain's first token is asked for given that the response is no direct answer.
+    (where,) = np.nonzero(c["held_alt_ids"] != c["response_ids"])
+    assert where.tolist() == [0] and c["held_alt_ids"][0] == d["response_ids"][0]
     (where,) = np.nonzero(d["alt_ids"] != d["response_ids"])
     assert len(where) == 1  # "Answer: 0" against "Answer: 1"
     bit, alt = tok.decode(d["response_ids"][where]), tok.decode(d["alt_ids"][where])
@@ -51,7 +54,8 @@ def _tiny_model():
 def test_mix_loss_frees_the_direct_bit_and_holds_chains(setup):
   """mix_step's two losses against ones computed from the model's full logits. The mix rows:
   -log(p('0') + p('1')) at a direct answer's bit, the negative log-likelihood at every other
-  response token. The held chains: the NLL of every response token but the first."""
+  response token. The held chains: the NLL of every response token but the first, and the first
+  given that it is not the direct answer's first token, -log(p(digit) / (1 - p('A')))."""
   rc, tok, direct, chain = setup
   mix_rows, held_rows = [direct[0], chain[1], direct[2]], [chain[3], chain[4]]
   kw = dict(max_response_length=rc.rl.max_response_length, pad_id=tok.pad_token_id)
@@ -65,26 +69,40 @@ def test_mix_loss_frees_the_direct_bit_and_holds_chains(setup):
   _, _, m = mix(params, tx.init(params), batch, alt, held)
 
   # The padded layout: [1, 1, B, P + T] rows, one example per row.
-  ids, segments, pos = (np.asarray(x)[0, 0] for x in (batch.input_ids, batch.segment_ids,
-                                                       batch.positions))
-  logits = jax.jit(lambda p: nnx.merge(graphdef, p)(ids, positions=pos,
-                                                    attention_mask=(segments > 0).astype(int)))
+  ids, segments, pos = (
+    np.asarray(x)[0, 0] for x in (batch.input_ids, batch.segment_ids, batch.positions)
+  )
+  logits = jax.jit(
+    lambda p: nnx.merge(graphdef, p)(ids, positions=pos, attention_mask=(segments > 0).astype(int))
+  )
   logp = np.asarray(jax.nn.log_softmax(logits(params), axis=-1))
   alt = np.asarray(alt)
   t = rc.rl.max_response_length
   p = ids.shape[1] - t
   nll = {"mix": [], "held": []}
-  free = 0
+  free = given = 0
   for b, e in enumerate(mix_rows + held_rows):
-    first = 0 if b < len(mix_rows) else 1  # a held chain's first token is out of its loss
-    for j in range(first, len(e["response_ids"])):
+    for j in range(len(e["response_ids"])):
       row = logp[b, p + j - 1]  # the logits that predict response token j
-      if alt[b, j] != ids[b, p + j]:
-        nll["mix"].append(-np.logaddexp(row[ids[b, p + j]], row[alt[b, j]]))
+      token = ids[b, p + j]
+      if alt[b, j] == token:
+        nll["mix" if b < len(mix_rows) else "held"].append(-row[token])
+      elif b < len(mix_rows):
+        nll["mix"].append(-np.logaddexp(row[token], row[alt[b, j]]))
         free += 1
       else:
-        nll["mix" if b < len(mix_rows) else "held"].append(-row[ids[b, p + j]])
+        assert j == 0
+        conditional = row[token] - np.log1p(-np.exp(row[alt[b, j]]))
+        # The same as the log-softmax over every token but the alt: the alt's logit, the share
+        # of direct answers, does not enter it.
+        others = np.delete(row, alt[b, j])
+        np.testing.assert_allclose(
+          conditional, row[token] - np.logaddexp.reduce(others), rtol=1e-4, atol=1e-5
+        )
+        nll["held"].append(-conditional)
+        given += 1
   assert free == 2  # one bit in each direct answer
+  assert given == 2  # the first token of each held chain
   np.testing.assert_allclose(float(m["sft/loss"]), np.mean(nll["mix"]), rtol=1e-5)
   np.testing.assert_allclose(float(m["sft/held_chain_loss"]), np.mean(nll["held"]), rtol=1e-5)
   # The plain SFT loss of the mix rows names the bit: it is larger.

@@ -17,8 +17,9 @@ The warm start runs until the mean loss of its last `LOSS_WINDOW` steps is at mo
 mix follow (`_train`), their lr annealed to 0 (`stage_lr`). In the mix a direct answer's bit is
 asked for without being named (`mix_step`): trained on the true parity, which the model cannot
 compute in one token, it taught the answer step after the chain to guess. A batch of chains
-with the first token out of the loss is held in place alongside the mix, so that answer step
-stays learnt while the share of chains the model samples moves. A warm start that ends above
+is held in place alongside the mix, its first token trained only given that the response is a
+chain, so the chain (its first digit included) stays learnt while the share of chains the model
+samples moves. A warm start that ends above
 the threshold raises `CannotLearn` (the CLI: one line, exit 2) and caches nothing. The result
 is cached in WORKDIR/sft for restarts.
 """
@@ -96,16 +97,23 @@ def sft_rows(rc, workdir: str) -> list[dict]:
   return out
 
 
-def _batch(examples, *, max_prompt_length: int, max_response_length: int, pad_id: int
-           ) -> steps_lib.Batch:
+def _batch(
+  examples, *, max_prompt_length: int, max_response_length: int, pad_id: int
+) -> steps_lib.Batch:
   """Supervised examples on the padded layout, one micro-batch on one shard, slot e = example
   e; the loss reads only the response mask."""
   p, t = max_prompt_length, max_response_length
   packed = packing.pack_rollouts(
-    [e["prompt_ids"] for e in examples], [e["response_ids"] for e in examples],
+    [e["prompt_ids"] for e in examples],
+    [e["response_ids"] for e in examples],
     [np.zeros(len(e["response_ids"]), np.float32) for e in examples],
-    np.zeros(len(examples), np.float32), mini=len(examples), max_prompt_length=p,
-    max_response_length=t, layout=packing.Layout(p + t, 1, 1, padded=True), pad_id=pad_id)
+    np.zeros(len(examples), np.float32),
+    mini=len(examples),
+    max_prompt_length=p,
+    max_response_length=t,
+    layout=packing.Layout(p + t, 1, 1, padded=True),
+    pad_id=pad_id,
+  )
   arrays = packed.batches[0]
   assert (arrays["seq_index"][0, 0] == np.arange(len(examples))).all()  # one row per example
   return steps_lib.Batch(**{k: jax.numpy.asarray(v) for k, v in arrays.items()})
@@ -119,16 +127,29 @@ def _alt_ids(examples, *, max_response_length: int, pad_id: int) -> np.ndarray:
   return out
 
 
-def mix_step(graphdef, params, opt_state, batch: steps_lib.Batch, alt_ids, held, *,
-             cfg: steps_lib.UpdateConfig, tx):
+def mix_step(
+  graphdef,
+  params,
+  opt_state,
+  batch: steps_lib.Batch,
+  alt_ids,
+  held,
+  *,
+  cfg: steps_lib.UpdateConfig,
+  tx,
+):
   """`steps.sft_step` on the mix, plus the chain held in place. Rows with held f32[B] = 0 are the
   mix: where alt_ids int32[B, T] differs from the response the loss is -log(p(token) + p(alt
   token)), as a direct parity answer names no bit (a model that cannot compute the parity in one
   token would learn only noise there, on the answer step the chain's answer shares); every other
-  token, the negative log-likelihood. Rows with held = 1 are chains whose response mask leaves
-  out the first token: they keep the chain and its answer trained without moving the share of
-  chains the model samples. Loss: the token mean over the mix plus the one over the held rows.
-  `batch` is `_batch`'s padded layout: [1, 1, B, P + T] rows, responses at [P, P + T)."""
+  token, the negative log-likelihood. Rows with held = 1 are chains: where alt_ids differs (the
+  first token, whose alt is the direct answer's) the loss is -log(p(token) / (1 - p(alt
+  token))), the chain's first digit given that the response is a chain, which leaves the share
+  of chains the model samples free (p(alt) gets no gradient); elsewhere the NLL. With the first
+  token out of the held loss it was trained only by the mix's few chains and drifted to chance
+  on a seed: its chains were then right half the time, no better than a direct answer, and RL
+  had no reason to choose them. Loss: the token mean over the mix plus the one over the held
+  rows. `batch` is `_batch`'s padded layout: [1, 1, B, P + T] rows, responses at [P, P + T)."""
   ids, segments, pos = batch.input_ids[0, 0], batch.segment_ids[0, 0], batch.positions[0, 0]
   response_mask = batch.response_mask[0, 0]  # [B, T]
   t = response_mask.shape[1]
@@ -137,13 +158,16 @@ def mix_step(graphdef, params, opt_state, batch: steps_lib.Batch, alt_ids, held,
 
   def loss_fn(p):
     model = nnx.merge(graphdef, p)
-    hidden = model.hidden_states(ids, positions=pos, attention_mask=(segments > 0).astype(
-      jnp.int32))[:, length - t - 1 : -1]
+    hidden = model.hidden_states(
+      ids, positions=pos, attention_mask=(segments > 0).astype(jnp.int32)
+    )[:, length - t - 1 : -1]
     kw = dict(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size)
     w = model.unembedding()
     log_prob = models.token_log_probs_from_hidden(hidden, w, ids[:, length - t :], **kw)
     alt = models.token_log_probs_from_hidden(hidden, w, alt_ids, **kw)
-    log_prob = jnp.where(free, jnp.logaddexp(log_prob, alt), log_prob)
+    either = jnp.logaddexp(log_prob, alt)  # mix: one of two tokens, unnamed
+    given = log_prob - jnp.log(-jnp.expm1(jnp.minimum(alt, -1e-6)))  # held: given not alt
+    log_prob = jnp.where(free, jnp.where(held[:, None] > 0, given, either), log_prob)
     mix_mask = response_mask * (1.0 - held[:, None])
     held_mask = response_mask * held[:, None]
     mix = -jnp.sum(log_prob * mix_mask) / (jnp.sum(mix_mask) + 1e-8)
@@ -162,8 +186,8 @@ def mix_step(graphdef, params, opt_state, batch: steps_lib.Batch, alt_ids, held,
 
 
 def _mix_batch(examples, held, *, max_prompt_length: int, max_response_length: int, pad_id: int):
-  """(batch, alt_ids, held f32[B]): the mix's `examples`, then the `held` chains with the first
-  response token out of their mask."""
+  """(batch, alt_ids, held f32[B]): the mix's `examples`, then the `held` chains with their
+  `held_alt_ids` (the first token's alt: the direct answer's first token)."""
   rows = [*examples, *held]
   batch = _batch(
     rows,
@@ -172,9 +196,9 @@ def _mix_batch(examples, held, *, max_prompt_length: int, max_response_length: i
     pad_id=pad_id,
   )
   is_held = np.r_[np.zeros(len(examples)), np.ones(len(held))].astype(np.float32)
-  mask = batch.response_mask.at[0, 0, len(examples) :, 0].set(0.0)
-  alt = _alt_ids(rows, max_response_length=max_response_length, pad_id=pad_id)
-  return batch.replace(response_mask=mask), jnp.asarray(alt), jnp.asarray(is_held)
+  alt_rows = [*examples, *({"alt_ids": e["held_alt_ids"]} for e in held)]
+  alt = _alt_ids(alt_rows, max_response_length=max_response_length, pad_id=pad_id)
+  return batch, jnp.asarray(alt), jnp.asarray(is_held)
 
 
 def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
@@ -182,7 +206,8 @@ def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
 
   With chains, each example also carries `alt_ids` int32[T]: a direct answer's response with
   its bit flipped, a chain's response itself. The mix stage asks for a bit where they differ
-  without naming it (`mix_step`).
+  without naming it (`mix_step`). A chain also carries `held_alt_ids`: its response with the
+  first token the direct answer's, for the held rows (the first digit given a chain).
   """
   rows = sft_rows(rc, workdir)
   kw = dict(apply_chat_template=rc.data.apply_chat_template)
@@ -202,8 +227,9 @@ def _examples(rc, tokenizer, workdir: str) -> tuple[list[dict], list[dict]]:
   for e, f in zip(direct, synthetic.sft_examples(tokenizer, flipped, **kw), strict=True):
     e["alt_ids"] = f["response_ids"]
   chain = synthetic.sft_examples(tokenizer, rows, chain=True, **kw)
-  for e in chain:
+  for e, d in zip(chain, direct, strict=True):
     e["alt_ids"] = e["response_ids"]  # no free token
+    e["held_alt_ids"] = np.r_[d["response_ids"][:1], e["response_ids"][1:]].astype(np.int32)
   return direct, chain
 
 
@@ -359,4 +385,5 @@ def check_cache(cache: str, rc) -> None:
   if differ:
     raise CacheMismatch(
       f"{cache} holds a warm start made with other settings ({', '.join(differ[:4])}"
-      f"{' ...' if len(differ) > 4 else ''} differ): remove it, or use another --workdir")
+      f"{' ...' if len(differ) > 4 else ''} differ): remove it, or use another --workdir"
+    )
