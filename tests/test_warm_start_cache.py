@@ -2,6 +2,7 @@
 with another sft/model/data setting or seed stops with one line and exit 2, where it used to
 train silently from the stale warm start; RL settings may differ (a sweep shares it)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,12 @@ def test_cache_key_names_what_differs(tmp_path):
     warmstart.check_cache(str(cache), _rc(("seed", 1)))
   with pytest.raises(warmstart.CacheMismatch, match="data.max_prompt_length"):
     warmstart.check_cache(str(cache), _rc(("data.max_prompt_length", 64)))
+  # A cache made by an older warm start (its key has no or another version) is not reused.
+  key = json.loads(warmstart.cache_key(_rc()))
+  del key["warm_start_version"]
+  (cache / warmstart.CACHE_KEY_FILE).write_text(json.dumps(key))
+  with pytest.raises(warmstart.CacheMismatch, match=r"\(warm_start_version differ\)"):
+    warmstart.check_cache(str(cache), _rc())
 
 
 @pytest.mark.slow

@@ -352,13 +352,17 @@ def sft_warm_start(rc, params, workdir: str, *, graphdef, update_cfg, mesh, toke
 
 
 CACHE_KEY_FILE = "fipo_warm_start.json"  # in WORKDIR/sft: the settings that made it
+# Raised when the warm start's objective changes, so that a cache trained by the old one is not
+# reused. 2: held chains train their first token given a chain (mix_step).
+WARM_START_VERSION = 2
 
 
 def cache_key(rc) -> str:
-  """JSON of what decides the warm start's params: the seed and the sft, model and data
-  sections (not rl.*: a sweep over RL settings shares one warm start per seed)."""
+  """JSON of what decides the warm start's params: its version, the seed and the sft, model and
+  data sections (not rl.*: a sweep over RL settings shares one warm start per seed)."""
   sections = ("seed", "sft", "model", "data")
   key = {name: config_schema.as_dict(getattr(rc, name)) for name in sections}
+  key["warm_start_version"] = WARM_START_VERSION
   return json.dumps(key, sort_keys=True, default=str)
 
 
