@@ -17,8 +17,9 @@ class Budgets(partial_sampling.EngineBackend):
     return int(group.example["lengths"][sample])
 
 
-def _setup():
-  cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+def _setup(num_layers: int = 2):
+  cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_layers=num_layers,
                            num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
   model = models.init_model(cfg, seed=0)
   ecfg = engine_lib.EngineConfig(num_slots=4, max_prompt_len=PROMPT + LONG, max_new_tokens=LONG,
@@ -85,15 +86,19 @@ def test_partial_steps_stop_compiling_new_prefill_and_insert_shapes():
   are a few length buckets: the second half of 12 steps compiles no new prefill or insert
   program (before, each step's mix of resumed rows x lengths x requests and of insert counts
   kept compiling new ones until step 9 here)."""
-  engine, params = _setup()
+  # jax.jit's caches are per function, shared by every engine of the test process: a model no
+  # other test builds (3 layers) and counts from before the loop keep other tests' programs out.
+  engine, params = _setup(num_layers=3)
   carry, draw = partial.Carry(), _draw(np.random.default_rng(0))
   sizes, resumed = [], 0
+  before = (engine._prefill._cache_size(), engine._insert._cache_size())
   for step in range(12):
     res = carry.step(_backend(engine, params, step), _keep_two_of_three, draw, step=step, eta=1,
                      n=N, train_batch_size=2, gen_batch_size=6, max_num_gen_batches=0,
                      min_prompts=1)  # fmt: skip
     resumed += res.metrics["rollout/resumed_requests"]
-    sizes.append((engine._prefill._cache_size(), engine._insert._cache_size()))
+    sizes.append((engine._prefill._cache_size() - before[0],
+                  engine._insert._cache_size() - before[1]))
   assert resumed >= 12, resumed  # resumed prefixes of many lengths were prefilled
   assert sizes[6:] == [sizes[5]] * 6, sizes  # the programs compiled by step 5 serve the rest
   assert all(p == i for p, i in sizes), sizes  # one insert program per prefill program
