@@ -94,13 +94,17 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax and absl INFO logs drown the progress bar
   import jax  # after flag parsing: keeps --help fast
 
+  from fipo_jax import config as config_lib
+
+  try:  # the fields first: a bad value fails before a device (or an absent TPU's plugin) starts
+    config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    _fail("config error", e, 2)
   # Multi-host: before anything touches a device.
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:  # a coordinator without num_processes / process_id
     _fail("config error", e, 2)
-
-  from fipo_jax import config as config_lib
 
   try:
     run_config = config_lib.validate(_CONFIG.value, num_devices=jax.device_count())
