@@ -107,7 +107,8 @@ def main(argv) -> None:
     _fail("config error", e, 2)
 
   try:
-    run_config = config_lib.validate(_CONFIG.value, num_devices=jax.device_count())
+    run_config = config_lib.validate(  # the paths were checked above
+      _CONFIG.value, num_devices=jax.device_count(), check_paths=False)
   except config_lib.ConfigError as e:
     _fail("config error", e, 2)
   if _VALIDATE_ONLY.value:

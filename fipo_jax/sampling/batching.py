@@ -137,7 +137,6 @@ class Loop:
 
   def run(self, params, *, seed: int, sampling, stop=None) -> Result:
     """Fill free slots, one generate call, repeat until every request ended; then drain.
-
     stop(samples) -> bool (partial rollouts) sees each sample once, when it ends: after each
     generate call those it finished, True stopping the run there (`_abort`); last, those the
     drain finished and, after a stop, the 'aborted' ones (its answer then unused)."""
@@ -150,6 +149,7 @@ class Loop:
         stopped, seen = bool(stop(self.done[seen:])), len(self.done)
     if self.pending is not None:  # the last call's tokens
       self._collect(*self.pending)
+      self.pending = None
     self._complete_first_only()
     if stop is not None:
       stop(self.done[seen:] + (self._abort() if stopped else []))
