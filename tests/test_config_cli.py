@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 from fipo_jax import config as config_lib
@@ -105,7 +106,7 @@ def test_data_files_from_the_command_line(value, files, run_dir):
 
 def _cli(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one CPU device, as on a laptop
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, check=False)
 

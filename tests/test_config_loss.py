@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 from fipo_jax import config as config_lib
@@ -121,7 +122,7 @@ def test_recipe_args_are_typed():
 def _cli(*args, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(
     None, [os.environ.get("PYTHONPATH")])]))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   return subprocess.run([sys.executable, "-m", "fipo_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, check=False)
 

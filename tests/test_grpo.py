@@ -16,6 +16,7 @@ import subprocess
 import sys
 import types
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,7 +320,7 @@ def test_aot_counts_the_reference_params():
 @pytest.mark.slow  # two CLI runs of the tiny GRPO recipe: ~1.5 min on 2 busy cores
 def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   work = tmp_path / "w"
   cmd = [
     sys.executable,

@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 
@@ -110,7 +111,7 @@ def test_readme_dump_and_inspect_commands_on_a_real_run(tmp_path):
   local = lambda argv: [str(tmp_path / a[5:]) if a.startswith("/tmp/") else a for a in argv]
   train, insp = (local(c) for c in _readme_commands())
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop (and the quickest to compile)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one CPU device, as on a laptop
   proc = subprocess.run(
     [sys.executable, *train[1:]], cwd=ROOT, env=env, capture_output=True, text=True, check=False
   )

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import portpicker
 import pytest
@@ -57,7 +58,8 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
   for pid in range(processes):
     env = dict(os.environ)
     # Only the children get their device count; the test process keeps conftest's 8 devices.
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    env["XLA_FLAGS"] = (f"{conftest.TEST_XLA_FLAGS} "
+                        f"--xla_force_host_platform_device_count={devices_per_process}")
     env["JAX_PLATFORMS"] = "cpu"
     # The children import this checkout's fipo_jax even where it is not pip-installed (cwd is
     # the configs snapshot, which `python -m` searches first).
@@ -245,7 +247,7 @@ def test_reward_scoring_is_split_over_processes_and_all_gathered():
 
   port = portpicker.pick_unused_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith("FIPO_")}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env.update(XLA_FLAGS=conftest.TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", _SCORE_CHILD, f"localhost:{port}", str(i)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]

@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 
+import conftest
 import nbformat
 import pytest
 
@@ -69,7 +70,7 @@ def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
   # The notebook should see what a user sees: conftest's forced 8-device CPU mesh and any
   # non-inline matplotlib backend are test-suite settings, not the notebook's.
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   env.pop("MPLBACKEND", None)
   env.pop("FIPO_INFLUENCE_WORKDIR", None)
   env.update(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +17,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_packing_benchmark_runs_and_reports_each_case():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one device; the conftest mesh is not needed here
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device; the conftest mesh is not needed here
   cmd = [
     sys.executable,
     os.path.join(_ROOT, "benchmarks", "packing.py"),

@@ -94,7 +94,7 @@ def _cli(workdir, *overrides: str) -> list[dict]:
   device (bitwise reproducible across processes), no evals; returns metrics.jsonl's rows."""
   if not (workdir / "sft").exists():  # a resumed run finds it there
     conftest.write_tiny_cpu_sft_cache(workdir)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS,
          "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
          "--config.rollout.mode=partial", "--config.rollout.max_staleness=1",
@@ -104,23 +104,18 @@ def _cli(workdir, *overrides: str) -> list[dict]:
   return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # a 3-step CLI run
-def test_readme_partial_command_trains_with_exact_mb1_weights(tmp_path):
-  rows = _cli(tmp_path, "--config.total_steps=3", "--config.checkpoint_every=0")
-  assert [r["step"] for r in rows] == [1, 2, 3]
-  assert all(r["rollout/staleness_max"] <= 1 for r in rows)
-  assert any(r["rollout/staleness_max"] == 1 for r in rows)
-  assert all(r[MB1] == 1.0 for r in rows), [r[MB1] for r in rows]
-
-
 @pytest.mark.slow  # 3 + 2 + 1 CLI steps
-def test_resume_at_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
-  """In-flight groups are dropped at every checkpoint, in both runs alike."""
+def test_readme_partial_command_trains_and_resumes_as_the_uninterrupted_run(tmp_path):
+  """The README's command trains with staleness <= 1 and exact mini-batch-1 weights; in-flight
+  groups are dropped at every checkpoint, in the uninterrupted and the resumed run alike."""
   whole = _cli(tmp_path / "whole", "--config.total_steps=3", "--config.checkpoint_every=2")
+  assert [r["step"] for r in whole] == [1, 2, 3]
+  assert all(r["rollout/staleness_max"] <= 1 for r in whole)
+  assert any(r["rollout/staleness_max"] == 1 for r in whole)
+  assert all(r[MB1] == 1.0 for r in whole), [r[MB1] for r in whole]
+  assert whole[2]["rollout/carried_groups"] == 0  # step 3 starts after the step-2 checkpoint
   _cli(tmp_path / "cut", "--config.total_steps=2", "--config.checkpoint_every=2")
   cut = _cli(tmp_path / "cut", "--config.total_steps=3", "--config.checkpoint_every=2")
   volatile = ("timing_s/", "perf/")
   strip = lambda r: {k: v for k, v in r.items() if not k.startswith(volatile)}
   assert [strip(r) for r in cut] == [strip(r) for r in whole]
-  assert whole[2]["rollout/carried_groups"] == 0  # step 3 starts after the step-2 checkpoint
-  assert any(r["rollout/staleness_max"] == 1 for r in whole)

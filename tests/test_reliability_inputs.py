@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _main(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one device: the mesh case below relies on it
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device: the mesh case below relies on it
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
      "--workdir", str(tmp_path / "w"), *overrides],
@@ -101,7 +102,7 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, messa
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
   env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   res = subprocess.run(
     [sys.executable, "-m", "fipo_jax.main", "--config", _recipe(tmp_path, train, val),
      "--workdir", str(workdir), *extra],

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import conftest
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any 
 def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
   # One CPU device is plenty for these runs and compiles fastest: drop conftest's 8-device flag.
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 
@@ -63,7 +64,7 @@ def _local(argv: list[str], tmp_path: pathlib.Path) -> list[str]:
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as on a laptop (and the quickest to compile)
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one CPU device, as on a laptop
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.sweep", *argv],
     cwd=ROOT,

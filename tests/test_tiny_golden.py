@@ -35,7 +35,7 @@ VOLATILE = ("timing_s/", "perf/")
 def _one_step_metrics(workdir: pathlib.Path, *overrides: str) -> dict:
   """The metrics of one tiny_cpu RL step run by the CLI (`overrides`: more --config.* flags)."""
   conftest.write_tiny_cpu_sft_cache(workdir)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS,
          "JAX_PLATFORMS": "cpu"}
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
          "--workdir", str(workdir), "--config.total_steps=1", "--config.eval_every=0",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 from fipo_jax import config as config_lib
@@ -49,9 +50,11 @@ def test_cache_key_names_what_differs(tmp_path):
 
 @pytest.mark.slow
 def test_rerun_with_another_warm_start_setting_exits_2(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": conftest.TEST_XLA_FLAGS}  # 1 device
+  # A 5-step warm start with no loss threshold: the test is about its cache, not its quality.
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
-         "--workdir", str(tmp_path / "w"), "--config.total_steps=0", "--config.eval_every=0"]
+         "--workdir", str(tmp_path / "w"), "--config.total_steps=0", "--config.eval_every=0",
+         "--config.sft.steps=5", "--config.sft.loss_threshold=0"]
   first = subprocess.run(cmd, capture_output=True, text=True, env=env)
   assert first.returncode == 0, first.stderr[-3000:]
   assert (tmp_path / "w" / "sft" / warmstart.CACHE_KEY_FILE).is_file()
