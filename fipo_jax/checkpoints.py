@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -339,25 +340,43 @@ def first_restorable(steps: Sequence[int], try_restore: Callable[[int], Any],
 _ABANDONED_READS = ("_read_array_index_and_device_put",)
 
 
+def _is_late_read_callback(exc_type, exc_value, tb) -> bool:
+  """The error of a TensorStore read that finished after the failed restore's event loop
+  closed: its done-callback's `loop.call_soon_threadsafe` raised in TensorStore's thread."""
+  if exc_type is not RuntimeError or str(exc_value) != "Event loop is closed":
+    return False
+  frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+  return frames[-2:] == ["call_soon_threadsafe", "_check_closed"]
+
+
 def quiet_abandoned_reads() -> None:
-  """Drops the "Exception ignored in <coroutine>" reports of the reads a failed restore left in
-  flight. When one array of a damaged step fails, orbax raises at once; its sibling reads of
-  the same step fail later and, never awaited, are reported with a traceback when collected
-  (often at exit), after the step was already named in one line. Other reports pass through.
-  Idempotent."""
+  """Drops the reports of the reads a failed restore left in flight. When one array of a
+  damaged step fails, orbax raises at once and closes its event loop; sibling reads of the same
+  step fail or finish later, after the step was already named in one line: never-awaited read
+  coroutines are reported through sys.unraisablehook ("Exception ignored in <coroutine>") when
+  collected, and a read finishing on the closed loop prints its callback's RuntimeError from
+  TensorStore's thread through sys.excepthook. Other reports pass through. Idempotent."""
   if getattr(sys.unraisablehook, "_fipo_quiet_reads", False):
     return
-  previous = sys.unraisablehook
+  previous, previous_excepthook = sys.unraisablehook, sys.excepthook
 
   def hook(unraisable) -> None:
     name = getattr(unraisable.object, "__qualname__", "") or ""
-    if any(name.endswith(n) for n in _ABANDONED_READS):
+    if any(name.endswith(n) for n in _ABANDONED_READS) or _is_late_read_callback(
+        unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
       log.debug("abandoned checkpoint read failed: %s", unraisable.exc_value)
       return
     previous(unraisable)
 
+  def excepthook(exc_type, exc_value, tb) -> None:
+    if _is_late_read_callback(exc_type, exc_value, tb):
+      log.debug("abandoned checkpoint read finished on a closed event loop")
+      return
+    previous_excepthook(exc_type, exc_value, tb)
+
   hook._fipo_quiet_reads = True
   sys.unraisablehook = hook
+  sys.excepthook = excepthook
 
 
 def exit_if_unreadable(error: object, code: int = 2) -> None:

@@ -12,15 +12,20 @@ import sys
 import tempfile
 import time
 
-# XLA:CPU's LLVM backend at -O0 for the test bench, in this process and in the runs the tests
-# start (they set XLA_FLAGS to TEST_XLA_FLAGS where they drop the 8-device mesh): the suite is
-# compile-bound (tiny models, hundreds of programs), so -O0's faster compiles win over its
-# slower code, even in the benchmarks' smoke runs (tests check what those print, never their
-# speed; timings come from running a benchmark itself). AOT tests compile for TPU without it.
-# Measured 2026-12-06, CPU-s at -O0 against the default: 170 / 247 (test_packing_step and one
-# tiny_cpu CLI run), 237 / 298 (the benchmarks' smoke tests and the notebook).
-# FIPO_TEST_XLA_FLAGS="" runs the suite at the default level.
-TEST_XLA_FLAGS = os.environ.get("FIPO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Compile flags of the test bench. Most tests compile far more than they compute (tiny models,
+# hundreds of programs): XLA:CPU's LLVM backend at -O0 and its classic fused-loop emitters (no
+# MLIR fusion emitters) compile about 3x faster and run slower. They apply in this process and
+# in the runs tests start with TEST_XLA_FLAGS; tests check what benchmark smoke runs print, never
+# their speed (timings come from running a benchmark itself); AOT tests compile for TPU.
+# Trainer runs that train a supervised warm start (hundreds of steps: tiny_cpu:runlocal's, the
+# reasoning task's) or sample a 151k vocabulary compute more than they compile: they keep XLA's
+# default level (WARM_START_XLA_FLAGS). Measured 2026-12-06, CPU-s, fast flags / default: 26 /
+# 77 (test_packing_step's fixed micro-batch tests), 14 / 43 (test_optimizer's trainer run);
+# 58 / 34 (test_inspect's README run), 140 / 65 (the 7B :runlocal on a model dir).
+# FIPO_TEST_XLA_FLAGS="" runs the whole suite at the default level.
+TEST_XLA_FLAGS = os.environ.get(
+  "FIPO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+WARM_START_XLA_FLAGS = ""
 os.environ["XLA_FLAGS"] = (
   f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8"
 ).strip()

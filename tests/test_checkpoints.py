@@ -1,5 +1,6 @@
 """Orbax checkpoints: sharded round trip on the 8-device CPU mesh, keep-k plus best, resume."""
 
+import asyncio
 import gc
 import json
 import sys
@@ -303,3 +304,24 @@ def test_reads_abandoned_by_a_failed_restore_do_not_print_tracebacks(monkeypatch
   assert seen == []
   _collect_failing_read("some_other_coroutine")  # everything else still reaches the old hook
   assert [str(u.exc_value) for u in seen] == ["read failed"]
+
+
+def test_a_read_finishing_on_the_closed_loop_prints_no_traceback(monkeypatch):
+  """A sibling read that completes after the failed restore closed orbax's event loop: its
+  callback's `call_soon_threadsafe` raises in TensorStore's thread (printed via excepthook)."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: None)
+  monkeypatch.setattr(sys, "excepthook", lambda *exc: seen.append(exc[1]))
+  checkpoints.quiet_abandoned_reads()
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError:
+    sys.excepthook(*sys.exc_info())
+  assert seen == []
+  try:  # any other error still reaches the previous hook
+    raise RuntimeError("Event loop is closed")
+  except RuntimeError:
+    sys.excepthook(*sys.exc_info())
+  assert [str(e) for e in seen] == ["Event loop is closed"]

@@ -106,7 +106,7 @@ def test_data_files_from_the_command_line(value, files, run_dir):
 
 def _cli(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one CPU device, as on a laptop
+  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS  # one CPU device, as on a laptop
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, check=False)
 
@@ -231,11 +231,13 @@ def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tm
   a checkpoint through the same `policy.load_policy` (tests/test_export.py runs them on one)."""
   w = tmp_path / "w"
   train, val = dapo_parquet("train", n=16), dapo_parquet("val", n=2)
-  # One step, and eval without top-p: top-p sorts the 151936-token vocabulary at every decode
-  # step, about a second per step on a CPU.
+  # One step of one sampling round of 8 prompts (a random model scores 0: the update is
+  # skipped either way), and eval without top-p: top-p sorts the 151936-token vocabulary at
+  # every decode step, about a second per step on a CPU.
   res = _main("--config", "configs/fipo_qwen2_5_7b_math.py:runlocal", "--workdir", str(w),
               f"--config.model.hf_dir={qwen_model_dir}", f"--config.data.train_files={train}",
               f"--config.data.val_files={val}", "--config.total_steps=1",
+              "--config.rl.gen_batch_size=8", "--config.rl.max_num_gen_batches=1",
               "--config.eval.top_p=1.0")
   assert res.returncode == 0, res.stderr[-3000:]
   assert [m["step"] for m in _metrics(w)] == [0, 1]

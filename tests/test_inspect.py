@@ -111,7 +111,7 @@ def test_readme_dump_and_inspect_commands_on_a_real_run(tmp_path):
   local = lambda argv: [str(tmp_path / a[5:]) if a.startswith("/tmp/") else a for a in argv]
   train, insp = (local(c) for c in _readme_commands())
   env = dict(os.environ)
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one CPU device, as on a laptop
+  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS  # one CPU device, as on a laptop
   proc = subprocess.run(
     [sys.executable, *train[1:]], cwd=ROOT, env=env, capture_output=True, text=True, check=False
   )

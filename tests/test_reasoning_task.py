@@ -87,7 +87,7 @@ def test_step0_eval_without_a_mixed_group_stops_the_run():
 
 def _main(*args: str) -> subprocess.CompletedProcess:
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.main", *args],
     cwd=ROOT,
@@ -187,7 +187,7 @@ def test_seed_benchmark_refuses_an_argument_it_cannot_pass_on():
 @pytest.mark.slow
 def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
   # One run at a time: the second seed's run then reuses the first's compiled programs (the
   # suite's persistent compilation cache, conftest.py) instead of compiling them alongside it.
   # A --config.* override reaches every run (here: partial rollouts, the stage-A check).

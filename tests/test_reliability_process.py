@@ -28,7 +28,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 10
+TOTAL_STEPS = 6
 ARGS = ("--config", "configs/tiny_cpu.py:runlocal", f"--config.total_steps={TOTAL_STEPS}",
         "--config.checkpoint_every=1", "--config.keep_checkpoints=3",
         "--config.rl.filter_groups_enable=False")
@@ -41,7 +41,7 @@ VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any 
 def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
   # One CPU device is plenty for these runs and compiles fastest: drop conftest's 8-device flag.
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
