@@ -6,8 +6,9 @@ every step's metrics must equal the reference's to the last bit (timings exclude
 
 The runs use `tiny_cpu:runlocal` with group filtering off (most steps then update) and a
 checkpoint every step. The persistent compilation cache shared by the suite's processes keeps the
-restarts cheap on 2 cores, and every run starts from the reference run's supervised warm start
-(its WORKDIR/sft cache, copied): the warm start is deterministic and ahead of every fault.
+restarts cheap on 2 cores, and every run starts from tiny_cpu's stored supervised warm start
+(tests/testdata/tiny_cpu_sft.npz as the reference's WORKDIR/sft cache, copied): the warm start
+is deterministic and ahead of every fault, and the runs are RL steps only.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any 
 def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   env = dict(os.environ)
   # One CPU device is plenty for these runs and compiles fastest: drop conftest's 8-device flag.
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
@@ -112,6 +113,7 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 def reference_dir(tmp_path_factory, cache_dir) -> pathlib.Path:
   """The uninterrupted run's workdir (metrics.jsonl, its warm start in sft/)."""
   workdir = tmp_path_factory.mktemp("reference")
+  conftest.write_tiny_cpu_sft_cache(workdir)  # tiny_cpu's stored warm start: RL steps only
   rc, err = _run(workdir, cache_dir)
   assert rc == 0, err[-3000:]
   return workdir
