@@ -19,9 +19,11 @@ import time
 # their speed (timings come from running a benchmark itself); AOT tests compile for TPU.
 # Trainer runs that train a supervised warm start (hundreds of steps: tiny_cpu:runlocal's, the
 # reasoning task's) or sample a 151k vocabulary compute more than they compile: they keep XLA's
-# default level (WARM_START_XLA_FLAGS). Measured 2026-12-06, CPU-s, fast flags / default: 26 /
-# 77 (test_packing_step's fixed micro-batch tests), 14 / 43 (test_optimizer's trainer run);
-# 58 / 34 (test_inspect's README run), 140 / 65 (the 7B :runlocal on a model dir).
+# default level (WARM_START_XLA_FLAGS), as do test_damaged_checkpoints' runs (from a stored warm
+# start, but measured quicker at the default too: 39 / 49 CPU-s for its fallback test).
+# Measured 2026-12-06, CPU-s, fast flags / default: 26 / 77 (test_packing_step's fixed
+# micro-batch tests), 14 / 43 (test_optimizer's trainer run); 58 / 34 (test_inspect's README
+# run), 140 / 65 (the 7B :runlocal on a model dir).
 # FIPO_TEST_XLA_FLAGS="" runs the whole suite at the default level.
 TEST_XLA_FLAGS = os.environ.get(
   "FIPO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
