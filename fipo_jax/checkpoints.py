@@ -349,13 +349,30 @@ def _is_late_read_callback(exc_type, exc_value, tb) -> bool:
   return frames[-2:] == ["call_soon_threadsafe", "_check_closed"]
 
 
+class _AbandonedReadTask(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for a read task of a failed restore
+  (logged with its traceback when the task is collected); other asyncio errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or "exception was never retrieved" not in str(record.msg):
+      return True
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(exc.__traceback__)]
+    return not any(name in _ABANDONED_READS for name in frames)
+
+
+_ABANDONED_TASK_FILTER = _AbandonedReadTask()
+
+
 def quiet_abandoned_reads() -> None:
   """Drops the reports of the reads a failed restore left in flight. When one array of a
   damaged step fails, orbax raises at once and closes its event loop; sibling reads of the same
   step fail or finish later, after the step was already named in one line: never-awaited read
-  coroutines are reported through sys.unraisablehook ("Exception ignored in <coroutine>") when
+  coroutines are reported through sys.unraisablehook ("Exception ignored in <coroutine>") and
+  failed read tasks through asyncio's logger ("Task exception was never retrieved") when
   collected, and a read finishing on the closed loop prints its callback's RuntimeError from
   TensorStore's thread through sys.excepthook. Other reports pass through. Idempotent."""
+  logging.getLogger("asyncio").addFilter(_ABANDONED_TASK_FILTER)  # a no-op when already added
   if getattr(sys.unraisablehook, "_fipo_quiet_reads", False):
     return
   previous, previous_excepthook = sys.unraisablehook, sys.excepthook
