@@ -4,6 +4,8 @@ the synthetic task and the locally built tokenizer."""
 import json
 import logging
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -287,6 +289,26 @@ def test_tokenizer_is_char_level_and_deterministic(tmp_path, testdata, tok):
   assert tokenizer_lib.eos_token_ids(tok) == [0, 2]
   with pytest.raises(FileNotFoundError, match="tokenizer directory not found"):
     tokenizer_lib.load_tokenizer(str(tmp_path / "missing"))
+
+
+def test_the_character_tokenizer_loads_as_autotokenizer_would_without_torch(testdata, tok):
+  """load_tokenizer skips AutoTokenizer for the character tokenizer: the same class and the same
+  ids, template and specials, and (in a fresh process) no torch import."""
+  import transformers  # noqa: PLC0415
+
+  auto = transformers.AutoTokenizer.from_pretrained(str(testdata / "tiny_tokenizer"))
+  assert type(tok) is type(auto)
+  assert tok.init_kwargs == auto.init_kwargs and tok.all_special_ids == auto.all_special_ids
+  assert tok.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+  messages = [{"role": "user", "content": "What is 12 + 30?\nAnswer: é"}]
+  for t in (tok, auto):
+    assert t.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+      auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert t("x = -82\té")["input_ids"] == auto("x = -82\té")["input_ids"]
+  code = ("import sys; from fipo_jax.data import tokenizer as t; "
+          f"t.load_tokenizer({str(testdata / 'tiny_tokenizer')!r}); print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False", out.stdout
 
 
 def test_tiny_model_vocab_covers_tokenizer(tok):

@@ -87,13 +87,20 @@ def _set_tokenizer_class(path: str, name: str) -> None:
 
 
 def load_tokenizer(path: str) -> Any:
-  """`transformers.AutoTokenizer.from_pretrained(path)` with a clear error if it is missing."""
+  """`transformers.AutoTokenizer.from_pretrained(path)` with a clear error if it is missing.
+
+  The character-level tokenizer (`build_tokenizer`) is loaded as the Qwen2Tokenizer that
+  AutoTokenizer picks for it, without AutoTokenizer: its config machinery imports torch
+  wherever torch is installed (about 2 CPU-s at each start of a tiny run; the same tokenizer,
+  test_tokenizer.py)."""
   import transformers  # noqa: PLC0415 (slow import, only when a tokenizer is needed)
 
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory not found: {path}")
+  loader = transformers.Qwen2Tokenizer if _is_small_character_tokenizer(path) \
+    else transformers.AutoTokenizer
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = loader.from_pretrained(path, local_files_only=True)
   except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
     raise OSError(f"could not load a tokenizer from {path}: {e}") from e
   if tok.pad_token_id is None:  # base-model tokenizers may lack one; pad is never attended
@@ -142,6 +149,13 @@ def is_character_tokenizer(path: str) -> bool:
     return False
   return isinstance(vocab, dict) and len(vocab) == len(SPECIAL_TOKENS) + 1 + len(ALPHABET) \
     and UNK in vocab
+
+
+def _is_small_character_tokenizer(path: str) -> bool:
+  """`is_character_tokenizer`, without parsing a large vocabulary file (a real one: megabytes)."""
+  file = os.path.join(path, "tokenizer.json")
+  return os.path.isfile(file) and os.path.getsize(file) < (1 << 16) and \
+    is_character_tokenizer(path)
 
 
 def vocab_size(path: str) -> int:
