@@ -8,7 +8,8 @@ JAX's one-call ways does that on jax 0.10 CPU without the host:
   jit(cast, out_shardings=<sampler>)   refused: a jitted computation's inputs and outputs must
                                        lie on one device set;
   jax.device_put(x, <sampler>)         one process: a layout change copies the whole array to
-                                       host memory first (unseen by jax.transfer_guard);
+                                       host memory and back (only the guard level
+                                       'disallow_explicit' sees it, not 'disallow');
                                        several processes: refused (a cross-host reshard must
                                        keep its device set).
 
