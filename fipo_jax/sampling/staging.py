@@ -144,6 +144,7 @@ class WeightStager:
     self._staged = None
 
   def _build(self, params) -> None:
+    """Hop 1's program and hop 2's device pairs, from where the first params lie."""
     source = {d for x in jax.tree.leaves(params) for d in x.sharding.device_set}
     if source & set(self.sampler_mesh.devices.flat):
       raise ValueError("staging: the params' devices and the sampler mesh's overlap "
@@ -176,7 +177,9 @@ class WeightStager:
     self._staged = treedef.unflatten(staged)
 
   def ready(self) -> bool:
-    """Whether a staged copy exists and all of it is on the sampler's devices (no blocking)."""
+    """Whether a staged copy exists and this process's shards of it are all on its sampler
+    devices (no blocking). Other processes may answer differently at the same point: agree
+    before acting on it in a multi-process run (docs/async_rollouts_stage_b.md)."""
     return self._staged is not None and all(x.is_ready() for x in jax.tree.leaves(self._staged))
 
   def take(self):
