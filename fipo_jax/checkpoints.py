@@ -172,18 +172,15 @@ class CheckpointManager:
     in a barrier of all processes, which one whose restore raised never reaches (see
     `first_restorable`). Each process reads only its own shards either way."""
     step_dir = self._step_dir(step)
-    try:
-      return Restored(
-        step=int(step),
-        params=ocp.StandardCheckpointHandler().restore(
-          step_dir / "params", args=ocp.args.StandardRestore(abstract_tree(params))),
-        opt_state=ocp.StandardCheckpointHandler().restore(
-          step_dir / "opt_state", args=ocp.args.StandardRestore(abstract_tree(opt_state))),
-        extra=dict(ocp.JsonCheckpointHandler().restore(step_dir / "extra") or {}),
-      )
-    except Exception:
-      quiet_abandoned_reads()
-      raise
+    quiet_abandoned_reads()  # before reading: a damaged step's sibling reads fail right after
+    return Restored(
+      step=int(step),
+      params=ocp.StandardCheckpointHandler().restore(
+        step_dir / "params", args=ocp.args.StandardRestore(abstract_tree(params))),
+      opt_state=ocp.StandardCheckpointHandler().restore(
+        step_dir / "opt_state", args=ocp.args.StandardRestore(abstract_tree(opt_state))),
+      extra=dict(ocp.JsonCheckpointHandler().restore(step_dir / "extra") or {}),
+    )
 
   def restore_params(self, *, params: Any, step: int | None = None) -> tuple[int, Any]:
     """(step, params) of `step` (default: the latest) without reading the optimizer state,
@@ -198,6 +195,7 @@ class CheckpointManager:
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (kept steps: "
                               f"{', '.join(map(str, steps))})")
+    quiet_abandoned_reads()
     try:
       restored = ocp.StandardCheckpointHandler().restore(
         self._step_dir(step) / "params", args=ocp.args.StandardRestore(abstract_tree(params)))

@@ -178,6 +178,33 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path, mesh):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3", "3.unreadable"]
 
 
+@pytest.mark.parametrize("path", ["restore_params", "restore_latest"])
+def test_each_restore_path_quiets_abandoned_reads_before_reading(tmp_path, mesh, monkeypatch,
+                                                                 path):
+  """The sibling reads of a damaged step fail or finish right after orbax raises, so the filters
+  are in place before any read: eval/export/generate (restore_params) and resume alike (CI once
+  printed a closed-loop traceback from eval, whose path installed them only after the error)."""
+  params, opt_state = _state(mesh, 0)
+  with checkpoints.CheckpointManager(str(tmp_path), keep=1) as mgr:
+    mgr.save(1, params=params, opt_state=opt_state)
+  installed_at_read = []
+  handler = checkpoints.ocp.StandardCheckpointHandler
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: None)  # not the quiet wrapper yet
+
+  class Spy(handler):
+    def restore(self, *a, **kw):
+      installed_at_read.append(getattr(sys.unraisablehook, "_fipo_quiet_reads", False))
+      return super().restore(*a, **kw)
+
+  monkeypatch.setattr(checkpoints.ocp, "StandardCheckpointHandler", Spy)
+  with checkpoints.CheckpointManager(str(tmp_path), keep=1) as mgr:
+    if path == "restore_params":
+      mgr.restore_params(params=params)
+    else:
+      mgr.restore_latest(params=params, opt_state=opt_state)
+  assert installed_at_read and all(installed_at_read), installed_at_read
+
+
 def test_no_restorable_checkpoint_raises_and_moves_nothing(tmp_path, mesh):
   params, opt_state = _state(mesh, 0)
   with checkpoints.CheckpointManager(str(tmp_path), keep=2) as mgr:
