@@ -26,11 +26,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# --smoke: the pipeline of the benchmark, not a result (a 40-step warm start cannot learn parity).
+# --smoke: the pipeline of the benchmark, not a result (a 10-step warm start cannot learn parity).
 SMOKE = (
-  "--config.sft.steps=40",
+  "--config.sft.steps=10",
   "--config.sft.loss_threshold=0",
-  "--config.sft.mix_steps=10",
+  "--config.sft.mix_steps=2",
   "--config.total_steps=2",
   "--config.eval_every=2",
   "--config.data.synthetic.num_val=8",
