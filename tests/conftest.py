@@ -34,6 +34,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def child_env(*, devices: int = 1, flags: str = TEST_XLA_FLAGS, **extra: str) -> dict[str, str]:
+  """The environment of a process a test starts (a CLI run, a benchmark): this one's, with JAX
+  on CPU, `devices` host devices (default one: runs that do not need the 8-device mesh compile
+  fastest and reproduce bit for bit) and the compile `flags` (TEST_XLA_FLAGS, or
+  WARM_START_XLA_FLAGS for runs that compute more than they compile); `extra` on top."""
+  count = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flags} {count}".strip(), **extra}
+
+
 def _compilation_cache_dir() -> pathlib.Path:
   """One persistent compilation cache per test run, shared by the xdist workers and by the runs
   they start as subprocesses (which inherit the environment): dozens of tests compile the same

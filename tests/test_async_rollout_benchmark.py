@@ -3,7 +3,6 @@
 Only the output's shape and the partial run's staleness bound are checked; timings never are."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,8 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # compiles a tiny engine's prefill shapes for both modes
 def test_async_rollout_benchmark_quick_ends_with_partial_over_sync():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device: the benchmark's engine runs on one
+  env = conftest.child_env()  # one device: the benchmark's engine runs on one
   cmd = [sys.executable, str(ROOT / "benchmarks" / "async_rollout.py"), "--quick"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
   summary = json.loads(out.strip().splitlines()[-1])

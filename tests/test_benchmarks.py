@@ -17,8 +17,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_future_kl_benchmark_runs_and_profiles():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device; the conftest mesh is not needed here
+  env = conftest.child_env()  # one device; the conftest mesh is not needed here
   cmd = [
     sys.executable,
     os.path.join(_ROOT, "benchmarks", "future_kl.py"),
@@ -44,8 +43,7 @@ def test_future_kl_benchmark_runs_and_profiles():
 
 @pytest.mark.slow
 def test_sampling_benchmark_quick_ends_with_the_issue_17_json():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env = conftest.child_env()
   cmd = [sys.executable, os.path.join(_ROOT, "benchmarks", "sampling.py"), "--quick"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
   summary = json.loads(out.strip().splitlines()[-1])

@@ -3,7 +3,6 @@ commands, one-line errors (exit 2, no traceback), and what `:runlocal` builds.""
 
 import importlib
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -105,8 +104,7 @@ def test_data_files_from_the_command_line(value, files, run_dir):
 
 
 def _cli(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS  # one CPU device, as on a laptop
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, check=False)
 

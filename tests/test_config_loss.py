@@ -120,9 +120,8 @@ def test_recipe_args_are_typed():
 
 
 def _cli(*args, cwd=ROOT):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(
+  env = conftest.child_env(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(
     None, [os.environ.get("PYTHONPATH")])]))
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
   return subprocess.run([sys.executable, "-m", "fipo_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, check=False)
 

@@ -37,12 +37,11 @@ SKIPPED = "train/checkpoints_skipped"
 
 
 def _env(cache_dir: pathlib.Path) -> dict[str, str]:
-  env = dict(os.environ)
   # One CPU device: bit-exact. XLA's default level: measured quicker here (tests/conftest.py).
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS,
+                           JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return env
 
 

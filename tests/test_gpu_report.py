@@ -24,8 +24,7 @@ def test_the_gpu_runs_rl_step_config_validates():
 
 @pytest.mark.slow
 def test_gpu_report_smoke_ends_with_its_json():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device is enough
+  env = conftest.child_env()  # one device is enough
   cmd = [sys.executable, os.path.join(_ROOT, "benchmarks", "gpu_report.py"), "--smoke"]
   out = subprocess.run(cmd, env=env, cwd=_ROOT, capture_output=True, text=True,
                        check=True).stdout  # fmt: skip

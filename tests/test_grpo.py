@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -319,8 +318,7 @@ def test_aot_counts_the_reference_params():
 
 @pytest.mark.slow  # two CLI runs of the tiny GRPO recipe: ~1.5 min on 2 busy cores
 def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env = conftest.child_env()
   work = tmp_path / "w"
   cmd = [
     sys.executable,

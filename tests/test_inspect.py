@@ -7,7 +7,6 @@ verbatim (their /tmp paths moved under tmp_path) on a real tiny_cpu:runlocal run
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -110,8 +109,7 @@ def _readme_commands() -> list[list[str]]:
 def test_readme_dump_and_inspect_commands_on_a_real_run(tmp_path):
   local = lambda argv: [str(tmp_path / a[5:]) if a.startswith("/tmp/") else a for a in argv]
   train, insp = (local(c) for c in _readme_commands())
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS  # one CPU device, as on a laptop
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
   proc = subprocess.run(
     [sys.executable, *train[1:]], cwd=ROOT, env=env, capture_output=True, text=True, check=False
   )

@@ -57,11 +57,8 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(processes):
-    env = dict(os.environ)
     # Only the children get their device count; the test process keeps conftest's 8 devices.
-    env["XLA_FLAGS"] = (f"{conftest.TEST_XLA_FLAGS} "
-                        f"--xla_force_host_platform_device_count={devices_per_process}")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = conftest.child_env(devices=devices_per_process)
     # The children import this checkout's fipo_jax even where it is not pip-installed (cwd is
     # the configs snapshot, which `python -m` searches first).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -256,8 +253,7 @@ def test_reward_scoring_is_split_over_processes_and_all_gathered():
   from fipo_jax.rl import rewards  # noqa: PLC0415
 
   port = portpicker.pick_unused_port()
-  env = {k: v for k, v in os.environ.items() if not k.startswith("FIPO_")}
-  env.update(XLA_FLAGS=conftest.TEST_XLA_FLAGS, JAX_PLATFORMS="cpu")
+  env = {k: v for k, v in conftest.child_env().items() if not k.startswith("FIPO_")}
   procs = [subprocess.Popen([sys.executable, "-c", _SCORE_CHILD, f"localhost:{port}", str(i)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]

@@ -67,10 +67,9 @@ def _kernel_env(tmp_path: pathlib.Path) -> dict[str, str]:
       check=True,
       capture_output=True,
   )
-  env = dict(os.environ)
   # The notebook should see what a user sees: conftest's forced 8-device CPU mesh and any
   # non-inline matplotlib backend are test-suite settings, not the notebook's.
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env = conftest.child_env()
   env.pop("MPLBACKEND", None)
   env.pop("FIPO_INFLUENCE_WORKDIR", None)
   env.update(

@@ -16,8 +16,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_old_log_probs_benchmark_reports_both_sources():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device; the conftest mesh is not needed here
+  env = conftest.child_env()  # one device; the conftest mesh is not needed here
   cmd = [sys.executable, os.path.join(_ROOT, "benchmarks", "old_log_probs.py"), "--quick"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
   r = json.loads(out.strip().splitlines()[-1])

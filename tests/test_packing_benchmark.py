@@ -16,8 +16,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_packing_benchmark_runs_and_reports_each_case():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device; the conftest mesh is not needed here
+  env = conftest.child_env()  # one device; the conftest mesh is not needed here
   cmd = [
     sys.executable,
     os.path.join(_ROOT, "benchmarks", "packing.py"),

@@ -7,7 +7,6 @@ the old ones) they are not.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -94,8 +93,7 @@ def _cli(workdir, *overrides: str) -> list[dict]:
   device (bitwise reproducible across processes), no evals; returns metrics.jsonl's rows."""
   if not (workdir / "sft").exists():  # a resumed run finds it there
     conftest.write_tiny_cpu_sft_cache(workdir)
-  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS,
-         "JAX_PLATFORMS": "cpu"}
+  env = conftest.child_env()
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
          "--config.rollout.mode=partial", "--config.rollout.max_staleness=1",
          "--workdir", str(workdir), "--config.eval_every=0", *overrides]

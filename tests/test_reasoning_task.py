@@ -2,7 +2,6 @@
 learn: a warm start above its loss threshold, no mixed group at the step-0 eval or in RL."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -86,8 +85,7 @@ def test_step0_eval_without_a_mixed_group_stops_the_run():
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.main", *args],
     cwd=ROOT,
@@ -186,8 +184,7 @@ def test_seed_benchmark_refuses_an_argument_it_cannot_pass_on():
 
 @pytest.mark.slow
 def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)
   # One run at a time: the second seed's run then reuses the first's compiled programs (the
   # suite's persistent compilation cache, conftest.py) instead of compiling them alongside it.
   # A --config.* override reaches every run (here: partial rollouts, the stage-A check).

@@ -4,7 +4,6 @@ silently."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -25,8 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _main(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one device: the mesh case below relies on it
+  env = conftest.child_env(JAX_LOG_COMPILES="1")  # one device: the mesh case below relies on it
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
      "--workdir", str(tmp_path / "w"), *overrides],
@@ -101,8 +99,7 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, messa
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
-  env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
+  env = conftest.child_env(JAX_LOG_COMPILES="1")
   res = subprocess.run(
     [sys.executable, "-m", "fipo_jax.main", "--config", _recipe(tmp_path, train, val),
      "--workdir", str(workdir), *extra],

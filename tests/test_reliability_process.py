@@ -40,12 +40,10 @@ VOLATILE = ("timing_s/", "perf/")  # wall-clock measurements differ between any 
 
 
 def _env(cache_dir: pathlib.Path) -> dict[str, str]:
-  env = dict(os.environ)
-  # One CPU device is plenty for these runs and compiles fastest: drop conftest's 8-device flag.
-  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  # One CPU device is plenty for these runs and compiles fastest.
+  env = conftest.child_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
   return env
 
 

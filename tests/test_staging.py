@@ -196,11 +196,10 @@ def test_stage_two_processes_four_devices_each():
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FIPO_COORDINATOR=f"localhost:{port}",
-               FIPO_NUM_PROCESSES="2", FIPO_PROCESS_ID=str(pid),
-               JAX_ENABLE_COMPILATION_CACHE="false",
-               XLA_FLAGS=f"{conftest.TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = conftest.child_env(
+      devices=4, FIPO_COORDINATOR=f"localhost:{port}", FIPO_NUM_PROCESSES="2",
+      FIPO_PROCESS_ID=str(pid), JAX_ENABLE_COMPILATION_CACHE="false",
+      PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     procs.append(subprocess.Popen([sys.executable, "-c", CHILD], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
   outputs = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import re
 import shlex
@@ -63,8 +62,7 @@ def _local(argv: list[str], tmp_path: pathlib.Path) -> list[str]:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = conftest.WARM_START_XLA_FLAGS  # one CPU device, as on a laptop
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
   return subprocess.run(
     [sys.executable, "-m", "fipo_jax.sweep", *argv],
     cwd=ROOT,

@@ -35,8 +35,7 @@ VOLATILE = ("timing_s/", "perf/")
 def _one_step_metrics(workdir: pathlib.Path, *overrides: str) -> dict:
   """The metrics of one tiny_cpu RL step run by the CLI (`overrides`: more --config.* flags)."""
   conftest.write_tiny_cpu_sft_cache(workdir)
-  env = {**os.environ, "XLA_FLAGS": conftest.TEST_XLA_FLAGS,
-         "JAX_PLATFORMS": "cpu"}
+  env = conftest.child_env()
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
          "--workdir", str(workdir), "--config.total_steps=1", "--config.eval_every=0",
          "--config.checkpoint_every=0", *overrides]

@@ -3,7 +3,6 @@ with another sft/model/data setting or seed stops with one line and exit 2, wher
 train silently from the stale warm start; RL settings may differ (a sweep shares it)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -50,7 +49,7 @@ def test_cache_key_names_what_differs(tmp_path):
 
 @pytest.mark.slow
 def test_rerun_with_another_warm_start_setting_exits_2(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": conftest.TEST_XLA_FLAGS}  # 1 device
+  env = conftest.child_env()  # one device
   # A 5-step warm start with no loss threshold: the test is about its cache, not its quality.
   cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
          "--workdir", str(tmp_path / "w"), "--config.total_steps=0", "--config.eval_every=0",
