@@ -89,15 +89,15 @@ def _set_tokenizer_class(path: str, name: str) -> None:
 def load_tokenizer(path: str) -> Any:
   """`transformers.AutoTokenizer.from_pretrained(path)` with a clear error if it is missing.
 
-  The character-level tokenizer (`build_tokenizer`) is loaded as the Qwen2Tokenizer that
-  AutoTokenizer picks for it, without AutoTokenizer: its config machinery imports torch
-  wherever torch is installed (about 2 CPU-s at each start of a tiny run; the same tokenizer,
-  test_tokenizer.py)."""
+  The character-level tokenizer as `build_tokenizer` writes it is loaded as the Qwen2Tokenizer
+  that AutoTokenizer picks for it (its tokenizer_class), without AutoTokenizer: its config
+  machinery imports torch wherever torch is installed (about 2 CPU-s at each start of a tiny
+  run; the same tokenizer: tests/test_data.py)."""
   import transformers  # noqa: PLC0415 (slow import, only when a tokenizer is needed)
 
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory not found: {path}")
-  loader = transformers.Qwen2Tokenizer if _is_small_character_tokenizer(path) \
+  loader = transformers.Qwen2Tokenizer if _is_built_character_tokenizer(path) \
     else transformers.AutoTokenizer
   try:
     tok = loader.from_pretrained(path, local_files_only=True)
@@ -151,10 +151,19 @@ def is_character_tokenizer(path: str) -> bool:
     and UNK in vocab
 
 
-def _is_small_character_tokenizer(path: str) -> bool:
-  """`is_character_tokenizer`, without parsing a large vocabulary file (a real one: megabytes)."""
+def _is_built_character_tokenizer(path: str) -> bool:
+  """A character tokenizer that names Qwen2Tokenizer as its class (as `build_tokenizer`
+  writes it; not one from before it was byte-level), checked without parsing a large
+  vocabulary file (a real one: megabytes)."""
   file = os.path.join(path, "tokenizer.json")
-  return os.path.isfile(file) and os.path.getsize(file) < (1 << 16) and \
+  if not os.path.isfile(file) or os.path.getsize(file) >= (1 << 16):
+    return False
+  try:
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return cfg.get("tokenizer_class") == "Qwen2Tokenizer" and "auto_map" not in cfg and \
     is_character_tokenizer(path)
 
 
