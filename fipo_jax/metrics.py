@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -117,12 +118,10 @@ class MetricsWriter:
     paths.makedirs(workdir)
     self.history = read_metrics(self.path) if jsonl and paths.exists(self.path) else []
     if tensorboard:
-      import tensorboardX  # noqa: PLC0415 (optional at import time of this module)
-
       logdir = self.tensorboard_dir
       if paths.is_remote(logdir):
         logdir = self._tb_local = tempfile.mkdtemp(prefix="fipo_jax_tensorboard_")
-      self._tb = tensorboardX.SummaryWriter(logdir=logdir)
+      self._tb = _tensorboardx().SummaryWriter(logdir=logdir)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Records `metrics` at `step`; returns the row written (empty on non-primary processes)."""
@@ -276,6 +275,20 @@ def outputs_summary(
   rows.append(("checkpoints", checkpoint_dir.rstrip("/") + "/"))
   width = max(len(name) for name, _ in rows)
   return "\n".join(["outputs:", *(f"  {name:<{width}}  {path}" for name, path in rows)])
+
+
+def _tensorboardx():
+  """tensorboardX, imported as where torch is not installed: its writer imports torch when it
+  can, only to accept torch tensors (we log floats), which costs about 2 CPU-s at every start."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as without torch
+  try:
+    import tensorboardX  # noqa: PLC0415 (optional at import time of this module)
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return tensorboardX
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,19 @@ def _read_tb_scalars(logdir):
 
 def _rows(path):
   return [json.loads(line) for line in open(path)]
+
+
+def test_tensorboard_writer_starts_without_importing_torch(tmp_path):
+  """tensorboardX's writer imports torch whenever it is installed; the trainer's does not (about
+  2 CPU-s at every start), and torch stays importable afterwards."""
+  code = ("import sys; from fipo_jax import metrics; "
+          f"w = metrics.MetricsWriter({str(tmp_path)!r}, jsonl=False, plots=False); "
+          "w.write(1, {'a': 1.0}); w.close(); imported = 'torch' in sys.modules; "
+          "import importlib.util; print(imported, importlib.util.find_spec('torch') is None "
+          "or importlib.import_module('torch') is not None)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+  assert _read_tb_scalars(tmp_path / "tensorboard") == {"a": [(1, 1.0)]}
 
 
 def test_jsonl_tensorboard_and_plots(tmp_path):
