@@ -90,7 +90,8 @@ def build(run, mcfg, devices, *, num_slots: int | None = None) -> Programs:
   from fipo_jax.rl import optimizer, setup
   from fipo_jax.rl import steps as steps_lib
 
-  mesh = setup.train_mesh(run, devices)
+  trainer_devices, sampler_devices = setup.device_split(run, devices)
+  mesh = setup.train_mesh(run, trainer_devices)
   graphdef, abs_params, param_sh = build_lib.param_shardings(mcfg, mesh)
   params = _sds(abs_params, param_sh)
   tx, _ = optimizer.make_optimizer(run.optim, total_updates=run.total_updates)
@@ -100,8 +101,9 @@ def build(run, mcfg, devices, *, num_slots: int | None = None) -> Programs:
   steps = steps_lib.jit_steps(graphdef, cfg=upd, tx=tx, param_sharding=param_sh,
                               opt_sharding=opt_sh)
   engine = setup.make_engine(run, *setup.sampler_model(run, mcfg),
-                             setup.sampler_mesh(run, mcfg, mesh), num_slots=num_slots)
-  sparams = engine.handover(params).trace(params).out_info
+                             setup.sampler_mesh(run, mcfg, mesh, sampler_devices),
+                             num_slots=num_slots)
+  sparams = engine.abstract_params(params)
   sampling = setup.sampling_method(run.sampling.temperature, run.sampling.top_p,
                                    run.sampling.top_k)
   return Programs(run, mcfg, mesh, graphdef, params, opt_state, tx, upd, steps, engine,

@@ -330,21 +330,23 @@ def schema() -> dict[str, Any]:
   return out
 
 
-def validate(config: Any, *, num_devices: int | None = None,
+def validate(config: Any, *, num_devices: int | None = None, num_processes: int = 1,
              check_paths: bool = True) -> RunConfig:
   """ConfigDict (or nested dict) -> RunConfig, raising ConfigError on the first bad field.
 
   Args:
     config: the run config (`ml_collections.ConfigDict` or a plain nested dict).
     num_devices: if given, the mesh sizes (and the sampler mesh's, when set) must multiply to
-      it (-1 filled in).
+      it (-1 filled in); with rollout.mode='disaggregated', to the trainer's and the sampler's
+      shares of it (`num_processes` processes, each split alike).
     check_paths: check that model/tokenizer dirs and data files exist (off for recipe tests on
       machines without the data).
   """
   cfg = config_schema.build(RunConfig, config_rl.gather_loss_hparams(to_dict(config)))
   if num_devices is not None:
-    cfg.mesh.resolve(num_devices)
-    cfg.sampler_mesh.resolve(num_devices)
+    trainer_devices, sampler_devices = cfg.rollout.device_counts(num_devices, num_processes)
+    cfg.mesh.resolve(trainer_devices)
+    cfg.sampler_mesh.resolve(sampler_devices)
     from fipo_jax.models import kernels  # noqa: PLC0415 (lazy: config stays import-light)
     if why := kernels.unsupported(cfg.model.attention_impl, kernels.platform_of()):
       raise ConfigError("model.attention_impl", why)

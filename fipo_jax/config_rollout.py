@@ -1,9 +1,16 @@
-"""The `rollout` section of the run config: synchronous or partial (carried-over) rollouts.
+"""The `rollout` section of the run config: synchronous, partial or disaggregated rollouts.
 
 `rollout.mode='partial'` is stage A of asynchronous rollouts (fipo_jax/rl/partial.py): sampling
 for RL step k stops once the step's batch is full, and the unfinished groups resume under the
 next policy. FIPO stays exact: the old (proximal) log-probs are the trainer's recompute at step
 start, and the staleness is corrected by a truncated importance weight on each token's loss.
+
+`rollout.mode='disaggregated'` runs the same schedule on two disjoint meshes in one program:
+each process gives its last `rollout.sampler_devices` devices to the sampler and keeps the rest
+for the trainer; the weights move device to device after each update
+(fipo_jax/sampling/staging.py). Built so far: the split, the meshes and the staged weights; the
+sampler still waits for each step's weights (no decode overlaps an update yet:
+docs/async_rollouts.md).
 """
 
 from __future__ import annotations
@@ -23,31 +30,54 @@ class RolloutSection(Section):
   mode: str = "sync"
   max_staleness: int = 1
   staleness_is: str = "token"
+  sampler_devices: int = 0  # disaggregated: each process's devices given to the sampler
 
   def __post_init__(self):
     self._one_of("mode", MODES)
-    if self.mode == "disaggregated":
-      self._fail("mode", "'disaggregated' (separate sampler and trainer meshes) is not built "
-                 "yet; use 'sync' or 'partial'")
     self._require(self.max_staleness >= 0, "max_staleness", "must be >= 0 (policy versions)")
     self._one_of("staleness_is", STALENESS_IS)
+    if self.mode == "disaggregated":
+      self._require(self.sampler_devices >= 1, "sampler_devices",
+                    "must be >= 1 with rollout.mode='disaggregated' (each process's devices "
+                    "given to the sampler)")
+    else:
+      self._require(self.sampler_devices == 0, "sampler_devices",
+                    "applies only to rollout.mode='disaggregated'; leave it 0")
+
+  @property
+  def carries(self) -> bool:
+    """Whether stage A's scheduler samples (partial, and disaggregated on its own meshes)."""
+    return self.mode in ("partial", "disaggregated")
 
   @property
   def resumes(self) -> bool:
-    """Whether unfinished requests carry over and resume (partial with max_staleness >= 1): the
-    sampler must then take a prompt plus a generated prefix as its prompt."""
-    return self.mode == "partial" and self.max_staleness >= 1
+    """Whether unfinished requests carry over and resume (max_staleness >= 1 in a carrying
+    mode): the sampler must then take a prompt plus a generated prefix as its prompt."""
+    return self.carries and self.max_staleness >= 1
+
+  def device_counts(self, num_devices: int, num_processes: int = 1) -> tuple[int, int]:
+    """(trainer devices, sampler devices) over all processes: every device for both when
+    colocated. Raises ConfigError when the split does not fit the processes' devices."""
+    if self.mode != "disaggregated":
+      return num_devices, num_devices
+    local, k = num_devices // num_processes, self.sampler_devices
+    self._require(k < local, "sampler_devices",
+                  f"must be below each process's {local} devices (the trainer keeps the rest)")
+    self._require((local - k) % k == 0, "sampler_devices",
+                  f"must divide the trainer's {local - k} devices per process (the weights move "
+                  f"device to device, each sampler device from its own trainer devices)")
+    return (local - k) * num_processes, k * num_processes
 
 
 def check(rc) -> None:
-  """Cross-section checks of a RunConfig: rollout.mode='partial' corrects staleness with
+  """Cross-section checks of a RunConfig: the carrying modes correct staleness with
   rollout.staleness_is (rl.rollout_is stays 'none'); with the sampler's log-probs as the old
   ones ("bypass", wrong for FIPO under staleness) there is nothing to weight."""
-  if rc.rollout.mode != "partial":
+  if not rc.rollout.carries:
     return
   if rc.rl.rollout_is != "none":
-    raise ConfigError("rl.rollout_is", "must be 'none' with rollout.mode='partial' (its "
-                      f"correction is rollout.staleness_is), got {rc.rl.rollout_is!r}")
+    raise ConfigError("rl.rollout_is", f"must be 'none' with rollout.mode={rc.rollout.mode!r} "
+                      f"(its correction is rollout.staleness_is), got {rc.rl.rollout_is!r}")
   if rc.rl.old_log_prob_source == "sampler" and rc.rollout.staleness_is != "none":
     raise ConfigError("rollout.staleness_is", "must be 'none' with rl.old_log_prob_source="
                       f"'sampler' (bypass: every weight is 1), got {rc.rollout.staleness_is!r}")

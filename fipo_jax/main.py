@@ -108,7 +108,8 @@ def main(argv) -> None:
 
   try:
     run_config = config_lib.validate(  # the paths were checked above
-      _CONFIG.value, num_devices=jax.device_count(), check_paths=False)
+      _CONFIG.value, num_devices=jax.device_count(), num_processes=jax.process_count(),
+      check_paths=False)
   except config_lib.ConfigError as e:
     _fail("config error", e, 2)
   if _VALIDATE_ONLY.value:

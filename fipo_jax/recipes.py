@@ -167,13 +167,15 @@ def base() -> ml_collections.ConfigDict:
 
   # Rollouts: 'sync' (sample the whole batch, then train) | 'partial' (sampling stops once the
   # batch is full; unfinished groups resume under the next policy, fipo_jax/rl/partial.py) |
-  # 'disaggregated' (not built yet).
+  # 'disaggregated' (partial's schedule with the sampler on its own devices; no decode overlaps
+  # an update yet: docs/async_rollouts.md).
   c.rollout = ml_collections.ConfigDict()
   c.rollout.mode = "sync"
   c.rollout.max_staleness = 1  # eta: a group with a token older than this many steps is dropped
   # partial: truncated IS weight min(pi_prox / pi_behav, rl.rollout_is_threshold) on each
   # token's loss, outside Future-KL: 'token' | 'sequence' | 'none'
   c.rollout.staleness_is = "token"
+  c.rollout.sampler_devices = 0  # disaggregated: each process's last k devices sample
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0  # at most this many supervised warm-start steps before RL (synthetic; 0 = none)

@@ -26,9 +26,11 @@ MB1 = "actor/influence_weights_mean_raw/mb1"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(workdir, steps: int, **rollout) -> tuple[dict, list[dict]]:
-  """`steps` tiny_cpu RL steps from the stored warm start: (params as numpy, per-step metrics).
-  `rollout`: rollout.* values, plus `bypass=True` for rl.old_log_prob_source='sampler'."""
+def _run(workdir, steps: int, devices=None, **rollout) -> tuple[dict, list[dict]]:
+  """`steps` tiny_cpu RL steps from the stored warm start on `devices` (default: the 8 of the
+  test mesh): (params as numpy, per-step metrics). `rollout`: rollout.* values, plus
+  `bypass=True` for rl.old_log_prob_source='sampler'."""
+  devices = jax.devices() if devices is None else devices
   conftest.write_tiny_cpu_sft_cache(workdir)
   config = tiny_cpu.get_config()
   config.eval_every = 0
@@ -39,8 +41,8 @@ def _run(workdir, steps: int, **rollout) -> tuple[dict, list[dict]]:
     config.rollout.staleness_is = "none"
   for key, value in rollout.items():
     config.rollout[key] = value
-  rc = config_lib.validate(config, num_devices=jax.device_count())
-  env, state = trainer.build(rc, str(workdir))
+  rc = config_lib.validate(config, num_devices=len(devices))
+  env, state = trainer.build(rc, str(workdir), devices)
   # a run that resumes prefixes sizes the sampler's inserts by their prefix (one shape each)
   assert env.engine.cfg.insert_bucket == ("prefix" if rc.rollout.resumes else "count")
   loop = trainer._Loop.open(rc, env, trainer._StopRequested())
@@ -65,6 +67,21 @@ def test_eta0_partial_is_the_sync_run_bit_for_bit(tmp_path):
   flat_sync, flat_part = jax.tree.leaves(sync), jax.tree.leaves(part)
   assert len(flat_sync) == len(flat_part)
   for a, b in zip(flat_sync, flat_part, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # two 3-step tiny_cpu runs
+def test_eta0_disaggregated_is_the_sync_run_on_its_trainer_devices_bit_for_bit(tmp_path):
+  """Stage B's meshes on the 8 devices: the last 4 sample, the first 4 train, and the weights
+  move device to device after each update. With eta = 0 that is the synchronous run on the
+  first 4 devices (the same trainer mesh; a sampler mesh of the same shape), bit for bit. (The
+  synchronous run on all 8 trains on fsdp=8: its float32 sums run in another order.)"""
+  first4 = jax.devices()[:4]
+  sync, _ = _run(tmp_path / "sync", 3, devices=first4)
+  split, hist = _run(tmp_path / "split", 3, mode="disaggregated", max_staleness=0,
+                     sampler_devices=4)
+  assert all(m["rollout/staleness_max"] == 0 and m[MB1] == 1.0 for m in hist)
+  for a, b in zip(jax.tree.leaves(sync), jax.tree.leaves(split), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

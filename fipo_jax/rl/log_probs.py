@@ -66,6 +66,6 @@ def _old_log_probs(rc: config_lib.RunConfig, steps: steps_lib.CompiledSteps, par
   metrics["actor/entropy"] = float(ent_sum / max(tokens, 1.0))
   stats = jax.device_get(stats)
   metrics.update(rollout_correction.combine(stats, mode=mode))
-  if rc.rollout.mode == "partial":
+  if rc.rollout.carries:
     metrics.update(partial_sampling.correction_metrics(stats, mode))
   return out

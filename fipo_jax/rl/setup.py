@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
@@ -30,6 +30,7 @@ from fipo_jax.rl import optimizer, partial_sampling, scoring, steps
 from fipo_jax.rl import rewards as rewards_lib
 from fipo_jax.sampling import engine as engine_lib
 from fipo_jax.sampling import params as sampling_params
+from fipo_jax.sampling import staging
 
 if TYPE_CHECKING:
   import transformers
@@ -119,10 +120,13 @@ def sampling_method(temperature: float, top_p: float, top_k: int):
   return sampling_params.from_flags(temperature, top_p, top_k)  # top_k -1: off, as in configs
 
 
-def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
+def build(rc: config_lib.RunConfig, workdir: str, devices: Sequence[jax.Device] | None = None
+          ) -> tuple[Env, TrainState]:
   """The run's environment and its initial state (step 0, before any warm start: the
-  trainer runs it on the reference and the initial state)."""
-  mesh = train_mesh(rc)
+  trainer runs it on the reference and the initial state), on `devices` (default: every device
+  of every host), split between the trainer and the sampler per rollout.mode."""
+  trainer_devices, sampler_devices = device_split(rc, devices)
+  mesh = train_mesh(rc, trainer_devices)
   # Every host builds the same data; files written into a shared workdir one host at a time.
   with distributed.primary_first("setup.data"):
     tokenizer = pipeline_lib.resolve_tokenizer(rc, workdir)
@@ -139,13 +143,13 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
     tokenizer=tokenizer, pad_id=int(tokenizer.pad_token_id),
     eos_ids=tok_lib.eos_token_ids(tokenizer), max_prompt_length=rc.data.max_prompt_length,
     train_data=train_data, val_examples=val_examples,
-    engine=make_engine(rc, *sampler_model(rc, cfg), sampler_mesh(rc, cfg, mesh)),
+    engine=make_engine(rc, *sampler_model(rc, cfg), sampler_mesh(rc, cfg, mesh, sampler_devices)),
     train_sampling=sampling_method(rc.sampling.temperature, rc.sampling.top_p,
                                    rc.sampling.top_k),
     eval_sampling=sampling_method(rc.eval.temperature, rc.eval.top_p, rc.eval.top_k),
     reward_cfg=rewards_lib.RewardConfig.from_section(rc.rl),  # rl.reward_fn and the shaping
     influence_fn=_influence_fn(graphdef, upd) if rc.dump_influence else None,
-    carry=partial_sampling.PartialRollouts() if rc.rollout.mode == "partial" else None,
+    carry=partial_sampling.PartialRollouts() if rc.rollout.carries else None,
   )
   env.ref_params = reference_params(env, params) if rc.rl.use_kl_loss else None
   return env, TrainState(params=params, opt_state=opt_state)
@@ -155,20 +159,33 @@ def build(rc: config_lib.RunConfig, workdir: str) -> tuple[Env, TrainState]:
 # steps from the recipe (aot passes a TPU topology's devices and abstract inputs).
 
 
+def device_split(rc: config_lib.RunConfig, devices: Sequence[jax.Device] | None = None
+                 ) -> tuple[list[jax.Device], list[jax.Device]]:
+  """(trainer devices, sampler devices) of `devices` (default: every device of every host):
+  the same devices for both, or with rollout.mode='disaggregated' each process's last
+  rollout.sampler_devices for the sampler (`staging.split_devices`)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if rc.rollout.mode != "disaggregated":
+    return devices, devices
+  return staging.split_devices(devices, rc.rollout.sampler_devices)
+
+
 def train_mesh(rc: config_lib.RunConfig, devices=None) -> jax.sharding.Mesh:
   """The train mesh (rc.mesh) over `devices` (default: every device of every host)."""
   return sharding.make_mesh(rc.mesh.data, rc.mesh.fsdp, rc.mesh.tensor, devices=devices)
 
 
-def sampler_mesh(rc: config_lib.RunConfig, cfg: models.ModelConfig,
-                 train: jax.sharding.Mesh) -> jax.sharding.Mesh:
-  """The sampler's mesh over the train mesh's devices: rc.sampler_mesh when set, else the
-  layout rule `sharding.sampler_mesh_sizes` (tensor-parallel over the KV heads within a host,
-  slots data-parallel over the rest, never FSDP). The train mesh itself when they agree."""
-  devices = list(train.devices.flat)
+def sampler_mesh(rc: config_lib.RunConfig, cfg: models.ModelConfig, train: jax.sharding.Mesh,
+                 devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The sampler's mesh over `devices` (default: the train mesh's; `device_split`'s sampler
+  devices): rc.sampler_mesh when set, else the layout rule `sharding.sampler_mesh_sizes`
+  (tensor-parallel over the KV heads within a host, slots data-parallel over the rest, never
+  FSDP). The train mesh itself when they agree."""
+  colocated = devices is None or list(devices) == list(train.devices.flat)
+  devices = list(train.devices.flat) if devices is None else list(devices)
   sizes = (rc.sampler_mesh.resolve(len(devices)) if rc.sampler_mesh.is_set
            else sharding.sampler_mesh_sizes(cfg.num_heads, cfg.num_kv_heads, devices))
-  if tuple(sizes) == tuple(train.devices.shape):
+  if colocated and tuple(sizes) == tuple(train.devices.shape):
     return train
   return sharding.make_mesh(*sizes, devices=devices)
 

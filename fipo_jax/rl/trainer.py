@@ -98,11 +98,13 @@ def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None)
   return last
 
 
-def build(rc: config_lib.RunConfig, workdir: str) -> tuple[setup_lib.Env, setup_lib.TrainState]:
-  """`setup.build`, then with the KL term and sft.steps > 0 the reference warm-started: the
-  policy RL starts from (a fresh run and a resumed one get the same one)."""
+def build(rc: config_lib.RunConfig, workdir: str, devices=None
+          ) -> tuple[setup_lib.Env, setup_lib.TrainState]:
+  """`setup.build` (on `devices`, default all), then with the KL term and sft.steps > 0 the
+  reference warm-started: the policy RL starts from (a fresh run and a resumed one get the
+  same one)."""
   try:
-    env, state = setup_lib.build(rc, workdir)
+    env, state = setup_lib.build(rc, workdir, devices)
     if env.ref_params is not None and rc.sft.steps > 0:
       env.ref_params = _warm_start(rc, env, env.ref_params)
   except (OSError, ValueError) as e:  # data/tokenizer/model files: raised with their path

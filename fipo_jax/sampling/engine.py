@@ -37,7 +37,7 @@ from flax import nnx
 
 from fipo_jax import models, sharding
 from fipo_jax.models import page_allocator
-from fipo_jax.sampling import layouts, steps
+from fipo_jax.sampling import layouts, staging, steps
 from fipo_jax.sampling import params as params_lib
 from fipo_jax.sampling.engine_config import EngineConfig
 from fipo_jax.sampling.engine_config import next_pow2 as _next_pow2
@@ -91,6 +91,7 @@ class Engine(Traces):
     self.state_shardings = layouts.decode_state_shardings(abstract, self.mesh)
     replicated = sharding.replicated(self.mesh)
     self._reshard = None  # the handover, built by the first load_params
+    self._stager = None  # the same onto disjoint devices (rollout.mode='disaggregated')
     self._init = jax.jit(self._zero_state, out_shardings=self.state_shardings)
     # Paged: the prefix leaves with its rows split over the slots' shards (insert_prompts).
     prefill = functools.partial(steps.prefill, layout=self.layout if self.paged else None)
@@ -134,10 +135,15 @@ class Engine(Traces):
     Params already spread over the mesh's devices (the trainer's float32 masters, in its
     layout) go through `handover`: one jitted reshard plus cast, device to device
     (`jax.device_put` between two meshes of the same devices trips the host-to-device transfer
-    guard on jax 0.10 CPU: it stages through the host). Params already in the layout and dtype
-    are returned as they are. Anything else (one-device or host params) is placed with
-    `device_put`, then cast.
+    guard on jax 0.10 CPU: it stages through the host). Params on devices disjoint from the
+    mesh's (a trainer mesh of their own) are staged device to device (`staging.WeightStager`).
+    Params already in the layout and dtype are returned as they are. Anything else (one-device
+    or host params) is placed with `device_put`, then cast.
     """
+    if self._on_other_devices(params):
+      stager = self._stager_for(params)
+      stager.start(params)
+      return stager.take()
     targets = sharding.state_shardings(params, self.mesh)
     devices = set(self.mesh.devices.flat)
     pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(targets), strict=True))
@@ -151,12 +157,36 @@ class Engine(Traces):
   def handover(self, params) -> jax.stages.Wrapped:
     """The jitted handover (params in any layout -> the engine's shardings, cast to
     `param_dtype`), built once: the params' structure never changes. `params`: arrays or
-    ShapeDtypeStructs of that structure. fipo_jax.aot compiles it from the train layout."""
+    ShapeDtypeStructs of that structure. fipo_jax.aot compiles it from the train layout. For
+    params on other devices: the staging's first hop (a reshard into a mirror of the engine's
+    layout on the params' devices; the second hop copies device to device, nothing to
+    compile)."""
+    if self._on_other_devices(params):
+      return self._stager_for(params).program(params)
     if self._reshard is None:
       targets = sharding.state_shardings(params, self.mesh)
       cast = lambda p: jax.tree.map(lambda x: x.astype(_cast_dtype(x, self.param_dtype)), p)
       self._reshard = jax.jit(cast, out_shardings=targets)
     return self._reshard
+
+  def abstract_params(self, params):
+    """The ShapeDtypeStructs `load_params` returns for `params` (arrays or ShapeDtypeStructs):
+    the engine's shardings, `param_dtype` for floating leaves."""
+    targets = sharding.state_shardings(params, self.mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
+      x.shape, _cast_dtype(x, self.param_dtype), sharding=s), params, targets)
+
+  def _on_other_devices(self, params) -> bool:
+    """Whether every leaf of `params` has a sharding and none shares a device with the mesh."""
+    leaves, mine = jax.tree.leaves(params), set(self.mesh.devices.flat)
+    return bool(leaves) and all(getattr(x, "sharding", None) is not None for x in leaves) \
+      and not any(x.sharding.device_set & mine for x in leaves)
+
+  def _stager_for(self, params) -> staging.WeightStager:
+    if self._stager is None:
+      self._stager = staging.WeightStager(sharding.state_shardings(params, self.mesh),
+                                          self.param_dtype)
+    return self._stager
 
   def init_decode_state(self) -> DecodeState:
     """All slots empty (every page free); placed with `state_shardings`."""

@@ -158,12 +158,17 @@ class WeightStager:
     cast = lambda p: jax.tree.map(lambda x: x.astype(_cast_dtype(x, self.dtype)), p)
     self._hop1 = jax.jit(cast, out_shardings=out)
 
+  def program(self, params) -> jax.stages.Wrapped:
+    """Hop 1's jitted program for `params` (arrays or ShapeDtypeStructs with shardings), built
+    on first use: what fipo_jax.aot compiles (hop 2 compiles nothing)."""
+    if self._hop1 is None:
+      self._build(params)
+    return self._hop1
+
   def start(self, params) -> None:
     """Dispatches the move of `params` (the targets' tree, on the trainer's devices); returns
     before it completes. A copy staged earlier and not taken is dropped."""
-    if self._hop1 is None:
-      self._build(params)
-    mirrored = self._hop1(params)
+    mirrored = self.program(params)(params)
     leaves, treedef = jax.tree.flatten(mirrored)
     # Hop 2: every local shard held by a first-copy mirror device, to its paired sampler
     # device, in one batched device_put (a device-to-device copy each, dispatched async).
