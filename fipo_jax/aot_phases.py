@@ -194,8 +194,11 @@ def resident(p: Programs, name: str) -> dict[str, int]:
   arguments. The train state (float32 params, optimizer moments; the KL reference) lives all
   run. The sampler's weights and page pool live from the handover to the end of sampling: the
   rollout drops both before the updates (rl/rollout.py, sampling/driver.py), so they are not
-  resident while training."""
+  resident while training. With rollout.mode='disaggregated' the sampler's devices hold only
+  the sampler's state (the staged weights replace the previous ones between rollouts)."""
   params, opt = bytes_per_chip(p.params), bytes_per_chip(p.opt_state)
+  if name in ("prefill", "insert", "decode") and p.run.rollout.mode == "disaggregated":
+    return _sampler_state(p, name)
   out = {"reference_params": params} if p.update_cfg.use_kl_loss else {}
   if name in ("old_log_prob", "handover"):
     out["opt_state"] = opt
@@ -206,6 +209,14 @@ def resident(p: Programs, name: str) -> dict[str, int]:
   if name == "insert":
     out["sampler_params"] = bytes_per_chip(p.sampler_params)
   return out
+
+
+def _sampler_state(p: Programs, name: str) -> dict[str, int]:
+  """`resident` of a sampling phase: the page pool while prefilling, the weights while
+  inserting (the programs' own arguments otherwise)."""
+  if name == "prefill":
+    return {"decode_state": bytes_per_chip(p.engine.abstract_decode_state())}
+  return {"sampler_params": bytes_per_chip(p.sampler_params)} if name == "insert" else {}
 
 
 def kv_bytes_per_chip(p: Programs, live_tokens: float) -> float:

@@ -33,6 +33,22 @@ PHASES = ("train_step", "old_log_prob", "handover", "prefill", "insert", "decode
 
 
 @pytest.mark.slow
+def test_aot_compiles_the_disaggregated_split_on_each_side():
+  """rollout.mode='disaggregated' on v5p-8 (one host, 4 chips): the trainer's programs on 2 chips
+  (fsdp=2), the sampler's on the other 2 (tensor=2), and the sampler's chips hold no train
+  state (what setup.device_split gives the trainer)."""
+  proc, out = _run_aot("--topology", "v5p-8", "--config.model.dtype=bfloat16",
+                       "--config.rollout.mode=disaggregated", "--config.rollout.sampler_devices=2",
+                       "--steps=train_step,handover,decode")
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert out["train_step"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  assert out["decode"]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 2}
+  assert out["handover"]["error"] is None and out["handover"]["param_dtype"] == "bfloat16"
+  assert out["decode"]["resident_bytes_per_chip"] == {}  # no train params or moments there
+  assert out["train_step"]["total_bytes_per_chip"] > 0
+
+
+@pytest.mark.slow
 def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model():
   proc, out = _run_aot("--topology", "v5p-8", "--config.model.dtype=bfloat16")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

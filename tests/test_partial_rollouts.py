@@ -43,6 +43,8 @@ def _run(workdir, steps: int, devices=None, **rollout) -> tuple[dict, list[dict]
     config.rollout[key] = value
   rc = config_lib.validate(config, num_devices=len(devices))
   env, state = trainer.build(rc, str(workdir), devices)
+  split = rc.rollout.mode == "disaggregated"  # the sampler on devices of its own
+  assert set(env.engine.mesh.devices.flat).isdisjoint(env.mesh.devices.flat) == split
   # a run that resumes prefixes sizes the sampler's inserts by their prefix (one shape each)
   assert env.engine.cfg.insert_bucket == ("prefix" if rc.rollout.resumes else "count")
   loop = trainer._Loop.open(rc, env, trainer._StopRequested())
