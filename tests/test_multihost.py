@@ -3,7 +3,7 @@
 Each run is `python -m fipo_jax.main` in child processes joined by `jax.distributed` (gloo CPU
 collectives, coordinator on a free port). Same global mesh, same seeds: the two-process run must
 log the same metrics as the one-process run, and a checkpoint written by either process count
-must resume in the other.
+must resume in the other; with rollout.mode='disaggregated' too.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import conftest
 import numpy as np
@@ -76,9 +77,26 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
            "--workdir", str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES, *extra]
     procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
-  outputs = [p.communicate()[0] for p in procs]
+  outputs = _communicate(procs)
   for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
     assert p.returncode == 0, f"process {pid}/{processes} exited {p.returncode}:\n{out[-4000:]}"
+
+
+# A watchdog against a deadlock between the processes (one waiting in a collective the other
+# never reaches), not a speed limit: the runs take about a minute.
+HANG_S = 900
+
+
+def _communicate(procs: list[subprocess.Popen]) -> list[str]:
+  """Each process's output; kills them all and fails if they are still running after HANG_S."""
+  deadline = time.monotonic() + HANG_S
+  try:
+    return [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    tails = [(p.communicate()[0] or "")[-2000:] for p in procs]
+    pytest.fail(f"processes still running after {HANG_S} s (a hang?):\n" + "\n---\n".join(tails))
 
 
 def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
@@ -223,6 +241,36 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
   _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=3, cwd=cwd,
          extra=BF16_SAMPLER)
   _assert_same(_metrics(resumed_in_one)[3], want[3], 3)
+
+
+# Partial rollouts' metrics that also measure the sampler-trainer mismatch (|lp_prox - lp_behav|
+# and the share of truncated IS weights): compared as MISMATCH_MAGNITUDES are.
+STALENESS_MISMATCH = ("rollout/abs_log_ratio_mean", "rollout/is_truncated_frac")
+
+
+@pytest.mark.slow
+def test_disaggregated_two_processes_match_one_process(tmp_path):
+  """rollout.mode='disaggregated' (eta 0): 2 processes x (2 trainer + 2 sampler devices) log what
+  1 process x (4 + 4) does over 2 steps: the same trainer mesh (fsdp=4) and sampler mesh (data 2
+  x tensor 2 within each host), the weights staged device to device within each process. From
+  tiny_cpu's stored warm start (no warm start to compile twice)."""
+  cwd = _snapshot_configs(tmp_path / "recipe")
+  split = ("--config.rollout.mode=disaggregated", "--config.rollout.max_staleness=0",
+           *BF16_SAMPLER)
+  runs = {}
+  for processes, k in ((1, 4), (2, 2)):
+    workdir = runs[processes] = tmp_path / f"{processes}_processes"
+    conftest.write_tiny_cpu_sft_cache(workdir)
+    _train(workdir, processes=processes, devices_per_process=8 // processes, total_steps=2,
+           cwd=cwd, extra=(*split, f"--config.rollout.sampler_devices={k}"))
+  want, got = _metrics(runs[1]), _metrics(runs[2])
+  for step in (1, 2):
+    assert 2 * _scored_here(runs[2])[step] == _scored_here(runs[1])[step] > 0
+    assert want[step]["train/empty_steps"] == 0 and want[step]["actor/grad_norm"] > 0
+    w, g = dict(want[step]), dict(got[step])
+    for key in STALENESS_MISMATCH:
+      assert abs(g.pop(key) - w[key]) <= MISMATCH_RTOL * abs(w.pop(key)), (step, key)
+    _assert_same(g, w, step)
 
 
 # Each child scores its share of 7 responses (one verifier crash, multi-byte preds of different
