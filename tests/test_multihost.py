@@ -24,13 +24,11 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Small enough for 2 shared CPU cores. A short warm start rarely samples a right answer, so group
-# filtering is off: the overlong penalty (responses past 16 tokens) still varies within groups,
-# which gives non-zero advantages and real FIPO updates on every step. No warm-start threshold:
-# 20 steps are a plumbing check, not a base model (the threshold would stop the run, exit 2).
+# Small enough for 2 shared CPU cores. The runs start from tiny_cpu's stored warm start
+# (conftest.write_tiny_cpu_sft_cache). Group filtering is off, so every step updates whatever
+# the accuracy of its groups (the overlong penalty varies within them too): the comparisons
+# below need real FIPO updates on every step.
 OVERRIDES = (
-  "--config.sft.steps=20",
-  "--config.sft.loss_threshold=0",
   "--config.eval_every=0",
   "--config.rl.filter_groups_enable=false",
   "--config.mesh.data=1",
@@ -215,13 +213,14 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
   2 processes x 4 devices are those of 1 process x 8 devices, across checkpoints written by one
   process count and restored by the other (both ways).
 
-  Three runs, each compiling the whole RL step: the two-process run resumes the one-process
-  run's step 1 (so its processes restore, train and save; they do not repeat the supervised
-  warm start, which a two-process run would compile twice), and one process resumes the
-  two-process run's step 2. These runs lead the suite's time."""
+  Three runs, each compiling the whole RL step, from tiny_cpu's stored warm start: the
+  two-process run resumes the one-process run's step 1 (so its processes restore, train and
+  save), and one process resumes the two-process run's step 2. These runs lead the suite's
+  time."""
   cwd = _snapshot_configs(tmp_path / "recipe")
   # Reference: one process with all 8 devices, three FIPO steps in one go.
   one = tmp_path / "one_process"
+  conftest.write_tiny_cpu_sft_cache(one)
   _train(one, processes=1, devices_per_process=8, total_steps=3, cwd=cwd, extra=BF16_SAMPLER)
   want = _metrics(one)
   assert sorted(want) == _steps(one) == [1, 2, 3]
