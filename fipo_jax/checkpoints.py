@@ -338,13 +338,17 @@ def first_restorable(steps: Sequence[int], try_restore: Callable[[int], Any],
 _ABANDONED_READS = ("_read_array_index_and_device_put",)
 
 
+def _frame_names(tb) -> list[str]:
+  """The function names of a traceback's frames, outermost first."""
+  return [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+
+
 def _is_late_read_callback(exc_type, exc_value, tb) -> bool:
   """The error of a TensorStore read that finished after the failed restore's event loop
   closed: its done-callback's `loop.call_soon_threadsafe` raised in TensorStore's thread."""
   if exc_type is not RuntimeError or str(exc_value) != "Event loop is closed":
     return False
-  frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
-  return frames[-2:] == ["call_soon_threadsafe", "_check_closed"]
+  return _frame_names(tb)[-2:] == ["call_soon_threadsafe", "_check_closed"]
 
 
 class _AbandonedReadTask(logging.Filter):
@@ -355,8 +359,7 @@ class _AbandonedReadTask(logging.Filter):
     exc = record.exc_info[1] if record.exc_info else None
     if exc is None or "exception was never retrieved" not in str(record.msg):
       return True
-    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(exc.__traceback__)]
-    return not any(name in _ABANDONED_READS for name in frames)
+    return not any(name in _ABANDONED_READS for name in _frame_names(exc.__traceback__))
 
 
 _ABANDONED_TASK_FILTER = _AbandonedReadTask()

@@ -149,8 +149,8 @@ class Engine(Traces):
     pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(targets), strict=True))
     if not all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x, _ in pairs):
       params = sharding.shard_params(params, self.mesh)
-    elif all(x.sharding.is_equivalent_to(s, x.ndim) and x.dtype == _cast_dtype(x, self.param_dtype)
-             for x, s in pairs):
+    elif all(x.sharding.is_equivalent_to(s, x.ndim)
+             and x.dtype == staging.leaf_dtype(x, self.param_dtype) for x, s in pairs):
       return params  # already in the engine's layout and dtype: no copy
     return self.handover(params)(params)
 
@@ -165,8 +165,8 @@ class Engine(Traces):
       return self._stager_for(params).program(params)
     if self._reshard is None:
       targets = sharding.state_shardings(params, self.mesh)
-      cast = lambda p: jax.tree.map(lambda x: x.astype(_cast_dtype(x, self.param_dtype)), p)
-      self._reshard = jax.jit(cast, out_shardings=targets)
+      self._reshard = jax.jit(functools.partial(staging.cast, dtype=self.param_dtype),
+                              out_shardings=targets)
     return self._reshard
 
   def abstract_params(self, params):
@@ -174,7 +174,7 @@ class Engine(Traces):
     the engine's shardings, `param_dtype` for floating leaves."""
     targets = sharding.state_shardings(params, self.mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
-      x.shape, _cast_dtype(x, self.param_dtype), sharding=s), params, targets)
+      x.shape, staging.leaf_dtype(x, self.param_dtype), sharding=s), params, targets)
 
   def _on_other_devices(self, params) -> bool:
     """Whether every leaf of `params` has a sharding and none shares a device with the mesh."""
@@ -362,11 +362,6 @@ class Engine(Traces):
       sampling=sampling,
       steps=self.cfg.steps_per_call,
     )
-
-
-def _cast_dtype(x, dtype) -> jnp.dtype:
-  """The dtype a param leaf is held in by the sampler: `dtype` for floating leaves."""
-  return jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
 
 
 def _request_array(requests, num_prompts: int) -> np.ndarray:

@@ -26,6 +26,7 @@ Both hops are dispatched asynchronously: `WeightStager.start` returns before any
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,11 +109,17 @@ def mirror_mesh(sampler_mesh: Mesh, source_devices) -> Mesh:
   return Mesh(devices, (*sampler_mesh.axis_names, COPY_AXIS))
 
 
-def _cast_dtype(x, dtype) -> jnp.dtype:
-  """The dtype a leaf is staged in: `dtype` for floating leaves (None: unchanged)."""
+def leaf_dtype(x, dtype) -> jnp.dtype:
+  """The dtype the sampler holds a param leaf in: `dtype` for floating leaves (None:
+  unchanged); integer leaves keep theirs."""
   if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating):
     return x.dtype
   return jnp.dtype(dtype)
+
+
+def cast(params, dtype):
+  """`params` (a tree of arrays) with floating leaves cast to `dtype` (`leaf_dtype`)."""
+  return jax.tree.map(lambda x: x.astype(leaf_dtype(x, dtype)), params)
 
 
 class WeightStager:
@@ -155,8 +162,7 @@ class WeightStager:
     self._pairs = {m: s for m, s in zip(first.flat, self.sampler_mesh.devices.flat, strict=True)
                    if _process(s) == me}
     out = jax.tree.map(lambda s: NamedSharding(mirror, s.spec), self.targets)
-    cast = lambda p: jax.tree.map(lambda x: x.astype(_cast_dtype(x, self.dtype)), p)
-    self._hop1 = jax.jit(cast, out_shardings=out)
+    self._hop1 = jax.jit(functools.partial(cast, dtype=self.dtype), out_shardings=out)
 
   def program(self, params) -> jax.stages.Wrapped:
     """Hop 1's jitted program for `params` (arrays or ShapeDtypeStructs with shardings), built
