@@ -8,9 +8,10 @@ start, and the staleness is corrected by a truncated importance weight on each t
 `rollout.mode='disaggregated'` runs the same schedule on two disjoint meshes in one program:
 each process gives its last `rollout.sampler_devices` devices to the sampler and keeps the rest
 for the trainer; the weights move device to device after each update
-(fipo_jax/sampling/staging.py). Built so far: the split, the meshes and the staged weights; the
-sampler still waits for each step's weights (no decode overlaps an update yet:
-docs/async_rollouts.md).
+(fipo_jax/sampling/staging.py). With `rollout.overlap_calls` = c > 0 (and eta >= 1) the sampler
+decodes while the trainer updates: after each step's updates are dispatched, an overlap round runs
+c decode calls with the weights the batch was sampled with; its unfinished requests resume
+under the next weights (docs/async_rollouts.md).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RolloutSection(Section):
   max_staleness: int = 1
   staleness_is: str = "token"
   sampler_devices: int = 0  # disaggregated: each process's devices given to the sampler
+  overlap_calls: int = 0  # disaggregated, eta >= 1: decode calls run while the update runs
 
   def __post_init__(self):
     self._one_of("mode", MODES)
@@ -43,6 +45,13 @@ class RolloutSection(Section):
     else:
       self._require(self.sampler_devices == 0, "sampler_devices",
                     "applies only to rollout.mode='disaggregated'; leave it 0")
+    self._require(self.overlap_calls >= 0, "overlap_calls", "must be >= 0 (decode calls)")
+    if self.overlap_calls > 0 and self.mode != "disaggregated":
+      self._fail("overlap_calls", f"needs rollout.mode='disaggregated' (a sampler on devices of "
+                 f"its own), got mode {self.mode!r}; leave it 0")
+    if self.overlap_calls > 0 and self.max_staleness < 1:
+      self._fail("overlap_calls", "needs rollout.max_staleness >= 1 (an overlap round's tokens "
+                 "are one version stale when admitted), got 0; leave it 0")
 
   @property
   def carries(self) -> bool:

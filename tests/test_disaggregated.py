@@ -91,3 +91,21 @@ def test_the_engine_takes_weights_from_a_trainer_on_other_devices_as_a_colocated
     np.testing.assert_array_equal(np.asarray(g).view(np.uint16), np.asarray(w).view(np.uint16))
   disjoint.load_params(jax.tree.map(lambda x: x + 1, masters))  # a second step: no recompile
   assert disjoint.handover(masters)._cache_size() == 1
+
+
+def test_overlap_calls_are_validated_in_one_line_before_anything_compiles():
+  """rollout.overlap_calls > 0 needs the sampler's own devices and eta >= 1."""
+  with pytest.raises(ConfigError, match=r"^rollout.overlap_calls: must be >= 0 \(decode calls\), "
+                                        r"got -1$"):
+    config_lib.validate(_config(mode="disaggregated", sampler_devices=4, overlap_calls=-1),
+                        check_paths=False)
+  with pytest.raises(ConfigError, match=r"^rollout.overlap_calls: needs rollout.mode="
+                                        r"'disaggregated' .*got mode 'partial'; leave it 0$"):
+    config_lib.validate(_config(mode="partial", overlap_calls=2), check_paths=False)
+  with pytest.raises(ConfigError, match=r"^rollout.overlap_calls: needs rollout.max_staleness "
+                                        r">= 1 .*got 0; leave it 0$"):
+    config_lib.validate(_config(mode="disaggregated", sampler_devices=4, max_staleness=0,
+                                overlap_calls=2), check_paths=False)
+  rc = config_lib.validate(_config(mode="disaggregated", sampler_devices=4, overlap_calls=2),
+                           num_devices=8, check_paths=False)
+  assert rc.rollout.overlap_calls == 2

@@ -20,6 +20,14 @@ continuous-batching loop in `rl/partial_sampling.py`, a fake in the unit tests).
      ones carry over. Rounds repeat as in `rollout.collect_with_dynamic_sampling` while the
      batch is not full (rounds before the last run to their end).
 
+With rollout.overlap_calls = c > 0 (disaggregated, eta >= 1), `Carry.overlap` runs one more
+round after step k's batch is taken, while update k runs on the trainer's devices: the groups
+carried into step k + 1 that it could still admit, topped up with new prompts to
+rl.gen_batch_size groups as round 0 tops up, sampled with version k for exactly c device calls
+(a fixed count, never a readiness poll: the run stays reproducible). Groups it finishes are
+scored then and count for step k + 1; its unfinished requests carry over with their version-k
+tokens and resume at step k + 1 under version k + 1 as any other (rules 1-4 unchanged).
+
 A group is never split: it is admitted whole or dropped whole. With eta = 0 nothing carried is
 ever admitted and every round runs to its end, so a partial run is the sync run bit for bit.
 `Carry.clear` drops everything in flight (at checkpoints: a resumed run then equals an
@@ -92,10 +100,11 @@ class Group:
 class Backend(Protocol):
   """What samples: `run` extends the unfinished requests of `groups` with policy `version`,
   calling `on_done(indices of groups that just finished)` after each device call; when that
-  returns True it stops there (unfinished requests keep what they have). Returns its stats."""
+  returns True it stops there (unfinished requests keep what they have), as it does after
+  `max_calls` device calls (0: no limit; the overlap round). Returns its stats."""
 
   def run(self, groups: Sequence[Group], *, version: int, seed_round: int,
-          on_done: Callable[[list[int]], bool]) -> Any: ...
+          on_done: Callable[[list[int]], bool], max_calls: int = 0) -> Any: ...
 
 
 # score(groups): sets each finished group's `scored` and `keep`.
@@ -119,12 +128,33 @@ class Carry:
   """The groups in flight between RL steps, oldest first."""
 
   groups: list[Group] = dataclasses.field(default_factory=list)
+  # groups an overlap round finished and scored: reported with the next step's scored ones
+  scored_early: list[Group] = dataclasses.field(default_factory=list)
 
   def clear(self) -> int:
     """Drops every group in flight (deterministically); returns how many."""
     dropped = len(self.groups)
-    self.groups = []
+    self.groups, self.scored_early = [], []
     return dropped
+
+  def overlap(self, backend: Backend, score: ScoreFn, draw: Callable[[int], list[dict]], *,
+              step: int, eta: int, n: int, gen_batch_size: int, calls: int) -> Any:
+    """Step `step`'s overlap round (module docstring): at most `calls` device calls with
+    policy `step`, after its batch was taken. Groups step + 1 would drop as stale are left
+    alone (and dropped there). Returns the backend's stats."""
+    live = [g for g in self.groups if g.lag(step + 1) <= eta]
+    k = max(0, gen_batch_size - len(live))
+    new = [Group.new(e, n) for e in (draw(k) if k else [])]
+    groups = live + new
+    self.groups += new  # oldest first: the carried ones, then the new
+
+    def on_done(idx: list[int]) -> bool:
+      finished = [groups[i] for i in idx]
+      score(finished)
+      self.scored_early += finished
+      return False  # only the call count ends the round
+
+    return backend.run(groups, version=step, seed_round=0, on_done=on_done, max_calls=calls)
 
   def step(self, backend: Backend, score: ScoreFn, draw: Callable[[int], list[dict]], *,
            step: int, eta: int, n: int, train_batch_size: int, gen_batch_size: int,
@@ -139,7 +169,8 @@ class Carry:
     resumed = sum(1 for g in live for r in g.requests if r.tokens.size and not r.done)
     self.groups = []
     kept: list[Group] = []
-    out = StepResult([], 0, [], [], [], {})
+    out = StepResult([], 0, [], [], self.scored_early, {})
+    self.scored_early = []
     while True:
       new = max(0, gen_batch_size - len(live))
       groups = live + [Group.new(e, n) for e in (draw(new) if new else [])]

@@ -4,16 +4,21 @@
 `rollout.collect` in place of its synchronous dynamic sampling; `EngineBackend` runs a round's
 requests through the engine's continuous-batching loop (`sampling.batching.Loop.run`, as
 `sampling.driver.run` does) and stops it when the scheduler says the batch is full; the
-score function turns finished groups into scored `Rollouts`. Also the trainer's hooks:
-`correction` (the staleness IS weights' mode) and `correction_metrics`.
+score function turns finished groups into scored `Rollouts`. With rollout.overlap_calls > 0
+(disaggregated), `PartialRollouts.overlap` is what the trainer runs while its update runs: it
+dispatches the staging of the update's weights onto the sampler's devices, then decodes an
+overlap round (`partial.Carry.overlap`) with the weights the batch was sampled with. Also the
+trainer's hooks: `correction` (the staleness IS weights' mode) and `correction_metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from fipo_jax import seeds
@@ -35,16 +40,18 @@ class EngineBackend:
   seed: int  # the run's seed
   step: int
   refill_fraction: float
+  stream: str = "sampling"  # the seed stream: 'overlap_sampling' in the overlap round
 
   def budget(self, group: partial.Group, sample: int) -> int:  # noqa: ARG002
     """A response's whole token budget (the benchmark forces long-tailed lengths here)."""
     return self.max_len
 
   def run(self, groups: Sequence[partial.Group], *, version: int, seed_round: int,
-          on_done: Callable[[list[int]], bool]) -> batching.SamplerStats:
-    """One round. Fresh requests of a group share one prefill of its prompt (entry = the
-    group's position when nothing resumes, so a round of new groups is sync's round); a request
-    with tokens resumes alone from its prompt + tokens, with the budget it has left."""
+          on_done: Callable[[list[int]], bool], max_calls: int = 0) -> batching.SamplerStats:
+    """One round, ended by `on_done` or after `max_calls` generate calls (0: no limit). Fresh
+    requests of a group share one prefill of its prompt (entry = the group's position when
+    nothing resumes, so a round of new groups is sync's round); a request with tokens resumes
+    alone from its prompt + tokens, with the budget it has left."""
     prompts, budgets, requests, owner = [], [], [], []
     for gi, g in enumerate(groups):
       for s, r in enumerate(g.requests):
@@ -67,10 +74,14 @@ class EngineBackend:
                          stops=frozenset(int(i) for i in self.eos_ids),
                          refill_fraction=self.refill_fraction,
                          solo_len=max(len(g.example["prompt_ids"]) for g in groups))  # fmt: skip
+    calls = 0
 
     def stop(samples: Sequence[batching.Sample]) -> bool:
       """Extends the requests; asks the scheduler whether the groups they finished fill the
-      batch (aborted samples extend a request without finishing it)."""
+      batch (aborted samples extend a request without finishing it). Called after each
+      generate call (and once more after the last)."""
+      nonlocal calls
+      calls += 1
       finished = set()
       for smp in samples:
         gi, s = owner[smp.prompt_index][smp.sample_index]
@@ -78,9 +89,9 @@ class EngineBackend:
         groups[gi].requests[s].extend(smp.response_ids, smp.response_logprobs, version, reason)
         if reason is not None and groups[gi].done:
           finished.add(gi)
-      return bool(finished) and on_done(sorted(finished))
+      return (bool(finished) and on_done(sorted(finished))) or calls == max_calls
 
-    seed = seeds.seed_for(self.seed, "sampling", self.step, seed_round)
+    seed = seeds.seed_for(self.seed, self.stream, self.step, seed_round)
     return loop.run(self.params, seed=seed, sampling=self.sampling, stop=stop).stats
 
 
@@ -104,22 +115,41 @@ def score_groups(sampler: scoring.Sampler, filter_enable: bool, metric: str
 
 @dataclasses.dataclass
 class PartialRollouts:
-  """rollout.mode='partial': the groups in flight, and the step's dynamic sampling."""
+  """rollout.mode='partial' or 'disaggregated': the groups in flight, the step's dynamic
+  sampling, and (rollout.overlap_calls > 0) the overlap round run while the update runs."""
 
   carry: partial.Carry = dataclasses.field(default_factory=partial.Carry)
+  current: Any = None  # overlap: the sampler's copy of the weights the last batch used
+  staged: Any = None  # overlap: (a leaf of the trainer's params, their sampler copy) staged ahead
 
   def clear(self) -> int:
     return self.carry.clear()
+
+  def _backend(self, rc, sampler: scoring.Sampler, params, step: int, stream: str
+               ) -> EngineBackend:
+    rl = rc.rl
+    return EngineBackend(sampler.engine, params, sampler.method, sampler.eos_ids,
+                         rl.max_response_length, rl.n, rc.seed, step,
+                         rc.sampling.refill_fraction, stream)
+
+  def _load(self, engine, params):
+    """`params` in the sampler's layout: the copy `overlap` staged for them when there is one
+    (the same arrays: the step's params are the update's output), else staged now."""
+    staged, self.staged = self.staged, None
+    if staged is not None and staged[0] is jax.tree.leaves(params)[0]:
+      return staged[1]
+    return engine.load_params(params)
 
   def dynamic_sampling(self, rc, sampler: scoring.Sampler, data, params, step: int
                        ) -> tuple[rollout_lib.DynamicSamplingResult, dict[str, Any]]:
     """`rollout._dynamic_sampling`'s contract, with groups carried across steps."""
     rl = rc.rl
-    backend = EngineBackend(sampler.engine, sampler.engine.load_params(params), sampler.method,
-                            sampler.eos_ids, rl.max_response_length, rl.n, rc.seed, step,
-                            rc.sampling.refill_fraction)
-    res = self.carry.step(backend, score_groups(sampler, rl.filter_groups_enable,
-                                                rl.filter_groups_metric),
+    loaded = self._load(sampler.engine, params)
+    if rc.rollout.overlap_calls > 0:
+      self.current = loaded  # for the overlap round, while the update runs
+    res = self.carry.step(self._backend(rc, sampler, loaded, step, "sampling"),
+                          score_groups(sampler, rl.filter_groups_enable,
+                                       rl.filter_groups_metric),
                           data.next_batch, step=step, eta=rc.rollout.max_staleness, n=rl.n,
                           train_batch_size=rl.train_batch_size, gen_batch_size=rl.gen_batch_size,
                           max_num_gen_batches=rl.max_num_gen_batches,
@@ -138,6 +168,36 @@ class PartialRollouts:
     }
     return rollout_lib.DynamicSamplingResult(rollouts, res.num_gen_batches, len(res.groups),
                                              res.round_stats), sampled
+
+  def overlap(self, rc, sampler: scoring.Sampler, data, params, step: int) -> dict[str, float]:
+    """Run by the trainer after dispatching step `step`'s updates, before fetching them:
+    dispatches the staging of their output `params` (version step + 1) onto the sampler's
+    devices, then the overlap round (`partial.Carry.overlap`, rollout.overlap_calls generate
+    calls) with the weights the batch was sampled with (version `step`). No round when a
+    checkpoint follows the step (it would drop the round's groups). {} without overlap."""
+    calls = rc.rollout.overlap_calls
+    if calls == 0:
+      return {}
+    current, self.current = self.current, None  # freed once the round's calls complete
+    self.staged = (jax.tree.leaves(params)[0], sampler.engine.load_params(params))
+    t0 = time.perf_counter()
+    stats = None
+    if current is not None and not checkpoint_follows(rc, step + 1):
+      rl = rc.rl
+      stats = self.carry.overlap(
+        self._backend(rc, sampler, current, step, "overlap_sampling"),
+        score_groups(sampler, rl.filter_groups_enable, rl.filter_groups_metric),
+        data.next_batch, step=step, eta=rc.rollout.max_staleness, n=rl.n,
+        gen_batch_size=rl.gen_batch_size, calls=calls)
+    return {"rollout/overlap_calls": stats.num_generate_calls if stats else 0,
+            "rollout/overlap_tokens": stats.tokens_generated if stats else 0,
+            "timing_s/overlap": time.perf_counter() - t0}
+
+
+def checkpoint_follows(rc, done: int) -> bool:
+  """Whether the trainer checkpoints after RL step `done` (1-based) on schedule, dropping the
+  groups in flight: the last step, and every rc.checkpoint_every."""
+  return done == rc.total_steps or (rc.checkpoint_every > 0 and done % rc.checkpoint_every == 0)
 
 
 def _empty_rollouts() -> scoring.Rollouts:

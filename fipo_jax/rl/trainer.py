@@ -7,8 +7,10 @@
   -> log_probs.compute: old log-probs (the actor's, or the sampler's with
      rl.old_log_prob_source='sampler'; the sampler-trainer mismatch metrics and rollout IS
      weights; the frozen reference's with the KL term; jit)
-  -> updates.run: train_batch_size / ppo_mini_batch_size x ppo_epochs optimizer updates (jit,
-     micro-batch accumulation, steps.py) -> metrics;
+  -> updates: train_batch_size / ppo_mini_batch_size x ppo_epochs optimizer updates (jit,
+     micro-batch accumulation, steps.py), dispatched; with rollout.overlap_calls > 0 the
+     sampler decodes an overlap round meanwhile (rl/partial_sampling.py); then fetched
+  -> metrics;
 
 then `_Loop.end_step` evaluates, logs (jsonl, TensorBoard, plots) and checkpoints. The loop
 threads a `setup.TrainState` (params, optimizer state, step) through `rl_step`; the `setup.Env`
@@ -34,7 +36,7 @@ from fipo_jax import metrics as metrics_lib
 from fipo_jax import paths
 from fipo_jax import policy as policy_lib
 from fipo_jax.models import attention
-from fipo_jax.rl import evaluation, log_probs, optimizer, updates, warmstart
+from fipo_jax.rl import evaluation, log_probs, optimizer, partial_sampling, updates, warmstart
 from fipo_jax.rl import rollout as rollout_lib
 from fipo_jax.rl import setup as setup_lib
 from fipo_jax.rl import steps as steps_lib
@@ -242,8 +244,7 @@ class _Loop:
     if logs_step(rc, done, evaluated=evaluated, stopping=stopping):
       self.writer.write(done, metrics)
       self.bar.set_postfix(metrics_lib.progress_postfix(self.writer.history))  # last eval
-    if stopping or done == rc.total_steps or (
-        rc.checkpoint_every > 0 and done % rc.checkpoint_every == 0):
+    if stopping or partial_sampling.checkpoint_follows(rc, done):
       self.ckpt.save(done, params=state.params, opt_state=state.opt_state, metrics=metrics,
                      extra={"data_state": self.env.train_data.get_state(),
                             "consecutive_bad_steps": self.bad_steps,
@@ -302,8 +303,12 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: steps_lib.Compi
     return state.replace(step=state.step + 1), metrics
   batches, num_tokens = log_probs.compute(rc, env, steps, state, batches, metrics)
   t_update = time.perf_counter()
-  state, per_mb = updates.run(rc, env, steps, state, batches, kept)
-  t_update = time.perf_counter() - t_update
+  pending = updates.dispatch(rc, env, steps, state, batches)
+  if env.carry is not None:  # the sampler decodes while the update runs (overlap_calls > 0)
+    metrics.update(env.carry.overlap(rc, env.train_sampler(), env.train_data,
+                                     pending.state.params, state.step))
+  state, per_mb = updates.fetch(rc, env, pending, batches, kept)
+  t_update = time.perf_counter() - t_update  # with an overlap round: spans it
   metrics.update(updates.metrics(per_mb))
   metrics.update({
     "actor/lr": optimizer.last_update_lr(env.lr_schedule, state.opt_state),  # the last update's

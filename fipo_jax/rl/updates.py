@@ -1,12 +1,15 @@
 """Stage 3 of an RL step: rl.ppo_epochs passes over the mini-batches, one optimizer update each,
 and the step's influence dump (rl.dump_influence).
 
-`run(rc, env, steps, state, batches, kept) -> (state, per-update metrics)`;
+`run(rc, env, steps, state, batches, kept) -> (state, per-update metrics)` is `dispatch` (the
+updates queued on the devices; returns at once, JAX dispatch being asynchronous) then `fetch`
+(waits for their metrics); the trainer runs the overlap round between the two.
 `metrics(per_update) -> the step's actor metrics`, averaged as verl averages them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -19,6 +22,15 @@ from fipo_jax.rl import setup
 from fipo_jax.rl import steps as steps_lib
 
 
+@dataclasses.dataclass
+class Pending:
+  """A step's dispatched updates: the state after them and each update's metrics, on device."""
+
+  state: setup.TrainState
+  per_mb: list[dict[str, Any]]
+  dumps: list  # rc.dump_influence: each update's FIPO weights and log-ratios, before it
+
+
 def run(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps,
         state: setup.TrainState, batches: list[steps_lib.Batch], kept: list
         ) -> tuple[setup.TrainState, list[dict[str, Any]]]:
@@ -26,6 +38,13 @@ def run(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps
   rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
   after the last update, for the step's dump (rl/rollout_dump.py).
   Returns (the state after the step, each update's metrics on the host)."""
+  return fetch(rc, env, dispatch(rc, env, steps, state, batches), batches, kept)
+
+
+def dispatch(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps,
+             state: setup.TrainState, batches: list[steps_lib.Batch]) -> Pending:
+  """Queues `run`'s updates and returns without waiting for them (unless rc.dump_influence:
+  the dump fetches each update's weights before the update)."""
   params, opt_state = state.params, state.opt_state
   per_mb, dumps = [], []
   for _ in range(rc.rl.ppo_epochs):
@@ -34,11 +53,20 @@ def run(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps
         dumps.append(distributed.fetch(env.influence_fn(params, b)))  # all hosts gather
       params, opt_state, m = steps.train(params, opt_state, b)
       per_mb.append(m)
-  per_mb = jax.device_get(per_mb)
-  if dumps:
-    after = [distributed.fetch(env.influence_fn(params, b)) for b in batches]
-    _dump_influence(rc, env, state.step + 1, dumps, after, batches, kept)
-  return setup.TrainState(params, opt_state, state.step + 1), per_mb
+  return Pending(setup.TrainState(params, opt_state, state.step + 1), per_mb, dumps)
+
+
+def fetch(rc: config_lib.RunConfig, env: setup.Env, pending: Pending,
+          batches: list[steps_lib.Batch], kept: list
+          ) -> tuple[setup.TrainState, list[dict[str, Any]]]:
+  """Waits for `pending`'s updates: (the state after them, each update's metrics on the host);
+  writes the step's influence dump."""
+  per_mb = jax.device_get(pending.per_mb)
+  state = pending.state
+  if pending.dumps:
+    after = [distributed.fetch(env.influence_fn(state.params, b)) for b in batches]
+    _dump_influence(rc, env, state.step, pending.dumps, after, batches, kept)
+  return state, per_mb
 
 
 def metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
