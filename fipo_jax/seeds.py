@@ -7,6 +7,7 @@
 Streams (name: indices -> what it seeds):
   init: -> the model's initial params when there is no model.hf_dir
   sampling: step, round -> the rollout sampler in dynamic-sampling round `round` of RL step `step`
+  overlap_sampling: step, 0 -> the sampler in step `step`'s overlap round (rollout.overlap_calls)
   eval: step -> the in-training eval's sampler after `step` RL steps
   eval_probe: step -> the step-0 check's sample of the held-out prompts at the rollout settings
   sft_rows: -> which of the warm start's supervised answers carry the slip
@@ -25,7 +26,7 @@ import zlib
 
 import jax
 
-STREAMS = ("init", "sampling", "eval", "eval_probe", "sft_rows", "sft_batches")
+STREAMS = ("init", "sampling", "overlap_sampling", "eval", "eval_probe", "sft_rows", "sft_batches")
 
 
 def stream_id(name: str) -> int:

@@ -56,8 +56,17 @@ def _run(workdir, steps: int, devices=None, **rollout) -> tuple[dict, list[dict]
   history = []
   for _ in range(steps):
     state, metrics = trainer.rl_step(rc, env, jitted, state)
-    history.append(metrics)
+    history.append(metrics | {"_compiled": _programs(env, jitted)})
   return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)), history
+
+
+def _programs(env, jitted) -> dict[str, int]:
+  """Compiled programs so far of the jitted steps the overlap path runs: the update, the
+  weights' staging hop and the engine's generate (prefill and insert compile per length
+  bucket of resumed prefixes: tests/test_partial_engine.py)."""
+  stager = env.engine._stager
+  return {"train": jitted.train._cache_size(), "generate": env.engine._generate._cache_size(),
+          "stage": stager.program(None)._cache_size() if stager is not None else 0}
 
 
 @pytest.mark.slow  # two 3-step tiny_cpu runs
@@ -84,6 +93,25 @@ def test_eta0_disaggregated_is_the_sync_run_on_its_trainer_devices_bit_for_bit(t
                      sampler_devices=4)
   assert all(m["rollout/staleness_max"] == 0 and m[MB1] == 1.0 for m in hist)
   for a, b in zip(jax.tree.leaves(sync), jax.tree.leaves(split), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow  # two 3-step tiny_cpu runs on split devices
+def test_overlap_round_trains_with_exact_mb1_weights_and_reproduces(tmp_path):
+  """Disaggregated, eta = 1, rollout.overlap_calls = 2: after each step's updates are
+  dispatched the sampler decodes 2 calls with the batch's weights; what it leaves unfinished
+  resumes next step under the new ones. Every step logs the round, the lag stays <= 1, FIPO's
+  mini-batch-1 weights stay exactly 1, nothing new compiles after step 1 on the overlap path,
+  and a second run gives the same params bit for bit (the swap point is a call count)."""
+  overlap = dict(mode="disaggregated", max_staleness=1, sampler_devices=4, overlap_calls=2)
+  first, hist = _run(tmp_path / "a", 3, **overlap)
+  assert all(m["rollout/overlap_calls"] == 2 and m["rollout/overlap_tokens"] > 0 for m in hist)
+  assert all(m["timing_s/overlap"] > 0 for m in hist)
+  assert all(m["rollout/staleness_max"] <= 1 and m[MB1] == 1.0 for m in hist), hist
+  assert any(m["rollout/resumed_requests"] > 0 for m in hist[1:])  # the round's tokens resumed
+  assert hist[0]["_compiled"] == hist[-1]["_compiled"], [m["_compiled"] for m in hist]
+  second, _ = _run(tmp_path / "b", 3, **overlap)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
