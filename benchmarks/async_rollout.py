@@ -2,6 +2,7 @@
 
   python benchmarks/async_rollout.py           # CPU, a few minutes
   python benchmarks/async_rollout.py --quick   # smaller shapes, a smoke check
+  python benchmarks/async_rollout.py --disaggregated   # and stage B: sampler and trainer devices
 
 The workload: groups of n = 8 responses whose lengths are log-normal (median 30, sigma 1, cap
 512), forced through per-request budgets on a tiny random model without EOS (every response
@@ -24,6 +25,18 @@ partial RL-step time, steps that compiled left out; target >= 1.3),
 partial_over_sync_with_compiles (the same over every step after the warm-up), the ratio for the
 sampling phase alone, the step times, and the partial run's staleness (max lag, dropped stale
 groups).
+
+--disaggregated adds stage B on two host devices (one trains, one samples, the weights staged
+device to device as rollout.mode='disaggregated' does), eta 1, two schedules: 'alternating'
+(sample, update, stage, repeat: stage A's schedule on split devices) and 'overlapped' (after
+the update, an overlap round of C decode calls with the batch's weights, rollout.overlap_calls;
+C defaults to what the alternating run measures: (update + staging) / decode-call time). Each
+phase is timed alone (the update and the staging are waited for before the overlap round),
+since both meshes share this host's cores and wall time proves nothing. From the phases it
+prints each mesh's device-busy share and the step time projected for hardware where the meshes
+do not share cores: alternating = sample + update + stage + rest; overlapped = max(update +
+stage, overlap decode) + the sampling left + rest. The JSON line gains `stage_b` and
+`projected_overlapped_over_alternating`.
 """
 
 from __future__ import annotations
@@ -36,6 +49,10 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--disaggregated" in sys.argv and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+  # before jax is imported: a trainer device and a sampler device (stage B)
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
+    " --xla_force_host_platform_device_count=2"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
@@ -43,7 +60,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from fipo_jax import models  # noqa: E402
+from fipo_jax import models, sharding  # noqa: E402
 from fipo_jax.models import logprob  # noqa: E402
 from fipo_jax.rl import partial, partial_sampling  # noqa: E402
 from fipo_jax.sampling import engine as engine_lib  # noqa: E402
@@ -170,12 +187,113 @@ def run_mode(name: str, eta: int, sizes: dict, engine, params, update, seed: int
           "steps_after_warmup": len(every)}  # fmt: skip
 
 
+def _forced(engine, params, sampling, sizes: dict, seed: int, step: int, stream: str
+            ) -> ForcedLengths:
+  return ForcedLengths(engine, params, sampling, (), sizes["cap"], sizes["n"], seed, step,
+                       refill_fraction=0.125, stream=stream)
+
+
+def run_stage_b(name: str, calls: int, sizes: dict, engine, params, update, seed: int) -> dict:
+  """Stage A's schedule (eta) with the sampler `engine` on its own device and `params` (the
+  trainer's) on another; `calls` > 0: an overlap round after each update. Each phase is timed
+  alone. Means over `steps` steps after `warmup` that compiled nothing (at most 3x as many)."""
+  draw, carry = _draw(sizes, np.random.default_rng(seed)), partial.Carry()
+  sampling = params_lib.Sampling(temperature=1.0)
+  current = engine.load_params(params)  # version 0 on the sampler's device
+  timed, step = [], 0
+  while len(timed) < sizes["steps"] and step < sizes["warmup"] + 3 * sizes["steps"]:
+    before, t = _COMPILES[0], [time.perf_counter()]
+    res = carry.step(_forced(engine, current, sampling, sizes, seed, step, "sampling"), _score,
+                     draw, step=step, eta=sizes["eta"], n=sizes["n"],
+                     train_batch_size=sizes["train"], gen_batch_size=sizes["gen"],
+                     max_num_gen_batches=0, min_prompts=1)
+    t.append(time.perf_counter())
+    ids = _batch(res.groups, sizes)
+    t.append(time.perf_counter())
+    params = jax.block_until_ready(update(params, ids))  # the trainer's device
+    t.append(time.perf_counter())
+    staged = jax.block_until_ready(engine.load_params(params))  # trainer -> sampler device
+    t.append(time.perf_counter())
+    ov = None
+    if calls:
+      ov = carry.overlap(_forced(engine, current, sampling, sizes, seed, step,
+                                 "overlap_sampling"), _score, draw, step=step, eta=sizes["eta"],
+                         n=sizes["n"], gen_batch_size=sizes["gen"], calls=calls)
+    t.append(time.perf_counter())
+    current = staged
+    st = res.sampler_stats
+    phases = dict(zip(("sample", "rest", "update", "stage", "overlap"), np.diff(t), strict=True))
+    phases |= {"overlap_calls": ov.num_generate_calls if ov else 0,
+               "sample_calls": sum(x.num_generate_calls for x in st)}
+    clean = _COMPILES[0] == before
+    if step >= sizes["warmup"] and clean:
+      timed.append(phases)
+    note = "warm-up" if step < sizes["warmup"] else ("timed" if clean else "compiled: left out")
+    print(f"{name:11s} step {step:2d} ({note}): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()), flush=True)
+    step += 1
+  if not timed:
+    raise RuntimeError(f"{name}: every step compiled; raise --warmup")
+  return {k: float(np.mean([p[k] for p in timed])) for k in timed[0]}
+
+
+def stage_b_summary(alt: dict, ov: dict, calls: int, suggested: int) -> dict:
+  """Device-busy shares and projected step times of both schedules from their phase times."""
+  train = lambda p: p["update"] + p["stage"]  # the trainer's devices (staging's hop 1 there)
+  step_alt = alt["sample"] + train(alt) + alt["rest"]
+  step_ov = max(train(ov), ov["overlap"]) + ov["sample"] + ov["rest"]
+  return {
+    "alternating": alt, "overlapped": ov, "overlap_calls": calls,
+    "suggested_overlap_calls": suggested,
+    "decode_call_s": ov["overlap"] / max(ov["overlap_calls"], 1),
+    "projected_step_s": {"alternating": step_alt, "overlapped": step_ov},
+    "busy_share": {
+      "alternating": {"sampler": alt["sample"] / step_alt, "trainer": train(alt) / step_alt},
+      "overlapped": {"sampler": (ov["sample"] + ov["overlap"]) / step_ov,
+                     "trainer": train(ov) / step_ov}},
+  }
+
+
+def stage_b(sizes: dict, cfg, model, overlap_calls: int | None) -> dict:
+  """Both stage-B schedules on devices 0 (trainer) and 1 (sampler); their summary."""
+  trainer_dev, sampler_dev = jax.devices()[:2]
+  ecfg = engine_lib.EngineConfig(num_slots=sizes["slots"],
+                                 max_prompt_len=sizes["prompt"] + sizes["cap"],
+                                 max_new_tokens=sizes["cap"], steps_per_call=16,
+                                 insert_bucket="prefix")  # fmt: skip
+  engine = engine_lib.Engine(cfg, nnx.split(model)[0], ecfg,
+                             mesh=sharding.make_mesh(1, 1, 1, devices=[sampler_dev]))
+  params = jax.device_put(nnx.split(model)[1], trainer_dev)
+  update = _update_fn(nnx.split(model)[0], sizes)
+  alt = run_stage_b("alternating", 0, sizes, engine, params, update, seed=0)
+  decode_call = alt["sample"] / max(alt["sample_calls"], 1)  # prefills and scoring included
+  suggested = max(1, math.ceil((alt["update"] + alt["stage"]) / decode_call))
+  calls = overlap_calls or suggested
+  ov = run_stage_b("overlapped", calls, sizes, engine, params, update, seed=0)
+  out = stage_b_summary(alt, ov, calls, suggested)
+  p, b = out["projected_step_s"], out["busy_share"]
+  print(f"stage B (1 trainer + 1 sampler device of this host; they share its cores, so wall "
+        f"time proves nothing: phases timed alone, step times projected for meshes that do not "
+        f"share cores): update {alt['update']:.3f} s + staging {alt['stage']:.3f} s vs decode "
+        f"call {out['decode_call_s']:.3f} s -> overlap_calls about {suggested} (ran {calls}); "
+        f"projected step: alternating {p['alternating']:.2f} s (busy: sampler "
+        f"{b['alternating']['sampler']:.0%}, trainer {b['alternating']['trainer']:.0%}), "
+        f"overlapped {p['overlapped']:.2f} s (busy: sampler {b['overlapped']['sampler']:.0%}, "
+        f"trainer {b['overlapped']['trainer']:.0%}): "
+        f"{p['alternating'] / p['overlapped']:.2f}x", flush=True)
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="smaller shapes: a smoke check")
   ap.add_argument("--eta", type=int, default=None, help="rollout.max_staleness of 'partial'")
   ap.add_argument("--warmup", type=int, default=None, help="untimed steps per mode")
   ap.add_argument("--gen", type=int, default=None, help="groups per round (default 4 x train)")
+  ap.add_argument("--disaggregated", action="store_true",
+                  help="also stage B: device-busy shares and projected step times")
+  ap.add_argument("--overlap-calls", type=int, default=None,
+                  help="stage B's overlap round (default: the measured suggestion)")
   args = ap.parse_args()
   sizes = dict(QUICK if args.quick else FULL)
   for key in ("eta", "warmup", "gen"):
@@ -210,6 +328,10 @@ def main() -> None:
         f"{summary['partial_over_sync_with_compiles']:.2f}x (steps compiling after warm-up: sync "
         f"{sync['steps_left_out_compiling']} of {sync['steps_after_warmup']}, partial "
         f"{part['steps_left_out_compiling']} of {part['steps_after_warmup']})")
+  if args.disaggregated:
+    summary["stage_b"] = stage_b(sizes, cfg, model, args.overlap_calls)
+    p = summary["stage_b"]["projected_step_s"]
+    summary["projected_overlapped_over_alternating"] = p["alternating"] / p["overlapped"]
   print(json.dumps(summary))
 
 
