@@ -167,8 +167,8 @@ def base() -> ml_collections.ConfigDict:
 
   # Rollouts: 'sync' (sample the whole batch, then train) | 'partial' (sampling stops once the
   # batch is full; unfinished groups resume under the next policy, fipo_jax/rl/partial.py) |
-  # 'disaggregated' (partial's schedule with the sampler on its own devices; no decode overlaps
-  # an update yet: docs/async_rollouts.md).
+  # 'disaggregated' (partial's schedule with the sampler on its own devices; with overlap_calls
+  # > 0 it decodes while the trainer updates: docs/async_rollouts.md).
   c.rollout = ml_collections.ConfigDict()
   c.rollout.mode = "sync"
   c.rollout.max_staleness = 1  # eta: a group with a token older than this many steps is dropped
@@ -176,6 +176,9 @@ def base() -> ml_collections.ConfigDict:
   # token's loss, outside Future-KL: 'token' | 'sequence' | 'none'
   c.rollout.staleness_is = "token"
   c.rollout.sampler_devices = 0  # disaggregated: each process's last k devices sample
+  # disaggregated, max_staleness >= 1: decode calls the sampler makes with the batch's weights
+  # while the update runs (0 = none); about (update + staging time) / decode-call time
+  c.rollout.overlap_calls = 0
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0  # at most this many supervised warm-start steps before RL (synthetic; 0 = none)
