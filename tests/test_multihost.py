@@ -249,13 +249,17 @@ STALENESS_MISMATCH = ("rollout/abs_log_ratio_mean", "rollout/is_truncated_frac")
 
 @pytest.mark.slow
 def test_disaggregated_two_processes_match_one_process(tmp_path):
-  """rollout.mode='disaggregated' (eta 0): 2 processes x (2 trainer + 2 sampler devices) log what
-  1 process x (4 + 4) does over 2 steps: the same trainer mesh (fsdp=4) and sampler mesh (data 2
-  x tensor 2 within each host), the weights staged device to device within each process. From
-  tiny_cpu's stored warm start (no warm start to compile twice)."""
+  """rollout.mode='disaggregated' (eta 1, an overlap round of at most 2 decode calls after step
+  1's update: no checkpoint after step 1 to drop its groups; dynamic sampling's filter on):
+  2 processes x (2 trainer + 2 sampler devices) log what 1 process x (4 + 4) does over 2 steps:
+  the same trainer mesh (fsdp=4) and sampler mesh (data 2 x tensor 2 within each host), the
+  weights staged device to device within each process, the round's length a call count every
+  process runs alike. From tiny_cpu's stored warm start (no warm start to compile twice)."""
   cwd = _snapshot_configs(tmp_path / "recipe")
-  split = ("--config.rollout.mode=disaggregated", "--config.rollout.max_staleness=0",
-           *BF16_SAMPLER)
+  split = ("--config.rollout.mode=disaggregated", "--config.rollout.max_staleness=1",
+           "--config.rollout.overlap_calls=2", "--config.checkpoint_every=0",
+           # mixed groups only: the first groups to finish may all be right or all wrong
+           "--config.rl.filter_groups_enable=true", *BF16_SAMPLER)
   runs = {}
   for processes, k in ((1, 4), (2, 2)):
     workdir = runs[processes] = tmp_path / f"{processes}_processes"
@@ -263,6 +267,9 @@ def test_disaggregated_two_processes_match_one_process(tmp_path):
     _train(workdir, processes=processes, devices_per_process=8 // processes, total_steps=2,
            cwd=cwd, extra=(*split, f"--config.rollout.sampler_devices={k}"))
   want, got = _metrics(runs[1]), _metrics(runs[2])
+  # at most 2 calls (fewer when every request finished); none before the last step's save
+  assert 0 < want[1]["rollout/overlap_calls"] <= 2 and want[2]["rollout/overlap_calls"] == 0
+  assert want[2]["rollout/carried_groups"] > 0  # step 2 took groups the round left in flight
   for step in (1, 2):
     assert 2 * _scored_here(runs[2])[step] == _scored_here(runs[1])[step] > 0
     assert want[step]["train/empty_steps"] == 0 and want[step]["actor/grad_norm"] > 0
