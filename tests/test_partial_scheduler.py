@@ -172,3 +172,15 @@ def test_overlap_round_leaves_groups_too_stale_for_the_next_step_alone():
                    gen_batch_size=GEN, max_num_gen_batches=0, min_prompts=2)
   assert res.metrics["rollout/dropped_stale_groups"] == 1
   assert carry.clear() > 0 and carry.scored_early == []
+
+
+def test_overlap_round_with_nothing_to_sample_calls_no_device():
+  carry, backend, draw = partial.Carry(), FakeBackend(), _draw()
+  done = [partial.Group.new(e, N) for e in draw(GEN)]
+  for g in done:
+    for r in g.requests:
+      r.extend([7], [-1.0], 0, "stop")
+  carry.groups = list(done)
+  assert carry.overlap(backend, _score, draw, step=0, eta=1, n=N, gen_batch_size=GEN,
+                       calls=3) is None
+  assert backend.calls == 0 and carry.groups == done

@@ -141,12 +141,14 @@ class Carry:
               step: int, eta: int, n: int, gen_batch_size: int, calls: int) -> Any:
     """Step `step`'s overlap round (module docstring): at most `calls` device calls with
     policy `step`, after its batch was taken. Groups step + 1 would drop as stale are left
-    alone (and dropped there). Returns the backend's stats."""
+    alone (and dropped there). Returns the backend's stats (None: nothing left to sample)."""
     live = [g for g in self.groups if g.lag(step + 1) <= eta]
     k = max(0, gen_batch_size - len(live))
     new = [Group.new(e, n) for e in (draw(k) if k else [])]
     groups = live + new
     self.groups += new  # oldest first: the carried ones, then the new
+    if all(g.done for g in groups):
+      return None
 
     def on_done(idx: list[int]) -> bool:
       finished = [groups[i] for i in idx]
