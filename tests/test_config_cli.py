@@ -139,6 +139,8 @@ TINY = ("--config", "configs/tiny_cpu.py", "--workdir")
    "config error: rl.decay_rat: unknown key (not in the schema); did you mean rl.decay_rate?"),
   ("--config.mesh.tensor=3", "config error: mesh.tensor: fixed mesh axes (mesh.data=1, "
    "mesh.fsdp=-1, mesh.tensor=3, product 3) do not divide the 1 devices"),
+  ("--config.rollout.overlap_calls=2", "config error: rollout.overlap_calls: needs "
+   "rollout.mode='disaggregated' (a sampler on devices of its own), got mode 'sync'; leave it 0"),
 ])
 @pytest.mark.slow
 def test_config_errors_through_the_cli(override, line, tmp_path):
