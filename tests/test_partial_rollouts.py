@@ -3,7 +3,8 @@
 eta = 0 is the synchronous run bit for bit; with eta in {1, 2} groups carry over (staleness > 0
 is logged) while FIPO's raw influence weights stay exactly 1 on mini-batch 1, because the old
 log-probs are the trainer's recompute at step start; under bypass (the sampler's log-probs as
-the old ones) they are not.
+the old ones) they are not. Disaggregated with an overlap round (rollout.overlap_calls) keeps
+those weights exact and reproduces bit for bit.
 """
 
 import json
