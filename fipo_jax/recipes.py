@@ -176,9 +176,8 @@ def base() -> ml_collections.ConfigDict:
   # token's loss, outside Future-KL: 'token' | 'sequence' | 'none'
   c.rollout.staleness_is = "token"
   c.rollout.sampler_devices = 0  # disaggregated: each process's last k devices sample
-  # disaggregated, max_staleness >= 1: decode calls the sampler makes with the batch's weights
-  # while the update runs (0 = none); about (update + staging time) / decode-call time
-  c.rollout.overlap_calls = 0
+  # About (update + staging time) / decode-call time (benchmarks/async_rollout.py prints it).
+  c.rollout.overlap_calls = 0  # disaggregated, eta >= 1: decode calls while the update runs
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 0  # at most this many supervised warm-start steps before RL (synthetic; 0 = none)
