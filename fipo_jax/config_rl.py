@@ -83,6 +83,7 @@ class RLSection(Section):
   kl_loss_type: str = kl.DEFAULT_KL_TYPE
   entropy_coeff: float = 0.0
   reward_fn: str = "math_dapo"
+  reward_workers: int = 0
   overlong_buffer_enable: bool = True
   overlong_buffer_len: int = 4096
   overlong_penalty_factor: float = 1.0
@@ -102,6 +103,8 @@ class RLSection(Section):
     if self.reward_fn == "math_verify" and importlib.util.find_spec("math_verify") is None:
       self._fail("reward_fn", "'math_verify' needs the math-verify package: "
                  "pip install 'fipo_jax[math_verify]'")
+    self._require(self.reward_workers >= 0, "reward_workers",
+                  "must be >= 0 (verifier processes; 0 scores in the trainer's process)")
     if self.overlong_buffer_enable:
       self._require(0 < self.overlong_buffer_len < self.max_response_length, "overlong_buffer_len",
                     f"must be in (0, rl.max_response_length={self.max_response_length})")

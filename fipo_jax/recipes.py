@@ -111,6 +111,10 @@ def base() -> ml_collections.ConfigDict:
   # 'math_dapo' (official): +1/-1 on the last "Answer: ..." | 'math_verify': verl's 1/0 symbolic
   # check on the math-verify package (pip install 'fipo_jax[math_verify]'), in a child process.
   c.rl.reward_fn = "math_dapo"
+  # Verifier processes (JAX-free) that score a batch's responses concurrently, each call still
+  # time-bounded; 0 = one at a time in this process (math_verify: in one child). For slow
+  # verifiers such as math_verify on large batches; each worker is a process (a CPU core).
+  c.rl.reward_workers = 0
   c.rl.overlong_buffer_enable = True  # soft overlong penalty
   c.rl.overlong_buffer_len = 4096  # tokens: penalty ramps 0 -> -factor over the last len tokens
   c.rl.overlong_penalty_factor = 1.0  # penalty at max_response_length

@@ -1,19 +1,28 @@
-"""A verifier in its own process: `python -m fipo_jax.verifier_worker math_verify`.
+"""A verifier in its own process: `python -m fipo_jax.verifier_worker NAME`.
 
-`fipo_jax.rl.rewards.IsolatedVerifier` starts it, bounds each call in time and kills it when a
-call runs past the bound. Protocol, one JSON object per line: the worker first writes
-{"ready": true} (or {"error": ...} and exits), then answers every request
+NAME is `math_dapo`, `math_verify` or `package.module:function` (a score function of your own,
+imported in the child). `fipo_jax.rl.rewards.IsolatedVerifier` starts it, bounds each call in
+time and kills it when a call runs past the bound; `VerifierPool` runs several
+(`rl.reward_workers`). Protocol, one JSON object per line: the worker first writes
+{"ready": true, "heavy_modules": [...]} (or {"error": ...} and exits), then answers every request
 {"response": str, "ground_truth": str} on stdin with {"score", "acc", "pred"} on stdout, or
 with {"error": "<type>: <message>"} when the scorer raised. It lives outside `fipo_jax.rl` so
-that the child imports neither JAX nor the trainer: it starts in about a second.
+that the child imports neither JAX nor the trainer: it starts in about a second, and a pool of
+them costs no accelerator memory. "heavy_modules" lists those of HEAVY_MODULES that the worker
+has imported (none: tests/test_reward_pool.py checks it).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import logging
+import pathlib
 import sys
+
+HEAVY_MODULES = ("jax", "flax", "transformers", "torch", "tensorflow")
 
 
 @functools.cache
@@ -45,7 +54,34 @@ def math_verify_score(response: str, ground_truth: str) -> dict:
   return {"score": score, "acc": score == 1.0, "pred": str(preds[0]) if preds else ""}
 
 
-SCORERS = {"math_verify": math_verify_score}
+def _load_math_verify():
+  _math_metric()  # import before "ready": the first call's time bound is for scoring only
+  return math_verify_score
+
+
+def _load_math_dapo():
+  """`fipo_jax.algo.rewards.math_dapo_score`, executed from its file.
+
+  `import fipo_jax.algo.rewards` would first run fipo_jax/algo/__init__.py, which imports jax
+  (seconds, and accelerator state in every worker). The module itself imports only `re` and
+  numpy, so it is loaded alone, under a private name; the trainer's copy is the same file.
+  """
+  path = pathlib.Path(__file__).resolve().parent / "algo" / "rewards.py"
+  spec = importlib.util.spec_from_file_location("_fipo_jax_worker_algo_rewards", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.math_dapo_score
+
+
+SCORERS = {"math_dapo": _load_math_dapo, "math_verify": _load_math_verify}  # name -> loader
+
+
+def _load(name: str):
+  """The score function of NAME: a SCORERS key, or `package.module:function`."""
+  if name in SCORERS:
+    return SCORERS[name]()
+  module, _, attr = name.partition(":")
+  return getattr(importlib.import_module(module), attr)
 
 
 def main(argv: list[str]) -> int:
@@ -56,16 +92,20 @@ def main(argv: list[str]) -> int:
     out.write(json.dumps(obj) + "\n")
     out.flush()
 
-  if len(argv) != 1 or argv[0] not in SCORERS:
-    _reply({"error": f"usage: python -m fipo_jax.verifier_worker {{{','.join(SCORERS)}}}"})
+  if len(argv) != 1 or not (argv[0] in SCORERS or ":" in argv[0]):
+    _reply(
+      {
+        "error": f"usage: python -m fipo_jax.verifier_worker "
+        f"{{{','.join(SCORERS)},package.module:function}}"
+      }
+    )
     return 2
-  scorer = SCORERS[argv[0]]
   try:
-    _math_metric()  # import before "ready": the first call's time bound is for scoring only
-  except ImportError as e:
+    scorer = _load(argv[0])
+  except (ImportError, AttributeError) as e:
     _reply({"error": f"{type(e).__name__}: {e}"})
     return 2
-  _reply({"ready": True})
+  _reply({"ready": True, "heavy_modules": [m for m in HEAVY_MODULES if m in sys.modules]})
   for line in sys.stdin:
     try:
       req = json.loads(line)

@@ -9,31 +9,30 @@
               `[math_verify]` extra): 1.0 / 0.0, symbolic; in a child process
               (`fipo_jax.verifier_worker`) that is killed when a call runs past the bound.
 
+With `rl.reward_workers` = N >= 1 either verifier runs in N JAX-free child processes
+(`VerifierPool`) that score a batch's responses concurrently, each call still bounded.
+
 The verifiers' own scores (`math_dapo_score`) and the overlong penalty are the algorithm's
-(`fipo_jax.algo.rewards`); this module bounds each call, isolates `math_verify` in a child
-process and scores a batch of rollouts.
+(`fipo_jax.algo.rewards`); the child processes are `fipo_jax.rl.verifier_processes`'s; this
+module bounds each call, chooses where a verifier runs and scores a batch of rollouts.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
-import select
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from fipo_jax.algo.rewards import math_dapo_score, overlong_penalty
+from fipo_jax.rl.verifier_processes import IsolatedVerifier, VerifierPool, VerifierTimeout
 
 # --- Scoring rollouts ------------------------------------------------------------------------
 
@@ -57,6 +56,7 @@ class RewardConfig:
   # where the trainer runs (elsewhere only the size bounds hold); math_verify: its child
   # process is killed.
   max_seconds: float = 2.0
+  reward_workers: int = 0  # rl.reward_workers: 0 scores in this process, N a VerifierPool of N
 
   @classmethod
   def from_section(cls, rl) -> RewardConfig:
@@ -64,7 +64,8 @@ class RewardConfig:
     return cls(max_response_length=rl.max_response_length,
                overlong_buffer_enable=rl.overlong_buffer_enable,
                overlong_buffer_len=rl.overlong_buffer_len,
-               overlong_penalty_factor=rl.overlong_penalty_factor, reward_fn=rl.reward_fn)
+               overlong_penalty_factor=rl.overlong_penalty_factor, reward_fn=rl.reward_fn,
+               reward_workers=rl.reward_workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,84 +77,25 @@ class Verifier:
   bounds_itself: bool = False  # enforces max_seconds itself (no SIGALRM around the call)
 
 
-class VerifierTimeout(Exception):
-  """A verifier call ran past RewardConfig.max_seconds."""
-
-
-class IsolatedVerifier:
-  """`python -m fipo_jax.verifier_worker NAME` as a scorer: one child process, reused.
-
-  Each call waits at most `max_seconds` for its reply. A call past that, a child that died or
-  any error while talking to it kills the child and raises (VerifierTimeout or RuntimeError:
-  `score_responses` scores it wrong and counts it); the next call starts a new child. A new
-  child gets `startup_seconds` for its imports before the first request is sent.
-  """
-
-  def __init__(self, name: str, max_seconds: float, startup_seconds: float = 120.0):
-    self.name, self.max_seconds, self.startup_seconds = name, max_seconds, startup_seconds
-    self._proc: subprocess.Popen | None = None
-    self._buf = b""
-
-  def __call__(self, response: str, ground_truth: str) -> dict:
-    proc = self._proc or self._start()
-    try:
-      proc.stdin.write(json.dumps({"response": response, "ground_truth": ground_truth}).encode()
-                       + b"\n")
-      proc.stdin.flush()
-      reply = self._read_line(self.max_seconds)
-    except BaseException:  # incl. KeyboardInterrupt: a child mid-call is never reused
-      self.close()
-      raise
-    if "error" in reply:
-      raise RuntimeError(f"{self.name}: {reply['error']}")
-    return reply
-
-  def _start(self) -> subprocess.Popen:
-    self._buf = b""
-    self._proc = subprocess.Popen(
-      [sys.executable, "-m", "fipo_jax.verifier_worker", self.name],
-      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-      ready = self._read_line(self.startup_seconds)
-    except BaseException:
-      self.close()
-      raise
-    if not ready.get("ready"):
-      self.close()
-      raise RuntimeError(f"verifier {self.name} did not start: {ready.get('error')}")
-    return self._proc
-
-  def _read_line(self, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    fd = self._proc.stdout.fileno()
-    while b"\n" not in self._buf:
-      left = deadline - time.monotonic()
-      if left <= 0 or not select.select([fd], [], [], left)[0]:
-        raise VerifierTimeout(f"verifier {self.name} ran past {timeout}s")
-      chunk = os.read(fd, 1 << 16)
-      if not chunk:
-        raise RuntimeError(f"verifier {self.name} exited (code {self._proc.poll()})")
-      self._buf += chunk
-    line, _, self._buf = self._buf.partition(b"\n")
-    return json.loads(line)
-
-  def close(self) -> None:
-    """Kills the child (if any); the next call starts a new one."""
-    proc, self._proc = self._proc, None
-    if proc is not None:
-      proc.kill()
-      proc.wait()
-      for f in (proc.stdin, proc.stdout):
-        f.close()
-
-
 @functools.cache
 def _isolated(name: str, max_seconds: float) -> IsolatedVerifier:
   return IsolatedVerifier(name, max_seconds)  # one child per process and setting, reused
 
 
+@functools.cache
+def _pool(name: str, workers: int, max_seconds: float) -> VerifierPool:
+  pool = VerifierPool(name, workers, max_seconds)  # per process and setting, reused
+  atexit.register(pool.close)
+  return pool
+
+
 def verifier(cfg: RewardConfig) -> Verifier:
-  """The verifier of `cfg.reward_fn` (config_rl.REWARD_FNS lists the names)."""
+  """The verifier of `cfg.reward_fn` (config_rl.REWARD_FNS lists the names), in
+  `cfg.reward_workers` child processes when that is >= 1."""
+  wrong = {"math_dapo": -1.0, "math_verify": 0.0}  # math_verify: verl's 0/1 scale
+  if cfg.reward_workers > 0 and cfg.reward_fn in wrong:
+    return Verifier(_pool(cfg.reward_fn, cfg.reward_workers, cfg.max_seconds),
+                    wrong_score=wrong[cfg.reward_fn], bounds_itself=True)
   if cfg.reward_fn == "math_dapo":
     return Verifier(math_dapo_score, wrong_score=-1.0)
   if cfg.reward_fn == "math_verify":  # verl's 0/1 scale: a wrong answer scores 0.0
@@ -200,19 +142,51 @@ class Scores:
   errors: int = 0  # verifier failures (scored as wrong answers)
 
 
-def _score_one(v: Verifier, text, gt, cfg: RewardConfig) -> tuple[float, bool, str]:
-  """(score, acc, pred) of one response; raises on any verifier failure."""
+def _bounded(text, gt, cfg: RewardConfig) -> tuple:
+  """The verifier's inputs, size-bounded; raises on a ground truth past the bound."""
   if isinstance(gt, str) and len(gt) > cfg.max_ground_truth_chars:
     raise ValueError(f"ground truth of {len(gt)} chars > {cfg.max_ground_truth_chars}")
   if isinstance(text, str):
     text = text[-cfg.max_response_chars:]
-  bound = contextlib.nullcontext() if v.bounds_itself else _time_bound(cfg.max_seconds)
-  with bound:
-    res = v.score_fn(text, gt)
+  return text, gt
+
+
+def _checked(res: dict) -> tuple[float, bool, str]:
+  """(score, acc, pred) of a verifier's reply; raises on a non-finite score."""
   score, acc, pred = float(res["score"]), bool(res["acc"]), str(res.get("pred", ""))
   if not math.isfinite(score):
     raise ValueError(f"non-finite score {score}")
   return score, acc, pred
+
+
+def _score_one(v: Verifier, text, gt, cfg: RewardConfig) -> tuple[float, bool, str]:
+  """(score, acc, pred) of one response; raises on any verifier failure."""
+  text, gt = _bounded(text, gt, cfg)
+  bound = contextlib.nullcontext() if v.bounds_itself else _time_bound(cfg.max_seconds)
+  with bound:
+    res = v.score_fn(text, gt)
+  return _checked(res)
+
+
+def _attempt(fn, *args) -> tuple[float, bool, str] | Exception:
+  try:
+    return fn(*args)
+  except Exception as e:  # noqa: BLE001 -- any verifier failure is a wrong answer
+    return e
+
+
+def _verify_all(v: Verifier, texts, ground_truths, cfg: RewardConfig) -> list:
+  """(score, acc, pred) or the failure of each response: one at a time, or over a pool."""
+  if not isinstance(v.score_fn, VerifierPool):
+    return [_attempt(_score_one, v, text, gt, cfg)
+            for text, gt in zip(texts, ground_truths, strict=True)]
+  inputs = [_attempt(_bounded, text, gt, cfg)
+            for text, gt in zip(texts, ground_truths, strict=True)]
+  sent = [i for i, x in enumerate(inputs) if not isinstance(x, Exception)]
+  replies = v.score_fn.map([inputs[i] for i in sent])
+  for i, reply in zip(sent, replies, strict=True):
+    inputs[i] = reply if isinstance(reply, Exception) else _attempt(_checked, reply)
+  return inputs
 
 
 def score_responses(
@@ -224,19 +198,22 @@ def score_responses(
 ) -> Scores:
   """Verifier score plus DAPO overlong shaping, per response.
 
-  The verifier is `cfg.reward_fn`'s, or `score_fn` (wrong answers -1) when given. One that
+  The verifier is `cfg.reward_fn`'s, or `score_fn` (wrong answers -1) when given; a
+  `VerifierPool` (cfg.reward_workers >= 1) scores the responses concurrently. One that
   raises, times out or returns a non-finite score scores the sample as wrong and is counted;
   it never kills the run. Inputs are size-bounded first (see RewardConfig).
   """
   v = verifier(cfg) if score_fn is None else Verifier(score_fn)
+  outcomes = _verify_all(v, texts, ground_truths, cfg)
   scores, raw, accs, preds, overlong, errors = [], [], [], [], [], 0
-  for text, length, gt in zip(texts, lengths, ground_truths, strict=True):
-    try:
-      score, acc, pred = _score_one(v, text, gt, cfg)
-    except Exception as e:  # noqa: BLE001 -- any verifier failure is a wrong answer
+  for outcome, length in zip(outcomes, lengths, strict=True):
+    if isinstance(outcome, Exception):
+      e = outcome
       logging.warning("reward function failed (%s: %.200s); scoring as wrong",
                       type(e).__name__, e)
       score, acc, pred, errors = v.wrong_score, False, "[ERROR]", errors + 1
+    else:
+      score, acc, pred = outcome
     penalty = 0.0
     if cfg.overlong_buffer_enable:
       penalty = overlong_penalty(length, cfg.max_response_length, cfg.overlong_buffer_len,
