@@ -4,6 +4,8 @@ bounds each call on its own, and is refused below 0."""
 import importlib.util
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -129,3 +131,29 @@ def test_negative_reward_workers_are_refused_and_a_count_reaches_the_reward_conf
   c.rl.reward_workers = 2
   rc = config_lib.validate(c, check_paths=False)
   assert rewards.RewardConfig.from_section(rc.rl).reward_workers == 2
+
+
+@pytest.mark.slow
+def test_negative_reward_workers_through_the_cli_is_one_line_and_exit_2(tmp_path):
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fipo_jax.main",
+      "--config",
+      str(HERE.parent / "configs/tiny_cpu.py"),
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.rl.reward_workers=-1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    check=False,
+  )
+  assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines() == [
+    "config error: rl.reward_workers: must be >= 0 (verifier processes; 0 scores in the "
+    "trainer's process), got -1"
+  ]
+  assert not (tmp_path / "w").exists()
