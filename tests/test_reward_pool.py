@@ -101,6 +101,12 @@ def test_the_pool_has_several_calls_in_flight(hanging_pool, tmp_path):
   assert len(list(tmp_path.iterdir())) == 2  # two children met
 
 
+def test_a_pool_whose_workers_cannot_start_scores_every_response_wrong():
+  pool = VerifierPool("no_such_module:score", workers=2, max_seconds=10.0)
+  s = rewards.score_responses(["Answer: 1"] * 3, [1] * 3, ["1"] * 3, _cfg("math_dapo", 0), pool)
+  assert s.errors == 3 and s.preds == ["[ERROR]"] * 3 and not any(m.running for m in pool.members)
+
+
 @pytest.mark.parametrize(
   "name",
   [

@@ -183,6 +183,8 @@ class VerifierPool:
 
   def _collect(self, busy, results) -> None:
     """Waits for the first reply or deadline; takes every reply ready, kills the late children."""
+    if not busy:  # every child given a request failed to start: nothing to wait for
+      return
     fds = {self.members[m].fd: m for m in busy}
     left = max(0.0, min(deadline for _, deadline in busy.values()) - time.monotonic())
     for fd in select.select(list(fds), [], [], left)[0]:
