@@ -2,6 +2,7 @@
 bounds each call on its own, and is refused below 0."""
 
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -163,3 +164,15 @@ def test_negative_reward_workers_through_the_cli_is_one_line_and_exit_2(tmp_path
     "trainer's process), got -1"
   ]
   assert not (tmp_path / "w").exists()
+
+
+def test_the_benchmark_compares_serial_and_pool_scoring():
+  res = subprocess.run(
+    [sys.executable, str(HERE.parent / "benchmarks/reward_pool.py"), "--n", "24", "--repeats", "1"],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["reward_fn"] == "math_dapo" and out["n"] == 24 and out["workers"] == 2
+  assert out["serial_s"] > 0 and out["pool_s"] > 0 and out["errors"] == 0
