@@ -102,7 +102,14 @@ def test_the_pool_has_several_calls_in_flight(hanging_pool, tmp_path):
   assert len(list(tmp_path.iterdir())) == 2  # two children met
 
 
-def test_a_pool_whose_workers_cannot_start_scores_every_response_wrong():
+def _no_process(*args, **kwargs):
+  raise OSError(11, "Resource temporarily unavailable")  # fork refused: too many processes
+
+
+@pytest.mark.parametrize("how", ["no ready line", "no process"])
+def test_a_pool_whose_workers_cannot_start_scores_every_response_wrong(how, monkeypatch):
+  if how == "no process":
+    monkeypatch.setattr(subprocess, "Popen", _no_process)
   pool = VerifierPool("no_such_module:score", workers=2, max_seconds=10.0)
   s = rewards.score_responses(["Answer: 1"] * 3, [1] * 3, ["1"] * 3, _cfg("math_dapo", 0), pool)
   assert s.errors == 3 and s.preds == ["[ERROR]"] * 3 and not any(m.running for m in pool.members)

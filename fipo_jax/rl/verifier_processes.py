@@ -160,12 +160,17 @@ class VerifierPool:
   def _dispatch(self, requests, todo, busy, results) -> None:
     """Gives each idle child the next request; children are started together."""
     idle = [m for m in range(len(self.members)) if m not in busy][: len(todo)]
-    starting = [m for m in idle if not self.members[m].running]
+    starting = {m: None for m in idle if not self.members[m].running}  # -> a failure to spawn
     for m in starting:
-      self.members[m]._spawn()
+      try:
+        self.members[m]._spawn()
+      except Exception as e:  # noqa: BLE001 -- e.g. out of processes: the response fails alone
+        starting[m] = e
     for m in idle:
       member, i = self.members[m], todo.popleft()
       try:
+        if starting.get(m) is not None:
+          raise starting[m]
         if m in starting:
           member._await_ready()
         response, ground_truth = requests[i]
