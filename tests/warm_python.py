@@ -48,7 +48,11 @@ PRELOAD = (
 
 def _preload() -> None:
   import importlib  # noqa: PLC0415
+  import logging  # noqa: PLC0415
 
+  # A module that logs at import (orbax) gives the root logger a stderr handler (basicConfig) when
+  # it has none; in a CLI run absl's handler is there by then. Kept, every line would print twice.
+  root, handlers = logging.getLogger(), list(logging.getLogger().handlers)
   for name in PRELOAD:
     importlib.import_module(name)
   import transformers  # noqa: PLC0415
@@ -57,6 +61,7 @@ def _preload() -> None:
   from fipo_jax import plots  # noqa: PLC0415
 
   plots.pyplot()  # matplotlib on Agg, as the end-of-run plots import it
+  root.handlers = handlers
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -116,12 +121,15 @@ def _child(req: dict) -> None:
     os._exit(code)
 
 
-def _serve() -> None:
-  _preload()
+def _serve(preload: bool) -> None:
+  if preload:
+    _preload()
   reply = os.fdopen(os.dup(1), "w", buffering=1)
   reply.write(json.dumps({"ready": True}) + "\n")
   for line in sys.stdin:
     req = json.loads(line)
+    for path in {req["out"], req["err"]}:  # there when the caller gets the pid
+      open(path, "w").close()  # noqa: SIM115
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -165,12 +173,13 @@ class Run:
 
 
 class WarmPython:
-  """A server for runs in environment `env` (the runs' environment: XLA_FLAGS, JAX_* ...)."""
+  """A server for runs in environment `env` (the runs' environment: XLA_FLAGS, JAX_* ...);
+  `preload=False` imports nothing ahead (tests of the server itself)."""
 
-  def __init__(self, env: dict[str, str]):
+  def __init__(self, env: dict[str, str], preload: bool = True):
     self._dir = pathlib.Path(tempfile.mkdtemp(prefix="warm_python_"))
     self._proc = subprocess.Popen(
-      [sys.executable, __file__],
+      [sys.executable, __file__, *([] if preload else ["--no_preload"])],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       env=env,
@@ -216,4 +225,4 @@ class WarmPython:
 
 
 if __name__ == "__main__":
-  _serve()
+  _serve(preload="--no_preload" not in sys.argv[1:])

@@ -1,0 +1,70 @@
+"""tests/warm_python.py runs a script or module as a fresh `python` would: argv, cwd, __main__,
+stdout and stderr, exit codes, signals, tracebacks, atexit handlers and fresh random seeds."""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+import warm_python
+
+SCRIPT = """
+import atexit, os, random, sys
+atexit.register(lambda: print("atexit ran"))
+print("argv", sys.argv[1:], "name", __name__, "cwd", os.getcwd(), "rand", random.random())
+print("to stderr", file=sys.stderr)
+if sys.argv[1:2] == ["raise"]:
+  raise ValueError("boom")
+if sys.argv[1:2] == ["message"]:
+  sys.exit("a message")
+if sys.argv[1:2] == ["sleep"]:
+  import time; time.sleep(60)
+sys.exit(int(sys.argv[1]) if sys.argv[1:] else 0)
+"""
+
+
+@pytest.fixture(scope="module")
+def warm():
+  server = warm_python.WarmPython(dict(os.environ), preload=False)
+  yield server
+  server.close()
+
+
+@pytest.fixture
+def script(tmp_path):
+  (tmp_path / "mod.py").write_text(SCRIPT)
+  return tmp_path / "mod.py"
+
+
+def test_a_script_and_a_module_run_as_main_with_their_argv_and_cwd(warm, script, tmp_path):
+  res = warm.run(script, "3", cwd="/")
+  assert res.returncode == 3, res.stderr
+  assert res.stdout.startswith("argv ['3'] name __main__ cwd / rand ")
+  assert res.stdout.endswith("atexit ran\n") and res.stderr == "to stderr\n"
+  res = warm.run("-m", "mod", "0", "x", cwd=tmp_path)  # found on the cwd, as `python -m` does
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.startswith(f"argv ['0', 'x'] name __main__ cwd {tmp_path} ")
+  assert res.args == [sys.executable, "-m", "mod", "0", "x"]
+
+
+def test_errors_and_exit_messages_as_the_interpreter_reports_them(warm, script):
+  res = warm.run(script, "raise", cwd="/")
+  assert res.returncode == 1
+  assert "Traceback (most recent call last)" in res.stderr
+  assert res.stderr.strip().endswith("ValueError: boom")
+  res = warm.run(script, "message", cwd="/")
+  assert res.returncode == 1 and res.stderr == "to stderr\na message\n"
+
+
+def test_merged_output_signals_and_fresh_random_seeds(warm, script):
+  run = warm.start(script, "sleep", cwd="/", merge_stderr=True)
+  deadline = time.time() + 60
+  while "to stderr" not in run.out.read_text() and time.time() < deadline:
+    time.sleep(0.01)
+  assert run.poll() is None
+  run.send_signal(signal.SIGKILL)
+  assert run.wait() == -signal.SIGKILL
+  assert "to stderr" in run.out.read_text() and run.err == run.out
+  draws = {warm.run(script, cwd="/").stdout.split("rand ")[1].split()[0] for _ in range(2)}
+  assert len(draws) == 2
