@@ -97,6 +97,9 @@ def _child(req: dict) -> None:
     import runpy  # noqa: PLC0415
 
     if argv[0] == "-m":
+      # As in a fresh interpreter the module runs as __main__ only (the server's import of it,
+      # if any, would make runpy warn that it is already imported).
+      sys.modules.pop(argv[1], None)
       sys.argv = [argv[1], *argv[2:]]
       sys.path[0] = os.getcwd()
       runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
