@@ -11,7 +11,6 @@ import sys
 
 import conftest
 import pytest
-import warm_python
 
 from fipo_jax import config as config_lib
 
@@ -115,12 +114,10 @@ def _main(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def warm():
+def warm(warm_server):
   """Runs of the CLIs forked from one process that has imported what they import
   (tests/warm_python.py): the other commands' runs, without ~10 CPU-s of imports each."""
-  server = warm_python.WarmPython(_env())
-  yield server
-  server.close()
+  return warm_server.with_env(_env())
 
 
 def _warm_main(warm, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import conftest
 import pytest
@@ -45,12 +46,12 @@ def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   return env
 
 
-def _cli(warm: warm_python.WarmPython, *args: str) -> subprocess.CompletedProcess:
+def _cli(warm: warm_python.WithEnv, *args: str) -> subprocess.CompletedProcess:
   """`python *args`, forked from the module's warm server (tests/warm_python.py)."""
   return warm.run(*args, cwd=ROOT)
 
 
-def _train(workdir: pathlib.Path, warm: warm_python.WarmPython) -> subprocess.CompletedProcess:
+def _train(workdir: pathlib.Path, warm: warm_python.WithEnv) -> subprocess.CompletedProcess:
   return _cli(warm, "-m", "fipo_jax.main", *ARGS, "--workdir", str(workdir))
 
 
@@ -78,20 +79,21 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def warm(cache_dir):
+def warm(cache_dir, warm_server):
   """The runs (trainer, eval, generate, export) fork from one process that has imported what
   they import: each skips ~10 CPU-s of imports (tests/warm_python.py)."""
-  server = warm_python.WarmPython(_env(cache_dir))
-  yield server
-  server.close()
+  return warm_server.with_env(_env(cache_dir))
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, warm) -> pathlib.Path:
-  """The uninterrupted run: metrics of steps 1-4, checkpoints 2, 3 and 4."""
+def base(tmp_path_factory, cache_dir) -> pathlib.Path:
+  """The uninterrupted run: metrics of steps 1-4, checkpoints 2, 3 and 4. A fresh interpreter,
+  unlike the warm runs compared with it: another hash seed (string sets iterate in another
+  order), so the comparisons also span processes that differ there."""
   workdir = tmp_path_factory.mktemp("base")
   conftest.write_tiny_cpu_sft_cache(workdir)
-  proc = _train(workdir, warm)
+  proc = subprocess.run([sys.executable, "-m", "fipo_jax.main", *ARGS, "--workdir", workdir],
+                        cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _metrics(workdir)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]

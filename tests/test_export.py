@@ -20,7 +20,6 @@ import pytest
 import tokenizers
 import torch
 import transformers
-import warm_python
 from conftest import QWEN_ENDOFTEXT, QWEN_IM_END
 from flax import nnx
 
@@ -37,12 +36,10 @@ MAX_NEW = 20  # tiny_cpu's max_response_length; "Answer: 4831" + EOS is 13 token
 
 
 @pytest.fixture(scope="module")
-def warm():
+def warm(warm_server):
   """The CLI runs fork from one process that has imported what they import (this process's
   environment): each skips ~10 CPU-s of imports (tests/warm_python.py)."""
-  server = warm_python.WarmPython(dict(os.environ))
-  yield server
-  server.close()
+  return warm_server.with_env(dict(os.environ))
 
 
 @pytest.fixture(scope="module")

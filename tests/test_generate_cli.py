@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import warm_python
 
 from fipo_jax import generate, models
 from fipo_jax.data import tokenizer as tokenizer_lib
@@ -33,12 +32,10 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def warm():
+def warm(warm_server):
   """The CLI runs fork from one process that has imported what they import (this process's
   environment): each skips ~10 CPU-s of imports (tests/warm_python.py)."""
-  server = warm_python.WarmPython(dict(os.environ))
-  yield server
-  server.close()
+  return warm_server.with_env(os.environ)
 
 
 def _read(path):

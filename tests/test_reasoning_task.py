@@ -9,7 +9,6 @@ import sys
 
 import conftest
 import pytest
-import warm_python
 
 from fipo_jax import config as config_lib
 from fipo_jax.data import synthetic
@@ -86,12 +85,10 @@ def test_step0_eval_without_a_mixed_group_stops_the_run():
 
 
 @pytest.fixture(scope="module")
-def warm():
+def warm(warm_server):
   """The trainer runs fork from one process that has imported what they import: each skips ~10
   CPU-s of imports (tests/warm_python.py)."""
-  server = warm_python.WarmPython(conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS))
-  yield server
-  server.close()
+  return warm_server.with_env(conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS))
 
 
 def _main(warm, *args: str) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import padded_layout
 import pytest
-import warm_python
 
 from fipo_jax import config as config_lib
 from fipo_jax import models, recipes
@@ -24,13 +23,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def warm():
+def warm(warm_server):
   """The CLI runs fork from one process that has imported what they import: each skips ~10
   CPU-s of imports (tests/warm_python.py). JAX_LOG_COMPILES: a compile would show in stderr."""
   # One device: the mesh case below relies on it.
-  server = warm_python.WarmPython(conftest.child_env(JAX_LOG_COMPILES="1"))
-  yield server
-  server.close()
+  return warm_server.with_env(conftest.child_env(JAX_LOG_COMPILES="1"))
 
 
 def _main(warm, tmp_path, *overrides: str) -> subprocess.CompletedProcess:

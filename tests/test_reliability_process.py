@@ -21,6 +21,8 @@ import pathlib
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import conftest
@@ -48,7 +50,7 @@ def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   return env
 
 
-def _start(workdir: pathlib.Path, warm: warm_python.WarmPython, entry: tuple[str, ...] = MAIN,
+def _start(workdir: pathlib.Path, warm: warm_python.WithEnv, entry: tuple[str, ...] = MAIN,
            warm_start: pathlib.Path | None = None) -> warm_python.Run:
   """Starts a run in `workdir`, with `warm_start` (a WORKDIR/sft cache) copied there if given;
   its stdout and stderr go to one file."""
@@ -62,7 +64,7 @@ def _finish(proc: warm_python.Run) -> tuple[int, str]:
   return proc.returncode, proc.out.read_text()
 
 
-def _run(workdir: pathlib.Path, warm: warm_python.WarmPython, entry: tuple[str, ...] = MAIN,
+def _run(workdir: pathlib.Path, warm: warm_python.WithEnv, entry: tuple[str, ...] = MAIN,
          warm_start: pathlib.Path | None = None) -> tuple[int, str]:
   return _finish(_start(workdir, warm, entry, warm_start))
 
@@ -102,20 +104,21 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def warm(cache_dir):
+def warm(cache_dir, warm_server):
   """The server the runs are forked from (tests/warm_python.py)."""
-  server = warm_python.WarmPython(_env(cache_dir))
-  yield server
-  server.close()
+  return warm_server.with_env(_env(cache_dir))
 
 
 @pytest.fixture(scope="module")
-def reference_dir(tmp_path_factory, warm) -> pathlib.Path:
-  """The uninterrupted run's workdir (metrics.jsonl, its warm start in sft/)."""
+def reference_dir(tmp_path_factory, cache_dir) -> pathlib.Path:
+  """The uninterrupted run's workdir (metrics.jsonl, its warm start in sft/). A fresh
+  interpreter, unlike the warm runs compared with it: another hash seed (string sets iterate in
+  another order), so the comparisons also span processes that differ there."""
   workdir = tmp_path_factory.mktemp("reference")
   conftest.write_tiny_cpu_sft_cache(workdir)  # tiny_cpu's stored warm start: RL steps only
-  rc, err = _run(workdir, warm)
-  assert rc == 0, err[-3000:]
+  proc = subprocess.run([sys.executable, *MAIN, *ARGS, "--workdir", workdir], cwd=ROOT,
+                        env=_env(cache_dir), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 

@@ -1,5 +1,6 @@
 """tests/warm_python.py runs a script or module as a fresh `python` would: argv, cwd, __main__,
-stdout and stderr, exit codes, signals, tracebacks, atexit handlers and fresh random seeds."""
+stdout and stderr, exit codes, signals, tracebacks, atexit handlers, fresh random seeds, and its
+own environment (jax's JAX_* settings and XLA_FLAGS included)."""
 
 import os
 import signal
@@ -26,7 +27,7 @@ sys.exit(int(sys.argv[1]) if sys.argv[1:] else 0)
 
 @pytest.fixture(scope="module")
 def warm():
-  server = warm_python.WarmPython(dict(os.environ), preload=False)
+  server = warm_python.WarmPython(dict(os.environ), preload=("jax",))  # jax: as the CLIs' server
   yield server
   server.close()
 
@@ -68,3 +69,22 @@ def test_merged_output_signals_and_fresh_random_seeds(warm, script):
   assert "to stderr" in run.out.read_text() and run.err == run.out
   draws = {warm.run(script, cwd="/").stdout.split("rand ")[1].split()[0] for _ in range(2)}
   assert len(draws) == 2
+
+
+JIT = """
+import os, jax, jax.numpy as jnp
+print(jax.jit(lambda x: x + 1)(jnp.ones(2)).tolist(), jax.device_count(), os.environ.get("MINE"))
+"""
+
+
+def test_a_runs_environment_reaches_jax_and_xla(warm, tmp_path):
+  (tmp_path / "jit.py").write_text(JIT)
+  env = {**warm.env, "JAX_LOG_COMPILES": "1", "MINE": "x",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+  env.pop("PYTHONHASHSEED", None)
+  res = warm.run(tmp_path / "jit.py", cwd=tmp_path, env=env)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout == "[2.0, 2.0] 3 x\n" and "Compiling" in res.stderr
+  plain = {**warm.env, "JAX_LOG_COMPILES": "0", "XLA_FLAGS": ""}
+  res = warm.with_env(plain).run(tmp_path / "jit.py", cwd=tmp_path)
+  assert res.stdout == "[2.0, 2.0] 1 None\n" and "Compiling" not in res.stderr, res.stderr

@@ -7,7 +7,6 @@ import os
 
 import conftest
 import pytest
-import warm_python
 
 from fipo_jax import config as config_lib
 from fipo_jax.rl import warmstart
@@ -48,11 +47,9 @@ def test_cache_key_names_what_differs(tmp_path):
 
 
 @pytest.fixture
-def warm():
+def warm(warm_server):
   """Runs forked from one process that has imported what they import (tests/warm_python.py)."""
-  server = warm_python.WarmPython(conftest.child_env())  # one device
-  yield server
-  server.close()
+  return warm_server.with_env(conftest.child_env())  # one device
 
 
 @pytest.mark.slow

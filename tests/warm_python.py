@@ -6,13 +6,15 @@ A fresh interpreter spends about 10 CPU-s importing those before a CLI reads its
 the suite starts over a hundred of them. Forked from the server, a run skips that and is otherwise
 the CLI as a user runs it: the module runs as `__main__` (runpy, as `python -m` does) with its own
 argv, cwd, stdin (/dev/null), stdout and stderr, exit code (or the signal that killed it), fresh
-random seeds, and jax's backends, XLA_FLAGS and compilation cache set up in the run itself (the
-server imports jax but never starts a backend). What the server cannot give a run: different
-values of settings read at import time (JAX_* variables, e.g. JAX_LOG_COMPILES): start one server
-per environment (`WarmPython(env)`). README commands run verbatim stay real subprocesses.
+random seeds, its own environment, and jax's backends, XLA_FLAGS and compilation cache set up in
+the run itself (the server imports jax but never starts a backend). jax read its JAX_* settings
+when the server imported it: a run's JAX_* values that differ from the server's are set through
+jax.config instead. What runs of one server share: its string hash seed (a fresh interpreter
+draws its own), so a test that compares runs bit for bit keeps one of them a fresh interpreter.
+README commands run verbatim stay real subprocesses.
 
-Protocol (one JSON line each way): {"argv", "cwd", "out", "err"} -> {"pid"}, then {"rc"} when
-the run ends. One run at a time.
+Protocol (one JSON line each way): {"argv", "cwd", "out", "err", "env": what differs from the
+server's} -> {"pid"}, then {"rc"} when the run ends. One run at a time.
 """
 
 from __future__ import annotations
@@ -71,6 +73,28 @@ def _exit_code(e: SystemExit) -> int:
   return 1
 
 
+def _apply_env(env: dict) -> None:
+  """The run's environment where it differs from the server's (None: unset). XLA_FLAGS and most
+  variables are read after this; jax's own settings (JAX_*) were read when the server imported
+  jax, so those are set through jax.config, as jax would have read them."""
+  import jax  # noqa: PLC0415
+
+  for key, value in env.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+    name = key.lower()
+    if key.startswith("JAX_") and value is not None and hasattr(jax.config, name):
+      current = getattr(jax.config, name)
+      if isinstance(current, bool):
+        jax.config.update(name, value.lower() in ("1", "true", "yes", "on"))
+      elif isinstance(current, (int, float)):
+        jax.config.update(name, type(current)(value))
+      else:
+        jax.config.update(name, value)
+
+
 def _child(req: dict) -> None:
   """Runs the request as `python ARGV` would, in this forked process; never returns."""
   import random  # noqa: PLC0415
@@ -91,6 +115,7 @@ def _child(req: dict) -> None:
     sys.stdin = open(0, closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (block-buffered, as to a file)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    _apply_env(req.get("env") or {})
     random.seed()
     np.random.seed()
     argv = req["argv"]
@@ -124,9 +149,16 @@ def _child(req: dict) -> None:
     os._exit(code)
 
 
-def _serve(preload: bool) -> None:
-  if preload:
+def _serve(modules: str | None) -> None:
+  """Serves runs; `modules`: what to import ahead (None: the CLIs' imports, PRELOAD), as a
+  comma-separated list ("": nothing)."""
+  if modules is None:
     _preload()
+  else:
+    import importlib  # noqa: PLC0415
+
+    for name in filter(None, modules.split(",")):
+      importlib.import_module(name)
   reply = os.fdopen(os.dup(1), "w", buffering=1)
   reply.write(json.dumps({"ready": True}) + "\n")
   for line in sys.stdin:
@@ -176,13 +208,15 @@ class Run:
 
 
 class WarmPython:
-  """A server for runs in environment `env` (the runs' environment: XLA_FLAGS, JAX_* ...);
-  `preload=False` imports nothing ahead (tests of the server itself)."""
+  """A server of runs (by default in its environment `env`); `preload`: the modules it imports
+  ahead (default: what the CLIs import; tests of the server itself take fewer)."""
 
-  def __init__(self, env: dict[str, str], preload: bool = True):
+  def __init__(self, env: dict[str, str], preload: tuple[str, ...] | None = None):
+    self.env = dict(env)
     self._dir = pathlib.Path(tempfile.mkdtemp(prefix="warm_python_"))
+    flag = [] if preload is None else [f"--preload={','.join(preload)}"]
     self._proc = subprocess.Popen(
-      [sys.executable, __file__, *([] if preload else ["--no_preload"])],
+      [sys.executable, __file__, *flag],
       stdin=subprocess.PIPE,
       stdout=subprocess.PIPE,
       env=env,
@@ -206,20 +240,36 @@ class WarmPython:
       raise RuntimeError(f"the warm_python server exited (rc={self._proc.wait()})")
     return reply
 
-  def start(self, *argv, cwd, merge_stderr: bool = False) -> Run:
-    """Starts `python *argv` (argv: "-m", module, args... or script, args...) in `cwd`; its
-    stdout and stderr go to files (Run.out, Run.err: the same file with `merge_stderr`)."""
+  def start(self, *argv, cwd, merge_stderr: bool = False, env: dict | None = None) -> Run:
+    """Starts `python *argv` (argv: "-m", module, args... or script, args...) in `cwd`, in
+    environment `env` (default: the server's); its stdout and stderr go to files (Run.out,
+    Run.err: the same file with `merge_stderr`)."""
     self._count += 1
     out, err = (self._dir / f"{self._count}.{k}" for k in ("out", "err"))
     err = out if merge_stderr else err
-    req = {"argv": [str(a) for a in argv], "cwd": str(cwd), "out": str(out), "err": str(err)}
+    diff = (
+      {}
+      if env is None
+      else {k: env.get(k) for k in {*env, *self.env} if env.get(k) != self.env.get(k)}
+    )
+    req = {
+      "argv": [str(a) for a in argv],
+      "cwd": str(cwd),
+      "out": str(out),
+      "err": str(err),
+      "env": diff,
+    }
     self._proc.stdin.write(json.dumps(req) + "\n")
     self._proc.stdin.flush()
     return Run(self, out, err)
 
-  def run(self, *argv, cwd) -> subprocess.CompletedProcess:
-    """`subprocess.run([python, *argv], cwd=cwd, capture_output=True, text=True)`, warm."""
-    return self.start(*argv, cwd=cwd).result([sys.executable, *map(str, argv)])
+  def run(self, *argv, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`subprocess.run([python, *argv], cwd=cwd, env=env, capture_output=True, text=True)`."""
+    return self.start(*argv, cwd=cwd, env=env).result([sys.executable, *map(str, argv)])
+
+  def with_env(self, env: dict[str, str]) -> WithEnv:
+    """This server's runs in environment `env` (one server serves a test run's files)."""
+    return WithEnv(self, dict(env))
 
   def close(self) -> None:
     self._proc.stdin.close()
@@ -227,5 +277,18 @@ class WarmPython:
     shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class WithEnv:
+  """A server's `start` and `run` in one environment."""
+
+  def __init__(self, server: WarmPython, env: dict[str, str]):
+    self.server, self.env = server, env
+
+  def start(self, *argv, cwd, merge_stderr: bool = False) -> Run:
+    return self.server.start(*argv, cwd=cwd, merge_stderr=merge_stderr, env=self.env)
+
+  def run(self, *argv, cwd) -> subprocess.CompletedProcess:
+    return self.server.run(*argv, cwd=cwd, env=self.env)
+
+
 if __name__ == "__main__":
-  _serve(preload="--no_preload" not in sys.argv[1:])
+  _serve(sys.argv[1].removeprefix("--preload=") if sys.argv[1:] else None)
