@@ -88,3 +88,9 @@ def test_a_runs_environment_reaches_jax_and_xla(warm, tmp_path):
   plain = {**warm.env, "JAX_LOG_COMPILES": "0", "XLA_FLAGS": ""}
   res = warm.with_env(plain).run(tmp_path / "jit.py", cwd=tmp_path)
   assert res.stdout == "[2.0, 2.0] 1 None\n" and "Compiling" not in res.stderr, res.stderr
+
+
+def test_a_run_left_behind_is_killed_before_the_next(warm, script):
+  left = warm.start(script, "sleep", cwd="/")  # its test failed before waiting, say
+  res = warm.run(script, "4", cwd="/")
+  assert res.returncode == 4 and left.returncode == -signal.SIGKILL

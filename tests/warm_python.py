@@ -24,6 +24,7 @@ import os
 import pathlib
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -228,6 +229,7 @@ class WarmPython:
     if not self._reply(timeout=600).get("ready"):
       raise RuntimeError("warm_python server did not start")
     self._count = 0
+    self._current: Run | None = None
 
   def _read(self) -> None:
     for line in self._proc.stdout:
@@ -244,6 +246,10 @@ class WarmPython:
     """Starts `python *argv` (argv: "-m", module, args... or script, args...) in `cwd`, in
     environment `env` (default: the server's); its stdout and stderr go to files (Run.out,
     Run.err: the same file with `merge_stderr`)."""
+    if self._current is not None and self._current.poll() is None:
+      # A run its test left behind (it failed before waiting): its exit reply comes first.
+      self._current.send_signal(signal.SIGKILL)
+      self._current.wait()
     self._count += 1
     out, err = (self._dir / f"{self._count}.{k}" for k in ("out", "err"))
     err = out if merge_stderr else err
@@ -261,7 +267,8 @@ class WarmPython:
     }
     self._proc.stdin.write(json.dumps(req) + "\n")
     self._proc.stdin.flush()
-    return Run(self, out, err)
+    self._current = Run(self, out, err)
+    return self._current
 
   def run(self, *argv, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run([python, *argv], cwd=cwd, env=env, capture_output=True, text=True)`."""
@@ -272,6 +279,8 @@ class WarmPython:
     return WithEnv(self, dict(env))
 
   def close(self) -> None:
+    if self._current is not None and self._current.poll() is None:
+      self._current.send_signal(signal.SIGKILL)
     self._proc.stdin.close()
     self._proc.wait()
     shutil.rmtree(self._dir, ignore_errors=True)
