@@ -234,3 +234,15 @@ def write_tiny_cpu_sft_cache(workdir) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(str(pathlib.Path(workdir) / "sft"), tree)
   ckptr.wait_until_finished()
+
+
+@pytest.fixture(scope="session")
+def warm_server():
+  """The server that test files' CLI runs fork from (tests/warm_python.py), one per xdist
+  worker: it imports what the CLIs import once, and each run skips ~10 CPU-s of imports. A file
+  takes its runs' environment with `warm_server.with_env(env)`."""
+  import warm_python  # noqa: PLC0415
+
+  server = warm_python.WarmPython(child_env())
+  yield server
+  server.close()

@@ -103,14 +103,25 @@ def test_data_files_from_the_command_line(value, files, run_dir):
   assert rc.data.train_files == rc.data.val_files == files
 
 
-def _cli(module: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+def _env() -> dict[str, str]:
+  return conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
+
+
+def _main(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+  """A fresh `python -m fipo_jax.main` (the README's commands, verbatim)."""
+  return subprocess.run([sys.executable, "-m", "fipo_jax.main", *args], cwd=cwd, env=_env(),
                         capture_output=True, text=True, check=False)
 
 
-def _main(*args: str, **kw) -> subprocess.CompletedProcess:
-  return _cli("fipo_jax.main", *args, **kw)
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """Runs of the CLIs forked from one process that has imported what they import
+  (tests/warm_python.py): the other commands' runs, without ~10 CPU-s of imports each."""
+  return warm_server.with_env(_env())
+
+
+def _warm_main(warm, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+  return warm.run("-m", "fipo_jax.main", *args, cwd=cwd)
 
 
 def test_readme_data_command_through_the_cli(run_dir):
@@ -143,40 +154,40 @@ TINY = ("--config", "configs/tiny_cpu.py", "--workdir")
    "rollout.mode='disaggregated' (a sampler on devices of its own), got mode 'sync'; leave it 0"),
 ])
 @pytest.mark.slow
-def test_config_errors_through_the_cli(override, line, tmp_path):
-  assert _one_line_error(_main(*TINY, str(tmp_path / "w"), override)) == line
+def test_config_errors_through_the_cli(override, line, tmp_path, warm):
+  assert _one_line_error(_warm_main(warm, *TINY, str(tmp_path / "w"), override)) == line
   assert not (tmp_path / "w").exists()
 
 
-def test_tiny_architecture_onto_a_model_dir_is_refused(run_dir):
+def test_tiny_architecture_onto_a_model_dir_is_refused(run_dir, warm):
   """tiny_cpu's model.overrides define a tiny architecture: not onto an HF directory's weights."""
   args = _local([*TINY, "w", "--config.model.hf_dir=/models/Qwen2.5-0.5B"], run_dir)
-  line = _one_line_error(_main(*args, cwd=run_dir))
+  line = _one_line_error(_warm_main(warm, *args, cwd=run_dir))
   assert re.match(r"config error: model.overrides: \w+=\d+ would change the architecture of "
                   r"model.hf_dir \S+/models/Qwen2.5-0.5B \(its config.json defines it\)", line)
 
 
-def test_a_list_in_a_users_config_file_is_named(run_dir):
+def test_a_list_in_a_users_config_file_is_named(run_dir, warm):
   """config_flags cannot override a list field: the line says which, and the fix."""
   (run_dir / "mine.py").write_text(  # written from scratch (a recipe's tuple would take a list)
     "import ml_collections\n\n\ndef get_config():\n"
     "  return ml_collections.ConfigDict({'data': {'train_files': ['a.parquet']}})\n")
-  line = _one_line_error(_main("--config", "mine.py", "--workdir", "w",
-                               "--config.data.train_files=b.parquet", cwd=run_dir))
+  line = _one_line_error(_warm_main(warm, "--config", "mine.py", "--workdir", "w",
+                                    "--config.data.train_files=b.parquet", cwd=run_dir))
   assert line == ("config error: data.train_files: the config file sets a list, which a --config "
                   "override cannot replace; make it a tuple there, e.g. ('a.parquet',)")
 
 
 @pytest.mark.parametrize("empty", ["", "[]"])
 @pytest.mark.slow
-def test_no_val_files_with_evals_is_refused(empty, run_dir):
+def test_no_val_files_with_evals_is_refused(empty, run_dir, warm):
   args = _local(["--config", "configs/fipo_qwen2_5_7b_math.py", "--workdir", "w",
                  "--config.model.hf_dir=/models/Qwen2.5-Math-7B",
                  "--config.data.train_files=data/dapo-math-17k.parquet",
                  f"--config.data.val_files={empty}"], run_dir)
-  assert _one_line_error(_main(*args, cwd=run_dir)).startswith(
+  assert _one_line_error(_warm_main(warm, *args, cwd=run_dir)).startswith(
     "config error: data.val_files: is empty but eval_every=5 evaluates on it")
-  res = _main(*args, "--config.eval_every=0", "--validate_only", cwd=run_dir)  # no evals: fine
+  res = _warm_main(warm, *args, "--config.eval_every=0", "--validate_only", cwd=run_dir)  # fine
   assert res.returncode == 0 and json.loads(res.stdout)["data"]["val_files"] == [], res.stderr
 
 
@@ -225,7 +236,7 @@ def test_tiny_cpu_runlocal_updates(tmp_path):
 
 
 @pytest.mark.slow
-def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tmp_path):
+def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tmp_path, warm):
   """A recipe's :runlocal on an HF directory and DAPO-schema files trains on that model, and
   export reads the workdir (its checkpoint has the directory's shapes). eval and generate load
   a checkpoint through the same `policy.load_policy` (tests/test_export.py runs them on one)."""
@@ -234,15 +245,15 @@ def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tm
   # One step of one sampling round of 8 prompts (a random model scores 0: the update is
   # skipped either way), and eval without top-p: top-p sorts the 151936-token vocabulary at
   # every decode step, about a second per step on a CPU.
-  res = _main("--config", "configs/fipo_qwen2_5_7b_math.py:runlocal", "--workdir", str(w),
-              f"--config.model.hf_dir={qwen_model_dir}", f"--config.data.train_files={train}",
-              f"--config.data.val_files={val}", "--config.total_steps=1",
-              "--config.rl.gen_batch_size=8", "--config.rl.max_num_gen_batches=1",
-              "--config.eval.top_p=1.0")
+  res = _warm_main(warm, "--config", "configs/fipo_qwen2_5_7b_math.py:runlocal", "--workdir",
+                   str(w), f"--config.model.hf_dir={qwen_model_dir}",
+                   f"--config.data.train_files={train}", f"--config.data.val_files={val}",
+                   "--config.total_steps=1", "--config.rl.gen_batch_size=8",
+                   "--config.rl.max_num_gen_batches=1", "--config.eval.top_p=1.0")
   assert res.returncode == 0, res.stderr[-3000:]
   assert [m["step"] for m in _metrics(w)] == [0, 1]
   assert all(m["eval/num_prompts"] == 2 for m in _metrics(w))
-  res = _cli("fipo_jax.export", "--checkpoint", str(w), "--out", str(tmp_path / "hf"))
+  res = warm.run("-m", "fipo_jax.export", "--checkpoint", w, "--out", tmp_path / "hf", cwd=ROOT)
   assert res.returncode == 0, res.stderr[-3000:]
   exported = json.loads((tmp_path / "hf" / "config.json").read_text())
   source = json.loads((qwen_model_dir / "config.json").read_text())

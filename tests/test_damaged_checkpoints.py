@@ -21,6 +21,7 @@ import sys
 
 import conftest
 import pytest
+import warm_python
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +46,13 @@ def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   return env
 
 
-def _cli(cache_dir: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(cache_dir),
-                        capture_output=True, text=True)
+def _cli(warm: warm_python.WithEnv, *args: str) -> subprocess.CompletedProcess:
+  """`python *args`, forked from the module's warm server (tests/warm_python.py)."""
+  return warm.run(*args, cwd=ROOT)
 
 
-def _train(workdir: pathlib.Path, cache_dir: pathlib.Path) -> subprocess.CompletedProcess:
-  return _cli(cache_dir, "-m", "fipo_jax.main", *ARGS, "--workdir", str(workdir))
+def _train(workdir: pathlib.Path, warm: warm_python.WithEnv) -> subprocess.CompletedProcess:
+  return _cli(warm, "-m", "fipo_jax.main", *ARGS, "--workdir", str(workdir))
 
 
 def _metrics(workdir: pathlib.Path) -> list[dict]:
@@ -78,11 +79,21 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
+def warm(cache_dir, warm_server):
+  """The runs (trainer, eval, generate, export) fork from one process that has imported what
+  they import: each skips ~10 CPU-s of imports (tests/warm_python.py)."""
+  return warm_server.with_env(_env(cache_dir))
+
+
+@pytest.fixture(scope="module")
 def base(tmp_path_factory, cache_dir) -> pathlib.Path:
-  """The uninterrupted run: metrics of steps 1-4, checkpoints 2, 3 and 4."""
+  """The uninterrupted run: metrics of steps 1-4, checkpoints 2, 3 and 4. A fresh interpreter,
+  unlike the warm runs compared with it: another hash seed (string sets iterate in another
+  order), so the comparisons also span processes that differ there."""
   workdir = tmp_path_factory.mktemp("base")
   conftest.write_tiny_cpu_sft_cache(workdir)
-  proc = _train(workdir, cache_dir)
+  proc = subprocess.run([sys.executable, "-m", "fipo_jax.main", *ARGS, "--workdir", workdir],
+                        cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = _metrics(workdir)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -141,13 +152,13 @@ def _assert_redone(workdir: pathlib.Path, base: pathlib.Path) -> list[int | None
   return counts
 
 
-def test_resume_falls_back_past_damaged_checkpoints(tmp_path, cache_dir, base):
+def test_resume_falls_back_past_damaged_checkpoints(tmp_path, warm, base):
   workdir = _copy(base, tmp_path / "run")
   ckpts = workdir / "checkpoints"
   _truncate_data_file(ckpts / "4")
   _delete_subtree(ckpts / "3")
 
-  proc = _train(workdir, cache_dir)
+  proc = _train(workdir, warm)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   warned = _warnings(proc.stderr)
@@ -159,7 +170,7 @@ def test_resume_falls_back_past_damaged_checkpoints(tmp_path, cache_dir, base):
 
   # Again in the same workdir: the count carried by step 3's checkpoint grows across resumes.
   _empty_metadata(ckpts / "4")
-  proc = _train(workdir, cache_dir)
+  proc = _train(workdir, warm)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert set(_warnings(proc.stderr)) == {4}
   assert "resumed from step 3" in proc.stderr
@@ -167,14 +178,14 @@ def test_resume_falls_back_past_damaged_checkpoints(tmp_path, cache_dir, base):
   assert _assert_redone(workdir, base) == [None, None, 2, 3]
 
 
-def test_no_restorable_checkpoint_stops_with_exit_2(tmp_path, cache_dir, base):
+def test_no_restorable_checkpoint_stops_with_exit_2(tmp_path, warm, base):
   workdir = _copy(base, tmp_path / "run")
   _delete_data_file(workdir / "checkpoints" / "2")
   _empty_metadata(workdir / "checkpoints" / "3")
   _truncate_data_file(workdir / "checkpoints" / "4")
   before = (workdir / "metrics.jsonl").read_text()
 
-  proc = _train(workdir, cache_dir)
+  proc = _train(workdir, warm)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   lines = _error_lines(proc.stderr)
@@ -209,7 +220,7 @@ def _assert_one_line_naming_step_4(proc: subprocess.CompletedProcess, tool: str)
   assert "cannot be read" in lines[0] and "--step K (kept: 2, 3)" in lines[0]
 
 
-def test_eval_generate_export_name_the_damaged_step_and_take_another(tmp_path, cache_dir,
+def test_eval_generate_export_name_the_damaged_step_and_take_another(tmp_path, warm,
                                                                     damaged):
   val = damaged / "data" / "synthetic_val.jsonl"
   assert val.is_file()
@@ -223,10 +234,10 @@ def test_eval_generate_export_name_the_damaged_step_and_take_another(tmp_path, c
                str(tmp_path / "hf")),
   }
   for tool, args in runs.items():
-    _assert_one_line_naming_step_4(_cli(cache_dir, *args), tool)
+    _assert_one_line_naming_step_4(_cli(warm, *args), tool)
   assert _steps(damaged) == ["2", "3", "4"]  # readers move nothing
   for tool in ("generate", "export"):  # the way out the message names (eval's --step is the
-    proc = _cli(cache_dir, *runs[tool], "--step=3")  # same load_policy argument)
+    proc = _cli(warm, *runs[tool], "--step=3")  # same load_policy argument)
     assert proc.returncode == 0, f"{tool}: {proc.stderr[-3000:]}"
   assert (tmp_path / "out.jsonl").read_text().count("\n") == 1
   assert (tmp_path / "hf" / "config.json").is_file()

@@ -9,6 +9,7 @@ fixture gets the same round trip. Bad inputs to export and eval exit 2 with one 
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,9 +35,17 @@ PROMPTS = ["Q: copy 4831=", "Q: copy 1234=", "Q: copy 9070="]  # 13 tokens each
 MAX_NEW = 20  # tiny_cpu's max_response_length; "Answer: 4831" + EOS is 13 tokens
 
 
-def _cli(module: str, *args) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", module, *map(str, args)]
-  return subprocess.run(cmd, capture_output=True, text=True, check=False)
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """The CLI runs fork from one process that has imported what they import (this process's
+  environment): each skips ~10 CPU-s of imports (tests/warm_python.py)."""
+  return warm_server.with_env(dict(os.environ))
+
+
+@pytest.fixture(scope="module")
+def cli(warm):
+  """`python -m MODULE ARGS` as a `subprocess.CompletedProcess`."""
+  return lambda module, *args: warm.run("-m", module, *args, cwd=os.getcwd())
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +68,9 @@ def workdir(tmp_path_factory, testdata):
 
 
 @pytest.fixture(scope="module")
-def exported(workdir, tmp_path_factory):
+def exported(workdir, tmp_path_factory, cli):
   out = tmp_path_factory.mktemp("export") / "hf"
-  proc = _cli("fipo_jax.export", "--checkpoint", workdir, "--out", out)
+  proc = cli("fipo_jax.export", "--checkpoint", workdir, "--out", out)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return out
 
@@ -129,13 +138,13 @@ def test_generate_uses_the_runs_prompt_format(source, workdir, exported, our_gre
 
 
 @pytest.mark.slow  # two eval processes (~60 s on 2 cores)
-def test_eval_of_the_export_scores_like_the_checkpoint(workdir, exported, tmp_path):
+def test_eval_of_the_export_scores_like_the_checkpoint(workdir, exported, tmp_path, cli):
   data = verl.write_jsonl(str(tmp_path / "val.jsonl"), synthetic.make_rows(
     8, seed=1, min_digits=4, max_digits=4, kind="copy", split="test"))
   flags = ["--data", data, "--n", "1", "--temperature", "0"]  # format, lengths: the run's
   results = []
   for src in (["--checkpoint", workdir], ["--hf_dir", exported]):
-    proc = _cli("fipo_jax.eval", *src, *flags, "--output", tmp_path / "r.json")
+    proc = cli("fipo_jax.eval", *src, *flags, "--output", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results.append(json.loads((tmp_path / "r.json").read_text()))
   ckpt, hf = results
@@ -145,7 +154,7 @@ def test_eval_of_the_export_scores_like_the_checkpoint(workdir, exported, tmp_pa
 
 
 @pytest.mark.slow  # two eval processes (~60 s on 2 cores)
-def test_eval_scores_with_the_runs_reward_fn(workdir, tmp_path):
+def test_eval_scores_with_the_runs_reward_fn(workdir, tmp_path, cli):
   """Ground truths written "4831.0": math_dapo compares strings (every "Answer: 4831" wrong),
   math_verify numbers. eval --checkpoint of a run with rl.reward_fn=math_verify uses it."""
   verify_run = tmp_path / "verify_run"
@@ -159,8 +168,8 @@ def test_eval_scores_with_the_runs_reward_fn(workdir, tmp_path):
   data = verl.write_jsonl(str(tmp_path / "val.jsonl"), rows)
   acc = {}
   for name, run in (("math_dapo", workdir), ("math_verify", verify_run)):
-    proc = _cli("fipo_jax.eval", "--checkpoint", run, "--data", data, "--n", "1",
-                "--temperature", "0", "--output", tmp_path / f"{name}.json")
+    proc = cli("fipo_jax.eval", "--checkpoint", run, "--data", data, "--n", "1",
+               "--temperature", "0", "--output", tmp_path / f"{name}.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc[name] = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]["eval/acc_mean"]
   assert acc["math_dapo"] == 0.0 < acc["math_verify"]
@@ -181,11 +190,11 @@ def _word_level_tokenizer(out_dir):
 
 
 @pytest.mark.slow
-def test_export_refuses_a_tokenizer_transformers_would_load_differently(workdir, tmp_path):
+def test_export_refuses_a_tokenizer_transformers_would_load_differently(workdir, tmp_path, cli):
   old = shutil.copytree(workdir, tmp_path / "old_run")
   shutil.rmtree(old / "tokenizer")
   _word_level_tokenizer(old / "tokenizer")
-  proc = _cli("fipo_jax.export", "--checkpoint", old, "--out", tmp_path / "hf")
+  proc = cli("fipo_jax.export", "--checkpoint", old, "--out", tmp_path / "hf")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   (line,) = proc.stderr.strip().splitlines()
   assert line.startswith(f"export: {tmp_path / 'hf'} was written but its tokenizer is wrong: ")
@@ -193,7 +202,7 @@ def test_export_refuses_a_tokenizer_transformers_would_load_differently(workdir,
   # The fix the message gives: rebuild the character tokenizer (same ids); then export works.
   fix = line.split("with python -c ")[1].removesuffix(")").strip('"')
   assert subprocess.run([sys.executable, "-c", fix], check=False).returncode == 0
-  assert _cli("fipo_jax.export", "--checkpoint", old, "--out", tmp_path / "hf").returncode == 0
+  assert cli("fipo_jax.export", "--checkpoint", old, "--out", tmp_path / "hf").returncode == 0
 
 
 @pytest.mark.slow
@@ -229,7 +238,7 @@ def test_qwen2_5_export_round_trip(qwen_model_dir, tmp_path):
 
 @pytest.mark.parametrize("tool", ["export", "eval"])
 @pytest.mark.slow
-def test_bad_inputs_exit_2_with_one_line(tool, workdir, tmp_path):
+def test_bad_inputs_exit_2_with_one_line(tool, workdir, tmp_path, cli):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   nope = tmp_path / "nope"
@@ -244,7 +253,7 @@ def test_bad_inputs_exit_2_with_one_line(tool, workdir, tmp_path):
               f"eval: no rows in {empty} (empty data file)")],
   }[tool]
   for args, want in cases:
-    proc = _cli(f"fipo_jax.{tool}", *args)
+    proc = cli(f"fipo_jax.{tool}", *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [want]
   assert not (tmp_path / "o").exists()

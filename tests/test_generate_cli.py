@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,21 +31,28 @@ def model_dirs(tmp_path_factory):
   return with_tok, bare
 
 
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """The CLI runs fork from one process that has imported what they import (this process's
+  environment): each skips ~10 CPU-s of imports (tests/warm_python.py)."""
+  return warm_server.with_env(os.environ)
+
+
 def _read(path):
   return [json.loads(line) for line in open(path)]
 
 
 @pytest.mark.slow
-def test_cli_text_prompts_with_chat_template_by_default_greedy(model_dirs, tmp_path):
+def test_cli_text_prompts_with_chat_template_by_default_greedy(model_dirs, tmp_path, warm):
   hf_dir, _ = model_dirs
   prompts_file = tmp_path / "in.jsonl"
   prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _PROMPTS))
   out = tmp_path / "out.jsonl"
   # No --chat flag: the chat template by default, as in the trainer and eval.
-  cmd = [sys.executable, "-m", "fipo_jax.generate", "--hf_dir", str(hf_dir), "--prompts_file",
+  cmd = ["-m", "fipo_jax.generate", "--hf_dir", str(hf_dir), "--prompts_file",
          str(prompts_file), "--output", str(out), "--n", "2", "--max_new_tokens", "8",
          "--temperature", "0"]  # fmt: skip
-  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
+  proc = warm.run(*cmd, cwd=os.getcwd())
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "tok/s" in proc.stderr
   rows = _read(out)
@@ -149,13 +154,12 @@ def test_bad_rows_are_refused_by_row(model_dirs, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("generate: ") and want in err[0], err
 
 
-def _run_cli(*args):
-  cmd = [sys.executable, "-m", "fipo_jax.generate", *map(str, args)]
-  return subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run_cli(warm, *args):
+  return warm.run("-m", "fipo_jax.generate", *args, cwd=os.getcwd())
 
 
 @pytest.mark.slow
-def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
+def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path, warm):
   _, bare = model_dirs
   ids_file = _write_jsonl(tmp_path / "ids.jsonl", [{"prompt_ids": [1, 2]}])
   empty = tmp_path / "empty.jsonl"
@@ -175,14 +179,14 @@ def test_cli_bad_inputs_exit_2_with_one_line(model_dirs, tmp_path):
       f"generate: no rows in {empty} (empty data file)",
     ),
   ]:
-    proc = _run_cli(*args, "--output", out)
+    proc = _run_cli(warm, *args, "--output", out)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [want]
     assert not out.exists()
 
 
 @pytest.mark.slow
-def test_top_k_off_is_minus_one_and_zero_is_refused(model_dirs, tmp_path, capsys):
+def test_top_k_off_is_minus_one_and_zero_is_refused(model_dirs, tmp_path, capsys, warm):
   """One "off" value for top-k (-1, as in the configs) in generate and eval: 0 exits 2."""
   _, bare = model_dirs
   ids_file = _write_jsonl(tmp_path / "ids.jsonl", [{"prompt_ids": [1, 2]}])
@@ -197,8 +201,7 @@ def test_top_k_off_is_minus_one_and_zero_is_refused(model_dirs, tmp_path, capsys
   assert e.value.code == 2
   assert capsys.readouterr().err.strip().splitlines() == [
     "generate: top_k must be -1 (off) or > 0, got 0"]
-  cmd = [sys.executable, "-m", "fipo_jax.eval", "--hf_dir", str(bare), "--data", str(ids_file),
-         "--top_k", "0"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  proc = warm.run("-m", "fipo_jax.eval", "--hf_dir", bare, "--data", ids_file, "--top_k", "0",
+                  cwd=os.getcwd())
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == ["eval: top_k must be -1 (off) or > 0, got 0"]

@@ -11,8 +11,6 @@ import functools
 import json
 import math
 import pathlib
-import subprocess
-import sys
 import types
 
 import conftest
@@ -317,11 +315,11 @@ def test_aot_counts_the_reference_params():
 
 
 @pytest.mark.slow  # two CLI runs of the tiny GRPO recipe: ~1.5 min on 2 busy cores
-def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
-  env = conftest.child_env()
+def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path, warm_server):
+  # Both runs fork from the test run's warm server (conftest.py, tests/warm_python.py).
+  warm = warm_server.with_env(conftest.child_env())
   work = tmp_path / "w"
   cmd = [
-    sys.executable,
     "-m",
     "fipo_jax.main",
     "--config",
@@ -330,7 +328,7 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
     str(work),
     "--config.eval_every=0",  # not what this checks (test_config_cli's runlocal runs evaluate)
   ]
-  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  res = warm.run(*cmd, cwd=ROOT)
   assert res.returncode == 0, res.stderr[-3000:]
   rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
   trained = [r for r in rows if "actor/loss" in r]
@@ -347,14 +345,7 @@ def test_grpo_recipe_runlocal_runs_with_kl_and_resumes(tmp_path):
     "opt_state",
     "params",
   ]
-  res = subprocess.run(
-    cmd + ["--config.total_steps=3"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  res = warm.run(*cmd, "--config.total_steps=3", cwd=ROOT)
   assert res.returncode == 0, res.stderr[-3000:]
   last = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["step"] == 3 and last["actor/kl_loss"] > 0.0

@@ -84,15 +84,15 @@ def test_step0_eval_without_a_mixed_group_stops_the_run():
   trainer._check_mixed_eval(rc, {"eval/acc_mean": 0.5, f"eval/pass@{n}": 0.75}, probe=never)
 
 
-def _main(*args: str) -> subprocess.CompletedProcess:
-  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)
-  return subprocess.run(
-    [sys.executable, "-m", "fipo_jax.main", *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-  )
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """The trainer runs fork from one process that has imported what they import: each skips ~10
+  CPU-s of imports (tests/warm_python.py)."""
+  return warm_server.with_env(conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS))
+
+
+def _main(warm, *args: str) -> subprocess.CompletedProcess:
+  return warm.run("-m", "fipo_jax.main", *args, cwd=ROOT)
 
 
 def _readme_command_1() -> list[str]:
@@ -107,11 +107,11 @@ def _readme_command_1() -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_command_with_a_cut_warm_start_exits_2_in_one_line(tmp_path):
+def test_readme_command_with_a_cut_warm_start_exits_2_in_one_line(tmp_path, warm):
   argv = _readme_command_1()
   assert argv[:2] == ["--config", "configs/reasoning_cpu.py"]
   argv[argv.index("--workdir") + 1] = str(tmp_path / "w")
-  res = _main(*argv, "--config.sft.steps=3")
+  res = _main(warm, *argv, "--config.sft.steps=3")
   assert res.returncode == 2, res.stderr[-3000:]
   # The progress bars (carriage returns) aside, stderr is one line.
   lines = [ln for ln in re.split(r"[\r\n]", res.stderr)
@@ -122,17 +122,18 @@ def test_readme_command_with_a_cut_warm_start_exits_2_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_mixed_group_stops_with_a_checkpoint(tmp_path):
+def test_no_mixed_group_stops_with_a_checkpoint(tmp_path, warm):
   """An untrained model finds no mixed group: at the step-0 eval, and (eval off) in step 1."""
   common = ("--config", "configs/tiny_cpu.py:runlocal", "--config.sft.steps=0")
-  res = _main(*common, "--workdir", str(tmp_path / "a"))
+  res = _main(warm, *common, "--workdir", str(tmp_path / "a"))
   assert res.returncode == 2, res.stderr[-3000:]
   assert res.stderr.strip().splitlines()[-1].startswith("cannot learn: the step-0 eval has no")
   assert not (tmp_path / "a" / "checkpoints").exists() or not any(
     (tmp_path / "a" / "checkpoints").iterdir()
   )
   res = _main(
-    *common, "--workdir", str(tmp_path / "b"), "--config.eval_every=0", "--config.total_steps=5"
+    warm, *common, "--workdir", str(tmp_path / "b"), "--config.eval_every=0",
+    "--config.total_steps=5"
   )
   assert res.returncode == 2, res.stderr[-3000:]
   last = res.stderr.strip().splitlines()[-1]

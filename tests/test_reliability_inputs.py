@@ -7,7 +7,6 @@ import json
 import pathlib
 import re
 import subprocess
-import sys
 
 import conftest
 import jax
@@ -23,12 +22,17 @@ from fipo_jax.rl import optimizer, rewards, steps
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _main(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-  env = conftest.child_env(JAX_LOG_COMPILES="1")  # one device: the mesh case below relies on it
-  return subprocess.run(
-    [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
-     "--workdir", str(tmp_path / "w"), *overrides],
-    cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """The CLI runs fork from one process that has imported what they import: each skips ~10
+  CPU-s of imports (tests/warm_python.py). JAX_LOG_COMPILES: a compile would show in stderr."""
+  # One device: the mesh case below relies on it.
+  return warm_server.with_env(conftest.child_env(JAX_LOG_COMPILES="1"))
+
+
+def _main(warm, tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+  return warm.run("-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
+                  "--workdir", tmp_path / "w", *overrides, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -40,8 +44,8 @@ def _main(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
   (("--config.rl.clip_ratio_low=0.5", "--config.rl.clip_ratio_high=0.1"), "rl.clip_ratio_low"),
   (("--config.model.hf_dir=/nonexistent/model",), "model.hf_dir"),
 ])
-def test_bad_config_exits_2_with_one_line_before_compiling(tmp_path, overrides, field):
-  res = _main(tmp_path, *overrides)
+def test_bad_config_exits_2_with_one_line_before_compiling(tmp_path, overrides, field, warm):
+  res = _main(warm, tmp_path, *overrides)
   assert res.returncode == 2, res.stderr[-2000:]
   lines = [ln for ln in res.stderr.splitlines() if ln.startswith("config error:")]
   assert len(lines) == 1 and field in lines[0], res.stderr[-2000:]
@@ -84,7 +88,7 @@ def _recipe(tmp_path: pathlib.Path, train: str, val: str) -> str:
   ("too_long_with_error", r"setup error: PromptTooLongError: row 5 of \S*long.parquet .*prompt "
                           r"of 49 tokens > data.max_prompt_length=16 \(data.truncation='error'\)"),
 ])
-def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, message):
+def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, message, warm):
   good = _write_rows(tmp_path / "good.parquet")
   train, val, extra = good, good, []
   if case == "empty_train":
@@ -99,11 +103,8 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(tmp_path, case, messa
   workdir = tmp_path / "w"
   workdir.mkdir()
   (workdir / "notes.txt").write_text("mine")
-  env = conftest.child_env(JAX_LOG_COMPILES="1")
-  res = subprocess.run(
-    [sys.executable, "-m", "fipo_jax.main", "--config", _recipe(tmp_path, train, val),
-     "--workdir", str(workdir), *extra],
-    cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  res = warm.run("-m", "fipo_jax.main", "--config", _recipe(tmp_path, train, val),
+                 "--workdir", workdir, *extra, cwd=ROOT)
   lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
   assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
   assert re.match(message, lines[0]), lines[0]

@@ -6,7 +6,9 @@ every step's metrics must equal the reference's to the last bit (timings exclude
 
 The runs use `tiny_cpu:runlocal` with group filtering off (most steps then update) and a
 checkpoint every step. The persistent compilation cache shared by the suite's processes keeps the
-restarts cheap on 2 cores, and every run starts from tiny_cpu's stored supervised warm start
+restarts cheap on 2 cores, so do runs forked from one process that has already imported what the
+trainer imports (tests/warm_python.py: each run is still its own process, killed or signalled as
+a user's would be), and every run starts from tiny_cpu's stored supervised warm start
 (tests/testdata/tiny_cpu_sft.npz as the reference's WORKDIR/sft cache, copied): the warm start
 is deterministic and ahead of every fault, and the runs are RL steps only.
 """
@@ -25,6 +27,7 @@ import time
 
 import conftest
 import pytest
+import warm_python
 
 pytestmark = pytest.mark.slow
 
@@ -47,30 +50,23 @@ def _env(cache_dir: pathlib.Path) -> dict[str, str]:
   return env
 
 
-def _start(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN,
-           warm_start: pathlib.Path | None = None) -> subprocess.Popen:
-  """Starts a run in `workdir`, with `warm_start` (a WORKDIR/sft cache) copied there if given."""
+def _start(workdir: pathlib.Path, warm: warm_python.WithEnv, entry: tuple[str, ...] = MAIN,
+           warm_start: pathlib.Path | None = None) -> warm_python.Run:
+  """Starts a run in `workdir`, with `warm_start` (a WORKDIR/sft cache) copied there if given;
+  its stdout and stderr go to one file."""
   if warm_start is not None:
     shutil.copytree(warm_start, workdir / "sft")
-  # Output goes to a file, not a pipe: a full pipe would block the child mid-run.
-  log = open(workdir.with_name(workdir.name + ".log"), "w+")  # noqa: SIM115 - closed in _finish
-  proc = subprocess.Popen([sys.executable, *entry, *ARGS, "--workdir", str(workdir)],
-                          cwd=ROOT, env=_env(cache_dir), stdout=log, stderr=log, text=True)
-  proc.log = log
-  return proc
+  return warm.start(*entry, *ARGS, "--workdir", workdir, cwd=ROOT, merge_stderr=True)
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+def _finish(proc: warm_python.Run) -> tuple[int, str]:
   proc.wait()
-  proc.log.seek(0)
-  out = proc.log.read()
-  proc.log.close()
-  return proc.returncode, out
+  return proc.returncode, proc.out.read_text()
 
 
-def _run(workdir: pathlib.Path, cache_dir: pathlib.Path, entry: tuple[str, ...] = MAIN,
+def _run(workdir: pathlib.Path, warm: warm_python.WithEnv, entry: tuple[str, ...] = MAIN,
          warm_start: pathlib.Path | None = None) -> tuple[int, str]:
-  return _finish(_start(workdir, cache_dir, entry, warm_start))
+  return _finish(_start(workdir, warm, entry, warm_start))
 
 
 def _finalised_steps(workdir: pathlib.Path) -> list[int]:
@@ -79,7 +75,7 @@ def _finalised_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, workdir: pathlib.Path, step: int) -> None:
+def _wait_for_checkpoint(proc: warm_python.Run, workdir: pathlib.Path, step: int) -> None:
   while step not in _finalised_steps(workdir):
     if proc.poll() is not None:
       pytest.fail(f"run exited (rc={proc.returncode}) before checkpoint {step}: "
@@ -108,12 +104,21 @@ def cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
+def warm(cache_dir, warm_server):
+  """The server the runs are forked from (tests/warm_python.py)."""
+  return warm_server.with_env(_env(cache_dir))
+
+
+@pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory, cache_dir) -> pathlib.Path:
-  """The uninterrupted run's workdir (metrics.jsonl, its warm start in sft/)."""
+  """The uninterrupted run's workdir (metrics.jsonl, its warm start in sft/). A fresh
+  interpreter, unlike the warm runs compared with it: another hash seed (string sets iterate in
+  another order), so the comparisons also span processes that differ there."""
   workdir = tmp_path_factory.mktemp("reference")
   conftest.write_tiny_cpu_sft_cache(workdir)  # tiny_cpu's stored warm start: RL steps only
-  rc, err = _run(workdir, cache_dir)
-  assert rc == 0, err[-3000:]
+  proc = subprocess.run([sys.executable, *MAIN, *ARGS, "--workdir", workdir], cwd=ROOT,
+                        env=_env(cache_dir), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
 
@@ -135,9 +140,9 @@ def reference(reference_dir) -> list[dict]:
   return rows
 
 
-def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, cache_dir, reference,
+def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, warm, reference,
                                                          warm_start):
-  proc = _start(tmp_path, cache_dir, warm_start=warm_start)
+  proc = _start(tmp_path, warm, warm_start=warm_start)
   _wait_for_checkpoint(proc, tmp_path, 2)
   time.sleep(random.uniform(0.0, 0.6))
   assert proc.poll() is None, "run finished before it could be killed; make it longer"
@@ -147,14 +152,14 @@ def test_kill9_after_second_checkpoint_resumes_bit_exact(tmp_path, cache_dir, re
   killed_at = max(r["step"] for r in _metrics(tmp_path))
   assert killed_at < TOTAL_STEPS
 
-  rc, err = _run(tmp_path, cache_dir)
+  rc, err = _run(tmp_path, warm)
   assert rc == 0, err[-3000:]
   assert "resumed from step" in err
   _assert_same_run(tmp_path, reference)
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, reference, warm_start):
-  proc = _start(tmp_path, cache_dir, warm_start=warm_start)
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, warm, reference, warm_start):
+  proc = _start(tmp_path, warm, warm_start=warm_start)
   _wait_for_checkpoint(proc, tmp_path, 2)
   assert proc.poll() is None, "run finished before the signal; make it longer"
   proc.send_signal(signal.SIGTERM)
@@ -165,21 +170,21 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, cache_dir, referen
   assert f"stopping after step {stopped_at}" in err
   assert _finalised_steps(tmp_path)[-1] == stopped_at  # the checkpoint of the step it stopped at
 
-  rc, err = _run(tmp_path, cache_dir)
+  rc, err = _run(tmp_path, warm)
   assert rc == 0, err[-3000:]
   assert f"resumed from step {stopped_at}" in err
   _assert_same_run(tmp_path, reference)
 
 
-def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, cache_dir, reference,
+def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path, warm, reference,
                                                           warm_start):
-  rc, log = _run(tmp_path, cache_dir, KILL_IN_SAVE_3, warm_start)
+  rc, log = _run(tmp_path, warm, KILL_IN_SAVE_3, warm_start)
   assert "Traceback" not in log, log[-3000:]
   assert rc == -signal.SIGKILL
   assert _finalised_steps(tmp_path)[-1] == 2  # step 3 was being written: never finalised
   assert max(r["step"] for r in _metrics(tmp_path)) == 3  # its metrics row was already logged
 
-  rc, err = _run(tmp_path, cache_dir)
+  rc, err = _run(tmp_path, warm)
   assert rc == 0, err[-3000:]
   assert "resumed from step 2" in err
   _assert_same_run(tmp_path, reference)

@@ -288,14 +288,14 @@ WEIGHT_BOUND_KEYS = ("actor/influence_weights", "actor/raw_influence_weights", "
 
 
 @pytest.mark.slow
-def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path):
+def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path, warm_server):
   """float32, same kernels: the first step with old_log_prob_source=sampler matches trainer.
 
   The trainer-source step is the stored golden one (tests/test_tiny_golden.py checks that the
   same command reproduces it), so only the sampler-source step runs here."""
   trainer = json.loads(golden.GOLDEN.read_text())
   sampler = golden._one_step_metrics(
-    tmp_path / "sampler", "--config.rl.old_log_prob_source=sampler"
+    tmp_path / "sampler", "--config.rl.old_log_prob_source=sampler", warm=warm_server
   )
   assert sorted(trainer) == sorted(sampler)
   for k, v in trainer.items():
@@ -311,11 +311,12 @@ def test_tiny_cpu_sampler_log_probs_equal_the_trainers(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_cpu_bfloat16_sampler_mismatch_is_visible(tmp_path):
+def test_tiny_cpu_bfloat16_sampler_mismatch_is_visible(tmp_path, warm_server):
   """A bfloat16 sampler against the float32 trainer: every mismatch metric finite and non-zero,
   the magnitudes far above the float32 run's (<= 4e-6 there), and token TIS runs."""
   got = golden._one_step_metrics(
-    tmp_path, "--config.rl.sampler_dtype=bfloat16", "--config.rl.rollout_is=token"
+    tmp_path, "--config.rl.sampler_dtype=bfloat16", "--config.rl.rollout_is=token",
+    warm=warm_server
   )
   for k in MISMATCH_KEYS:
     assert math.isfinite(got[k]) and got[k] != 0.0, (k, got[k])

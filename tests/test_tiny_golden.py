@@ -32,14 +32,19 @@ VOLATILE = ("timing_s/", "perf/")
 
 
 
-def _one_step_metrics(workdir: pathlib.Path, *overrides: str) -> dict:
-  """The metrics of one tiny_cpu RL step run by the CLI (`overrides`: more --config.* flags)."""
+def _one_step_metrics(workdir: pathlib.Path, *overrides: str, warm=None) -> dict:
+  """The metrics of one tiny_cpu RL step run by the CLI (`overrides`: more --config.* flags),
+  forked from `warm` (conftest's `warm_server`; tests/warm_python.py) if given."""
   conftest.write_tiny_cpu_sft_cache(workdir)
   env = conftest.child_env()
-  cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
+  cmd = ["-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
          "--workdir", str(workdir), "--config.total_steps=1", "--config.eval_every=0",
          "--config.checkpoint_every=0", *overrides]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  if warm is not None:
+    proc = warm.with_env(env).run(*cmd, cwd=ROOT)
+  else:
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   metrics = json.loads(lines[-1])
@@ -75,8 +80,8 @@ def _is_rounding_noise(key: str) -> bool:
 
 
 @pytest.mark.slow
-def test_one_fipo_step_matches_golden(tmp_path):
-  got = _one_step_metrics(tmp_path)
+def test_one_fipo_step_matches_golden(tmp_path, warm_server):
+  got = _one_step_metrics(tmp_path, warm=warm_server)
   # The step did real FIPO work: 4 updates, weights exactly 1 on the first mini-batch only.
   assert got["train/num_prompts_kept"] == 16
   assert got["actor/influence_weights_mean_raw/mb1"] == 1.0

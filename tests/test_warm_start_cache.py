@@ -3,8 +3,7 @@ with another sft/model/data setting or seed stops with one line and exit 2, wher
 train silently from the stale warm start; RL settings may differ (a sweep shares it)."""
 
 import json
-import subprocess
-import sys
+import os
 
 import conftest
 import pytest
@@ -47,21 +46,26 @@ def test_cache_key_names_what_differs(tmp_path):
     warmstart.check_cache(str(cache), _rc())
 
 
+@pytest.fixture
+def warm(warm_server):
+  """Runs forked from one process that has imported what they import (tests/warm_python.py)."""
+  return warm_server.with_env(conftest.child_env())  # one device
+
+
 @pytest.mark.slow
-def test_rerun_with_another_warm_start_setting_exits_2(tmp_path):
-  env = conftest.child_env()  # one device
+def test_rerun_with_another_warm_start_setting_exits_2(tmp_path, warm):
   # A 5-step warm start with no loss threshold: the test is about its cache, not its quality.
-  cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
+  cmd = ["-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
          "--workdir", str(tmp_path / "w"), "--config.total_steps=0", "--config.eval_every=0",
          "--config.sft.steps=5", "--config.sft.loss_threshold=0"]
-  first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  first = warm.run(*cmd, cwd=os.getcwd())
   assert first.returncode == 0, first.stderr[-3000:]
   assert (tmp_path / "w" / "sft" / warmstart.CACHE_KEY_FILE).is_file()
-  same = subprocess.run([*cmd, "--config.rl.decay_rate=8"], capture_output=True, text=True,
-                        env=env)  # RL settings may differ: the cache (and its key file) restores
+  # RL settings may differ: the cache (and its key file) restores.
+  same = warm.run(*cmd, "--config.rl.decay_rate=8", cwd=os.getcwd())
   assert same.returncode == 0, same.stderr[-3000:]
   assert "warm start (SFT" not in same.stderr  # reused, not retrained
-  again = subprocess.run([*cmd, "--config.sft.lr=0.01"], capture_output=True, text=True, env=env)
+  again = warm.run(*cmd, "--config.sft.lr=0.01", cwd=os.getcwd())
   assert again.returncode == 2, again.stderr[-3000:]
   last = again.stderr.strip().splitlines()[-1]
   assert "holds a warm start made with other settings (sft.lr differ)" in last, last
