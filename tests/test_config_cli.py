@@ -152,6 +152,8 @@ TINY = ("--config", "configs/tiny_cpu.py", "--workdir")
    "mesh.fsdp=-1, mesh.tensor=3, product 3) do not divide the 1 devices"),
   ("--config.rollout.overlap_calls=2", "config error: rollout.overlap_calls: needs "
    "rollout.mode='disaggregated' (a sampler on devices of its own), got mode 'sync'; leave it 0"),
+  ("--config.rl.reward_workers=-1", "config error: rl.reward_workers: must be >= 0 (verifier "
+   "processes; 0 scores in the trainer's process), got -1"),
 ])
 @pytest.mark.slow
 def test_config_errors_through_the_cli(override, line, tmp_path, warm):

@@ -147,32 +147,6 @@ def test_negative_reward_workers_are_refused_and_a_count_reaches_the_reward_conf
   assert rewards.RewardConfig.from_section(rc.rl).reward_workers == 2
 
 
-@pytest.mark.slow
-def test_negative_reward_workers_through_the_cli_is_one_line_and_exit_2(tmp_path):
-  res = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "fipo_jax.main",
-      "--config",
-      str(HERE.parent / "configs/tiny_cpu.py"),
-      "--workdir",
-      str(tmp_path / "w"),
-      "--config.rl.reward_workers=-1",
-    ],
-    capture_output=True,
-    text=True,
-    cwd=tmp_path,
-    check=False,
-  )
-  assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-  assert res.stderr.strip().splitlines() == [
-    "config error: rl.reward_workers: must be >= 0 (verifier processes; 0 scores in the "
-    "trainer's process), got -1"
-  ]
-  assert not (tmp_path / "w").exists()
-
-
 def test_the_benchmark_compares_serial_and_pool_scoring():
   res = subprocess.run(
     [sys.executable, str(HERE.parent / "benchmarks/reward_pool.py"), "--n", "24", "--repeats", "1"],
