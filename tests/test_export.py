@@ -143,7 +143,8 @@ def test_eval_of_the_export_scores_like_the_checkpoint(workdir, exported, tmp_pa
     8, seed=1, min_digits=4, max_digits=4, kind="copy", split="test"))
   flags = ["--data", data, "--n", "1", "--temperature", "0"]  # format, lengths: the run's
   results = []
-  for src in (["--checkpoint", workdir], ["--hf_dir", exported]):
+  # the export's eval scores in 2 verifier processes (rl.reward_workers' pool): the same scores
+  for src in (["--checkpoint", workdir], ["--hf_dir", exported, "--reward_workers", "2"]):
     proc = cli("fipo_jax.eval", *src, *flags, "--output", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results.append(json.loads((tmp_path / "r.json").read_text()))

@@ -30,6 +30,8 @@ _SLOTS = flags.DEFINE_integer("num_slots", 64, "Concurrent decode slots.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("output", None, "JSON results path (default: stdout table only).")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", -1, "Evaluate only the first k prompts.")
+_WORKERS = flags.DEFINE_integer("reward_workers", 0, "Verifier processes scoring at once "
+                                "(0: in this process; docs/reward_pool.md).")
 
 
 def _fail(message) -> None:
@@ -91,6 +93,8 @@ def main(argv) -> None:
     method = sampling_params.from_flags(_TEMP.value, _TOP_P.value, _TOP_K.value)
   except ValueError as e:  # e.g. --top_k 0 (off is -1)
     _fail(e)
+  if _WORKERS.value < 0:
+    _fail(f"--reward_workers must be >= 0 (verifier processes), got {_WORKERS.value}")
   policy, tokenizer, examples, skipped, max_prompt, run = _load(_DATA.value)
   max_new = _MAX_NEW.value or run.get("max_response_length") or 1024
   engine = engine_lib.Engine(
@@ -102,7 +106,8 @@ def main(argv) -> None:
     engine, policy.params, examples, tokenizer=tokenizer,
     eos_ids=tok_lib.eos_token_ids(tokenizer),
     reward_cfg=rewards.RewardConfig(max_response_length=max_new, overlong_buffer_enable=False,
-                                        reward_fn=run.get("reward_fn", "math_dapo")),  # the run's
+                                        reward_fn=run.get("reward_fn", "math_dapo"),  # the run's
+                                        reward_workers=_WORKERS.value),
     n=_N.value, sampling=method,
     seed=_SEED.value, max_new_tokens=max_new, progress=True,
   )
