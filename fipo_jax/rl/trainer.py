@@ -307,7 +307,7 @@ def rl_step(rc: config_lib.RunConfig, env: setup_lib.Env, steps: steps_lib.Compi
   if env.carry is not None:  # the sampler decodes while the update runs (overlap_calls > 0)
     metrics.update(env.carry.overlap(rc, env.train_sampler(), env.train_data,
                                      pending.state.params, state.step))
-  state, per_mb = updates.fetch(rc, env, pending, batches, kept)
+  state, per_mb = updates.finish(rc, env, pending, batches, kept)
   t_update = time.perf_counter() - t_update  # with an overlap round: spans it
   metrics.update(updates.metrics(per_mb))
   metrics.update({

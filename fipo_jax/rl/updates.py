@@ -2,7 +2,7 @@
 and the step's influence dump (rl.dump_influence).
 
 `run(rc, env, steps, state, batches, kept) -> (state, per-update metrics)` is `dispatch` (the
-updates queued on the devices; returns at once, JAX dispatch being asynchronous) then `fetch`
+updates queued on the devices; returns at once, JAX dispatch being asynchronous) then `finish`
 (waits for their metrics); the trainer runs the overlap round between the two.
 `metrics(per_update) -> the step's actor metrics`, averaged as verl averages them.
 """
@@ -38,7 +38,7 @@ def run(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps
   rc.dump_influence, each update's FIPO weights and log-ratios are taken first, and once more
   after the last update, for the step's dump (rl/rollout_dump.py).
   Returns (the state after the step, each update's metrics on the host)."""
-  return fetch(rc, env, dispatch(rc, env, steps, state, batches), batches, kept)
+  return finish(rc, env, dispatch(rc, env, steps, state, batches), batches, kept)
 
 
 def dispatch(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.CompiledSteps,
@@ -56,17 +56,15 @@ def dispatch(rc: config_lib.RunConfig, env: setup.Env, steps: steps_lib.Compiled
   return Pending(setup.TrainState(params, opt_state, state.step + 1), per_mb, dumps)
 
 
-def fetch(rc: config_lib.RunConfig, env: setup.Env, pending: Pending,
-          batches: list[steps_lib.Batch], kept: list
-          ) -> tuple[setup.TrainState, list[dict[str, Any]]]:
+def finish(rc: config_lib.RunConfig, env: setup.Env, pending: Pending,
+           batches: list[steps_lib.Batch], kept: list
+           ) -> tuple[setup.TrainState, list[dict[str, Any]]]:
   """Waits for `pending`'s updates: (the state after them, each update's metrics on the host);
   writes the step's influence dump."""
   per_mb = jax.device_get(pending.per_mb)
-  state = pending.state
   if pending.dumps:
-    after = [distributed.fetch(env.influence_fn(state.params, b)) for b in batches]
-    _dump_influence(rc, env, state.step, pending.dumps, after, batches, kept)
-  return state, per_mb
+    _dump_influence(rc, env, pending.state, pending.dumps, batches, kept)
+  return pending.state, per_mb
 
 
 def metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,10 +81,13 @@ def metrics(per_mb: list[dict[str, Any]]) -> dict[str, Any]:
   return metrics
 
 
-def _dump_influence(rc: config_lib.RunConfig, env: setup.Env, step: int, dumps, after,
+def _dump_influence(rc: config_lib.RunConfig, env: setup.Env, state: setup.TrainState, dumps,
                     batches, kept: list) -> None:
-  """RL step `step`'s rollout dump (WORKDIR/rollout_data/{step}.jsonl and the .npz)."""
-  host_batches = distributed.fetch(batches)  # collective: every host calls it
+  """RL step `state.step`'s rollout dump (WORKDIR/rollout_data/{step}.jsonl and the .npz): the
+  weights and log-ratios before each update (`dumps`) and after the last one."""
+  after = [env.influence_fn(state.params, b) for b in batches]
+  after, host_batches = distributed.fetch((after, batches))  # collective: every host calls it
+  step = state.step
   if jax.process_index() != 0:
     return
   (rollouts, advantages), = kept
