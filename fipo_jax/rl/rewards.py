@@ -89,19 +89,23 @@ def _pool(name: str, workers: int, max_seconds: float) -> VerifierPool:
   return pool
 
 
+# The score of a wrong answer (and of any verifier failure) per rl.reward_fn.
+WRONG_SCORES = {"math_dapo": -1.0, "math_verify": 0.0}  # math_verify: verl's 0/1 scale
+
+
 def verifier(cfg: RewardConfig) -> Verifier:
   """The verifier of `cfg.reward_fn` (config_rl.REWARD_FNS lists the names), in
   `cfg.reward_workers` child processes when that is >= 1."""
-  wrong = {"math_dapo": -1.0, "math_verify": 0.0}  # math_verify: verl's 0/1 scale
-  if cfg.reward_workers > 0 and cfg.reward_fn in wrong:
+  if cfg.reward_fn not in WRONG_SCORES:
+    raise ValueError(f"rl.reward_fn: unknown reward function {cfg.reward_fn!r}")
+  wrong = WRONG_SCORES[cfg.reward_fn]
+  if cfg.reward_workers > 0:
     return Verifier(_pool(cfg.reward_fn, cfg.reward_workers, cfg.max_seconds),
-                    wrong_score=wrong[cfg.reward_fn], bounds_itself=True)
+                    wrong_score=wrong, bounds_itself=True)
   if cfg.reward_fn == "math_dapo":
-    return Verifier(math_dapo_score, wrong_score=-1.0)
-  if cfg.reward_fn == "math_verify":  # verl's 0/1 scale: a wrong answer scores 0.0
-    return Verifier(_isolated("math_verify", cfg.max_seconds), wrong_score=0.0,
-                    bounds_itself=True)
-  raise ValueError(f"rl.reward_fn: unknown reward function {cfg.reward_fn!r}")
+    return Verifier(math_dapo_score, wrong_score=wrong)
+  return Verifier(_isolated(cfg.reward_fn, cfg.max_seconds), wrong_score=wrong,
+                  bounds_itself=True)
 
 
 @contextlib.contextmanager
