@@ -221,23 +221,6 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_tiny_cpu_runlocal_updates(tmp_path):
-  """The README's smoke test, verbatim: its warm start gives mixed groups, so RL updates."""
-  (argv,) = [a for a in _commands(importlib.import_module("configs.tiny_cpu").__doc__)
-             if "tiny_cpu.py:runlocal" in a[1]]
-  argv[argv.index("--workdir") + 1] = str(tmp_path / "w")
-  res = _main(*argv)
-  assert res.returncode == 0, res.stderr[-3000:]
-  steps = [m for m in _metrics(tmp_path / "w") if m["step"] > 0]
-  assert [m["step"] for m in steps] == [1, 2]
-  updated = [m for m in steps if m["train/empty_steps"] == 0]
-  assert updated, "no RL step updated the policy (every group had equal accuracy)"
-  for m in updated:
-    assert m["train/num_prompts_kept"] >= 4 and "actor/pg_loss" in m
-    assert 0.0 < m["train/acc_mean"] < 1.0
-
-
-@pytest.mark.slow
 def test_runlocal_on_a_model_dir_and_dapo_files(qwen_model_dir, dapo_parquet, tmp_path, warm):
   """A recipe's :runlocal on an HF directory and DAPO-schema files trains on that model, and
   export reads the workdir (its checkpoint has the directory's shapes). eval and generate load

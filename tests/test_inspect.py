@@ -17,6 +17,7 @@ import conftest
 import numpy as np
 import pytest
 
+from configs import tiny_cpu
 from fipo_jax import inspect as inspect_lib
 from fipo_jax import token_plots
 
@@ -105,16 +106,41 @@ def _readme_commands() -> list[list[str]]:
   return [shlex.split(train), shlex.split(insp)]
 
 
+def _smoke_command() -> list[str]:
+  """configs/tiny_cpu.py's smoke command (`:runlocal`), from its docstring."""
+  (line,) = [ln.strip() for ln in tiny_cpu.__doc__.splitlines() if "tiny_cpu.py:runlocal" in ln
+             and ln.strip().startswith("python -m fipo_jax.main ")]  # fmt: skip
+  return shlex.split(line)
+
+
+def _assert_the_smoke_run_updates(workdir: pathlib.Path) -> None:
+  """The smoke run's warm start gives groups of mixed accuracy, so its 2 RL steps update."""
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = [m for m in rows if m["step"] > 0]
+  assert [m["step"] for m in steps] == [1, 2]
+  updated = [m for m in steps if m["train/empty_steps"] == 0]
+  assert updated, "no RL step updated the policy (every group had equal accuracy)"
+  for m in updated:
+    assert m["train/num_prompts_kept"] >= 4 and "actor/pg_loss" in m
+    assert 0.0 < m["train/acc_mean"] < 1.0
+
+
 @pytest.mark.slow
 def test_readme_dump_and_inspect_commands_on_a_real_run(tmp_path):
+  """The dump command is tiny_cpu's smoke command (its docstring's) with the dump on, so this
+  run is also that smoke test: its 2 RL steps update, and every step is dumped."""
   local = lambda argv: [str(tmp_path / a[5:]) if a.startswith("/tmp/") else a for a in argv]
   train, insp = (local(c) for c in _readme_commands())
+  smoke = local(_smoke_command())
+  smoke[smoke.index("--workdir") + 1] = train[train.index("--workdir") + 1]
+  assert train == [*smoke, "--config.dump_influence=True"], (train, smoke)
   env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
   proc = subprocess.run(
     [sys.executable, *train[1:]], cwd=ROOT, env=env, capture_output=True, text=True, check=False
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   workdir = pathlib.Path(train[train.index("--workdir") + 1])
+  _assert_the_smoke_run_updates(workdir)
   step = int(insp[insp.index("--step") + 1])
   rows = [json.loads(x) for x in (workdir / "rollout_data" / f"{step}.jsonl").open()]
   assert rows and len(rows) <= 64

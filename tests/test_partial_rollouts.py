@@ -70,30 +70,36 @@ def _programs(env, jitted) -> dict[str, int]:
           "stage": stager.program(None)._cache_size() if stager is not None else 0}
 
 
-@pytest.mark.slow  # two 3-step tiny_cpu runs
-def test_eta0_partial_is_the_sync_run_bit_for_bit(tmp_path):
-  sync, _ = _run(tmp_path / "sync", 3)
-  part, hist = _run(tmp_path / "partial", 3, mode="partial", max_staleness=0)
+@pytest.fixture(scope="module")
+def sync_on_first4(tmp_path_factory) -> dict:
+  """The synchronous run's params after 3 steps on the first 4 devices: what eta = 0 must give
+  bit for bit, partial on those devices and disaggregated with them as its trainer."""
+  return _run(tmp_path_factory.mktemp("sync"), 3, devices=jax.devices()[:4])[0]
+
+
+@pytest.mark.slow  # a 3-step tiny_cpu run (and the module's synchronous one)
+def test_eta0_partial_is_the_sync_run_bit_for_bit(tmp_path, sync_on_first4):
+  part, hist = _run(tmp_path / "partial", 3, devices=jax.devices()[:4], mode="partial",
+                    max_staleness=0)
   assert all(m["rollout/staleness_max"] == 0 for m in hist)
   assert all(m[MB1] == 1.0 for m in hist)
-  flat_sync, flat_part = jax.tree.leaves(sync), jax.tree.leaves(part)
+  flat_sync, flat_part = jax.tree.leaves(sync_on_first4), jax.tree.leaves(part)
   assert len(flat_sync) == len(flat_part)
   for a, b in zip(flat_sync, flat_part, strict=True):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow  # two 3-step tiny_cpu runs
-def test_eta0_disaggregated_is_the_sync_run_on_its_trainer_devices_bit_for_bit(tmp_path):
+@pytest.mark.slow  # a 3-step tiny_cpu run (and the module's synchronous one)
+def test_eta0_disaggregated_is_the_sync_run_on_its_trainer_devices_bit_for_bit(
+    tmp_path, sync_on_first4):
   """Stage B's meshes on the 8 devices: the last 4 sample, the first 4 train, and the weights
   move device to device after each update. With eta = 0 that is the synchronous run on the
   first 4 devices (the same trainer mesh; a sampler mesh of the same shape), bit for bit. (The
   synchronous run on all 8 trains on fsdp=8: its float32 sums run in another order.)"""
-  first4 = jax.devices()[:4]
-  sync, _ = _run(tmp_path / "sync", 3, devices=first4)
   split, hist = _run(tmp_path / "split", 3, mode="disaggregated", max_staleness=0,
                      sampler_devices=4)
   assert all(m["rollout/staleness_max"] == 0 and m[MB1] == 1.0 for m in hist)
-  for a, b in zip(jax.tree.leaves(sync), jax.tree.leaves(split), strict=True):
+  for a, b in zip(jax.tree.leaves(sync_on_first4), jax.tree.leaves(split), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -135,33 +141,42 @@ def test_bypass_moves_mb1_weights_under_staleness(tmp_path):
   assert all(m[MB1] != 1.0 for m in stale), [m[MB1] for m in stale]
 
 
-def _cli(workdir, *overrides: str) -> list[dict]:
+def _cli(workdir, *overrides: str, warm=None) -> list[dict]:
   """`python -m fipo_jax.main --config configs/tiny_cpu.py --config.rollout.mode=partial
   --config.rollout.max_staleness=1` (the README's command) from the stored warm start, on one
-  device (bitwise reproducible across processes), no evals; returns metrics.jsonl's rows."""
+  device (bitwise reproducible across processes), no evals, in a fresh interpreter or forked
+  from `warm` (tests/warm_python.py); returns metrics.jsonl's rows."""
   if not (workdir / "sft").exists():  # a resumed run finds it there
     conftest.write_tiny_cpu_sft_cache(workdir)
-  env = conftest.child_env()
-  cmd = [sys.executable, "-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
-         "--config.rollout.mode=partial", "--config.rollout.max_staleness=1",
-         "--workdir", str(workdir), "--config.eval_every=0", *overrides]
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  args = ["-m", "fipo_jax.main", "--config", str(ROOT / "configs/tiny_cpu.py"),
+          "--config.rollout.mode=partial", "--config.rollout.max_staleness=1",
+          "--workdir", str(workdir), "--config.eval_every=0", *overrides]
+  if warm is None:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=conftest.child_env(),
+                          capture_output=True, text=True)
+  else:
+    proc = warm.run(*args, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow  # 3 + 2 + 1 CLI steps
-def test_readme_partial_command_trains_and_resumes_as_the_uninterrupted_run(tmp_path):
+def test_readme_partial_command_trains_and_resumes_as_the_uninterrupted_run(tmp_path,
+                                                                            warm_server):
   """The README's command trains with staleness <= 1 and exact mini-batch-1 weights; in-flight
-  groups are dropped at every checkpoint, in the uninterrupted and the resumed run alike."""
+  groups are dropped at every checkpoint, in the uninterrupted and the resumed run alike. The
+  uninterrupted run is a fresh interpreter; the cut run and its resumption fork from the warm
+  server (so the two sides share no interpreter state)."""
   whole = _cli(tmp_path / "whole", "--config.total_steps=3", "--config.checkpoint_every=2")
   assert [r["step"] for r in whole] == [1, 2, 3]
   assert all(r["rollout/staleness_max"] <= 1 for r in whole)
   assert any(r["rollout/staleness_max"] == 1 for r in whole)
   assert all(r[MB1] == 1.0 for r in whole), [r[MB1] for r in whole]
   assert whole[2]["rollout/carried_groups"] == 0  # step 3 starts after the step-2 checkpoint
-  _cli(tmp_path / "cut", "--config.total_steps=2", "--config.checkpoint_every=2")
-  cut = _cli(tmp_path / "cut", "--config.total_steps=3", "--config.checkpoint_every=2")
+  warm = warm_server.with_env(conftest.child_env())
+  _cli(tmp_path / "cut", "--config.total_steps=2", "--config.checkpoint_every=2", warm=warm)
+  cut = _cli(tmp_path / "cut", "--config.total_steps=3", "--config.checkpoint_every=2",
+             warm=warm)
   volatile = ("timing_s/", "perf/")
   strip = lambda r: {k: v for k, v in r.items() if not k.startswith(volatile)}
   assert [strip(r) for r in cut] == [strip(r) for r in whole]

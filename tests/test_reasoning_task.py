@@ -185,20 +185,18 @@ def test_seed_benchmark_refuses_an_argument_it_cannot_pass_on():
 
 @pytest.mark.slow
 def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
+  """The benchmark's pipeline on one seed (the loop over seeds is a thread pool of identical
+  runs; each run is the main job's CLI): a --config.* override reaches the run (here: partial
+  rollouts, the stage-A check), and the table and the JSON line report it."""
   env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)
-  # One run at a time: the second seed's run then reuses the first's compiled programs (the
-  # suite's persistent compilation cache, conftest.py) instead of compiling them alongside it.
-  # A --config.* override reaches every run (here: partial rollouts, the stage-A check).
   cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--smoke",
-         "--seeds", "3", "4", "--jobs", "1", "--workdir", str(tmp_path),
-         "--config.rollout.mode=partial"]  # fmt: skip
+         "--seeds", "3", "--workdir", str(tmp_path), "--config.rollout.mode=partial"]  # fmt: skip
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
-  for seed in (3, 4):
-    run_cfg = json.loads((tmp_path / f"seed_{seed}" / "config.json").read_text())
-    assert run_cfg["seed"] == seed and run_cfg["rollout"]["mode"] == "partial", run_cfg
+  run_cfg = json.loads((tmp_path / "seed_3" / "config.json").read_text())
+  assert run_cfg["seed"] == 3 and run_cfg["rollout"]["mode"] == "partial", run_cfg
   summary = json.loads(out.stdout.strip().splitlines()[-1])
-  assert summary["smoke"] and [r["seed"] for r in summary["seeds"]] == [3, 4]
+  assert summary["smoke"] and [r["seed"] for r in summary["seeds"]] == [3]
   for r in summary["seeds"]:
     assert r["exit"] == 0 and (r["start_step"], r["end_step"]) == (0, 2), r
     for key in ("start_acc", "end_acc", "start_len", "end_len", "wall_s", "cpu_s"):
@@ -206,4 +204,4 @@ def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
     assert isinstance(r["learns"], bool)
   assert summary["all_learn"] == all(r["learns"] for r in summary["seeds"])
   rows = [ln.split() for ln in out.stdout.splitlines()[1:-1]]
-  assert [row[0] for row in rows] == ["3", "4"]  # the per-seed table
+  assert [row[0] for row in rows] == ["3"]  # the per-seed table
