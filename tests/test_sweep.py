@@ -13,7 +13,6 @@ import pathlib
 import re
 import shlex
 import subprocess
-import sys
 
 import conftest
 import numpy as np
@@ -61,16 +60,11 @@ def _local(argv: list[str], tmp_path: pathlib.Path) -> list[str]:
   return [str(tmp_path / a[len("/tmp/") :]) if a.startswith("/tmp/") else a for a in argv]
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
+def _run(warm_server, argv: list[str]) -> subprocess.CompletedProcess:
+  """`python -m fipo_jax.sweep ARGV`, forked from the warm server (tests/warm_python.py); the
+  runs it starts are fresh interpreters, as in a user's sweep."""
   env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
-  return subprocess.run(
-    [sys.executable, "-m", "fipo_jax.sweep", *argv],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  return warm_server.run("-m", "fipo_jax.sweep", *argv, cwd=ROOT, env=env)
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -196,7 +190,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
 
 
 @pytest.mark.slow
-def test_runs_a_real_grid_and_resumes(tmp_path):
+def test_runs_a_real_grid_and_resumes(tmp_path, warm_server):
   out = tmp_path / "sw"
   argv = [
     "--config",
@@ -222,13 +216,13 @@ def test_runs_a_real_grid_and_resumes(tmp_path):
     "--threshold",
     "0.0",
   ]
-  proc = _run(argv)
+  proc = _run(warm_server, argv)
   assert proc.returncode == 0, proc.stderr[-3000:]
   run = out / "runs" / "loss_mode-fipo_seed3"
   cfg = json.loads((run / "config.json").read_text())
   assert cfg["seed"] == 3 and cfg["total_steps"] == 1 and (run / sweep.DONE).exists()
   assert "| rl.loss_mode=fipo | 1 |" in proc.stdout and "(1/1)" in proc.stdout
-  again = _run(argv)  # finished: read, not trained again
+  again = _run(warm_server, argv)  # finished: read, not trained again
   assert again.returncode == 0 and "sweep: running" not in again.stdout
 
 
