@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -65,13 +66,25 @@ class _Fn:
   cls_fields: frozenset[str]  # fields of the enclosing class (for generic copies)
   bound: dict[str, tuple[str, ...]]  # local names that hold a section
 
+  @functools.cached_property
+  def nodes(self) -> list[ast.AST]:
+    """ast.walk of the function, once (the fixpoint and the reads visit it again and again)."""
+    return list(ast.walk(self.node))
+
+
+@functools.cache
+def _parse(text: str) -> ast.Module:
+  """A module's syntax tree, parsed once per text (the tests read the same sources repeatedly,
+  with one decoy module changed; the trees are only read)."""
+  return ast.parse(text)
+
 
 def _functions(sources: dict[str, str]) -> list[_Fn]:
   """Every function of the non-schema modules, and the public methods of the schema's
   section classes (with `self` bound to their section)."""
   out = []
   for name, text in sources.items():
-    tree = ast.parse(text)
+    tree = _parse(text)
     schema = pathlib.Path(name).name in SCHEMA_MODULES
     for cls_node in [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]:
       fields = frozenset(
@@ -139,23 +152,31 @@ def _propagate(fns: list[_Fn]) -> None:
   by_name: dict[str, list[_Fn]] = {}
   for fn in fns:
     by_name.setdefault(fn.node.name, []).append(fn)
+  # Each function's assignments and calls of known functions, in walk order, found once: the
+  # fixpoint below revisits them until nothing changes.
+  steps = [(fn, [(node, _assigned(node), _callees(node, by_name)) for node in fn.nodes])
+           for fn in fns]  # fmt: skip
+  steps = [(fn, [s for s in nodes if s[1] or s[2]]) for fn, nodes in steps]
   changed = True
   while changed:
     changed = False
-    for fn in fns:
-      for node in ast.walk(fn.node):
-        for name, value in _assigned(node):
+    for fn, nodes in steps:
+      for node, assigned, callees in nodes:
+        for name, value in assigned:
           path = _section_of(value, fn.bound)
           if path is not None and fn.bound.get(name) != path:
             fn.bound[name], changed = path, True
-        if isinstance(node, ast.Call):
-          callee = (
-            node.func.attr
-            if isinstance(node.func, ast.Attribute)
-            else getattr(node.func, "id", None)
-          )
-          for target in by_name.get(callee, []):
-            changed |= _bind_call(node, target, fn.bound)
+        for target in callees:
+          changed |= _bind_call(node, target, fn.bound)
+
+
+def _callees(node, by_name: dict[str, list[_Fn]]) -> list[_Fn]:
+  """The functions a call node may call, by name (none if `node` is no call)."""
+  if not isinstance(node, ast.Call):
+    return []
+  func = node.func
+  return by_name.get(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None),
+                     [])
 
 
 def _assigned(node) -> list[tuple[str, ast.expr]]:
@@ -200,7 +221,7 @@ def reads(sources: dict[str, str], leaves: list[tuple[str, ...]]) -> set[tuple[s
   _propagate(fns)
   wanted, found = set(leaves), set()
   for fn in fns:
-    for node in ast.walk(fn.node):
+    for node in fn.nodes:
       if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):  # not `c.rl.n = 4`
         path = _section_of(node.value, fn.bound)
         if path is not None and path + (node.attr,) in wanted:
