@@ -303,9 +303,7 @@ def issue4(quick: bool, repeats: int, rng) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     hf_model, model = build_models(tmp)
   sizes = ISSUE4_QUICK if quick else ISSUE4
-  ratios = [
-    engine_vs_transformers(hf_model, model, b, t, rng, repeats) for b, t in sizes["engine"]
-  ]
+  ratios = [engine_vs_transformers(hf_model, model, b, t, rng, repeats) for b, t in sizes["engine"]]
   cb = continuous_vs_static(model, *sizes["continuous"], rng)
   print(
     f"summary: engine/transformers {', '.join(f'{r:.2f}x' for r in ratios)}; "
