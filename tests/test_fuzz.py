@@ -31,8 +31,9 @@ _SETTINGS = hypothesis.settings(max_examples=40, deadline=None,
 
 @functools.cache
 def _loss_and_grad(mode: str, agg: str, clip: str):
-  """(loss, metrics), grad of one configuration, run eagerly: shapes vary per example and
-  op-by-op dispatch is far cheaper than compiling a whole program per shape."""
+  """(loss, metrics), grad of one configuration, jitted as the trainer runs it. Shapes vary
+  per example, so most examples compile: one program (~0.9 CPU-s for fipo, ~0.15 for dapo)
+  costs about half what running it op by op does, which compiles each op for the new shape."""
   ratio, high_only = CLIP_MODES[clip]
   cfg = losses.PolicyLossConfig(loss_agg_mode=agg, future_kl_clip_ratio=ratio,
                                 future_kl_clip_high_only=high_only, chunk_size=4, decay_rate=4.0)
@@ -40,7 +41,7 @@ def _loss_and_grad(mode: str, agg: str, clip: str):
   def f(lp, old, adv, mask):
     return losses.compute_policy_loss(mode, lp, old, adv, mask, cfg)
 
-  return jax.value_and_grad(f, has_aux=True)
+  return jax.jit(jax.value_and_grad(f, has_aux=True))
 
 
 @st.composite
@@ -57,7 +58,7 @@ def loss_inputs(draw):
   return lp, old, adv_row * mask, mask
 
 
-@pytest.mark.slow  # eager op-by-op over many shapes: minutes on 2 shared cores
+@pytest.mark.slow  # a compile per new shape: ~20 CPU-s on 2 shared cores
 @hypothesis.settings(_SETTINGS, max_examples=40)
 @hypothesis.given(data=loss_inputs(), agg=st.sampled_from(aggregation.AGG_MODES),
                   mode=st.sampled_from(["fipo", "dapo", "grpo"]),
