@@ -86,7 +86,19 @@ def timed_pair(fns, repeats: int) -> list[float]:
   return best
 
 
-def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
+def jitted_update(args, graphdef):
+  """The trainer's update (FIPO loss, AdamW) as one jitted fn(params, opt, batch) and its
+  optimizer: one for every case, so a case whose layout has a shape already seen (the padded
+  one: always m x (P + T)) reuses that compile."""
+  loss_cfg = losses_lib.PolicyLossConfig(chunk_size=min(128, args.response))
+  cfg = steps.UpdateConfig(
+    policy_loss=loss_cfg, num_micro_batches=args.batch, logprob_chunk_size=512
+  )
+  tx = optax.adamw(1e-6)
+  return jax.jit(functools.partial(steps.train_step, graphdef, cfg=cfg, tx=tx)), tx
+
+
+def run_case(args, fn, params, opt, mean: float, seed: int) -> dict:
   rng = np.random.default_rng(seed)
   m, p, t = args.batch, args.prompt, args.response
   r = make_rollouts(rng, m, p, t, mean, args.vocab)
@@ -94,10 +106,6 @@ def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
     rng.choice([-1.0, 1.0], m).astype(np.float32), np.arange(m) // 4
   )
   budget = p + t  # verl's ppo_max_token_len_per_gpu = P + T in the recipes
-  loss_cfg = losses_lib.PolicyLossConfig(chunk_size=min(128, t))
-  cfg = steps.UpdateConfig(policy_loss=loss_cfg, num_micro_batches=m, logprob_chunk_size=512)
-  tx = optax.adamw(1e-6)
-  opt = tx.init(params)
 
   def pack(layout):
     return packing.pack_rollouts(
@@ -118,7 +126,6 @@ def run_case(args, graphdef, params, mean: float, seed: int) -> dict:
   packed = steps.Batch(**{k: jnp.asarray(v) for k, v in out.batches[0].items()})
   (plan,), shape = out.plans, out.shape
 
-  fn = jax.jit(functools.partial(steps.train_step, graphdef, cfg=cfg, tx=tx))
   step = lambda batch: lambda: fn(params, opt, batch)[2]["actor/loss"]
   t_pad, t_pack = timed_pair([step(padded), step(packed)], args.repeats)
 
@@ -184,7 +191,9 @@ def main(argv=None):
     f"{jax.devices()[0].platform} x{jax.device_count()}",
     flush=True,
   )
-  cases = [run_case(args, graphdef, params, mean, seed=i) for i, mean in enumerate(args.means)]
+  fn, tx = jitted_update(args, graphdef)
+  opt = tx.init(params)
+  cases = [run_case(args, fn, params, opt, mean, seed=i) for i, mean in enumerate(args.means)]
   print(json.dumps({"cases": cases}))
 
 

@@ -43,6 +43,12 @@ def child_env(*, devices: int = 1, flags: str = TEST_XLA_FLAGS, **extra: str) ->
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flags} {count}".strip(), **extra}
 
 
+def aot_env() -> dict[str, str]:
+  """The environment of a process that compiles for a TPU topology through libtpu (no TPU
+  needed): this one's without the CPU test bench's XLA_FLAGS and JAX_PLATFORMS."""
+  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+
+
 def _compilation_cache_dir() -> pathlib.Path:
   """One persistent compilation cache per test run, shared by the xdist workers and by the runs
   they start as subprocesses (which inherit the environment): dozens of tests compile the same

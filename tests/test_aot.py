@@ -1,16 +1,16 @@
 """fipo_jax.aot end to end: compile a tiny recipe for a 4-chip v5p slice in a subprocess.
 
-The AOT tool needs libtpu (the `tpu` extra) and runs in its own process so that libtpu never
-touches this test process's CPU backend.
+The AOT tool needs libtpu (the `tpu` extra) and runs in its own process (forked from the warm
+server, tests/warm_python.py) so that libtpu never touches this test process's CPU backend.
 """
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
+import conftest
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,11 +20,18 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu not installed (pip install -e '.[test]')")
 
 
-def _run_aot(*args):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  proc = subprocess.run(
-    [sys.executable, "-m", "fipo_jax.aot", "--config", "configs/fipo_qwen2_5_32b.py:runlocal",
-     *args], cwd=ROOT, env=env, capture_output=True, text=True)
+_CONFIG = "configs/fipo_qwen2_5_32b.py:runlocal"
+
+
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """`python -m fipo_jax.aot` runs forked from the warm server, which has imported jax and the
+  trainer's modules (not libtpu, nor aot, which defines its flags when it runs)."""
+  return warm_server.with_env(conftest.aot_env())
+
+
+def _run_aot(warm, *args):
+  proc = warm.run("-m", "fipo_jax.aot", "--config", _CONFIG, *args, cwd=ROOT)
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
   return proc, json.loads(lines[-1]) if lines else None
 
@@ -33,11 +40,11 @@ PHASES = ("train_step", "old_log_prob", "handover", "prefill", "insert", "decode
 
 
 @pytest.mark.slow
-def test_aot_compiles_the_disaggregated_split_on_each_side():
+def test_aot_compiles_the_disaggregated_split_on_each_side(warm):
   """rollout.mode='disaggregated' on v5p-8 (one host, 4 chips): the trainer's programs on 2 chips
   (fsdp=2), the sampler's on the other 2 (tensor=2), and the sampler's chips hold no train
   state (what setup.device_split gives the trainer)."""
-  proc, out = _run_aot("--topology", "v5p-8", "--config.model.dtype=bfloat16",
+  proc, out = _run_aot(warm, "--topology", "v5p-8", "--config.model.dtype=bfloat16",
                        "--config.rollout.mode=disaggregated", "--config.rollout.sampler_devices=2",
                        "--steps=train_step,handover,decode")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -49,8 +56,8 @@ def test_aot_compiles_the_disaggregated_split_on_each_side():
 
 
 @pytest.mark.slow
-def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model():
-  proc, out = _run_aot("--topology", "v5p-8", "--config.model.dtype=bfloat16")
+def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model(warm):
+  proc, out = _run_aot(warm, "--topology", "v5p-8", "--config.model.dtype=bfloat16")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert out["topology"] == "v5p-8" and out["chips"] == 4
   assert out["hbm_per_chip_bytes"] > 90 * 2**30
@@ -87,6 +94,9 @@ def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model():
 
 
 def test_aot_unknown_topology_fails_clearly():
-  proc, _ = _run_aot("--topology", "v9x-1", "--steps", "decode")
+  # A fresh interpreter: the fast tier need not start the warm server for this one run.
+  proc = subprocess.run([sys.executable, "-m", "fipo_jax.aot", "--config", _CONFIG, "--topology",
+                         "v9x-1", "--steps", "decode"], cwd=ROOT, env=conftest.aot_env(),
+                        capture_output=True, text=True)  # fmt: skip
   assert proc.returncode != 0
   assert "unknown topology" in proc.stderr

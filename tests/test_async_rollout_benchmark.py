@@ -5,8 +5,6 @@ arithmetic are checked; timings never are."""
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import conftest
 import pytest
@@ -15,12 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow  # compiles a tiny engine's prefill shapes for both modes, and stage B's
-def test_async_rollout_benchmark_quick_ends_with_partial_over_sync():
+def test_async_rollout_benchmark_quick_ends_with_partial_over_sync(warm_server):
   # one device: the benchmark gives itself a second for stage B (--disaggregated)
-  env = conftest.child_env()
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "async_rollout.py"), "--quick",
-         "--disaggregated"]
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+  warm = warm_server.with_env(conftest.child_env())
+  proc = warm.run(ROOT / "benchmarks" / "async_rollout.py", "--quick", "--disaggregated", cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
   summary = json.loads(out.strip().splitlines()[-1])
   assert summary["partial_over_sync"] > 0 and summary["sampling_partial_over_sync"] > 0
   assert summary["sync"]["staleness_max"] == 0

@@ -3,7 +3,6 @@ GPU report cannot rot between the days a GPU is lent. Timings are never asserted
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -23,11 +22,11 @@ def test_the_gpu_runs_rl_step_config_validates():
 
 
 @pytest.mark.slow
-def test_gpu_report_smoke_ends_with_its_json():
-  env = conftest.child_env()  # one device is enough
-  cmd = [sys.executable, os.path.join(_ROOT, "benchmarks", "gpu_report.py"), "--smoke"]
-  out = subprocess.run(cmd, env=env, cwd=_ROOT, capture_output=True, text=True,
-                       check=True).stdout  # fmt: skip
+def test_gpu_report_smoke_ends_with_its_json(warm_server):
+  warm = warm_server.with_env(conftest.child_env())  # one device is enough
+  proc = warm.run(os.path.join(_ROOT, "benchmarks", "gpu_report.py"), "--smoke", cwd=_ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
   report = json.loads(out.strip().splitlines()[-1])
   assert report["platform"] == "cpu" and report["smoke"] is True
   train = report["train"]["qwen2.5-0.5b"]

@@ -5,8 +5,6 @@ Only the output's shape and the layout arithmetic are checked; timings are never
 
 import json
 import os
-import subprocess
-import sys
 
 import conftest
 import pytest
@@ -15,16 +13,17 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_packing_benchmark_runs_and_reports_each_case():
-  env = conftest.child_env()  # one device; the conftest mesh is not needed here
+def test_packing_benchmark_runs_and_reports_each_case(warm_server):
+  warm = warm_server.with_env(conftest.child_env())  # one device; not the conftest mesh
   cmd = [
-    sys.executable,
     os.path.join(_ROOT, "benchmarks", "packing.py"),
     *("--layers", "1", "--hidden", "32", "--heads", "2", "--kv_heads", "1", "--mlp", "48"),
     *("--vocab", "64", "--prompt", "16", "--response", "112", "--batch", "6", "--block", "32"),
     *("--repeats", "1", "--means", "0.3", "0.5"),
   ]
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+  proc = warm.run(*cmd, cwd=_ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
   cases = json.loads(out.strip().splitlines()[-1])["cases"]
   assert [c["mean"] for c in cases] == [0.3, 0.5]
   for c in cases:

@@ -9,8 +9,6 @@ import json
 import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -20,6 +18,15 @@ pytestmark = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None,
   reason="libtpu not installed (pip install -e '.[tpu]')",
 )
+
+
+@pytest.fixture(scope="module")
+def warm(warm_server):
+  """The compiling child forked from the warm server (jax and the model code imported)."""
+  import conftest  # noqa: PLC0415 (not at import: the child imports this module, on a TPU env)
+
+  return warm_server.with_env(conftest.aot_env())
+
 
 _L, _B, _N, _K, _H, _PAGE, _M = 2, 16, 40, 8, 128, 16, 32
 
@@ -75,11 +82,9 @@ def probe() -> dict:
 
 
 @pytest.mark.slow
-def test_rpa_decode_keeps_the_scan_carried_pool_in_place():
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+def test_rpa_decode_keeps_the_scan_carried_pool_in_place(warm):
   code = "import json, tests.test_tpu_paged_aot as t; print(json.dumps(t.probe()))"
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                        text=True)  # fmt: skip
+  proc = warm.run("-c", code, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   (t_small, big_small), (t_large, big_large) = res["True"]["256"], res["True"]["1024"]

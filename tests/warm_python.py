@@ -1,6 +1,6 @@
-"""`python -m MODULE ARGS` / `python SCRIPT ARGS` for tests, each run in a child forked from one
-server process that has already imported what the CLIs import (jax, flax, orbax, transformers,
-matplotlib, fipo_jax's trainer, eval, generate and export).
+"""`python -m MODULE ARGS` / `python SCRIPT ARGS` / `python -c CODE` for tests, each run in a
+child forked from one server process that has already imported what the CLIs import (jax, flax,
+orbax, transformers, matplotlib, fipo_jax's trainer, eval, generate and export).
 
 A fresh interpreter spends about 10 CPU-s importing those before a CLI reads its first flag, and
 the suite starts over a hundred of them. Forked from the server, a run skips that and is otherwise
@@ -129,6 +129,10 @@ def _child(req: dict) -> None:
       sys.argv = [argv[1], *argv[2:]]
       sys.path[0] = os.getcwd()
       runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    elif argv[0] == "-c":  # as `python -c CODE ARGS`: argv[0] "-c", the cwd first on the path
+      sys.argv = ["-c", *argv[2:]]
+      sys.path[0] = ""
+      exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102
     else:
       sys.argv = list(argv)
       sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
@@ -243,9 +247,9 @@ class WarmPython:
     return reply
 
   def start(self, *argv, cwd, merge_stderr: bool = False, env: dict | None = None) -> Run:
-    """Starts `python *argv` (argv: "-m", module, args... or script, args...) in `cwd`, in
-    environment `env` (default: the server's); its stdout and stderr go to files (Run.out,
-    Run.err: the same file with `merge_stderr`)."""
+    """Starts `python *argv` (argv: "-m", module, args...; "-c", code, args...; or script,
+    args...) in `cwd`, in environment `env` (default: the server's); its stdout and stderr go to
+    files (Run.out, Run.err: the same file with `merge_stderr`)."""
     if self._current is not None and self._current.poll() is None:
       # A run its test left behind (it failed before waiting): its exit reply comes first.
       self._current.send_signal(signal.SIGKILL)
