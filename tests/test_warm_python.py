@@ -4,6 +4,7 @@ own environment (jax's JAX_* settings and XLA_FLAGS included)."""
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -58,13 +59,15 @@ def test_errors_and_exit_messages_as_the_interpreter_reports_them(warm, script):
   assert res.returncode == 1 and res.stderr == "to stderr\na message\n"
 
 
-def test_merged_output_signals_and_fresh_random_seeds(warm, script):
+def test_merged_output_signals_timeouts_and_fresh_random_seeds(warm, script):
   run = warm.start(script, "sleep", cwd="/", merge_stderr=True)
   deadline = time.time() + 60
   while "to stderr" not in run.out.read_text() and time.time() < deadline:
     time.sleep(0.01)
   assert run.poll() is None
-  run.send_signal(signal.SIGKILL)
+  with pytest.raises(subprocess.TimeoutExpired):
+    run.wait(timeout=0.01)
+  run.kill()
   assert run.wait() == -signal.SIGKILL
   assert "to stderr" in run.out.read_text() and run.err == run.out
   draws = {warm.run(script, cwd="/").stdout.split("rand ")[1].split()[0] for _ in range(2)}
