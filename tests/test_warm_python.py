@@ -82,15 +82,22 @@ print(jax.jit(lambda x: x + 1)(jnp.ones(2)).tolist(), jax.device_count(), os.env
 
 def test_a_runs_environment_reaches_jax_and_xla(warm, tmp_path):
   (tmp_path / "jit.py").write_text(JIT)
-  env = {**warm.env, "JAX_LOG_COMPILES": "1", "MINE": "x",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+  cache = tmp_path / "cache"  # the persistent compilation cache, off (multi-process runs) and on
+  caching = {"JAX_COMPILATION_CACHE_DIR": str(cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = {**warm.env, **caching, "JAX_LOG_COMPILES": "1", "MINE": "x",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+         "JAX_ENABLE_COMPILATION_CACHE": "false"}
   env.pop("PYTHONHASHSEED", None)
   res = warm.run(tmp_path / "jit.py", cwd=tmp_path, env=env)
   assert res.returncode == 0, res.stderr
   assert res.stdout == "[2.0, 2.0] 3 x\n" and "Compiling" in res.stderr
-  plain = {**warm.env, "JAX_LOG_COMPILES": "0", "XLA_FLAGS": ""}
+  assert not cache.exists() or not any(cache.iterdir())
+  plain = {**warm.env, **caching, "JAX_LOG_COMPILES": "0", "XLA_FLAGS": "",
+           "JAX_ENABLE_COMPILATION_CACHE": "true"}
   res = warm.with_env(plain).run(tmp_path / "jit.py", cwd=tmp_path)
   assert res.stdout == "[2.0, 2.0] 1 None\n" and "Compiling" not in res.stderr, res.stderr
+  assert any(cache.iterdir())  # the same program, cached: the switch kept it out before
 
 
 def test_a_run_left_behind_is_killed_before_the_next(warm, script):
