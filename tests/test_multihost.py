@@ -3,7 +3,9 @@
 Each run is `python -m fipo_jax.main` in child processes joined by `jax.distributed` (gloo CPU
 collectives, coordinator on a free port). Same global mesh, same seeds: the two-process run must
 log the same metrics as the one-process run, and a checkpoint written by either process count
-must resume in the other; with rollout.mode='disaggregated' too.
+must resume in the other; with rollout.mode='disaggregated' too. The one-process reference runs
+are fresh interpreters; the other runs fork from warm_python servers (each process of a run from
+another server: its own string hash seed).
 """
 
 from __future__ import annotations
@@ -47,37 +49,56 @@ def _snapshot_configs(dest: pathlib.Path) -> pathlib.Path:
   return dest
 
 
+def _env(processes: int, pid: int, devices: int, port: int) -> dict[str, str]:
+  """The environment of process `pid` of a run of `processes` processes, `devices` each."""
+  # Only the children get their device count; the test process keeps conftest's 8 devices.
+  env = conftest.child_env(devices=devices)
+  # Fresh children import this checkout's fipo_jax even where it is not pip-installed (cwd is
+  # the configs snapshot, which `python -m` searches first).
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+  for key in ("FIPO_COORDINATOR", "FIPO_NUM_PROCESSES", "FIPO_PROCESS_ID", "FIPO_DISTRIBUTED"):
+    env.pop(key, None)
+  if processes > 1:
+    # No persistent compilation cache for the processes of one run: with it, a resumed
+    # 2-process run hung with both processes inside the sampler's program, one having loaded
+    # its programs from the cache and the other compiling them (only programs that took over
+    # a second to compile are cached, so which ones depends on the host's load). (A JAX_*
+    # setting: warm_python sets it through jax.config in a forked run.)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env.update(FIPO_COORDINATOR=f"localhost:{port}", FIPO_NUM_PROCESSES=str(processes),
+               FIPO_PROCESS_ID=str(pid))
+  return env
+
+
 def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
-           total_steps: int, cwd: pathlib.Path, extra: tuple[str, ...] = ()) -> None:
+           total_steps: int, cwd: pathlib.Path, extra: tuple[str, ...] = (),
+           servers: tuple | None = None) -> None:
   """Runs the trainer in `processes` child processes sharing `workdir`; fails on any error.
 
   `cwd` holds the configs/ snapshot (the recipe files; their base is `fipo_jax.recipes`).
+  `servers`: None for fresh interpreters (the reference runs), else one warm_python server per
+  process to fork it from (tests/warm_python.py: no ~10 CPU-s of imports). Distinct servers:
+  each process has its own string hash seed, as on separate hosts, so a set of strings that
+  iterates in another order in each process (collectives issued out of step) still shows.
   """
   port = portpicker.pick_unused_port()
-  procs = []
+  argv = ["-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal", "--workdir",
+          str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES, *extra]
+  procs, logs = [], []
   for pid in range(processes):
-    # Only the children get their device count; the test process keeps conftest's 8 devices.
-    env = conftest.child_env(devices=devices_per_process)
-    # The children import this checkout's fipo_jax even where it is not pip-installed (cwd is
-    # the configs snapshot, which `python -m` searches first).
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    for key in ("FIPO_COORDINATOR", "FIPO_NUM_PROCESSES", "FIPO_PROCESS_ID", "FIPO_DISTRIBUTED"):
-      env.pop(key, None)
-    if processes > 1:
-      # No persistent compilation cache for the processes of one run: with it, a resumed
-      # 2-process run hung with both processes inside the sampler's program, one having loaded
-      # its programs from the cache and the other compiling them (only programs that took over
-      # a second to compile are cached, so which ones depends on the host's load).
-      env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-      env.update(FIPO_COORDINATOR=f"localhost:{port}", FIPO_NUM_PROCESSES=str(processes),
-                 FIPO_PROCESS_ID=str(pid))
-    cmd = [sys.executable, "-m", "fipo_jax.main", "--config", "configs/tiny_cpu.py:runlocal",
-           "--workdir", str(workdir), f"--config.total_steps={total_steps}", *OVERRIDES, *extra]
-    procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  outputs = _communicate(procs)
-  for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-    assert p.returncode == 0, f"process {pid}/{processes} exited {p.returncode}:\n{out[-4000:]}"
+    env = _env(processes, pid, devices_per_process, port)
+    if servers is None:
+      logs.append(workdir.parent / f"{workdir.name}.{pid}.log")
+      with open(logs[-1], "w") as log:
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    else:
+      procs.append(servers[pid].start(*argv, cwd=cwd, env=env, merge_stderr=True))
+      logs.append(procs[-1].out)
+  _wait(procs, logs)
+  for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
+    assert p.returncode == 0, \
+      f"process {pid}/{processes} exited {p.returncode}:\n{log.read_text()[-4000:]}"
 
 
 # A watchdog against a deadlock between the processes (one waiting in a collective the other
@@ -85,15 +106,19 @@ def _train(workdir: pathlib.Path, *, processes: int, devices_per_process: int,
 HANG_S = 900
 
 
-def _communicate(procs: list[subprocess.Popen]) -> list[str]:
-  """Each process's output; kills them all and fails if they are still running after HANG_S."""
+def _wait(procs: list, logs: list[pathlib.Path]) -> None:
+  """Waits for the processes (Popen or warm_python.Run); kills them all and fails with their
+  output's tails if they are still running after HANG_S."""
   deadline = time.monotonic() + HANG_S
   try:
-    return [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    for p in procs:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
   except subprocess.TimeoutExpired:
     for p in procs:
       p.kill()
-    tails = [(p.communicate()[0] or "")[-2000:] for p in procs]
+    for p in procs:
+      p.wait()
+    tails = [log.read_text()[-2000:] for log in logs]
     pytest.fail(f"processes still running after {HANG_S} s (a hang?):\n" + "\n---\n".join(tails))
 
 
@@ -187,6 +212,17 @@ def _assert_two_processes_match_one(two: pathlib.Path, one: pathlib.Path, step: 
   _assert_same(_metrics(two)[step], want, step)
 
 
+@pytest.fixture(scope="module")
+def other_server():
+  """The server that the second process of a 2-process run forks from (the first forks from the
+  worker's warm_server): each process gets its own string hash seed, as on separate hosts."""
+  import warm_python  # noqa: PLC0415
+
+  server = warm_python.WarmPython(conftest.child_env())
+  yield server
+  server.close()
+
+
 def _steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
@@ -206,7 +242,8 @@ def _resume_copy(src: pathlib.Path, dest: pathlib.Path, step: int) -> pathlib.Pa
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_path):
+def test_two_processes_match_one_process_and_resume_across_process_counts(
+    tmp_path, warm_server, other_server):
   """Training on fsdp=8; the sampler on its own mesh, derived by the layout rule (tensor-parallel
   over the 2 KV heads within a host, slots data-parallel: data=4 x tensor=2), so the weights are
   resharded across both processes and each process decodes on its two data rows. The metrics of
@@ -229,7 +266,8 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
 
   # Two processes x 4 devices restore one process's step 1, then train and save steps 2 and 3.
   two = _resume_copy(one, tmp_path / "two_processes", step=1)
-  _train(two, processes=2, devices_per_process=4, total_steps=3, cwd=cwd, extra=BF16_SAMPLER)
+  _train(two, processes=2, devices_per_process=4, total_steps=3, cwd=cwd, extra=BF16_SAMPLER,
+         servers=(warm_server, other_server))
   assert _steps(two) == [1, 2, 3]
   assert sorted(_metrics(two)) == [1, 2, 3]
   for step in (2, 3):
@@ -238,7 +276,7 @@ def test_two_processes_match_one_process_and_resume_across_process_counts(tmp_pa
   # A checkpoint written by 2 processes resumes in 1 process (8 devices, same global mesh).
   resumed_in_one = _resume_copy(two, tmp_path / "saved_by_two_resumed_by_one", step=2)
   _train(resumed_in_one, processes=1, devices_per_process=8, total_steps=3, cwd=cwd,
-         extra=BF16_SAMPLER)
+         extra=BF16_SAMPLER, servers=(warm_server,))
   _assert_same(_metrics(resumed_in_one)[3], want[3], 3)
 
 
@@ -248,7 +286,7 @@ STALENESS_MISMATCH = ("rollout/abs_log_ratio_mean", "rollout/is_truncated_frac")
 
 
 @pytest.mark.slow
-def test_disaggregated_two_processes_match_one_process(tmp_path):
+def test_disaggregated_two_processes_match_one_process(tmp_path, warm_server, other_server):
   """rollout.mode='disaggregated' (eta 1, an overlap round of at most 2 decode calls after step
   1's update: no checkpoint after step 1 to drop its groups; dynamic sampling's filter on):
   2 processes x (2 trainer + 2 sampler devices) log what 1 process x (4 + 4) does over 2 steps:
@@ -265,7 +303,8 @@ def test_disaggregated_two_processes_match_one_process(tmp_path):
     workdir = runs[processes] = tmp_path / f"{processes}_processes"
     conftest.write_tiny_cpu_sft_cache(workdir)
     _train(workdir, processes=processes, devices_per_process=8 // processes, total_steps=2,
-           cwd=cwd, extra=(*split, f"--config.rollout.sampler_devices={k}"))
+           cwd=cwd, extra=(*split, f"--config.rollout.sampler_devices={k}"),
+           servers=None if processes == 1 else (warm_server, other_server))
   want, got = _metrics(runs[1]), _metrics(runs[2])
   # at most 2 calls (fewer when every request finished); none before the last step's save
   assert 0 < want[1]["rollout/overlap_calls"] <= 2 and want[2]["rollout/overlap_calls"] == 0

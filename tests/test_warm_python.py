@@ -4,6 +4,7 @@ own environment (jax's JAX_* settings and XLA_FLAGS included)."""
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -58,13 +59,15 @@ def test_errors_and_exit_messages_as_the_interpreter_reports_them(warm, script):
   assert res.returncode == 1 and res.stderr == "to stderr\na message\n"
 
 
-def test_merged_output_signals_and_fresh_random_seeds(warm, script):
+def test_merged_output_signals_timeouts_and_fresh_random_seeds(warm, script):
   run = warm.start(script, "sleep", cwd="/", merge_stderr=True)
   deadline = time.time() + 60
   while "to stderr" not in run.out.read_text() and time.time() < deadline:
     time.sleep(0.01)
   assert run.poll() is None
-  run.send_signal(signal.SIGKILL)
+  with pytest.raises(subprocess.TimeoutExpired):
+    run.wait(timeout=0.01)
+  run.kill()
   assert run.wait() == -signal.SIGKILL
   assert "to stderr" in run.out.read_text() and run.err == run.out
   draws = {warm.run(script, cwd="/").stdout.split("rand ")[1].split()[0] for _ in range(2)}
@@ -79,15 +82,22 @@ print(jax.jit(lambda x: x + 1)(jnp.ones(2)).tolist(), jax.device_count(), os.env
 
 def test_a_runs_environment_reaches_jax_and_xla(warm, tmp_path):
   (tmp_path / "jit.py").write_text(JIT)
-  env = {**warm.env, "JAX_LOG_COMPILES": "1", "MINE": "x",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+  cache = tmp_path / "cache"  # the persistent compilation cache, off (multi-process runs) and on
+  caching = {"JAX_COMPILATION_CACHE_DIR": str(cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = {**warm.env, **caching, "JAX_LOG_COMPILES": "1", "MINE": "x",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+         "JAX_ENABLE_COMPILATION_CACHE": "false"}
   env.pop("PYTHONHASHSEED", None)
   res = warm.run(tmp_path / "jit.py", cwd=tmp_path, env=env)
   assert res.returncode == 0, res.stderr
   assert res.stdout == "[2.0, 2.0] 3 x\n" and "Compiling" in res.stderr
-  plain = {**warm.env, "JAX_LOG_COMPILES": "0", "XLA_FLAGS": ""}
+  assert not cache.exists() or not any(cache.iterdir())
+  plain = {**warm.env, **caching, "JAX_LOG_COMPILES": "0", "XLA_FLAGS": "",
+           "JAX_ENABLE_COMPILATION_CACHE": "true"}
   res = warm.with_env(plain).run(tmp_path / "jit.py", cwd=tmp_path)
   assert res.stdout == "[2.0, 2.0] 1 None\n" and "Compiling" not in res.stderr, res.stderr
+  assert any(cache.iterdir())  # the same program, cached: the switch kept it out before
 
 
 def test_a_run_left_behind_is_killed_before_the_next(warm, script):

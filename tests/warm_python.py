@@ -196,14 +196,21 @@ class Run:
         pass
     return self.returncode
 
-  def wait(self) -> int:
+  def wait(self, timeout: float | None = None) -> int:
+    """The exit code; raises subprocess.TimeoutExpired after `timeout` s, as Popen.wait."""
     if self.returncode is None:
-      self.returncode = self._server._reply()["rc"]
+      try:
+        self.returncode = self._server._reply(timeout)["rc"]
+      except queue.Empty:
+        raise subprocess.TimeoutExpired(f"warm_python run {self.pid}", timeout) from None
     return self.returncode
 
   def send_signal(self, sig: int) -> None:
     if self.poll() is None:
       os.kill(self.pid, sig)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
 
   def result(self, args) -> subprocess.CompletedProcess:
     self.wait()
