@@ -88,7 +88,7 @@ def test_step0_eval_without_a_mixed_group_stops_the_run():
 def warm(warm_server):
   """The trainer runs fork from one process that has imported what they import: each skips ~10
   CPU-s of imports (tests/warm_python.py)."""
-  return warm_server.with_env(conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS))
+  return warm_server.with_env(conftest.child_env())
 
 
 def _main(warm, *args: str) -> subprocess.CompletedProcess:
@@ -188,7 +188,7 @@ def test_seed_benchmark_smoke_reports_every_seed(tmp_path):
   """The benchmark's pipeline on one seed (the loop over seeds is a thread pool of identical
   runs; each run is the main job's CLI): a --config.* override reaches the run (here: partial
   rollouts, the stage-A check), and the table and the JSON line report it."""
-  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)
+  env = conftest.child_env()  # its warm start is 10 steps: it compiles more than it computes
   cmd = [sys.executable, str(ROOT / "benchmarks" / "reasoning_seeds.py"), "--smoke",
          "--seeds", "3", "--workdir", str(tmp_path), "--config.rollout.mode=partial"]  # fmt: skip
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
