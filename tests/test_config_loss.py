@@ -7,8 +7,6 @@ import importlib
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import conftest
 import pytest
@@ -119,11 +117,12 @@ def test_recipe_args_are_typed():
     assert c.seed == 3 and c.total_steps == 2
 
 
-def _cli(*args, cwd=ROOT):
+def _cli(warm_server, *args, cwd=ROOT):
+  """`python -m fipo_jax.main ARGS`, forked from the warm server (tests/warm_python.py): the
+  recipe module, and the loss it registers, load in the run's own process."""
   env = conftest.child_env(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(
     None, [os.environ.get("PYTHONPATH")])]))
-  return subprocess.run([sys.executable, "-m", "fipo_jax.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, check=False)
+  return warm_server.run("-m", "fipo_jax.main", *args, cwd=cwd, env=env)
 
 
 def test_typed_recipe_args_on_the_command_line():
@@ -161,11 +160,11 @@ def get_config(arg=None):
 
 
 @pytest.mark.slow
-def test_a_registered_loss_trains_one_step_chosen_from_the_command_line(tmp_path):
+def test_a_registered_loss_trains_one_step_chosen_from_the_command_line(tmp_path, warm_server):
   """One registered function, its hyperparameter a config key: chosen by --config flags."""
   (tmp_path / "my_recipe.py").write_text(_RECIPE)
   w = tmp_path / "w"
-  res = _cli("--config", f"{tmp_path / 'my_recipe.py'}:runlocal", "--workdir", str(w),
+  res = _cli(warm_server, "--config", f"{tmp_path / 'my_recipe.py'}:runlocal", "--workdir", str(w),
              "--config.rl.loss_mode=scaled_dapo", "--config.rl.pg_scale=0.25",
              "--config.total_steps=1", "--config.sft.steps=0", "--config.eval_every=0",
              "--config.checkpoint_every=0", "--config.rl.filter_groups_enable=False")
