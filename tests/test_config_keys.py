@@ -21,6 +21,7 @@ import re
 import types
 import typing
 
+import jax
 import ml_collections
 import pytest
 
@@ -326,7 +327,7 @@ def test_log_every_writes_every_k_steps_and_the_last(tmp_path, monkeypatch):
       {"train/nonfinite_updates": 0, "train/step_seen": state.step + 1},
     ),
   )
-  trainer.run(config, str(tmp_path))
+  trainer.run(config, str(tmp_path), devices=jax.devices()[:1])
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [3, 6, 7]
   assert [r["train/step_seen"] for r in rows] == [3, 6, 7]

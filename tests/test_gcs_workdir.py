@@ -10,6 +10,7 @@ import json
 import pathlib
 
 import fake_gcs
+import jax
 import pytest
 
 from configs import tiny_cpu
@@ -31,7 +32,7 @@ def test_train_on_a_bucket(bucket, capsys):
   config.total_steps, config.sft.steps = 1, 2
   # A plumbing check of the paths: no warm-start threshold, no stop on groups without a mix.
   config.sft.loss_threshold, config.rl.max_empty_steps = 0.0, 0
-  trainer.run(config, "gs://b/run")
+  trainer.run(config, "gs://b/run", devices=jax.devices()[:1])
   printed = capsys.readouterr().out
   run = bucket / "b" / "run"
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import conftest
+import jax
 import pytest
 
 from fipo_jax import config as config_lib
@@ -160,7 +161,7 @@ def _run_with_empty_steps(tmp_path, monkeypatch, acc: float, max_empty_steps: in
       {"train/nonfinite_updates": 0, "train/empty_steps": 1, "train/acc_mean": acc},
     ),
   )
-  return lambda: trainer.run(config, str(tmp_path))
+  return lambda: trainer.run(config, str(tmp_path), devices=jax.devices()[:1])
 
 
 @pytest.mark.slow

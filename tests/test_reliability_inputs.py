@@ -192,7 +192,7 @@ def test_consecutive_bad_steps_stop_with_checkpoint_of_last_good_state(tmp_path,
 
   monkeypatch.setattr(trainer, "rl_step", fake_step)
   with pytest.raises(trainer.TrainingDiverged, match="2 consecutive steps.*checkpointed at step 3"):
-    trainer.run(config, str(tmp_path))
+    trainer.run(config, str(tmp_path), devices=jax.devices()[:1])
   mgr = ckpt_lib.CheckpointManager(str(tmp_path / "checkpoints"))
   assert mgr.latest_step() == 3
   step, params = mgr.restore_params(params=seen["params"])
@@ -221,7 +221,7 @@ def test_truncation_counters_reach_metrics_jsonl(tmp_path, monkeypatch, caplog):
 
   monkeypatch.setattr(trainer, "rl_step", fake_step)
   with caplog.at_level("WARNING", logger="fipo_jax.data.pipeline"):
-    trainer.run(config, str(tmp_path / "w"))
+    trainer.run(config, str(tmp_path / "w"), devices=jax.devices()[:1])
   rows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
   assert [r["data/truncated_prompts"] for r in rows] == [2, 4]
   assert [r["data/dropped_prompts"] for r in rows] == [0, 0]

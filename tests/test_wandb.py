@@ -14,6 +14,7 @@ import pathlib
 import struct
 
 import fake_gcs
+import jax
 import pytest
 
 pytest.importorskip("wandb")
@@ -107,7 +108,7 @@ def test_trainer_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, offlin
   from fipo_jax.rl import trainer  # noqa: PLC0415
 
   workdir = tmp_path / "run"
-  trainer.run(_config(2), str(workdir))
+  trainer.run(_config(2), str(workdir), devices=jax.devices()[:1])
   run_id = (workdir / wandb_backend.RUN_ID_FILE).read_text().strip()
   (first,) = _offline_runs(workdir)
   assert first["run"].run_id == run_id and first["run"].project == "fipo-tests"
@@ -124,7 +125,8 @@ def test_trainer_logs_to_wandb_offline_and_resumes_the_same_run(tmp_path, offlin
   for row, hist in zip(rows, first["history"], strict=True):
     assert hist == pytest.approx(_finite(row)), row["step"]
 
-  trainer.run(_config(3), str(workdir))  # resumes from the step-2 checkpoint
+  # Resumes from the step-2 checkpoint.
+  trainer.run(_config(3), str(workdir), devices=jax.devices()[:1])
   assert (workdir / wandb_backend.RUN_ID_FILE).read_text().strip() == run_id
   first_again, second = _offline_runs(workdir)
   assert first_again["history"] == first["history"]

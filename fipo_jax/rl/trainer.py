@@ -71,13 +71,16 @@ class SetupError(RuntimeError):
   """Missing or unreadable data/model files found while building the run (before compiling)."""
 
 
-def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None) -> dict:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns last metrics."""
-  rc = run_config or config_lib.validate(config)
+def run(config, workdir: str, *, run_config: config_lib.RunConfig | None = None,
+        devices=None) -> dict:
+  """Trains per `config` in `workdir` on `devices` (default: all), resuming from its latest
+  checkpoint. Returns the last metrics."""
+  rc = run_config or config_lib.validate(
+    config, num_devices=None if devices is None else len(devices))
   paths.makedirs(workdir)  # local or gs://: every write below goes through fipo_jax.paths
   stop = _StopRequested()
   stop.install()
-  env, state = build(rc, workdir)
+  env, state = build(rc, workdir, devices)
   policy_lib.save_run_config(config, workdir)
   _warn_accepted_mismatch(rc)
   loop = _Loop.open(rc, env, stop)
