@@ -125,7 +125,7 @@ def test_overlap_round_trains_with_exact_mb1_weights_and_reproduces(tmp_path):
 @pytest.mark.slow  # a 3-step tiny_cpu run (eta = 1: the README command's test below)
 def test_influence_weights_are_one_on_mb1_under_staleness(tmp_path):
   eta = 2
-  _, hist = _run(tmp_path, 3, mode="partial", max_staleness=eta)
+  _, hist = _run(tmp_path, 3, devices=jax.devices()[:1], mode="partial", max_staleness=eta)
   assert max(m["rollout/staleness_max"] for m in hist) >= 1  # groups really carried over
   assert all(m["rollout/staleness_max"] <= eta for m in hist)
   assert all(m[MB1] == 1.0 for m in hist), [m[MB1] for m in hist]
@@ -135,7 +135,8 @@ def test_influence_weights_are_one_on_mb1_under_staleness(tmp_path):
 
 @pytest.mark.slow  # a 2-step tiny_cpu run
 def test_bypass_moves_mb1_weights_under_staleness(tmp_path):
-  _, hist = _run(tmp_path, 2, mode="partial", max_staleness=1, bypass=True)
+  _, hist = _run(tmp_path, 2, devices=jax.devices()[:1], mode="partial", max_staleness=1,
+                 bypass=True)
   stale = [m for m in hist if m["rollout/staleness_max"] >= 1]
   assert stale, "no step trained on carried-over groups"
   assert all(m[MB1] != 1.0 for m in stale), [m[MB1] for m in stale]
