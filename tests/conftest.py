@@ -92,7 +92,7 @@ def hlo_op_sizes(hlo: str, ops) -> list[tuple[str, int]]:
           for m in pattern.finditer(hlo)]  # fmt: skip
 
 
-# CPU seconds per test file of a full run (tests/durations.json), to start the longest files
+# Seconds per test file of a full run (tests/durations.json), to start the longest files
 # first: `--dist loadfile` (pyproject.toml) hands each file whole to one xdist worker (so module
 # fixtures run once), and two workers finish together only if no long file is left for the end.
 # Rough numbers suffice (a file's sum of `pytest --durations=0` will do); a new file runs last.
