@@ -63,7 +63,7 @@ def _local(argv: list[str], tmp_path: pathlib.Path) -> list[str]:
 def _run(warm_server, argv: list[str]) -> subprocess.CompletedProcess:
   """`python -m fipo_jax.sweep ARGV`, forked from the warm server (tests/warm_python.py); the
   runs it starts are fresh interpreters, as in a user's sweep."""
-  env = conftest.child_env()  # one CPU device; its runs compile more than they compute
+  env = conftest.child_env(flags=conftest.WARM_START_XLA_FLAGS)  # one CPU device, as on a laptop
   return warm_server.run("-m", "fipo_jax.sweep", *argv, cwd=ROOT, env=env)
 
 
