@@ -252,3 +252,11 @@ def warm_server():
   server = warm_python.WarmPython(child_env())
   yield server
   server.close()
+
+
+@pytest.fixture(scope="session")
+def aot_warm(warm_server):
+  """The warm server's runs in `aot_env()`: children that compile for a TPU topology through
+  libtpu (`python -m fipo_jax.aot`, probes started with `-c`). The probe modules need not
+  import conftest, whose CPU settings a probe child importing them would pick up."""
+  return warm_server.with_env(aot_env())

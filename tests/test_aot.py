@@ -23,15 +23,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 _CONFIG = "configs/fipo_qwen2_5_32b.py:runlocal"
 
 
-@pytest.fixture(scope="module")
-def warm(warm_server):
-  """`python -m fipo_jax.aot` runs forked from the warm server, which has imported jax and the
-  trainer's modules (not libtpu, nor aot, which defines its flags when it runs)."""
-  return warm_server.with_env(conftest.aot_env())
-
-
-def _run_aot(warm, *args):
-  proc = warm.run("-m", "fipo_jax.aot", "--config", _CONFIG, *args, cwd=ROOT)
+def _run_aot(aot_warm, *args):
+  """`python -m fipo_jax.aot` forked from the warm server in aot_env (conftest.aot_warm)."""
+  proc = aot_warm.run("-m", "fipo_jax.aot", "--config", _CONFIG, *args, cwd=ROOT)
   lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
   return proc, json.loads(lines[-1]) if lines else None
 
@@ -40,11 +34,11 @@ PHASES = ("train_step", "old_log_prob", "handover", "prefill", "insert", "decode
 
 
 @pytest.mark.slow
-def test_aot_compiles_the_disaggregated_split_on_each_side(warm):
+def test_aot_compiles_the_disaggregated_split_on_each_side(aot_warm):
   """rollout.mode='disaggregated' on v5p-8 (one host, 4 chips): the trainer's programs on 2 chips
   (fsdp=2), the sampler's on the other 2 (tensor=2), and the sampler's chips hold no train
   state (what setup.device_split gives the trainer)."""
-  proc, out = _run_aot(warm, "--topology", "v5p-8", "--config.model.dtype=bfloat16",
+  proc, out = _run_aot(aot_warm, "--topology", "v5p-8", "--config.model.dtype=bfloat16",
                        "--config.rollout.mode=disaggregated", "--config.rollout.sampler_devices=2",
                        "--steps=train_step,handover,decode")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -56,8 +50,8 @@ def test_aot_compiles_the_disaggregated_split_on_each_side(warm):
 
 
 @pytest.mark.slow
-def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model(warm):
-  proc, out = _run_aot(warm, "--topology", "v5p-8", "--config.model.dtype=bfloat16")
+def test_aot_tiny_recipe_fits_v5p_8_with_a_performance_model(aot_warm):
+  proc, out = _run_aot(aot_warm, "--topology", "v5p-8", "--config.model.dtype=bfloat16")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   assert out["topology"] == "v5p-8" and out["chips"] == 4
   assert out["hbm_per_chip_bytes"] > 90 * 2**30

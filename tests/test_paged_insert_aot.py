@@ -18,13 +18,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def warm(warm_server):
-  """The compiling child forked from the warm server (jax and the model code imported)."""
-  import conftest  # noqa: PLC0415 (not at import: the child imports this module, on a TPU env)
-
-  return warm_server.with_env(conftest.aot_env())
-
 
 _PAGE, _K, _H, _P, _L = 16, 2, 128, 128, 16
 
@@ -82,10 +75,10 @@ def _pool_bytes(pages: int) -> int:
 
 
 @pytest.mark.slow
-def test_insert_on_tpu_keeps_the_pool_in_place_and_the_prefix_split(warm):
+def test_insert_on_tpu_keeps_the_pool_in_place_and_the_prefix_split(aot_warm):
   code = ("import json, tests.test_paged_insert_aot as t; "
           "print(json.dumps([t.probe(), t.probe(one_scatter=True)]))")  # fmt: skip
-  proc = warm.run("-c", code, cwd=ROOT)
+  proc = aot_warm.run("-c", code, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res, counter = json.loads(proc.stdout.strip().splitlines()[-1])
   (t_small, copies_small, g_small), (t_large, copies_large, g_large) = res["512"], res["2048"]

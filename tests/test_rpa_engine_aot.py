@@ -21,13 +21,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def warm(warm_server):
-  """The compiling child forked from the warm server (jax and the model code imported)."""
-  import conftest  # noqa: PLC0415 (not at import: the child imports this module, on a TPU env)
-
-  return warm_server.with_env(conftest.aot_env())
-
 
 _PAGE, _K, _H = 16, 2, 128
 
@@ -85,11 +78,11 @@ def _layer_bytes(pages: int) -> int:
 
 
 @pytest.mark.slow
-def test_engine_decode_with_rpa_keeps_the_pool_in_place(warm):
+def test_engine_decode_with_rpa_keeps_the_pool_in_place(aot_warm):
   # The counter-example last: it replaces the module's write_and_attend for the process.
   code = ("import json, tests.test_rpa_engine_aot as t; "
           "print(json.dumps([t.probe(1), t.probe(4), t.probe(1, naive=True)]))")  # fmt: skip
-  proc = warm.run("-c", code, cwd=ROOT)
+  proc = aot_warm.run("-c", code, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   *folded, naive = json.loads(proc.stdout.strip().splitlines()[-1])
   for chips, res in zip((1, 4), folded, strict=True):
@@ -104,12 +97,12 @@ def test_engine_decode_with_rpa_keeps_the_pool_in_place(warm):
 
 
 @pytest.mark.slow
-def test_aot_compiles_the_32b_decode_with_the_kernel(warm):
+def test_aot_compiles_the_32b_decode_with_the_kernel(aot_warm):
   """`python -m fipo_jax.aot` on the 32B recipe (head_dim 128: the kernel is chosen), cut to 2
   layers and 16 slots on v5p-8: decode lowers the Pallas kernel for the topology and fits."""
-  proc = warm.run("-m", "fipo_jax.aot", "--config", "configs/fipo_qwen2_5_32b.py", "--topology",
-                  "v5p-8", "--steps", "decode", "--num_layers", "2", "--decode_slots", "16",
-                  cwd=ROOT)  # fmt: skip
+  proc = aot_warm.run("-m", "fipo_jax.aot", "--config", "configs/fipo_qwen2_5_32b.py", "--topology",
+                      "v5p-8", "--steps", "decode", "--num_layers", "2", "--decode_slots", "16",
+                      cwd=ROOT)  # fmt: skip
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["decode"]["error"] is None and out["fits"] is True, out

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def warm(warm_server):
-  """The compiling child forked from the warm server (jax and the model code imported)."""
-  import conftest  # noqa: PLC0415 (not at import: the child imports this module, on a TPU env)
-
-  return warm_server.with_env(conftest.aot_env())
-
 
 _L, _B, _N, _K, _H, _PAGE, _M = 2, 16, 40, 8, 128, 16, 32
 
@@ -82,9 +75,9 @@ def probe() -> dict:
 
 
 @pytest.mark.slow
-def test_rpa_decode_keeps_the_scan_carried_pool_in_place(warm):
+def test_rpa_decode_keeps_the_scan_carried_pool_in_place(aot_warm):
   code = "import json, tests.test_tpu_paged_aot as t; print(json.dumps(t.probe()))"
-  proc = warm.run("-c", code, cwd=ROOT)
+  proc = aot_warm.run("-c", code, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(proc.stdout.strip().splitlines()[-1])
   (t_small, big_small), (t_large, big_large) = res["True"]["256"], res["True"]["1024"]
