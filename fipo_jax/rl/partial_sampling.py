@@ -132,6 +132,10 @@ class PartialRollouts:
                          rl.max_response_length, rl.n, rc.seed, step,
                          rc.sampling.refill_fraction, stream)
 
+  @staticmethod
+  def _score(rc, sampler: scoring.Sampler) -> partial.ScoreFn:
+    return score_groups(sampler, rc.rl.filter_groups_enable, rc.rl.filter_groups_metric)
+
   def _load(self, engine, params):
     """`params` in the sampler's layout: the copy `overlap` staged for them when there is one
     (the same arrays: the step's params are the update's output), else staged now."""
@@ -148,9 +152,8 @@ class PartialRollouts:
     if rc.rollout.overlap_calls > 0:
       self.current = loaded  # for the overlap round, while the update runs
     res = self.carry.step(self._backend(rc, sampler, loaded, step, "sampling"),
-                          score_groups(sampler, rl.filter_groups_enable,
-                                       rl.filter_groups_metric),
-                          data.next_batch, step=step, eta=rc.rollout.max_staleness, n=rl.n,
+                          self._score(rc, sampler), data.next_batch, step=step,
+                          eta=rc.rollout.max_staleness, n=rl.n,
                           train_batch_size=rl.train_batch_size, gen_batch_size=rl.gen_batch_size,
                           max_num_gen_batches=rl.max_num_gen_batches,
                           min_prompts=rl.ppo_mini_batch_size)
@@ -186,9 +189,8 @@ class PartialRollouts:
       rl = rc.rl
       stats = self.carry.overlap(
         self._backend(rc, sampler, current, step, "overlap_sampling"),
-        score_groups(sampler, rl.filter_groups_enable, rl.filter_groups_metric),
-        data.next_batch, step=step, eta=rc.rollout.max_staleness, n=rl.n,
-        gen_batch_size=rl.gen_batch_size, calls=calls)
+        self._score(rc, sampler), data.next_batch, step=step, eta=rc.rollout.max_staleness,
+        n=rl.n, gen_batch_size=rl.gen_batch_size, calls=calls)
     return {"rollout/overlap_calls": stats.num_generate_calls if stats else 0,
             "rollout/overlap_tokens": stats.tokens_generated if stats else 0,
             "timing_s/overlap": time.perf_counter() - t0}
