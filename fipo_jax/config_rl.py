@@ -17,12 +17,13 @@ from typing import Any, ClassVar
 
 from fipo_jax import config_schema
 from fipo_jax.algo import aggregation, kl, losses, rollout_correction
+from fipo_jax.algo import rewards as algo_rewards
 from fipo_jax.config_schema import DTYPES, Section
 
-# Owned by modules above the config (fipo_jax.rl.rollout, fipo_jax.rl.rewards):
-# tests/test_config_enums.py checks that they agree.
+# Owned by a module above the config (fipo_jax.rl.rollout): tests/test_config_loss.py checks
+# that they agree.
 FILTER_METRICS = ("acc", "score", "seq_reward", "seq_final_reward")
-REWARD_FNS = ("math_dapo", "math_verify")
+REWARD_FNS = tuple(algo_rewards.WRONG_SCORES)
 OLD_LOG_PROB_SOURCES = ("trainer", "sampler")  # this section owns it: rl.old_log_prob_source
 
 _LOSS = losses.PolicyLossConfig()

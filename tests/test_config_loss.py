@@ -52,7 +52,8 @@ def test_enum_tuples_come_from_or_agree_with_their_owners():
     assert rl(kl_loss_type=kind).kl_loss_type == kind
   for mode in rollout_correction.MODES:
     assert rl(rollout_is=mode).rollout_is == mode
-  # Restated (their owners sit above the config): they must agree.
+  # FILTER_METRICS is restated (its owner sits above the config): they must agree. Every
+  # reward function the config accepts has a verifier.
   assert config_rl.FILTER_METRICS == tuple(rollout.FILTER_METRICS)
   for name in config_rl.REWARD_FNS:
     cfg = rewards.RewardConfig(max_response_length=8, reward_fn=name)

@@ -16,6 +16,10 @@ import re
 
 import numpy as np
 
+# The reward functions (rl.reward_fn), each with the score of a wrong answer, which any verifier
+# failure also gets: math_dapo is the official +1/-1, math_verify verl's 1/0.
+WRONG_SCORES = {"math_dapo": -1.0, "math_verify": 0.0}
+
 _WINDOW = 300  # only the last 300 characters of a response are looked at (official)
 _INVALID = "[INVALID]"
 _ANSWER_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fipo_jax.algo.rewards import math_dapo_score, overlong_penalty
+from fipo_jax.algo.rewards import WRONG_SCORES, math_dapo_score, overlong_penalty
 from fipo_jax.rl.verifier_processes import IsolatedVerifier, VerifierPool, VerifierTimeout
 
 # --- Scoring rollouts ------------------------------------------------------------------------
@@ -89,12 +89,8 @@ def _pool(name: str, workers: int, max_seconds: float) -> VerifierPool:
   return pool
 
 
-# The score of a wrong answer (and of any verifier failure) per rl.reward_fn.
-WRONG_SCORES = {"math_dapo": -1.0, "math_verify": 0.0}  # math_verify: verl's 0/1 scale
-
-
 def verifier(cfg: RewardConfig) -> Verifier:
-  """The verifier of `cfg.reward_fn` (config_rl.REWARD_FNS lists the names), in
+  """The verifier of `cfg.reward_fn` (a name of algo.rewards.WRONG_SCORES), in
   `cfg.reward_workers` child processes when that is >= 1."""
   if cfg.reward_fn not in WRONG_SCORES:
     raise ValueError(f"rl.reward_fn: unknown reward function {cfg.reward_fn!r}")
